@@ -1,0 +1,130 @@
+"""Multi-head self-attention: where attention is computed.
+
+Weights are stored as timm stores them (one fused `qkv` Linear, one `proj` Linear) so the
+hot path runs the same kernels as timm; the TransformerLens views `W_Q`, `W_K`, `W_V`,
+`W_O` and their biases are properties over that storage.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from hooked_vit.config import HookedViTConfig
+from hooked_vit.hooks import is_hooked
+
+
+class Attention(nn.Module):
+    """Self-attention whose output is what the sublayer writes to the residual stream.
+
+    LayerScale (`ls_gamma`, timm's `ls1.gamma`) is applied inside the module so that
+    `W_O`/`b_O` are exactly the map from `z` to the block's attention output.
+
+    Hooks (b = batch, p = query position, q/k = query/key position, h = head):
+        hook_q, hook_k, hook_v, hook_z: [b, p, h, d_head]
+        hook_attn_scores: [b, h, q, k], scaled dot products, masked keys at -inf
+        hook_pattern: [b, h, q, k], softmax of the scores
+        hook_result: [b, p, h, d_model], per-head output (only with cfg.use_attn_result)
+
+    When neither `hook_attn_scores` nor `hook_pattern` is hooked (and cfg.use_fused_attn),
+    attention runs through `scaled_dot_product_attention`; otherwise the explicit path runs
+    and edits returned by those hooks change the output.
+    """
+
+    def __init__(self, cfg: HookedViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_attn = cfg.n_heads * cfg.d_head
+        self.scale = cfg.d_head**-0.5
+        self.qkv = nn.Linear(cfg.d_model, 3 * d_attn, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(d_attn, cfg.d_model, bias=cfg.proj_bias)
+        self.ls_gamma: Optional[nn.Parameter] = (
+            nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
+        )
+        for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    # ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: Float[Tensor, "b p d_model"],
+        key_mask: Optional[Float[Tensor, "b k"]] = None,
+    ) -> Float[Tensor, "b p d_model"]:
+        """`key_mask` [b, k] (bool, True = attend) hides padded tokens."""
+        b, p, _ = x.shape
+        q, k, v = self.qkv(x).view(b, p, 3, self.cfg.n_heads, self.cfg.d_head).unbind(2)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, p, d_head]
+        if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            z = self._explicit(q, k, v, key_mask)
+        z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d_head]
+        if self.cfg.use_attn_result:
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            return result.sum(-2) + self.b_O
+        out = self.proj(z.reshape(b, p, -1))
+        return out if self.ls_gamma is None else out * self.ls_gamma
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+        # Scale q before the product, as timm's explicit path does, for matching rounding.
+        scores = (q * self.scale) @ k.transpose(-2, -1)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(scores.softmax(dim=-1))
+        return pattern @ v
+
+    # --- TransformerLens weight views -------------------------------------------------
+    def _qkv_weight(self, i: int) -> Float[Tensor, "h d_model d_head"]:
+        d_attn = self.cfg.n_heads * self.cfg.d_head
+        w = self.qkv.weight[i * d_attn : (i + 1) * d_attn]  # [h*d_head, d_model]
+        return einops.rearrange(w, "(h e) m -> h m e", h=self.cfg.n_heads)
+
+    def _qkv_bias(self, i: int) -> Float[Tensor, "h d_head"]:
+        d_attn = self.cfg.n_heads * self.cfg.d_head
+        if self.qkv.bias is None:
+            return self.qkv.weight.new_zeros(self.cfg.n_heads, self.cfg.d_head)
+        return self.qkv.bias[i * d_attn : (i + 1) * d_attn].view(self.cfg.n_heads, self.cfg.d_head)
+
+    @property
+    def W_Q(self) -> Float[Tensor, "h d_model d_head"]:
+        return self._qkv_weight(0)
+
+    @property
+    def W_K(self) -> Float[Tensor, "h d_model d_head"]:
+        return self._qkv_weight(1)
+
+    @property
+    def W_V(self) -> Float[Tensor, "h d_model d_head"]:
+        return self._qkv_weight(2)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "h d_head"]:
+        return self._qkv_bias(0)
+
+    @property
+    def b_K(self) -> Float[Tensor, "h d_head"]:
+        return self._qkv_bias(1)
+
+    @property
+    def b_V(self) -> Float[Tensor, "h d_head"]:
+        return self._qkv_bias(2)
+
+    @property
+    def W_O(self) -> Float[Tensor, "h d_head d_model"]:
+        """z -> attention output, LayerScale folded in."""
+        w = einops.rearrange(self.proj.weight, "m (h e) -> h e m", h=self.cfg.n_heads)
+        return w if self.ls_gamma is None else w * self.ls_gamma
+
+    @property
+    def b_O(self) -> Float[Tensor, "d_model"]:
+        b = self.proj.bias if self.proj.bias is not None else self.proj.weight.new_zeros(self.cfg.d_model)
+        return b if self.ls_gamma is None else b * self.ls_gamma

@@ -1,0 +1,121 @@
+"""`HookedViTConfig`: every architectural choice of a HookedViT, as plain data.
+
+Behaviour in the model is chosen by these flags, never by model-name strings. The
+TransformerLens field names (`n_layers`, `d_model`, `n_heads`, `d_head`, `d_mlp`,
+`normalization_type`, `attn_only`, `d_vocab`) are kept so that `ActivationCache` and
+`transformer_lens.patching` can read them unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional
+
+ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
+
+
+@dataclass
+class HookedViTConfig:
+    # --- sizes -------------------------------------------------------------------------
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+    n_classes: int
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    in_chans: int = 3
+    d_head: Optional[int] = None  # defaults to d_model // n_heads
+
+    # --- tokens and embeddings -----------------------------------------------------------
+    class_token: bool = True
+    n_reg_tokens: int = 0
+    distilled: bool = False  # DeiT distillation token + second head, averaged at eval
+    pos_embed: bool = True
+    no_embed_class: bool = False  # position embedding covers patch tokens only
+    dynamic_img_size: bool = False  # position embedding resampled to the input grid
+    patch_embed_bias: bool = True
+    ln_pre: bool = False  # CLIP's norm_pre after the embedding
+
+    # --- blocks ----------------------------------------------------------------------------
+    block_type: Literal["pre_norm", "post_norm"] = "pre_norm"
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    layer_scale: bool = False  # LayerScale gammas (ls1/ls2) on both sublayers
+    act_fn: str = "gelu"
+    eps: float = 1e-6
+
+    # --- head --------------------------------------------------------------------------------
+    global_pool: Literal["token", "avg", "max", "avgmax"] = "token"
+    pool_include_prefix: bool = False
+    # "token": the final norm acts on every token before pooling (timm's `norm`);
+    # "pooled": it acts on the pooled vector (timm's `fc_norm`, the GAP models); None: none.
+    final_norm: Optional[Literal["token", "pooled"]] = "token"
+    head_bias: bool = True
+
+    # --- run-time switches -------------------------------------------------------------------
+    use_attn_result: bool = False  # compute attn.hook_result (per-head outputs)
+    use_fused_attn: bool = True  # SDPA whenever no hook needs scores or pattern
+    normalization_type: Literal["LN", "LNPre"] = "LN"  # "LNPre" once LayerNorm is folded
+    attn_only: bool = False
+
+    # --- provenance ----------------------------------------------------------------------------
+    model_name: str = "custom"
+    data_config: dict[str, Any] = field(default_factory=dict)  # timm's preprocessing config
+
+    def __post_init__(self) -> None:
+        self.img_size = _pair(self.img_size)
+        self.patch_size = _pair(self.patch_size)
+        if self.d_head is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            self.d_head = self.d_model // self.n_heads
+        if self.act_fn not in ACT_FNS:
+            raise ValueError(f"act_fn={self.act_fn!r} is not supported; choose one of {ACT_FNS}")
+        if self.global_pool == "token" and not (self.class_token or self.distilled):
+            raise ValueError("global_pool='token' needs a class token")
+        if self.distilled and self.n_reg_tokens:
+            raise ValueError("a distilled model with register tokens is not supported")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def n_prefix_tokens(self) -> int:
+        """Class, register and distillation tokens that precede the patch tokens."""
+        return int(self.class_token) + self.n_reg_tokens + int(self.distilled)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def n_ctx(self) -> int:
+        """Sequence length at the configured image size (TransformerLens name)."""
+        return self.n_prefix_tokens + self.n_patches
+
+    @property
+    def d_vocab(self) -> int:
+        """TransformerLens name for the output dimension: the number of classes."""
+        return self.n_classes
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.n_classes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HookedViTConfig":
+        return cls(**d)
+
+
+def _pair(x: Any) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    a, b = x
+    return (int(a), int(b))

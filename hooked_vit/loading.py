@@ -1,0 +1,334 @@
+"""Loading timm ViTs into HookedViT: config extraction, weight mapping, safe checkpoints.
+
+Weights come from timm's own loader (`pretrained=True`), from a local checkpoint file, or
+from an instantiated timm model. Checkpoints never execute code: safetensors, or
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from hooked_vit.config import HookedViTConfig
+from hooked_vit.model import HookedViT
+
+
+class UnsupportedModelError(ValueError):
+    """The timm model uses a feature HookedViT does not implement."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file could not be loaded safely or does not fit the model."""
+
+
+# ------------------------------------------------------------------ config
+def config_from_timm(model: nn.Module) -> HookedViTConfig:
+    """Read a `HookedViTConfig` off a timm VisionTransformer, refusing what is unsupported."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a timm VisionTransformer; HookedViT loads timm's "
+            "vision_transformer / deit families"
+        )
+    _check_supported(model)
+    block = model.blocks[0]
+    attn, mlp = block.attn, block.mlp
+    distilled = getattr(model, "dist_token", None) is not None
+    final_norm = _final_norm_kind(model)
+    return HookedViTConfig(
+        d_model=model.embed_dim,
+        n_layers=len(model.blocks),
+        n_heads=attn.num_heads,
+        d_head=attn.head_dim,
+        d_mlp=mlp.fc1.out_features,
+        n_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
+        img_size=tuple(model.patch_embed.img_size),
+        patch_size=tuple(model.patch_embed.patch_size),
+        in_chans=model.patch_embed.proj.in_channels,
+        class_token=model.cls_token is not None,
+        n_reg_tokens=model.num_reg_tokens,
+        distilled=distilled,
+        pos_embed=model.pos_embed is not None,
+        no_embed_class=model.no_embed_class,
+        dynamic_img_size=model.dynamic_img_size,
+        patch_embed_bias=model.patch_embed.proj.bias is not None,
+        ln_pre=not isinstance(model.norm_pre, nn.Identity),
+        block_type="post_norm" if type(block).__name__ == "ResPostBlock" else "pre_norm",
+        qkv_bias=attn.qkv.bias is not None,
+        proj_bias=attn.proj.bias is not None,
+        mlp_bias=mlp.fc1.bias is not None,
+        layer_scale=not isinstance(getattr(block, "ls1", nn.Identity()), nn.Identity),
+        act_fn=_act_name(mlp.act),
+        eps=_norm_eps(model),
+        global_pool="token" if distilled else model.global_pool,
+        pool_include_prefix=model.pool_include_prefix,
+        final_norm=final_norm,
+        head_bias=getattr(model.head, "bias", None) is not None,
+        model_name=str(getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)),
+        data_config=_data_config(model),
+    )
+
+
+def _check_supported(model: nn.Module) -> None:
+    from timm.layers import Mlp, PatchEmbed
+    from timm.layers.attention import Attention as TimmAttention
+
+    def refuse(feature: str) -> None:
+        raise UnsupportedModelError(f"unsupported feature: {feature}")
+
+    if type(model.patch_embed) is not PatchEmbed:
+        refuse(f"patch embedding {type(model.patch_embed).__name__} (only timm's PatchEmbed)")
+    if not isinstance(model.patch_embed.norm, nn.Identity):
+        refuse("a norm inside the patch embedding (embed_norm_layer)")
+    if model.patch_embed.dynamic_img_pad:
+        refuse("dynamic_img_pad")
+    if getattr(model, "attn_pool", None) is not None:
+        refuse(f"attention pooling (global_pool={model.global_pool!r})")
+    if model.global_pool not in ("token", "avg", "max", "avgmax"):
+        refuse(f"global_pool={model.global_pool!r} (token, avg, max and avgmax are supported)")
+    if not isinstance(model.head, (nn.Linear, nn.Identity)):
+        refuse(f"classifier head {type(model.head).__name__} (a Linear or no head)")
+    for i, block in enumerate(model.blocks):
+        kind = type(block).__name__
+        if kind not in ("Block", "ResPostBlock"):
+            refuse(f"block type {kind} in block {i} (Block and ResPostBlock are supported)")
+        attn, mlp = block.attn, block.mlp
+        if type(attn) is not TimmAttention:
+            refuse(f"attention type {type(attn).__name__}")
+        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
+            refuse("qk_norm")
+        if not isinstance(attn.norm, nn.Identity):
+            refuse("scale_attn_norm (a norm inside attention)")
+        if getattr(attn, "gate", None) is not None:
+            refuse("gated attention")
+        if type(mlp) is not Mlp:
+            refuse(f"MLP type {type(mlp).__name__} (e.g. SwiGLU); only timm's Mlp is supported")
+        if not isinstance(mlp.norm, nn.Identity):
+            refuse("scale_mlp_norm (a norm inside the MLP)")
+    for name, module in model.named_modules():
+        if name.endswith(("norm1", "norm2", "norm_pre")) or name in ("norm", "fc_norm"):
+            if not isinstance(module, (nn.Identity, nn.LayerNorm)):
+                refuse(f"normalisation {type(module).__name__} at {name} (only LayerNorm)")
+
+
+def _final_norm_kind(model: nn.Module) -> Optional[str]:
+    if not isinstance(model.norm, nn.Identity):
+        return "token"
+    if not isinstance(model.fc_norm, nn.Identity):
+        return "pooled"
+    return None
+
+
+def _norm_eps(model: nn.Module) -> float:
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    if len(eps) > 1:
+        raise UnsupportedModelError(f"unsupported feature: LayerNorms with different eps {sorted(eps)}")
+    return eps.pop() if eps else 1e-6
+
+
+def _act_name(act: nn.Module) -> str:
+    kind = type(act).__name__
+    approximate = getattr(act, "approximate", "none")
+    names = {
+        ("GELU", "none"): "gelu",
+        ("GELU", "tanh"): "gelu_tanh",
+        ("GELUTanh", "none"): "gelu_tanh",
+        ("QuickGELU", "none"): "quick_gelu",
+        ("ReLU", "none"): "relu",
+        ("SiLU", "none"): "silu",
+    }
+    if (kind, approximate) not in names:
+        raise UnsupportedModelError(f"unsupported feature: MLP activation {kind}")
+    return names[(kind, approximate)]
+
+
+def _data_config(model: nn.Module) -> dict[str, Any]:
+    try:
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=model)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    except Exception:  # a bare model without pretrained_cfg: fall back to timm defaults
+        return {}
+
+
+# ------------------------------------------------------------------ weight names
+# timm name -> HookedViT name (regexes applied in order).
+_RENAMES = [
+    (r"^patch_embed\.proj\.", "embed.proj."),
+    (r"^(cls_token|reg_token|dist_token|pos_embed)$", r"embed.\1"),
+    (r"^norm_pre\.", "ln_pre."),
+    (r"^(norm|fc_norm)\.", "ln_final."),
+    (r"^blocks\.(\d+)\.norm1\.", r"blocks.\1.ln1."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.ln2."),
+    (r"^blocks\.(\d+)\.ls1\.gamma$", r"blocks.\1.attn.ls_gamma"),
+    (r"^blocks\.(\d+)\.ls2\.gamma$", r"blocks.\1.mlp.ls_gamma"),
+]
+
+
+def timm_to_hooked_name(name: str, cfg: HookedViTConfig) -> str:
+    if name.startswith(("norm.", "fc_norm.")):
+        expected = "norm." if cfg.final_norm == "token" else "fc_norm."
+        if not name.startswith(expected):
+            return name  # an unexpected key; reported by the strict load
+    for pattern, repl in _RENAMES:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, Tensor]:
+    return {timm_to_hooked_name(k, cfg): v for k, v in state_dict.items()}
+
+
+def to_timm_state_dict(model: HookedViT) -> dict[str, Tensor]:
+    """Inverse of `convert_timm_state_dict` for an unprocessed model."""
+    if model.cfg.normalization_type != "LN":
+        raise ValueError("to_timm_state_dict needs unprocessed weights (fold_ln changes the parameterisation)")
+    final = "norm." if model.cfg.final_norm == "token" else "fc_norm."
+    inverse = [
+        (r"^embed\.proj\.", "patch_embed.proj."),
+        (r"^embed\.(cls_token|reg_token|dist_token|pos_embed)$", r"\1"),
+        (r"^ln_pre\.", "norm_pre."),
+        (r"^ln_final\.", final),
+        (r"^blocks\.(\d+)\.ln1\.", r"blocks.\1.norm1."),
+        (r"^blocks\.(\d+)\.ln2\.", r"blocks.\1.norm2."),
+        (r"^blocks\.(\d+)\.attn\.ls_gamma$", r"blocks.\1.ls1.gamma"),
+        (r"^blocks\.(\d+)\.mlp\.ls_gamma$", r"blocks.\1.ls2.gamma"),
+    ]
+    out = {}
+    for name, value in model.state_dict().items():
+        for pattern, repl in inverse:
+            name, n = re.subn(pattern, repl, name)
+            if n:
+                break
+        out[name] = value
+    return out
+
+
+# ------------------------------------------------------------------ checkpoints
+def load_checkpoint(path: Union[str, Path]) -> dict[str, Tensor]:
+    """Read a state dict without executing code: safetensors or weights_only torch.load.
+
+    Accepts a plain state dict or one wrapped under "state_dict", "model" or
+    "state_dict_ema"; strips a leading "module." (DataParallel).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"refused to load {path}: it contains pickled objects other than tensors, which "
+                "could execute code. Convert it to safetensors in a trusted environment. "
+                f"(torch said: {str(err).splitlines()[0]})"
+            ) from None
+        except Exception as err:
+            raise CheckpointError(f"could not read checkpoint {path}: {err}") from err
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_timm_weights(timm_model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Strictly load timm-named weights, with an error that lists what does not fit."""
+    own = timm_model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or bad_shape:
+        lines = [f"{source} does not fit the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {missing[:20]}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}")
+        for k in bad_shape[:20]:
+            lines.append(f"  shape mismatch at {k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}")
+        lines.append("Check that the model name matches the architecture the checkpoint was trained with.")
+        raise CheckpointError("\n".join(lines))
+    timm_model.load_state_dict(state_dict)
+
+
+# ------------------------------------------------------------------ entry point
+def from_timm(
+    name_or_model: Union[str, nn.Module],
+    pretrained: bool = False,
+    checkpoint_path: Optional[Union[str, Path]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    fold_layer_scale: bool = False,
+    **timm_kwargs: Any,
+) -> HookedViT:
+    """Build a HookedViT from a timm model name or an instantiated timm model.
+
+    Args:
+        name_or_model: a timm model name (e.g. "vit_base_patch16_224.augreg2_in21k_ft_in1k")
+            or a timm VisionTransformer instance (its weights are copied).
+        pretrained: let timm download / find its pretrained weights.
+        checkpoint_path: a local .safetensors / .pth / .bin file with timm-named weights.
+        device, dtype: where and in which precision the hooked model lives.
+        fold_ln, center_writing_weights, fold_layer_scale: optional weight processing
+            (default off, so the parameters are exactly timm's).
+        **timm_kwargs: passed to `timm.create_model` (e.g. num_classes, img_size,
+            dynamic_img_size).
+    """
+    import timm
+
+    if isinstance(name_or_model, str):
+        try:
+            timm_model = timm.create_model(name_or_model, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise UnsupportedModelError(f"timm does not know the model {name_or_model!r}") from err
+            raise
+        except Exception as err:
+            if pretrained:
+                raise CheckpointError(
+                    f"timm could not fetch pretrained weights for {name_or_model!r} ({err}); without "
+                    "network access pass checkpoint_path= a local weights file"
+                ) from err
+            raise
+    elif isinstance(name_or_model, nn.Module):
+        timm_model = name_or_model
+    else:
+        raise TypeError(f"expected a timm model name or module, got {type(name_or_model).__name__}")
+    if checkpoint_path is not None:
+        load_timm_weights(timm_model, load_checkpoint(checkpoint_path), source=str(checkpoint_path))
+    model = hooked_from_timm_module(timm_model)
+    if fold_ln or center_writing_weights or fold_layer_scale:
+        model.process_weights_(fold_ln, center_writing_weights, fold_layer_scale)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def hooked_from_timm_module(timm_model: nn.Module) -> HookedViT:
+    cfg = config_from_timm(timm_model)
+    model = HookedViT(cfg)
+    state = convert_timm_state_dict(timm_model.state_dict(), cfg)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UnsupportedModelError(
+            f"weights of {cfg.model_name} did not map onto HookedViT: missing "
+            f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
+        )
+    first = next(timm_model.parameters())
+    return model.to(device=first.device, dtype=first.dtype)

@@ -1,0 +1,315 @@
+"""`HookedViT`: a Vision Transformer on TransformerLens's `HookedRootModule`.
+
+One readable forward pass; every architectural difference between the supported timm
+families is a flag in `HookedViTConfig`. See docs/hook_points.md for the hook table.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Literal, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from hooked_vit.block import TransformerBlock
+from hooked_vit.config import HookedViTConfig
+from hooked_vit.embed import Embed
+from hooked_vit.layer_norm import LayerNorm
+
+ReturnType = Literal["logits", "pooled", "resid", None]
+
+
+class HookedViT(HookedRootModule):
+    """A hooked ViT that reproduces timm's eval-mode outputs.
+
+    Top-level hooks: hook_embed [b, p, d] (prefix tokens and patch embeddings, before the
+    position embedding), hook_pos_embed [b, p, d], ln_pre.hook_* (when cfg.ln_pre),
+    ln_final.hook_* ([b, p, d] for a per-token final norm, [b, d] for a pooled one),
+    hook_pooled ([b, d]; [b, 2, d] for distilled models: class and distillation token),
+    hook_logits [b, n_classes]. Per block: see `TransformerBlock` and `Attention`.
+
+    There is no dropout: the model always computes timm's eval-mode function.
+    """
+
+    def __init__(self, cfg: HookedViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.ln_pre else None
+        self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
+        self.ln_final = LayerNorm(cfg.d_model, cfg.eps) if cfg.final_norm else None
+        self.hook_pooled = HookPoint()
+        has_head = cfg.n_classes > 0  # headless towers (DINOv2, CLIP features) return features
+        self.head = nn.Linear(cfg.d_model, cfg.n_classes, bias=cfg.head_bias) if has_head else None
+        self.head_dist = (
+            nn.Linear(cfg.d_model, cfg.n_classes, bias=cfg.head_bias) if has_head and cfg.distilled else None
+        )
+        self.hook_logits = HookPoint()
+        self.setup()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: Union[Float[Tensor, "b c h w"], Float[Tensor, "b p d_model"]],
+        *,
+        return_type: ReturnType = "logits",
+        start_at_layer: Optional[int] = None,
+        stop_at_layer: Optional[int] = None,
+        keep_mask: Optional[Tensor] = None,
+        key_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Run the model.
+
+        Args:
+            x: images [b, c, h, w]; or, with `start_at_layer`, the residual stream
+                [b, p, d_model] entering that block.
+            return_type: "logits" [b, n_classes]; "pooled" the pre-logits representation;
+                "resid" the residual stream after the last block run; None runs and returns None.
+            stop_at_layer: run blocks [start, stop) and return the residual stream.
+            keep_mask: [b, n_ctx] bool, tokens to keep. Dropped tokens are removed from the
+                sequence after the embedding (before the first block); kept tokens are moved
+                left, shorter rows padded and masked out of attention and pooling.
+            key_mask: [b, p] bool, True where a token may be attended to (with start_at_layer).
+        """
+        pool_mask = None
+        if start_at_layer is None:
+            resid = self.embed_images(x)
+            if keep_mask is not None:
+                self._check_keep_mask(keep_mask)
+                resid, key_mask, positions = compact_tokens(resid, keep_mask)
+                first_pooled = 0 if self.cfg.pool_include_prefix else self.cfg.n_prefix_tokens
+                pool_mask = key_mask & (positions >= first_pooled)
+            start_at_layer = 0
+        else:
+            resid = x
+        stop = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
+        for block in self.blocks[start_at_layer:stop]:
+            resid = block(resid, key_mask)
+        if stop_at_layer is not None or return_type == "resid":
+            return resid
+        pooled = self.hook_pooled(self.pool(resid, pool_mask))
+        if return_type == "pooled":
+            return pooled
+        logits = self.hook_logits(self.unembed(pooled))
+        return logits if return_type == "logits" else None
+
+    def _check_keep_mask(self, keep_mask: Tensor) -> None:
+        cfg = self.cfg
+        n_read = 2 if cfg.distilled else 1
+        if cfg.global_pool == "token" and not bool(keep_mask[:, :n_read].all()):
+            raise ValueError("keep_mask must keep the class (and distillation) token: the head reads it")
+        if cfg.global_pool != "token":
+            first = 0 if cfg.pool_include_prefix else cfg.n_prefix_tokens
+            if not bool(keep_mask[:, first:].any(1).all()):
+                raise ValueError("keep_mask removes every pooled token of an image; keep at least one")
+
+    def embed_images(self, images: Float[Tensor, "b c h w"]) -> Float[Tensor, "b p d_model"]:
+        """Patch + prefix tokens + position embedding (+ ln_pre): blocks.0.hook_resid_pre."""
+        grid = self.embed.check_images(images)
+        resid = self.hook_embed(self.embed.tokens(images))
+        pos = self.embed.positions(grid, images.shape[0])
+        if pos is not None:
+            resid = resid + self.hook_pos_embed(pos)
+        return resid if self.ln_pre is None else self.ln_pre(resid)
+
+    def pool(self, resid: Float[Tensor, "b p d_model"], pool_mask: Optional[Tensor] = None) -> Tensor:
+        """Final norm and pooling: the pre-logits representation.
+
+        `pool_mask` [b, p] marks the tokens that average/max pooling reads (after token
+        removal); by default all patch tokens (and prefix tokens with pool_include_prefix).
+        """
+        cfg = self.cfg
+        if cfg.final_norm == "token":
+            resid = self.ln_final(resid)
+        if cfg.distilled:
+            pooled = resid[:, 0:2]  # class and distillation tokens: [b, 2, d]
+        elif cfg.global_pool == "token":
+            pooled = resid[:, 0]
+        else:
+            pooled = _reduce_tokens(resid, cfg, pool_mask)
+        if cfg.final_norm == "pooled":
+            pooled = self.ln_final(pooled)
+        return pooled
+
+    def unembed(self, pooled: Tensor) -> Float[Tensor, "b n_classes"]:
+        """The classifier head(s) on the pooled representation (identity without a head)."""
+        if self.head is None:
+            return pooled.mean(1) if self.cfg.distilled else pooled
+        if self.cfg.distilled:
+            return (self.head(pooled[:, 0]) + self.head_dist(pooled[:, 1])) / 2
+        return self.head(pooled)
+
+    def to_class_logits(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_classes"]:
+        """Project residual vectors of any token onto the classes (the "logit lens").
+
+        logits = W_U^T final_norm(h) + b_U, with the final norm applied per token (timm's
+        `norm`, or `fc_norm` for GAP models) and, for distilled models, the two heads
+        averaged. Fires no hooks. For the class token at the last block of a class-token
+        model this equals the model's logits.
+        """
+        if self.ln_final is not None:
+            resid = self.ln_final.functional(resid)
+        return resid @ self.W_U + self.b_U
+
+    def tokens_to_residual_directions(self, class_ids: Union[int, Tensor]) -> Tensor:
+        """Unembedding directions of class ids ([d_model] or [*ids, d_model]).
+
+        Lets `ActivationCache.logit_attrs(stack, tokens=class_ids)` attribute class logits.
+        """
+        return self.W_U.T[torch.as_tensor(class_ids, device=self.W_U.device)]
+
+    # ------------------------------------------------------------------ caching
+    def run_with_cache(
+        self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any
+    ) -> tuple[Tensor, Union[ActivationCache, dict[str, Tensor]]]:
+        """As `HookedRootModule.run_with_cache`, wrapping the result in an `ActivationCache`."""
+        self._check_names_filter(kwargs.get("names_filter"))
+        out, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        if return_cache_object:
+            return out, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        return out, cache_dict
+
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), *args: Any, **kwargs: Any):  # type: ignore[override]
+        for name, _ in list(fwd_hooks) + list(bwd_hooks):
+            self._check_hook_name(name)
+        return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
+
+    def add_hook(self, name, hook, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self._check_hook_name(name)
+        super().add_hook(name, hook, *args, **kwargs)
+
+    def _check_hook_name(self, name: Union[str, Callable[[str], bool]]) -> None:
+        if isinstance(name, str) and name not in self.hook_dict:
+            close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
+            hint = f" Did you mean {close}?" if close else " See model.hook_dict.keys()."
+            raise KeyError(f"unknown hook point {name!r}.{hint}")
+
+    def _check_names_filter(self, names_filter: Any) -> None:
+        if isinstance(names_filter, str):
+            self._check_hook_name(names_filter)
+        elif isinstance(names_filter, (list, tuple)):
+            for name in names_filter:
+                self._check_hook_name(name)
+
+    def set_use_attn_result(self, use: bool) -> None:
+        """Compute per-head outputs at `blocks.{l}.attn.hook_result` (costs memory)."""
+        self.cfg.use_attn_result = use
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def W_E(self) -> Float[Tensor, "patch_dim d_model"]:
+        """Patch embedding as a matrix over flattened (channel, row, col) patches."""
+        return self.embed.proj.weight.flatten(1).T
+
+    @property
+    def W_pos(self) -> Float[Tensor, "n_pos d_model"]:
+        return self.embed.pos_embed[0]
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model n_classes"]:
+        """The classifier head as an unembedding (distilled: the two heads averaged)."""
+        self._require_head()
+        w = self.head.weight if self.head_dist is None else (self.head.weight + self.head_dist.weight) / 2
+        return w.T
+
+    def _require_head(self) -> None:
+        if self.head is None:
+            raise ValueError(
+                f"{self.cfg.model_name} has no classifier head (num_classes=0): there is no class "
+                "embedding space to project onto; load it with num_classes=N and a fine-tuned head"
+            )
+
+    @property
+    def b_U(self) -> Float[Tensor, "n_classes"]:
+        self._require_head()
+        heads = [h for h in (self.head, self.head_dist) if h is not None]
+        biases = [h.bias if h.bias is not None else h.weight.new_zeros(self.cfg.n_classes) for h in heads]
+        return sum(biases) / len(biases)
+
+    def _stack(self, getter: Callable[[TransformerBlock], Tensor]) -> Tensor:
+        return torch.stack([getter(block) for block in self.blocks], dim=0)
+
+    W_Q = property(lambda self: self._stack(lambda b: b.attn.W_Q), doc="[l, h, d_model, d_head]")
+    W_K = property(lambda self: self._stack(lambda b: b.attn.W_K), doc="[l, h, d_model, d_head]")
+    W_V = property(lambda self: self._stack(lambda b: b.attn.W_V), doc="[l, h, d_model, d_head]")
+    W_O = property(lambda self: self._stack(lambda b: b.attn.W_O), doc="[l, h, d_head, d_model]")
+    b_Q = property(lambda self: self._stack(lambda b: b.attn.b_Q), doc="[l, h, d_head]")
+    b_K = property(lambda self: self._stack(lambda b: b.attn.b_K), doc="[l, h, d_head]")
+    b_V = property(lambda self: self._stack(lambda b: b.attn.b_V), doc="[l, h, d_head]")
+    b_O = property(lambda self: self._stack(lambda b: b.attn.b_O), doc="[l, d_model]")
+    W_in = property(lambda self: self._stack(lambda b: b.mlp.W_in), doc="[l, d_model, d_mlp]")
+    b_in = property(lambda self: self._stack(lambda b: b.mlp.b_in), doc="[l, d_mlp]")
+    W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out), doc="[l, d_mlp, d_model]")
+    b_out = property(lambda self: self._stack(lambda b: b.mlp.b_out), doc="[l, d_model]")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_timm(cls, name_or_model: Union[str, nn.Module], **kwargs: Any) -> "HookedViT":
+        """Load a timm ViT; see `hooked_vit.loading.from_timm` for the arguments."""
+        from hooked_vit.loading import from_timm
+
+        return from_timm(name_or_model, **kwargs)
+
+    def process_weights_(
+        self, fold_ln: bool = True, center_writing_weights: bool = True, fold_layer_scale: bool = True
+    ) -> "HookedViT":
+        """Fold LayerNorm / LayerScale and centre writing weights, in place; logits unchanged."""
+        from hooked_vit.weight_processing import process_weights_
+
+        process_weights_(self, fold_ln, center_writing_weights, fold_layer_scale)
+        return self
+
+    def to_timm_state_dict(self) -> dict[str, Tensor]:
+        """The weights under timm's names (for the unprocessed model)."""
+        from hooked_vit.loading import to_timm_state_dict
+
+        return to_timm_state_dict(self)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.proj.weight.device
+
+
+def _reduce_tokens(resid: Tensor, cfg: HookedViTConfig, pool_mask: Optional[Tensor]) -> Tensor:
+    """Average / max pooling over patch tokens (or all tokens with pool_include_prefix)."""
+    if pool_mask is None:
+        x = resid[:, 0 if cfg.pool_include_prefix else cfg.n_prefix_tokens :]
+        mean = x.mean(dim=1) if cfg.global_pool in ("avg", "avgmax") else None
+        amax = x.amax(dim=1) if cfg.global_pool in ("max", "avgmax") else None
+    else:
+        valid = pool_mask[..., None]
+        mean = (resid * valid).sum(1) / valid.sum(1).clamp(min=1)
+        amax = resid.masked_fill(~valid, float("-inf")).amax(dim=1)
+    if cfg.global_pool == "avg":
+        return mean
+    if cfg.global_pool == "max":
+        return amax
+    return 0.5 * (amax + mean)
+
+
+def compact_tokens(
+    resid: Float[Tensor, "b p d"], keep_mask: Tensor
+) -> tuple[Float[Tensor, "b k d"], Tensor]:
+    """Move each row's kept tokens to the left, in order; pad to the longest row.
+
+    Returns the compacted sequence, its key mask [b, k] (True on real tokens) and the
+    original position of every compacted token [b, k].
+    """
+    if keep_mask.shape != resid.shape[:2]:
+        raise ValueError(f"keep_mask has shape {tuple(keep_mask.shape)}, expected {tuple(resid.shape[:2])}")
+    keep_mask = keep_mask.to(device=resid.device, dtype=torch.bool)
+    lengths = keep_mask.sum(1)
+    if int(lengths.min()) == 0:
+        raise ValueError("keep_mask removes every token of an image; keep at least one")
+    k = int(lengths.max())
+    # Stable sort puts kept tokens first without reordering them.
+    order = torch.sort((~keep_mask).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    compact = torch.gather(resid, 1, order[..., None].expand(-1, -1, resid.shape[-1]))
+    key_mask = torch.arange(k, device=resid.device)[None, :] < lengths[:, None]
+    return compact, key_mask, order

@@ -1,0 +1,151 @@
+"""Hook points: names, documented shapes, live edits, invariants and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import images, make_timm
+from hooked_vit import HookedViT
+
+
+@pytest.fixture(scope="module")
+def vit():
+    timm_model, size = make_timm("vit_base_patch16_reg4_gap_256")  # registers + GAP
+    model = HookedViT.from_timm(timm_model)
+    model.set_use_attn_result(True)
+    return model, size
+
+
+def expected_shapes(cfg, b: int, p: int) -> dict[str, tuple]:
+    d, h, e, m = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp
+    shapes = {
+        "hook_embed": (b, p, d),
+        "hook_pos_embed": (b, p, d),
+        "hook_pooled": (b, d),
+        "hook_logits": (b, cfg.n_classes),
+        "ln_final.hook_scale": (b, 1),  # GAP model: the final norm acts on the pooled vector
+        "ln_final.hook_normalized": (b, d),
+    }
+    for l in range(cfg.n_layers):
+        blk = f"blocks.{l}."
+        for name in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
+                     "ln1.hook_normalized", "ln2.hook_normalized"):
+            shapes[blk + name] = (b, p, d)
+        for name in ("ln1.hook_scale", "ln2.hook_scale"):
+            shapes[blk + name] = (b, p, 1)
+        for name in ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"):
+            shapes[blk + name] = (b, p, h, e)
+        for name in ("attn.hook_attn_scores", "attn.hook_pattern"):
+            shapes[blk + name] = (b, h, p, p)
+        shapes[blk + "attn.hook_result"] = (b, p, h, d)
+        shapes[blk + "mlp.hook_pre"] = (b, p, m)
+        shapes[blk + "mlp.hook_post"] = (b, p, m)
+    return shapes
+
+
+def test_every_hook_fires_with_documented_shape(vit):
+    model, size = vit
+    x = images(size, batch=3)
+    _, cache = model.run_with_cache(x)
+    expected = expected_shapes(model.cfg, 3, model.cfg.n_prefix_tokens + (size // 16) ** 2)
+    assert set(cache.keys()) == set(expected) == set(model.hook_dict)
+    for name, shape in expected.items():
+        assert tuple(cache[name].shape) == shape, name
+
+
+def test_residual_invariants(family):
+    model = HookedViT.from_timm(make_timm(family)[0])
+    _, cache = model.run_with_cache(images(make_timm(family)[1]))
+    for l in range(model.cfg.n_layers):
+        pre, mid, post = (cache[f"blocks.{l}.hook_resid_{s}"] for s in ("pre", "mid", "post"))
+        torch.testing.assert_close(mid, pre + cache[f"blocks.{l}.hook_attn_out"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(post, mid + cache[f"blocks.{l}.hook_mlp_out"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("hook", ["attn.hook_pattern", "attn.hook_attn_scores", "attn.hook_z",
+                                  "attn.hook_q", "attn.hook_v", "mlp.hook_post", "ln1.hook_scale"])
+def test_edits_returned_by_hooks_change_the_output(vit, hook):
+    model, size = vit
+    x = images(size)
+    clean = model(x)
+
+    def edit(act, hook):
+        if hook.name.endswith("hook_pattern"):  # attend uniformly
+            return torch.full_like(act, 1.0 / act.shape[-1])
+        if hook.name.endswith("hook_attn_scores"):
+            return torch.zeros_like(act)
+        return act * 2.0
+
+    edited = model.run_with_hooks(x, fwd_hooks=[(f"blocks.1.{hook}", edit)])
+    assert not torch.allclose(edited, clean, atol=1e-4)
+
+
+def test_uniform_pattern_gives_mean_of_values(vit):
+    model, size = vit
+    x = images(size)
+    uniform = lambda act, hook: torch.full_like(act, 1.0 / act.shape[-1])
+    store = {}
+    save = lambda name: (lambda act, hook: store.__setitem__(name, act))
+    model.run_with_hooks(x, fwd_hooks=[("blocks.0.attn.hook_pattern", uniform),
+                                       ("blocks.0.attn.hook_v", save("v")), ("blocks.0.attn.hook_z", save("z"))])
+    expected = store["v"].mean(1, keepdim=True).expand_as(store["v"])
+    torch.testing.assert_close(store["z"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_and_explicit_paths_agree(vit):
+    model, size = vit
+    x = images(size)
+    fused = model(x)
+    explicit = model.run_with_hooks(x, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda a, hook: a)])
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_hook_name_is_a_clear_error(vit):
+    model, size = vit
+    with pytest.raises(KeyError, match="blocks.0.attn.hook_pattern"):
+        model.run_with_hooks(images(size), fwd_hooks=[("blocks.0.attn.hook_patern", lambda a, hook: a)])
+    with pytest.raises(KeyError, match="unknown hook point"):
+        model.run_with_cache(images(size), names_filter=["blocks.0.hook_resid"])
+
+
+def test_bad_images_are_clear_errors(vit):
+    model, size = vit
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        model(torch.randn(2, 1, size, size))
+    with pytest.raises(ValueError, match=f"expected images of {size}x{size} pixels, got 32x32"):
+        model(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="add a batch dimension"):
+        model(torch.randn(3, size, size))
+
+
+def test_keep_mask_all_true_reproduces_plain_run(vit):
+    model, size = vit
+    x = images(size)
+    keep = torch.ones(2, model.cfg.n_prefix_tokens + (size // 16) ** 2, dtype=torch.bool)
+    torch.testing.assert_close(model(x, keep_mask=keep), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_keep_mask_batch_equals_each_image_alone(vit):
+    model, size = vit
+    x = images(size, batch=3)
+    n = model.cfg.n_prefix_tokens + (size // 16) ** 2
+    gen = torch.Generator().manual_seed(3)
+    keep = torch.rand(3, n, generator=gen) > 0.4
+    keep[:, 0] = keep[:, -1] = True
+    keep[1] = True  # one full row, so rows have different lengths
+    batched = model(x, keep_mask=keep)
+    for i in range(3):
+        alone = model(x[i : i + 1], keep_mask=keep[i : i + 1])
+        torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched, model(x), atol=1e-3)  # removal did change the output
+    # And the explicit attention path handles the padding the same way.
+    explicit = model.run_with_hooks(x, keep_mask=keep, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda a, hook: a)])
+    torch.testing.assert_close(explicit, batched, rtol=1e-4, atol=1e-5)
+
+
+def test_start_and_stop_at_layer_compose(vit):
+    model, size = vit
+    x = images(size)
+    mid = model(x, stop_at_layer=1)
+    torch.testing.assert_close(model(mid, start_at_layer=1), model(x), rtol=1e-6, atol=1e-6)
