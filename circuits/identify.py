@@ -1,0 +1,170 @@
+"""Class identifiability over a whole dataset: stream batches, project, write, resume.
+
+`identify(model, dataset, out_dir)` writes three tables (see `circuits.results`):
+- images: index, path, label, target, pred, correct, object_tokens (bool per token, when
+  the dataset has masks), plus any scalar metadata of the samples (e.g. background);
+- tokens: one row per (index, site, layer): rank, target_logit (per token), topk
+  (per token x k, flattened);
+- stream: one row per (index, layer): target logit of every token before the block
+  (pre) and between its sublayers (mid), for the change rates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from circuits.projection import DEFAULT_SITES, BatchProjection, project_batch
+from circuits.results import RunStore, fixed_size_list
+from hooked_vit import HookedViT
+
+log = logging.getLogger("circuits.identify")
+STANDARD_KEYS = {"image", "label", "index", "path", "mask", "skipped", "has_mask"}
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights, so a resumed run refuses a different model."""
+    h = hashlib.sha1()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            p = p.float()
+            h.update(name.encode())
+            h.update(np.float64([p.sum().item(), p.square().sum().item()]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def describe_dataset(dataset: Dataset) -> str:
+    describe = getattr(dataset, "describe", None)
+    if callable(describe):
+        return str(describe())
+    attrs = {k: getattr(dataset, k) for k in ("root", "seed", "split", "n", "spurious_corr") if hasattr(dataset, k)}
+    return f"{type(dataset).__name__}(len={len(dataset)}, {attrs})"
+
+
+def collate(batch: list) -> Optional[dict]:
+    """Collate sample dicts, dropping unreadable ones (None) and listing their indices."""
+    from circuits.data import collate_samples
+
+    return collate_samples(batch)
+
+
+def identify(
+    model: HookedViT,
+    dataset: Dataset,
+    out_dir: str,
+    *,
+    sites: Sequence[str] = DEFAULT_SITES,
+    k: int = 5,
+    batch_size: int = 32,
+    limit: Optional[int] = None,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    fwd_hooks: Sequence = (),
+    settings: Optional[dict[str, Any]] = None,
+) -> RunStore:
+    """Project every token of every site at every block for a dataset; resumable.
+
+    Args:
+        model: a HookedViT with a classifier head.
+        dataset: items are dicts with "image", "label", "index" (and optionally "path",
+            "mask" at pixel resolution).
+        out_dir: the run directory. A rerun with the same settings resumes.
+        limit: only the first `limit` items.
+        fwd_hooks: hooks active during every forward (interventions).
+        settings: extra settings recorded in the manifest (and checked on resume).
+    """
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    run_settings = {
+        "analysis": "identify", "model": model.cfg.model_name, "weights": model_fingerprint(model),
+        "sites": list(sites), "k": k, "dataset": describe_dataset(dataset), "n": n,
+        "n_classes": model.cfg.n_classes, "n_prefix_tokens": model.cfg.n_prefix_tokens,
+        "patch_size": list(model.cfg.patch_size), **(settings or {}),
+    }
+    store = RunStore(out_dir, run_settings, overwrite=overwrite)
+    pending = store.pending(range(n))
+    if not pending:
+        log.info("all %d items already done in %s", n, out_dir)
+        return store
+    loader = DataLoader(Subset(dataset, pending), batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    bar = tqdm(loader, desc=f"identify -> {out_dir}", unit="batch", disable=not progress,
+               initial=0, total=len(loader))
+    position = 0
+    for batch in bar:
+        batch_indices = pending[position : position + batch_size]
+        position += batch_size
+        if batch is None:  # every image of the batch was unreadable
+            store.write_batch(batch_indices[0], {}, batch_indices, _skipped(dataset, batch_indices))
+            continue
+        images = batch["image"].to(model.device, model.embed.proj.weight.dtype)
+        labels = torch.as_tensor(batch["label"])
+        targets = labels if bool((labels >= 0).all()) else None
+        proj = project_batch(model, images, targets, sites=sites, k=k, fwd_hooks=fwd_hooks)
+        tables = batch_tables(proj, batch, model)
+        missing = sorted(set(batch_indices) - {int(i) for i in batch["index"]})
+        store.write_batch(int(batch["index"][0]), tables, batch_indices, _skipped(dataset, missing))
+    return store
+
+
+def _skipped(dataset: Dataset, indices: Sequence[int]) -> list[dict]:
+    """Records of unreadable items, with the dataset's own reason where it kept one."""
+    reasons = {int(i): (path, err) for i, path, err in getattr(dataset, "skipped", [])}
+    records = []
+    for i in indices:
+        path, err = reasons.get(int(i), ("", "unreadable item"))
+        log.warning("skipped item %d %s: %s", i, path, err)
+        records.append({"index": int(i), "path": str(path), "reason": str(err)})
+    return records
+
+
+def batch_tables(proj: BatchProjection, batch: dict, model: HookedViT) -> dict[str, pa.Table]:
+    """The images, tokens and stream tables of one projected batch."""
+    b, n_sites, n_layers, n_tok = proj.rank.shape
+    index = np.asarray(batch["index"], dtype=np.int64)
+    images = {
+        "index": index,
+        "path": [str(p) for p in batch.get("path", [""] * b)],
+        "label": np.asarray(batch["label"], dtype=np.int64),
+        "target": proj.targets.cpu().numpy().astype(np.int64),
+        "pred": proj.predictions.cpu().numpy().astype(np.int64),
+    }
+    images["correct"] = images["pred"] == images["label"]
+    for key, value in batch.items():  # scalar metadata such as background / group
+        if key not in STANDARD_KEYS and torch.is_tensor(value) and value.ndim == 1:
+            images[key] = value.cpu().numpy()
+    image_table = pa.table(images)
+    if "mask" in batch:
+        image_table = image_table.append_column("object_tokens", fixed_size_list(object_tokens(batch["mask"], model)))
+
+    site_col = np.repeat(np.array(proj.sites, dtype=object), n_layers)
+    tokens = pa.table({
+        "index": np.repeat(index, n_sites * n_layers),
+        "site": pa.array(np.tile(site_col, b)).dictionary_encode(),
+        "layer": np.tile(np.arange(n_layers, dtype=np.int16), b * n_sites),
+        "rank": fixed_size_list(proj.rank.reshape(-1, n_tok).cpu().numpy().astype(np.int32)),
+        "target_logit": fixed_size_list(proj.target_logit.reshape(-1, n_tok).float().cpu().numpy()),
+        "topk": fixed_size_list(proj.topk.reshape(b * n_sites * n_layers, -1).cpu().numpy().astype(np.int32)),
+    })
+    stream = pa.table({
+        "index": np.repeat(index, n_layers),
+        "layer": np.tile(np.arange(n_layers, dtype=np.int16), b),
+        "pre_target_logit": fixed_size_list(proj.pre_target_logit.reshape(-1, n_tok).float().cpu().numpy()),
+        "mid_target_logit": fixed_size_list(proj.mid_target_logit.reshape(-1, n_tok).float().cpu().numpy()),
+    })
+    return {"images": image_table, "tokens": tokens, "stream": stream}
+
+
+def object_tokens(mask: torch.Tensor, model: HookedViT) -> np.ndarray:
+    """Pixel masks [b, H, W] -> per-token object flags [b, P] (prefix tokens False)."""
+    from circuits.data import mask_to_token_grid
+
+    grid = mask_to_token_grid(mask.bool(), model.cfg.patch_size)  # [b, n_patches]
+    prefix = torch.zeros(grid.shape[0], model.cfg.n_prefix_tokens, dtype=torch.bool)
+    return torch.cat([prefix, grid.cpu()], 1).numpy()

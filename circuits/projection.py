@@ -1,0 +1,135 @@
+"""Projection of hidden states onto the class embedding space ("logit lens", Vilas et al. 2023).
+
+For a hidden state h of any token at any site, logits = head(final_norm(h)), head bias
+included (`HookedViT.to_class_logits`). The class rank is the number of classes with a
+strictly larger logit than the target (0 = top-1); class identifiability is
+1 - rank / n_classes (1 best, 0.5 chance).
+
+`project_batch` projects every token of every requested site inside the forward pass,
+keeping only ranks, top-k ids and target logits, so memory is one [batch, tokens, classes]
+tensor at a time, never images x sites x tokens x classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from hooked_vit import HookedViT
+
+# Site name -> per-block hook. "block" is the block output, "attn"/"mlp" the sublayer
+# outputs (what each sublayer adds to the residual stream; already normed in post-norm blocks).
+SITES = {"block": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out"}
+DEFAULT_SITES = ("block", "attn", "mlp")
+
+
+def class_rank(logits: Float[Tensor, "... c"], target: Int[Tensor, "..."]) -> Int[Tensor, "..."]:
+    """0-based rank of `target` among classes sorted by logit, descending.
+
+    Counts strictly larger logits (same answer as an argsort without ties, far cheaper).
+    `target` broadcasts against the leading dimensions of `logits`.
+    """
+    target = target.expand(logits.shape[:-1])
+    target_logit = logits.gather(-1, target[..., None])
+    return (logits > target_logit).sum(-1)
+
+
+def identifiability(rank: Tensor, n_classes: int) -> Tensor:
+    """Class identifiability 1 - rank / n_classes: 1 when the target is top-1, 0.5 at chance."""
+    return 1.0 - rank.float() / n_classes
+
+
+@dataclass
+class BatchProjection:
+    """Per-token projections of one batch. S = sites, L = layers, P = tokens, k = top-k."""
+
+    sites: tuple[str, ...]
+    rank: Int[Tensor, "b S L P"]
+    target_logit: Float[Tensor, "b S L P"]
+    topk: Int[Tensor, "b S L P k"]
+    # Target logit of the stream before each block (resid_pre, L entries) and between the
+    # sublayers (resid_mid): for the block and sublayer change rates.
+    pre_target_logit: Float[Tensor, "b L P"]
+    mid_target_logit: Float[Tensor, "b L P"]
+    logits: Float[Tensor, "b c"]
+    targets: Int[Tensor, "b"]
+
+    @property
+    def predictions(self) -> Int[Tensor, "b"]:
+        return self.logits.argmax(-1)
+
+
+@torch.inference_mode()
+def project_batch(
+    model: HookedViT,
+    images: Float[Tensor, "b c h w"],
+    targets: Optional[Int[Tensor, "b"]] = None,
+    sites: Sequence[str] = DEFAULT_SITES,
+    k: int = 5,
+    fwd_hooks: Sequence = (),
+    **forward_kwargs,
+) -> BatchProjection:
+    """Run the model once and project every token of every site at every block.
+
+    Args:
+        targets: class per image; None uses the model's prediction (one extra forward).
+        sites: names from `SITES`, or any per-block hook name such as "hook_resid_mid"
+            or "ln2.hook_normalized" (projected as a residual vector).
+        k: how many top classes to keep per token.
+        fwd_hooks: extra hooks (e.g. attention perturbations) active during the run.
+        forward_kwargs: passed to the model (e.g. keep_mask).
+    """
+    cfg = model.cfg
+    model._require_head()
+    hook_names = [SITES.get(s, s) for s in sites]
+    for name in hook_names:
+        model._check_hook_name(f"blocks.0.{name}")
+    if targets is None:
+        targets = model.run_with_hooks(images, fwd_hooks=list(fwd_hooks), **forward_kwargs).argmax(-1)
+    targets = targets.to(model.device)
+    W_t, b_t = model.W_U[:, targets], model.b_U[targets]  # [d, b], [b]
+    lens: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    pre: dict[int, Tensor] = {}
+    mid: dict[int, Tensor] = {}
+
+    def direction_logit(h: Tensor) -> Tensor:
+        """Target logit of every token without the full class projection: [b, p]."""
+        normed = model.ln_final.functional(h) if model.ln_final is not None else h
+        return torch.einsum("bpd,db->bp", normed, W_t) + b_t[:, None]
+
+    def lens_hook(act: Tensor, hook) -> None:
+        # Reduced right here, so only one [b, p, classes] tensor is alive at a time.
+        logits = model.to_class_logits(act)
+        t = targets[:, None].expand(logits.shape[:-1])
+        target_logit = logits.gather(-1, t[..., None])[..., 0]
+        rank = (logits > target_logit[..., None]).sum(-1)
+        lens[hook.name] = (rank, target_logit, logits.topk(k, dim=-1).indices)
+
+    def stream_hook(table: dict[int, Tensor]):
+        return lambda act, hook: table.__setitem__(hook.layer(), direction_logit(act))
+
+    hooks = list(fwd_hooks)
+    for layer in range(cfg.n_layers):
+        hooks += [(f"blocks.{layer}.{name}", lens_hook) for name in hook_names]
+        hooks += [(f"blocks.{layer}.hook_resid_pre", stream_hook(pre)),
+                  (f"blocks.{layer}.hook_resid_mid", stream_hook(mid))]
+    logits = model.run_with_hooks(images, fwd_hooks=hooks, **forward_kwargs)
+
+    def stack(i: int) -> Tensor:  # -> [b, S, L, P, ...]
+        per_site = [torch.stack([lens[f"blocks.{l}.{n}"][i] for l in range(cfg.n_layers)], 1) for n in hook_names]
+        return torch.stack(per_site, 1)
+
+    return BatchProjection(
+        sites=tuple(sites),
+        rank=stack(0),
+        target_logit=stack(1),
+        topk=stack(2),
+        pre_target_logit=torch.stack([pre[l] for l in range(cfg.n_layers)], 1),
+        mid_target_logit=torch.stack([mid[l] for l in range(cfg.n_layers)], 1),
+        logits=logits,
+        targets=targets,
+    )

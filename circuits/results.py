@@ -1,0 +1,145 @@
+"""Results on disk: parquet parts written atomically, a manifest, and resumable runs.
+
+A run directory holds one folder per table (`tokens/`, `images/`, ...) of parquet parts,
+one part per batch, each written to a temporary file and renamed into place, and a
+`manifest.json` recording the run's settings and which dataset indices are done. A rerun
+with the same settings skips the done indices; a rerun with different settings refuses
+to mix results. `pandas.read_parquet(run_dir / "images")` loads a table in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+class RunStore:
+    """A results directory for one analysis run.
+
+    Args:
+        root: the run directory (created if needed).
+        settings: everything that determines the results (model, sites, k, data, ...);
+            a rerun must pass equal settings to resume.
+        overwrite: start afresh, deleting earlier parts.
+    """
+
+    def __init__(self, root: str | Path, settings: dict[str, Any], overwrite: bool = False):
+        self.root = Path(root)
+        self.settings = json.loads(json.dumps(settings, default=str))
+        manifest = self.root / "manifest.json"
+        if overwrite and self.root.exists():
+            for part in self.root.glob("*/part-*.parquet"):
+                part.unlink()
+            manifest.unlink(missing_ok=True)
+        if manifest.exists():
+            state = json.loads(manifest.read_text())
+            if state["settings"] != self.settings:
+                diff = {k: (state["settings"].get(k), v) for k, v in self.settings.items()
+                        if state["settings"].get(k) != v}
+                raise ValueError(
+                    f"{self.root} holds results of a run with other settings {diff} (old, new); "
+                    "use another output directory or pass overwrite=True (--overwrite)"
+                )
+            self.done: set[int] = set(state["done"])
+            self.skipped: list[dict] = state.get("skipped", [])
+        else:
+            self.done, self.skipped = set(), []
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._drop_orphan_parts()
+
+    def _drop_orphan_parts(self) -> None:
+        """A part written by a run that stopped before marking its batch done is removed:
+        the batch is redone, so nothing is counted twice."""
+        for part in self.root.glob("*/part-*.parquet"):
+            indices = pq.read_table(part, columns=["index"]).column("index").to_pylist()
+            if not set(indices) <= self.done:
+                part.unlink()
+
+    def pending(self, indices: Iterable[int]) -> list[int]:
+        return [i for i in indices if i not in self.done]
+
+    def write_batch(self, part_id: int, tables: dict[str, pa.Table], indices: Iterable[int],
+                    skipped: Iterable[dict] = ()) -> None:
+        """Write one batch's tables, then mark its indices done (in that order, so a crash
+        between the two redoes the batch rather than losing it)."""
+        for name, table in tables.items():
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd")
+            atomic_write_bytes(self.root / name / f"part-{part_id:09d}.parquet", sink.getvalue().to_pybytes())
+        self.done.update(int(i) for i in indices)
+        self.skipped.extend(skipped)
+        self._save_manifest()
+
+    def _save_manifest(self, **extra: Any) -> None:
+        state = {"settings": self.settings, "done": sorted(self.done), "skipped": self.skipped, **extra}
+        atomic_write_text(self.root / "manifest.json", json.dumps(state))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_text(self.root / name, json.dumps(obj, indent=2, default=_json_default))
+
+    def read(self, table: str) -> pd.DataFrame:
+        return read_table(self.root, table)
+
+
+def read_table(root: str | Path, table: str) -> pd.DataFrame:
+    """Load one table of a run directory (all parts), sorted by dataset index."""
+    folder = Path(root) / table
+    parts = sorted(folder.glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"no results in {folder}; run the analysis first")
+    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    order = [c for c in ("index", "site", "layer") if c in df.columns]
+    return df.sort_values(order, kind="stable").reset_index(drop=True) if order else df
+
+
+def read_manifest(root: str | Path) -> dict:
+    return json.loads((Path(root) / "manifest.json").read_text())
+
+
+def fixed_size_list(values: np.ndarray) -> pa.Array:
+    """[rows, n] numpy -> a parquet fixed-size list column (compact, no per-row objects)."""
+    rows, n = values.shape[0], int(np.prod(values.shape[1:]))
+    flat = pa.array(np.ascontiguousarray(values).reshape(rows * n))
+    return pa.FixedSizeListArray.from_arrays(flat, n)
+
+
+def stack_column(df: pd.DataFrame, column: str) -> np.ndarray:
+    """A list column back to a dense [rows, n] array."""
+    return np.stack(df[column].to_numpy())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
