@@ -48,6 +48,14 @@ class SkippingDataset(Dataset):
         logger.warning("skipping item %d: cannot read %s (%s)", index, path, message)
         self.skipped.append((index, path, message))
 
+    def _read(self, index: int, path: str, reader: Callable[[str], Any]) -> Any:
+        """``reader(path)``, or ``None`` after logging / recording the error (never raises)."""
+        try:
+            return reader(path)
+        except Exception as err:  # corrupt / truncated / unreadable: skip the item, keep the run going
+            self._skip(index, path, err)
+            return None
+
 
 def load_rgb(path: str) -> Image.Image:
     """Open ``path`` and fully decode it as RGB (PIL decodes lazily; force it so errors surface here)."""
@@ -68,12 +76,13 @@ def to_tensor_image(image: Any) -> torch.Tensor:
 
 
 def apply_transform(transform: Callable | None, image: Any,
-                    mask: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    mask: Any | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply ``transform`` to ``image`` (and ``mask`` [H, W] if given).
 
     A ``JointTransform`` (anything with ``joint = True``) gets ``(image, mask)``. A plain callable
     (e.g. a timm transform) only sees the image, so it cannot keep a mask aligned: that raises.
-    ``None`` only converts to tensors. Returns ``(image float32 [3, H, W], mask bool [H, W] | None)``.
+    ``None`` only converts to tensors. ``mask``: PIL / array / tensor [H, W], non-zero = object.
+    Returns ``(image float32 [3, H, W], mask bool [H, W] | None)``.
     """
     if getattr(transform, "joint", False):
         return transform(image, mask)

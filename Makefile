@@ -1,0 +1,27 @@
+# Two commands on a fresh machine:  make demo  |  make test
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/hooked-vit demo --out demo_out
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/forward.py
+	$(PY) benchmarks/identify.py
+
+clean:
+	rm -rf demo_out .pytest_cache
