@@ -11,6 +11,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
@@ -155,7 +156,7 @@ class HookedViT(HookedRootModule):
         """
         if self.ln_final is not None:
             resid = self.ln_final.functional(resid)
-        return resid @ self.W_U + self.b_U
+        return F.linear(resid, self.W_U.T, self.b_U)  # one fused GEMM + bias
 
     def tokens_to_residual_directions(self, class_ids: Union[int, Tensor]) -> Tensor:
         """Unembedding directions of class ids ([d_model] or [*ids, d_model]).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -90,12 +91,13 @@ def test_imagenet_s_categories_file(imagenet_s):
 def test_imagenet_s_errors(tmp_path, imagenet_s):
     with pytest.raises(FileNotFoundError, match="validation-segmentation"):
         ImageNetS(tmp_path / "nowhere")
-    (imagenet_s / "validation" / "n99999999").mkdir()
-    with pytest.raises(ValueError, match="n99999999"):
-        ImageNetS(imagenet_s)
-    (imagenet_s / "LOC_synset_mapping.txt").unlink()
+    (imagenet_s / "LOC_synset_mapping.txt").rename(tmp_path / "mapping.txt")
     with pytest.raises(FileNotFoundError, match="LOC_synset_mapping.txt"):
         ImageNetS(imagenet_s)
+    assert len(ImageNetS(imagenet_s, synset_mapping=tmp_path / "mapping.txt")) == 6
+    (imagenet_s / "validation" / "n99999999").mkdir()
+    with pytest.raises(ValueError, match="n99999999"):
+        ImageNetS(imagenet_s, synset_mapping=tmp_path / "mapping.txt")
 
 
 def test_joint_transform_moves_mask_with_image(imagenet_s):
@@ -120,7 +122,8 @@ def test_joint_transform_moves_mask_with_image(imagenet_s):
 
 CONFIGS = [
     {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.875},
-    {"input_size": (3, 32, 48), "interpolation": "bilinear", "crop_pct": 0.9, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+    {"input_size": (3, 32, 48), "interpolation": "bilinear", "crop_pct": 0.9,
+     "mean": (0.5,) * 3, "std": (0.5,) * 3},
     {"input_size": (3, 32, 32), "crop_pct": 0.95, "crop_mode": "squash"},
     {"input_size": (3, 28, 40), "crop_pct": 0.8, "crop_mode": "border"},
 ]
@@ -135,6 +138,16 @@ def test_transform_equals_timm(cfg, size):
     out, mask = transform_for(data_config)(img, np.ones(size[::-1], bool))
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
     assert mask.shape == ref.shape[1:]
+
+
+def test_transform_for_models():
+    import timm
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    t = transform_for(model)
+    assert (t.img_size, t.crop_pct, t.mean) == ((224, 224), 0.9, (0.5, 0.5, 0.5))
+    hooked_like = SimpleNamespace(cfg=SimpleNamespace(img_size=(48, 40), data_config={"crop_pct": 1.0}))
+    t = transform_for(hooked_like)
+    assert (t.img_size, t.scale_size, t.interpolation.value) == ((48, 40), (48, 40), "bicubic")
 
 
 def test_denormalize_round_trip():

@@ -78,22 +78,27 @@ class ImageNetS(SkippingDataset):
     Items: ``{"image": float32 [3, H, W], "label": int (ImageNet-1k index), "index": int,
     "path": str, "mask": bool [H, W] (pixels of the image's own class), "has_mask": bool}``.
     ``require_masks=True`` lists only images that have a mask file (logging how many were left
-    out); ``False`` lists all and gives image without a mask an all-False mask and
+    out); ``False`` lists all and gives images without a mask an all-False mask and
     ``has_mask=False``. Pass a ``JointTransform`` (``transform_for``) so masks follow the image.
-    Unreadable files give ``None`` (see ``circuits.data.samples``).
+    Unreadable files give ``None`` (see ``circuits.data.samples``). ``synset_mapping``: path of
+    ``LOC_synset_mapping.txt`` if it is not in ``root``. Attributes: ``samples`` (image path,
+    mask path or "", label, seg id), ``seg_id`` {wnid: id}, ``class_names`` (1k order), ``skipped``.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
                  split: str = "validation", require_masks: bool = True, seg_ids: str = "subset",
-                 categories: str | os.PathLike | Sequence[str] | None = None):
+                 categories: str | os.PathLike | Sequence[str] | None = None,
+                 synset_mapping: str | os.PathLike | None = None):
         super().__init__()
         if seg_ids not in ("subset", "imagenet"):
             raise ValueError(f"seg_ids must be 'subset' or 'imagenet', got {seg_ids!r}")
         self.root, self.split, self.transform = Path(root), split, transform
         self.require_masks = require_masks
         self.image_dir, self.mask_dir = self.root / split, self.root / f"{split}-segmentation"
+        # ImageNet-S does not ship it: copy ImageNet's LOC_synset_mapping.txt into root or pass its path
+        self.synset_mapping = Path(synset_mapping or self.root / "LOC_synset_mapping.txt")
         self._check_layout()
-        self.wnid_to_idx, self.class_names = load_synset_mapping(self.root / "LOC_synset_mapping.txt")
+        self.wnid_to_idx, self.class_names = load_synset_mapping(self.synset_mapping)
         wnids = self._wnids()
         self.seg_id = self._seg_ids(wnids, seg_ids, categories)  # wnid -> id in the mask PNGs
         # (image path, mask path or "", label, segmentation id)
@@ -103,7 +108,7 @@ class ImageNetS(SkippingDataset):
         layout = LAYOUT.format(split=self.split)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageNet-S root {self.root} does not exist; expected {layout}")
-        for need in (self.root / "LOC_synset_mapping.txt", self.image_dir):
+        for need in (self.synset_mapping, self.image_dir):
             if not need.exists():
                 raise FileNotFoundError(f"missing {need}; ImageNet-S expects {layout}")
         if self.require_masks and not self.mask_dir.is_dir():
@@ -118,7 +123,7 @@ class ImageNetS(SkippingDataset):
         unknown = [w for w in wnids if w not in self.wnid_to_idx]
         if unknown:
             raise ValueError(f"class folder(s) {unknown[:5]} in {self.image_dir} are not in "
-                             f"{self.root / 'LOC_synset_mapping.txt'}")
+                             f"{self.synset_mapping}")
         return wnids
 
     def _seg_ids(self, wnids: list[str], mode: str, categories) -> dict[str, int]:

@@ -65,14 +65,16 @@ def load_rgb(path: str) -> Image.Image:
 
 
 def to_tensor_image(image: Any) -> torch.Tensor:
-    """PIL image / uint8 HWC array / float CHW tensor -> float32 [3, H, W] (uint8 scaled to [0, 1])."""
+    """PIL image / uint8 [H, W, 3] array / float [3, H, W] array or tensor / uint8 [3, H, W] tensor
+    -> float32 [3, H, W] (uint8 scaled to [0, 1])."""
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.dtype == np.uint8:  # HWC bytes, the PIL / CIFAR layout
             return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
         return torch.from_numpy(np.ascontiguousarray(image)).float()  # CHW floats already
-    return torch.as_tensor(image, dtype=torch.float32)
+    image = torch.as_tensor(image)
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
 
 
 def apply_transform(transform: Callable | None, image: Any,

@@ -18,6 +18,8 @@ from timm.data.constants import (DEFAULT_CROP_MODE, DEFAULT_CROP_PCT, IMAGENET_D
                                  IMAGENET_DEFAULT_STD)
 from torchvision.transforms import InterpolationMode
 
+from .samples import to_tensor_image
+
 # What timm's resolve_data_config falls back to when a model has no pretrained_cfg.
 DEFAULTS: dict[str, Any] = {"input_size": (3, 224, 224), "interpolation": "bicubic",
                             "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
@@ -28,9 +30,10 @@ class JointTransform:
     """Resize + crop (timm eval, ``crop_mode`` center / squash / border), to tensor, normalise.
 
     ``__call__(image, mask=None) -> (float32 [3, H, W], bool [H, W] | None)``.
-    ``image``: PIL image (exactly timm's result) or float tensor [3, h, w] in [0, 1] (resized
-    with torch antialiasing: close to, not bit-equal with, the PIL path). ``mask``: PIL image,
-    array or tensor [h, w], non-zero = object; always resampled with PIL nearest neighbour.
+    ``image``: PIL image (exactly timm's result), or float tensor [3, h, w] in [0, 1] / uint8
+    array [h, w, 3] (resized by torch with antialiasing: close to, not bit-equal with, PIL).
+    ``mask``: PIL image, array or tensor [h, w], non-zero = object; always resampled with PIL
+    nearest neighbour (the same geometry, padding counts as background).
     """
 
     joint = True  # tells datasets to pass (image, mask) rather than image alone
@@ -78,10 +81,14 @@ class JointTransform:
             fill = [round(255 * v) for v in self.mean]  # timm's border fill = the mean colour
             out = F.to_tensor(self._geometry(image, self.interpolation, fill))
         else:
-            image = torch.as_tensor(image, dtype=torch.float32)
+            image = to_tensor_image(image)  # arrays / uint8 tensors -> float [3, h, w] in [0, 1]
             out = self._geometry(image, self.interpolation, list(self.mean))
         out = F.normalize(out, self.mean, self.std)
         return out, (None if mask is None else self.mask(mask))
+
+    def image(self, image) -> torch.Tensor:
+        """Image only: float32 [3, H, W] (for code that calls ``transform(image)`` and wants a tensor)."""
+        return self(image)[0]
 
     def mask(self, mask) -> torch.Tensor:
         """Mask [h, w] (PIL / array / tensor, non-zero = object) -> bool [H, W] aligned with the image."""
@@ -110,17 +117,29 @@ def _center_crop_or_pad(img, size: tuple[int, int], fill):
     if cw > w or ch > h:
         pad = [(cw - w) // 2 if cw > w else 0, (ch - h) // 2 if ch > h else 0,
                (cw - w + 1) // 2 if cw > w else 0, (ch - h + 1) // 2 if ch > h else 0]  # l, t, r, b
-        img = F.pad(img, pad, fill=fill)
+        if isinstance(img, torch.Tensor) and isinstance(fill, (list, tuple)):
+            shift = torch.as_tensor(fill, dtype=img.dtype).view(-1, 1, 1)
+            img = F.pad(img - shift, pad) + shift  # tensor pad takes one scalar: pad 0 around img - fill
+        else:
+            img = F.pad(img, pad, fill=fill)
         h, w = F.get_dimensions(img)[1:]
     return F.crop(img, int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0)), ch, cw)
 
 
-def transform_for(data_config: dict) -> JointTransform:
+def transform_for(data_config) -> JointTransform:
     """The eval transform of a timm data config (``timm.data.resolve_data_config(model=m)``,
     ``HookedViT.cfg.data_config`` or a ``pretrained_cfg``). Keys used: input_size (C, H, W) or
     (H, W), interpolation, mean, std, crop_pct, crop_mode; missing ones take timm's defaults,
-    other keys are ignored.
+    other keys are ignored. Also accepts a ``HookedViT`` (its ``cfg.data_config``, but the
+    size from ``cfg.img_size``: the size the model was built for) or a timm model
+    (``resolve_data_config(model=...)``, i.e. its ``pretrained_cfg``).
     """
+    if hasattr(data_config, "cfg") and hasattr(data_config.cfg, "data_config"):  # HookedViT
+        cfg = data_config.cfg
+        data_config = {**(cfg.data_config or {}), "input_size": (3, *cfg.img_size)}
+    elif hasattr(data_config, "pretrained_cfg"):  # timm model: what timm itself would resolve
+        from timm.data import resolve_data_config
+        data_config = resolve_data_config(model=data_config)
     cfg = {**DEFAULTS, **{k: v for k, v in data_config.items() if v is not None}}
     size = tuple(cfg["input_size"])[-2:]
     return JointTransform(size, cfg["interpolation"], cfg["mean"], cfg["std"], cfg["crop_pct"],
