@@ -22,7 +22,8 @@ def command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded",
                    help="embedded[:default|:spurious], a timm model name, or a checkpoint file (with --arch)")
-    p.add_argument("--arch", default=None, help="timm architecture name of a checkpoint file")
+    p.add_argument("--arch", default=None, help="timm architecture of a checkpoint file, with optional constructor overrides: "
+                        "vit_base_patch16_224 or vit_tiny_patch16_224:depth=6,img_size=64")
     p.add_argument("--random-weights", action="store_true", help="the same architecture, freshly initialised")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 

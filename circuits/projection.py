@@ -90,6 +90,7 @@ def project_batch(
     """
     cfg = model.cfg
     model._require_head()
+    k = min(k, cfg.n_classes)
     hook_names = [SITES.get(s, s) for s in sites]
     for name in hook_names:
         model._check_hook_name(f"blocks.0.{name}")

@@ -3,7 +3,9 @@
 Models:
   embedded | embedded:default | embedded:spurious   the project's own trained small ViTs
   <timm name>                                       timm's pretrained weights (needs them cached)
-  <file.safetensors|.pth> with --arch <timm name>   a local checkpoint of that architecture
+  <file.safetensors|.pth> with --arch <timm name>[:key=value,...]
+                                                    a local checkpoint of that architecture
+                                                    (timm constructor overrides after the colon)
 Add random_weights=True for the same architecture with freshly initialised weights.
 
 Data:
@@ -50,8 +52,11 @@ def _timm_model(spec: str, arch: Optional[str]) -> torch.nn.Module:
         if arch is None:
             raise ValueError(f"{spec} is a checkpoint file: name its architecture with --arch <timm model name>")
         state = load_checkpoint(path)
+        name, kwargs = parse_arch(arch)
         n_classes = _head_classes(state)
-        model = timm.create_model(arch, pretrained=False, **({"num_classes": n_classes} if n_classes else {}))
+        if n_classes and "num_classes" not in kwargs:
+            kwargs["num_classes"] = n_classes
+        model = timm.create_model(name, pretrained=False, **kwargs)
         load_timm_weights(model, state, source=str(path))
         return model.eval()
     try:
@@ -61,6 +66,27 @@ def _timm_model(spec: str, arch: Optional[str]) -> torch.nn.Module:
             f"could not load timm model {spec!r} with pretrained weights ({err}). Without network access, "
             "pass a local checkpoint file with --arch, or use 'embedded'"
         ) from err
+
+
+def parse_arch(arch: str) -> tuple[str, dict]:
+    """"vit_tiny_patch16_224:depth=2,img_size=32" -> ("vit_tiny_patch16_224", {"depth": 2, "img_size": 32})."""
+    name, _, rest = arch.partition(":")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--arch options are key=value pairs, got {item!r} in {arch!r}")
+        kwargs[key.strip()] = _literal(value.strip())
+    return name, kwargs
+
+
+def _literal(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
 def _head_classes(state: dict) -> Optional[int]:
@@ -77,7 +103,7 @@ def load_dataset(spec: str, model: HookedViT) -> Dataset:
         raise FileNotFoundError(f"data path {root} does not exist (use 'synthetic' for the embedded dataset)")
     from circuits.data import ImageFolderDataset, ImageNetS, transform_for
 
-    transform = transform_for(_data_config(model))
+    transform = transform_for(model)  # timm's eval preprocessing, at the model's input size
     if (root / "LOC_synset_mapping.txt").exists():
         return ImageNetS(root, transform)
     return ImageFolderDataset(root, transform)
@@ -92,11 +118,3 @@ def _synthetic(spec: str, model: HookedViT) -> Dataset:
     if model.cfg.img_size != (32, 32) and not model.cfg.dynamic_img_size:
         raise ValueError(f"the synthetic dataset has 32x32 images; {model.cfg.model_name} expects {model.cfg.img_size}")
     return SyntheticShapes(n, seed=0, split=split, transform=normalize)
-
-
-def _data_config(model: HookedViT) -> dict:
-    if model.cfg.data_config:
-        return model.cfg.data_config
-    h, w = model.cfg.img_size
-    return {"input_size": (3, h, w), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
