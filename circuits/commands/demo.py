@@ -1,0 +1,42 @@
+"""`hooked-vit demo` and `hooked-vit train-embedded`: the embedded default end to end."""
+
+from __future__ import annotations
+
+import argparse
+
+ORDER = 95
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on the embedded default",
+                       description="Every analysis on the embedded synthetic dataset and model, then a report. "
+                                   "No downloads; resumable.")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--n", type=int, default=512, help="test images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=run_demo)
+
+    p = sub.add_parser("train-embedded", help="retrain the embedded default models",
+                       description="Retrain an embedded synthetic-shapes ViT (see circuits.embedded.train).")
+    p.add_argument("--which", default="default", choices=["default", "spurious"])
+    p.add_argument("--out", default=None, help="output directory (default: the shipped weights)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(run=run_train)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from circuits.demo import run_demo as demo
+
+    print(f"demo report: {demo(args.out, n=args.n, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite)}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from circuits.embedded import train_embedded
+
+    kwargs = {"out_dir": args.out} if args.out else {}
+    print(f"wrote {train_embedded(args.which, epochs=args.epochs, seed=args.seed, **kwargs)}")
+    return 0
