@@ -16,8 +16,8 @@ class LayerNorm(nn.Module):
     """LayerNorm over the last dimension, biased variance, with an optional affine map.
 
     Hooks:
-        hook_scale: [*batch, 1], sqrt(var + eps). Only computed when hooked (otherwise the
-            fused `F.layer_norm` runs); an edited scale replaces the real one.
+        hook_scale: [*batch, 1], sqrt(var + eps). Only computed when hooked; a returned or
+            in-place edited scale replaces the real one.
         hook_normalized: [*batch, d_model], the output (after weight and bias).
 
     After `fold_ln` the affine parameters are None ("LNPre" in TransformerLens).
@@ -33,15 +33,19 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Tensor) -> Tensor:
-        if is_hooked(self.hook_scale):
-            x = x - x.mean(-1, keepdim=True)
-            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-            x = x / scale
+        if not is_hooked(self.hook_scale):
+            return self.hook_normalized(self.functional(x))
+        # One fused kernel gives the output and the statistics; the explicit formula runs
+        # only if a hook changed the scale, so that the edit flows downstream.
+        out, mean, rstd = torch.native_layer_norm(x, (self.d_model,), self.weight, self.bias, self.eps)
+        scale = rstd.reciprocal().to(x.dtype)  # [*batch, 1] = sqrt(var + eps)
+        reference = scale.clone()
+        edited = self.hook_scale(scale)
+        if edited is not scale or not torch.equal(edited, reference):
+            out = (x - mean.to(x.dtype)) / edited
             if self.weight is not None:
-                x = x * self.weight + self.bias
-        else:
-            x = self.functional(x)
-        return self.hook_normalized(x)
+                out = out * self.weight + self.bias
+        return self.hook_normalized(out)
 
     def functional(self, x: Tensor) -> Tensor:
         """The same map without firing hooks (used by projections such as the logit lens)."""

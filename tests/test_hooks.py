@@ -149,3 +149,27 @@ def test_start_and_stop_at_layer_compose(vit):
     x = images(size)
     mid = model(x, stop_at_layer=1)
     torch.testing.assert_close(model(mid, start_at_layer=1), model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_layer_norm_scale_edits_flow_downstream(vit, inplace):
+    model, size = vit
+    x = images(size)
+    _, cache = model.run_with_cache(x, names_filter=["blocks.0.ln1.hook_scale", "blocks.0.hook_resid_pre",
+                                                      "blocks.0.ln1.hook_normalized"])
+    resid, scale = cache["blocks.0.hook_resid_pre"], cache["blocks.0.ln1.hook_scale"]
+    ln = model.blocks[0].ln1
+    torch.testing.assert_close(scale, (resid.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt())
+    seen = {}
+
+    def double(act, hook):
+        if inplace:
+            act.mul_(2.0)
+            return None
+        return act * 2.0
+
+    model.run_with_hooks(x, fwd_hooks=[("blocks.0.ln1.hook_scale", double),
+                                       ("blocks.0.ln1.hook_normalized", lambda a, hook: seen.setdefault("n", a))])
+    centred = resid - resid.mean(-1, keepdim=True)
+    expected = centred / (2 * scale) * ln.weight + ln.bias
+    torch.testing.assert_close(seen["n"], expected, rtol=1e-5, atol=1e-5)
