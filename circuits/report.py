@@ -22,7 +22,7 @@ Section = Callable[[dict[str, Path]], list[str]]
 
 
 def sections() -> dict[str, Section]:
-    """analysis name -> renderer, from every command module."""
+    """analysis name -> renderer, from every command module, in the modules' order."""
     from circuits.commands import command_modules
 
     return {a: m.report_section for m in command_modules() if hasattr(m, "report_section") for a in m.ANALYSES}
@@ -50,11 +50,11 @@ def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hoo
         by_analysis.setdefault(analysis, {})[label] = run
     body: list[str] = []
     renderers = sections()
-    for analysis, group in by_analysis.items():
-        if analysis in renderers:
-            body += renderers[analysis](group)
-        else:
-            body.append(f"<p>No renderer for analysis {html.escape(analysis)} ({', '.join(group)}).</p>")
+    for analysis, render in renderers.items():
+        if analysis in by_analysis:
+            body += render(by_analysis[analysis])
+    for analysis in set(by_analysis) - set(renderers):
+        body.append(f"<p>No renderer for analysis {html.escape(analysis)} ({', '.join(by_analysis[analysis])}).</p>")
     out = Path(out)
     atomic_write_text(out, _page(title, body))
     return out

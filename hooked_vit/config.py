@@ -59,6 +59,8 @@ class HookedViTConfig:
     use_fused_attn: bool = True  # SDPA whenever no hook needs scores or pattern
     normalization_type: Literal["LN", "LNPre"] = "LN"  # "LNPre" once LayerNorm is folded
     attn_only: bool = False
+    n_key_value_heads: Optional[int] = None  # TransformerLens field; ViTs have no grouped-query attention
+    device: Optional[str] = None  # kept up to date by HookedViT.to()/cuda()/cpu() (TransformerLens reads it)
 
     # --- provenance ----------------------------------------------------------------------------
     model_name: str = "custom"

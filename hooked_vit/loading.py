@@ -154,6 +154,9 @@ def _data_config(model: nn.Module) -> dict[str, Any]:
         from timm.data import resolve_data_config
 
         cfg = resolve_data_config({}, model=model)
+        # The registered config names the pretrained size; a model built for another size
+        # (img_size=...) must get images of its own size.
+        cfg["input_size"] = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
     except Exception:  # a bare model without pretrained_cfg: fall back to timm defaults
         return {}

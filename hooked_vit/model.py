@@ -53,6 +53,7 @@ class HookedViT(HookedRootModule):
         )
         self.hook_logits = HookPoint()
         self.setup()
+        self.cfg.device = str(self.embed.proj.weight.device)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -88,6 +89,8 @@ class HookedViT(HookedRootModule):
                 pool_mask = key_mask & (positions >= first_pooled)
             start_at_layer = 0
         else:
+            if keep_mask is not None:
+                raise ValueError("keep_mask acts after the embedding; with start_at_layer pass key_mask instead")
             resid = x
         stop = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
         for block in self.blocks[start_at_layer:stop]:
@@ -209,7 +212,15 @@ class HookedViT(HookedRootModule):
         return self.embed.proj.weight.flatten(1).T
 
     @property
+    def b_E(self) -> Float[Tensor, "d_model"]:
+        bias = self.embed.proj.bias
+        return bias if bias is not None else self.embed.proj.weight.new_zeros(self.cfg.d_model)
+
+    @property
     def W_pos(self) -> Float[Tensor, "n_pos d_model"]:
+        """Learned position embeddings (patch rows only when cfg.no_embed_class)."""
+        if self.embed.pos_embed is None:
+            raise ValueError(f"{self.cfg.model_name} has no position embedding")
         return self.embed.pos_embed[0]
 
     @property
@@ -272,6 +283,11 @@ class HookedViT(HookedRootModule):
 
         return to_timm_state_dict(self)
 
+    def _apply(self, fn, *args: Any, **kwargs: Any):  # every .to() / .cuda() / .cpu() ends here
+        out = super()._apply(fn, *args, **kwargs)
+        self.cfg.device = str(self.embed.proj.weight.device)
+        return out
+
     @property
     def device(self) -> torch.device:
         return self.embed.proj.weight.device
@@ -296,7 +312,7 @@ def _reduce_tokens(resid: Tensor, cfg: HookedViTConfig, pool_mask: Optional[Tens
 
 def compact_tokens(
     resid: Float[Tensor, "b p d"], keep_mask: Tensor
-) -> tuple[Float[Tensor, "b k d"], Tensor]:
+) -> tuple[Float[Tensor, "b k d"], Tensor, Tensor]:
     """Move each row's kept tokens to the left, in order; pad to the longest row.
 
     Returns the compacted sequence, its key mask [b, k] (True on real tokens) and the

@@ -173,3 +173,10 @@ def test_layer_norm_scale_edits_flow_downstream(vit, inplace):
     centred = resid - resid.mean(-1, keepdim=True)
     expected = centred / (2 * scale) * ln.weight + ln.bias
     torch.testing.assert_close(seen["n"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_mask_with_start_at_layer_is_refused(vit):
+    model, size = vit
+    resid = model(images(size), stop_at_layer=1)
+    with pytest.raises(ValueError, match="keep_mask acts after the embedding"):
+        model(resid, start_at_layer=1, keep_mask=torch.ones(resid.shape[:2], dtype=torch.bool))

@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the embedded model is tiny, and extra threads "
+                        "only wait on each other, badly so when other processes share the cores)")
     p.set_defaults(run=run_demo)
 
     p = sub.add_parser("train-embedded", help="retrain the embedded default models",
@@ -28,8 +31,11 @@ def add_parser(sub) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
     from circuits.demo import run_demo as demo
 
+    torch.set_num_threads(args.threads)
     print(f"demo report: {demo(args.out, n=args.n, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite)}")
     return 0
 

@@ -1,0 +1,221 @@
+"""Attention perturbations as hook factories (Vilas et al. 2023, SPEC 2.3).
+
+Every factory returns a TransformerLens hook function for `blocks.{l}.attn.hook_pattern`
+([batch, head, query, key], after the softmax); `perturbation_hooks` places one on all or
+chosen blocks, ready for `model.run_with_hooks(x, fwd_hooks=hooks)` or `identify(...,
+fwd_hooks=hooks)`. Hooking the pattern switches attention to the explicit path, so the
+edited pattern is what multiplies the values. Rows are never renormalised.
+
+    self_only: every perturbed query row becomes one-hot on the diagonal, so
+               z[t] = v[t] and attn_out[t] = sum_h v_h[t] W_O[h] + b_O.
+    no_cls:    perturbed query rows put zero weight on the class token.
+
+Which query rows are perturbed ("image tokens"): the patch tokens. The class token's own
+row is never touched. Register and distillation tokens are prefix tokens, not image
+tokens: their rows are left alone by default; `perturb_prefix_queries=True` perturbs every
+row except the class token's. For `no_cls`, `keys="class"` (default) removes only the class
+token as a key, `keys="prefix"` removes every prefix token (class, registers,
+distillation), so patches read nothing from the readout/register tokens.
+
+Positions are those of the full sequence: with token removal (`keep_mask`) the prefix
+tokens must all be kept, so that patches still start at `cfg.n_prefix_tokens`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Literal, Optional, Sequence, Union
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from hooked_vit import HookedViT, HookedViTConfig
+
+Hook = Callable[[Tensor, object], Tensor]
+KINDS = ("none", "self_only", "no_cls")
+TokenSet = Union[Sequence[int], slice, Tensor, None]  # indices, a slice, or a bool mask [p] / [b, p]
+
+
+def _cfg(model_or_cfg: Union[HookedViT, HookedViTConfig]) -> HookedViTConfig:
+    return model_or_cfg.cfg if isinstance(model_or_cfg, HookedViT) else model_or_cfg
+
+
+def perturbed_queries(cfg: HookedViTConfig, n_tokens: int, perturb_prefix_queries: bool = False,
+                      device: Optional[torch.device] = None) -> Bool[Tensor, "p"]:
+    """Query rows a perturbation edits: patch tokens, or every token but the class token."""
+    first = int(cfg.class_token) if perturb_prefix_queries else cfg.n_prefix_tokens
+    return torch.arange(n_tokens, device=device) >= first
+
+
+def self_only(model_or_cfg, *, perturb_prefix_queries: bool = False,
+              heads: Optional[Sequence[int]] = None) -> Hook:
+    """Hook for attn.hook_pattern: perturbed query rows attend only to themselves (one-hot)."""
+    cfg = _cfg(model_or_cfg)
+
+    def hook(pattern: Float[Tensor, "b h q k"], hook=None) -> Tensor:
+        p = pattern.shape[-1]
+        rows = perturbed_queries(cfg, p, perturb_prefix_queries, pattern.device)
+        eye = torch.eye(p, dtype=pattern.dtype, device=pattern.device)
+        return torch.where(_head_rows(rows, heads, pattern)[..., None], eye, pattern)
+
+    return hook
+
+
+def no_cls(model_or_cfg, *, perturb_prefix_queries: bool = False, keys: Literal["class", "prefix"] = "class",
+           heads: Optional[Sequence[int]] = None) -> Hook:
+    """Hook for attn.hook_pattern: perturbed query rows give zero weight to the class token.
+
+    keys="prefix" zeroes every prefix token (class, registers, distillation) as a key.
+    """
+    cfg = _cfg(model_or_cfg)
+    if keys == "class" and not cfg.class_token:
+        raise ValueError(f"{cfg.model_name} has no class token; use keys='prefix' to cut the prefix tokens")
+    if keys not in ("class", "prefix"):
+        raise ValueError(f"keys must be 'class' or 'prefix', got {keys!r}")
+    n_keys = 1 if keys == "class" else cfg.n_prefix_tokens
+
+    def hook(pattern: Float[Tensor, "b h q k"], hook=None) -> Tensor:
+        p = pattern.shape[-1]
+        rows = perturbed_queries(cfg, p, perturb_prefix_queries, pattern.device)
+        cols = torch.arange(p, device=pattern.device) < n_keys
+        edges = _head_rows(rows, heads, pattern)[..., None] & cols
+        return pattern.masked_fill(edges, 0.0)
+
+    return hook
+
+
+def attention_edge_mask(query_tokens: TokenSet, key_tokens: TokenSet,
+                        heads: Optional[Sequence[int]] = None) -> Hook:
+    """Hook for attn.hook_pattern that zeroes the weights of chosen query -> key edges.
+
+    `query_tokens`, `key_tokens`: token indices, a slice, a bool mask [p], or a bool mask
+    [b, p] per image (None = all tokens). Edge (q, k) is cut when q is in the query set and
+    k in the key set. `heads`: only these heads (default all). No renormalisation.
+    """
+
+    def hook(pattern: Float[Tensor, "b h q k"], hook=None) -> Tensor:
+        b, _, p, _ = pattern.shape
+        q = token_mask(query_tokens, b, p, pattern.device)  # [b, p]
+        k = token_mask(key_tokens, b, p, pattern.device)
+        edges = q[:, None, :, None] & k[:, None, None, :]  # [b, 1, q, k]
+        if heads is not None:
+            edges = edges & _head_select(heads, pattern)[None, :, None, None]
+        return pattern.masked_fill(edges, 0.0)
+
+    return hook
+
+
+def token_mask(tokens: TokenSet, batch: int, n_tokens: int, device=None) -> Bool[Tensor, "b p"]:
+    """Any token set (see `attention_edge_mask`) as a bool mask [batch, n_tokens]."""
+    if tokens is None:
+        return torch.ones(batch, n_tokens, dtype=torch.bool, device=device)
+    if isinstance(tokens, slice):
+        mask = torch.zeros(n_tokens, dtype=torch.bool, device=device)
+        mask[tokens] = True
+        return mask.expand(batch, -1)
+    tokens = torch.as_tensor(tokens, device=device)
+    if tokens.dtype == torch.bool:
+        if tokens.shape[-1] != n_tokens:
+            raise ValueError(f"token mask has {tokens.shape[-1]} tokens, the sequence has {n_tokens}")
+        return tokens.expand(batch, -1) if tokens.ndim == 1 else tokens
+    mask = torch.zeros(n_tokens, dtype=torch.bool, device=device)
+    mask[tokens.long()] = True
+    return mask.expand(batch, -1)
+
+
+def _head_select(heads: Sequence[int], pattern: Tensor) -> Bool[Tensor, "h"]:
+    sel = torch.zeros(pattern.shape[1], dtype=torch.bool, device=pattern.device)
+    sel[list(heads)] = True
+    return sel
+
+
+def _head_rows(rows: Bool[Tensor, "p"], heads: Optional[Sequence[int]], pattern: Tensor) -> Tensor:
+    """Rows to edit, broadcastable to [b, h, q]: [q] for all heads, [h, q] for some."""
+    if heads is None:
+        return rows
+    return _head_select(heads, pattern)[:, None] & rows
+
+
+def perturbation_hook(model: HookedViT, kind: str, **options) -> Optional[Hook]:
+    """The hook of a named perturbation ("none" -> None)."""
+    if kind == "none":
+        return None
+    if kind == "self_only":
+        options.pop("keys", None)  # the key set only matters for no_cls
+        return self_only(model, **options)
+    if kind == "no_cls":
+        return no_cls(model, **options)
+    raise ValueError(f"unknown perturbation {kind!r}; choose one of {KINDS}")
+
+
+def perturbation_hooks(model: HookedViT, kind: Union[str, Hook], layers: Optional[Sequence[int]] = None,
+                       **options) -> list[tuple[str, Hook]]:
+    """[(hook_name, fn)] applying a perturbation to the attention pattern of chosen blocks.
+
+    kind: "none", "self_only", "no_cls", or any pattern hook (e.g. `attention_edge_mask(...)`).
+    layers: block indices (negative allowed); None = every block.
+    options: passed to the factory (perturb_prefix_queries, keys, heads).
+    """
+    fn = kind if callable(kind) else perturbation_hook(model, kind, **options)
+    if fn is None:
+        return []
+    n = model.cfg.n_layers
+    chosen = range(n) if layers is None else sorted({int(l) % n for l in layers})
+    return [(f"blocks.{l}.attn.hook_pattern", fn) for l in chosen]
+
+
+# ------------------------------------------------------------------ dataset level
+def perturbation_experiment(model: HookedViT, dataset, out_dir, kinds: Sequence[str] = KINDS,
+                            layers: Optional[Sequence[int]] = None, *, sites: Sequence[str] = ("block",),
+                            k: int = 1, batch_size: int = 32, limit: Optional[int] = None,
+                            overwrite: bool = False, progress: bool = True, **options) -> dict:
+    """Run `circuits.identify.identify` once per perturbation kind; one run dir per kind.
+
+    Writes `out_dir/<kind>/` (analysis "attention_perturbation"; settings record the kind,
+    layers and options). Resumable like `identify`. Returns {kind: run directory}.
+    """
+    from circuits.identify import identify
+
+    runs = {}
+    for kind in kinds:
+        settings = {"analysis": "attention_perturbation", "perturbation": kind,
+                    "layers": None if layers is None else sorted({int(l) % model.cfg.n_layers for l in layers}),
+                    "options": dict(sorted(options.items()))}
+        hooks = perturbation_hooks(model, kind, layers, **options)
+        run = Path(out_dir) / kind
+        identify(model, dataset, str(run), sites=sites, k=k, batch_size=batch_size, limit=limit,
+                 overwrite=overwrite, progress=progress, fwd_hooks=hooks, settings=settings)
+        runs[kind] = run
+    return runs
+
+
+def perturbation_rates(runs: dict) -> pd.DataFrame:
+    """Per image and kind, the last-block identifiable-token rate of image (patch) tokens.
+
+    runs: {kind: run dir} from `perturbation_experiment` (or `find_runs`). Returns a long
+    DataFrame: index, label, kind, identifiable_token_rate (share of patch tokens with rank
+    0 at the last block output), any_identifiable, correct. Compare kinds with
+    `df.pivot(index="index", columns="kind", values="identifiable_token_rate")`.
+    """
+    from circuits.identifiability import load_results
+
+    frames = []
+    for kind, run in runs.items():
+        res = load_results(run)
+        top1 = res.rank[:, res.site("block"), -1, res.n_prefix:] == 0  # [N, patches]
+        frames.append(pd.DataFrame({
+            "index": res.images["index"].to_numpy(), "label": res.images["label"].to_numpy(), "kind": kind,
+            "identifiable_token_rate": top1.mean(1), "any_identifiable": top1.any(1),
+            "correct": res.images["correct"].to_numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarize_rates(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean per kind of the per-image rates of `perturbation_rates` (one row per kind)."""
+    out = df.groupby("kind", sort=False).agg(
+        images=("index", "size"), identifiable_token_rate=("identifiable_token_rate", "mean"),
+        images_with_identifiable_token=("any_identifiable", "mean"), accuracy=("correct", "mean"))
+    return out.reset_index()

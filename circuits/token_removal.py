@@ -1,0 +1,198 @@
+"""Token removal (Vilas et al. 2023, SPEC 2.3): drop tokens before the first block.
+
+`HookedViT.forward(keep_mask=...)` removes tokens after the patch + position embedding and
+batches rows of different lengths (kept tokens moved left, padding masked out). This
+module builds keep-masks from object masks and measures what remains identifiable:
+
+    context      removes the context (background) tokens: keeps prefix + object tokens
+    class_label  removes the class-label (object) tokens:  keeps prefix + background tokens
+
+Measured per image: the share of the remaining patch tokens whose class rank at the last
+block output is 0, next to the same share for the same tokens in the unperturbed run
+(object tokens when the context is removed, background tokens when the object is).
+Prefix tokens (class, registers, distillation) are always kept: the head reads them.
+An image whose removal would leave no patch token is kept whole and marked `valid=False`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from circuits.projection import class_rank
+from circuits.results import RunStore, fixed_size_list
+from hooked_vit import HookedViT
+from hooked_vit.model import compact_tokens
+
+REMOVALS = ("context", "class_label")
+Removal = Literal["context", "class_label"]
+
+
+def keep_mask_for(object_tokens: Bool[Tensor, "b n_patches"], removal: Removal,
+                  n_prefix: int) -> Bool[Tensor, "b n_ctx"]:
+    """Keep-mask [b, n_prefix + n_patches] that keeps every prefix token and
+    the object tokens (removal="context") or the background tokens (removal="class_label")."""
+    if removal not in REMOVALS:
+        raise ValueError(f"unknown removal {removal!r}; choose one of {REMOVALS}")
+    object_tokens = object_tokens.bool()
+    patches = object_tokens if removal == "context" else ~object_tokens
+    prefix = torch.ones(object_tokens.shape[0], n_prefix, dtype=torch.bool, device=object_tokens.device)
+    return torch.cat([prefix, patches], 1)
+
+
+def kept_tokens_mask(object_tokens: Bool[Tensor, "b n_patches"], removal: Removal) -> Bool[Tensor, "b n_patches"]:
+    """The patch tokens a removal keeps (the token kind compared with the unperturbed run)."""
+    return object_tokens.bool() if removal == "context" else ~object_tokens.bool()
+
+
+def scatter_to_positions(values: Tensor, keep_mask: Bool[Tensor, "b n_ctx"], fill) -> Tensor:
+    """Values over compacted tokens [b, ..., k] back to original positions [b, ..., n_ctx].
+
+    The compacted sequence of `forward(keep_mask=...)` holds each row's kept tokens in
+    order, then padding; removed positions and padding get `fill`.
+    """
+    b, n_ctx = keep_mask.shape
+    _, key_mask, order = compact_tokens(keep_mask.new_zeros(b, n_ctx, 1, dtype=torch.float32), keep_mask)
+    k = order.shape[1]
+    out = values.new_full((*values.shape[:-1], n_ctx), fill)
+    lead = values.shape[1:-1]
+    index = order.view(b, *([1] * len(lead)), k).expand(b, *lead, k)
+    real = key_mask.view(b, *([1] * len(lead)), k).expand(b, *lead, k)
+    # Padding slots carry removed positions' indices: they write the fill value there.
+    return out.scatter(-1, index, values.masked_fill(~real, fill))
+
+
+@torch.inference_mode()
+def last_block_ranks(model: HookedViT, images: Tensor, targets: Tensor,
+                     keep_mask: Optional[Tensor] = None) -> tuple[Int[Tensor, "b n_ctx"], Tensor]:
+    """Class rank of every token at the last block output (projected with the final norm
+    and head, as `circuits.projection`), at original positions (-1 where removed), and
+    the model's predictions [b]."""
+    kwargs = {} if keep_mask is None else {"keep_mask": keep_mask}
+    name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    logits, cache = model.run_with_cache(images, names_filter=name, return_cache_object=False, **kwargs)
+    targets = targets.to(logits.device)
+    rank = class_rank(model.to_class_logits(cache[name]), targets[:, None])  # [b, k]
+    if keep_mask is not None:
+        rank = scatter_to_positions(rank, keep_mask.to(rank.device), -1)
+    return rank, logits.argmax(-1)
+
+
+def removal_batch(model: HookedViT, images: Tensor, object_tokens: Bool[Tensor, "b n_patches"],
+                  targets: Tensor, removals: Sequence[Removal] = REMOVALS) -> dict:
+    """Token removal on one batch. Returns {"none": (rank, pred), removal: (rank, pred, valid)}.
+
+    rank [b, n_ctx] at the last block (-1 on removed tokens); valid [b] is False where a
+    removal would leave no patch token (that image then runs whole and is not counted).
+    """
+    n_prefix = model.cfg.n_prefix_tokens
+    object_tokens = object_tokens.to(model.device).bool()
+    out = {"none": last_block_ranks(model, images, targets)}
+    for removal in removals:
+        keep = keep_mask_for(object_tokens, removal, n_prefix)
+        valid = keep[:, n_prefix:].any(1)
+        keep[~valid] = True
+        rank, pred = last_block_ranks(model, images, targets, keep)
+        out[removal] = (rank, pred, valid)
+    return out
+
+
+def removal_rates(rank: Tensor, rank_none: Tensor, kept: Bool[Tensor, "b n_patches"], n_prefix: int) -> tuple:
+    """Share of kept patch tokens with rank 0, after removal and in the unperturbed run: [b] each."""
+    kept = kept.to(rank.device)
+    n = kept.sum(1).clamp(min=1)
+    removed_rate = ((rank[:, n_prefix:] == 0) & kept).sum(1) / n
+    none_rate = ((rank_none[:, n_prefix:] == 0) & kept).sum(1) / n
+    return removed_rate, none_rate
+
+
+# ------------------------------------------------------------------ dataset level
+def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Sequence[Removal] = REMOVALS, *,
+                             batch_size: int = 32, limit: Optional[int] = None, overwrite: bool = False,
+                             progress: bool = True, settings: Optional[dict] = None) -> RunStore:
+    """Token removal over a dataset with object masks; resumable (`RunStore`).
+
+    Writes the table "removal": one row per (index, removal) with label, target, the
+    number of kept patch tokens, valid, rate_removed (share of kept patch tokens with rank
+    0 at the last block), rate_unperturbed (the same tokens without removal), pred_removed,
+    pred_unperturbed and the per-token ranks (rank_removed, -1 on removed tokens;
+    rank_unperturbed). Load with `pandas.read_parquet(out_dir / "removal")`.
+    """
+    from circuits.data import collate_samples, mask_to_token_grid
+    from circuits.identify import describe_dataset, model_fingerprint
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    run_settings = {"analysis": "token_removal", "model": model.cfg.model_name,
+                    "weights": model_fingerprint(model), "dataset": describe_dataset(dataset), "n": n,
+                    "removals": list(removals), "n_prefix_tokens": model.cfg.n_prefix_tokens,
+                    "n_classes": model.cfg.n_classes, **(settings or {})}
+    store = RunStore(out_dir, run_settings, overwrite=overwrite)
+    pending = store.pending(range(n))
+    loader = DataLoader(Subset(dataset, pending), batch_size=batch_size, collate_fn=collate_samples)
+    for i, batch in enumerate(tqdm(loader, desc=f"token removal -> {out_dir}", disable=not progress)):
+        indices = pending[i * batch_size:(i + 1) * batch_size]
+        if batch is None:
+            store.write_batch(indices[0], {}, indices, [{"index": j, "reason": "unreadable item"} for j in indices])
+            continue
+        if "mask" not in batch:
+            raise ValueError("token removal needs object masks: use a dataset with masks (synthetic, ImageNet-S)")
+        images = batch["image"].to(model.device, model.embed.proj.weight.dtype)
+        targets = torch.as_tensor(batch["label"]).to(model.device)
+        obj = mask_to_token_grid(batch["mask"].bool(), model.cfg.patch_size)
+        table = _batch_table(batch, removal_batch(model, images, obj, targets, removals), obj, targets,
+                             model.cfg.n_prefix_tokens)
+        missing = sorted(set(indices) - {int(j) for j in batch["index"]})  # unreadable items
+        store.write_batch(int(batch["index"][0]), {"removal": table}, indices,
+                          [{"index": j, "reason": "unreadable item"} for j in missing])
+    return store
+
+
+def _batch_table(batch: dict, out: dict, obj: Tensor, targets: Tensor, n_prefix: int) -> pa.Table:
+    rank_none, pred_none = out["none"]
+    cols: dict[str, list] = {k: [] for k in ("index", "label", "target", "removal", "n_kept", "valid",
+                                             "rate_removed", "rate_unperturbed", "pred_removed",
+                                             "pred_unperturbed", "rank_removed", "rank_unperturbed")}
+    for removal, (rank, pred, valid) in ((k, v) for k, v in out.items() if k != "none"):
+        kept = kept_tokens_mask(obj, removal).to(rank.device)
+        rate, rate_none = removal_rates(rank, rank_none, kept, n_prefix)
+        nan = torch.full_like(rate, float("nan"))
+        cols["index"].append(torch.as_tensor(batch["index"]))
+        cols["label"].append(torch.as_tensor(batch["label"]))
+        cols["target"].append(targets)
+        cols["removal"] += [removal] * len(rate)
+        cols["n_kept"].append(kept.sum(1))
+        cols["valid"].append(valid)
+        cols["rate_removed"].append(torch.where(valid, rate, nan))
+        cols["rate_unperturbed"].append(torch.where(valid, rate_none, nan))
+        cols["pred_removed"].append(pred)
+        cols["pred_unperturbed"].append(pred_none)
+        cols["rank_removed"].append(rank)
+        cols["rank_unperturbed"].append(rank_none)
+    table = {}
+    for key, parts in cols.items():
+        if key == "removal":
+            table[key] = parts
+        elif key.startswith("rank_"):
+            table[key] = fixed_size_list(torch.cat(parts).cpu().numpy().astype(np.int32))
+        else:
+            table[key] = torch.cat([p.reshape(-1).cpu() for p in parts]).numpy()
+    return pa.table(table)
+
+
+def removal_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean rates per removal over valid images (the paper's numbers are these means)."""
+    valid = df[df["valid"]].assign(correct_removed=lambda d: d["pred_removed"] == d["label"],
+                                   correct_unperturbed=lambda d: d["pred_unperturbed"] == d["label"])
+    out = valid.groupby("removal", sort=False).agg(
+        images=("index", "size"), kept_patch_tokens=("n_kept", "mean"),
+        rate_removed=("rate_removed", "mean"), rate_unperturbed=("rate_unperturbed", "mean"),
+        accuracy_removed=("correct_removed", "mean"), accuracy_unperturbed=("correct_unperturbed", "mean"))
+    return out.reset_index()
