@@ -3,7 +3,7 @@
 For a hidden state h of any token at any site, logits = head(final_norm(h)), head bias
 included (`HookedViT.to_class_logits`). The class rank is the number of classes with a
 strictly larger logit than the target (0 = top-1); class identifiability is
-1 - rank / n_classes (1 best, 0.5 chance).
+1 - rank / n_classes (1 best; chance 0.5 + 1 / (2 n_classes), 0.5005 for ImageNet).
 
 `project_batch` projects every token of every requested site inside the forward pass,
 keeping only ranks, top-k ids and target logits, so memory is one [batch, tokens, classes]
@@ -44,7 +44,10 @@ def count_above(logits: Float[Tensor, "... c"], threshold: Float[Tensor, "..."])
 
 
 def identifiability(rank: Tensor, n_classes: int) -> Tensor:
-    """Class identifiability 1 - rank / n_classes: 1 when the target is top-1, 0.5 at chance."""
+    """Class identifiability 1 - rank / n_classes: 1 when the target is top-1.
+
+    A uniformly random rank in 0..n-1 gives 0.5 + 1 / (2 n) on average.
+    """
     return 1.0 - rank.float() / n_classes
 
 

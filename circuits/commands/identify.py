@@ -56,14 +56,16 @@ def report_section(runs: dict[str, Path]) -> list[str]:
     summaries = {label: summarize(res) for label, res in results.items()}
     out = ["<h2>Class identifiability (Vilas et al. 2023)</h2>",
            "<p>Every token at every block projected onto the classes with the model's final norm and "
-           "head. Identifiability = 1 - rank / n_classes (chance 0.5). Identifiable token: rank 0.</p>"]
+           "head. Identifiability = 1 - rank / n_classes (chance 0.5 + 1 / (2 n_classes): 0.55 for 10 classes). "
+           "Identifiable token: rank 0.</p>"]
     rows = [{"run": label, "images": s["n_images"], "accuracy": s["accuracy"],
              "identifiable image tokens (last block)": s["identifiable_token_rate"],
              "images with >= 1 identifiable token": s["images_with_identifiable_token"]}
             for label, s in summaries.items()]
     out.append(table_html(rows, "Last-block summary"))
     out.append(_wilcoxon_rows(results, per_image_identifiable_rate, pretrained_vs_random))
-    out.append(figure_html(_by_layer_figure(summaries)))
+    chance = 0.5 + 0.5 / next(iter(results.values())).n_classes
+    out.append(figure_html(_by_layer_figure(summaries, chance)))
     out.append(figure_html(_sublayer_figure(summaries)))
     for label, res in results.items():
         out.append(figure_html(_token_maps(label, res)))
@@ -88,7 +90,7 @@ def _wilcoxon_rows(results, per_image, test) -> str:
     return table_html(rows, "Trained vs random weights: one-sided Wilcoxon on per-image identifiable-token rates")
 
 
-def _by_layer_figure(summaries: dict) -> go.Figure:
+def _by_layer_figure(summaries: dict, chance: float) -> go.Figure:
     fig = go.Figure()
     for label, s in summaries.items():
         for token, dash in (("cls", "dash"), ("image", "solid")):
@@ -96,7 +98,7 @@ def _by_layer_figure(summaries: dict) -> go.Figure:
             if pts:
                 fig.add_scatter(x=[r["layer"] for r in pts], y=[r["identifiability"] for r in pts],
                                 name=f"{label} · {token}", line=dict(dash=dash), mode="lines+markers")
-    fig.add_hline(y=0.5, line=dict(color="grey", dash="dot"), annotation_text="chance")
+    fig.add_hline(y=chance, line=dict(color="grey", dash="dot"), annotation_text=f"chance ({chance:.3g})")
     fig.update_layout(title="Class identifiability of block outputs by layer", xaxis_title="block",
                       yaxis_title="mean identifiability", yaxis_range=[0, 1.02])
     return fig
