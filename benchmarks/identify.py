@@ -57,18 +57,22 @@ def main() -> None:
         for _ in range(args.warmup):
             for fn in contenders.values():
                 fn()
-        for _ in range(args.repeats):
-            for name, fn in contenders.items():
-                times[name].append(timed(fn, sync))
+        names = list(contenders)
+        for r in range(args.repeats):
+            for name in names[r % 2:] + names[: r % 2]:  # alternate who goes first
+                times[name].append(timed(contenders[name], sync))
     base = statistics.median(times["timm forward"])
     print(f"{args.model}, batch {args.batch_size}, {args.device}, torch {torch.__version__}, "
           f"timm {timm.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}")
-    print(f"{'contender':40s} {'median s':>10s} {'images/s':>10s} {'x timm':>8s}")
+    print(f"{'contender':40s} {'median s':>10s} {'images/s':>10s} {'x timm':>8s} {'paired':>8s}")
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"contender": name, "median_s": med, "images_per_s": args.batch_size / med, "ratio": med / base})
-        print(f"{name:40s} {med:10.4f} {args.batch_size / med:10.1f} {med / base:8.2f}")
+        # Median of the per-round ratios: robust to load drifting during the run.
+        paired = statistics.median(t / b for t, b in zip(ts, times["timm forward"]))
+        rows.append({"contender": name, "median_s": med, "images_per_s": args.batch_size / med,
+                     "ratio": med / base, "paired_ratio": paired})
+        print(f"{name:40s} {med:10.4f} {args.batch_size / med:10.1f} {med / base:8.2f} {paired:8.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)
