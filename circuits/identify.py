@@ -12,21 +12,18 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from circuits.projection import DEFAULT_SITES, BatchProjection, project_batch
 from circuits.results import RunStore, fixed_size_list
+from circuits.streaming import PendingBatch, stream_pending
 from hooked_vit import HookedViT
 
-log = logging.getLogger("circuits.identify")
-STANDARD_KEYS = {"image", "label", "index", "path", "mask", "skipped", "has_mask"}
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -46,13 +43,6 @@ def describe_dataset(dataset: Dataset) -> str:
         return str(describe())
     attrs = {k: getattr(dataset, k) for k in ("root", "seed", "split", "n", "spurious_corr") if hasattr(dataset, k)}
     return f"{type(dataset).__name__}(len={len(dataset)}, {attrs})"
-
-
-def collate(batch: list) -> Optional[dict]:
-    """Collate sample dicts, dropping unreadable ones (None) and listing their indices."""
-    from circuits.data import collate_samples
-
-    return collate_samples(batch)
 
 
 def identify(
@@ -89,43 +79,19 @@ def identify(
         "patch_size": list(model.cfg.patch_size), **(settings or {}),
     }
     store = RunStore(out_dir, run_settings, overwrite=overwrite)
-    pending = store.pending(range(n))
-    if not pending:
-        log.info("all %d items already done in %s", n, out_dir)
-        return store
-    loader = DataLoader(Subset(dataset, pending), batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    bar = tqdm(loader, desc=f"identify -> {out_dir}", unit="batch", disable=not progress,
-               initial=0, total=len(loader))
-    position = 0
-    for batch in bar:
-        batch_indices = pending[position : position + batch_size]
-        position += batch_size
-        if batch is None:  # every image of the batch was unreadable
-            store.write_batch(batch_indices[0], {}, batch_indices, _skipped(dataset, batch_indices))
-            continue
-        images = batch["image"].to(model.device, model.embed.proj.weight.dtype)
-        labels = torch.as_tensor(batch["label"])
+    for batch in stream_pending(store, dataset, n, batch_size=batch_size, num_workers=num_workers,
+                                desc="identify", progress=progress):
+        images = batch.data["image"].to(model.device, model.embed.proj.weight.dtype)
+        labels = torch.as_tensor(batch.data["label"])
         targets = labels if bool((labels >= 0).all()) else None
         proj = project_batch(model, images, targets, sites=sites, k=k, fwd_hooks=fwd_hooks)
-        tables = batch_tables(proj, batch, model)
-        missing = sorted(set(batch_indices) - {int(i) for i in batch["index"]})
-        store.write_batch(int(batch["index"][0]), tables, batch_indices, _skipped(dataset, missing))
+        batch.save(batch_tables(proj, batch, model))
     return store
 
 
-def _skipped(dataset: Dataset, indices: Sequence[int]) -> list[dict]:
-    """Records of unreadable items, with the dataset's own reason where it kept one."""
-    reasons = {int(i): (path, err) for i, path, err in getattr(dataset, "skipped", [])}
-    records = []
-    for i in indices:
-        path, err = reasons.get(int(i), ("", "unreadable item"))
-        log.warning("skipped item %d %s: %s", i, path, err)
-        records.append({"index": int(i), "path": str(path), "reason": str(err)})
-    return records
-
-
-def batch_tables(proj: BatchProjection, batch: dict, model: HookedViT) -> dict[str, pa.Table]:
+def batch_tables(proj: BatchProjection, pending: PendingBatch, model: HookedViT) -> dict[str, pa.Table]:
     """The images, tokens and stream tables of one projected batch."""
+    batch = pending.data
     b, n_sites, n_layers, n_tok = proj.rank.shape
     index = np.asarray(batch["index"], dtype=np.int64)
     images = {
@@ -136,9 +102,7 @@ def batch_tables(proj: BatchProjection, batch: dict, model: HookedViT) -> dict[s
         "pred": proj.predictions.cpu().numpy().astype(np.int64),
     }
     images["correct"] = images["pred"] == images["label"]
-    for key, value in batch.items():  # scalar metadata such as background / group
-        if key not in STANDARD_KEYS and torch.is_tensor(value) and value.ndim == 1:
-            images[key] = value.cpu().numpy()
+    images.update({key: value.cpu().numpy() for key, value in pending.scalar_metadata().items()})
     image_table = pa.table(images)
     if "mask" in batch:
         image_table = image_table.append_column("object_tokens", fixed_size_list(object_tokens(batch["mask"], model)))

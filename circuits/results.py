@@ -82,6 +82,8 @@ class RunStore:
         """A part written by a run that stopped before marking its batch done is removed:
         the batch is redone, so nothing is counted twice."""
         for part in self.root.glob("*/part-*.parquet"):
+            if "index" not in pq.read_schema(part).names:
+                continue  # run-level tables carry no dataset index
             indices = pq.read_table(part, columns=["index"]).column("index").to_pylist()
             if not set(indices) <= self.done:
                 part.unlink()

@@ -24,8 +24,6 @@ import pyarrow as pa
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from circuits.projection import class_rank
 from circuits.results import RunStore, fixed_size_list
@@ -126,7 +124,8 @@ def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Seque
     pred_unperturbed and the per-token ranks (rank_removed, -1 on removed tokens;
     rank_unperturbed). Load with `pandas.read_parquet(out_dir / "removal")`.
     """
-    from circuits.data import collate_samples, mask_to_token_grid
+    from circuits.data import mask_to_token_grid
+    from circuits.streaming import stream_pending
     from circuits.identify import describe_dataset, model_fingerprint
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -135,13 +134,8 @@ def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Seque
                     "removals": list(removals), "n_prefix_tokens": model.cfg.n_prefix_tokens,
                     "n_classes": model.cfg.n_classes, **(settings or {})}
     store = RunStore(out_dir, run_settings, overwrite=overwrite)
-    pending = store.pending(range(n))
-    loader = DataLoader(Subset(dataset, pending), batch_size=batch_size, collate_fn=collate_samples)
-    for i, batch in enumerate(tqdm(loader, desc=f"token removal -> {out_dir}", disable=not progress)):
-        indices = pending[i * batch_size:(i + 1) * batch_size]
-        if batch is None:
-            store.write_batch(indices[0], {}, indices, [{"index": j, "reason": "unreadable item"} for j in indices])
-            continue
+    for pending in stream_pending(store, dataset, n, batch_size=batch_size, desc="token removal", progress=progress):
+        batch = pending.data
         if "mask" not in batch:
             raise ValueError("token removal needs object masks: use a dataset with masks (synthetic, ImageNet-S)")
         images = batch["image"].to(model.device, model.embed.proj.weight.dtype)
@@ -149,9 +143,7 @@ def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Seque
         obj = mask_to_token_grid(batch["mask"].bool(), model.cfg.patch_size)
         table = _batch_table(batch, removal_batch(model, images, obj, targets, removals), obj, targets,
                              model.cfg.n_prefix_tokens)
-        missing = sorted(set(indices) - {int(j) for j in batch["index"]})  # unreadable items
-        store.write_batch(int(batch["index"][0]), {"removal": table}, indices,
-                          [{"index": j, "reason": "unreadable item"} for j in missing])
+        pending.save({"removal": table})
     return store
 
 

@@ -1,0 +1,74 @@
+"""The loop every dataset-level analysis shares: stream not-yet-done items, save per batch.
+
+    store = RunStore(out_dir, settings)
+    for batch in stream_pending(store, dataset, n, batch_size=32, desc="identify"):
+        tables = ...  # compute on batch.data
+        batch.save(tables)
+
+Unreadable items (datasets return None) are skipped, logged and recorded in the manifest;
+a batch whose items were all unreadable is recorded and never yielded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from circuits.results import RunStore
+
+log = logging.getLogger("circuits.streaming")
+# Keys of a collated batch that are not per-image scalar metadata.
+STANDARD_KEYS = frozenset({"image", "label", "index", "path", "mask", "skipped", "has_mask"})
+
+
+@dataclass
+class PendingBatch:
+    data: dict  # the collated readable items
+    indices: list[int]  # every dataset index this batch covered, readable or not
+    store: RunStore
+    dataset: Dataset
+
+    def save(self, tables: dict[str, pa.Table]) -> None:
+        """Write this batch's tables and mark all its indices done."""
+        readable = {int(i) for i in self.data["index"]}
+        skipped = skip_records(self.dataset, sorted(set(self.indices) - readable))
+        self.store.write_batch(min(readable), tables, self.indices, skipped)
+
+    def scalar_metadata(self) -> dict[str, torch.Tensor]:
+        """Per-image scalar fields beyond the standard ones (e.g. background, group)."""
+        return {k: v for k, v in self.data.items()
+                if k not in STANDARD_KEYS and torch.is_tensor(v) and v.ndim == 1}
+
+
+def stream_pending(store: RunStore, dataset: Dataset, indices: int | Sequence[int], *, batch_size: int,
+                   num_workers: int = 0, desc: str = "", progress: bool = True) -> Iterator[PendingBatch]:
+    """Batches of the items in `indices` (or range(indices)) that `store` has not done yet."""
+    from circuits.data import collate_samples
+
+    todo = store.pending(range(indices) if isinstance(indices, int) else indices)
+    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_samples)
+    bar = tqdm(loader, desc=f"{desc} -> {store.root}", unit="batch", disable=not progress or not todo)
+    for i, data in enumerate(bar):
+        covered = todo[i * batch_size:(i + 1) * batch_size]
+        if data is None:  # every item of the batch was unreadable
+            store.write_batch(covered[0], {}, covered, skip_records(dataset, covered))
+            continue
+        yield PendingBatch(data, covered, store, dataset)
+
+
+def skip_records(dataset: Dataset, indices: Sequence[int]) -> list[dict]:
+    """Records of unreadable items, with the dataset's own reason where it kept one."""
+    reasons = {int(i): (path, err) for i, path, err in getattr(dataset, "skipped", [])}
+    records = []
+    for i in indices:
+        path, err = reasons.get(int(i), ("", "unreadable item"))
+        log.warning("skipped item %d %s: %s", i, path, err)
+        records.append({"index": int(i), "path": str(path), "reason": str(err)})
+    return records

@@ -1,0 +1,125 @@
+"""Linear probes: the closed form against a reference solver, streaming sufficient statistics,
+hook wiring on a model, and a whole run on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from circuits.data import ArrayDataset
+from circuits.probes import (
+    RidgeAccumulator, accuracy_by_layer, dataset_labels, load_probe_results, per_class_indices, probe_batch,
+    ridge_fit, run_probes, signed_one_hot, train_probes,
+)
+from circuits.projection import SITES, class_rank, project_batch
+from conftest import images, make_timm
+from hooked_vit import HookedViT
+
+
+def reference_ridge(X: np.ndarray, Y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """min ||X W + 1 b - Y||^2 + alpha ||W||^2 (b unpenalised) as one least-squares problem on
+    the augmented system [[X, 1], [sqrt(alpha) I, 0]] [W; b] = [Y; 0]."""
+    n, d = X.shape
+    A = np.block([[X, np.ones((n, 1))], [np.sqrt(alpha) * np.eye(d), np.zeros((d, 1))]])
+    B = np.vstack([Y, np.zeros((d, Y.shape[1]))])
+    sol = np.linalg.lstsq(A, B, rcond=None)[0]
+    return sol[:d], sol[d]
+
+
+def test_signed_one_hot():
+    y = signed_one_hot(torch.tensor([2, 0]), 3)
+    assert y.tolist() == [[-1, -1, 1], [1, -1, -1]]
+
+
+@pytest.mark.parametrize("alpha,offset", [(1.0, 0.0), (0.3, 500.0), (10.0, -3.0)])
+def test_ridge_matches_augmented_least_squares(alpha, offset):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(30, 8)) * rng.uniform(0.5, 3, size=8) + offset  # far-off mean: centring is exercised
+    labels = rng.integers(0, 4, 30)
+    Y = signed_one_hot(torch.as_tensor(labels), 4).numpy()
+    W, b = ridge_fit(torch.as_tensor(X), torch.as_tensor(Y), alpha)
+    W_ref, b_ref = reference_ridge(X, Y, alpha)
+    np.testing.assert_allclose(W.numpy(), W_ref, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b.numpy(), b_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_accumulated_batches_equal_one_fit_per_group():
+    """Streaming X^T X / X^T Y over uneven batches == fitting each group on all rows at once."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(23, 3, 5, generator=gen, dtype=torch.float64) * 2 + 7  # n, groups (positions), d
+    Y = signed_one_hot(torch.randint(0, 4, (23,), generator=gen), 4)
+    acc = RidgeAccumulator((3,), 5, 4)
+    for chunk in (slice(0, 4), slice(4, 5), slice(5, 23)):
+        acc.update(X[chunk], Y[chunk])
+    W, b = acc.solve(1.0)
+    assert acc.n == 23 and W.shape == (3, 5, 4) and b.shape == (3, 4)
+    for g in range(3):
+        W_ref, b_ref = ridge_fit(X[:, g], Y)
+        torch.testing.assert_close(W[g], W_ref)
+        torch.testing.assert_close(b[g], b_ref)
+
+
+def test_per_class_indices_and_labels():
+    labels = np.array([1, 0, 1, 1, 2, 0, 2, 1])
+    assert per_class_indices(labels, 2) == [0, 1, 2, 4, 5, 6]
+    assert per_class_indices(labels, 1) == [0, 1, 4]
+    data = ArrayDataset(np.zeros((8, 3, 4, 4), np.float32), labels)
+    assert dataset_labels(data).tolist() == labels.tolist()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    timm_model, size = make_timm("vit_tiny_patch16_224", seed=3)
+    model = HookedViT.from_timm(timm_model)
+    x = images(size, batch=28, seed=5)
+    labels = np.arange(28) % 10
+    return model, ArrayDataset(x.numpy(), labels), x, torch.as_tensor(labels)
+
+
+def test_train_probes_equals_fit_on_cached_features(setup):
+    """The hooks feed the right activations: per (site, layer, position), the probe equals
+    a ridge fit on the features read from the cache."""
+    model, data, x, labels = setup
+    probes = train_probes(model, data, batch_size=8, progress=False)
+    n_tok = model.cfg.n_prefix_tokens + model.cfg.grid_size[0] * model.cfg.grid_size[1]
+    assert probes.W.shape == (3, model.cfg.n_layers, n_tok, model.cfg.d_model, 10) and probes.n_train == 28
+    _, cache = model.run_with_cache(x)
+    Y = signed_one_hot(labels, 10)
+    for s, site in enumerate(probes.sites):
+        for layer in range(model.cfg.n_layers):
+            for pos in (0, n_tok - 1):
+                W, b = ridge_fit(cache[f"blocks.{layer}.{SITES[site]}"][:, pos], Y)
+                torch.testing.assert_close(probes.W[s, layer, pos], W.float(), rtol=2e-4, atol=2e-5)
+                torch.testing.assert_close(probes.b[s, layer, pos], b.float(), rtol=2e-4, atol=2e-5)
+
+
+def test_probe_batch_ranks(setup):
+    model, data, x, labels = setup
+    probes = train_probes(model, data, layers=[1], sites=("block", "mlp"), batch_size=28, progress=False)
+    out = probe_batch(model, probes, x[:6], labels[:6])
+    _, cache = model.run_with_cache(x[:6])
+    act = cache["blocks.1.hook_mlp_out"]
+    expected = class_rank(probes.scores("mlp", 1, act), labels[:6, None])
+    torch.testing.assert_close(out.probe_rank[:, 1, 0], expected)
+    proj = project_batch(model, x[:6], labels[:6], sites=("block", "mlp"))
+    torch.testing.assert_close(out.projection_rank, proj.rank[:, :, [1]])
+    # Few images (28 < d_model 48), small alpha: the probes nearly interpolate their training set.
+    train_acc = (probe_batch(model, probes, x, labels).probe_rank[:, 0] == 0).float().mean()
+    assert train_acc > 0.9
+
+
+def test_run_probes_on_disk(setup, tmp_path):
+    model, data, _, _ = setup
+    store = run_probes(model, data, data, str(tmp_path / "run"), per_class=1, batch_size=8, progress=False)
+    res = load_probe_results(tmp_path / "run")
+    # Same dataset for training and test: the 10 training images are left out.
+    assert sorted(res.images["index"]) == list(range(10, 28)) and len(store.done) == 18
+    assert res.probe_rank.shape == res.projection_rank.shape == (18, 3, model.cfg.n_layers, 10)
+    table = accuracy_by_layer(res)
+    assert set(table["token"]) == {"cls", "image"} and len(table) == 3 * model.cfg.n_layers * 2
+    first = table.iloc[0]
+    assert first["probe_accuracy"] == pytest.approx((res.probe_rank[:, 0, 0, 0] == 0).mean())
+    assert first["projection_rank"] == pytest.approx(res.projection_rank[:, 0, 0, 0].mean())
+    again = run_probes(model, data, data, str(tmp_path / "run"), per_class=1, batch_size=8, progress=False)
+    assert again.done == store.done  # resumed: nothing left to do
