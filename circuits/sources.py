@@ -86,7 +86,7 @@ def _literal(value: str):
             return cast(value)
         except ValueError:
             pass
-    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
+    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def _head_classes(state: dict) -> Optional[int]:

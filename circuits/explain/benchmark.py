@@ -1,0 +1,195 @@
+"""Dataset-level benchmark of explanation methods: one resumable run, one table.
+
+`benchmark(model, dataset, out_dir, methods)` streams the dataset and writes, per batch
+(`circuits.results.RunStore`, parquet parts, resumable):
+
+| table | one row per | columns |
+|---|---|---|
+| images | image | index, label, target, pred, correct |
+| maps | image x method | method, relevance [n_patches] |
+| segmentation | image x method (datasets with masks) | correct, labeled, inter/union bg/fg, ap |
+| perturbation | image x method x order | order, correct [steps] (top-1 correct after each step) |
+| thumbnails | the first few images | height, width, pixels (uint8 RGB, for the report) |
+
+`summarize_benchmark(out_dir)` reduces them to one row per method with pixel accuracy,
+mIoU, mAP, positive / negative AUC and Vilas et al.'s keep-AUCs; `benchmark` also writes
+it to summary.json, and the randomisation check (optional) to sanity.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset
+
+from circuits.data import make_loader
+from circuits.explain.evaluate import (FRACTIONS, auc, keep_auc, perturbation_curve, randomization_check,
+                                       segmentation_counts, segmentation_scores)
+from circuits.explain.methods import DEFAULT_METHODS, _as_specs, explain_many, grid_of, upsample
+from circuits.results import RunStore, fixed_size_list, read_table, stack_column
+from hooked_vit import HookedViT
+
+
+def benchmark(
+    model: HookedViT,
+    dataset: Dataset,
+    out_dir: str | Path,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    batch_size: int = 32,
+    limit: Optional[int] = None,
+    fractions: Sequence[float] = FRACTIONS,
+    mode: Literal["remove", "zero"] = "remove",
+    target: Literal["label", "predicted"] = "label",
+    thumbnails: int = 4,
+    sanity_images: int = 0,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    settings: Optional[dict[str, Any]] = None,
+) -> RunStore:
+    """Explain every image with every method and run the segmentation (when the dataset
+    has masks) and perturbation tests; resumable. See the module doc for the tables.
+
+    Args:
+        methods: method names or "name:key=value" specs (each spec is its own row).
+        target: explain the label's class or the predicted class; accuracy in the
+            perturbation test is always against the label.
+        mode: perturbation by dropping tokens ("remove") or zeroing pixels ("zero").
+        thumbnails: keep the first N images (uint8) for the report's overlays.
+        sanity_images: run the randomisation check on the first N images (0: skip).
+    """
+    from circuits.identify import describe_dataset, model_fingerprint
+    from circuits.streaming import stream_pending
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    _as_specs(methods)  # fail early on an unknown method
+    run_settings = {
+        "analysis": "explain", "model": model.cfg.model_name, "weights": model_fingerprint(model),
+        "dataset": describe_dataset(dataset), "n": n, "methods": list(methods), "fractions": list(fractions),
+        "mode": mode, "target": target, "grid": list(model.cfg.grid_size), "n_classes": model.cfg.n_classes,
+        "thumbnails": thumbnails, "sanity_images": sanity_images, **(settings or {}),
+    }
+    store = RunStore(out_dir, run_settings, overwrite=overwrite)
+    for batch in stream_pending(store, dataset, n, batch_size=batch_size, num_workers=num_workers,
+                                desc="explain", progress=progress):
+        batch.save(benchmark_batch(model, batch.data, methods, fractions=fractions, mode=mode, target=target,
+                                   thumbnails=thumbnails))
+    if sanity_images and not (store.root / "sanity.json").exists():
+        store.write_json("sanity.json", sanity_rows(model, dataset, methods, sanity_images))
+    store.write_json("summary.json", summarize_benchmark(store.root).to_dict(orient="records"))
+    return store
+
+
+def benchmark_batch(model: HookedViT, batch: dict, methods: Sequence[str], *, fractions=FRACTIONS,
+                    mode="remove", target="label", thumbnails: int = 0) -> dict[str, pa.Table]:
+    """The tables of one batch (see the module doc)."""
+    images = batch["image"].to(model.device, model.embed.proj.weight.dtype)
+    labels = torch.as_tensor(batch["label"]).to(model.device)
+    index = np.asarray(batch["index"], dtype=np.int64)
+    if bool((labels < 0).any()):
+        raise ValueError("the explanation benchmark needs class labels (perturbation accuracy); "
+                         f"images {index[(labels < 0).cpu().numpy()].tolist()[:5]} have none")
+    with torch.no_grad():
+        pred = model(images).argmax(-1)
+    targets = labels if target == "label" else pred
+    seed = int(index[0])  # random maps and tie-breaking: fixed per batch, so reruns agree
+    specs = _as_specs(methods)
+    maps = explain_many(model, images, targets, {label: ({**opts, "seed": seed} if name == "random" else opts)
+                                                 for label, (name, opts) in specs.items()})
+    tables = {"images": pa.table({"index": index, "label": labels.cpu().numpy(), "target": targets.cpu().numpy(),
+                                  "pred": pred.cpu().numpy(), "correct": (pred == labels).cpu().numpy()})}
+    tables["maps"] = _per_method(index, {m: {"relevance": fixed_size_list(r.cpu().numpy())} for m, r in maps.items()})
+    if "mask" in batch and bool(torch.as_tensor(batch.get("has_mask", True)).any()):
+        tables["segmentation"] = _segmentation_table(model, images, batch, index, maps)
+    rows = []
+    for m, r in maps.items():
+        for order in ("positive", "negative"):
+            correct = perturbation_curve(model, images, labels, r, order=order, fractions=fractions, mode=mode, seed=seed,
+                                         unperturbed=pred == labels)
+            rows.append(pa.table({"index": index, "method": [m] * len(index), "order": [order] * len(index),
+                                  "correct": fixed_size_list(correct.numpy())}))
+    tables["perturbation"] = pa.concat_tables(rows)
+    keep = index < thumbnails
+    if keep.any():
+        tables["thumbnails"] = _thumbnails(model, batch["image"][torch.from_numpy(keep)], index[keep])
+    return tables
+
+
+def _segmentation_table(model: HookedViT, images, batch: dict, index: np.ndarray, maps: dict) -> pa.Table:
+    """Segmentation counts of every method, for the images that have a mask."""
+    has = torch.as_tensor(batch.get("has_mask", torch.ones(len(index), dtype=torch.bool))).bool()
+    grid = grid_of(model.cfg, images)
+    return _per_method(index[has.numpy()], {
+        m: segmentation_counts(upsample(r[has.to(r.device)], images.shape[-2:], grid), batch["mask"][has])
+        for m, r in maps.items()})
+
+
+def _per_method(index: np.ndarray, columns: dict[str, dict]) -> pa.Table:
+    """Stack per-method column dicts into one table with index and method columns."""
+    parts = []
+    for method, cols in columns.items():
+        data = {"index": index, "method": [method] * len(index)}
+        data.update({k: v for k, v in cols.items()})
+        parts.append(pa.table(data))
+    return pa.concat_tables(parts)
+
+
+def _thumbnails(model: HookedViT, images: torch.Tensor, index: np.ndarray) -> pa.Table:
+    """Images back to uint8 RGB with the model's normalisation undone, for display."""
+    from circuits.data import denormalize
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    dc = model.cfg.data_config or {}
+    rgb = denormalize(images.float().cpu(), dc.get("mean", IMAGENET_DEFAULT_MEAN), dc.get("std", IMAGENET_DEFAULT_STD))
+    pixels = (rgb.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    return pa.table({"index": index, "height": np.full(len(index), pixels.shape[1]),
+                     "width": np.full(len(index), pixels.shape[2]), "pixels": fixed_size_list(pixels)})
+
+
+def sanity_rows(model: HookedViT, dataset: Dataset, methods: Sequence[str], n: int) -> list[dict]:
+    """The randomisation check on the first n images (labels as targets); 'random' is skipped."""
+    batch = next(iter(make_loader(dataset, n, limit=n)))
+    checked = [m for m in methods if not m.startswith("random")]
+    return randomization_check(model, batch["image"].to(model.device), torch.as_tensor(batch["label"]).to(model.device),
+                               checked)
+
+
+def summarize_benchmark(run_dir: str | Path) -> pd.DataFrame:
+    """One row per method: segmentation scores (with masks), perturbation AUCs, keep-AUCs.
+
+    positive_auc: most relevant removed first (lower is better); negative_auc: least
+    relevant first (higher is better); keep_auc_*: Vilas et al.'s normalisation of the same
+    curves (keep_auc_most = keep the most important = the negative curve).
+    """
+    run_dir = Path(run_dir)
+    fractions = json.loads((run_dir / "manifest.json").read_text())["settings"]["fractions"]
+    pert = read_table(run_dir, "perturbation")
+    has_seg = any((run_dir / "segmentation").glob("part-*.parquet"))
+    seg = read_table(run_dir, "segmentation") if has_seg else None
+    rows = []
+    for method in dict.fromkeys(pert["method"]):  # first-seen order
+        row: dict[str, Any] = {"method": method}
+        if seg is not None:
+            row.update(segmentation_scores({c: s.to_numpy() for c, s in seg[seg["method"] == method].items()
+                                            if c not in ("index", "method")}))
+        for order in ("positive", "negative"):
+            sel = pert[(pert["method"] == method) & (pert["order"] == order)]
+            acc = stack_column(sel, "correct").mean(0)
+            row[f"{order}_auc"] = auc(acc, fractions)
+            row[f"keep_auc_{'least' if order == 'positive' else 'most'}"] = keep_auc(acc)
+            row[f"{order}_curve"] = acc.tolist()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def load_maps(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """method -> relevance [n_images, n_patches], images in index order."""
+    maps = read_table(run_dir, "maps")
+    return {m: stack_column(maps[maps["method"] == m], "relevance") for m in dict.fromkeys(maps["method"])}

@@ -1,0 +1,139 @@
+"""One interface to every explanation method: `explain(method, model, images, targets)`.
+
+A method maps an `AttentionTrace` (one forward pass) to a relevance per image token
+[b, n_patches] (prefix tokens dropped, row-major patch order as in the model). Several
+methods share one forward pass with `explain_many`. `upsample` turns token maps into
+pixel maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from circuits.explain import class_embedding as _ce
+from circuits.explain import tokentm as _tokentm
+from circuits.explain.attention import raw_attention, rollout
+from circuits.explain.gradients import attention_gradcam, gae
+from circuits.explain.trace import AttentionTrace, trace
+from hooked_vit import HookedViT, HookedViTConfig
+
+
+def random_map(trace: AttentionTrace, *, seed: int = 0) -> Tensor:
+    """Baseline: uniform random relevance (a random token order), seeded. [b, n_patches]"""
+    b, n = trace.patterns[0].shape[0], trace.n_tokens - trace.n_prefix
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.rand(b, n, generator=gen).to(trace.logits.device)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered explanation method."""
+
+    fn: Callable[..., Tensor]
+    class_specific: bool
+    description: str
+    act_names: Callable[..., list[str]] = lambda cfg, **options: []
+
+
+METHODS: dict[str, Method] = {
+    "attention": Method(raw_attention, False, "raw attention: the readout row of the last block, heads averaged"),
+    "rollout": Method(rollout, False, "attention rollout (Abnar & Zuidema 2020)"),
+    "gae": Method(gae, True, "generic attention explainability (Chefer et al. 2021b)"),
+    "gradcam": Method(attention_gradcam, True, "Grad-CAM on the last block's attention"),
+    "class_embedding": Method(_ce.class_embedding, True, "class-embedding importance (Vilas et al. 2023)",
+                              lambda cfg, **options: _ce.attn_out_names(cfg.n_layers)),
+    "tokentm": Method(_tokentm.tokentm, True, "TokenTM (Wu et al. 2024), reconstruction",
+                      _tokentm.act_names),
+    "random": Method(random_map, False, "random relevance (baseline)"),
+}
+GRADIENT_METHODS = ("gae", "gradcam", "class_embedding", "tokentm")
+DEFAULT_METHODS = ("attention", "rollout", "gae", "gradcam", "class_embedding", "tokentm", "random")
+
+MethodSpec = Union[str, Sequence[str], Mapping[str, Mapping[str, Any]]]
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """"tokentm:necc=none,grad=none" -> ("tokentm", {"necc": "none", "grad": "none"})."""
+    from circuits.sources import parse_arch  # the same name:key=value syntax as --arch
+
+    name, options = parse_arch(spec)
+    if name not in METHODS:
+        raise ValueError(f"unknown explanation method {name!r}; choose from {sorted(METHODS)}")
+    return name, options
+
+
+def _as_specs(methods: MethodSpec) -> dict[str, tuple[str, dict[str, Any]]]:
+    """label -> (method name, options)."""
+    if isinstance(methods, str):
+        methods = [methods]
+    if isinstance(methods, Mapping):
+        return {label: (parse_method(label)[0], dict(opts)) for label, opts in methods.items()}
+    return {spec: parse_method(spec) for spec in methods}
+
+
+def explain_many(
+    model: HookedViT,
+    images: Float[Tensor, "b c h w"],
+    targets: Optional[Tensor] = None,
+    methods: MethodSpec = DEFAULT_METHODS,
+    *,
+    fwd_hooks: Sequence = (),
+) -> dict[str, Float[Tensor, "b n_patches"]]:
+    """Several methods from one forward pass. `methods`: names, "name:key=value" specs,
+    or {label: options} with a method name (or spec) as label. targets None = predicted."""
+    specs = _as_specs(methods)
+    names = sorted({n for name, opts in specs.values() for n in METHODS[name].act_names(model.cfg, **opts)})
+    tr = trace(model, images, targets, act_names=names, fwd_hooks=fwd_hooks)
+    return {label: METHODS[name].fn(tr, **opts) for label, (name, opts) in specs.items()}
+
+
+def explain(
+    method: str,
+    model: HookedViT,
+    images: Float[Tensor, "b c h w"],
+    targets: Optional[Tensor] = None,
+    **options: Any,
+) -> Float[Tensor, "b n_patches"]:
+    """Relevance of every image token for the target class (None: the predicted class).
+
+    Methods: attention, rollout, gae, gradcam, class_embedding, tokentm, random (see
+    `METHODS` and docs/explanations.md); `options` are the method's keyword options.
+    """
+    spec_options = parse_method(method)[1]
+    return explain_many(model, images, targets, {method: {**spec_options, **options}})[method]
+
+
+def upsample(
+    relevance: Float[Tensor, "b n_patches"],
+    img_size: Union[int, tuple[int, int]],
+    grid: Optional[tuple[int, int]] = None,
+    normalize: bool = True,
+) -> Float[Tensor, "b H W"]:
+    """Token map -> pixel map: bilinear interpolation, then min-max normalised per image.
+
+    `grid` (rows, cols) defaults to a square grid. A constant map normalises to zeros.
+    """
+    b, n = relevance.shape
+    if grid is None:
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise ValueError(f"{n} tokens are not a square grid; pass grid=(rows, cols)")
+        grid = (side, side)
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    maps = F.interpolate(relevance.float().reshape(b, 1, *grid), size=size, mode="bilinear", align_corners=False)[:, 0]
+    if not normalize:
+        return maps
+    lo = maps.flatten(1).amin(1)[:, None, None]
+    hi = maps.flatten(1).amax(1)[:, None, None]
+    return (maps - lo) / (hi - lo).clamp(min=1e-12)
+
+
+def grid_of(cfg: HookedViTConfig, images: Tensor) -> tuple[int, int]:
+    """The token grid of these images (dynamic image sizes included)."""
+    return images.shape[-2] // cfg.patch_size[0], images.shape[-1] // cfg.patch_size[1]
