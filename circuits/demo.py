@@ -18,8 +18,22 @@ from circuits.sources import load_dataset, load_model
 
 
 def run_demo(out: str | Path = "demo_out", n: int = 512, batch_size: int = 64, device: str = "cpu",
-             overwrite: bool = False) -> Path:
-    out = Path(out)
+             overwrite: bool = False, threads: int | None = 1) -> Path:
+    """Run every demo step and build the report; returns the report's path.
+
+    threads: torch CPU threads during the demo (default 1: the embedded model is tiny, and
+    extra threads only wait on each other, badly so when other processes share the cores).
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_steps(Path(out), n, batch_size, device, overwrite)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_steps(out: Path, n: int, batch_size: int, device: str, overwrite: bool) -> Path:
     torch.manual_seed(0)
     trained = load_model("embedded", device=device)
     ctx = DemoContext(out=out, trained=trained, random=load_model("embedded", device=device, random_weights=True),

@@ -53,6 +53,16 @@ def make_timm(name: str, seed: int = 0, **extra) -> tuple[torch.nn.Module, int]:
     return randomize_(model.eval(), seed), size
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test models are tiny: CPU intra-op threads cost more than they save, badly so when
+    other processes share the cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param

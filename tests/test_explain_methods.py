@@ -16,15 +16,6 @@ from hooked_vit import HookedViT, HookedViTConfig
 K_STAR = 5  # the patch the hand-built model reads
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def one_patch_model(k_star: int = K_STAR, anchor: float = 10.0, sharp: float = 40.0, gain: float = 60.0,
                     offset: float = 10.0) -> HookedViT:
     """A 2-block HookedViT (16x16 images, 4x4 patches, 2 classes) whose class-1 logit

@@ -24,16 +24,6 @@ from hooked_vit import HookedViT
 FAMILIES = ["vit_tiny_patch16_224", "vit_small_patch14_reg4_dinov2", "deit_tiny_distilled_patch16_224"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test models are tiny: CPU intra-op threads only add overhead (much more on a busy
-    machine). Restored after this module."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def setup(request):
     timm_model, size = make_timm(request.param)

@@ -26,16 +26,6 @@ FAMILIES = ["vit_tiny_patch16_224", "vit_small_patch14_reg4_dinov2", "deit_tiny_
             "vit_base_patch16_reg4_gap_256"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test models are tiny: CPU intra-op threads only add overhead (much more on a busy
-    machine). Restored after this module."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def setup(request):
     timm_model, size = make_timm(request.param)

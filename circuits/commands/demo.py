@@ -31,12 +31,11 @@ def add_parser(sub) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import torch
-
     from circuits.demo import run_demo as demo
 
-    torch.set_num_threads(args.threads)
-    print(f"demo report: {demo(args.out, n=args.n, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite)}")
+    report = demo(args.out, n=args.n, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
+                  threads=args.threads)
+    print(f"demo report: {report}")
     return 0
 
 

@@ -57,20 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def demo(ctx: DemoContext) -> None:
-    import torch
-
     from circuits.explain import benchmark
 
-    # The embedded model is tiny and the benchmark runs many small forwards: on CPU one
-    # thread is ~as fast as two on free cores and >10x faster on busy shared ones.
-    threads = torch.get_num_threads()
-    if ctx.device == "cpu":
-        torch.set_num_threads(1)
-    try:
-        benchmark(ctx.trained, ctx.data, ctx.out / "explain" / "trained", batch_size=ctx.batch_size,
-                  limit=DEMO_IMAGES, sanity_images=16, overwrite=ctx.overwrite)
-    finally:
-        torch.set_num_threads(threads)
+    benchmark(ctx.trained, ctx.data, ctx.out / "explain" / "trained", batch_size=ctx.batch_size,
+              limit=DEMO_IMAGES, sanity_images=16, overwrite=ctx.overwrite)
 
 
 # ----------------------------------------------------------------------------- report

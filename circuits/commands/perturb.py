@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -79,25 +78,10 @@ def demo(ctx: DemoContext) -> None:
 
     root = ctx.out / "perturb"
     limit = min(DEMO_LIMIT, len(ctx.data))
-    with _one_thread():
-        perturbation_experiment(ctx.trained, ctx.data, root / "attention", batch_size=ctx.batch_size,
-                                limit=limit, overwrite=ctx.overwrite)
-        token_removal_experiment(ctx.trained, ctx.data, root / "token_removal", batch_size=ctx.batch_size,
-                                 limit=limit, overwrite=ctx.overwrite)
-
-
-@contextmanager
-def _one_thread():
-    """The embedded model is tiny: CPU intra-op threads cost more than they save (this step took
-    5 s on one thread and 35 s on two on a busy 2-core machine). The setting is restored after."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    perturbation_experiment(ctx.trained, ctx.data, root / "attention", batch_size=ctx.batch_size,
+                            limit=limit, overwrite=ctx.overwrite)
+    token_removal_experiment(ctx.trained, ctx.data, root / "token_removal", batch_size=ctx.batch_size,
+                             limit=limit, overwrite=ctx.overwrite)
 
 
 # ------------------------------------------------------------------ report
