@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbgen import write_notebook
 
 CELLS = [
     ("md", """# Interventions: attention perturbation, token removal, activation patching
@@ -199,14 +198,5 @@ heads.to_frame().head()"""),
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
-
-
 if __name__ == "__main__":
-    out = Path(__file__).with_name("02_interventions.ipynb")
-    nbformat.write(build(), out)
-    print(f"wrote {out}")
+    write_notebook(CELLS, Path(__file__).with_name("02_interventions.ipynb"))

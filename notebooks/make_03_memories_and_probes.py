@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbgen import write_notebook
 
 CELLS = [
     ("md", """# Key-value memories and linear probes
@@ -173,14 +172,5 @@ class embedding space."""),
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
-
-
 if __name__ == "__main__":
-    path = Path(__file__).with_name("03_memories_and_probes.ipynb")
-    nbformat.write(build(), path)
-    print(f"wrote {path}")
+    write_notebook(CELLS, Path(__file__).with_name("03_memories_and_probes.ipynb"))

@@ -5,8 +5,7 @@ The notebook is written without outputs; tests/test_notebooks.py executes it.
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbgen import write_notebook
 
 CELLS = [
     ("md", """# 04 · Explanation maps and how they are judged
@@ -130,14 +129,5 @@ summarize_benchmark(out).drop(columns=["positive_curve", "negative_curve"]).roun
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
-
-
 if __name__ == "__main__":
-    path = Path(__file__).with_name("04_explanations.ipynb")
-    nbformat.write(build(), path)
-    print(f"wrote {path}")
+    write_notebook(CELLS, Path(__file__).with_name("04_explanations.ipynb"))
