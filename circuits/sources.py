@@ -117,4 +117,15 @@ def _synthetic(spec: str, model: HookedViT) -> Dataset:
     n = int(parts[2]) if len(parts) > 2 else 512
     if model.cfg.img_size != (32, 32) and not model.cfg.dynamic_img_size:
         raise ValueError(f"the synthetic dataset has 32x32 images; {model.cfg.model_name} expects {model.cfg.img_size}")
-    return SyntheticShapes(n, seed=0, split=split, transform=normalize)
+    return SyntheticShapes(n, seed=0, split=split, transform=normalize, difficulty=_embedded_difficulty(model))
+
+
+def _embedded_difficulty(model: HookedViT) -> str:
+    """The synthetic difficulty an embedded model was trained on ("normal" for other models)."""
+    name = model.cfg.model_name
+    if not name.startswith("embedded"):
+        return "normal"
+    from circuits.embedded import embedded_info
+
+    which = name.split(" ")[0].partition(":")[2] or "default"
+    return embedded_info(which).get("test_dataset", {}).get("difficulty", "normal")

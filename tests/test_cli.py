@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from circuits.cli import build_parser, main
 from conftest import randomize_
 
-COMMANDS = ["identify", "perturb", "memories", "probe", "explain", "report", "demo", "train-embedded"]
+COMMANDS = ["identify", "perturb", "memories", "probe", "explain", "decompose", "report", "demo", "train-embedded"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -1,0 +1,476 @@
+"""Exact decomposition of a ViT's final representation into component contributions.
+
+After Balasubramanian, Basu and Feizi (NeurIPS 2024). The residual stream at the last block
+is a sum: the stream entering the start layer ("embed" at layer 0, else "resid_in"), every
+attention head's output, every MLP's output and the bias terms. The final representation
+(what `hook_pooled` holds) is
+
+    rep[r] = LN_f( sum_q pool[r, q] * resid[q] )          (pooled final norm, GAP)
+    rep[r] = sum_q pool[r, q] * LN_f(resid[q])             (per-token final norm)
+
+with r the read-out vector (the class token; the class and distillation tokens of a
+distilled model; the token average of a GAP model). Both are linear in the stream once the
+LayerNorm is linearised with the real statistics of the full residual vector:
+
+    LN(x) = w * (x - mean(x)) / sqrt(var(x) + eps) + b          (biased var, the model's eps)
+    c  ->  w * (c - mean(c)) / sqrt(var(x) + eps)                (each component c)
+
+and the bias b becomes a component of its own, so the components sum to the representation
+to float precision. `Readout` holds that linear map: query weights
+u[b, r, q] = pool[r, q] / sigma[b, r or q] and the centring-and-weight map F.
+
+Post-norm blocks (`ResPostBlock`, x + ln1(attn(x))) normalise each sublayer's output; those
+norms are linearised in the same way with their own per-token statistics (read from
+`ln1/ln2.hook_scale`), so head and MLP terms stay exact there too and the sublayer norm
+biases are components.
+
+Heads can be split further by source token: head h of layer l contributes
+sum_q u[r, q] A[h, q, k] v_k W_O[h] through source token k (`token_terms`). Those are
+produced layer by layer and head chunk by head chunk, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Literal, Optional, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hooked_vit import HookedViT
+
+BiasMode = Literal["separate", "split"]
+BIAS_KINDS = ("b_O", "ln1.b", "b_out", "ln2.b", "ln_final.b", "b_U")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One term of the decomposition.
+
+    kind: "embed" (stream at layer 0: patch + prefix + position embedding, after CLIP's
+    ln_pre), "resid_in" (stream entering a later start layer), "head", "mlp", or a bias:
+    "b_O", "b_out", "ln1.b" / "ln2.b" (post-norm sublayer norm biases), "ln_final.b",
+    "b_U" (head bias, logits only).
+    """
+
+    kind: str
+    layer: Optional[int] = None
+    head: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "head":
+            return f"L{self.layer}H{self.head}"
+        if self.layer is None:
+            return self.kind
+        return f"L{self.layer}.{self.kind}"
+
+    @property
+    def is_bias(self) -> bool:
+        return self.kind in BIAS_KINDS
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# ----------------------------------------------------------------------------- readout
+@dataclass
+class Readout:
+    """The linear map from the residual stream to the representation, for one batch.
+
+    weights: u [b, r, p], query weights with the final norm's 1/sigma folded in.
+    final_weight / final_center: F(x) = final_weight * (x - mean(x)) (centring only when the
+        model has a final norm; no weight after `fold_ln`).
+    final_bias: the final norm's bias [d] (a component), or None.
+    sub_scales: post-norm blocks only: (layer, 1 | 2) -> sigma [b, p] of ln1 / ln2.
+    """
+
+    weights: Float[Tensor, "b r p"]
+    final_center: bool
+    final_weight: Optional[Tensor]
+    final_bias: Optional[Tensor]
+    sub_scales: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+
+    def final(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        """F: the linearised final norm without its bias (identity without a final norm)."""
+        if self.final_center:
+            x = x - x.mean(-1, keepdim=True)
+        return x if self.final_weight is None else x * self.final_weight
+
+    def stream(self, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b r d"]:
+        """What a residual-stream vector field contributes to the representation."""
+        return self.final(torch.einsum("brp,bpd->brd", self.weights, x))
+
+    def sublayer_weights(self, layer: int, which: int) -> Float[Tensor, "b r p"]:
+        """Query weights for what enters a post-norm sublayer norm (u / sigma_sub), else u."""
+        scale = self.sub_scales.get((layer, which))
+        return self.weights if scale is None else self.weights / scale[:, None, :]
+
+
+def _sub_norm(model: HookedViT, layer: int, which: int, x: Tensor) -> Tensor:
+    """The linearised post-norm sublayer norm without bias: w * (x - mean(x)) (x already / sigma)."""
+    norm = model.blocks[layer].ln1 if which == 1 else model.blocks[layer].ln2
+    x = x - x.mean(-1, keepdim=True)
+    return x if norm.weight is None else x * norm.weight
+
+
+def pool_weights(model: HookedViT, n_tokens: int, device=None, dtype=None) -> Float[Tensor, "r p"]:
+    """How the representation reads the tokens: one-hot rows for class (and distillation)
+    tokens, a uniform row over the pooled tokens for average pooling."""
+    cfg = model.cfg
+    if cfg.global_pool in ("max", "avgmax"):
+        raise NotImplementedError(
+            f"global_pool={cfg.global_pool!r}: max pooling picks a token per dimension, which the "
+            "component decomposition does not implement (token and average pooling are supported)"
+        )
+    if cfg.distilled or cfg.global_pool == "token":
+        n_read = 2 if cfg.distilled else 1
+        return torch.eye(n_read, n_tokens, device=device, dtype=dtype)
+    first = 0 if cfg.pool_include_prefix else cfg.n_prefix_tokens
+    w = torch.zeros(1, n_tokens, device=device, dtype=dtype)
+    w[0, first:] = 1.0 / (n_tokens - first)
+    return w
+
+
+def make_readout(model: HookedViT, cache: dict[str, Tensor], n_tokens: int) -> Readout:
+    """The batch's readout from the cached norm scales (see `Readout`)."""
+    cfg = model.cfg
+    ref = cache["hook_pooled"]
+    pool = pool_weights(model, n_tokens, ref.device, ref.dtype)  # [r, p]
+    b = ref.shape[0]
+    weights = pool.expand(b, -1, -1)
+    if cfg.final_norm == "token":
+        weights = weights / cache["ln_final.hook_scale"][..., 0][:, None, :]  # per-token sigma
+    elif cfg.final_norm == "pooled":
+        weights = weights / cache["ln_final.hook_scale"].reshape(b, -1, 1)  # sigma of the pooled vector
+    w, bias = (model.ln_final.weight, model.ln_final.bias) if model.ln_final is not None else (None, None)
+    sub = {}
+    if cfg.block_type == "post_norm":
+        for layer in range(cfg.n_layers):
+            for which in (1, 2):
+                key = f"blocks.{layer}.ln{which}.hook_scale"
+                if key in cache:
+                    sub[(layer, which)] = cache[key][..., 0]
+    return Readout(weights, model.ln_final is not None, w, bias, sub)
+
+
+# ----------------------------------------------------------------------------- decomposition
+@dataclass
+class Decomposition:
+    """Component contributions to the representation of one batch.
+
+    terms: [b, C, r, d], one row per `components[i]`; r = 1 (class token or pooled vector)
+        or 2 (distilled: class and distillation token).
+    representation: the model's own pooled representation [b, r, d] (`hook_pooled`).
+    logits: the model's logits [b, n_classes] (None for a headless model).
+    terms.sum(1) equals representation to float precision.
+    """
+
+    terms: Float[Tensor, "b C r d"]
+    components: list[Component]
+    representation: Float[Tensor, "b r d"]
+    logits: Optional[Tensor]
+    readout: Readout
+    start_layer: int = 0
+    biases: BiasMode = "separate"
+    bias_total: Optional[Tensor] = None  # with biases="split": the total that was spread
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.components]
+
+    def total(self) -> Float[Tensor, "b r d"]:
+        return self.terms.sum(1)
+
+    def flat(self) -> Float[Tensor, "b C rd"]:
+        """Terms with the read-out vectors concatenated: the space the applications use."""
+        return self.terms.flatten(2)
+
+    def index(self, kind: Optional[str] = None, layer: Optional[int] = None) -> list[int]:
+        """Positions of the components of a kind and/or layer."""
+        return [i for i, c in enumerate(self.components)
+                if (kind is None or c.kind == kind) and (layer is None or c.layer == layer)]
+
+    @torch.no_grad()
+    def logit_terms(self, model: HookedViT) -> tuple[Float[Tensor, "b C c"], list[Component]]:
+        """The classifier head applied to every term; the head bias is one more term ("b_U"),
+        or spread evenly with biases="split". Sums to the model's logits."""
+        logits = readout_logits(model, self.terms)
+        if model.head is None:
+            return logits, list(self.components)
+        b_U = model.b_U.expand(logits.shape[0], 1, -1)
+        if self.biases == "split":
+            return logits + b_U / len(self.components), list(self.components)
+        return torch.cat([logits, b_U], 1), [*self.components, Component("b_U")]
+
+    def sublayer_terms(self) -> tuple[Float[Tensor, "b S r d"], list[str]]:
+        """Terms grouped by sublayer: the stream in, then attn_l (heads, b_O, ln1.b) and
+        mlp_l (mlp, b_out, ln2.b) per layer, then the final norm bias."""
+        groups: dict[str, list[int]] = {}
+        for i, c in enumerate(self.components):
+            if c.layer is None:
+                key = c.kind
+            else:
+                key = f"L{c.layer}.{'attn' if c.kind in ('head', 'b_O', 'ln1.b') else 'mlp'}"
+            groups.setdefault(key, []).append(i)
+        stacked = torch.stack([self.terms[:, idx].sum(1) for idx in groups.values()], 1)
+        return stacked, list(groups)
+
+
+def readout_logits(model: HookedViT, x: Float[Tensor, "... r d"]) -> Float[Tensor, "... c"]:
+    """The classifier head on representation-space vectors, without its bias.
+
+    Distilled models: (head(class) + head_dist(distillation)) / 2, as timm at eval. Headless
+    models return the vector itself (the mean of the pair for distilled ones).
+    """
+    if model.head is None:
+        return x.mean(-2)
+    out = x[..., 0, :] @ model.head.weight.T
+    if model.head_dist is not None:
+        out = (out + x[..., 1, :] @ model.head_dist.weight.T) / 2
+    return out
+
+
+def _cache_names(model: HookedViT, start_layer: int) -> list[str]:
+    cfg = model.cfg
+    names = [f"blocks.{start_layer}.hook_resid_pre", "hook_pooled"]
+    if model.head is not None:
+        names.append("hook_logits")
+    if cfg.final_norm:
+        names.append("ln_final.hook_scale")
+    for layer in range(start_layer, cfg.n_layers):
+        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
+        if cfg.block_type == "post_norm":
+            names += [f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale"]
+    return names
+
+
+def _check_supported(model: HookedViT, start_layer: int) -> None:
+    cfg = model.cfg
+    if not 0 <= start_layer <= cfg.n_layers:
+        raise ValueError(f"start_layer={start_layer} is outside 0..{cfg.n_layers}")
+    pool_weights(model, cfg.n_ctx)  # refuses max pooling
+
+
+@torch.no_grad()
+def decompose(
+    model: HookedViT,
+    images: Float[Tensor, "b c h w"],
+    *,
+    start_layer: int = 0,
+    biases: BiasMode = "separate",
+    fwd_hooks: Sequence = (),
+) -> Decomposition:
+    """Decompose the representation of a batch into components (one forward pass).
+
+    Args:
+        start_layer: components start at this block; the stream entering it is one
+            "resid_in" term ("embed" when 0).
+        biases: "separate" keeps every bias as its own component; "split" spreads their sum
+            evenly over the other components (the reference implementation's convention).
+        fwd_hooks: extra hooks active during the pass (e.g. an intervention); the
+            decomposition is of the hooked model's representation.
+
+    Components, in order: embed/resid_in; per layer: heads 0..H-1, b_O, [ln1.b], mlp, b_out,
+    [ln2.b] (post-norm only in brackets); ln_final.b.
+    """
+    _check_supported(model, start_layer)
+    names = _cache_names(model, start_layer)
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        _, cache = model.run_with_cache(images, names_filter=lambda n: n in names, return_cache_object=False,
+                                        return_type="logits" if model.head is not None else "pooled")
+    return _from_cache(model, cache, start_layer, biases)
+
+
+def _from_cache(model: HookedViT, cache: dict[str, Tensor], start_layer: int, biases: BiasMode) -> Decomposition:
+    cfg = model.cfg
+    resid_in = cache[f"blocks.{start_layer}.hook_resid_pre"]
+    readout = make_readout(model, cache, resid_in.shape[1])
+    comps = [Component("embed" if start_layer == 0 else "resid_in")]
+    terms = [readout.stream(resid_in)[:, None]]
+    for layer in range(start_layer, cfg.n_layers):
+        layer_terms, layer_comps = _layer_terms(model, readout, cache, layer)
+        terms.append(layer_terms)
+        comps += layer_comps
+    if readout.final_bias is not None:
+        comps.append(Component("ln_final.b"))
+        terms.append(readout.final_bias.expand_as(terms[0]).clone())
+    pooled = cache["hook_pooled"]
+    rep = pooled[:, None] if pooled.ndim == 2 else pooled
+    dec = Decomposition(torch.cat(terms, 1), comps, rep, cache.get("hook_logits"), readout, start_layer)
+    return split_biases(dec) if biases == "split" else dec
+
+
+def _layer_terms(model: HookedViT, readout: Readout, cache: dict[str, Tensor], layer: int
+                 ) -> tuple[Tensor, list[Component]]:
+    """Heads, b_O, [ln1.b], mlp, b_out, [ln2.b] of one layer: [b, n, r, d]."""
+    block = model.blocks[layer]
+    post = model.cfg.block_type == "post_norm"
+    u = readout.weights
+    u1, u2 = readout.sublayer_weights(layer, 1), readout.sublayer_weights(layer, 2)
+    U, U1, U2 = (w.sum(-1)[..., None] for w in (u, u1, u2))  # [b, r, 1]: total read-out weight
+    sub1 = (lambda x: _sub_norm(model, layer, 1, x)) if post else (lambda x: x)
+    sub2 = (lambda x: _sub_norm(model, layer, 2, x)) if post else (lambda x: x)
+
+    z = cache[f"blocks.{layer}.attn.hook_z"]  # [b, p, h, e]
+    # Read out z before W_O: [b, r, h, e] instead of [b, p, h, d].
+    heads = torch.einsum("brp,bphe,hed->bhrd", u1, z, block.attn.W_O)
+    out = [readout.final(sub1(heads)), readout.final(sub1(block.attn.b_O * U1))[:, None]]
+    comps = [Component("head", layer, h) for h in range(model.cfg.n_heads)] + [Component("b_O", layer)]
+    if post and block.ln1.bias is not None:
+        out.append(readout.final(block.ln1.bias * U)[:, None])
+        comps.append(Component("ln1.b", layer))
+
+    mlp_out = cache[f"blocks.{layer}.hook_mlp_out"]  # what the block adds: exact
+    b_out = block.mlp.b_out
+    if post:
+        # mlp_out = w2 * centre(m) / s2 + b2 with m = post @ W_out + b_out.
+        b2 = block.ln2.bias if block.ln2.bias is not None else torch.zeros_like(b_out)
+        mlp = torch.einsum("brp,bpd->brd", u, mlp_out) - b2 * U - _sub_norm(model, layer, 2, b_out) * U2
+    else:
+        mlp = torch.einsum("brp,bpd->brd", u, mlp_out) - b_out * U
+    out += [readout.final(mlp)[:, None], readout.final(sub2(b_out * U2))[:, None]]
+    comps += [Component("mlp", layer), Component("b_out", layer)]
+    if post and block.ln2.bias is not None:
+        out.append(readout.final(block.ln2.bias * U)[:, None])
+        comps.append(Component("ln2.b", layer))
+    return torch.cat(out, 1), comps
+
+
+def split_biases(dec: Decomposition) -> Decomposition:
+    """Spread the sum of the bias terms evenly over the other components (the reference
+    convention): each non-bias term gets bias_total / n. The sum is unchanged."""
+    if dec.biases == "split":
+        return dec
+    keep = [i for i, c in enumerate(dec.components) if not c.is_bias]
+    bias = [i for i, c in enumerate(dec.components) if c.is_bias]
+    total = dec.terms[:, bias].sum(1)
+    terms = dec.terms[:, keep] + total[:, None] / len(keep)
+    return replace(dec, terms=terms, components=[dec.components[i] for i in keep], biases="split",
+                   bias_total=total)
+
+
+# ----------------------------------------------------------------------------- token terms
+@dataclass
+class TokenTerms:
+    """Source-token terms of some heads of one layer: terms[b, r, h, k, d] is what head
+    heads[h] contributes to the representation through source token k."""
+
+    layer: int
+    heads: list[int]
+    terms: Float[Tensor, "b r h k d"]
+
+
+@torch.no_grad()
+def token_terms(
+    model: HookedViT,
+    images: Float[Tensor, "b c h w"],
+    dec: Decomposition,
+    *,
+    layers: Optional[Sequence[int]] = None,
+    heads_per_chunk: Optional[int] = None,
+    fwd_hooks: Sequence = (),
+) -> Iterator[TokenTerms]:
+    """Split head terms by source token, one layer and head chunk at a time.
+
+    Runs one more forward pass with the explicit attention path: each layer's pattern is
+    reduced in its hook to the effective read-out row sum_q u[r, q] A[h, q, k] (the read-out
+    weights `dec.readout` fix), so only [b, r, h, k] per layer is kept. Each yielded chunk is
+    [b, r, heads_per_chunk, k, d]; summing over k gives the head terms of `dec` (biases
+    "separate"; with "split" the spread bias share is not in the token terms).
+    """
+    cfg = model.cfg
+    layers = list(range(dec.start_layer, cfg.n_layers)) if layers is None else list(layers)
+    if any(l < dec.start_layer or l >= cfg.n_layers for l in layers):
+        raise ValueError(f"layers {layers} must lie in {dec.start_layer}..{cfg.n_layers - 1}")
+    readout = dec.readout
+    rows: dict[int, Tensor] = {}
+    values: dict[int, Tensor] = {}
+
+    def pattern_hook(pattern: Tensor, hook) -> None:
+        layer = hook.layer()
+        rows[layer] = torch.einsum("brq,bhqk->brhk", readout.sublayer_weights(layer, 1), pattern)
+
+    def value_hook(v: Tensor, hook) -> None:
+        values[hook.layer()] = v
+
+    hooks = list(fwd_hooks)
+    for layer in layers:
+        hooks += [(f"blocks.{layer}.attn.hook_pattern", pattern_hook), (f"blocks.{layer}.attn.hook_v", value_hook)]
+    model.run_with_hooks(images, fwd_hooks=hooks, return_type=None, stop_at_layer=max(layers) + 1)
+    chunk = heads_per_chunk or cfg.n_heads
+    post = cfg.block_type == "post_norm"
+    for layer in layers:
+        W_O = model.blocks[layer].attn.W_O  # [h, e, d]
+        for start in range(0, cfg.n_heads, chunk):
+            hs = list(range(start, min(start + chunk, cfg.n_heads)))
+            vo = torch.einsum("bkhe,hed->bhkd", values[layer][:, :, hs], W_O[hs])  # [b, h, k, d]
+            terms = rows[layer][:, :, hs, :, None] * vo[:, None]  # [b, r, h, k, d]
+            if post:
+                terms = _sub_norm(model, layer, 1, terms)
+            yield TokenTerms(layer, hs, readout.final(terms))
+        del values[layer], rows[layer]
+
+
+def head_token_terms(model: HookedViT, images: Tensor, dec: Decomposition, layer: int) -> Float[Tensor, "b h r k d"]:
+    """All source-token terms of one layer's heads, materialised: [b, h, r, k, d]."""
+    (chunk,) = token_terms(model, images, dec, layers=[layer])
+    return chunk.terms.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- datasets
+@dataclass
+class DecomposedSet:
+    """Decompositions of many images, kept on the CPU: terms [N, C, r, d] and the scalar
+    metadata of the items (label, group, background, index, ...), as [N] tensors."""
+
+    terms: Float[Tensor, "N C r d"]
+    components: list[Component]
+    meta: dict[str, Tensor]
+    biases: BiasMode = "separate"
+
+    def flat(self) -> Float[Tensor, "N C rd"]:
+        return self.terms.flatten(2)
+
+    def total(self) -> Float[Tensor, "N r d"]:
+        return self.terms.sum(1)
+
+    def __len__(self) -> int:
+        return self.terms.shape[0]
+
+
+def decompose_dataset(
+    model: HookedViT,
+    dataset,
+    *,
+    batch_size: int = 64,
+    limit: Optional[int] = None,
+    start_layer: int = 0,
+    biases: BiasMode = "separate",
+    fwd_hooks: Sequence = (),
+    progress: bool = True,
+) -> DecomposedSet:
+    """Decompose the first `limit` items of a dataset (items as in `circuits.data`).
+
+    Holds N x C x r x d floats: fine for a reference set of a few thousand images; stream
+    `decompose` batch by batch for more.
+    """
+    from circuits.data import make_loader
+
+    terms, meta, comps = [], {}, None
+    param = model.embed.proj.weight
+    for batch in tqdm(make_loader(dataset, batch_size, limit=limit), desc="decompose", disable=not progress):
+        if batch is None:
+            continue
+        dec = decompose(model, batch["image"].to(param.device, param.dtype), start_layer=start_layer, biases=biases,
+                        fwd_hooks=fwd_hooks)
+        terms.append(dec.terms.cpu())
+        comps = dec.components
+        for key, value in batch.items():
+            if torch.is_tensor(value) and value.ndim == 1:
+                meta.setdefault(key, []).append(value.cpu())
+    if comps is None:
+        raise ValueError("no readable items to decompose")
+    return DecomposedSet(torch.cat(terms), comps, {k: torch.cat(v) for k, v in meta.items()}, biases)

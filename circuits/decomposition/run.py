@@ -1,0 +1,282 @@
+"""Decomposition over a dataset: fit on a reference set, evaluate on a data set, resumable.
+
+`decompose_run(model, dataset, reference, out_dir)` writes a run directory (see
+`circuits.results`):
+
+- `reference.json`: component names, core and spurious scores, the ablation order, the
+  chosen k and the reference-set curve (fitted once; reused on resume);
+- `reference.npz`: component means over the reference set and the feature bases;
+- table `images` (one parquet part per batch): index, label, group (when the items have
+  one), attribute (the spurious key's value), `pred_k`
+  [max_k + 1] (prediction after ablating the top k components, k = 0 .. max_k),
+  `label_logit_terms` [C + 1] (each component's contribution to the label's logit, the
+  head bias last);
+- `heatmaps.json`: token heatmaps of the top spurious and core heads for a few images;
+- `summary.json`: group accuracies on the data set before and after removal, per k.
+
+Without a spurious attribute in the items, only the core (class) scores are computed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from circuits.decomposition.decompose import (
+    Component, DecomposedSet, decompose, decompose_dataset, readout_logits,
+)
+from circuits.decomposition.scoring import FeatureScorer, patch_grid, project, token_heatmaps
+from circuits.decomposition.spurious import (
+    SpuriousRemoval, feature_basis, fit_removal, group_accuracy, logits_of, mean_ablate,
+)
+from circuits.data import collate_samples
+from circuits.results import RunStore, atomic_write_bytes, fixed_size_list, read_table
+
+log = logging.getLogger("circuits.decomposition")
+DERIVED = ("reference.json", "reference.npz", "heatmaps.json", "summary.json")  # files besides the tables
+
+
+def synthetic_for(model_spec: str, split: str = "test", n: int = 512):
+    """The synthetic split an embedded model is evaluated on (its recorded difficulty),
+    normalised; the "spurious" model is trained and tested on the "hard" variant."""
+    from circuits.embedded import SyntheticShapes, embedded_info, normalize
+
+    which = model_spec.partition(":")[2] or "default"
+    params = embedded_info(which).get("test_dataset", {})
+    return SyntheticShapes(n, seed=params.get("seed", 0), split=split, spurious_corr=None,
+                           difficulty=params.get("difficulty", "normal"), transform=normalize)
+
+
+def decompose_run(
+    model,
+    dataset,
+    reference,
+    out_dir: str | Path,
+    *,
+    core_key: str = "label",
+    spurious_key: str = "background",
+    max_k: int = 10,
+    mode: str = "correlation",
+    start_layer: int = 0,
+    batch_size: int = 64,
+    limit: Optional[int] = None,
+    reference_limit: Optional[int] = None,
+    n_heatmaps: int = 4,
+    fwd_hooks: Sequence = (),
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    settings: Optional[dict[str, Any]] = None,
+) -> RunStore:
+    """Fit removal on `reference`, then stream `dataset` into a run directory (resumable).
+
+    `fwd_hooks` are active in every pass (an intervention, e.g. a planted shortcut); they
+    are recorded in the settings by name only, so describe them in `settings`.
+    """
+    from circuits.identify import describe_dataset, model_fingerprint
+    from circuits.streaming import stream_pending
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    store = RunStore(out_dir, {
+        "analysis": "decompose", "model": model.cfg.model_name, "weights": model_fingerprint(model),
+        "dataset": describe_dataset(dataset), "n": n, "reference": describe_dataset(reference),
+        "reference_n": len(reference) if reference_limit is None else min(reference_limit, len(reference)),
+        "core_key": core_key, "spurious_key": spurious_key, "max_k": max_k, "mode": mode,
+        "start_layer": start_layer, "fwd_hooks": [name for name, _ in fwd_hooks], **(settings or {}),
+    }, overwrite=overwrite)
+    if overwrite:
+        for name in DERIVED:
+            (store.root / name).unlink(missing_ok=True)
+    fitted = _load_or_fit(model, reference, store, core_key, spurious_key, max_k, mode, start_layer,
+                          batch_size, reference_limit, fwd_hooks, progress)
+    param = model.embed.proj.weight
+    for batch in stream_pending(store, dataset, n, batch_size=batch_size, num_workers=num_workers,
+                                desc="decompose", progress=progress):
+        images = batch.data["image"].to(param.device, param.dtype)
+        dec = decompose(model, images, start_layer=start_layer, fwd_hooks=fwd_hooks)
+        batch.save({"images": _image_rows(model, dec.terms, batch.data, fitted, spurious_key, max_k)})
+    if n_heatmaps and not (store.root / "heatmaps.json").exists():
+        store.write_json("heatmaps.json",
+                         heatmaps(model, dataset, fitted, n_heatmaps, start_layer, fwd_hooks=fwd_hooks))
+    store.write_json("summary.json", summarize(store.root))
+    return store
+
+
+# ----------------------------------------------------------------------------- reference
+@dataclass
+class Fitted:
+    """What the data pass needs from the reference set (loaded or freshly fitted)."""
+
+    components: list[Component]
+    order: list[int]  # ablation order (empty without a spurious attribute)
+    k: int  # chosen number of ablated components
+    means: torch.Tensor  # [C, r, d] reference means
+    core_basis: torch.Tensor
+    spurious_basis: Optional[torch.Tensor]
+    info: dict  # what reference.json holds
+
+
+def _load_or_fit(model, reference, store: RunStore, core_key, spurious_key, max_k, mode, start_layer,
+                 batch_size, reference_limit, fwd_hooks, progress) -> Fitted:
+    info_path, arrays_path = store.root / "reference.json", store.root / "reference.npz"
+    if info_path.exists() and arrays_path.exists():
+        info = json.loads(info_path.read_text())
+        arrays = np.load(arrays_path)
+        spur = torch.from_numpy(arrays["spurious_basis"]) if "spurious_basis" in arrays else None
+        comps = [Component(c["kind"], c["layer"], c["head"]) for c in info["components"]]
+        return Fitted(comps, info["order"], info["k"], torch.from_numpy(arrays["means"]),
+                      torch.from_numpy(arrays["core_basis"]), spur, info)
+    ref = decompose_dataset(model, reference, batch_size=batch_size, limit=reference_limit,
+                            start_layer=start_layer, fwd_hooks=fwd_hooks, progress=progress)
+    if spurious_key in ref.meta:
+        removal = fit_removal(model, ref, core_key=core_key, spurious_key=spurious_key, max_k=max_k, mode=mode,
+                              group_key=_group_key(ref, spurious_key))
+        fitted = _from_removal(removal, ref)
+    else:
+        log.warning("reference items have no %r attribute: scoring the core feature only", spurious_key)
+        fitted = _core_only(ref, core_key, mode)
+    sink = io.BytesIO()
+    arrays = {"means": fitted.means.numpy(), "core_basis": fitted.core_basis.numpy()}
+    if fitted.spurious_basis is not None:
+        arrays["spurious_basis"] = fitted.spurious_basis.numpy()
+    np.savez(sink, **arrays)
+    atomic_write_bytes(arrays_path, sink.getvalue())
+    store.write_json("reference.json", fitted.info)
+    return fitted
+
+
+def _group_key(data: DecomposedSet, spurious_key: str) -> str:
+    """Use the items' "group" when present, else class x attribute cells."""
+    if "group" not in data.meta:
+        n_attr = int(data.meta[spurious_key].max()) + 1
+        data.meta["group"] = data.meta["label"] * n_attr + data.meta[spurious_key]
+    return "group"
+
+
+def _from_removal(removal: SpuriousRemoval, ref: DecomposedSet) -> Fitted:
+    info = {
+        "components": [{"kind": c.kind, "layer": c.layer, "head": c.head, "name": c.name} for c in removal.components],
+        "core_scores": removal.core_scores.tolist(), "spurious_scores": removal.spurious_scores.tolist(),
+        "order": removal.order, "k": removal.k, "mode": removal.mode, "reference_curve": removal.reference_curve,
+        "reference_n": len(ref), "core_dims": removal.core_basis.shape[0],
+        "spurious_dims": removal.spurious_basis.shape[0],
+    }
+    return Fitted(removal.components, removal.order, removal.k, removal.means.cpu(), removal.core_basis.cpu(),
+                  removal.spurious_basis.cpu(), info)
+
+
+def _core_only(ref: DecomposedSet, core_key: str, mode: str) -> Fitted:
+    flat = ref.flat()
+    basis = feature_basis(flat.sum(1), ref.meta[core_key])
+    scores = FeatureScorer().update(project(flat, basis)).scores(mode).float()
+    info = {
+        "components": [{"kind": c.kind, "layer": c.layer, "head": c.head, "name": c.name} for c in ref.components],
+        "core_scores": scores.tolist(), "spurious_scores": None, "order": [], "k": 0, "mode": mode,
+        "reference_curve": [], "reference_n": len(ref), "core_dims": basis.shape[0], "spurious_dims": 0,
+    }
+    return Fitted(ref.components, [], 0, ref.terms.mean(0), basis, None, info)
+
+
+# ----------------------------------------------------------------------------- data pass
+@torch.no_grad()
+def _image_rows(model, terms: torch.Tensor, batch: dict, fitted: Fitted, spurious_key: str, max_k: int) -> pa.Table:
+    labels = torch.as_tensor(batch["label"])
+    means = fitted.means.to(terms.device, terms.dtype)
+    preds = []
+    for k in range(min(max_k, len(fitted.order)) + 1):  # k = 0: the model as it is
+        preds.append(logits_of(model, mean_ablate(terms, fitted.order[:k], means)).argmax(-1).cpu())
+    preds = torch.stack(preds, 1)
+    if preds.shape[1] < max_k + 1:  # fewer candidates than max_k: repeat the last prediction
+        preds = torch.cat([preds, preds[:, -1:].expand(-1, max_k + 1 - preds.shape[1])], 1)
+    rows = {"index": np.asarray(batch["index"], dtype=np.int64), "label": labels.numpy().astype(np.int64)}
+    for key in ("group", spurious_key):
+        if key in batch and torch.is_tensor(batch[key]):
+            rows["attribute" if key == spurious_key else key] = batch[key].cpu().numpy().astype(np.int64)
+    table = pa.table(rows)
+    table = table.append_column("pred_k", fixed_size_list(preds.numpy().astype(np.int32)))
+    if model.head is not None:
+        target = labels.to(terms.device)
+        per_class = readout_logits(model, terms)  # [b, C, classes]
+        label_terms = per_class.gather(-1, target[:, None, None].expand(-1, terms.shape[1], 1))[..., 0]
+        label_terms = torch.cat([label_terms, model.b_U[target][:, None]], 1)
+        table = table.append_column("label_logit_terms", fixed_size_list(label_terms.float().cpu().numpy()))
+    return table
+
+
+def summarize(root: str | Path) -> dict:
+    """Group accuracies per k on the data set, and before / after at the chosen k."""
+    root = Path(root)
+    images = read_table(root, "images")
+    info = json.loads((root / "reference.json").read_text())
+    preds = torch.from_numpy(np.stack(images["pred_k"].to_numpy()))
+    labels = torch.from_numpy(images["label"].to_numpy(copy=True))
+    if "group" in images:
+        groups = torch.from_numpy(images["group"].to_numpy(copy=True))
+    elif "attribute" in images:  # class x attribute cells
+        attribute = torch.from_numpy(images["attribute"].to_numpy(copy=True))
+        groups = labels * (int(attribute.max()) + 1) + attribute
+    else:
+        groups = torch.zeros_like(labels)
+    curve = []
+    for k in range(preds.shape[1]):
+        acc = group_accuracy(preds[:, k], labels, groups)
+        curve.append({"k": k, **{key: acc[key] for key in ("accuracy", "avg_group", "worst_group")}})
+    k = min(info["k"], len(curve) - 1)
+    names = [c["name"] for c in info["components"]]
+    return {"n_images": int(len(labels)), "k": k, "ablated": [names[i] for i in info["order"][:k]],
+            "before": curve[0], "after": curve[k], "curve": curve}
+
+
+@torch.no_grad()
+def heatmaps(model, dataset, fitted: Fitted, n: int, start_layer: int = 0, top: int = 3,
+             fwd_hooks: Sequence = ()) -> dict:
+    """Token heatmaps for the first n images: the top spurious heads projected on the
+    spurious direction, the top core heads on the image's class direction."""
+    batch = collate_samples([dataset[i] for i in range(min(n, len(dataset)))])
+    param = model.embed.proj.weight
+    images = batch["image"].to(param.device, param.dtype)
+    dec = decompose(model, images, start_layer=start_layer, fwd_hooks=fwd_hooks)
+    flat_total = dec.flat().sum(1)
+    heads = [i for i, c in enumerate(fitted.components) if c.kind == "head"]
+    core_scores = torch.tensor(fitted.info["core_scores"])
+    out = {"index": batch["index"].tolist(), "label": batch["label"].tolist(), "maps": []}
+    mean, std = model.cfg.data_config.get("mean"), model.cfg.data_config.get("std")
+    if mean and std:
+        from circuits.data import denormalize
+
+        out["images"] = (denormalize(batch["image"], mean, std) * 255).round().byte().permute(0, 2, 3, 1).tolist()
+    sets = []
+    if fitted.spurious_basis is not None:
+        spur_heads = [i for i in fitted.order if i in heads][:top]
+        direction = fitted.spurious_basis[0].to(images.device, images.dtype)
+        # Orient the spurious direction so positive means "more like this image's own value".
+        sign = torch.sign(flat_total @ direction)
+        sets.append(("spurious", spur_heads, direction[None].expand(len(images), -1) * sign[:, None]))
+    core_heads = sorted(heads, key=lambda i: -float(core_scores[i]))[:top]
+    class_dirs = _class_directions(fitted, flat_total)
+    sets.append(("core", core_heads, class_dirs))
+    for feature, comps, directions in sets:
+        layers = sorted({fitted.components[i].layer for i in comps})
+        heat = token_heatmaps(model, images, dec, directions, layers=layers, fwd_hooks=fwd_hooks)  # [b, L, H, k]
+        for i in comps:
+            c = fitted.components[i]
+            grid = patch_grid(heat[:, layers.index(c.layer), c.head], model)
+            out["maps"].append({"feature": feature, "component": c.name, "maps": grid.cpu().tolist()})
+    return out
+
+
+def _class_directions(fitted: Fitted, totals: torch.Tensor) -> torch.Tensor:
+    """Per image: the total's component inside the core subspace, normalised: the direction
+    of "this image's class" as the model represents it."""
+    basis = fitted.core_basis.to(totals.device, totals.dtype)
+    inside = (totals @ basis.T) @ basis
+    return inside / inside.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
