@@ -9,10 +9,8 @@ this module supplies what images need:
   batch is the width in pixels, not the sequence length, so its `*_by_pos` / `resid_*` /
   `*_out` functions sweep the wrong range (or index past the sequence). Here the index
   table is built from the model's sequence length and passed to TL as `index_df`.
-- A config view: TL reads `model.cfg.device` and `model.cfg.n_key_value_heads`, which
-  `HookedViTConfig` lacks; `tl_compatible(model)` adds them. With it, TL's layer / head-only
-  functions (`get_act_patch_attn_head_*_all_pos`, `get_act_patch_attn_head_all_pos_every`)
-  work unchanged on images.
+- TL's layer / head-only functions (`get_act_patch_attn_head_*_all_pos`,
+  `get_act_patch_attn_head_all_pos_every`) work unchanged on a HookedViT.
 - Image metrics against class targets: logit difference (optionally normalised as in TL's
   IOI demo: 0 = corrupted run, 1 = clean run), target logit, rank, identifiability.
 
@@ -63,43 +61,6 @@ def identifiability(logits: Float[Tensor, "b c"], clean_t: Tensor, corrupted_t: 
 
 METRICS: dict[str, Metric] = {"logit_diff": logit_diff, "target_logit": target_logit, "rank": rank,
                               "identifiability": identifiability}
-
-
-# ------------------------------------------------------------------ TL compatibility
-class TLView:
-    """`model` as `transformer_lens.patching` expects it: cfg with device and n_key_value_heads.
-
-    Everything else (run_with_hooks, hooks, modules) is the wrapped HookedViT.
-    """
-
-    def __init__(self, model: HookedViT):
-        if model.training:
-            raise ValueError("activation patching needs model.eval()")
-        self.model = model
-        self.cfg = _CfgView(model.cfg, model.device)
-
-    def run_with_hooks(self, *args, **kwargs):
-        return self.model.run_with_hooks(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
-class _CfgView:
-    """The model's config plus the two fields TL reads and HookedViTConfig lacks."""
-
-    def __init__(self, cfg, device):
-        self._cfg = cfg
-        self.device = device
-        self.n_key_value_heads = None  # no grouped-query attention in ViTs
-
-    def __getattr__(self, name):
-        return getattr(self._cfg, name)
-
-
-def tl_compatible(model: HookedViT) -> TLView:
-    """A view for calling `transformer_lens.patching` functions directly (see module doc)."""
-    return model if isinstance(model, TLView) else TLView(model)
 
 
 # ------------------------------------------------------------------ patch setters
@@ -192,7 +153,7 @@ def act_patch(model: HookedViT, corrupted_images: Tensor, clean_cache, metric: C
         index_df = index_frame(model, site, n_tokens, **axes)
     with _attn_result(model, site == "result"), torch.inference_mode(), _quiet_tqdm(progress):
         return tl_patching.generic_activation_patch(
-            tl_compatible(model), corrupted_images, clean_cache, metric, _setter(site), site,
+            model, corrupted_images, clean_cache, metric, _setter(site), site,
             index_df=index_df, reduce=reduce)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 
-from circuits.patching import act_patch, index_frame, patch_activations, tl_compatible
+from circuits.patching import act_patch, index_frame, patch_activations
 from conftest import images, make_timm
 from hooked_vit import HookedViT
 
