@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -21,28 +20,9 @@ from torch.utils.data import Dataset
 
 from circuits.projection import DEFAULT_SITES, BatchProjection, project_batch
 from circuits.results import RunStore, fixed_size_list
-from circuits.streaming import PendingBatch, stream_pending
+from circuits.streaming import PendingBatch, describe_dataset, model_fingerprint, stream_pending
 from hooked_vit import HookedViT
 
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the weights, so a resumed run refuses a different model."""
-    h = hashlib.sha1()
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            p = p.float()
-            h.update(name.encode())
-            h.update(np.float64([p.sum().item(), p.square().sum().item()]).tobytes())
-    return h.hexdigest()[:16]
-
-
-def describe_dataset(dataset: Dataset) -> str:
-    describe = getattr(dataset, "describe", None)
-    if callable(describe):
-        return str(describe())
-    attrs = {k: getattr(dataset, k) for k in ("root", "seed", "split", "n", "spurious_corr") if hasattr(dataset, k)}
-    return f"{type(dataset).__name__}(len={len(dataset)}, {attrs})"
 
 
 def identify(

@@ -40,7 +40,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from circuits.identify import describe_dataset, model_fingerprint
+from circuits.streaming import describe_dataset, model_fingerprint
 from circuits.streaming import PendingBatch, stream_pending
 from circuits.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
 from hooked_vit import HookedViT

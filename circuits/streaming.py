@@ -1,4 +1,5 @@
-"""The loop every dataset-level analysis shares: stream not-yet-done items, save per batch.
+"""The loop every dataset-level analysis shares: stream not-yet-done items, save per batch;
+and what identifies a run (model fingerprint, dataset description) for resuming.
 
     store = RunStore(out_dir, settings)
     for batch in stream_pending(store, dataset, n, batch_size=32, desc="identify"):
@@ -11,10 +12,12 @@ a batch whose items were all unreadable is recorded and never yielded.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -61,6 +64,25 @@ def stream_pending(store: RunStore, dataset: Dataset, indices: int | Sequence[in
             store.write_batch(covered[0], {}, covered, skip_records(dataset, covered))
             continue
         yield PendingBatch(data, covered, store, dataset)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights, so a resumed run refuses a different model."""
+    h = hashlib.sha1()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            p = p.float()
+            h.update(name.encode())
+            h.update(np.float64([p.sum().item(), p.square().sum().item()]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def describe_dataset(dataset: Dataset) -> str:
+    describe = getattr(dataset, "describe", None)
+    if callable(describe):
+        return str(describe())
+    attrs = {k: getattr(dataset, k) for k in ("root", "seed", "split", "n", "spurious_corr") if hasattr(dataset, k)}
+    return f"{type(dataset).__name__}(len={len(dataset)}, {attrs})"
 
 
 def skip_records(dataset: Dataset, indices: Sequence[int]) -> list[dict]:

@@ -126,7 +126,7 @@ def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Seque
     """
     from circuits.data import mask_to_token_grid
     from circuits.streaming import stream_pending
-    from circuits.identify import describe_dataset, model_fingerprint
+    from circuits.streaming import describe_dataset, model_fingerprint
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     run_settings = {"analysis": "token_removal", "model": model.cfg.model_name,

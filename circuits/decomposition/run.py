@@ -81,7 +81,7 @@ def decompose_run(
     `fwd_hooks` are active in every pass (an intervention, e.g. a planted shortcut); they
     are recorded in the settings by name only, so describe them in `settings`.
     """
-    from circuits.identify import describe_dataset, model_fingerprint
+    from circuits.streaming import describe_dataset, model_fingerprint
     from circuits.streaming import stream_pending
 
     n = len(dataset) if limit is None else min(limit, len(dataset))

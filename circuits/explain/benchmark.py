@@ -65,7 +65,7 @@ def benchmark(
         thumbnails: keep the first N images (uint8) for the report's overlays.
         sanity_images: run the randomisation check on the first N images (0: skip).
     """
-    from circuits.identify import describe_dataset, model_fingerprint
+    from circuits.streaming import describe_dataset, model_fingerprint
     from circuits.streaming import stream_pending
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
