@@ -21,7 +21,7 @@ from hooked_vit.config import HookedViTConfig
 from hooked_vit.embed import Embed
 from hooked_vit.layer_norm import LayerNorm
 
-ReturnType = Literal["logits", "pooled", "resid", None]
+ReturnType = Literal["logits", "loss", "pooled", "resid", None]
 
 
 class HookedViT(HookedRootModule):
@@ -65,14 +65,18 @@ class HookedViT(HookedRootModule):
         stop_at_layer: Optional[int] = None,
         keep_mask: Optional[Tensor] = None,
         key_mask: Optional[Tensor] = None,
+        targets: Optional[Tensor] = None,
     ) -> Tensor:
         """Run the model.
 
         Args:
             x: images [b, c, h, w]; or, with `start_at_layer`, the residual stream
                 [b, p, d_model] entering that block.
-            return_type: "logits" [b, n_classes]; "pooled" the pre-logits representation;
-                "resid" the residual stream after the last block run; None runs and returns None.
+            return_type: "logits" [b, n_classes]; "loss" the mean cross-entropy against
+                `targets` (a scalar, so `run_with_cache(..., incl_bwd=True)` can backpropagate);
+                "pooled" the pre-logits representation; "resid" the residual stream after the
+                last block run; None runs and returns None.
+            targets: [b] class ids, for return_type="loss".
             stop_at_layer: run blocks [start, stop) and return the residual stream.
             keep_mask: [b, n_ctx] bool, tokens to keep. Dropped tokens are removed from the
                 sequence after the embedding (before the first block); kept tokens are moved
@@ -101,6 +105,10 @@ class HookedViT(HookedRootModule):
         if return_type == "pooled":
             return pooled
         logits = self.hook_logits(self.unembed(pooled))
+        if return_type == "loss":
+            if targets is None:
+                raise ValueError('return_type="loss" needs targets=[batch] class ids')
+            return F.cross_entropy(logits, targets.to(logits.device))
         return logits if return_type == "logits" else None
 
     def _check_keep_mask(self, keep_mask: Tensor) -> None:

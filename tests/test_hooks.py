@@ -180,3 +180,18 @@ def test_keep_mask_with_start_at_layer_is_refused(vit):
     resid = model(images(size), stop_at_layer=1)
     with pytest.raises(ValueError, match="keep_mask acts after the embedding"):
         model(resid, start_at_layer=1, keep_mask=torch.ones(resid.shape[:2], dtype=torch.bool))
+
+
+def test_loss_return_type_caches_gradients(vit):
+    model, size = vit
+    x, targets = images(size), torch.tensor([1, 3])
+    loss, cache = model.run_with_cache(x, incl_bwd=True, return_type="loss", targets=targets,
+                                       names_filter=["blocks.1.hook_resid_pre", "hook_logits"])
+    logits = cache["hook_logits"]
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, targets))
+    # d loss / d logits of a mean cross-entropy is (softmax - one_hot) / batch.
+    expected = (logits.softmax(-1) - torch.nn.functional.one_hot(targets, logits.shape[-1])) / 2
+    torch.testing.assert_close(cache["hook_logits_grad"], expected, rtol=1e-5, atol=1e-6)
+    assert cache["blocks.1.hook_resid_pre_grad"].shape == cache["blocks.1.hook_resid_pre"].shape
+    with pytest.raises(ValueError, match="needs targets"):
+        model(x, return_type="loss")
