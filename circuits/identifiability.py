@@ -47,7 +47,7 @@ class IdentifyResults:
 def load_results(run_dir: str | Path) -> IdentifyResults:
     """Read a run directory written by `circuits.identify.identify` into dense arrays."""
     settings = read_manifest(run_dir)["settings"]
-    sites, n_layers = settings["sites"], None
+    sites = settings["sites"]
     images = read_table(run_dir, "images")
     tokens = read_table(run_dir, "tokens")
     stream = read_table(run_dir, "stream")

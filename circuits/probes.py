@@ -116,7 +116,7 @@ def _hook_names(model: HookedViT, sites: Sequence[str], layers: Sequence[int]) -
     """hook name -> (site, layer)."""
     names = {f"blocks.{l}.{SITES.get(s, s)}": (s, l) for s in sites for l in layers}
     for name in names:
-        model._check_hook_name(name)
+        model.check_hook_name(name)
     return names
 
 

@@ -92,11 +92,11 @@ def project_batch(
         forward_kwargs: passed to the model (e.g. keep_mask).
     """
     cfg = model.cfg
-    model._require_head()
+    model.require_head()
     k = min(k, cfg.n_classes)
     hook_names = [SITES.get(s, s) for s in sites]
     for name in hook_names:
-        model._check_hook_name(f"blocks.0.{name}")
+        model.check_hook_name(f"blocks.0.{name}")
     if targets is None:
         targets = model.run_with_hooks(images, fwd_hooks=list(fwd_hooks), **forward_kwargs).argmax(-1)
     targets = targets.to(model.device)

@@ -8,13 +8,10 @@ HTML fragments. plotly.js is embedded once, so the file opens offline.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from circuits.results import atomic_write_text, read_manifest
 
@@ -60,14 +57,9 @@ def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hoo
     return out
 
 
-_first_figure = [True]
-
-
 def figure_html(fig: go.Figure) -> str:
-    """A figure's div; plotly.js is embedded with the first one of a page."""
-    include = _first_figure[0]
-    _first_figure[0] = False
-    return fig.to_html(full_html=False, include_plotlyjs=include, default_height=420)
+    """A figure's div; the page embeds plotly.js once, in its head."""
+    return fig.to_html(full_html=False, include_plotlyjs=False, default_height=420)
 
 
 def table_html(rows: list[dict], caption: str = "") -> str:
@@ -87,9 +79,11 @@ def _fmt(v) -> str:
 
 
 def _page(title: str, body: list[str]) -> str:
-    _first_figure[0] = True
+    from plotly.offline import get_plotlyjs
+
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
              "text-align:right}caption{font-weight:600;text-align:left}h2{border-bottom:1px solid #ddd}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>")
+            f"<style>{style}</style><script>{get_plotlyjs()}</script></head>"
+            f"<body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>")

@@ -7,7 +7,7 @@ families is a flag in `HookedViTConfig`. See docs/hook_points.md for the hook ta
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -189,14 +189,15 @@ class HookedViT(HookedRootModule):
 
     def hooks(self, fwd_hooks=(), bwd_hooks=(), *args: Any, **kwargs: Any):  # type: ignore[override]
         for name, _ in list(fwd_hooks) + list(bwd_hooks):
-            self._check_hook_name(name)
+            self.check_hook_name(name)
         return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
 
     def add_hook(self, name, hook, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        self._check_hook_name(name)
+        self.check_hook_name(name)
         super().add_hook(name, hook, *args, **kwargs)
 
-    def _check_hook_name(self, name: Union[str, Callable[[str], bool]]) -> None:
+    def check_hook_name(self, name: Union[str, Callable[[str], bool]]) -> None:
+        """Raise a KeyError with close matches if `name` is not a hook point (filters pass)."""
         if isinstance(name, str) and name not in self.hook_dict:
             close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
             hint = f" Did you mean {close}?" if close else " See model.hook_dict.keys()."
@@ -204,10 +205,10 @@ class HookedViT(HookedRootModule):
 
     def _check_names_filter(self, names_filter: Any) -> None:
         if isinstance(names_filter, str):
-            self._check_hook_name(names_filter)
+            self.check_hook_name(names_filter)
         elif isinstance(names_filter, (list, tuple)):
             for name in names_filter:
-                self._check_hook_name(name)
+                self.check_hook_name(name)
 
     def set_use_attn_result(self, use: bool) -> None:
         """Compute per-head outputs at `blocks.{l}.attn.hook_result` (costs memory)."""
@@ -234,11 +235,12 @@ class HookedViT(HookedRootModule):
     @property
     def W_U(self) -> Float[Tensor, "d_model n_classes"]:
         """The classifier head as an unembedding (distilled: the two heads averaged)."""
-        self._require_head()
+        self.require_head()
         w = self.head.weight if self.head_dist is None else (self.head.weight + self.head_dist.weight) / 2
         return w.T
 
-    def _require_head(self) -> None:
+    def require_head(self) -> None:
+        """Raise if the model has no classifier head (no class embedding space to project on)."""
         if self.head is None:
             raise ValueError(
                 f"{self.cfg.model_name} has no classifier head (num_classes=0): there is no class "
@@ -247,7 +249,7 @@ class HookedViT(HookedRootModule):
 
     @property
     def b_U(self) -> Float[Tensor, "n_classes"]:
-        self._require_head()
+        self.require_head()
         heads = [h for h in (self.head, self.head_dist) if h is not None]
         biases = [h.bias if h.bias is not None else h.weight.new_zeros(self.cfg.n_classes) for h in heads]
         return sum(biases) / len(biases)

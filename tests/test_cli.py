@@ -12,7 +12,7 @@ import timm
 from PIL import Image
 from safetensors.torch import save_file
 
-from circuits.cli import build_parser, main
+from circuits.cli import main
 from conftest import randomize_
 
 COMMANDS = ["identify", "perturb", "memories", "probe", "explain", "decompose", "report", "demo", "train-embedded"]

@@ -113,7 +113,7 @@ def _overlay_figure(label: str, run: Path, n: int = 4):
     import torch
 
     from circuits.explain import load_maps, upsample
-    from circuits.results import read_manifest, read_table, stack_column
+    from circuits.results import read_manifest, read_table
 
     if not any((Path(run) / "thumbnails").glob("part-*.parquet")):
         return None
