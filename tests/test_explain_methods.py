@@ -162,11 +162,14 @@ def test_tokentm_options_change_the_map():
     model, x = load("vit_tiny_patch16_224", seed=7)
     base = explain("tokentm", model, x, targets=torch.tensor([1, 1]))
     for opts in (dict(necc="cosine"), dict(length=False), dict(grad="abs"), dict(attn_transform="output"),
-                 dict(inputs="normalized"), dict(init="identity")):
+                 dict(attn_transform="value"), dict(attn_transform="value", inputs="normalized"),
+                 dict(init="identity")):
         other = explain("tokentm", model, x, targets=torch.tensor([1, 1]), **opts)
         assert torch.isfinite(other).all() and not torch.allclose(base, other), opts
     with pytest.raises(ValueError):
         explain("tokentm", model, x, necc="bogus")
+    with pytest.raises(ValueError, match="inputs='normalized'"):
+        explain("tokentm", model, x, inputs="normalized")  # the residual reading fixes E
 
 
 # ----------------------------------------------------------------------------- behaviour

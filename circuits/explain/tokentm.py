@@ -11,7 +11,12 @@ Token length L(e) = ||e||. For a sublayer that maps tokens E_i to E~_i:
     C_l    = U_mlp @ U_att @ C_{l-1};  map = C_L[CLS, image tokens]
 
 Options (defaults first):
-    attn_transform: "value" | "output". What E~ is for attention. "value": the vector token
+    attn_transform: "resid" | "value" | "output". What E and E~ are. "resid" (the default):
+        each sublayer's transformation is read between the residual stream before and
+        after it: attention E = block input (hook_resid_pre), E~ = hook_resid_mid; MLP
+        E = hook_resid_mid, E~ = hook_resid_post. This is how the only other known
+        implementation (the LibraGrad authors', Mahmoud et al. 2025) reads the paper;
+        it sets the MLP step too, so `inputs` must stay "resid". "value": the vector token
         j would write if attended to alone, v_j W_O + b_O (post-norm blocks: passed through
         the block's norm). A @ W then scales the contribution of source token j by how much
         attention's per-token map transforms it. "output": the sublayer output attn_out_j.
@@ -39,16 +44,20 @@ from torch import Tensor
 from circuits.explain.trace import AttentionTrace
 from hooked_vit import HookedViTConfig
 
-AttnTransform = Literal["value", "output"]
+AttnTransform = Literal["resid", "value", "output"]
+TRANSFORMS = ("resid", "value", "output")
 Inputs = Literal["resid", "normalized"]
 Necc = Literal["softmax", "cosine", "none"]
 GradTerm = Literal["relu", "abs", "raw", "none"]
 Init = Literal["length", "identity"]
 
 
-def act_names(cfg: HookedViTConfig, attn_transform: AttnTransform = "value", inputs: Inputs = "resid",
+def act_names(cfg: HookedViTConfig, attn_transform: AttnTransform = "resid", inputs: Inputs = "resid",
               **_: object) -> list[str]:
     """The hook points TokenTM reads, for these options."""
+    if attn_transform == "resid":
+        return sorted({f"blocks.{l}.{h}" for l in range(cfg.n_layers)
+                       for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")})
     normalized = inputs == "normalized" and cfg.block_type == "pre_norm"
     names = []
     for l in range(cfg.n_layers):
@@ -102,6 +111,9 @@ def _sublayer_io(trace: AttentionTrace, l: int, sublayer: str, attn_transform: A
                  inputs: Inputs) -> tuple[Tensor, Tensor]:
     """(E, E~) of block l's attention or MLP sublayer for these options."""
     acts, p = trace.acts, f"blocks.{l}."
+    if attn_transform == "resid":  # the stream before and after the sublayer
+        names = ("hook_resid_pre", "hook_resid_mid") if sublayer == "attn" else ("hook_resid_mid", "hook_resid_post")
+        return acts[p + names[0]].detach(), acts[p + names[1]].detach()
     normalized = inputs == "normalized" and trace.model.cfg.block_type == "pre_norm"
     if sublayer == "attn":
         before = acts[p + ("ln1.hook_normalized" if normalized else "hook_resid_pre")]
@@ -115,7 +127,7 @@ def _sublayer_io(trace: AttentionTrace, l: int, sublayer: str, attn_transform: A
 def tokentm(
     trace: AttentionTrace,
     *,
-    attn_transform: AttnTransform = "value",
+    attn_transform: AttnTransform = "resid",
     inputs: Inputs = "resid",
     length: bool = True,
     necc: Necc = "softmax",
@@ -124,9 +136,12 @@ def tokentm(
 ) -> Tensor:
     """TokenTM map over image tokens (see the module doc for the options). [b, n_patches]"""
     necc, grad = necc or "none", grad or "none"  # None and "none" both mean: leave the term out
-    if inputs not in ("resid", "normalized") or attn_transform not in ("value", "output"):
-        raise ValueError(f"inputs must be resid|normalized and attn_transform value|output, got {inputs!r}, "
+    if inputs not in ("resid", "normalized") or attn_transform not in TRANSFORMS:
+        raise ValueError(f"inputs must be resid|normalized and attn_transform resid|value|output, got {inputs!r}, "
                          f"{attn_transform!r}")
+    if attn_transform == "resid" and inputs != "resid":
+        raise ValueError("attn_transform='resid' reads the residual stream on both sides of each sublayer; "
+                         "inputs='normalized' needs attn_transform='value' or 'output'")
     b, p = trace.patterns[0].shape[0], trace.n_tokens
     eye = torch.eye(p, device=trace.logits.device)
     if init == "length":
