@@ -178,7 +178,7 @@ def test_class_specific_methods_change_with_the_target():
     a = explain_many(model, x, torch.tensor([0, 1, 2]), list(METHODS))
     b = explain_many(model, x, torch.tensor([5, 6, 7]), list(METHODS))
     for name, method in METHODS.items():
-        same = torch.allclose(a[name], b[name])
+        same = torch.allclose(a[name], b[name], atol=0)  # relative: some maps are tiny (LRP)
         assert same != method.class_specific, name
 
 
@@ -187,7 +187,7 @@ def test_class_specific_methods_change_with_the_target():
                                   "vit_base_patch16_clip_224"])
 def test_every_method_on_other_families(name):
     model, x = load(name)
-    maps = explain_many(model, x, torch.tensor([1, 2]), list(METHODS))
+    maps = explain_many(model, x, torch.tensor([1, 2]), [m for m in METHODS if METHODS[m].supports(model.cfg)])
     for method, rel in maps.items():
         assert rel.shape == (2, model.cfg.n_patches), method
         assert torch.isfinite(rel).all(), method

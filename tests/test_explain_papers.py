@@ -5,9 +5,13 @@ and GAE as in the authors' code."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from circuits.explain import explain
+from circuits.explain.transformer_attribution import grad_x_input, linear_zplus, residual_add
+from conftest import images, make_timm
+from hooked_vit import HookedViT
 from test_explain_methods import load, patterns_and_grads
 
 
@@ -40,7 +44,124 @@ def test_tokentm_residual_reading_equals_the_formula_from_cached_residuals():
     targets = torch.tensor([2, 5])
     hand = _tokentm_by_hand(model, x, targets)
     for rel in (explain("tokentm", model, x, targets), explain("tokentm", model, x, targets, attn_transform="resid")):
-        torch.testing.assert_close(rel.double(), hand, rtol=1e-6, atol=1e-6 * float(hand.abs().max()))
+        torch.testing.assert_close(rel.double(), hand, rtol=1e-6, atol=1e-6 * float(hand.detach().abs().max()))
     # the other readings are not this one
     other = explain("tokentm", model, x, targets, attn_transform="value").double()
     assert not torch.allclose(other, hand, rtol=1e-3)
+
+
+# ------------------------------------------------------------------ transformer attribution
+def _div(a, b):
+    """The authors' stabilised division: a / (b + 1e-9), 0 where b = 0."""
+    return torch.where(b != 0, a / (b + 1e-9), torch.zeros_like(a * b))
+
+
+def _gxi(fn, x, r):
+    """Gradient x input from the full Jacobian: R_in = x * J^T (R / f(x)), 0 where f(x) = 0."""
+    y = fn(x)
+    s = _div(r, y)
+    jac = torch.autograd.functional.jacobian(fn, x).reshape(y.numel(), x.numel())
+    return x * (jac.T @ s.flatten()).reshape(x.shape)
+
+
+def _zplus(x, w, r):
+    """z+ from the contribution matrix z[o, i] = x_i w[o, i], positive part."""
+    z = (x[..., None, :] * w).clamp(min=0)  # [..., o, i]
+    return (_div(r[..., None], z.sum(-1, keepdim=True)) * z).sum(-2)
+
+
+def _add(a, b, r):
+    ra, rb = a * _div(r, a + b), b * _div(r, a + b)
+    sa, sb = ra.sum(), rb.sum()
+    fa, fb = _div(sa.abs(), sa.abs() + sb.abs()) * r.sum(), _div(sb.abs(), sa.abs() + sb.abs()) * r.sum()
+    return ra * _div(fa, sa), rb * _div(fb, sb)
+
+
+def _one_block_by_hand(timm_model, x, target):
+    """Chefer et al.'s transformer attribution of a 1-block timm ViT, one image, written from
+    the paper's rules on the timm modules (no HookedViT)."""
+    blk, h = timm_model.blocks[0], timm_model.blocks[0].attn.num_heads
+    with torch.no_grad():
+        e = timm_model._pos_embed(timm_model.patch_embed(x))[0]  # [p, d]
+    n1 = blk.norm1(e).detach()
+    p, d = n1.shape
+    q, k, v = blk.attn.qkv(n1).detach().reshape(p, 3, h, d // h).permute(1, 2, 0, 3)  # [h, p, e] each
+    scores = (q @ k.transpose(-1, -2)) * blk.attn.scale
+    a = scores.softmax(-1).requires_grad_(True)
+
+    def after_pattern(a):
+        z = (a @ v).transpose(0, 1).reshape(p, d)
+        mid = e + blk.attn.proj(z)
+        post = mid + blk.mlp(blk.norm2(mid))
+        return timm_model.head(timm_model.norm(post)[0])
+
+    (grad,) = torch.autograd.grad(after_pattern(a)[target], a)
+    with torch.no_grad():
+        z = (a @ v).transpose(0, 1).reshape(p, d)
+        attn_out = blk.attn.proj(z)
+        mid = e + attn_out
+        n2 = blk.norm2(mid)
+        pre = blk.mlp.fc1(n2)
+        hidden = blk.mlp.act(pre)
+        mlp_out = blk.mlp.fc2(hidden)
+        post = mid + mlp_out
+    cls = post[0]
+    r = _zplus(timm_model.norm(cls).detach(), timm_model.head.weight.detach(),
+               torch.eye(timm_model.num_classes, dtype=torch.double)[target])
+    r_post = torch.zeros(p, d, dtype=torch.double)
+    r_post[0] = _gxi(timm_model.norm, cls, r)
+    r_skip, r_mlp = _add(mid, mlp_out, r_post)
+    r_mlp = _zplus(hidden, blk.mlp.fc2.weight.detach(), r_mlp)
+    r_mlp = _zplus(n2, blk.mlp.fc1.weight.detach(), _gxi(blk.mlp.act, pre, r_mlp))
+    r_mid = r_skip + _gxi(blk.norm2, mid, r_mlp)
+    _, r_attn = _add(e, attn_out, r_mid)
+    r_z = _zplus(z, blk.attn.proj.weight.detach(), r_attn).reshape(p, h, d // h).transpose(0, 1)
+    rel_a = _gxi(lambda t: t @ v, a.detach(), r_z) / 2  # the pattern's half of the product
+    cam = (grad * rel_a).clamp(min=0).mean(0)
+    return (torch.eye(p, dtype=torch.double) + cam)[0, 1:]
+
+
+def test_transformer_attribution_equals_the_papers_rules_on_a_one_block_model():
+    for seed, target in ((12, 3), (13, 8)):
+        timm_model, size = make_timm("vit_tiny_patch16_224", seed, depth=1)
+        timm_model, x = timm_model.double(), images(size, 1).double()  # both in float64: see the module doc
+        hand = _one_block_by_hand(timm_model, x, target)
+        rel = explain("transformer_attribution", HookedViT.from_timm(timm_model), x, torch.tensor([target]))
+        assert hand[1:].abs().max() > 0  # the test has something to compare
+        torch.testing.assert_close(rel[0].double(), hand.detach(), rtol=1e-5, atol=1e-6 * float(hand.detach().abs().max()))
+
+
+def test_lrp_rules_on_hand_computable_cases():
+    t = lambda v: torch.tensor(v, dtype=torch.double)
+    x, w = t([[1.0, -2.0]]), t([[3.0, 1.0], [-1.0, 2.0]])
+    # z[0] = (3, -2): only +3 counts; z[1] = (-1, -4): nothing positive -> no relevance
+    torch.testing.assert_close(linear_zplus(x, w, t([[0.5, 7.0]])), t([[0.5, 0.0]]))
+    a, b = torch.ones(1, 1, 2, dtype=torch.double), t([[[3.0, -1.0]]])  # y = (4, 0)
+    ra, rb = residual_add(a, b, t([[[2.0, 5.0]]]))  # y = 0 passes nothing down, but the total
+    # sum(R) = 7 is rescaled onto the two shares |0.5| : |1.5| of what passed: 1.75 and 5.25
+    torch.testing.assert_close(ra, t([[[1.75, 0.0]]]))
+    torch.testing.assert_close(rb, t([[[5.25, 0.0]]]))
+    (r,) = grad_x_input(lambda v: 2 * v, (t([1.0, 0.0]),), t([3.0, 4.0]))
+    torch.testing.assert_close(r, t([3.0, 0.0]))
+
+
+def test_transformer_attribution_refuses_families_outside_the_paper():
+    model, x = load("vit_base_patch16_reg4_gap_256")
+    with pytest.raises(ValueError, match="pre-norm class-token"):
+        explain("transformer_attribution", model, x)
+
+
+def test_start_layer_skips_the_earlier_blocks_in_rollout_gae_and_attribution():
+    model, x = load("vit_tiny_patch16_224", seed=14)
+    targets = torch.tensor([4, 6])
+    pats, grads = patterns_and_grads(model, x, targets)
+    eye = torch.eye(pats[0].shape[-1])
+    a = pats[1].mean(1) + eye
+    torch.testing.assert_close(explain("rollout", model, x, start_layer=1), (a / a.sum(-1, keepdim=True))[:, 0, 1:])
+    torch.testing.assert_close(explain("rollout", model, x, start_layer=-1), explain("rollout", model, x, start_layer=1))
+    gae_last = (eye + (grads[1] * pats[1]).clamp(min=0).mean(1))[:, 0, 1:]
+    torch.testing.assert_close(explain("gae", model, x, targets, start_layer=1), gae_last, rtol=1e-5, atol=1e-7)
+    full = explain("transformer_attribution", model, x, targets)
+    assert not torch.allclose(full, explain("transformer_attribution", model, x, targets, start_layer=1), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="start_layer"):
+        explain("gae", model, x, targets, start_layer=2)

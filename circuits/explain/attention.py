@@ -34,13 +34,25 @@ def raw_attention(trace: AttentionTrace, *, layer: int = -1, head_fusion: HeadFu
     return trace.image_tokens(trace.read_row(a))
 
 
-def rollout_matrix(patterns: Sequence[Float[Tensor, "b h p p"]], head_fusion: HeadFusion = "mean") -> Tensor:
-    """Attention rollout: R = prod_l norm_rows(fuse_h A_l + I), the last block leftmost.
+def from_layer(blocks: Sequence, start_layer: int) -> Sequence:
+    """The blocks from `start_layer` on (negative counts from the end), as the authors'
+    `start_layer` (Chefer et al., Transformer-Explainability / Transformer-MM-Explainability)."""
+    n = len(blocks)
+    if not isinstance(start_layer, int) or not -n <= start_layer < n:
+        raise ValueError(f"start_layer must be an int block index in [-{n}, {n}), got {start_layer!r}")
+    return blocks[start_layer % n:]
+
+
+def rollout_matrix(patterns: Sequence[Float[Tensor, "b h p p"]], head_fusion: HeadFusion = "mean",
+                   start_layer: int = 0) -> Tensor:
+    """Attention rollout: R = prod_l norm_rows(fuse_h A_l + I), the last block leftmost,
+    over blocks l >= start_layer.
 
     The identity stands for the residual connection; each factor's rows sum to one, so the
     rows of R do too (a distribution over the input tokens). [b, p, p]
     """
     first = patterns[0]
+    patterns = from_layer(patterns, start_layer)
     eye = torch.eye(first.shape[-1], device=first.device, dtype=torch.float32)
     r = eye.expand(first.shape[0], -1, -1)
     for pattern in patterns:
@@ -49,6 +61,6 @@ def rollout_matrix(patterns: Sequence[Float[Tensor, "b h p p"]], head_fusion: He
     return r
 
 
-def rollout(trace: AttentionTrace, *, head_fusion: HeadFusion = "mean") -> Tensor:
+def rollout(trace: AttentionTrace, *, head_fusion: HeadFusion = "mean", start_layer: int = 0) -> Tensor:
     """The readout row of the attention rollout, over image tokens. [b, n_patches]"""
-    return trace.image_tokens(trace.read_row(rollout_matrix(trace.patterns, head_fusion)))
+    return trace.image_tokens(trace.read_row(rollout_matrix(trace.patterns, head_fusion, start_layer)))

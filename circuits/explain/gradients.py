@@ -14,22 +14,26 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from circuits.explain.attention import from_layer
 from circuits.explain.trace import AttentionTrace
 
 
-def gae_matrix(patterns: Sequence[Float[Tensor, "b h p p"]], grads: Sequence[Float[Tensor, "b h p p"]]) -> Tensor:
-    """Chefer et al. 2021b: R = I; for every block R += mean_h(clamp(g * A, min=0)) @ R. [b, p, p]"""
+def gae_matrix(patterns: Sequence[Float[Tensor, "b h p p"]], grads: Sequence[Float[Tensor, "b h p p"]],
+               start_layer: int = 0) -> Tensor:
+    """Chefer et al. 2021b: R = I; for every block l >= start_layer, R += mean_h(clamp(g * A,
+    min=0)) @ R (`start_layer` as in the authors' CLIP notebook, where earlier blocks are
+    skipped). [b, p, p]"""
     first = patterns[0]
     r = torch.eye(first.shape[-1], device=first.device, dtype=torch.float32).expand(first.shape[0], -1, -1)
-    for a, g in zip(patterns, grads):
+    for a, g in zip(from_layer(patterns, start_layer), from_layer(grads, start_layer)):
         cam = (g.detach().float() * a.detach().float()).clamp(min=0).mean(1)
         r = r + cam @ r
     return r
 
 
-def gae(trace: AttentionTrace) -> Tensor:
+def gae(trace: AttentionTrace, *, start_layer: int = 0) -> Tensor:
     """The readout row of the GAE relevance matrix, over image tokens. [b, n_patches]"""
-    return trace.image_tokens(trace.read_row(gae_matrix(trace.patterns, trace.target_grads())))
+    return trace.image_tokens(trace.read_row(gae_matrix(trace.patterns, trace.target_grads(), start_layer)))
 
 
 def attention_gradcam(trace: AttentionTrace, *, layer: int = -1) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from circuits.explain import class_embedding as _ce
 from circuits.explain import tokentm as _tokentm
+from circuits.explain import transformer_attribution as _ta
 from circuits.explain.attention import raw_attention, rollout
 from circuits.explain.gradients import attention_gradcam, gae
 from circuits.explain.trace import AttentionTrace, trace
@@ -39,6 +40,7 @@ class Method:
     class_specific: bool
     description: str
     act_names: Callable[..., list[str]] = lambda cfg, **options: []
+    supports: Callable[[HookedViTConfig], bool] = lambda cfg: True  # families it is defined for
 
 
 METHODS: dict[str, Method] = {
@@ -50,9 +52,12 @@ METHODS: dict[str, Method] = {
                               lambda cfg, **options: _ce.attn_out_names(cfg.n_layers)),
     "tokentm": Method(_tokentm.tokentm, True, "TokenTM (Wu et al. 2024), reconstruction",
                       _tokentm.act_names),
+    "transformer_attribution": Method(_ta.transformer_attribution, True,
+                                      "transformer attribution: LRP x attention gradient (Chefer et al. 2021a)",
+                                      _ta.act_names, _ta.supported),
     "random": Method(random_map, False, "random relevance (baseline)"),
 }
-GRADIENT_METHODS = ("gae", "gradcam", "class_embedding", "tokentm")
+GRADIENT_METHODS = ("gae", "gradcam", "class_embedding", "tokentm", "transformer_attribution")
 DEFAULT_METHODS = ("attention", "rollout", "gae", "gradcam", "class_embedding", "tokentm", "random")
 
 MethodSpec = Union[str, Sequence[str], Mapping[str, Mapping[str, Any]]]
@@ -102,7 +107,8 @@ def explain(
 ) -> Float[Tensor, "b n_patches"]:
     """Relevance of every image token for the target class (None: the predicted class).
 
-    Methods: attention, rollout, gae, gradcam, class_embedding, tokentm, random (see
+    Methods: attention, rollout, gae, gradcam, class_embedding, tokentm, transformer_attribution,
+    random (see
     `METHODS` and docs/explanations.md); `options` are the method's keyword options.
     """
     spec_options = parse_method(method)[1]
