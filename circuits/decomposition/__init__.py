@@ -13,7 +13,7 @@ See docs/decomposition.md.
 
 from circuits.decomposition.align import ComponentMaps, fit_alignment, identity_maps
 from circuits.decomposition.decompose import (
-    Component, Decomposition, DecomposedSet, decompose, decompose_dataset, head_token_terms, split_biases,
+    Component, Decomposition, DecomposedSet, decompose, decompose_dataset, head_token_terms, split_biases, split_reference,
     token_terms,
 )
 from circuits.decomposition.scoring import (
@@ -24,7 +24,7 @@ from circuits.decomposition.spurious import SpuriousRemoval, feature_basis, fit_
 
 __all__ = [
     "Component", "Decomposition", "DecomposedSet", "decompose", "decompose_dataset", "head_token_terms",
-    "split_biases", "token_terms", "ComponentMaps", "fit_alignment", "identity_maps", "FeatureScorer",
+    "split_biases", "split_reference", "token_terms", "ComponentMaps", "fit_alignment", "identity_maps", "FeatureScorer",
     "component_scores", "feature_retrieval", "image_retrieval", "orthonormal_basis", "token_heatmaps",
     "top_components", "SpuriousRemoval", "feature_basis", "fit_removal", "group_accuracy", "mean_ablate",
 ]

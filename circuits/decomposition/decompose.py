@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from hooked_vit import HookedViT
 
-BiasMode = Literal["separate", "split"]
+BiasMode = Literal["separate", "split", "reference"]
+BIAS_MODES = ("separate", "split", "reference")
 BIAS_KINDS = ("b_O", "ln1.b", "b_out", "ln2.b", "ln_final.b", "b_U")
 
 
@@ -196,12 +197,12 @@ class Decomposition:
     @torch.no_grad()
     def logit_terms(self, model: HookedViT) -> tuple[Float[Tensor, "b C c"], list[Component]]:
         """The classifier head applied to every term; the head bias is one more term ("b_U"),
-        or spread evenly with biases="split". Sums to the model's logits."""
+        or spread evenly with biases="split" / "reference". Sums to the model's logits."""
         logits = readout_logits(model, self.terms)
         if model.head is None:
             return logits, list(self.components)
         b_U = model.b_U.expand(logits.shape[0], 1, -1)
-        if self.biases == "split":
+        if self.biases in ("split", "reference"):  # vit-decompose divides b_U over its inputs too
             return logits + b_U / len(self.components), list(self.components)
         return torch.cat([logits, b_U], 1), [*self.components, Component("b_U")]
 
@@ -269,7 +270,11 @@ def decompose(
         start_layer: components start at this block; the stream entering it is one
             "resid_in" term ("embed" when 0).
         biases: "separate" keeps every bias as its own component; "split" spreads their sum
-            evenly over the other components (the reference implementation's convention).
+            evenly over the other components; "reference" splits each bias where
+            Balasubramanian et al.'s vit-decompose code puts it (`split_reference`; pre-norm
+            models): b_O evenly over its layer's heads, b_out into its MLP, and the final
+            norm's constant (its bias minus w * mean / sigma) evenly over all components,
+            which are then not centred.
         fwd_hooks: extra hooks active during the pass (e.g. an intervention); the
             decomposition is of the hooked model's representation.
 
@@ -277,6 +282,11 @@ def decompose(
     [ln2.b] (post-norm only in brackets); ln_final.b.
     """
     _check_supported(model, start_layer)
+    if biases not in BIAS_MODES:
+        raise ValueError(f"biases must be one of {BIAS_MODES}, got {biases!r}")
+    if biases == "reference" and model.cfg.block_type == "post_norm":
+        raise ValueError("biases='reference' follows vit-decompose, which has no post-norm blocks; use 'separate' "
+                         "or 'split'")
     names = _cache_names(model, start_layer)
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         _, cache = model.run_with_cache(images, names_filter=lambda n: n in names, return_cache_object=False,
@@ -288,6 +298,8 @@ def _from_cache(model: HookedViT, cache: dict[str, Tensor], start_layer: int, bi
     cfg = model.cfg
     resid_in = cache[f"blocks.{start_layer}.hook_resid_pre"]
     readout = make_readout(model, cache, resid_in.shape[1])
+    if biases == "reference":  # vit-decompose scales components without centring them
+        readout = replace(readout, final_center=False)
     comps = [Component("embed" if start_layer == 0 else "resid_in")]
     terms = [readout.stream(resid_in)[:, None]]
     for layer in range(start_layer, cfg.n_layers):
@@ -300,6 +312,8 @@ def _from_cache(model: HookedViT, cache: dict[str, Tensor], start_layer: int, bi
     pooled = cache["hook_pooled"]
     rep = pooled[:, None] if pooled.ndim == 2 else pooled
     dec = Decomposition(torch.cat(terms, 1), comps, rep, cache.get("hook_logits"), readout, start_layer)
+    if biases == "reference":
+        return split_reference(dec)
     return split_biases(dec) if biases == "split" else dec
 
 
@@ -350,6 +364,28 @@ def split_biases(dec: Decomposition) -> Decomposition:
     terms = dec.terms[:, keep] + total[:, None] / len(keep)
     return replace(dec, terms=terms, components=[dec.components[i] for i in keep], biases="split",
                    bias_total=total)
+
+
+def split_reference(dec: Decomposition) -> Decomposition:
+    """vit-decompose's placement of the biases (its linear_decompose: a linear layer's bias
+    is divided evenly over the components entering it, a LayerNorm's constant likewise):
+    each layer's b_O evenly over its heads, b_out into its MLP term, and the final norm's
+    constant rep - sum(uncentred terms) evenly over all components. `dec` must have been
+    built with an uncentred readout (`decompose(..., biases="reference")` does that)."""
+    comps, terms = dec.components, dec.terms
+    out = terms.clone()
+    for i, c in enumerate(comps):
+        if c.kind == "b_O":
+            heads = [j for j, h in enumerate(comps) if h.kind == "head" and h.layer == c.layer]
+            out[:, heads] += terms[:, i : i + 1] / len(heads)
+        elif c.kind == "b_out":
+            (mlp,) = [j for j, m in enumerate(comps) if m.kind == "mlp" and m.layer == c.layer]
+            out[:, mlp] += terms[:, i]
+    keep = [i for i, c in enumerate(comps) if not c.is_bias]
+    out = out[:, keep]
+    constant = dec.representation - out.sum(1)  # the final norm's bias - w * mean(x) / sigma
+    return replace(dec, terms=out + constant[:, None] / len(keep), components=[comps[i] for i in keep],
+                   biases="reference", bias_total=constant)
 
 
 # ----------------------------------------------------------------------------- token terms
