@@ -49,3 +49,35 @@ def test_reference_biases_refuse_post_norm_and_unknown_modes():
     model, x = HookedViT.from_timm(timm_model), images(size, 1)
     with pytest.raises(ValueError, match="biases must be one of"):
         decompose(model, x, biases="even")
+
+
+# ------------------------------------------------------------------ zero-shot segmentation
+def test_decomposition_segmentation_equals_token_contributions_from_the_cache():
+    """map[k] = sum over chosen heads of <w * centre(A[h, CLS, k] v_k W_O[h]) / sigma, W_U[:, t]>."""
+    from circuits.decomposition import class_direction, decomposition_segmentation
+    from circuits.explain import segmentation_counts, upsample
+
+    timm_model, size = make_timm("vit_small_patch14_reg4_dinov2", seed=22)
+    model, x = HookedViT.from_timm(timm_model), images(size, 2)
+    targets = torch.tensor([1, 4])
+    dec = decompose(model, x)
+    chosen = [dec.names.index("L1H2"), dec.names.index("L0H1")]
+    seg = decomposition_segmentation(model, x, dec, class_direction(model, targets), chosen)
+
+    _, cache = model.run_with_cache(x)
+    last = cache["blocks.1.hook_resid_post"][:, 0]
+    sigma = (last.var(-1, unbiased=False, keepdim=True) + model.ln_final.eps).sqrt()  # [b, 1]
+    hand = 0
+    for layer, head in ((1, 2), (0, 1)):
+        a = cache[f"blocks.{layer}.attn.hook_pattern"][:, head, 0]  # [b, k]
+        vo = cache[f"blocks.{layer}.attn.hook_v"][:, :, head] @ model.blocks[layer].attn.W_O[head]  # [b, k, d]
+        term = a[..., None] * vo
+        term = model.ln_final.weight * (term - term.mean(-1, keepdim=True)) / sigma[:, None]
+        hand = hand + torch.einsum("bkd,bd->bk", term, model.head.weight[targets])
+    n_prefix = model.cfg.n_prefix_tokens
+    assert seg.shape == (2, model.cfg.n_patches)
+    torch.testing.assert_close(seg, hand[:, n_prefix:], rtol=1e-4, atol=1e-5)
+    counts = segmentation_counts(upsample(seg, size), torch.zeros(2, size, size, dtype=torch.bool))
+    assert counts["labeled"].tolist() == [size * size] * 2  # the explanation metrics take it as is
+    with pytest.raises(ValueError, match="only head components"):
+        decomposition_segmentation(model, x, dec, class_direction(model, targets), [dec.names.index("L0.mlp")])

@@ -4,6 +4,7 @@
   `token_terms` (heads split by source token, chunked), `decompose_dataset`;
 - `align`: per-component linear maps into a target space (e.g. CLIP's), orthogonality penalty;
 - `scoring`: feature scores, retrieval, token heatmaps;
+- `segmentation`: zero-shot segmentation maps from the top components' token terms;
 - `spurious`: spurious-feature removal by mean ablation, group accuracies;
 - `planted`: a planted shortcut head for ground-truth checks;
 - `run`: the resumable dataset-level run behind `hooked-vit decompose`.
@@ -20,11 +21,12 @@ from circuits.decomposition.scoring import (
     FeatureScorer, component_scores, feature_retrieval, image_retrieval, orthonormal_basis, token_heatmaps,
     top_components,
 )
+from circuits.decomposition.segmentation import class_direction, decomposition_segmentation
 from circuits.decomposition.spurious import SpuriousRemoval, feature_basis, fit_removal, group_accuracy, mean_ablate
 
 __all__ = [
     "Component", "Decomposition", "DecomposedSet", "decompose", "decompose_dataset", "head_token_terms",
     "split_biases", "split_reference", "token_terms", "ComponentMaps", "fit_alignment", "identity_maps", "FeatureScorer",
     "component_scores", "feature_retrieval", "image_retrieval", "orthonormal_basis", "token_heatmaps",
-    "top_components", "SpuriousRemoval", "feature_basis", "fit_removal", "group_accuracy", "mean_ablate",
+    "top_components", "class_direction", "decomposition_segmentation", "SpuriousRemoval", "feature_basis", "fit_removal", "group_accuracy", "mean_ablate",
 ]
