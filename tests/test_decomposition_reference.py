@@ -81,3 +81,38 @@ def test_decomposition_segmentation_equals_token_contributions_from_the_cache():
     assert counts["labeled"].tolist() == [size * size] * 2  # the explanation metrics take it as is
     with pytest.raises(ValueError, match="only head components"):
         decomposition_segmentation(model, x, dec, class_direction(model, targets), [dec.names.index("L0.mlp")])
+
+
+# ------------------------------------------------------------------ scoring conventions
+def test_reference_scoring_is_gram_schmidt_in_order_and_unbiased_stds():
+    import numpy as np
+
+    from circuits.decomposition.scoring import component_scores, orthonormal_basis
+
+    gen = torch.Generator().manual_seed(3)
+    mapped = torch.randn(40, 5, 6, generator=gen, dtype=torch.double)
+    directions = torch.randn(3, 6, generator=gen, dtype=torch.double)
+    # Gram-Schmidt in the given order, by hand
+    gs = []
+    for d in directions:
+        for b in gs:
+            d = d - (d @ b) * b
+        gs.append(d / d.norm())
+    gs = torch.stack(gs)
+    qr = orthonormal_basis(directions, method="qr")
+    torch.testing.assert_close(qr.abs(), gs.abs())  # QR = Gram-Schmidt up to signs
+    s = (mapped @ gs.T).numpy()  # [n, C, k]
+    z = s.sum(1)
+    hand = np.zeros(5)
+    for c in range(5):
+        hand[c] = np.mean([np.cov(s[:, c, k], z[:, k], ddof=0)[0, 1] / (s[:, c, k].std(ddof=1) * z[:, k].std(ddof=1))
+                           for k in range(3)])
+    ref = component_scores(mapped, qr, convention="reference")
+    torch.testing.assert_close(ref, torch.from_numpy(hand))
+    ours = component_scores(mapped, orthonormal_basis(directions))
+    assert not torch.allclose(ours, ref)  # another basis and another estimator
+    # covariance scores are a trace: the same in any orthonormal basis of the span
+    torch.testing.assert_close(component_scores(mapped, qr, "covariance"),
+                               component_scores(mapped, orthonormal_basis(directions), "covariance"))
+    with pytest.raises(ValueError, match="linearly dependent"):
+        orthonormal_basis(torch.cat([directions, directions[:1] * 2]), method="qr")

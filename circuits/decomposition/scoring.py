@@ -8,7 +8,13 @@ components m_i = f_i(c_i) of N images:
     correlation mode: score_i = mean_k corr(s_i[:, k], z[:, k])
     covariance mode:  score_i = mean_k cov(s_i[:, k], z[:, k])   (sum_i score_i = mean_k Var(z_k))
 
-Statistics are population ones (divide by N). A component that is constant over the images
+Statistics are population ones (divide by N). `convention="reference"` reproduces
+Balasubramanian et al.'s vit-decompose instead: the basis is orthonormalised by QR in the
+given order (`orthonormal_basis(..., method="qr")`: the first direction is kept, the next
+ones made orthogonal to it; the mean over k of correlations depends on the basis, so those
+scores change, while covariance scores, a trace, do not), and the population covariance
+is divided by unbiased standard deviations, which scales every correlation by (N-1)/N
+(ranks unchanged). A component that is constant over the images
 (a bias, the class token's embedding) has score 0. `FeatureScorer` accumulates the needed
 sums batch by batch, so a dataset never has to fit in memory.
 """
@@ -26,13 +32,23 @@ from circuits.decomposition.align import ComponentMaps
 from circuits.decomposition.decompose import Decomposition, token_terms
 
 ScoreMode = Literal["correlation", "covariance"]
+Convention = Literal["ours", "reference"]
 
 
-def orthonormal_basis(directions: Float[Tensor, "k D"], tol: float = 1e-6) -> Float[Tensor, "k2 D"]:
-    """An orthonormal basis of the span of the directions (SVD; near-null directions dropped)."""
+def orthonormal_basis(directions: Float[Tensor, "k D"], tol: float = 1e-6, method: str = "svd") -> Float[Tensor, "k2 D"]:
+    """An orthonormal basis of the span of the directions: "svd" (near-null directions
+    dropped), or "qr" in the given order, as the reference code (Gram-Schmidt up to signs;
+    refuses dependent directions)."""
     directions = torch.as_tensor(directions)
     if directions.ndim == 1:
         directions = directions[None]
+    if method == "qr":
+        q, r = torch.linalg.qr(directions.double().T)
+        if (r.diagonal().abs() <= tol * r.diagonal().abs().max()).any():
+            raise ValueError("the directions are linearly dependent; QR in order needs independent ones (use 'svd')")
+        return q.T.to(directions.dtype)
+    if method != "svd":
+        raise ValueError(f"method must be 'svd' or 'qr', got {method!r}")
     _, s, vh = torch.linalg.svd(directions.double(), full_matrices=False)
     keep = s > tol * s.max()
     return vh[keep].to(directions.dtype)
@@ -63,9 +79,13 @@ class FeatureScorer:
         self.n += s.shape[0]
         return self
 
-    def scores(self, mode: ScoreMode = "correlation") -> Float[Tensor, "C"]:
+    def scores(self, mode: ScoreMode = "correlation", convention: Convention = "ours") -> Float[Tensor, "C"]:
+        """convention="reference": population covariance over unbiased standard deviations
+        (vit-decompose), i.e. correlations times (N-1)/N."""
         if self._sums is None or self.n < 2:
             raise ValueError("scores need at least two images")
+        if convention not in ("ours", "reference"):
+            raise ValueError(f"convention must be 'ours' or 'reference', got {convention!r}")
         n, t = self.n, self._sums
         mean_s, mean_z = t["s"] / n, t["z"] / n  # [C, k], [k]
         cov = t["sz"] / n - mean_s * mean_z  # [C, k]
@@ -78,6 +98,8 @@ class FeatureScorer:
         # Components without variance (relative to the total's) score 0 rather than 0/0.
         valid = (var_s > 1e-12 * var_z) & (var_z > 0)
         corr = torch.where(valid, cov / (var_s * var_z).sqrt().clamp(min=1e-300), 0.0)
+        if convention == "reference":  # variances with N - 1 in the denominator
+            corr = corr * (n - 1) / n
         return corr.mean(-1)
 
     def variance_of_total(self) -> Tensor:
@@ -87,9 +109,10 @@ class FeatureScorer:
 
 
 def component_scores(mapped: Float[Tensor, "n C D"], basis: Float[Tensor, "k D"],
-                     mode: ScoreMode = "correlation") -> Float[Tensor, "C"]:
-    """Scores of every component for the feature spanned by `basis` (see module docstring)."""
-    return FeatureScorer().update(project(mapped, basis)).scores(mode)
+                     mode: ScoreMode = "correlation", convention: Convention = "ours") -> Float[Tensor, "C"]:
+    """Scores of every component for the feature spanned by `basis` (see module docstring;
+    `basis` must be orthonormal: `orthonormal_basis(directions, method="qr")` for the reference)."""
+    return FeatureScorer().update(project(mapped, basis)).scores(mode, convention)
 
 
 def top_components(scores: Tensor, k: int, exclude: Sequence[int] = ()) -> list[int]:
