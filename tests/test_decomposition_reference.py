@@ -116,3 +116,24 @@ def test_reference_scoring_is_gram_schmidt_in_order_and_unbiased_stds():
                                component_scores(mapped, orthonormal_basis(directions), "covariance"))
     with pytest.raises(ValueError, match="linearly dependent"):
         orthonormal_basis(torch.cat([directions, directions[:1] * 2]), method="qr")
+
+
+# ------------------------------------------------------------------ hard-orthonormal aligner
+@pytest.mark.parametrize("d_out", [6, 4])
+def test_hard_orthonormal_aligner_stays_orthonormal_and_fits(d_out):
+    from circuits.decomposition.align import fit_alignment, orthogonality_penalty
+
+    torch.manual_seed(0)
+    n_comp, d, n = 3, 6, 256
+    planted = torch.linalg.qr(torch.randn(n_comp, d, d)).Q[:, :d_out]  # isometries (narrowing for 4)
+    terms = torch.randn(n, n_comp, d)
+    targets = torch.einsum("nci,coi->no", terms, planted)
+    result = fit_alignment(terms, targets, steps=150, lr=3e-2, progress=False, seed=1, constraint="orthogonal")
+    w = result.maps.weight
+    assert all(rec["penalty"] < 1e-10 for rec in result.history)  # orthonormal at every logged step
+    torch.testing.assert_close(w @ w.transpose(1, 2), torch.eye(d_out).expand(n_comp, -1, -1), atol=1e-5, rtol=0)
+    cos = torch.nn.functional.cosine_similarity(result.maps(terms).sum(1), targets).mean()
+    assert cos > 0.99 and abs(float(cos) - result.cosine) < 0.02
+    assert float(orthogonality_penalty(w)) < 1e-10
+    with pytest.raises(ValueError, match="constraint"):
+        fit_alignment(terms, targets, steps=1, progress=False, constraint="hard")

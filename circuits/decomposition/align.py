@@ -8,7 +8,9 @@ that the mapped components add up to the target embedding of the image:
 
 The orthogonality penalty keeps every map close to an isometry, so a component's size and
 angles mean the same before and after mapping (W_i W_i^T - I when the target space is
-smaller than the component space). The targets come from the user: CLIP image
+smaller than the component space). `constraint="orthogonal"` is the reference code's
+hard version: every W_i is kept exactly orthonormal during training (PyTorch's
+`parametrizations.orthogonal`), so the penalty is zero and only the cosine is fitted. The targets come from the user: CLIP image
 embeddings (`load_open_clip`, needs the optional `open_clip` package), or any other
 embedding; nothing here needs a CLIP model. `identity_maps` is the "no alignment" choice:
 the model's own representation space.
@@ -116,6 +118,7 @@ def fit_alignment(
     init: str = "orthogonal",
     seed: int = 0,
     progress: bool = True,
+    constraint: str = "penalty",
 ) -> AlignmentResult:
     """Train the component maps (Adam) on precomputed components and target embeddings.
 
@@ -124,9 +127,15 @@ def fit_alignment(
         targets: target embeddings of the same images (e.g. CLIP image embeddings).
         groups: share one map among several components (e.g. one per layer) to save memory.
         ortho_weight: the weight d of the orthogonality penalty.
+        constraint: "penalty" (the soft penalty above) or "orthogonal" (maps exactly
+            orthonormal throughout, the reference's aligner; the penalty is then 0).
     """
     n, n_comp, d_in = terms.shape
+    if constraint not in ("penalty", "orthogonal"):
+        raise ValueError(f"constraint must be 'penalty' or 'orthogonal', got {constraint!r}")
     maps = ComponentMaps(n_comp, d_in, targets.shape[-1], groups, init, seed).to(terms.device, terms.dtype)
+    if constraint == "orthogonal":
+        torch.nn.utils.parametrizations.orthogonal(maps, "weight")
     opt = torch.optim.Adam(maps.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
@@ -143,6 +152,8 @@ def fit_alignment(
                        "penalty": orthogonality_penalty(maps.weight).item()}
             history.append(rec)
             bar.set_postfix(cos=f"{rec['cosine']:.4f}")
+    if constraint == "orthogonal":  # back to a plain weight holding the orthonormal maps
+        torch.nn.utils.parametrize.remove_parametrizations(maps, "weight", leave_parametrized=True)
     return AlignmentResult(maps.requires_grad_(False), history)
 
 
