@@ -4,7 +4,7 @@
     rel = explain("gae", model, images, targets)          # [b, n_patches]
     pix = upsample(rel, model.cfg.img_size)               # [b, H, W] in [0, 1]
 
-Methods (`METHODS`): attention, rollout, gae, gradcam, class_embedding, tokentm, random.
+Methods (`METHODS`): attention, rollout, gae, gradcam, class_embedding, tokentm, transformer_attribution, random.
 Evaluations: `segmentation_counts` / `segmentation_scores`, `perturbation_curve`, `auc`,
 `keep_auc`, `randomization_check`; dataset level: `benchmark`, `summarize_benchmark`.
 See docs/explanations.md.

@@ -15,7 +15,7 @@ Options (defaults first):
         each sublayer's transformation is read between the residual stream before and
         after it: attention E = block input (hook_resid_pre), E~ = hook_resid_mid; MLP
         E = hook_resid_mid, E~ = hook_resid_post. This is how the only other known
-        implementation (the LibraGrad authors', Mahmoud et al. 2025) reads the paper;
+        implementation (the LibraGrad authors', CVPR 2025) reads the paper;
         it sets the MLP step too, so `inputs` must stay "resid". "value": the vector token
         j would write if attended to alone, v_j W_O + b_O (post-norm blocks: passed through
         the block's norm). A @ W then scales the contribution of source token j by how much
