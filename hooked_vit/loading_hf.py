@@ -57,6 +57,8 @@ def from_hf(
     """Build a HookedViT from a transformers vision model, a `save_pretrained` folder or a
     hub id already in the local cache (`HF_HUB_OFFLINE=1` is respected)."""
     hf_model, source = _resolve(model_or_path, **hf_kwargs)
+    if type(hf_model).__name__ == "CLIPModel":
+        hf_model = clip_vision_with_projection(hf_model)
     cfg = config_from_hf(hf_model)
     if source is not None:
         cfg.data_config = data_config_from_processor(source, cfg)
@@ -112,13 +114,11 @@ _REFUSED = {
     "load the backbone (Dinov2Model) instead",
     "Dinov2WithRegistersForImageClassification": "DINOv2's classifier on [class token, mean patch token] "
     "(2*d_model input); load the backbone (Dinov2WithRegistersModel) instead",
-    "CLIPModel": "a full CLIP model (text and vision); pass clip_model.vision_model wrapped as "
-    "CLIPVisionModelWithProjection, or see hooked_vit.text_classes",
 }
 
 
 def _check_class_name(name: str) -> None:
-    if name in _SUPPORTED:
+    if name in _SUPPORTED or name == "CLIPModel":  # CLIPModel: its image tower is loaded
         return
     for key, feature in _REFUSED.items():
         if name.startswith(key):
@@ -169,6 +169,22 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
         head_bias=head_bias,
         model_name=getattr(c, "_name_or_path", "") or kind,
     )
+
+
+def clip_vision_with_projection(clip: nn.Module) -> nn.Module:
+    """The image tower and projection of a full `CLIPModel`, as `CLIPVisionModelWithProjection`
+    (same weights; the text tower is used by `hooked_vit.text_classes`)."""
+    import copy
+
+    import transformers
+
+    vision_cfg = copy.deepcopy(clip.config.vision_config)
+    vision_cfg.projection_dim = clip.config.projection_dim
+    tower = transformers.CLIPVisionModelWithProjection(vision_cfg)
+    tower.vision_model.load_state_dict(clip.vision_model.state_dict())
+    tower.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    first = next(clip.parameters())
+    return tower.to(device=first.device, dtype=first.dtype).eval()
 
 
 def _backbone(hf_model: nn.Module) -> nn.Module:
