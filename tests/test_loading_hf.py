@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="transformers not installed: pip install 'hooked-vit[hf]'")
 import transformers as T
 
 from conftest import images, randomize_
@@ -109,3 +109,26 @@ def test_offline_hub_id_not_cached_says_pass_a_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
     with pytest.raises(FileNotFoundError, match="local folder written by save_pretrained"):
         HookedViT.from_hf("someone/not-a-cached-model")
+
+
+@pytest.mark.parametrize("kind", ["Dinov2WithRegistersModel", "DeiTForImageClassificationWithTeacher",
+                                  "CLIPVisionModelWithProjection"])
+def test_transformer_lens_cache_tools(kind):
+    model = HookedViT.from_hf(make_hf(kind))
+    model.set_use_attn_result(True)
+    _, cache = model.run_with_cache(images(32))
+    last = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    heads = cache.stack_head_results(incl_remainder=True)
+    torch.testing.assert_close(heads.sum(0), last, rtol=1e-5, atol=1e-5)
+    parts = cache.decompose_resid(incl_embeds=False)
+    torch.testing.assert_close(parts.sum(0) + cache["blocks.0.hook_resid_pre"], last, rtol=1e-5, atol=1e-5)
+    assert cache.accumulated_resid().shape[0] == model.cfg.n_layers + 1
+
+
+@pytest.mark.parametrize("kind", ["ViTForImageClassification", "CLIPVisionModelWithProjection"])
+def test_weight_processing_on_hf_models(kind):
+    hf = make_hf(kind)
+    model = HookedViT.from_hf(hf).process_weights_()
+    with torch.no_grad():
+        ref, _ = hf_reference(hf, kind, images(32))
+        assert rel_err(model(images(32)), ref) < 1e-4
