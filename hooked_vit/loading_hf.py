@@ -96,7 +96,13 @@ def _resolve(model_or_path: Any, **hf_kwargs: Any) -> tuple[nn.Module, Optional[
     if cls is None:
         raise UnsupportedModelError(f"{source}: config.json names no known transformers architecture ({arch!r})")
     _check_class_name(arch)
-    return cls.from_pretrained(source, **hf_kwargs).eval(), source
+    model, info = cls.from_pretrained(source, output_loading_info=True, **hf_kwargs)
+    missing = [k for k in info["missing_keys"] if not re.search(r"(^|\.)pooler\.", k)]
+    if missing:
+        raise UnsupportedModelError(f"{source}: the checkpoint lacks weights {sorted(missing)[:10]} (they would be random)")
+    if len(missing) < len(info["missing_keys"]):  # saved without a pooler: none was trained
+        _backbone(model).pooler = None
+    return model.eval(), source
 
 
 # ------------------------------------------------------------------ config

@@ -19,6 +19,8 @@ SMALL = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_s
 # class name -> (config class, extra config)
 HF_MODELS = {
     "ViTForImageClassification": ("ViTConfig", dict(intermediate_size=96, num_labels=7)),
+    "ViTModel": ("ViTConfig", dict(intermediate_size=96)),
+    "DeiTModel": ("DeiTConfig", dict(intermediate_size=96)),
     "DeiTForImageClassification": ("DeiTConfig", dict(intermediate_size=96, num_labels=7)),
     "DeiTForImageClassificationWithTeacher": ("DeiTConfig", dict(intermediate_size=96, num_labels=7)),
     "Dinov2Model": ("Dinov2Config", dict(mlp_ratio=2)),
@@ -35,7 +37,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def make_hf(kind: str) -> torch.nn.Module:
     cfg_cls, extra = HF_MODELS[kind]
     config = getattr(T, cfg_cls)(**SMALL, **extra, attn_implementation="eager")
-    kwargs = {"add_pooling_layer": False} if kind == "DeiTModel" else {}
+    kwargs = {"add_pooling_layer": False} if kind in ("ViTModel", "DeiTModel") else {}
     model = getattr(T, kind)(config, **kwargs).eval()
     # layer_scale1.lambda1 / layernorm: randomise_ treats names containing "norm" as norms.
     return randomize_(model, std=0.2)
@@ -48,6 +50,8 @@ def hf_reference(hf, kind: str, x: torch.Tensor) -> tuple[torch.Tensor, list[tor
         final = out.image_embeds if kind.endswith("Projection") else out.pooler_output
     elif kind.startswith("Dinov2"):
         final = out.pooler_output
+    elif kind in ("ViTModel", "DeiTModel"):
+        final = out.last_hidden_state[:, 0]  # the class token after the final norm
     else:
         final = out.logits
     return final, list(out.hidden_states[1:])
