@@ -60,6 +60,8 @@ def from_hf(
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
     cfg = config_from_hf(hf_model)
+    # An instance loaded from a folder remembers it: its image processor config is there.
+    source = source or _local_origin(hf_model)
     if source is not None:
         cfg.data_config = data_config_from_processor(source, cfg)
     state = convert_timm_state_dict(hf_to_timm_state_dict(hf_model, cfg), cfg)
@@ -72,6 +74,11 @@ def from_hf(
         )
     first = next(hf_model.parameters())
     return model.to(device=device or first.device, dtype=dtype or first.dtype).eval()
+
+
+def _local_origin(hf_model: nn.Module) -> Optional[str]:
+    origin = getattr(hf_model.config, "_name_or_path", "")
+    return origin if origin and Path(origin).is_dir() else None
 
 
 def _resolve(model_or_path: Any, **hf_kwargs: Any) -> tuple[nn.Module, Optional[str]]:

@@ -40,6 +40,8 @@ def from_open_clip(
     cached or downloadable). Without a tag the weights are open_clip's random init."""
     visual = _visual_tower(model_or_name, **create_kwargs)
     cfg = config_from_open_clip(visual)
+    if isinstance(model_or_name, str):
+        cfg.model_name = f"open_clip:{model_or_name}"
     model = HookedViT(cfg)
     state = convert_timm_state_dict(open_clip_to_timm_state_dict(visual), cfg)
     result = model.load_state_dict(state, strict=False)

@@ -92,6 +92,7 @@ def test_preprocessing_from_image_processor(tmp_path):
     T.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3],
                         image_std=[0.4, 0.5, 0.6], resample=3).save_pretrained(tmp_path)
     cfg = HookedViT.from_hf(str(tmp_path)).cfg.data_config
+    assert cfg == HookedViT.from_hf(T.ViTForImageClassification.from_pretrained(tmp_path)).cfg.data_config
     assert cfg["mean"] == [0.1, 0.2, 0.3] and cfg["std"] == [0.4, 0.5, 0.6]
     assert cfg["interpolation"] == "bicubic" and cfg["input_size"] == [3, 32, 32]
 
