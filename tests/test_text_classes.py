@@ -122,3 +122,46 @@ def test_transformers_clip_text_classes(tmp_path):
             assert rel_err(model(x), image @ emb.T) < 1e-5
     with pytest.raises(ValueError, match="needs tokenizer="):
         text_class_embeddings(clip, CLASSES)
+
+
+@torch.no_grad()
+def test_head_contributions_sum_to_the_image_embedding(open_clip_model):
+    from circuits.text_span import direct_contributions, head_contributions
+
+    model = HookedViT.from_open_clip(open_clip_model)
+    model.set_use_attn_result(True)
+    x = images(32)
+    out, cache = model.run_with_cache(x)
+    last = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, 0]
+    parts = cache.decompose_resid(incl_embeds=False, pos_slice=0)  # attn and MLP outputs
+    parts = torch.cat([parts, cache["blocks.0.hook_resid_pre"][None, :, 0]])
+    total = direct_contributions(model, parts, last).sum(0) + model.ln_final.bias @ model.head.weight.T
+    assert rel_err(total, out) < 1e-5
+    heads = head_contributions(model, x, layers=[1])  # [1, h, b, d_embed]
+    torch.testing.assert_close(heads[0].sum(0), direct_contributions(model, cache["blocks.1.hook_attn_out"][:, 0]
+                                                                      - model.blocks[1].attn.b_O, last),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_text_span_finds_the_planted_texts():
+    from circuits.text_span import text_span
+
+    gen = torch.Generator().manual_seed(0)
+    texts = F.normalize(torch.randn(20, 16, generator=gen), dim=-1)
+    coef = torch.randn(200, 2, generator=gen) * torch.tensor([3.0, 1.5])
+    outputs = coef @ texts[[7, 12]] + 0.01 * torch.randn(200, 16, generator=gen)
+    chosen, explained = text_span(outputs, texts, k=3)
+    assert chosen[:2] == [7, 12] and sum(explained[:2]) > 0.99 and explained[2] < 0.01
+    with pytest.raises(ValueError, match="one width"):
+        text_span(outputs, texts[:, :8])
+
+
+def test_clip_text_directions_reuse_the_text_tower(open_clip_model):
+    import open_clip
+    from circuits.decomposition.align import clip_text_directions
+
+    tok = lambda t: open_clip.tokenize(t, context_length=16)
+    dirs = clip_text_directions(open_clip_model, tok, ["a cat", "a dog"])
+    with torch.no_grad():
+        ref = F.normalize(open_clip_model.encode_text(tok(["a cat", "a dog"])), dim=-1)
+    assert rel_err(dirs, ref) < 1e-5
