@@ -91,7 +91,8 @@ def _resolve(model_or_path: Any, **hf_kwargs: Any) -> tuple[nn.Module, Optional[
 
     source = str(model_or_path)
     try:
-        config = transformers.AutoConfig.from_pretrained(source)
+        hub_kwargs = {k: v for k, v in hf_kwargs.items() if k in ("cache_dir", "revision", "local_files_only")}
+        config = transformers.AutoConfig.from_pretrained(source, **hub_kwargs)
     except OSError as err:
         raise FileNotFoundError(
             f"could not find the Hugging Face model {source!r} locally ({str(err).splitlines()[0]}). "

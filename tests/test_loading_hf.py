@@ -137,3 +137,16 @@ def test_weight_processing_on_hf_models(kind):
     with torch.no_grad():
         ref, _ = hf_reference(hf, kind, images(32))
         assert rel_err(model(images(32)), ref) < 1e-4
+
+
+def test_hub_id_in_the_local_cache_loads_offline(monkeypatch, tmp_path):
+    """A hub id whose files are in the cache (the layout huggingface_hub writes) loads offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = make_hf("ViTForImageClassification")
+    snapshot = tmp_path / "models--someone--tiny-vit" / "snapshots" / ("0" * 40)
+    hf.save_pretrained(snapshot)
+    (tmp_path / "models--someone--tiny-vit" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-vit" / "refs" / "main").write_text("0" * 40)
+    model = HookedViT.from_pretrained("hf:someone/tiny-vit", cache_dir=str(tmp_path))
+    with torch.no_grad():
+        assert rel_err(model(images(32)), hf(pixel_values=images(32)).logits) < RTOL
