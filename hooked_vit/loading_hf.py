@@ -55,7 +55,9 @@ def from_hf(
     **hf_kwargs: Any,
 ) -> HookedViT:
     """Build a HookedViT from a transformers vision model, a `save_pretrained` folder or a
-    hub id already in the local cache (`HF_HUB_OFFLINE=1` is respected)."""
+    hub id already in the local cache (set `HF_HUB_OFFLINE=1` where there is no network,
+    so that transformers does not wait on it). `hf_kwargs` go to the model class's
+    `from_pretrained` (e.g. cache_dir, revision, torch_dtype)."""
     hf_model, source = _resolve(model_or_path, **hf_kwargs)
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
@@ -63,7 +65,7 @@ def from_hf(
     # An instance loaded from a folder remembers it: its image processor config is there.
     source = source or _local_origin(hf_model)
     if source is not None:
-        cfg.data_config = data_config_from_processor(source, cfg)
+        cfg.data_config = data_config_from_processor(source, cfg, hf_kwargs.get("cache_dir"))
     state = convert_timm_state_dict(hf_to_timm_state_dict(hf_model, cfg), cfg)
     model = HookedViT(cfg)
     result = model.load_state_dict(state, strict=False)
@@ -294,17 +296,19 @@ def _layer_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, 
 
 
 # ------------------------------------------------------------------ preprocessing
-def data_config_from_processor(source: str, cfg: HookedViTConfig) -> dict[str, Any]:
+def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Optional[str] = None) -> dict[str, Any]:
     """timm-style data config from the model's own `preprocessor_config.json`
     (https://huggingface.co/docs/transformers/main_classes/image_processor); empty if none."""
     path = Path(source) / "preprocessor_config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import hf_hub_download
+    if not path.is_file() and Path(source).is_dir():  # a folder saved without a processor
+        return {}
+    if not path.is_file():  # a hub id: only what is already cached, never a download
+        from huggingface_hub import try_to_load_from_cache
 
-            path = Path(hf_hub_download(source, "preprocessor_config.json"))
-        except Exception:  # no processor saved with the model: the caller's defaults apply
+        cached = try_to_load_from_cache(source, "preprocessor_config.json", cache_dir=cache_dir)
+        if not isinstance(cached, str):  # no processor saved with the model: defaults apply
             return {}
+        path = Path(cached)
     proc = json.loads(path.read_text())
     crop = proc.get("crop_size") or {}
     size = proc.get("size") or {}

@@ -109,8 +109,16 @@ def test_refuses_unsupported_features():
         HookedViT.from_hf(swiglu)
 
 
-def test_offline_hub_id_not_cached_says_pass_a_folder(monkeypatch, tmp_path):
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1, also for the copy huggingface_hub read at import."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_offline_hub_id_not_cached_says_pass_a_folder(monkeypatch, tmp_path):
+    offline(monkeypatch)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
     with pytest.raises(FileNotFoundError, match="local folder written by save_pretrained"):
         HookedViT.from_hf("someone/not-a-cached-model")
@@ -141,12 +149,14 @@ def test_weight_processing_on_hf_models(kind):
 
 def test_hub_id_in_the_local_cache_loads_offline(monkeypatch, tmp_path):
     """A hub id whose files are in the cache (the layout huggingface_hub writes) loads offline."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline(monkeypatch)
     hf = make_hf("ViTForImageClassification")
     snapshot = tmp_path / "models--someone--tiny-vit" / "snapshots" / ("0" * 40)
     hf.save_pretrained(snapshot)
+    T.ViTImageProcessor(image_mean=[0.1, 0.2, 0.3]).save_pretrained(snapshot)
     (tmp_path / "models--someone--tiny-vit" / "refs").mkdir()
     (tmp_path / "models--someone--tiny-vit" / "refs" / "main").write_text("0" * 40)
     model = HookedViT.from_pretrained("hf:someone/tiny-vit", cache_dir=str(tmp_path))
+    assert model.cfg.data_config["mean"] == [0.1, 0.2, 0.3]
     with torch.no_grad():
         assert rel_err(model(images(32)), hf(pixel_values=images(32)).logits) < RTOL
