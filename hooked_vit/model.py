@@ -278,6 +278,27 @@ class HookedViT(HookedRootModule):
 
         return from_timm(name_or_model, **kwargs)
 
+    @classmethod
+    def from_hf(cls, model_or_path: Any, **kwargs: Any) -> "HookedViT":
+        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision model; see `hooked_vit.loading_hf.from_hf`."""
+        from hooked_vit.loading_hf import from_hf
+
+        return from_hf(model_or_path, **kwargs)
+
+    @classmethod
+    def from_open_clip(cls, model_or_name: Any, **kwargs: Any) -> "HookedViT":
+        """Load an open_clip ViT image tower; see `hooked_vit.loading_open_clip.from_open_clip`."""
+        from hooked_vit.loading_open_clip import from_open_clip
+
+        return from_open_clip(model_or_name, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, spec: str, **kwargs: Any) -> "HookedViT":
+        """"timm:NAME", "hf:ID_OR_FOLDER", "open_clip:ARCH[:TAG]" or a bare timm name."""
+        from hooked_vit.pretrained import load_pretrained
+
+        return load_pretrained(spec, **kwargs)
+
     def process_weights_(
         self, fold_ln: bool = True, center_writing_weights: bool = True, fold_layer_scale: bool = True
     ) -> "HookedViT":
