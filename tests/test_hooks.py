@@ -195,3 +195,53 @@ def test_loss_return_type_caches_gradients(vit):
     assert cache["blocks.1.hook_resid_pre_grad"].shape == cache["blocks.1.hook_resid_pre"].shape
     with pytest.raises(ValueError, match="needs targets"):
         model(x, return_type="loss")
+
+
+def test_frozen_layer_norm_scale_keeps_centring_in_the_gradient(vit):
+    """Freezing ln.hook_scale at its clean value (docs/writing_hooks.md): the gradient is
+    autograd of (x - mean) / frozen * w + b, so per token it sums to zero."""
+    model, size = vit
+    x = images(size)
+    _, clean = model.run_with_cache(x, names_filter="blocks.1.ln1.hook_scale")
+    frozen = clean["blocks.1.ln1.hook_scale"]
+    grads = {}
+
+    def keep_grad(act, hook):
+        act.retain_grad()
+        grads["resid"] = act
+
+    model.run_with_hooks(x, fwd_hooks=[("blocks.1.hook_resid_pre", keep_grad),
+                                       ("blocks.1.ln1.hook_scale", lambda act, hook: frozen)])
+    resid = grads["resid"]
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", keep_grad),
+                                ("blocks.1.ln1.hook_scale", lambda act, hook: frozen)]):
+        model(x).sum().backward()
+    got = grads["resid"].grad
+    torch.testing.assert_close(got.sum(-1), torch.zeros_like(got.sum(-1)), rtol=0, atol=1e-5)
+
+    # The same quantity from the explicit formula, with the rest of the model unchanged.
+    resid = grads["resid"].detach().requires_grad_(True)
+    ln = model.blocks[1].ln1
+    normed = (resid - resid.mean(-1, keepdim=True)) / frozen * ln.weight + ln.bias
+    with model.hooks(fwd_hooks=[("blocks.1.ln1.hook_normalized", lambda act, hook: normed)]):
+        model(resid, start_at_layer=1).sum().backward()
+    torch.testing.assert_close(got, resid.grad, rtol=1e-5, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_every_hook_point_fires_backward_hooks(fused):
+    timm_model, size = make_timm("vit_base_patch16_reg4_gap_256")
+    model = HookedViT.from_timm(timm_model)
+    model.set_use_attn_result(True)
+    model.cfg.use_fused_attn = fused
+    # Hooking scores or pattern forces the explicit path; leave them out to cover SDPA.
+    names = [n for n in model.hook_dict if not (fused and n.endswith(("hook_attn_scores", "hook_pattern")))]
+    fired = set()
+    bwd = [(n, lambda grad, hook: fired.add(hook.name)) for n in names]
+    with model.hooks(bwd_hooks=bwd):
+        model(images(size)).sum().backward()
+    assert fired == set(names)
+    _, cache = model.run_with_cache(images(size), incl_bwd=True, return_type="loss",
+                                    targets=torch.tensor([0, 1]))
+    assert {n for n in cache.keys() if n.endswith("_grad")} == {n + "_grad" for n in model.hook_dict}
