@@ -17,6 +17,7 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.block import TransformerBlock
+from hooked_vit.cache import ViTActivationCache
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.embed import Embed
 from hooked_vit.layer_norm import LayerNorm
@@ -176,15 +177,40 @@ class HookedViT(HookedRootModule):
         """
         return self.W_U.T[torch.as_tensor(class_ids, device=self.W_U.device)]
 
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, "d_model"]:
+        """Sum of the attention (`b_O`) and MLP (`b_out`) output biases written to the residual
+        stream before block `layer` (and that block's `b_O` with `mlp_input`), as
+        TransformerLens's `accumulated_bias`, which `cache.get_full_resid_decomposition` reads.
+        """
+        if self.cfg.block_type == "post_norm":
+            raise ValueError(
+                "accumulated_bias is undefined for post-norm blocks: ln1/ln2 normalise each sublayer's "
+                "output, so its bias is not a separate term of the residual stream"
+            )
+        if not 0 <= layer <= self.cfg.n_layers or (mlp_input and layer == self.cfg.n_layers):
+            raise ValueError(f"layer={layer} must be in [0, {self.cfg.n_layers}] ({self.cfg.n_layers} with mlp_input=False)")
+        total = self.b_E.new_zeros(self.cfg.d_model)
+        for block in self.blocks[:layer]:
+            total = total + block.attn.b_O + (block.mlp.b_out if include_mlp_biases else 0)
+        return total + self.blocks[layer].attn.b_O if mlp_input else total
+
+    @property
+    def all_head_labels(self) -> list[str]:
+        """Labels of every attention head, "L{layer}H{head}", in stacking order."""
+        return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
+
     # ------------------------------------------------------------------ caching
     def run_with_cache(
         self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any
     ) -> tuple[Tensor, Union[ActivationCache, dict[str, Tensor]]]:
-        """As `HookedRootModule.run_with_cache`, wrapping the result in an `ActivationCache`."""
+        """As `HookedRootModule.run_with_cache`, wrapping the result in a `ViTActivationCache`
+        (a TransformerLens `ActivationCache`)."""
         self._check_names_filter(kwargs.get("names_filter"))
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
         if return_cache_object:
-            return out, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+            return out, ViTActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
         return out, cache_dict
 
     def hooks(self, fwd_hooks=(), bwd_hooks=(), *args: Any, **kwargs: Any):  # type: ignore[override]

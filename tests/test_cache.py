@@ -103,3 +103,89 @@ def test_weight_processing_refuses_post_norm():
     model, _, _ = load("vit_base_patch16_rpn_224")
     with pytest.raises(ValueError, match="post-norm"):
         model.process_weights_()
+
+
+@pytest.mark.parametrize("expand_neurons", [True, False])
+@pytest.mark.parametrize("layer,mlp_input", [(None, False), (1, True), (1, False)])
+def test_full_resid_decomposition_sums_to_the_stream(expand_neurons, layer, mlp_input):
+    model, x, _ = load("deit3_small_patch16_224")  # LayerScale: biases include the gammas
+    _, cache = model.run_with_cache(x)
+    parts, labels = cache.get_full_resid_decomposition(layer, mlp_input=mlp_input, expand_neurons=expand_neurons,
+                                                       return_labels=True)
+    assert len(labels) == parts.shape[0] and labels[-1] == "bias"
+    assert labels[: model.cfg.n_heads] == model.all_head_labels[: model.cfg.n_heads]
+    target = {(None, False): "blocks.1.hook_resid_post", (1, True): "blocks.1.hook_resid_mid",
+              (1, False): "blocks.1.hook_resid_pre"}[(layer, mlp_input)]
+    torch.testing.assert_close(parts.sum(0), cache[target], rtol=1e-4, atol=1e-4)
+
+
+def test_accumulated_bias_refuses_post_norm_and_bad_layers():
+    model, _, _ = load("vit_base_patch16_rpn_224")
+    with pytest.raises(ValueError, match="post-norm"):
+        model.accumulated_bias(1)
+    model, _, _ = load("vit_tiny_patch16_224")
+    with pytest.raises(ValueError, match="layer=5"):
+        model.accumulated_bias(5)
+
+
+# Every public ActivationCache method, called as a user would on a HookedViT cache. A method
+# TransformerLens adds fails test_every_public_cache_method_is_covered until listed here.
+CACHE_CALLS = {
+    "accumulated_resid": lambda c, m: c.accumulated_resid(apply_ln=True, incl_mid=True, return_labels=True),
+    "apply_ln_to_stack": lambda c, m: c.apply_ln_to_stack(c.decompose_resid()),
+    "apply_slice_to_batch_dim": lambda c, m: c.apply_slice_to_batch_dim(0),
+    "compute_head_results": lambda c, m: c.compute_head_results(),
+    "decompose_resid": lambda c, m: c.decompose_resid(apply_ln=True, return_labels=True),
+    "get_full_resid_decomposition": lambda c, m: c.get_full_resid_decomposition(apply_ln=True, return_labels=True),
+    "get_neuron_results": lambda c, m: c.get_neuron_results(1),
+    "items": lambda c, m: list(c.items()),
+    "keys": lambda c, m: list(c.keys()),
+    "values": lambda c, m: list(c.values()),
+    "logit_attrs": lambda c, m: c.logit_attrs(c.decompose_resid(pos_slice=0), tokens=torch.tensor([1, 2]),
+                                              pos_slice=0),
+    "remove_batch_dim": lambda c, m: c.apply_slice_to_batch_dim(slice(0, 1)).remove_batch_dim(),
+    "ssm_layers": lambda c, m: c.ssm_layers(),
+    "stack_activation": lambda c, m: c.stack_activation("resid_post"),
+    "stack_head_results": lambda c, m: c.stack_head_results(apply_ln=True, return_labels=True),
+    "stack_neuron_results": lambda c, m: c.stack_neuron_results(2, apply_ln=True, return_labels=True),
+    "to": lambda c, m: c.to("cpu"),
+    "toggle_autodiff": lambda c, m: c.toggle_autodiff(False),
+}
+# Methods that cannot apply to a ViT, and the reason their error must give.
+CACHE_REFUSED = {
+    "logit_lens": (lambda c, m: c.logit_lens(), "pooled vector"),
+    "compute_ssm_effective_attention": (lambda c, m: c.compute_ssm_effective_attention(), "state-space"),
+    "compute_ssm_state": (lambda c, m: c.compute_ssm_state(), "state-space"),
+}
+
+
+def test_every_public_cache_method_is_covered():
+    import inspect
+
+    from transformer_lens import ActivationCache
+
+    public = {n for n, _ in inspect.getmembers(ActivationCache) if not n.startswith("_")}
+    public -= {"has_batch_dim", "has_embed", "has_pos_embed"}  # instance attributes, not methods
+    assert public == set(CACHE_CALLS) | set(CACHE_REFUSED)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache():
+    model, x, _ = load("vit_tiny_patch16_224")
+    return model, x
+
+
+@pytest.mark.parametrize("method", sorted(CACHE_CALLS))
+def test_public_cache_method_runs(tiny_cache, method):
+    model, x = tiny_cache
+    _, cache = model.run_with_cache(x)
+    assert CACHE_CALLS[method](cache, model) is not False
+
+
+@pytest.mark.parametrize("method", sorted(CACHE_REFUSED))
+def test_inapplicable_cache_method_says_why(tiny_cache, method):
+    model, x = tiny_cache
+    _, cache = model.run_with_cache(x)
+    call, reason = CACHE_REFUSED[method]
+    with pytest.raises(NotImplementedError, match=reason):
+        call(cache, model)
