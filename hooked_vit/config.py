@@ -8,7 +8,7 @@ TransformerLens field names (`n_layers`, `d_model`, `n_heads`, `d_head`, `d_mlp`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Optional
 
 ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
@@ -113,6 +113,9 @@ class HookedViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HookedViTConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown HookedViTConfig fields {unknown}; see hooked_vit/config.py for the fields")
         return cls(**d)
 
 

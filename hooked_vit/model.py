@@ -84,6 +84,7 @@ class HookedViT(HookedRootModule):
                 left, shorter rows padded and masked out of attention and pooling.
             key_mask: [b, p] bool, True where a token may be attended to (with start_at_layer).
         """
+        _check_forward_options(return_type, targets)
         pool_mask = None
         if start_at_layer is None:
             resid = self.embed_images(x)
@@ -327,6 +328,16 @@ class HookedViT(HookedRootModule):
     @property
     def device(self) -> torch.device:
         return self.embed.proj.weight.device
+
+
+RETURN_TYPES = ("logits", "loss", "pooled", "resid", None)
+
+
+def _check_forward_options(return_type: Any, targets: Optional[Tensor]) -> None:
+    if return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type={return_type!r} is not one of {RETURN_TYPES}")
+    if targets is not None and return_type != "loss":
+        raise ValueError(f'targets are only read with return_type="loss" (got return_type={return_type!r})')
 
 
 def _reduce_tokens(resid: Tensor, cfg: HookedViTConfig, pool_mask: Optional[Tensor]) -> Tensor:
