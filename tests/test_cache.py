@@ -189,3 +189,66 @@ def test_inapplicable_cache_method_says_why(tiny_cache, method):
     call, reason = CACHE_REFUSED[method]
     with pytest.raises(NotImplementedError, match=reason):
         call(cache, model)
+
+
+def test_qk_and_ov_factored_matrices():
+    from transformer_lens import FactoredMatrix
+
+    model, _, _ = load("deit3_small_patch16_224")
+    cfg = model.cfg
+    assert isinstance(model.OV, FactoredMatrix) and isinstance(model.QK, FactoredMatrix)
+    assert model.OV.shape == model.QK.shape == (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_model)
+    l, h = 1, 2
+    torch.testing.assert_close(model.OV.AB[l, h], model.W_V[l, h] @ model.W_O[l, h])
+    torch.testing.assert_close(model.QK.AB[l, h], model.W_Q[l, h] @ model.W_K[l, h].T)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_base_patch16_rpn_224", "deit_tiny_distilled_patch16_224",
+                                  "vit_base_patch16_clip_224"])
+def test_fold_value_biases_and_refactor_leave_logits_unchanged(name):
+    model, x, timm_model = load(name)
+    ref = timm_model(x)
+    qk, ov = model.QK.AB.clone(), model.OV.AB.clone()
+    model.fold_value_biases()
+    assert model.b_V.abs().max() == 0
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+    model.refactor_factored_attn_matrices()
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.OV.AB, ov, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.QK.AB, qk, rtol=1e-4, atol=1e-5)
+    # Balanced factors: W_Q and W_K of a head have the same singular values.
+    sq = torch.linalg.svdvals(torch.cat([model.W_Q[0, 0], model.b_Q[0, 0][None]]))
+    sk = torch.linalg.svdvals(torch.cat([model.W_K[0, 0], model.b_K[0, 0][None]]))
+    torch.testing.assert_close(sq, sk, rtol=1e-4, atol=1e-5)
+
+
+def test_refactor_needs_layer_scale_folded():
+    model, x, timm_model = load("deit3_small_patch16_224")
+    with pytest.raises(ValueError, match="fold LayerScale"):
+        model.refactor_factored_attn_matrices()
+    model.process_weights_(fold_ln=False, center_writing_weights=False).refactor_factored_attn_matrices()
+    torch.testing.assert_close(model(x), timm_model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_center_unembed_keeps_softmax(name):
+    model, x, timm_model = load(name)
+    ref = timm_model(x)
+    model.center_unembed()
+    out = model(x)
+    torch.testing.assert_close(out.log_softmax(-1), ref.log_softmax(-1), rtol=1e-4, atol=1e-5)
+    assert model.W_U.mean(-1).abs().max() < 1e-6 and model.b_U.mean().abs() < 1e-6
+    assert not torch.allclose(out, ref, atol=1e-3)  # the raw logits shift, as in TransformerLens
+
+
+def test_n_params_and_loss_fn():
+    model, x, timm_model = load("vit_tiny_patch16_224")
+    assert model.n_params == sum(p.numel() for p in timm_model.parameters())
+    targets = torch.tensor([3, 7])
+    logits = model(x)
+    per_image = model.loss_fn(logits, targets, per_image=True)
+    torch.testing.assert_close(per_image, -logits.log_softmax(-1)[torch.arange(2), targets])
+    torch.testing.assert_close(model.loss_fn(logits, targets), per_image.mean())
+    torch.testing.assert_close(model(x, return_type="loss", targets=targets), per_image.mean())
+    with pytest.raises(ValueError, match=r"targets must be \[batch\]"):
+        model.loss_fn(logits, targets[:1])
