@@ -41,6 +41,8 @@ class LayerNorm(nn.Module):
         # The scale is computed from x with autograd, so a hook that returns f(scale) gets
         # the gradient of f; the output is the explicit formula whenever hook_scale can
         # change anything (an edit, or backward hooks that need the scale in the graph).
+        if not torch.is_grad_enabled():
+            return self._forward_no_grad(x)
         centred = x - x.mean(-1, keepdim=True)
         # pow(0.5), not sqrt: its backward reads the input, so an in-place edit of the scale
         # by a hook does not invalidate the graph.
@@ -53,6 +55,17 @@ class LayerNorm(nn.Module):
             # Unedited: the fused kernel's output and gradient equal the formula's.
             return self.hook_normalized(self.functional(x))
         return self.hook_normalized(self._affine(centred / edited))
+
+    def _forward_no_grad(self, x: Tensor) -> Tensor:
+        # Without autograd one fused kernel gives the output and the statistics; the formula
+        # runs only if a hook changed the scale.
+        out, mean, rstd = torch.native_layer_norm(x, (self.d_model,), self.weight, self.bias, self.eps)
+        scale = rstd.reciprocal().to(x.dtype)  # [*batch, 1] = sqrt(var + eps)
+        reference = scale.clone()
+        edited = self.hook_scale(scale)
+        if edited is not scale or not torch.equal(edited, reference):
+            out = self._affine((x - mean.to(x.dtype)) / edited)
+        return self.hook_normalized(out)
 
     def _affine(self, normalized: Tensor) -> Tensor:
         return normalized if self.weight is None else normalized * self.weight + self.bias

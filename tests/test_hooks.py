@@ -304,3 +304,20 @@ def test_edits_at_optional_hooks_flow(vit, hook, flag):
         model.set_use_attn_in(True)
         model.set_use_split_qkv_input(True)
     model.set_use_attn_in(False)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_layer_norm_scale_edit_same_with_and_without_autograd(vit, grad):
+    model, size = vit
+    x = images(size)
+    with torch.set_grad_enabled(grad):
+        out = model.run_with_hooks(x, fwd_hooks=[("blocks.0.ln2.hook_scale", lambda a, hook: a * 1.5)])
+        _, cache = model.run_with_cache(x, names_filter="blocks.0.ln2.hook_scale")
+    ln = model.blocks[0].ln2
+    mid = model.run_with_cache(x, names_filter="blocks.0.hook_resid_mid")[1]["blocks.0.hook_resid_mid"]
+    torch.testing.assert_close(cache["blocks.0.ln2.hook_scale"],
+                               (mid.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt())
+    assert not torch.allclose(out, model(x), atol=1e-4)
+    with torch.no_grad() if grad else torch.enable_grad():
+        other = model.run_with_hooks(x, fwd_hooks=[("blocks.0.ln2.hook_scale", lambda a, hook: a * 1.5)])
+    torch.testing.assert_close(out, other, rtol=1e-5, atol=1e-5)
