@@ -179,7 +179,11 @@ def tiny_cache():
 def test_public_cache_method_runs(tiny_cache, method):
     model, x = tiny_cache
     _, cache = model.run_with_cache(x)
-    assert CACHE_CALLS[method](cache, model) is not False
+    grad = torch.is_grad_enabled()
+    try:
+        assert CACHE_CALLS[method](cache, model) is not False
+    finally:  # toggle_autodiff switches autograd globally
+        torch.set_grad_enabled(grad)
 
 
 @pytest.mark.parametrize("method", sorted(CACHE_REFUSED))
