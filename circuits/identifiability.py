@@ -1,6 +1,6 @@
 """The metrics of Vilas et al. (2023), SPEC 2.2, as plain functions over projection results.
 
-Arrays follow the layout written by `circuits.identify` (N images, S sites, L layers,
+Arrays follow the layout written by `circuits.runs.identify` (N images, S sites, L layers,
 P tokens, k top classes). "Image tokens" are the positions after the prefix tokens; the
 class token is position 0. Where the original code differs from the intended definition,
 the docstring says so (see also docs/class_identifiability.md).
@@ -9,14 +9,12 @@ the docstring says so (see also docs/class_identifiability.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from circuits.results import read_manifest, read_table, stack_column
 
 
 @dataclass
@@ -42,32 +40,6 @@ class IdentifyResults:
     @property
     def has_cls(self) -> bool:
         return self.n_prefix > 0
-
-
-def load_results(run_dir: str | Path) -> IdentifyResults:
-    """Read a run directory written by `circuits.identify.identify` into dense arrays."""
-    settings = read_manifest(run_dir)["settings"]
-    sites = settings["sites"]
-    images = read_table(run_dir, "images")
-    tokens = read_table(run_dir, "tokens")
-    stream = read_table(run_dir, "stream")
-    n, s = len(images), len(sites)
-    n_layers = int(tokens["layer"].max()) + 1
-    site_order = {name: i for i, name in enumerate(sites)}
-    tokens = tokens.assign(site_i=tokens["site"].astype(str).map(site_order)).sort_values(
-        ["index", "site_i", "layer"], kind="stable")
-    shape = (n, s, n_layers, -1)
-    rank = stack_column(tokens, "rank").reshape(shape)
-    k = stack_column(tokens, "topk").shape[1] // rank.shape[-1]
-    obj = stack_column(images, "object_tokens").astype(bool) if "object_tokens" in images else None
-    return IdentifyResults(
-        sites=sites, n_classes=settings["n_classes"], n_prefix=settings["n_prefix_tokens"],
-        rank=rank, target_logit=stack_column(tokens, "target_logit").reshape(shape),
-        topk=stack_column(tokens, "topk").reshape(n, s, n_layers, -1, k),
-        pre_target_logit=stack_column(stream, "pre_target_logit").reshape(n, n_layers, -1),
-        mid_target_logit=stack_column(stream, "mid_target_logit").reshape(n, n_layers, -1),
-        images=images, object_tokens=obj,
-    )
 
 
 # ------------------------------------------------------------------ per layer

@@ -9,14 +9,13 @@ from torch.utils.data import Dataset
 from circuits.interventions import (
     attention_edge_mask,
     no_cls,
-    perturbation_experiment,
     perturbation_hooks,
-    perturbation_rates,
     self_only,
     summarize_rates,
 )
 from circuits.projection import project_batch
-from circuits.results import read_manifest
+from circuits.runs.perturb import perturbation_experiment, perturbation_rates
+from circuits.runs.results import read_manifest
 from conftest import images, make_timm
 from hooked_vit import HookedViT
 

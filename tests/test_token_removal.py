@@ -16,8 +16,8 @@ from circuits.token_removal import (
     removal_rates,
     removal_summary,
     scatter_to_positions,
-    token_removal_experiment,
 )
+from circuits.runs.perturb import token_removal_experiment
 from conftest import images, make_timm
 from hooked_vit import HookedViT
 
