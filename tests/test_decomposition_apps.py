@@ -16,7 +16,7 @@ from circuits.decomposition.scoring import (
     token_heatmaps, top_components,
 )
 from circuits.decomposition.spurious import feature_basis, group_accuracy, mean_ablate
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from circuits.explain import (auc, average_precision, explain, explain_many, keep_auc, perturbation_curve,
                               randomization_check, relevance_order, segmentation_counts, segmentation_scores)
 from circuits.runs.explain import benchmark, load_maps, summarize_benchmark
-from conftest import randomize_
+from helpers import randomize_
 from hooked_vit import HookedViT
 from test_explain_methods import K_STAR, one_patch_images, one_patch_model
 

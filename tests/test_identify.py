@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from circuits.identifiability import summarize
 from circuits.runs.identify import identify, load_results
-from conftest import make_timm
+from helpers import make_timm
 from hooked_vit import HookedViT
 
 

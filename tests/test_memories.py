@@ -17,7 +17,7 @@ from circuits.memories import (
     METRICS, agreement_by_layer, class_value_agreement, correct_vs_wrong, load_memory_results, memories,
     memory_values, permutation_test, random_classes,
 )
-from conftest import images, make_timm, randomize_
+from helpers import images, make_timm, randomize_
 from hooked_vit import HookedViT
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from circuits.projection import class_rank, identifiability, project_batch
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 
 

@@ -18,7 +18,7 @@ from circuits.token_removal import (
     scatter_to_positions,
 )
 from circuits.runs.perturb import token_removal_experiment
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 
 # class token; registers + LayerScale; distilled; GAP with registers (pooling over kept tokens)
