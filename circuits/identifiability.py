@@ -17,6 +17,14 @@ from scipy import stats
 
 
 
+def identifiability(rank, n_classes: int):
+    """Class identifiability 1 - rank / n_classes of a 0-based class rank (numpy or torch):
+    1 when the target class is top-1; a uniformly random rank gives 0.5 + 1 / (2 n_classes)
+    on average (Vilas et al. 2023, "Analyzing Vision Transformers for Image Classification in
+    Class Embedding Space"; docs/class_identifiability.md). The one definition in the library."""
+    return 1.0 - rank / n_classes
+
+
 @dataclass
 class IdentifyResults:
     sites: list[str]
@@ -35,7 +43,7 @@ class IdentifyResults:
 
     @property
     def identifiability(self) -> np.ndarray:
-        return 1.0 - self.rank / self.n_classes
+        return identifiability(self.rank, self.n_classes)
 
     @property
     def has_cls(self) -> bool:
@@ -48,7 +56,7 @@ def identifiability_by_layer(rank: np.ndarray, n_classes: int, n_prefix: int, si
 
     rank: [N, S, L, P]. Returns columns site, layer, token ("cls" / "image"), identifiability.
     """
-    ident = 1.0 - rank / n_classes
+    ident = identifiability(rank, n_classes)
     rows = []
     for s, site in enumerate(sites):
         for layer in range(rank.shape[2]):

@@ -30,6 +30,7 @@ import transformer_lens.patching as tl_patching
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from circuits.identifiability import identifiability as class_identifiability
 from circuits.projection import class_rank
 from hooked_vit import HookedViT
 
@@ -55,8 +56,8 @@ def rank(logits: Float[Tensor, "b c"], clean_t: Tensor, corrupted_t: Tensor) -> 
 
 
 def identifiability(logits: Float[Tensor, "b c"], clean_t: Tensor, corrupted_t: Tensor) -> Tensor:
-    """1 - rank / n_classes of the clean target."""
-    return 1.0 - rank(logits, clean_t, corrupted_t) / logits.shape[-1]
+    """Class identifiability (`circuits.identifiability.identifiability`) of the clean target."""
+    return class_identifiability(rank(logits, clean_t, corrupted_t), logits.shape[-1])
 
 
 METRICS: dict[str, Metric] = {"logit_diff": logit_diff, "target_logit": target_logit, "rank": rank,

@@ -27,11 +27,14 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
+from circuits.identifiability import identifiability as class_identifiability
+
 from .synthetic import MEAN, N_CLASSES, STD, SyntheticShapes, materialize
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 IDENT_NOTE = ("logit lens per block: head(norm(block output)) on every image token (500 test images); "
-              "score = 1 - rank0(true class) / (n_classes - 1), 1 = top-1, 0.5 = chance")
+              "score = circuits.identifiability.identifiability = 1 - rank0(true class) / n_classes, "
+              "1 = top-1, 0.5 + 1 / (2 n_classes) = chance")
 
 MODEL_KWARGS: dict = {
     "img_size": 32, "patch_size": 4, "num_classes": N_CLASSES, "embed_dim": 64, "depth": 6,
@@ -115,8 +118,9 @@ def identifiability(model: VisionTransformer, images_u8: torch.Tensor, labels: t
     """Logit-lens class identifiability of image tokens per block.
 
     For each block output, ``model.head(model.norm(.))`` is applied to every image token;
-    the score is ``1 - rank / (n_classes - 1)`` with ``rank`` the 0-based rank of the true
-    class (1 = true class on top, 0.5 = chance), averaged over image tokens and images.
+    the score is `circuits.identifiability.identifiability` (``1 - rank / n_classes`` with
+    ``rank`` the 0-based rank of the true class; 1 = true class on top), averaged over image
+    tokens and images.
     """
     model.eval()
     x = _normalize_u8(images_u8)  # [B, 3, H, W]
@@ -126,7 +130,7 @@ def identifiability(model: VisionTransformer, images_u8: torch.Tensor, labels: t
         logits = model.head(model.norm(h[:, n_prefix:]))  # [B, P, C]
         true = logits.gather(-1, labels[:, None, None].expand(-1, logits.shape[1], 1))  # [B, P, 1]
         rank = (logits > true).sum(-1).float()  # [B, P]
-        scores.append((1.0 - rank / (logits.shape[-1] - 1)).mean().item())
+        scores.append(class_identifiability(rank, logits.shape[-1]).mean().item())
     return scores
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from circuits.identifiability import identifiability
 from circuits.report.html import figure_html, table_html
 from circuits.runs.results import atomic_write_text
 
@@ -94,7 +95,7 @@ def _token_maps(label: str, res, n: int = 4) -> go.Figure:
     titles = [f"image {int(res.images['index'][i])}, label {int(res.images['label'][i])}" for i in range(n)]
     fig = make_subplots(rows=1, cols=n, subplot_titles=titles)
     for i in range(n):
-        ident = 1 - res.rank[i, blk, -1, res.n_prefix:] / res.n_classes
+        ident = identifiability(res.rank[i, blk, -1, res.n_prefix:], res.n_classes)
         fig.add_heatmap(z=ident.reshape(side, -1)[::-1], zmin=0, zmax=1, colorscale="Viridis",
                         showscale=i == n - 1, row=1, col=i + 1)
         if res.object_tokens is not None:
