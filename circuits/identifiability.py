@@ -1,4 +1,5 @@
-"""The metrics of Vilas et al. (2023), SPEC 2.2, as plain functions over projection results.
+"""The metrics of Vilas et al. 2023, "Analyzing Vision Transformers for Image Classification in Class Embedding Space"
+(docs/class_identifiability.md), as plain functions over projection results.
 
 Arrays follow the layout written by `circuits.runs.identify` (N images, S sites, L layers,
 P tokens, k top classes). "Image tokens" are the positions after the prefix tokens; the

@@ -1,4 +1,5 @@
-"""Attention perturbations as hook factories (Vilas et al. 2023, SPEC 2.3).
+"""Attention perturbations as hook factories (Vilas et al. 2023, "Analyzing Vision Transformers for Image Classification in Class Embedding Space";
+docs/interventions.md).
 
 Every factory returns a TransformerLens hook function for `blocks.{l}.attn.hook_pattern`
 ([batch, head, query, key], after the softmax); `perturbation_hooks` places one on all or

@@ -1,4 +1,5 @@
-"""Activation patching for images (SPEC 2.3), on top of `transformer_lens.patching`.
+"""Activation patching for images (Vilas et al. 2023; docs/interventions.md), on top of
+`transformer_lens.patching`.
 
 Patching runs the corrupted images while replacing one activation (a layer x position
 [x head] cell) with its value from the clean run, and measures how far the output moves

@@ -1,4 +1,5 @@
-"""Token removal (Vilas et al. 2023, SPEC 2.3): drop tokens before the first block.
+"""Token removal (Vilas et al. 2023, "Analyzing Vision Transformers for Image Classification in Class Embedding Space";
+docs/interventions.md): drop tokens before the first block.
 
 `HookedViT.forward(keep_mask=...)` removes tokens after the patch + position embedding and
 batches rows of different lengths (kept tokens moved left, padding masked out). This
