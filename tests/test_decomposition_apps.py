@@ -193,7 +193,7 @@ def test_decompose_command_on_the_embedded_spurious_model(tmp_path):
     import numpy as np
 
     from circuits.cli import main
-    from circuits.commands.decompose import report_section
+    from circuits.report.decompose import report_section
     from circuits.data import collate_samples
     from circuits.runs.sources import synthetic_for
     from circuits.runs.results import read_table

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
+from circuits.decomposition.spurious import group_accuracy
 from circuits.identifiability import identifiability as class_identifiability
 
 from .synthetic import MEAN, N_CLASSES, STD, SyntheticShapes, materialize
@@ -94,15 +95,6 @@ def predict(model: torch.nn.Module, images_u8: torch.Tensor, batch_size: int = 5
     return torch.cat(preds)
 
 
-def group_accuracies(preds: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> dict:
-    """Overall, per-group, average-group and worst-group accuracy (groups = label * 2 + background)."""
-    correct = (preds == labels).float()  # [N]
-    per_group = {int(g): correct[groups == g].mean().item() for g in groups.unique()}
-    return {"accuracy": correct.mean().item(), "per_group": per_group,
-            "avg_group": sum(per_group.values()) / len(per_group), "worst_group": min(per_group.values())}
-
-
-@torch.no_grad()
 def block_outputs(model: VisionTransformer, x: torch.Tensor) -> list[torch.Tensor]:
     """Residual stream after every block, each [B, 1 + n_patches, D], for normalised x [B, 3, H, W]."""
     h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))  # [B, T, D]
@@ -171,7 +163,7 @@ def _evaluate(model: VisionTransformer, cfg: dict, seed: int) -> dict:
     """Held-out metrics: test accuracy / group accuracies on independent test data, identifiability."""
     test = SyntheticShapes(cfg["n_test"], seed=seed, split="test", spurious_corr=None, difficulty=cfg["difficulty"])
     data = materialize(test)
-    metrics = group_accuracies(predict(model, data["images"]), data["labels"], data["groups"])
+    metrics = group_accuracy(predict(model, data["images"]), data["labels"], data["groups"])
     metrics["identifiability"] = identifiability(model, data["images"][:500], data["labels"][:500])
     metrics["test_dataset"] = test.params() | {"n": cfg["n_test"]}
     return metrics
