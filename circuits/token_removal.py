@@ -19,9 +19,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Sequence
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor

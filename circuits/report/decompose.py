@@ -18,6 +18,7 @@ from circuits.runs.results import read_manifest
 
 ANALYSES = ("decompose",)
 
+
 def report_section(runs: dict[str, Path]) -> list[str]:
     out = ["<h2>Component decomposition and spurious-feature removal (Balasubramanian et al. 2024)</h2>",
            "<p>The final representation written exactly as a sum of the embedding, every attention head, every "
@@ -46,6 +47,7 @@ def report_section(runs: dict[str, Path]) -> list[str]:
             out.append(figure_html(_heatmap_figure(label, json.loads((root / "heatmaps.json").read_text()))))
     return out
 
+
 def _top_rows(info: dict, top: int = 10) -> list[dict]:
     names = [c["name"] for c in info["components"]]
     core = info["core_scores"]
@@ -57,9 +59,11 @@ def _top_rows(info: dict, top: int = 10) -> list[dict]:
              "spurious - class": spur[i] - core[i], "ablated": "yes" if j < info["k"] else ""}
             for j, i in enumerate(info["order"][:top])]
 
+
 def _before_after_rows(summary: dict) -> list[dict]:
     return [{"": name, **{key: row[key] for key in ("accuracy", "avg_group", "worst_group")}}
             for name, row in (("before", summary["before"]), (f"after (k={summary['k']})", summary["after"]))]
+
 
 def _scores_figure(label: str, info: dict) -> go.Figure:
     names = [c["name"] for c in info["components"]]
@@ -71,6 +75,7 @@ def _scores_figure(label: str, info: dict) -> go.Figure:
                       xaxis_title="component", yaxis_title="score", height=380)
     return fig
 
+
 def _curve_figure(label: str, info: dict, summary: dict) -> go.Figure:
     fig = go.Figure()
     for rows, dash, where in ((summary["curve"], "solid", "data"), (info["reference_curve"], "dot", "reference")):
@@ -81,6 +86,7 @@ def _curve_figure(label: str, info: dict, summary: dict) -> go.Figure:
     fig.update_layout(title=f"{label}: accuracy after mean-ablating the top k spurious components",
                       xaxis_title="k (components ablated)", yaxis_title="accuracy", height=380)
     return fig
+
 
 def _heatmap_figure(label: str, heat: dict) -> go.Figure:
     n_img = len(heat["index"])

@@ -16,6 +16,7 @@ from circuits.report.html import figure_html, table_html
 
 ANALYSES = ("explain",)
 
+
 def report_section(runs: dict[str, Path]) -> list[str]:
     from circuits.runs.explain import summarize_benchmark
 
@@ -40,11 +41,13 @@ def report_section(runs: dict[str, Path]) -> list[str]:
             out.append(figure_html(_sanity_figure(label, json.loads(sanity.read_text()))))
     return out
 
+
 def _table_rows(table: pd.DataFrame) -> list[dict]:
     names = {"pixel_accuracy": "pixel accuracy", "miou": "mIoU", "map": "mAP",
              "positive_auc": "positive AUC (lower better)", "negative_auc": "negative AUC (higher better)",
              "keep_auc_most": "keep-AUC most important", "keep_auc_least": "keep-AUC least important"}
     return [{"method": r["method"], **{v: r[k] for k, v in names.items() if k in r}} for r in table.to_dict("records")]
+
 
 def _curves_figure(label: str, table: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
@@ -56,6 +59,7 @@ def _curves_figure(label: str, table: pd.DataFrame) -> go.Figure:
     fig.update_layout(title=f"{label}: top-1 accuracy as patches are removed (solid: most relevant first)",
                       xaxis_title="fraction of patches removed", yaxis_title="top-1 accuracy", yaxis_range=[0, 1.02])
     return fig
+
 
 def _overlay_figure(label: str, run: Path, n: int = 4):
     """The first images with every method's map (upsampled, min-max normalised) on top."""
@@ -90,6 +94,7 @@ def _overlay_figure(label: str, run: Path, n: int = 4):
     fig.update_layout(title=f"{label}: maps of the first images (red = relevant)", height=150 * len(thumbs) + 80,
                       width=max(600, 130 * (len(methods) + 1)), margin=dict(l=10, r=10, t=90, b=10))
     return fig
+
 
 def _sanity_figure(label: str, rows: list[dict]) -> go.Figure:
     df = pd.DataFrame(rows)

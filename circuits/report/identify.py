@@ -17,6 +17,7 @@ from circuits.runs.results import atomic_write_text
 
 ANALYSES = ("identify",)
 
+
 def report_section(runs: dict[str, Path]) -> list[str]:
     from circuits.identifiability import per_image_identifiable_rate, pretrained_vs_random, summarize
     from circuits.runs.identify import load_results
@@ -45,6 +46,7 @@ def report_section(runs: dict[str, Path]) -> list[str]:
         atomic_write_text(runs[label] / "summary.json", json.dumps(s, indent=2, default=float))
     return out
 
+
 def _wilcoxon_rows(results, per_image, test) -> str:
     random = [l for l in results if "random" in l]
     trained = [l for l in results if "random" not in l]
@@ -56,6 +58,7 @@ def _wilcoxon_rows(results, per_image, test) -> str:
             if a.shape == b.shape:
                 rows.append({"trained": t, "random": r, **test(a, b)})
     return table_html(rows, "Trained vs random weights: one-sided Wilcoxon on per-image identifiable-token rates")
+
 
 def _by_layer_figure(summaries: dict, chance: float) -> go.Figure:
     fig = go.Figure()
@@ -69,6 +72,7 @@ def _by_layer_figure(summaries: dict, chance: float) -> go.Figure:
     fig.update_layout(title="Class identifiability of block outputs by layer", xaxis_title="block",
                       yaxis_title="mean identifiability", yaxis_range=[0, 1.02])
     return fig
+
 
 def _sublayer_figure(summaries: dict) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Identifiability of sublayer outputs (image tokens)",
@@ -85,6 +89,7 @@ def _sublayer_figure(summaries: dict) -> go.Figure:
     fig.update_xaxes(title_text="block")
     fig.update_layout(title="Sublayer contributions", height=420)
     return fig
+
 
 def _token_maps(label: str, res, n: int = 4) -> go.Figure:
     """Last-block identifiability of every image token, on the token grid, for a few images."""

@@ -15,8 +15,8 @@ from circuits.report.html import figure_html, table_html
 from circuits.runs.results import atomic_write_text
 
 ANALYSES = ("memories", "probes")
-
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
 
 def report_section(runs: dict[str, Path]) -> list[str]:
     from circuits.runs.results import read_manifest
@@ -31,8 +31,10 @@ def report_section(runs: dict[str, Path]) -> list[str]:
         out += _probes_section(by_analysis["probes"])
     return out
 
+
 def _is_random(label: str, settings: dict) -> bool:
     return "random" in label or "random" in str(settings.get("model", ""))
+
 
 def _memories_section(runs: dict[str, Path]) -> list[str]:
     from circuits.memories import load_memory_results, summarize_memories
@@ -72,6 +74,7 @@ def _memories_section(runs: dict[str, Path]) -> list[str]:
                                   "classified images (two-sided permutation test of the difference of means)"))
     return out
 
+
 def _agreement_figure(summaries: dict, metric: str, title: str) -> go.Figure:
     sublayers = sorted({r["sublayer"] for s in summaries.values() for r in s["by_layer"]})
     fig = make_subplots(rows=1, cols=len(sublayers), subplot_titles=[f"{s} memories" for s in sublayers],
@@ -95,6 +98,7 @@ def _agreement_figure(summaries: dict, metric: str, title: str) -> go.Figure:
     fig.update_layout(title=f"{title} (dotted: random-class baseline)", height=420)
     return fig
 
+
 def _class_value_figure(summaries: dict) -> go.Figure:
     sublayers = sorted({r["sublayer"] for s in summaries.values() for r in s["class_value"]})
     fig = make_subplots(rows=1, cols=len(sublayers), subplot_titles=[f"{s} values" for s in sublayers],
@@ -109,6 +113,7 @@ def _class_value_figure(summaries: dict) -> go.Figure:
     fig.update_yaxes(title_text="mean over classes of max cosine", col=1)
     fig.update_layout(title="Class-value agreement: class embeddings vs value vectors", height=420)
     return fig
+
 
 def _class_value_test(results: dict) -> str:
     """One-sided Wilcoxon, trained > random, on the per (sublayer, layer, class) max cosines."""
@@ -125,6 +130,7 @@ def _class_value_test(results: dict) -> str:
                                                                                b["max_cosine"].to_numpy())})
     return table_html(rows, "Class-value agreement, trained vs random weights: one-sided Wilcoxon signed-rank "
                             "test over (sublayer, layer, class) pairs")
+
 
 def _probes_section(runs: dict[str, Path]) -> list[str]:
     from circuits.probes import load_probe_results, summarize_probes
@@ -152,6 +158,7 @@ def _probes_section(runs: dict[str, Path]) -> list[str]:
     out.append(table_html(rows, "Last layer: probe vs projection"))
     out.append(figure_html(_probe_figure(summaries)))
     return out
+
 
 def _probe_figure(summaries: dict) -> go.Figure:
     sites = list(dict.fromkeys(r["site"] for s in summaries.values() for r in s["by_layer"]))

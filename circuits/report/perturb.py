@@ -11,14 +11,13 @@ import plotly.graph_objects as go
 from circuits.report.html import figure_html, table_html
 
 ANALYSES = ("attention_perturbation", "token_removal")
-
 # Vilas et al. 2023 (ViT-B/32 on ImageNet-S, their reported numbers): identifiable image tokens at the last block.
 PAPER_PERTURBATION = {"none": 0.607, "self_only": 0.0013, "no_cls": 0.607}
-
 PAPER_REMOVAL = {"context": (0.447, 0.719), "class_label": (0.387, 0.562)}  # (removed, unperturbed)
 
 REMOVAL_LABELS = {"context": "context removed (object tokens remain)",
                   "class_label": "object removed (background tokens remain)"}
+
 
 def report_section(runs: dict[str, Path]) -> list[str]:
     from circuits.runs.results import read_manifest
@@ -32,6 +31,7 @@ def report_section(runs: dict[str, Path]) -> list[str]:
     if "token_removal" in by_analysis:
         out += _removal_section(by_analysis["token_removal"])
     return out
+
 
 def _attention_section(runs: dict[str, Path]) -> list[str]:
     from circuits.interventions import summarize_rates
@@ -62,6 +62,7 @@ def _attention_section(runs: dict[str, Path]) -> list[str]:
             "information mostly through their own updates, self_only collapses the rate; if they do not "
             "read it from the class token, no_cls leaves it almost unchanged.</p>",
             figure_html(fig), table_html(rows, "Last-block identifiable-token rate per perturbation")]
+
 
 def _removal_section(runs: dict[str, Path]) -> list[str]:
     from circuits.runs.results import read_manifest, read_table
