@@ -1,6 +1,7 @@
-"""The metrics of Vilas et al. (2023), SPEC 2.2, as plain functions over projection results.
+"""The metrics of Vilas et al. 2023, "Analyzing Vision Transformers for Image Classification in Class Embedding Space"
+(docs/class_identifiability.md), as plain functions over projection results.
 
-Arrays follow the layout written by `circuits.identify` (N images, S sites, L layers,
+Arrays follow the layout written by `circuits.runs.identify` (N images, S sites, L layers,
 P tokens, k top classes). "Image tokens" are the positions after the prefix tokens; the
 class token is position 0. Where the original code differs from the intended definition,
 the docstring says so (see also docs/class_identifiability.md).
@@ -9,14 +10,20 @@ the docstring says so (see also docs/class_identifiability.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from circuits.results import read_manifest, read_table, stack_column
+
+
+def identifiability(rank, n_classes: int):
+    """Class identifiability 1 - rank / n_classes of a 0-based class rank (numpy or torch):
+    1 when the target class is top-1; a uniformly random rank gives 0.5 + 1 / (2 n_classes)
+    on average (Vilas et al. 2023, "Analyzing Vision Transformers for Image Classification in
+    Class Embedding Space"; docs/class_identifiability.md). The one definition in the library."""
+    return 1.0 - rank / n_classes
 
 
 @dataclass
@@ -37,37 +44,11 @@ class IdentifyResults:
 
     @property
     def identifiability(self) -> np.ndarray:
-        return 1.0 - self.rank / self.n_classes
+        return identifiability(self.rank, self.n_classes)
 
     @property
     def has_cls(self) -> bool:
         return self.n_prefix > 0
-
-
-def load_results(run_dir: str | Path) -> IdentifyResults:
-    """Read a run directory written by `circuits.identify.identify` into dense arrays."""
-    settings = read_manifest(run_dir)["settings"]
-    sites = settings["sites"]
-    images = read_table(run_dir, "images")
-    tokens = read_table(run_dir, "tokens")
-    stream = read_table(run_dir, "stream")
-    n, s = len(images), len(sites)
-    n_layers = int(tokens["layer"].max()) + 1
-    site_order = {name: i for i, name in enumerate(sites)}
-    tokens = tokens.assign(site_i=tokens["site"].astype(str).map(site_order)).sort_values(
-        ["index", "site_i", "layer"], kind="stable")
-    shape = (n, s, n_layers, -1)
-    rank = stack_column(tokens, "rank").reshape(shape)
-    k = stack_column(tokens, "topk").shape[1] // rank.shape[-1]
-    obj = stack_column(images, "object_tokens").astype(bool) if "object_tokens" in images else None
-    return IdentifyResults(
-        sites=sites, n_classes=settings["n_classes"], n_prefix=settings["n_prefix_tokens"],
-        rank=rank, target_logit=stack_column(tokens, "target_logit").reshape(shape),
-        topk=stack_column(tokens, "topk").reshape(n, s, n_layers, -1, k),
-        pre_target_logit=stack_column(stream, "pre_target_logit").reshape(n, n_layers, -1),
-        mid_target_logit=stack_column(stream, "mid_target_logit").reshape(n, n_layers, -1),
-        images=images, object_tokens=obj,
-    )
 
 
 # ------------------------------------------------------------------ per layer
@@ -76,7 +57,7 @@ def identifiability_by_layer(rank: np.ndarray, n_classes: int, n_prefix: int, si
 
     rank: [N, S, L, P]. Returns columns site, layer, token ("cls" / "image"), identifiability.
     """
-    ident = 1.0 - rank / n_classes
+    ident = identifiability(rank, n_classes)
     rows = []
     for s, site in enumerate(sites):
         for layer in range(rank.shape[2]):

@@ -1,4 +1,5 @@
-"""Attention perturbations as hook factories (Vilas et al. 2023, SPEC 2.3).
+"""Attention perturbations as hook factories (Vilas et al. 2023, "Analyzing Vision Transformers for Image Classification in Class Embedding Space";
+docs/interventions.md).
 
 Every factory returns a TransformerLens hook function for `blocks.{l}.attn.hook_pattern`
 ([batch, head, query, key], after the softmax); `perturbation_hooks` places one on all or
@@ -23,7 +24,6 @@ tokens must all be kept, so that patches still start at `cfg.n_prefix_tokens`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence, Union
 
 import pandas as pd
@@ -164,53 +164,6 @@ def perturbation_hooks(model: HookedViT, kind: Union[str, Hook], layers: Optiona
     n = model.cfg.n_layers
     chosen = range(n) if layers is None else sorted({int(l) % n for l in layers})
     return [(f"blocks.{l}.attn.hook_pattern", fn) for l in chosen]
-
-
-# ------------------------------------------------------------------ dataset level
-def perturbation_experiment(model: HookedViT, dataset, out_dir, kinds: Sequence[str] = KINDS,
-                            layers: Optional[Sequence[int]] = None, *, sites: Sequence[str] = ("block",),
-                            k: int = 1, batch_size: int = 32, limit: Optional[int] = None,
-                            overwrite: bool = False, progress: bool = True, **options) -> dict:
-    """Run `circuits.identify.identify` once per perturbation kind; one run dir per kind.
-
-    Writes `out_dir/<kind>/` (analysis "attention_perturbation"; settings record the kind,
-    layers and options). Resumable like `identify`. Returns {kind: run directory}.
-    """
-    from circuits.identify import identify
-
-    runs = {}
-    for kind in kinds:
-        settings = {"analysis": "attention_perturbation", "perturbation": kind,
-                    "layers": None if layers is None else sorted({int(l) % model.cfg.n_layers for l in layers}),
-                    "options": dict(sorted(options.items()))}
-        hooks = perturbation_hooks(model, kind, layers, **options)
-        run = Path(out_dir) / kind
-        identify(model, dataset, str(run), sites=sites, k=k, batch_size=batch_size, limit=limit,
-                 overwrite=overwrite, progress=progress, fwd_hooks=hooks, settings=settings)
-        runs[kind] = run
-    return runs
-
-
-def perturbation_rates(runs: dict) -> pd.DataFrame:
-    """Per image and kind, the last-block identifiable-token rate of image (patch) tokens.
-
-    runs: {kind: run dir} from `perturbation_experiment` (or `find_runs`). Returns a long
-    DataFrame: index, label, kind, identifiable_token_rate (share of patch tokens with rank
-    0 at the last block output), any_identifiable, correct. Compare kinds with
-    `df.pivot(index="index", columns="kind", values="identifiable_token_rate")`.
-    """
-    from circuits.identifiability import load_results
-
-    frames = []
-    for kind, run in runs.items():
-        res = load_results(run)
-        top1 = res.rank[:, res.site("block"), -1, res.n_prefix:] == 0  # [N, patches]
-        frames.append(pd.DataFrame({
-            "index": res.images["index"].to_numpy(), "label": res.images["label"].to_numpy(), "kind": kind,
-            "identifiable_token_rate": top1.mean(1), "any_identifiable": top1.any(1),
-            "correct": res.images["correct"].to_numpy(),
-        }))
-    return pd.concat(frames, ignore_index=True)
 
 
 def summarize_rates(df: pd.DataFrame) -> pd.DataFrame:

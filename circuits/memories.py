@@ -40,9 +40,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from circuits.streaming import describe_dataset, model_fingerprint
-from circuits.streaming import PendingBatch, stream_pending
-from circuits.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
+from circuits.runs.streaming import describe_dataset, model_fingerprint
+from circuits.runs.streaming import PendingBatch, stream_pending
+from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
 from hooked_vit import HookedViT
 
 
@@ -241,7 +241,7 @@ def memories(
     random_class, scalar metadata), `layers` (one row per image x sublayer x layer with
     token counts: cls_tokens, image_tokens and cls_/image_ + agree, agree_random, compose,
     compose_random), `usage_<sublayer>` (per batch and layer: top-k counts per memory) and
-    `class_value.json` (`class_value_agreement`). Resumable like `circuits.identify`.
+    `class_value.json` (`class_value_agreement`). Resumable like `circuits.runs.identify`.
     """
     n = len(dataset) if limit is None else min(limit, len(dataset))
     cfg = model.cfg

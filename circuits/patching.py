@@ -1,4 +1,5 @@
-"""Activation patching for images (SPEC 2.3), on top of `transformer_lens.patching`.
+"""Activation patching for images (Vilas et al. 2023; docs/interventions.md), on top of
+`transformer_lens.patching`.
 
 Patching runs the corrupted images while replacing one activation (a layer x position
 [x head] cell) with its value from the clean run, and measures how far the output moves
@@ -30,6 +31,7 @@ import transformer_lens.patching as tl_patching
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from circuits.identifiability import identifiability as class_identifiability
 from circuits.projection import class_rank
 from hooked_vit import HookedViT
 
@@ -55,8 +57,8 @@ def rank(logits: Float[Tensor, "b c"], clean_t: Tensor, corrupted_t: Tensor) -> 
 
 
 def identifiability(logits: Float[Tensor, "b c"], clean_t: Tensor, corrupted_t: Tensor) -> Tensor:
-    """1 - rank / n_classes of the clean target."""
-    return 1.0 - rank(logits, clean_t, corrupted_t) / logits.shape[-1]
+    """Class identifiability (`circuits.identifiability.identifiability`) of the clean target."""
+    return class_identifiability(rank(logits, clean_t, corrupted_t), logits.shape[-1])
 
 
 METRICS: dict[str, Metric] = {"logit_diff": logit_diff, "target_logit": target_logit, "rank": rank,

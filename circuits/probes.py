@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from circuits.data import collate_samples
-from circuits.streaming import describe_dataset, model_fingerprint
-from circuits.streaming import stream_pending
+from circuits.runs.streaming import describe_dataset, model_fingerprint
+from circuits.runs.streaming import stream_pending
 from circuits.projection import DEFAULT_SITES, SITES, count_above, project_batch
-from circuits.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
+from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
 from hooked_vit import HookedViT
 
 

@@ -43,14 +43,6 @@ def count_above(logits: Float[Tensor, "... c"], threshold: Float[Tensor, "..."])
     return (logits > threshold[..., None]).view(torch.uint8).sum(-1, dtype=torch.int32)
 
 
-def identifiability(rank: Tensor, n_classes: int) -> Tensor:
-    """Class identifiability 1 - rank / n_classes: 1 when the target is top-1.
-
-    A uniformly random rank in 0..n-1 gives 0.5 + 1 / (2 n) on average.
-    """
-    return 1.0 - rank.float() / n_classes
-
-
 @dataclass
 class BatchProjection:
     """Per-token projections of one batch. S = sites, L = layers, P = tokens, k = top-k."""

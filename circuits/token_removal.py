@@ -1,4 +1,5 @@
-"""Token removal (Vilas et al. 2023, SPEC 2.3): drop tokens before the first block.
+"""Token removal (Vilas et al. 2023, "Analyzing Vision Transformers for Image Classification in Class Embedding Space";
+docs/interventions.md): drop tokens before the first block.
 
 `HookedViT.forward(keep_mask=...)` removes tokens after the patch + position embedding and
 batches rows of different lengths (kept tokens moved left, padding masked out). This
@@ -18,15 +19,12 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Sequence
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
 from circuits.projection import class_rank
-from circuits.results import RunStore, fixed_size_list
 from hooked_vit import HookedViT
 from hooked_vit.model import compact_tokens
 
@@ -110,73 +108,6 @@ def removal_rates(rank: Tensor, rank_none: Tensor, kept: Bool[Tensor, "b n_patch
     removed_rate = ((rank[:, n_prefix:] == 0) & kept).sum(1) / n
     none_rate = ((rank_none[:, n_prefix:] == 0) & kept).sum(1) / n
     return removed_rate, none_rate
-
-
-# ------------------------------------------------------------------ dataset level
-def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Sequence[Removal] = REMOVALS, *,
-                             batch_size: int = 32, limit: Optional[int] = None, overwrite: bool = False,
-                             progress: bool = True, settings: Optional[dict] = None) -> RunStore:
-    """Token removal over a dataset with object masks; resumable (`RunStore`).
-
-    Writes the table "removal": one row per (index, removal) with label, target, the
-    number of kept patch tokens, valid, rate_removed (share of kept patch tokens with rank
-    0 at the last block), rate_unperturbed (the same tokens without removal), pred_removed,
-    pred_unperturbed and the per-token ranks (rank_removed, -1 on removed tokens;
-    rank_unperturbed). Load with `pandas.read_parquet(out_dir / "removal")`.
-    """
-    from circuits.data import mask_to_token_grid
-    from circuits.streaming import stream_pending
-    from circuits.streaming import describe_dataset, model_fingerprint
-
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    run_settings = {"analysis": "token_removal", "model": model.cfg.model_name,
-                    "weights": model_fingerprint(model), "dataset": describe_dataset(dataset), "n": n,
-                    "removals": list(removals), "n_prefix_tokens": model.cfg.n_prefix_tokens,
-                    "n_classes": model.cfg.n_classes, **(settings or {})}
-    store = RunStore(out_dir, run_settings, overwrite=overwrite)
-    for pending in stream_pending(store, dataset, n, batch_size=batch_size, desc="token removal", progress=progress):
-        batch = pending.data
-        if "mask" not in batch:
-            raise ValueError("token removal needs object masks: use a dataset with masks (synthetic, ImageNet-S)")
-        images = batch["image"].to(model.device, model.embed.proj.weight.dtype)
-        targets = torch.as_tensor(batch["label"]).to(model.device)
-        obj = mask_to_token_grid(batch["mask"].bool(), model.cfg.patch_size)
-        table = _batch_table(batch, removal_batch(model, images, obj, targets, removals), obj, targets,
-                             model.cfg.n_prefix_tokens)
-        pending.save({"removal": table})
-    return store
-
-
-def _batch_table(batch: dict, out: dict, obj: Tensor, targets: Tensor, n_prefix: int) -> pa.Table:
-    rank_none, pred_none = out["none"]
-    cols: dict[str, list] = {k: [] for k in ("index", "label", "target", "removal", "n_kept", "valid",
-                                             "rate_removed", "rate_unperturbed", "pred_removed",
-                                             "pred_unperturbed", "rank_removed", "rank_unperturbed")}
-    for removal, (rank, pred, valid) in ((k, v) for k, v in out.items() if k != "none"):
-        kept = kept_tokens_mask(obj, removal).to(rank.device)
-        rate, rate_none = removal_rates(rank, rank_none, kept, n_prefix)
-        nan = torch.full_like(rate, float("nan"))
-        cols["index"].append(torch.as_tensor(batch["index"]))
-        cols["label"].append(torch.as_tensor(batch["label"]))
-        cols["target"].append(targets)
-        cols["removal"] += [removal] * len(rate)
-        cols["n_kept"].append(kept.sum(1))
-        cols["valid"].append(valid)
-        cols["rate_removed"].append(torch.where(valid, rate, nan))
-        cols["rate_unperturbed"].append(torch.where(valid, rate_none, nan))
-        cols["pred_removed"].append(pred)
-        cols["pred_unperturbed"].append(pred_none)
-        cols["rank_removed"].append(rank)
-        cols["rank_unperturbed"].append(rank_none)
-    table = {}
-    for key, parts in cols.items():
-        if key == "removal":
-            table[key] = parts
-        elif key.startswith("rank_"):
-            table[key] = fixed_size_list(torch.cat(parts).cpu().numpy().astype(np.int32))
-        else:
-            table[key] = torch.cat([p.reshape(-1).cpu() for p in parts]).numpy()
-    return pa.table(table)
 
 
 def removal_summary(df: pd.DataFrame) -> pd.DataFrame:

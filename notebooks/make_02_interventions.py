@@ -46,7 +46,7 @@ from circuits.embedded.synthetic import render
 from circuits.interventions import attention_edge_mask, no_cls, perturbation_hooks, self_only
 from circuits.patching import patch_activations
 from circuits.projection import project_batch
-from circuits.sources import load_model
+from circuits.runs.sources import load_model
 from circuits.token_removal import keep_mask_for, last_block_ranks, removal_batch, removal_rates
 
 torch.manual_seed(0)

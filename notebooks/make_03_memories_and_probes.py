@@ -45,7 +45,7 @@ from circuits.memories import (agreement_by_layer, class_value_agreement, class_
                                correct_vs_wrong, load_memory_results, memories, memory_bank,
                                memory_batch, random_classes)
 from circuits.probes import accuracy_by_layer, load_probe_results, run_probes
-from circuits.sources import load_model
+from circuits.runs.sources import load_model
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)

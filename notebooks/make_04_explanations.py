@@ -31,11 +31,11 @@ import torch
 from plotly.subplots import make_subplots
 
 from circuits.data import collate_samples
-from circuits.explain import (METHODS, benchmark, explain, explain_many, perturbation_curve, randomization_check,
-                              segmentation_counts, segmentation_scores, spearman, summarize_benchmark, trace,
-                              upsample, auc)
+from circuits.explain import (METHODS, explain, explain_many, perturbation_curve, randomization_check,
+                              segmentation_counts, segmentation_scores, spearman, trace, upsample, auc)
+from circuits.runs.explain import benchmark, summarize_benchmark
 from circuits.explain.attention import rollout_matrix
-from circuits.sources import load_dataset, load_model
+from circuits.runs.sources import load_dataset, load_model
 
 torch.set_num_threads(1)  # a tiny model: on a busy machine one thread beats several
 model = load_model("embedded")

@@ -42,13 +42,13 @@ from circuits.decomposition.scoring import (
     component_scores, feature_retrieval, image_retrieval, patch_grid, token_heatmaps, top_components,
 )
 from circuits.decomposition.spurious import feature_basis, fit_removal
-from circuits.decomposition.run import synthetic_for
+from circuits.runs.sources import synthetic_for
 from circuits.embedded import CLASS_NAMES
-from circuits.sources import load_model
+from circuits.runs.sources import load_model
 
 torch.manual_seed(0)
 model = load_model("embedded")  # the embedded default
-data = synthetic_for("embedded", "test", 256)
+data = synthetic_for("default", "test", 256)
 batch = collate_samples([data[i] for i in range(8)])
 images, labels = batch["image"], batch["label"]"""),
     ("md", """## 1. Decompose a batch
@@ -113,7 +113,7 @@ in the model's own representation space (identity alignment), from a held-out re
 split: the class feature is spanned by the class means minus their average, the background
 feature by the background means. Score = mean over basis directions of corr(B c_i, B z),
 z the total (covariance mode: the scores add up to Var(B z))."""),
-    ("code", """ref_data = synthetic_for("embedded", "val", 256)
+    ("code", """ref_data = synthetic_for("default", "val", 256)
 ref = decompose_dataset(model, ref_data, batch_size=128, progress=False)
 flat = ref.flat()  # [images, components, d_model]
 total = flat.sum(1)
@@ -178,8 +178,8 @@ some class x background groups stay at 0% whatever is ablated (even a linear pro
 representation, trained on balanced data, misses them), so its worst-group accuracy cannot
 move. The ground-truth check that follows plants a background shortcut in a head of the
 default model, which does know the shapes."""),
-    ("code", """spur_ref = decompose_dataset(other, synthetic_for("embedded:spurious", "val", 512), batch_size=128, progress=False)
-spur_test = decompose_dataset(other, synthetic_for("embedded:spurious", "test", 512), batch_size=128, progress=False)
+    ("code", """spur_ref = decompose_dataset(other, synthetic_for("spurious", "val", 512), batch_size=128, progress=False)
+spur_test = decompose_dataset(other, synthetic_for("spurious", "test", 512), batch_size=128, progress=False)
 removal = fit_removal(other, spur_ref, max_k=10)
 print("ablated:", [c.name for c in removal.ablated])
 curve = pd.DataFrame(removal.curve(other, spur_test, max_k=10)).set_index("k")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 
 PRE_NORM_FAMILIES = ["vit_tiny_patch16_224", "vit_base_patch16_224_miil", "deit_tiny_distilled_patch16_224",

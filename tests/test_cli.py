@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from circuits.cli import main
-from conftest import randomize_
+from helpers import randomize_
 
 COMMANDS = ["identify", "perturb", "memories", "probe", "explain", "decompose", "report", "demo", "train-embedded"]
 

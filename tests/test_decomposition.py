@@ -1,6 +1,6 @@
 """Exact component decomposition: sums, token/head/layer consistency, ablation, every family.
 
-Models are the small randomised timm models of conftest (all parameters random, LayerNorm
+Models are the small randomised timm models of tests/helpers.py (all parameters random, LayerNorm
 weights and biases included), so a wrong norm statistic or a dropped bias shows up.
 """
 
@@ -13,7 +13,7 @@ from circuits.decomposition.decompose import (
     decompose, head_token_terms, pool_weights, readout_logits, split_biases, token_terms,
 )
 from circuits.decomposition.spurious import mean_ablate
-from conftest import FAMILIES, images, make_timm
+from helpers import FAMILIES, images, make_timm
 from hooked_vit import HookedViT
 
 TOL = 1e-5  # relative, fp32

@@ -16,7 +16,7 @@ from circuits.decomposition.scoring import (
     token_heatmaps, top_components,
 )
 from circuits.decomposition.spurious import feature_basis, group_accuracy, mean_ablate
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 
 
@@ -163,12 +163,12 @@ def test_removal_finds_a_planted_shortcut_head_and_restores_worst_group_accuracy
     the top components restores it."""
     from circuits.decomposition.decompose import decompose_dataset
     from circuits.decomposition.planted import plant_background_shortcut
-    from circuits.decomposition.run import synthetic_for
+    from circuits.runs.sources import synthetic_for
     from circuits.decomposition.spurious import fit_removal
-    from circuits.sources import load_model
+    from circuits.runs.sources import load_model
 
     model = load_model("embedded")
-    reference, test = synthetic_for("embedded", "val", 256), synthetic_for("embedded", "test", 256)
+    reference, test = synthetic_for("default", "val", 256), synthetic_for("default", "test", 256)
     hooks, planted = plant_background_shortcut(model, reference)
     ref_set = decompose_dataset(model, reference, batch_size=256, fwd_hooks=hooks, progress=False)
     test_set = decompose_dataset(model, test, batch_size=256, fwd_hooks=hooks, progress=False)
@@ -193,11 +193,11 @@ def test_decompose_command_on_the_embedded_spurious_model(tmp_path):
     import numpy as np
 
     from circuits.cli import main
-    from circuits.commands.decompose import report_section
+    from circuits.report.decompose import report_section
     from circuits.data import collate_samples
-    from circuits.decomposition.run import synthetic_for
-    from circuits.results import read_table
-    from circuits.sources import load_model
+    from circuits.runs.sources import synthetic_for
+    from circuits.runs.results import read_table
+    from circuits.runs.sources import load_model
 
     out = tmp_path / "run"
     args = ["decompose", "--model", "embedded:spurious", "--data", "synthetic:test:256", "--reference",
@@ -211,7 +211,7 @@ def test_decompose_command_on_the_embedded_spurious_model(tmp_path):
                                                                  for i in info["order"][:summary["k"]]]
     # k = 0 are the model's own predictions, on the data the model was tested on (hard shapes).
     model = load_model("embedded:spurious")
-    data = synthetic_for("embedded:spurious", "test", 256)
+    data = synthetic_for("spurious", "test", 256)
     images = read_table(out, "images")
     batch = collate_samples([data[i] for i in range(len(data))])
     with torch.no_grad():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from circuits.decomposition import decompose
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 
 

@@ -13,10 +13,10 @@ import timm
 import torch
 from torch.utils.data import Dataset
 
-from circuits.explain import (auc, average_precision, benchmark, explain, explain_many, keep_auc, load_maps,
-                              perturbation_curve, randomization_check, relevance_order, segmentation_counts,
-                              segmentation_scores, summarize_benchmark)
-from conftest import randomize_
+from circuits.explain import (auc, average_precision, explain, explain_many, keep_auc, perturbation_curve,
+                              randomization_check, relevance_order, segmentation_counts, segmentation_scores)
+from circuits.runs.explain import benchmark, load_maps, summarize_benchmark
+from helpers import randomize_
 from hooked_vit import HookedViT
 from test_explain_methods import K_STAR, one_patch_images, one_patch_model
 
@@ -176,7 +176,7 @@ def test_command_line_and_report_section(tmp_path, capsys):
     from safetensors.torch import save_file
 
     from circuits.cli import main
-    from circuits.commands import explain as command
+    from circuits.report import explain as section
 
     arch = "vit_tiny_patch16_224:img_size=32,patch_size=8,depth=1,embed_dim=16,num_heads=2,num_classes=10"
     timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
@@ -189,7 +189,7 @@ def test_command_line_and_report_section(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "tokentm:grad=none" in printed and "positive_auc" in printed
-    html = "".join(command.report_section({"cli run": out}))
+    html = "".join(section.report_section({"cli run": out}))
     for text in ("cli run: benchmark", "mIoU", "tokentm:grad=none", "maps of the first images", "randomisation"):
         assert text in html, text
     assert main(["explain", "--out", str(tmp_path / "x"), "--methods", "saliency"]) == 2

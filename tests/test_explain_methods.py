@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from circuits.explain import (GRADIENT_METHODS, METHODS, explain, explain_many, readout_weights, trace,
                               upsample)
 from circuits.explain.attention import rollout_matrix
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import HookedViT, HookedViTConfig
 
 K_STAR = 5  # the patch the hand-built model reads

@@ -10,7 +10,7 @@ import torch
 
 from circuits.explain import explain
 from circuits.explain.transformer_attribution import grad_x_input, linear_zplus, residual_add
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 from test_explain_methods import load, patterns_and_grads
 

@@ -1,4 +1,4 @@
-"""Metrics of SPEC 2.2 on small hand-made inputs with known answers."""
+"""Class-identifiability metrics (Vilas et al. 2023) on small hand-made inputs with known answers."""
 
 from __future__ import annotations
 

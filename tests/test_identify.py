@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from circuits.identifiability import load_results, summarize
-from circuits.identify import identify
-from conftest import make_timm
+from circuits.identifiability import summarize
+from circuits.runs.identify import identify, load_results
+from helpers import make_timm
 from hooked_vit import HookedViT
 
 

@@ -9,15 +9,14 @@ from torch.utils.data import Dataset
 from circuits.interventions import (
     attention_edge_mask,
     no_cls,
-    perturbation_experiment,
     perturbation_hooks,
-    perturbation_rates,
     self_only,
     summarize_rates,
 )
 from circuits.projection import project_batch
-from circuits.results import read_manifest
-from conftest import images, make_timm
+from circuits.runs.perturb import perturbation_experiment, perturbation_rates
+from circuits.runs.results import read_manifest
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 
 # A class-token ViT, a register model with LayerScale (DINOv2 reg4), a distilled DeiT.
@@ -186,7 +185,7 @@ def test_cli_perturb_and_report_section(tmp_path):
 
     from circuits.cli import main
     from circuits.report import build_report
-    from conftest import randomize_
+    from helpers import randomize_
 
     arch = "vit_tiny_patch16_224:img_size=32,patch_size=4,depth=2,embed_dim=48,num_heads=4"
     timm_model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=48,

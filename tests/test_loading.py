@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import CheckpointError, HookedViT, UnsupportedModelError, load_checkpoint
 
 

@@ -17,7 +17,7 @@ from circuits.memories import (
     METRICS, agreement_by_layer, class_value_agreement, correct_vs_wrong, load_memory_results, memories,
     memory_values, permutation_test, random_classes,
 )
-from conftest import images, make_timm, randomize_
+from helpers import images, make_timm, randomize_
 from hooked_vit import HookedViT
 
 
@@ -245,18 +245,17 @@ def test_command_line_and_report(tiny_checkpoint, capsys):
 
 
 def test_demo_step(tiny_checkpoint):
-    from circuits.commands import DemoContext
-    from circuits.commands import memories as command
+    from circuits.report.demo import DemoContext, memories_step
     from circuits.embedded import SyntheticShapes, normalize
     from circuits.report import build_report
-    from circuits.sources import load_model
+    from circuits.runs.sources import load_model
 
     root = tiny_checkpoint
     arch = "vit_tiny_patch16_224:depth=2,embed_dim=48,num_heads=4,img_size=32,patch_size=8"
     ctx = DemoContext(out=root / "demo", trained=load_model(str(root / "tiny.safetensors"), arch),
                       random=load_model(str(root / "tiny.safetensors"), arch, random_weights=True),
                       data=SyntheticShapes(16, split="test", transform=normalize), batch_size=8)
-    command.demo(ctx)
+    memories_step(ctx)
     runs = sorted(str(p.parent.relative_to(ctx.out)) for p in Path(ctx.out).rglob("manifest.json"))
     assert runs == ["memories/random weights", "memories/trained", "probes/trained"]
     html = build_report([ctx.out], root / "demo.html").read_text()

@@ -7,7 +7,7 @@ import torch
 import transformer_lens.patching as tlp
 
 from circuits.patching import act_patch, index_frame, patch_activations
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 
 FAMILIES = ["vit_tiny_patch16_224", "vit_small_patch14_reg4_dinov2", "deit_tiny_distilled_patch16_224"]

@@ -13,7 +13,7 @@ from circuits.probes import (
     ridge_fit, run_probes, signed_one_hot, train_probes,
 )
 from circuits.projection import SITES, class_rank, project_batch
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits.projection import class_rank, identifiability, project_batch
-from conftest import images, make_timm
+from circuits.identifiability import identifiability
+from circuits.projection import class_rank, project_batch
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 
 

@@ -16,9 +16,9 @@ from circuits.token_removal import (
     removal_rates,
     removal_summary,
     scatter_to_positions,
-    token_removal_experiment,
 )
-from conftest import images, make_timm
+from circuits.runs.perturb import token_removal_experiment
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 
 # class token; registers + LayerScale; distilled; GAP with registers (pooling over kept tokens)

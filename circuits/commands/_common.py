@@ -32,3 +32,15 @@ def say_done(store) -> None:
     print(f"results in {store.root} ({len(store.done)} items done, {len(skipped)} skipped)")
     for rec in skipped[:20]:
         print(f"  skipped {rec['index']} {rec.get('path', '')}: {rec.get('reason', '')}")
+
+
+def load_inputs(args: argparse.Namespace, data: str | None = None):
+    """The model and dataset of `--model/--arch/--random-weights` and `--data` (or `data`),
+    each spec parsed once; returns (model, dataset, model spec)."""
+    from circuits.runs.sources import load_dataset, load_model
+    from circuits.runs.specs import parse_data_spec, parse_model_spec
+
+    spec = parse_model_spec(args.model, args.arch, args.random_weights)
+    data_spec = parse_data_spec(args.data if data is None else data)
+    model = load_model(spec, device=args.device)
+    return model, load_dataset(data_spec, model, spec), spec

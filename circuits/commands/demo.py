@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from circuits.demo import run_demo as demo
+    from circuits.report.demo import run_demo as demo
 
     report = demo(args.out, n=args.n, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
                   threads=args.threads)

@@ -53,7 +53,9 @@ def feature_basis(x: Float[Tensor, "N D"], key: Tensor, balance: Optional[Tensor
 
 
 def group_accuracy(preds: Tensor, labels: Tensor, groups: Tensor) -> dict:
-    """Accuracy, per-group accuracy, their average and the worst group."""
+    """Accuracy, per-group accuracy, their average and the worst group (Sagawa et al. 2020,
+    "Distributionally Robust Neural Networks"; docs/decomposition.md). The one definition:
+    embedded training reports it too."""
     correct = (preds == labels).float()
     per_group = {int(g): correct[groups == g].mean().item() for g in torch.unique(groups)}
     return {"accuracy": correct.mean().item(), "avg_group": sum(per_group.values()) / len(per_group),

@@ -27,11 +27,15 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
+from circuits.decomposition.spurious import group_accuracy
+from circuits.identifiability import identifiability as class_identifiability
+
 from .synthetic import MEAN, N_CLASSES, STD, SyntheticShapes, materialize
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 IDENT_NOTE = ("logit lens per block: head(norm(block output)) on every image token (500 test images); "
-              "score = 1 - rank0(true class) / (n_classes - 1), 1 = top-1, 0.5 = chance")
+              "score = circuits.identifiability.identifiability = 1 - rank0(true class) / n_classes, "
+              "1 = top-1, 0.5 + 1 / (2 n_classes) = chance")
 
 MODEL_KWARGS: dict = {
     "img_size": 32, "patch_size": 4, "num_classes": N_CLASSES, "embed_dim": 64, "depth": 6,
@@ -91,15 +95,6 @@ def predict(model: torch.nn.Module, images_u8: torch.Tensor, batch_size: int = 5
     return torch.cat(preds)
 
 
-def group_accuracies(preds: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> dict:
-    """Overall, per-group, average-group and worst-group accuracy (groups = label * 2 + background)."""
-    correct = (preds == labels).float()  # [N]
-    per_group = {int(g): correct[groups == g].mean().item() for g in groups.unique()}
-    return {"accuracy": correct.mean().item(), "per_group": per_group,
-            "avg_group": sum(per_group.values()) / len(per_group), "worst_group": min(per_group.values())}
-
-
-@torch.no_grad()
 def block_outputs(model: VisionTransformer, x: torch.Tensor) -> list[torch.Tensor]:
     """Residual stream after every block, each [B, 1 + n_patches, D], for normalised x [B, 3, H, W]."""
     h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))  # [B, T, D]
@@ -115,8 +110,9 @@ def identifiability(model: VisionTransformer, images_u8: torch.Tensor, labels: t
     """Logit-lens class identifiability of image tokens per block.
 
     For each block output, ``model.head(model.norm(.))`` is applied to every image token;
-    the score is ``1 - rank / (n_classes - 1)`` with ``rank`` the 0-based rank of the true
-    class (1 = true class on top, 0.5 = chance), averaged over image tokens and images.
+    the score is `circuits.identifiability.identifiability` (``1 - rank / n_classes`` with
+    ``rank`` the 0-based rank of the true class; 1 = true class on top), averaged over image
+    tokens and images.
     """
     model.eval()
     x = _normalize_u8(images_u8)  # [B, 3, H, W]
@@ -126,7 +122,7 @@ def identifiability(model: VisionTransformer, images_u8: torch.Tensor, labels: t
         logits = model.head(model.norm(h[:, n_prefix:]))  # [B, P, C]
         true = logits.gather(-1, labels[:, None, None].expand(-1, logits.shape[1], 1))  # [B, P, 1]
         rank = (logits > true).sum(-1).float()  # [B, P]
-        scores.append((1.0 - rank / (logits.shape[-1] - 1)).mean().item())
+        scores.append(class_identifiability(rank, logits.shape[-1]).mean().item())
     return scores
 
 
@@ -167,7 +163,7 @@ def _evaluate(model: VisionTransformer, cfg: dict, seed: int) -> dict:
     """Held-out metrics: test accuracy / group accuracies on independent test data, identifiability."""
     test = SyntheticShapes(cfg["n_test"], seed=seed, split="test", spurious_corr=None, difficulty=cfg["difficulty"])
     data = materialize(test)
-    metrics = group_accuracies(predict(model, data["images"]), data["labels"], data["groups"])
+    metrics = group_accuracy(predict(model, data["images"]), data["labels"], data["groups"])
     metrics["identifiability"] = identifiability(model, data["images"][:500], data["labels"][:500])
     metrics["test_dataset"] = test.params() | {"n": cfg["n_test"]}
     return metrics

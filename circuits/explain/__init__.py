@@ -1,4 +1,5 @@
-"""Explanation maps for Vision Transformers and the tests that judge them (SPEC 2.6, 4).
+"""Explanation maps for Vision Transformers and the per-batch tests that judge them
+(Chefer, Gur & Wolf 2021; Vilas et al. 2023; docs/explanations.md).
 
     from circuits.explain import explain, upsample
     rel = explain("gae", model, images, targets)          # [b, n_patches]
@@ -6,10 +7,9 @@
 
 Methods (`METHODS`): attention, rollout, gae, gradcam, class_embedding, tokentm, transformer_attribution, random.
 Evaluations: `segmentation_counts` / `segmentation_scores`, `perturbation_curve`, `auc`,
-`keep_auc`, `randomization_check`; dataset level: `benchmark`, `summarize_benchmark`.
+`keep_auc`, `randomization_check`; the dataset-level benchmark is `circuits.runs.explain`.
 See docs/explanations.md.
 """
-from circuits.explain.benchmark import benchmark, load_maps, summarize_benchmark
 from circuits.explain.evaluate import (FRACTIONS, auc, average_precision, cascading_randomization, keep_auc,
                                        perturbation_curve, randomization_check, relevance_order,
                                        segmentation_counts, segmentation_scores, spearman)
@@ -22,5 +22,4 @@ __all__ = [
     "trace", "AttentionTrace", "readout_weights",
     "segmentation_counts", "segmentation_scores", "average_precision", "perturbation_curve", "relevance_order",
     "auc", "keep_auc", "FRACTIONS", "randomization_check", "cascading_randomization", "spearman",
-    "benchmark", "summarize_benchmark", "load_maps",
 ]

@@ -1,4 +1,5 @@
-"""Importance maps from the class embedding space (Vilas et al. 2023, SPEC 2.6).
+"""Importance maps from the class embedding space (Vilas et al. 2023, "Analyzing Vision Transformers for Image Classification in Class Embedding Space";
+docs/explanations.md).
 
 For each block l: project the attention sublayer output of the readout token ("CLS")
 onto the classes, loss_l = cross_entropy(logits_l, target), and take the gradient of

@@ -1,4 +1,5 @@
-"""How explanation maps are judged (SPEC 4.2): segmentation test, perturbation tests
+"""How explanation maps are judged (Chefer, Gur & Wolf 2021, "Transformer Interpretability
+Beyond Attention Visualization"; docs/explanations.md): segmentation test, perturbation tests
 (Chefer et al.'s positive / negative AUC and Vilas et al.'s keep-the-most-important AUC),
 the random-order baseline (`explain("random", ...)`), and the model-parameter
 randomisation sanity check (Adebayo et al. 2018).

@@ -22,6 +22,7 @@ from circuits.explain import transformer_attribution as _ta
 from circuits.explain.attention import raw_attention, rollout
 from circuits.explain.gradients import attention_gradcam, gae
 from circuits.explain.trace import AttentionTrace, trace
+from circuits.options import parse_named_options
 from hooked_vit import HookedViT, HookedViTConfig
 
 
@@ -65,9 +66,7 @@ MethodSpec = Union[str, Sequence[str], Mapping[str, Mapping[str, Any]]]
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """"tokentm:necc=none,grad=none" -> ("tokentm", {"necc": "none", "grad": "none"})."""
-    from circuits.sources import parse_arch  # the same name:key=value syntax as --arch
-
-    name, options = parse_arch(spec)
+    name, options = parse_named_options(spec, "method options")
     if name not in METHODS:
         raise ValueError(f"unknown explanation method {name!r}; choose from {sorted(METHODS)}")
     return name, options

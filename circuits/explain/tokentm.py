@@ -1,5 +1,5 @@
 """TokenTM (Wu et al., CVPR 2024): attention combined with how much each sublayer
-transforms each token, aggregated over all blocks. A reconstruction (SPEC 4.1): the
+transforms each token, aggregated over all blocks. A reconstruction (docs/explanations.md, "TokenTM"): the
 paper's text was not at hand, so every uncertain choice is an option.
 
 Token length L(e) = ||e||. For a sublayer that maps tokens E_i to E~_i:

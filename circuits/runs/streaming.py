@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from circuits.results import RunStore
+from circuits.runs.results import RunStore
 
-log = logging.getLogger("circuits.streaming")
+log = logging.getLogger("circuits.runs.streaming")
 # Keys of a collated batch that are not per-image scalar metadata.
 STANDARD_KEYS = frozenset({"image", "label", "index", "path", "mask", "skipped", "has_mask"})
 

@@ -1,7 +1,7 @@
 """Decomposition over a dataset: fit on a reference set, evaluate on a data set, resumable.
 
 `decompose_run(model, dataset, reference, out_dir)` writes a run directory (see
-`circuits.results`):
+`circuits.runs.results`):
 
 - `reference.json`: component names, core and spurious scores, the ablation order, the
   chosen k and the reference-set curve (fitted once; reused on resume);
@@ -38,21 +38,12 @@ from circuits.decomposition.spurious import (
     SpuriousRemoval, feature_basis, fit_removal, group_accuracy, logits_of, mean_ablate,
 )
 from circuits.data import collate_samples
-from circuits.results import RunStore, atomic_write_bytes, fixed_size_list, read_table
+from circuits.runs.streaming import describe_dataset
+from circuits.runs.context import run_size, start_run
+from circuits.runs.results import RunStore, atomic_write_bytes, fixed_size_list, read_table
 
 log = logging.getLogger("circuits.decomposition")
 DERIVED = ("reference.json", "reference.npz", "heatmaps.json", "summary.json")  # files besides the tables
-
-
-def synthetic_for(model_spec: str, split: str = "test", n: int = 512):
-    """The synthetic split an embedded model is evaluated on (its recorded difficulty),
-    normalised; the "spurious" model is trained and tested on the "hard" variant."""
-    from circuits.embedded import SyntheticShapes, embedded_info, normalize
-
-    which = model_spec.partition(":")[2] or "default"
-    params = embedded_info(which).get("test_dataset", {})
-    return SyntheticShapes(n, seed=params.get("seed", 0), split=split, spurious_corr=None,
-                           difficulty=params.get("difficulty", "normal"), transform=normalize)
 
 
 def decompose_run(
@@ -81,33 +72,25 @@ def decompose_run(
     `fwd_hooks` are active in every pass (an intervention, e.g. a planted shortcut); they
     are recorded in the settings by name only, so describe them in `settings`.
     """
-    from circuits.streaming import describe_dataset, model_fingerprint
-    from circuits.streaming import stream_pending
-
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    store = RunStore(out_dir, {
-        "analysis": "decompose", "model": model.cfg.model_name, "weights": model_fingerprint(model),
-        "dataset": describe_dataset(dataset), "n": n, "reference": describe_dataset(reference),
-        "reference_n": len(reference) if reference_limit is None else min(reference_limit, len(reference)),
-        "core_key": core_key, "spurious_key": spurious_key, "max_k": max_k, "mode": mode,
-        "start_layer": start_layer, "fwd_hooks": [name for name, _ in fwd_hooks], **(settings or {}),
-    }, overwrite=overwrite)
+    run = start_run("decompose", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
+                    progress=progress, settings=settings, reference=describe_dataset(reference),
+                    reference_n=run_size(reference, reference_limit), core_key=core_key,
+                    spurious_key=spurious_key, max_k=max_k, mode=mode, start_layer=start_layer,
+                    fwd_hooks=[name for name, _ in fwd_hooks])
+    store = run.store
     if overwrite:
         for name in DERIVED:
             (store.root / name).unlink(missing_ok=True)
     fitted = _load_or_fit(model, reference, store, core_key, spurious_key, max_k, mode, start_layer,
                           batch_size, reference_limit, fwd_hooks, progress)
-    param = model.embed.proj.weight
-    for batch in stream_pending(store, dataset, n, batch_size=batch_size, num_workers=num_workers,
-                                desc="decompose", progress=progress):
-        images = batch.data["image"].to(param.device, param.dtype)
+    for batch in run.batches(batch_size):
+        images = run.images(batch)
         dec = decompose(model, images, start_layer=start_layer, fwd_hooks=fwd_hooks)
         batch.save({"images": _image_rows(model, dec.terms, batch.data, fitted, spurious_key, max_k)})
     if n_heatmaps and not (store.root / "heatmaps.json").exists():
         store.write_json("heatmaps.json",
                          heatmaps(model, dataset, fitted, n_heatmaps, start_layer, fwd_hooks=fwd_hooks))
-    store.write_json("summary.json", summarize(store.root))
-    return store
+    return run.finish(summarize(store.root))
 
 
 # ----------------------------------------------------------------------------- reference

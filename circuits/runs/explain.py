@@ -1,7 +1,7 @@
 """Dataset-level benchmark of explanation methods: one resumable run, one table.
 
 `benchmark(model, dataset, out_dir, methods)` streams the dataset and writes, per batch
-(`circuits.results.RunStore`, parquet parts, resumable):
+(`circuits.runs.results.RunStore`, parquet parts, resumable):
 
 | table | one row per | columns |
 |---|---|---|
@@ -32,7 +32,8 @@ from circuits.data import make_loader
 from circuits.explain.evaluate import (FRACTIONS, auc, keep_auc, perturbation_curve, randomization_check,
                                        segmentation_counts, segmentation_scores)
 from circuits.explain.methods import DEFAULT_METHODS, _as_specs, explain_many, grid_of, upsample
-from circuits.results import RunStore, fixed_size_list, read_table, stack_column
+from circuits.runs.context import start_run
+from circuits.runs.results import RunStore, fixed_size_list, read_table, stack_column
 from hooked_vit import HookedViT
 
 
@@ -65,26 +66,18 @@ def benchmark(
         thumbnails: keep the first N images (uint8) for the report's overlays.
         sanity_images: run the randomisation check on the first N images (0: skip).
     """
-    from circuits.streaming import describe_dataset, model_fingerprint
-    from circuits.streaming import stream_pending
-
-    n = len(dataset) if limit is None else min(limit, len(dataset))
     _as_specs(methods)  # fail early on an unknown method
-    run_settings = {
-        "analysis": "explain", "model": model.cfg.model_name, "weights": model_fingerprint(model),
-        "dataset": describe_dataset(dataset), "n": n, "methods": list(methods), "fractions": list(fractions),
-        "mode": mode, "target": target, "grid": list(model.cfg.grid_size), "n_classes": model.cfg.n_classes,
-        "thumbnails": thumbnails, "sanity_images": sanity_images, **(settings or {}),
-    }
-    store = RunStore(out_dir, run_settings, overwrite=overwrite)
-    for batch in stream_pending(store, dataset, n, batch_size=batch_size, num_workers=num_workers,
-                                desc="explain", progress=progress):
+    run = start_run("explain", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
+                    progress=progress, settings=settings, methods=list(methods), fractions=list(fractions),
+                    mode=mode, target=target, grid=list(model.cfg.grid_size), n_classes=model.cfg.n_classes,
+                    thumbnails=thumbnails, sanity_images=sanity_images)
+    store = run.store
+    for batch in run.batches(batch_size):
         batch.save(benchmark_batch(model, batch.data, methods, fractions=fractions, mode=mode, target=target,
                                    thumbnails=thumbnails))
     if sanity_images and not (store.root / "sanity.json").exists():
         store.write_json("sanity.json", sanity_rows(model, dataset, methods, sanity_images))
-    store.write_json("summary.json", summarize_benchmark(store.root).to_dict(orient="records"))
-    return store
+    return run.finish(summarize_benchmark(store.root).to_dict(orient="records"))
 
 
 def benchmark_batch(model: HookedViT, batch: dict, methods: Sequence[str], *, fractions=FRACTIONS,

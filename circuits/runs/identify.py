@@ -1,6 +1,6 @@
 """Class identifiability over a whole dataset: stream batches, project, write, resume.
 
-`identify(model, dataset, out_dir)` writes three tables (see `circuits.results`):
+`identify(model, dataset, out_dir)` writes three tables (see `circuits.runs.results`):
 - images: index, path, label, target, pred, correct, object_tokens (bool per token, when
   the dataset has masks), plus any scalar metadata of the samples (e.g. background);
 - tokens: one row per (index, site, layer): rank, target_logit (per token), topk
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -19,8 +20,10 @@ import torch
 from torch.utils.data import Dataset
 
 from circuits.projection import DEFAULT_SITES, BatchProjection, project_batch
-from circuits.results import RunStore, fixed_size_list
-from circuits.streaming import PendingBatch, describe_dataset, model_fingerprint, stream_pending
+from circuits.identifiability import IdentifyResults
+from circuits.runs.context import start_run
+from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
+from circuits.runs.streaming import PendingBatch
 from hooked_vit import HookedViT
 
 
@@ -51,22 +54,16 @@ def identify(
         fwd_hooks: hooks active during every forward (interventions).
         settings: extra settings recorded in the manifest (and checked on resume).
     """
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    run_settings = {
-        "analysis": "identify", "model": model.cfg.model_name, "weights": model_fingerprint(model),
-        "sites": list(sites), "k": k, "dataset": describe_dataset(dataset), "n": n,
-        "n_classes": model.cfg.n_classes, "n_prefix_tokens": model.cfg.n_prefix_tokens,
-        "patch_size": list(model.cfg.patch_size), **(settings or {}),
-    }
-    store = RunStore(out_dir, run_settings, overwrite=overwrite)
-    for batch in stream_pending(store, dataset, n, batch_size=batch_size, num_workers=num_workers,
-                                desc="identify", progress=progress):
-        images = batch.data["image"].to(model.device, model.embed.proj.weight.dtype)
+    run = start_run("identify", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
+                    progress=progress, settings=settings, sites=list(sites), k=k, n_classes=model.cfg.n_classes,
+                    n_prefix_tokens=model.cfg.n_prefix_tokens, patch_size=list(model.cfg.patch_size))
+    for batch in run.batches(batch_size):
+        images = run.images(batch)
         labels = torch.as_tensor(batch.data["label"])
         targets = labels if bool((labels >= 0).all()) else None
         proj = project_batch(model, images, targets, sites=sites, k=k, fwd_hooks=fwd_hooks)
         batch.save(batch_tables(proj, batch, model))
-    return store
+    return run.store
 
 
 def batch_tables(proj: BatchProjection, pending: PendingBatch, model: HookedViT) -> dict[str, pa.Table]:
@@ -112,3 +109,29 @@ def object_tokens(mask: torch.Tensor, model: HookedViT) -> np.ndarray:
     grid = mask_to_token_grid(mask.bool(), model.cfg.patch_size)  # [b, n_patches]
     prefix = torch.zeros(grid.shape[0], model.cfg.n_prefix_tokens, dtype=torch.bool)
     return torch.cat([prefix, grid.cpu()], 1).numpy()
+
+
+def load_results(run_dir: str | Path) -> IdentifyResults:
+    """Read a run directory written by `circuits.runs.identify.identify` into dense arrays."""
+    settings = read_manifest(run_dir)["settings"]
+    sites = settings["sites"]
+    images = read_table(run_dir, "images")
+    tokens = read_table(run_dir, "tokens")
+    stream = read_table(run_dir, "stream")
+    n, s = len(images), len(sites)
+    n_layers = int(tokens["layer"].max()) + 1
+    site_order = {name: i for i, name in enumerate(sites)}
+    tokens = tokens.assign(site_i=tokens["site"].astype(str).map(site_order)).sort_values(
+        ["index", "site_i", "layer"], kind="stable")
+    shape = (n, s, n_layers, -1)
+    rank = stack_column(tokens, "rank").reshape(shape)
+    k = stack_column(tokens, "topk").shape[1] // rank.shape[-1]
+    obj = stack_column(images, "object_tokens").astype(bool) if "object_tokens" in images else None
+    return IdentifyResults(
+        sites=sites, n_classes=settings["n_classes"], n_prefix=settings["n_prefix_tokens"],
+        rank=rank, target_logit=stack_column(tokens, "target_logit").reshape(shape),
+        topk=stack_column(tokens, "topk").reshape(n, s, n_layers, -1, k),
+        pre_target_logit=stack_column(stream, "pre_target_logit").reshape(n, n_layers, -1),
+        mid_target_logit=stack_column(stream, "mid_target_logit").reshape(n, n_layers, -1),
+        images=images, object_tokens=obj,
+    )

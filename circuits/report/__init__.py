@@ -1,0 +1,58 @@
+"""A self-contained HTML report with plotly figures, built from run directories.
+
+Each run directory carries a manifest naming its analysis; the section module that owns the
+analysis (`circuits.report.<section>`: `ANALYSES` and `report_section(runs)`) turns its
+runs into HTML fragments. plotly.js is embedded once, so the file opens offline.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Callable, Iterable
+
+from circuits.report import decompose, explain, identify, memories, perturb
+from circuits.report.html import figure_html, page, table_html
+from circuits.runs.results import atomic_write_text, read_manifest
+
+Section = Callable[[dict[str, Path]], list[str]]
+SECTIONS = (identify, perturb, memories, decompose, explain)  # the report's order
+
+__all__ = ["build_report", "find_runs", "sections", "figure_html", "table_html"]
+
+
+def sections() -> dict[str, Section]:
+    """analysis name -> renderer, in the report's order."""
+    return {a: m.report_section for m in SECTIONS for a in m.ANALYSES}
+
+
+def find_runs(paths: Iterable[str | Path]) -> dict[str, Path]:
+    """Run directories under the given paths (a path may be a run or hold runs), by label."""
+    runs: dict[str, Path] = {}
+    for path in map(Path, paths):
+        manifests = [path / "manifest.json"] if (path / "manifest.json").exists() else sorted(path.rglob("manifest.json"))
+        for manifest in manifests:
+            run = manifest.parent
+            label = str(run.relative_to(path)) if run != path else run.name
+            runs[label] = run
+    if not runs:
+        raise FileNotFoundError(f"no results (manifest.json) under {[str(p) for p in paths]}")
+    return runs
+
+
+def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hooked-vit report") -> Path:
+    runs = find_runs(paths)
+    by_analysis: dict[str, dict[str, Path]] = {}
+    for label, run in runs.items():
+        analysis = read_manifest(run)["settings"].get("analysis", "unknown")
+        by_analysis.setdefault(analysis, {})[label] = run
+    body: list[str] = []
+    renderers = sections()
+    for analysis, render in renderers.items():
+        if analysis in by_analysis:
+            body += render(by_analysis[analysis])
+    for analysis in set(by_analysis) - set(renderers):
+        body.append(f"<p>No renderer for analysis {html.escape(analysis)} ({', '.join(by_analysis[analysis])}).</p>")
+    out = Path(out)
+    atomic_write_text(out, page(title, body))
+    return out

@@ -1,0 +1,132 @@
+"""`hooked-vit demo`: every analysis on the embedded default, then one HTML report.
+
+No downloads: the synthetic dataset is generated, the model is the project's own. Each
+step below runs one analysis over the data (`circuits.runs`); runs are resumable, so an
+interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from circuits.embedded import SyntheticShapes, normalize
+from circuits.memories import memories
+from circuits.probes import run_probes
+from circuits.report import build_report
+from circuits.runs.decompose import decompose_run
+from circuits.runs.explain import benchmark
+from circuits.runs.identify import identify
+from circuits.runs.perturb import perturbation_experiment, token_removal_experiment
+from circuits.runs.sources import load_dataset, load_model, synthetic_for
+from circuits.runs.specs import parse_model_spec
+from hooked_vit import HookedViT
+
+DEMO_LIMIT = 256  # images per perturbation run: the step stays well under 30 s on 2 cores
+DEMO_IMAGES = 128  # images of the explanation benchmark
+PROBE_PER_CLASS = 10
+
+
+@dataclass
+class DemoContext:
+    """What every demo step gets: where to write, the embedded models and data."""
+
+    out: Path
+    trained: HookedViT  # the embedded default
+    random: HookedViT  # the same architecture with random weights
+    data: torch.utils.data.Dataset  # the synthetic test split, preprocessed
+    batch_size: int = 64
+    overwrite: bool = False
+    device: str = "cpu"
+
+
+def identify_step(ctx: DemoContext) -> None:
+    for label, model in (("trained", ctx.trained), ("random weights", ctx.random)):
+        identify(model, ctx.data, str(ctx.out / "identify" / label), batch_size=ctx.batch_size,
+                 overwrite=ctx.overwrite)
+
+
+def perturb_step(ctx: DemoContext) -> None:
+    root = ctx.out / "perturb"
+    limit = min(DEMO_LIMIT, len(ctx.data))
+    perturbation_experiment(ctx.trained, ctx.data, root / "attention", batch_size=ctx.batch_size,
+                            limit=limit, overwrite=ctx.overwrite)
+    token_removal_experiment(ctx.trained, ctx.data, root / "token_removal", batch_size=ctx.batch_size,
+                             limit=limit, overwrite=ctx.overwrite)
+
+
+def memories_step(ctx: DemoContext) -> None:
+    for label, model in (("trained", ctx.trained), ("random weights", ctx.random)):
+        memories(model, ctx.data, str(ctx.out / "memories" / label), batch_size=ctx.batch_size,
+                 overwrite=ctx.overwrite, progress=False)
+    train = SyntheticShapes(4 * PROBE_PER_CLASS * ctx.trained.cfg.n_classes, seed=0, split="train",
+                            transform=normalize)
+    run_probes(ctx.trained, train, ctx.data, str(ctx.out / "probes" / "trained"), per_class=PROBE_PER_CLASS,
+               batch_size=ctx.batch_size, overwrite=ctx.overwrite, progress=False)
+
+
+def decompose_step(ctx: DemoContext) -> None:
+    """The spurious embedded model (reference = synthetic val split, data = test split), and
+    the default model with a planted background-shortcut head, as ground truth."""
+    from circuits.decomposition.planted import plant_background_shortcut
+
+    model = load_model("embedded:spurious", device=ctx.device)
+    n = len(ctx.data)
+    decompose_run(model, synthetic_for("spurious", "test", n), synthetic_for("spurious", "val", n),
+                  ctx.out / "decompose" / "spurious", batch_size=ctx.batch_size, overwrite=ctx.overwrite,
+                  progress=False)
+    reference = synthetic_for("default", "val", n)
+    hooks, head = plant_background_shortcut(ctx.trained, reference)
+    decompose_run(ctx.trained, ctx.data, reference, ctx.out / "decompose" / "default with a planted shortcut",
+                  batch_size=ctx.batch_size, n_heatmaps=0, fwd_hooks=hooks, overwrite=ctx.overwrite,
+                  progress=False, settings={"planted": head})
+
+
+def explain_step(ctx: DemoContext) -> None:
+    benchmark(ctx.trained, ctx.data, ctx.out / "explain" / "trained", batch_size=ctx.batch_size,
+              limit=DEMO_IMAGES, sanity_images=16, overwrite=ctx.overwrite)
+
+
+STEPS: dict[str, Callable[[DemoContext], None]] = {
+    "identify": identify_step, "perturb": perturb_step, "memories": memories_step,
+    "decompose": decompose_step, "explain": explain_step,
+}
+
+
+def run_demo(out: str | Path = "demo_out", n: int = 512, batch_size: int = 64, device: str = "cpu",
+             overwrite: bool = False, threads: int | None = 1) -> Path:
+    """Run every demo step and build the report; returns the report's path.
+
+    threads: torch CPU threads during the demo (default 1: the embedded model is tiny, and
+    extra threads only wait on each other, badly so when other processes share the cores).
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_steps(Path(out), n, batch_size, device, overwrite)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_steps(out: Path, n: int, batch_size: int, device: str, overwrite: bool) -> Path:
+    torch.manual_seed(0)
+    spec = parse_model_spec("embedded")
+    trained = load_model(spec, device=device)
+    ctx = DemoContext(out=out, trained=trained, random=load_model("embedded", device=device, random_weights=True),
+                      data=load_dataset(f"synthetic:test:{n}", trained, spec), batch_size=batch_size,
+                      overwrite=overwrite, device=device)
+    return run_steps(ctx, STEPS, title="hooked-vit demo: embedded default")
+
+
+def run_steps(ctx: DemoContext, steps: dict[str, Callable[[DemoContext], None]], title: str) -> Path:
+    """Run the given steps in order, then the report over everything under ctx.out."""
+    for name, step in steps.items():
+        start = time.perf_counter()
+        step(ctx)
+        print(f"demo step {name}: {time.perf_counter() - start:.1f} s")
+    return build_report([ctx.out], ctx.out / "report.html", title=title)

@@ -1,0 +1,76 @@
+"""The one preamble of every dataset-level run: settings with the model fingerprint and the
+dataset description, how many items, the resumable store, batches on the model's device,
+and the run's summary written atomically. (Distributed sharding plugs in here: a shard's
+`Run` streams its own indices.)
+
+    run = start_run("identify", model, dataset, out_dir, limit=limit, overwrite=overwrite, k=5)
+    for batch in run.batches(batch_size=32):
+        images = run.images(batch)
+        batch.save(tables)
+    run.finish(summary)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from circuits.runs.results import RunStore
+from circuits.runs.streaming import PendingBatch, describe_dataset, model_fingerprint, stream_pending
+from hooked_vit import HookedViT
+
+
+def run_size(dataset: Dataset, limit: Optional[int]) -> int:
+    """How many items a run covers: the first `limit` (all when None)."""
+    return len(dataset) if limit is None else min(limit, len(dataset))
+
+
+@dataclass
+class Run:
+    """A started run: its store, the model and data, and the number of items covered."""
+
+    analysis: str
+    store: RunStore
+    model: HookedViT
+    dataset: Dataset
+    n: int
+    num_workers: int = 0
+    progress: bool = True
+
+    def batches(self, batch_size: int, desc: Optional[str] = None) -> Iterator[PendingBatch]:
+        """The not-yet-done batches of the first `n` items."""
+        return stream_pending(self.store, self.dataset, self.n, batch_size=batch_size, num_workers=self.num_workers,
+                              desc=desc or self.analysis, progress=self.progress)
+
+    def images(self, batch: PendingBatch) -> torch.Tensor:
+        """The batch's images on the model's device, in its parameter dtype."""
+        param = self.model.embed.proj.weight
+        return batch.data["image"].to(param.device, param.dtype)
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    def finish(self, summary: Any) -> RunStore:
+        """Write summary.json (atomically) and return the store."""
+        self.store.write_json("summary.json", summary)
+        return self.store
+
+
+def start_run(analysis: str, model: HookedViT, dataset: Dataset, out_dir: str | Path, *, limit: Optional[int] = None,
+              overwrite: bool = False, num_workers: int = 0, progress: bool = True,
+              settings: Optional[dict[str, Any]] = None, **analysis_settings: Any) -> Run:
+    """Open (or resume) the run directory of `analysis` with its full settings.
+
+    analysis_settings: what determines this analysis' results; settings: the caller's extra
+    settings, recorded too (and checked on resume).
+    """
+    n = run_size(dataset, limit)
+    run_settings = {"analysis": analysis, "model": model.cfg.model_name, "weights": model_fingerprint(model),
+                    "dataset": describe_dataset(dataset), "n": n, **analysis_settings, **(settings or {})}
+    store = RunStore(out_dir, run_settings, overwrite=overwrite)
+    return Run(analysis, store, model, dataset, n, num_workers=num_workers, progress=progress)

@@ -1,0 +1,130 @@
+"""Attention perturbations and token removal over a dataset (Vilas et al. 2023, "Analyzing
+Vision Transformers for Image Classification in Class Embedding Space"; docs/interventions.md).
+
+`perturbation_experiment` runs `circuits.runs.identify.identify` once per perturbation
+kind (hooks from `circuits.interventions`); `token_removal_experiment` streams a dataset
+with object masks through `circuits.token_removal.removal_batch`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from circuits.data import mask_to_token_grid
+from circuits.interventions import KINDS, perturbation_hooks
+from circuits.runs.context import start_run
+from circuits.runs.identify import identify, load_results
+from circuits.runs.results import RunStore, fixed_size_list
+from circuits.token_removal import REMOVALS, Removal, kept_tokens_mask, removal_batch, removal_rates
+from hooked_vit import HookedViT
+
+
+def perturbation_experiment(model: HookedViT, dataset, out_dir, kinds: Sequence[str] = KINDS,
+                            layers: Optional[Sequence[int]] = None, *, sites: Sequence[str] = ("block",),
+                            k: int = 1, batch_size: int = 32, limit: Optional[int] = None,
+                            overwrite: bool = False, progress: bool = True, **options) -> dict:
+    """Run `circuits.runs.identify.identify` once per perturbation kind; one run dir per kind.
+
+    Writes `out_dir/<kind>/` (analysis "attention_perturbation"; settings record the kind,
+    layers and options). Resumable like `identify`. Returns {kind: run directory}.
+    """
+    runs = {}
+    for kind in kinds:
+        settings = {"analysis": "attention_perturbation", "perturbation": kind,
+                    "layers": None if layers is None else sorted({int(l) % model.cfg.n_layers for l in layers}),
+                    "options": dict(sorted(options.items()))}
+        hooks = perturbation_hooks(model, kind, layers, **options)
+        run = Path(out_dir) / kind
+        identify(model, dataset, str(run), sites=sites, k=k, batch_size=batch_size, limit=limit,
+                 overwrite=overwrite, progress=progress, fwd_hooks=hooks, settings=settings)
+        runs[kind] = run
+    return runs
+
+
+def perturbation_rates(runs: dict) -> pd.DataFrame:
+    """Per image and kind, the last-block identifiable-token rate of image (patch) tokens.
+
+    runs: {kind: run dir} from `perturbation_experiment` (or `find_runs`). Returns a long
+    DataFrame: index, label, kind, identifiable_token_rate (share of patch tokens with rank
+    0 at the last block output), any_identifiable, correct. Compare kinds with
+    `df.pivot(index="index", columns="kind", values="identifiable_token_rate")`.
+    """
+    frames = []
+    for kind, run in runs.items():
+        res = load_results(run)
+        top1 = res.rank[:, res.site("block"), -1, res.n_prefix:] == 0  # [N, patches]
+        frames.append(pd.DataFrame({
+            "index": res.images["index"].to_numpy(), "label": res.images["label"].to_numpy(), "kind": kind,
+            "identifiable_token_rate": top1.mean(1), "any_identifiable": top1.any(1),
+            "correct": res.images["correct"].to_numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+
+def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Sequence[Removal] = REMOVALS, *,
+                             batch_size: int = 32, limit: Optional[int] = None, overwrite: bool = False,
+                             progress: bool = True, settings: Optional[dict] = None) -> RunStore:
+    """Token removal over a dataset with object masks; resumable (`RunStore`).
+
+    Writes the table "removal": one row per (index, removal) with label, target, the
+    number of kept patch tokens, valid, rate_removed (share of kept patch tokens with rank
+    0 at the last block), rate_unperturbed (the same tokens without removal), pred_removed,
+    pred_unperturbed and the per-token ranks (rank_removed, -1 on removed tokens;
+    rank_unperturbed). Load with `pandas.read_parquet(out_dir / "removal")`.
+    """
+    run = start_run("token_removal", model, dataset, out_dir, limit=limit, overwrite=overwrite, progress=progress,
+                    settings=settings, removals=list(removals), n_prefix_tokens=model.cfg.n_prefix_tokens,
+                    n_classes=model.cfg.n_classes)
+    for pending in run.batches(batch_size, desc="token removal"):
+        batch = pending.data
+        if "mask" not in batch:
+            raise ValueError("token removal needs object masks: use a dataset with masks (synthetic, ImageNet-S)")
+        images = run.images(pending)
+        targets = torch.as_tensor(batch["label"]).to(model.device)
+        obj = mask_to_token_grid(batch["mask"].bool(), model.cfg.patch_size)
+        table = _batch_table(batch, removal_batch(model, images, obj, targets, removals), obj, targets,
+                             model.cfg.n_prefix_tokens)
+        pending.save({"removal": table})
+    return run.store
+
+
+def _batch_table(batch: dict, out: dict, obj: Tensor, targets: Tensor, n_prefix: int) -> pa.Table:
+    rank_none, pred_none = out["none"]
+    cols: dict[str, list] = {k: [] for k in ("index", "label", "target", "removal", "n_kept", "valid",
+                                             "rate_removed", "rate_unperturbed", "pred_removed",
+                                             "pred_unperturbed", "rank_removed", "rank_unperturbed")}
+    for removal, (rank, pred, valid) in ((k, v) for k, v in out.items() if k != "none"):
+        kept = kept_tokens_mask(obj, removal).to(rank.device)
+        rate, rate_none = removal_rates(rank, rank_none, kept, n_prefix)
+        nan = torch.full_like(rate, float("nan"))
+        cols["index"].append(torch.as_tensor(batch["index"]))
+        cols["label"].append(torch.as_tensor(batch["label"]))
+        cols["target"].append(targets)
+        cols["removal"] += [removal] * len(rate)
+        cols["n_kept"].append(kept.sum(1))
+        cols["valid"].append(valid)
+        cols["rate_removed"].append(torch.where(valid, rate, nan))
+        cols["rate_unperturbed"].append(torch.where(valid, rate_none, nan))
+        cols["pred_removed"].append(pred)
+        cols["pred_unperturbed"].append(pred_none)
+        cols["rank_removed"].append(rank)
+        cols["rank_unperturbed"].append(rank_none)
+    table = {}
+    for key, parts in cols.items():
+        if key == "removal":
+            table[key] = parts
+        elif key.startswith("rank_"):
+            table[key] = fixed_size_list(torch.cat(parts).cpu().numpy().astype(np.int32))
+        else:
+            table[key] = torch.cat([p.reshape(-1).cpu() for p in parts]).numpy()
+    return pa.table(table)
+
+

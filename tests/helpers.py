@@ -1,0 +1,56 @@
+"""Shared test helpers: small randomised versions of every supported timm family, images."""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+# name -> (timm overrides, input image size). Each is the registered timm architecture
+# (block type, pooling, tokens, norms, activations as timm defines them) shrunk to 2
+# blocks and a small width so the suite stays fast.
+SMALL = dict(depth=2, embed_dim=48, num_heads=4, num_classes=10)
+FAMILIES = {
+    "vit_tiny_patch16_224": (dict(img_size=48), 48),
+    "vit_base_patch32_224": (dict(img_size=64), 64),
+    "vit_base_patch8_224": (dict(img_size=24), 24),
+    "vit_large_patch14_224": (dict(img_size=28), 28),
+    "vit_base_patch16_224_miil": (dict(img_size=48), 48),
+    "vit_base_patch16_rpn_224": (dict(img_size=48), 48),
+    "deit_tiny_patch16_224": (dict(img_size=48), 48),
+    "deit_tiny_distilled_patch16_224": (dict(img_size=48), 48),
+    "vit_base_patch16_reg4_gap_256": (dict(img_size=48), 48),
+    "vit_small_patch14_reg4_dinov2": (dict(img_size=42), 42),
+    "vit_small_patch14_dinov2": (dict(img_size=42), 42),
+    "deit3_small_patch16_224": (dict(img_size=48), 48),
+    "vit_base_patch16_clip_224": (dict(img_size=48), 48),
+    "vit_base_patch16_clip_quickgelu_224": (dict(img_size=48), 48),
+}
+FAMILIES = {k: v for k, v in FAMILIES.items() if k in timm.list_models()}
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
+    """Randomise every parameter, LayerNorm weights and biases included.
+
+    timm's init leaves norm weights at 1 and many biases at 0, which would hide bugs in
+    how those parameters are used. Norm weights are drawn around 1 so activations keep a
+    sensible scale through the blocks.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * std
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + noise)
+            else:
+                p.copy_(noise)
+    return model
+
+
+def make_timm(name: str, seed: int = 0, **extra) -> tuple[torch.nn.Module, int]:
+    overrides, size = FAMILIES[name]
+    model = timm.create_model(name, pretrained=False, **{**SMALL, **overrides, **extra})
+    return randomize_(model.eval(), seed), size
+
+
+def images(size: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))

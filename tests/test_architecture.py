@@ -1,0 +1,94 @@
+"""Imports point one way: commands -> report -> runs -> analyses -> hooked_vit (docs/architecture.md).
+
+Every module's imports are read with `ast` (module level and inside functions alike).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = ("circuits.cli", "circuits.commands")
+# The dataset-level memories() / run_probes() still live beside their math (another change
+# edits those files); they are the only analyses allowed to use the run store until moved.
+PENDING_MOVE = {"circuits.memories", "circuits.probes"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def modules(package: str) -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def under(name: str, *packages: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def offenders(mods: dict[str, set[str]], forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    return {m: sorted(i for i in imps if under(i, *forbidden)) for m, imps in mods.items()
+            if any(under(i, *forbidden) for i in imps)}
+
+
+ALL = {**modules("hooked_vit"), **modules("circuits")}
+LAYERS = ("circuits.runs", "circuits.report", *CLI)
+
+
+def is_analysis(name: str) -> bool:
+    return under(name, "circuits") and not under(name, *LAYERS) and name != "circuits"
+
+
+def test_model_imports_nothing_from_circuits():
+    assert offenders(modules("hooked_vit"), ("circuits",)) == {}
+
+
+def test_only_the_command_line_imports_the_command_line():
+    library = {m: i for m, i in ALL.items() if not under(m, *CLI)}
+    assert offenders(library, CLI) == {}
+
+
+def test_analyses_import_no_runs_report_or_commands():
+    analyses = {m: i for m, i in ALL.items() if is_analysis(m) and m not in PENDING_MOVE}
+    assert len(analyses) > 20  # the walk found the analyses
+    assert offenders(analyses, LAYERS) == {}
+
+
+def test_pending_modules_use_only_the_run_store():
+    pending = {m: i for m, i in ALL.items() if m in PENDING_MOVE}
+    assert offenders(pending, ("circuits.report", *CLI)) == {}
+
+
+def test_runs_do_not_import_the_report():
+    runs = {m: i for m, i in ALL.items() if under(m, "circuits.runs")}
+    assert runs and offenders(runs, ("circuits.report", *CLI)) == {}
+
+
+def test_report_does_not_import_commands():
+    report = {m: i for m, i in ALL.items() if under(m, "circuits.report")}
+    assert report and offenders(report, CLI) == {}
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("from circuits.cli import main", {"circuits.cli", "circuits.cli.main"}),
+    ("def f():\n    import circuits.commands.demo", {"circuits.commands.demo"}),
+])
+def test_imports_of_reads_nested_imports(tmp_path, source, expected):
+    path = tmp_path / "m.py"
+    path.write_text(source)
+    assert imports_of(path) == expected
