@@ -7,7 +7,7 @@ through the text tower, each text embedding is L2-normalised, the templates are 
 and the mean is normalised again.
 
 `install_text_classes` makes these the HookedViT's unembedding, folded through the image
-projection (`W_U = proj^T E^T`), so `circuits.projection` / `circuits.identify` and every
+projection (`W_U = proj^T E^T`), so `circuits.projection` / `circuits.runs.identify` and every
 other analysis reading `W_U`/`b_U` use the text-defined classes unchanged.
 """
 

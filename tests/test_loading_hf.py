@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers not installed: pip install 'hooked-vit[hf]'")
 import transformers as T
 
-from conftest import images, randomize_
+from helpers import images, randomize_
 from hooked_vit import HookedViT
 from hooked_vit.loading import UnsupportedModelError
 

@@ -7,7 +7,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip extra not installed: pip install 'hooked-vit[open_clip]'")
 
-from conftest import images, randomize_
+from helpers import images, randomize_
 from hooked_vit import HookedViT
 from hooked_vit.loading import UnsupportedModelError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import images, make_timm
+from helpers import images, make_timm
 from hooked_vit import HookedViT
 from hooked_vit.pretrained import load_pretrained
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import images, randomize_
+from helpers import images, randomize_
 from hooked_vit import HookedViT
 from hooked_vit.text_classes import install_text_classes, text_class_embeddings
 
@@ -54,7 +54,7 @@ def test_installed_text_head_gives_zero_shot_logits(open_clip_model):
 
 def test_zero_shot_identifiability_end_to_end(open_clip_model, tmp_path):
     from circuits.identifiability import load_results, summarize
-    from circuits.identify import identify
+    from circuits.runs.identify import identify
     from test_identify import Shapes
 
     model = install_text_classes(HookedViT.from_open_clip(open_clip_model),
