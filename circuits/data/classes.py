@@ -175,7 +175,7 @@ def _show(names: Sequence[str], k: int = 5) -> str:
 
 def read_labels_file(path: str | os.PathLike) -> dict[str, int]:
     """A folder -> class id table: ``.json`` (an object) or ``.csv`` (rows ``folder,id``; a first row
-    whose id is not an integer is taken as a header). Parsed as data, never executed."""
+    whose id field does not start like a number is taken as a header). Parsed as data, never executed."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         table = json.loads(path.read_text())
@@ -184,8 +184,8 @@ def read_labels_file(path: str | os.PathLike) -> dict[str, int]:
         rows = list(table.items())
     elif path.suffix.lower() == ".csv":
         rows = [r for r in csv.reader(path.read_text().splitlines()) if r]
-        if rows and not re.fullmatch(r"\s*-?\d+\s*", rows[0][-1]):
-            rows = rows[1:]  # header
+        if rows and not re.match(r"\s*[-+.]?\d", rows[0][-1]):
+            rows = rows[1:]  # a header ("folder,class"); a malformed number is an error below
     else:
         raise ValueError(f"labels file {path} must be .json or .csv")
     return {str(r[0]).strip(): _as_id(r, path) for r in rows}
