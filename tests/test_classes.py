@@ -13,7 +13,7 @@ from circuits.data import (ImageFolderDataset, ModelClasses, TargetSpec, class_n
 from circuits.embedded import CLASS_NAMES, load_embedded_timm
 from hooked_vit import HookedViT
 from hooked_vit.config import HookedViTConfig
-from tests.conftest import make_timm
+from helpers import make_timm
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from PIL import Image
 from circuits.data import ImageFolderDataset, load_image, make_loader, transform_for
 from circuits.data.images import BACKGROUND, to_rgb
 from hooked_vit import HookedViT
-from tests.conftest import make_timm
+from helpers import make_timm
 
 RNG = np.random.default_rng(0)
 
