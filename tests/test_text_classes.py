@@ -53,8 +53,8 @@ def test_installed_text_head_gives_zero_shot_logits(open_clip_model):
 
 
 def test_zero_shot_identifiability_end_to_end(open_clip_model, tmp_path):
-    from circuits.identifiability import load_results, summarize
-    from circuits.runs.identify import identify
+    from circuits.identifiability import summarize
+    from circuits.runs.identify import identify, load_results
     from test_identify import Shapes
 
     model = install_text_classes(HookedViT.from_open_clip(open_clip_model),
