@@ -1,4 +1,4 @@
-"""Key-value memories of attention and MLP sublayers in class embedding space (SPEC 2.4).
+"""Key-value memories of attention and MLP sublayers in class embedding space (Vilas et al. 2023, section 5).
 
 A sublayer's output is a sum of value vectors weighted by coefficients (Geva et al. 2021;
 Vilas et al. 2023, section 5):

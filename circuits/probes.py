@@ -1,4 +1,4 @@
-"""Linear probes per token position and site, side by side with the projection (SPEC 2.5).
+"""Linear probes per token position and site, side by side with the projection (Vilas et al. 2023, section 6).
 
 One ridge-regression probe per (site, layer, token position): site = block output, attention
 output or MLP output (`circuits.projection.SITES`), trained on a few images per class and
@@ -15,7 +15,8 @@ per (site, layer, position) inside the forward hooks, in float64, after subtract
 per-probe shift (the first batch's mean) so the centring subtracts no large numbers. Memory
 is 8 * sites * layers * positions * d_model^2 bytes whatever the number of training images:
 38 MB for the embedded model, but 11 GB per site for ViT-B/16 (197 tokens, d 768), where
-`layers=` restricts a run to some layers (0.9 GB per site and layer).
+`layers=` restricts a run to some layers (0.9 GB per site and layer). The systems are solved
+by Cholesky (`spd_solve`), the batched LU solve hangs under 2 threads in this torch.
 """
 
 from __future__ import annotations
