@@ -1,4 +1,4 @@
-"""Key-value memories of attention and MLP sublayers in class embedding space (SPEC 2.4).
+"""Key-value memories of attention and MLP sublayers in class embedding space (Vilas et al. 2023, section 5).
 
 A sublayer's output is a sum of value vectors weighted by coefficients (Geva et al. 2021;
 Vilas et al. 2023, section 5):
@@ -40,6 +40,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from circuits.identifiability import pretrained_vs_random
 from circuits.runs.streaming import describe_dataset, model_fingerprint
 from circuits.runs.streaming import PendingBatch, stream_pending
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
@@ -385,19 +386,38 @@ def permutation_test(a: np.ndarray, b: np.ndarray, n_resamples: int = 1000, seed
     return {**out, "difference": float(observed), "p_value": float(p)}
 
 
-def correct_vs_wrong(images: pd.DataFrame, layers: pd.DataFrame, metric: str = "agree", token: str = "image",
+def correct_vs_wrong(images: pd.DataFrame, layers: pd.DataFrame, metric: str = "agree", token: str = "cls",
                      n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per sublayer and layer: per-image `metric` rate of correctly vs wrongly classified
-    images, with `permutation_test` (mean_a: correct, mean_b: wrong)."""
+    images, with `permutation_test` (mean_a: correct, mean_b: wrong).
+
+    token: "cls" (the default, the paper's comparison: Vilas et al. 2023, section 5, whose
+    code reads token 0 only; the per-image rate is then 0 or 1) or "image" (share of the
+    image tokens). Returns columns sublayer, layer, token, correct_mean, wrong_mean,
+    n_correct, n_wrong, difference, p_value.
+    """
+    if token not in TOKENS:
+        raise ValueError(f"unknown token kind {token!r}; expected one of {TOKENS}")
+    if int(layers[f"{token}_tokens"].sum()) == 0:
+        raise ValueError(f"this run has no {token} tokens (a model without a class token?); use token='image'")
     rates = per_image_rate(layers, metric, token)
     correct = images.set_index("index")["correct"].reindex(rates.index).to_numpy(bool)
     rows = []
     for column in rates.columns:
         values = rates[column].to_numpy()
-        rows.append({"sublayer": column[0], "layer": int(column[1]),
+        rows.append({"sublayer": column[0], "layer": int(column[1]), "token": token,
                      **permutation_test(values[correct], values[~correct], n_resamples, seed)})
     return pd.DataFrame(rows).rename(columns={"mean_a": "correct_mean", "mean_b": "wrong_mean",
                                               "n_a": "n_correct", "n_b": "n_wrong"})
+
+
+def correct_vs_wrong_by_token(images: pd.DataFrame, layers: pd.DataFrame, metric: str = "agree",
+                              n_resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """`correct_vs_wrong` for the class token (the paper's comparison; absent for models
+    without one) and for the image tokens, one table with a `token` column, class token first."""
+    tokens = [t for t in TOKENS if int(layers[f"{t}_tokens"].sum()) > 0]
+    return pd.concat([correct_vs_wrong(images, layers, metric, t, n_resamples, seed) for t in tokens],
+                     ignore_index=True)
 
 
 def class_value_by_layer(class_value: pd.DataFrame) -> pd.DataFrame:
@@ -405,12 +425,50 @@ def class_value_by_layer(class_value: pd.DataFrame) -> pd.DataFrame:
     return class_value.groupby(["sublayer", "layer"], as_index=False)["max_cosine"].mean()
 
 
+def _paired_class_values(trained: pd.DataFrame, random: pd.DataFrame) -> pd.DataFrame:
+    """The two `class_value_agreement` tables joined on (sublayer, layer, class)."""
+    keys = ["sublayer", "layer", "class"]
+    paired = trained[keys + ["max_cosine"]].merge(random[keys + ["max_cosine"]], on=keys, how="outer",
+                                                  suffixes=("_trained", "_random"), indicator=True)
+    if not (paired["_merge"] == "both").all() or len(paired) != len(trained) or len(paired) != len(random):
+        raise ValueError("class-value tables of the trained and random models do not pair up: run both with "
+                         "the same architecture and sublayers")
+    return paired.drop(columns="_merge")
+
+
+def class_value_vs_random(trained: pd.DataFrame, random: pd.DataFrame) -> pd.DataFrame:
+    """Per block (sublayer and layer), as the paper tests it (Vilas et al. 2023, section 5):
+    one-sided Wilcoxon signed-rank test over classes that the max cosine of the trained
+    model is larger than the random-weight model's (`pretrained_vs_random`, paired by class).
+
+    trained, random: `class_value_agreement` tables (`MemoryResults.class_value`). Returns
+    columns sublayer, layer, n_classes, pretrained_mean, random_mean, statistic, p_value.
+    """
+    rows = []
+    for (sublayer, layer), block in _paired_class_values(trained, random).groupby(["sublayer", "layer"], sort=True):
+        test = pretrained_vs_random(block["max_cosine_trained"].to_numpy(), block["max_cosine_random"].to_numpy())
+        rows.append({"sublayer": sublayer, "layer": int(layer), "n_classes": len(block), **test})
+    columns = ["sublayer", "layer", "n_classes", "pretrained_mean", "random_mean", "statistic", "p_value"]
+    return pd.DataFrame(rows)[columns]
+
+
+def class_value_vs_random_pooled(trained: pd.DataFrame, random: pd.DataFrame) -> pd.DataFrame:
+    """Summary of `class_value_vs_random`: one Wilcoxon test over all (sublayer, layer,
+    class) pairs; one row, columns n_pairs, pretrained_mean, random_mean, statistic, p_value."""
+    paired = _paired_class_values(trained, random)
+    test = pretrained_vs_random(paired["max_cosine_trained"].to_numpy(), paired["max_cosine_random"].to_numpy())
+    return pd.DataFrame([{"n_pairs": len(paired), **test}])[
+        ["n_pairs", "pretrained_mean", "random_mean", "statistic", "p_value"]]
+
+
 def summarize_memories(res: MemoryResults, n_resamples: int = 1000) -> dict:
-    """Every headline number of one run, as plain data (for the report and JSON)."""
+    """Every headline number of one run, as plain data (for the report and JSON).
+    `correct_vs_wrong` holds both token kinds (`token` column; "cls" is the paper's)."""
     return {
         "n_images": len(res.images),
         "accuracy": float(res.images["correct"].mean()),
         "by_layer": agreement_by_layer(res.layers).to_dict("records"),
         "class_value": class_value_by_layer(res.class_value).to_dict("records"),
-        "correct_vs_wrong": correct_vs_wrong(res.images, res.layers, n_resamples=n_resamples).to_dict("records"),
+        "correct_vs_wrong": correct_vs_wrong_by_token(res.images, res.layers, n_resamples=n_resamples
+                                                      ).to_dict("records"),
     }

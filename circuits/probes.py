@@ -1,4 +1,4 @@
-"""Linear probes per token position and site, side by side with the projection (SPEC 2.5).
+"""Linear probes per token position and site, side by side with the projection (Vilas et al. 2023, section 6).
 
 One ridge-regression probe per (site, layer, token position): site = block output, attention
 output or MLP output (`circuits.projection.SITES`), trained on a few images per class and
@@ -15,7 +15,8 @@ per (site, layer, position) inside the forward hooks, in float64, after subtract
 per-probe shift (the first batch's mean) so the centring subtracts no large numbers. Memory
 is 8 * sites * layers * positions * d_model^2 bytes whatever the number of training images:
 38 MB for the embedded model, but 11 GB per site for ViT-B/16 (197 tokens, d 768), where
-`layers=` restricts a run to some layers (0.9 GB per site and layer).
+`layers=` restricts a run to some layers (0.9 GB per site and layer). The systems are solved
+by Cholesky (`spd_solve`), the batched LU solve hangs under 2 threads in this torch.
 """
 
 from __future__ import annotations
@@ -56,6 +57,35 @@ def ridge_fit(X: Float[Tensor, "n d"], Y: Float[Tensor, "n c"], alpha: float = 1
     return acc.solve(alpha)
 
 
+def check_alpha(alpha: float) -> None:
+    """The ridge penalty must be positive: with fewer images than features the scatter
+    matrix is singular, and only alpha > 0 makes the system positive definite."""
+    if not alpha > 0:
+        raise ValueError(f"ridge alpha must be > 0 (got {alpha}); sklearn's RidgeClassifier default is 1.0")
+
+
+def spd_solve(S: Float[Tensor, "*g d d"], B: Float[Tensor, "*g d c"], alpha: float
+              ) -> Float[Tensor, "*g d c"]:
+    """(S + alpha I)^{-1} B for symmetric positive semi-definite S (a scatter matrix) and
+    alpha > 0, by a Cholesky factorisation.
+
+    Not `torch.linalg.solve`: its batched LU path (MKL `getrs` with `laswp`) fails with
+    "Intel oneMKL ERROR: Parameter 6 was incorrect on entry to DLASWP" and hangs in the
+    torch of this project after `torch.set_num_threads(2)`, at ViT-B size (a batch of
+    768 x 768 systems with 1000 right-hand sides). S + alpha I is symmetric positive
+    definite, so Cholesky (`torch.linalg.cholesky_ex`, `torch.cholesky_solve`) is the
+    sound and cheaper factorisation (half the flops of LU, no pivoting); see
+    https://pytorch.org/docs/stable/generated/torch.linalg.cholesky_ex.html.
+    """
+    check_alpha(alpha)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    L, info = torch.linalg.cholesky_ex(S + alpha * eye)
+    if bool((info > 0).any()) or not bool(torch.isfinite(L).all()):
+        raise ValueError(f"ridge system not positive definite at alpha={alpha} (non-finite features, or "
+                         "alpha too small against their scale); check the activations or raise alpha")
+    return torch.cholesky_solve(B, L)
+
+
 class RidgeAccumulator:
     """Sufficient statistics of independent ridge problems (one per group, e.g. per token
     position) that share their target rows; X [n, *groups, d], Y [n, c]."""
@@ -87,8 +117,7 @@ class RidgeAccumulator:
         mean_x, mean_y = self.sum_x / self.n, self.sum_y / self.n
         sxx = self.xtx - self.n * mean_x[..., :, None] * mean_x[..., None, :]
         sxy = self.xty - self.n * mean_x[..., :, None] * mean_y
-        eye = torch.eye(sxx.shape[-1], dtype=sxx.dtype, device=sxx.device)
-        W = torch.linalg.solve(sxx + alpha * eye, sxy)
+        W = spd_solve(sxx, sxy, alpha)
         b = mean_y - torch.einsum("...d,...dc->...c", mean_x + self.shift, W)
         return W, b
 
@@ -141,6 +170,7 @@ def train_probes(
 ) -> LinearProbes:
     """Fit one ridge probe per (site, layer, token position) on every image of `dataset`
     (use `per_class_indices` + `Subset` for a few images per class); one forward per batch."""
+    check_alpha(alpha)  # before the forward passes, not after them
     cfg = model.cfg
     layers = tuple(range(cfg.n_layers)) if layers is None else tuple(layers)
     names = _hook_names(model, sites, layers)

@@ -3,6 +3,8 @@ streamed per-image counts equal a direct computation, the statistics, the CLI an
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ from safetensors.torch import save_file
 
 from circuits.data import ArrayDataset
 from circuits.memories import (
-    METRICS, agreement_by_layer, class_value_agreement, correct_vs_wrong, load_memory_results, memories,
+    METRICS, agreement_by_layer, class_value_agreement, class_value_vs_random, class_value_vs_random_pooled,
+    correct_vs_wrong, correct_vs_wrong_by_token, load_memory_results, memories,
     memory_values, permutation_test, random_classes,
 )
 from helpers import images, make_timm, randomize_
@@ -210,11 +213,86 @@ def test_correct_vs_wrong_compares_per_image_rates():
     agree = [4, 3, 4, 1, 0]
     layers = pd.DataFrame({"index": range(5), "sublayer": "mlp", "layer": 0, "image_tokens": 4,
                            "image_agree": agree})
-    row = correct_vs_wrong(images_df, layers, n_resamples=100).iloc[0]
+    row = correct_vs_wrong(images_df, layers, token="image", n_resamples=100).iloc[0]
     assert row["correct_mean"] == pytest.approx(11 / 12) and row["wrong_mean"] == pytest.approx(1 / 8)
     assert row["n_correct"] == 3 and row["n_wrong"] == 2
     ref = permutation_test([1, 0.75, 1], [0.25, 0], n_resamples=100)
     assert row["p_value"] == pytest.approx(ref["p_value"])
+
+
+def cls_and_image_layers() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """5 images, 3 correct; one sublayer and layer; class token and 4 image tokens each."""
+    images_df = pd.DataFrame({"index": [0, 1, 2, 3, 4], "correct": [True, True, True, False, False]})
+    layers = pd.DataFrame({"index": range(5), "sublayer": "attn", "layer": 2, "cls_tokens": 1, "image_tokens": 4,
+                           "cls_agree": [1, 1, 0, 0, 0], "image_agree": [4, 3, 4, 1, 0]})
+    return images_df, layers
+
+
+def test_correct_vs_wrong_defaults_to_the_class_token():
+    """The paper's comparison: token 0 only. Correct 1, 1, 0 vs wrong 0, 0; of the 10 exact
+    splits, |difference| >= 2/3 for the 3 with both ones in the first group and the 1 with
+    none: p = 0.4."""
+    images_df, layers = cls_and_image_layers()
+    row = correct_vs_wrong(images_df, layers).iloc[0]
+    assert (row["token"], row["sublayer"], row["layer"]) == ("cls", "attn", 2)
+    assert row["correct_mean"] == pytest.approx(2 / 3) and row["wrong_mean"] == 0.0
+    assert row["p_value"] == pytest.approx(0.4)
+
+
+def test_correct_vs_wrong_by_token_reports_both():
+    images_df, layers = cls_and_image_layers()
+    table = correct_vs_wrong_by_token(images_df, layers, n_resamples=100)
+    assert table["token"].tolist() == ["cls", "image"]
+    assert table["correct_mean"].tolist() == pytest.approx([2 / 3, 11 / 12])
+    assert table["wrong_mean"].tolist() == pytest.approx([0.0, 1 / 8])
+    no_cls = layers.assign(cls_tokens=0, cls_agree=0)  # a model without a class token
+    assert correct_vs_wrong_by_token(images_df, no_cls)["token"].tolist() == ["image"]
+    with pytest.raises(ValueError, match="no cls tokens"):
+        correct_vs_wrong(images_df, no_cls)
+    with pytest.raises(ValueError, match="unknown token kind"):
+        correct_vs_wrong(images_df, layers, token="register")
+
+
+def class_value_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Block (attn, 0): trained above random for all 6 classes; block (mlp, 0): below for all,
+    by less than any attn difference."""
+    classes = np.arange(6)
+    rows = lambda sublayer, cos: pd.DataFrame({"sublayer": sublayer, "layer": 0, "class": classes,
+                                               "max_cosine": cos, "memory": 0})
+    random = pd.concat([rows("attn", 0.3 + 0.0 * classes), rows("mlp", 0.3 + 0.0 * classes)], ignore_index=True)
+    trained = pd.concat([rows("attn", 0.3 + 0.01 * (classes + 1)), rows("mlp", 0.3 - 0.001 * (classes + 1))],
+                        ignore_index=True)
+    return trained, random
+
+
+def test_class_value_vs_random_per_block():
+    """Exact one-sided signed-rank p: all 6 differences positive -> 1 / 2^6; all negative -> 1."""
+    trained, random = class_value_tables()
+    table = class_value_vs_random(trained, random.sample(frac=1.0, random_state=0))  # pairs by key, not order
+    assert table[["sublayer", "layer", "n_classes"]].values.tolist() == [["attn", 0, 6], ["mlp", 0, 6]]
+    assert table["p_value"].tolist() == pytest.approx([1 / 64, 1.0])
+    assert table["pretrained_mean"].tolist() == pytest.approx([0.335, 0.2965])
+
+
+def test_class_value_vs_random_pooled_summary():
+    """12 pairs: the 6 mlp differences take ranks 1-6 (negative), attn ranks 7-12, W+ = 57;
+    the exact p is the share of the 2^12 sign patterns with W+ >= 57."""
+    trained, random = class_value_tables()
+    pooled = class_value_vs_random_pooled(trained, random).iloc[0]
+    sums = np.array([sum(r for r in range(1, 13) if mask >> (r - 1) & 1) for mask in range(2 ** 12)])
+    assert pooled["n_pairs"] == 12 and pooled["statistic"] == 57
+    assert pooled["p_value"] == pytest.approx((sums >= 57).mean())
+    with pytest.raises(ValueError, match="do not pair up"):
+        class_value_vs_random_pooled(trained, random.iloc[:-1])
+
+
+def test_class_value_agreement_leaves_the_weights_alone():
+    """The original normalises the weights in place; ours normalises copies."""
+    model = HookedViT.from_timm(make_timm("vit_tiny_patch16_224", seed=6)[0])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    class_value_agreement(model)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, msg=name)
 
 
 # ------------------------------------------------------------------ command line, report, demo
@@ -260,3 +338,10 @@ def test_demo_step(tiny_checkpoint):
     assert runs == ["memories/random weights", "memories/trained", "probes/trained"]
     html = build_report([ctx.out], root / "demo.html").read_text()
     assert "trained vs random weights" in html and "Composition by layer" in html
+    # issue 17: the paper's per-block class-value tests and class-token comparison are shown
+    assert "Class-value agreement per block" in html and "pooled over (sublayer, layer, class)" in html
+    per_block = html.split("Class-value agreement per block")[1].split("</table>")[0]
+    assert per_block.count("<tr>") == 1 + 2 * 2  # header + (attn, mlp) x 2 layers
+    summary = json.loads((Path(ctx.out) / "memories" / "trained" / "summary.json").read_text())
+    both = [r for r in summary["correct_vs_wrong"] if r["n_correct"] and r["n_wrong"] and r["token"] == "cls"]
+    assert ("of the class token (the paper" in html) == bool(both)  # no caption without its data

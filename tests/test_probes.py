@@ -3,6 +3,12 @@ hook wiring on a model, and a whole run on disk."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +16,7 @@ import torch
 from circuits.data import ArrayDataset
 from circuits.probes import (
     RidgeAccumulator, accuracy_by_layer, dataset_labels, load_probe_results, per_class_indices, probe_batch,
-    ridge_fit, run_probes, signed_one_hot, train_probes,
+    ridge_fit, run_probes, signed_one_hot, spd_solve, train_probes,
 )
 from circuits.projection import SITES, class_rank, project_batch
 from helpers import images, make_timm
@@ -58,6 +64,64 @@ def test_accumulated_batches_equal_one_fit_per_group():
         W_ref, b_ref = ridge_fit(X[:, g], Y)
         torch.testing.assert_close(W[g], W_ref)
         torch.testing.assert_close(b[g], b_ref)
+
+
+def test_spd_solve_matches_dense_solve():
+    """Cholesky path == numpy's LU solve of (S + alpha I) W = B, batched over groups."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(3, 4, 6))  # 3 groups, 4 rows < 6 features: S alone is singular
+    S = np.einsum("gni,gnj->gij", X, X)
+    B = rng.normal(size=(3, 6, 2))
+    W = spd_solve(torch.as_tensor(S), torch.as_tensor(B), 0.5).numpy()
+    np.testing.assert_allclose(W, np.linalg.solve(S + 0.5 * np.eye(6), B), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0, float("nan")])
+def test_ridge_refuses_non_positive_alpha(alpha):
+    X, Y = torch.randn(5, 3, dtype=torch.float64), signed_one_hot(torch.tensor([0, 1, 0, 1, 1]), 2)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        ridge_fit(X, Y, alpha)
+
+
+def test_ridge_refuses_non_finite_features():
+    X = torch.randn(5, 3, dtype=torch.float64)
+    X[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="not positive definite"):
+        ridge_fit(X, signed_one_hot(torch.tensor([0, 1, 0, 1, 1]), 2))
+
+
+# Run in a fresh interpreter: the test session pins one thread, and a hang must not take
+# the suite down with it. The original batched torch.linalg.solve hangs here (MKL DLASWP
+# error) within the first second; the Cholesky path takes a few seconds.
+VIT_B32_PROBE = textwrap.dedent("""
+    import time, timm, torch
+    torch.set_num_threads(2)
+    from circuits.probes import train_probes
+    from circuits.data import ArrayDataset
+    from hooked_vit import HookedViT
+    torch.manual_seed(0)
+    model = HookedViT.from_timm(timm.create_model("vit_base_patch32_224", pretrained=False).eval())
+    assert (model.cfg.d_model, model.cfg.n_classes) == (768, 1000)
+    x, labels = torch.randn(6, 3, 224, 224), torch.tensor([0, 1, 2, 0, 1, 2])
+    start = time.perf_counter()
+    probes = train_probes(model, ArrayDataset(x.numpy(), labels.numpy()), sites=("block",), layers=[11],
+                          batch_size=6, progress=False)
+    elapsed = time.perf_counter() - start
+    assert probes.W.shape == (1, 1, 50, 768, 1000) and bool(torch.isfinite(probes.W).all())
+    # 6 images < 768 features, alpha 1: every position's probe fits its training labels.
+    pred = probes.scores("block", 11, model.run_with_cache(x)[1]["blocks.11.hook_resid_post"]).argmax(-1)
+    assert bool((pred == labels[:, None]).all()), pred
+    print(f"ok {elapsed:.1f}s threads={torch.get_num_threads()}")
+""")
+
+
+def test_probe_at_vit_b32_size_with_two_threads_finishes():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", VIT_B32_PROBE], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)  # expected ~10 s on 2 busy cores
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "DLASWP" not in out.stderr
 
 
 def test_per_class_indices_and_labels():

@@ -69,9 +69,11 @@ def _memories_section(runs: dict[str, Path]) -> list[str]:
     out.append(figure_html(_class_value_figure(summaries)))
     out.append(_class_value_test(results))
     for label, s in summaries.items():
-        cw = [r for r in s["correct_vs_wrong"] if r["n_correct"] and r["n_wrong"]]
-        out.append(table_html(cw, f"{label}: key-value agreement of image tokens, correctly vs wrongly "
-                                  "classified images (two-sided permutation test of the difference of means)"))
+        cw = pd.DataFrame([r for r in s["correct_vs_wrong"] if r["n_correct"] and r["n_wrong"]])
+        for token, what in (("cls", "class token (the paper's comparison)"), ("image", "image tokens")):
+            rows = cw[cw["token"] == token].to_dict("records") if len(cw) else []
+            out.append(table_html(rows, f"{label}: key-value agreement of the {what}, correctly vs wrongly "
+                                        "classified images (two-sided permutation test of the difference of means)"))
     return out
 
 
@@ -116,20 +118,22 @@ def _class_value_figure(summaries: dict) -> go.Figure:
 
 
 def _class_value_test(results: dict) -> str:
-    """One-sided Wilcoxon, trained > random, on the per (sublayer, layer, class) max cosines."""
-    from circuits.identifiability import pretrained_vs_random
+    """Trained > random weights, one-sided Wilcoxon over classes: per block, as the paper tests
+    it (Vilas et al. 2023, section 5), then pooled over every (sublayer, layer, class) pair."""
+    from circuits.memories import class_value_vs_random, class_value_vs_random_pooled
 
-    rows = []
+    per_block, pooled = [], []
     random = [l for l, r in results.items() if _is_random(l, r.settings)]
     trained = [l for l in results if l not in random]
     for r in random:
         for t in trained:
             a, b = results[t].class_value, results[r].class_value
-            if len(a) == len(b):
-                rows.append({"trained": t, "random": r, **pretrained_vs_random(a["max_cosine"].to_numpy(),
-                                                                               b["max_cosine"].to_numpy())})
-    return table_html(rows, "Class-value agreement, trained vs random weights: one-sided Wilcoxon signed-rank "
-                            "test over (sublayer, layer, class) pairs")
+            pair = {"trained": t, "random": r}
+            per_block += [{**pair, **row} for row in class_value_vs_random(a, b).to_dict("records")]
+            pooled += [{**pair, **row} for row in class_value_vs_random_pooled(a, b).to_dict("records")]
+    return (table_html(per_block, "Class-value agreement per block, trained vs random weights: one-sided "
+                                  "Wilcoxon signed-rank test over classes (the paper's test)")
+            + table_html(pooled, "Summary: the same test pooled over (sublayer, layer, class) pairs"))
 
 
 def _probes_section(runs: dict[str, Path]) -> list[str]:
