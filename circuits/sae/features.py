@@ -140,3 +140,59 @@ def feature_logit_lens(model, sae: SparseDictionary, top: int = 5) -> Optional[d
     logits = model.to_class_logits(w) - model.to_class_logits(torch.zeros_like(w[:1]))
     vals, idx = logits.topk(min(top, logits.shape[-1]), dim=-1)
     return {"classes": idx.cpu().numpy(), "logits": vals.cpu().numpy()}
+
+
+def feature_thumbnails(dataset: Dataset, result: dict, features: Sequence[int], patch_size: tuple[int, int],
+                       n_prefix: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_px: int = 96) -> dict:
+    """PNG (base64) of each shown feature's top images, with the most active patch's box."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from circuits.data import denormalize
+
+    out = {}
+    for f in features:
+        items = []
+        for img_i, tok, val in zip(result["top_images"][f], result["top_tokens"][f], result["top_values"][f]):
+            if img_i < 0 or not np.isfinite(val):
+                continue
+            image = denormalize(dataset[int(img_i)]["image"], mean, std)  # [3, H, W]
+            h, w = image.shape[-2:]
+            pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            scale = min(1.0, max_px / max(h, w)) if max(h, w) > max_px else max(1, max_px // max(h, w))
+            pil = pil.resize((int(w * scale), int(h * scale)), Image.NEAREST)
+            buf = io.BytesIO()
+            pil.save(buf, format="PNG")
+            box = None
+            if tok >= n_prefix:  # a patch token: its box in the thumbnail's pixels
+                gw = w // patch_size[1]
+                r, c = divmod(int(tok) - n_prefix, gw)
+                box = [c * patch_size[1] * scale, r * patch_size[0] * scale, patch_size[1] * scale, patch_size[0] * scale]
+            items.append({"image": int(img_i), "token": int(tok), "value": float(val), "box": box,
+                          "png": base64.b64encode(buf.getvalue()).decode()})
+        out[int(f)] = items
+    return out
+
+
+def summary_for_report(model, dataset: Dataset, result: dict, n_extra: int = 8, class_names=None) -> dict:
+    """JSON-ready summary: identified features (with thumbnails, histogram, logit lens) and metrics."""
+    shown = list(dict.fromkeys([r["feature"] for rows in result["identified"].values() for r in rows]
+                               + list(np.argsort(-result["frequency"])[:n_extra])))
+    cfg = model.cfg
+    thumbs = feature_thumbnails(dataset, result, shown, cfg.patch_size, cfg.n_prefix_tokens,
+                                getattr(cfg, "mean", None) or (0.5, 0.5, 0.5), getattr(cfg, "std", None) or (0.5, 0.5, 0.5))
+    lens = result["logit_lens"]
+    names = list(class_names) if class_names is not None else None
+    feats = {}
+    for f in shown:
+        entry = {"frequency": float(result["frequency"][f]), "histogram": result["histogram"][f].tolist(),
+                 "top": thumbs[int(f)]}
+        if lens is not None:
+            entry["logit_lens"] = [{"class": names[c] if names else int(c), "logit": float(v)}
+                                   for c, v in zip(lens["classes"][f], lens["logits"][f])]
+        feats[int(f)] = entry
+    return {"hook_name": result["hook_name"], "n_images": result["n_images"], "identified": result["identified"],
+            "identified_at": result["identified_at"], "hist_edges": result["hist_edges"].tolist(), "features": feats,
+            "class_names": names}
