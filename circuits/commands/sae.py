@@ -1,0 +1,86 @@
+"""`hooked-vit sae train|eval|features`: sparse autoencoders and transcoders (argument parsing only)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from circuits.commands._common import add_model_args, add_run_args
+
+ORDER = 60
+ANALYSES = ("sae_train", "sae_eval", "sae_features", "sae_activations")  # stores: listed, not drawn
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sae", help="sparse autoencoders / transcoders: train, evaluate, study features",
+                       description="Train a sparse dictionary on any hook, evaluate it spliced in, study its features.")
+    cmds = p.add_subparsers(dest="sae_command", required=True)
+
+    t = cmds.add_parser("train", help="store activations of a hook and train a dictionary on them")
+    add_model_args(t)
+    add_run_args(t)
+    t.add_argument("--hook", default="blocks.3.hook_resid_post", help="hook point the dictionary reads")
+    t.add_argument("--hook-out", default=None, help="transcoder: the hook it predicts (e.g. blocks.3.hook_mlp_out)")
+    t.add_argument("--architecture", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"])
+    t.add_argument("--d-sae", type=int, default=512)
+    t.add_argument("--k", type=int, default=16, help="active features per token (topk, batchtopk)")
+    t.add_argument("--tokens", default="all", choices=["all", "cls", "patch"])
+    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--train-batch", type=int, default=1024, help="activation rows per step")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--l1-coeff", type=float, default=1e-3, help="relu: L1 weight; jumprelu: L0 weight")
+    t.add_argument("--checkpoint-every", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(run=run_train, data="synthetic:train:2000")
+
+    for name, fn, text in (("eval", run_eval, "explained variance, L0, dead/dense features, spliced accuracy and CE"),
+                           ("features", run_features, "top images, histograms, logit lens, ground-truth attributes")):
+        e = cmds.add_parser(name, help=text)
+        add_model_args(e)
+        add_run_args(e)
+        e.add_argument("--sae", required=True, help="a dictionary folder (SAELens or ViT-Prisma format)")
+        if name == "features":
+            e.add_argument("--top-k", type=int, default=8)
+        e.set_defaults(run=fn)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from circuits.sae.run import train_run
+    from circuits.sources import load_dataset, load_model
+
+    model = load_model(args.model, args.arch, args.device, args.random_weights)
+    out = train_run(model, load_dataset(args.data, model), args.out, hook=args.hook, hook_out=args.hook_out,
+                    architecture=args.architecture, d_sae=args.d_sae, k=args.k, tokens=args.tokens,
+                    steps=args.steps, train_batch=args.train_batch, lr=args.lr, l1_coeff=args.l1_coeff,
+                    checkpoint_every=args.checkpoint_every, seed=args.seed, batch_size=args.batch_size,
+                    limit=args.limit, num_workers=args.workers, overwrite=args.overwrite, device=args.device)
+    print(f"dictionary in {out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from circuits.sae.run import eval_run
+    from circuits.sources import load_dataset, load_model
+
+    model = load_model(args.model, args.arch, args.device, args.random_weights)
+    metrics = eval_run(model, args.sae, load_dataset(args.data, model), args.out, batch_size=args.batch_size,
+                       limit=args.limit, overwrite=args.overwrite)
+    print(f"explained variance {metrics['explained_variance']:.3f}, L0 {metrics['l0']:.1f}; results in {args.out}")
+    return 0
+
+
+def run_features(args: argparse.Namespace) -> int:
+    from circuits.sae.run import features_run
+    from circuits.sources import load_dataset, load_model
+
+    model = load_model(args.model, args.arch, args.device, args.random_weights)
+    features_run(model, args.sae, load_dataset(args.data, model), args.out, batch_size=args.batch_size,
+                 limit=args.limit, top_k=args.top_k, overwrite=args.overwrite)
+    print(f"feature study in {args.out}")
+    return 0
+
+
+def report_section(runs: dict[str, Path]) -> list[str]:
+    from circuits.sae.report_section import report_section as render
+
+    return render(runs)

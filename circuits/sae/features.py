@@ -1,0 +1,198 @@
+"""Feature studies over a dataset, in constant memory: per feature the top-activating images
+and tokens, a histogram of its activations, its decoder direction through the logit lens,
+and its correlation with ground-truth image attributes (the embedded dataset's shape class
+``label`` and ``background``, or any per-image scalar a dataset provides).
+
+Correlation: the point-biserial correlation between a feature's per-image maximum
+activation and the indicator "attribute == value", accumulated from running sums. A
+ground-truth value counts as *identified* by the feature with the largest correlation when
+that correlation is at least `identified_at` (default 0.5).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from circuits.sae.activation_store import token_positions
+from circuits.sae.dictionaries import SparseDictionary
+
+HIST_EDGES = np.concatenate([[0.0], np.logspace(-3, 3, 37)])  # fixed bins: no first pass needed
+
+
+class _TopK:
+    """Running top-k (value, image, token) per feature."""
+
+    def __init__(self, d: int, k: int, device):
+        self.values = torch.full((d, k), -float("inf"), device=device)
+        self.image = torch.full((d, k), -1, dtype=torch.long, device=device)
+        self.token = torch.full((d, k), -1, dtype=torch.long, device=device)
+
+    def add(self, acts: torch.Tensor, image: torch.Tensor, token: torch.Tensor) -> None:
+        """acts [rows, d] with each row's image index and token position; one entry per image."""
+        k = self.values.shape[1]
+        per_image, arg = acts.reshape(len(image.unique()), -1, acts.shape[-1]).max(1)  # [b, d]
+        img = image.reshape(per_image.shape[0], -1)[:, 0]
+        tok = token.reshape(per_image.shape[0], -1).gather(1, arg)  # [b, d]
+        vals = torch.cat([self.values, per_image.T], 1)
+        imgs = torch.cat([self.image, img[None].expand(vals.shape[0], -1)], 1)
+        toks = torch.cat([self.token, tok.T], 1)
+        top, idx = vals.topk(k, dim=1)
+        self.values, self.image, self.token = top, imgs.gather(1, idx), toks.gather(1, idx)
+
+
+@torch.no_grad()
+def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size: int = 64,
+                   limit: Optional[int] = None, top_k: int = 8, attributes: Sequence[str] = ("label", "background"),
+                   identified_at: float = 0.5) -> dict:
+    """Statistics of every feature of `sae` over `dataset` (see the module docstring)."""
+    from circuits.data import collate_samples
+
+    cfg, device = sae.cfg, next(model.parameters()).device
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, collate_fn=collate_samples)
+    positions = token_positions(model, cfg.tokens).to(device)
+    sae = sae.to(device).eval()
+    top = _TopK(cfg.d_sae, top_k, device)
+    hist = torch.zeros(cfg.d_sae, len(HIST_EDGES), dtype=torch.long)
+    edges = torch.tensor(HIST_EDGES[1:], dtype=torch.float32, device=device)
+    s1 = torch.zeros(cfg.d_sae, dtype=torch.float64, device=device)
+    s2 = torch.zeros_like(s1)
+    by_value: dict[str, dict[int, list]] = {a: {} for a in attributes}  # value -> [count, sum of acts]
+    n_images, fired = 0, torch.zeros(cfg.d_sae, device=device)
+    for data in loader:
+        if data is None:
+            continue
+        images = data["image"].to(device)
+        b = images.shape[0]
+        _, cache = model.run_with_cache(images, names_filter=[cfg.hook_name])
+        acts = sae.encode(cache[cfg.hook_name][:, positions])  # [b, p, d_sae]
+        flat = acts.reshape(-1, cfg.d_sae)
+        image = data["index"].to(device).repeat_interleave(len(positions))
+        top.add(flat, image, positions.repeat(b))
+        nz = flat > 0
+        fired += nz.float().sum(0)
+        bins = torch.bucketize(flat, edges)  # 0: exactly zero
+        hist += torch.zeros(cfg.d_sae, len(HIST_EDGES), dtype=torch.long, device=device).scatter_add_(
+            1, bins.T, torch.ones_like(bins.T)).cpu()
+        img_max = acts.amax(1).double()  # [b, d_sae]
+        s1 += img_max.sum(0)
+        s2 += img_max.pow(2).sum(0)
+        n_images += b
+        for attr in attributes:
+            if attr not in data:
+                continue
+            for v in data[attr].unique().tolist():
+                sel = (data[attr] == v).to(device)
+                entry = by_value[attr].setdefault(int(v), [0, torch.zeros_like(s1)])
+                entry[0] += int(sel.sum())
+                entry[1] += img_max[sel].sum(0)
+    if n_images == 0:
+        raise ValueError("no readable images to study")
+    correlations = {attr: {v: _point_biserial(s1, s2, n_images, c, s).cpu().numpy()
+                           for v, (c, s) in sorted(vals.items())} for attr, vals in by_value.items() if vals}
+    identified = {attr: _identified(corr, top.image.cpu(), dataset, attr, identified_at)
+                  for attr, corr in correlations.items()}
+    return {"hook_name": cfg.hook_name, "n_images": n_images, "n_tokens": n_images * len(positions),
+            "frequency": (fired / (n_images * len(positions))).cpu().numpy(),
+            "top_values": top.values.cpu().numpy(), "top_images": top.image.cpu().numpy(),
+            "top_tokens": top.token.cpu().numpy(), "histogram": hist.numpy(), "hist_edges": HIST_EDGES,
+            "logit_lens": feature_logit_lens(model, sae), "correlations": correlations, "identified": identified,
+            "identified_at": identified_at}
+
+
+def _point_biserial(s1, s2, n, count, sum_in):
+    """corr(a, 1[attr == v]) from sum a, sum a^2, n, #(attr == v), sum of a where attr == v."""
+    p = count / n
+    mean, std = s1 / n, (s2 / n - (s1 / n) ** 2).clamp_min(0).sqrt()
+    if p in (0.0, 1.0):
+        return torch.zeros_like(s1)
+    mean_in = sum_in / count
+    return torch.where(std > 0, (mean_in - mean) / std.clamp_min(1e-12) * np.sqrt(p / (1 - p)), 0.0)
+
+
+def _identified(corr: dict, top_images: torch.Tensor, dataset, attr: str, at: float) -> list[dict]:
+    """Per attribute value, the most correlated feature and the share of its top images with that value."""
+    rows = []
+    for v, c in corr.items():
+        f = int(np.argmax(c))
+        imgs = [int(i) for i in top_images[f] if i >= 0]
+        meta = getattr(dataset, "meta", None)
+        share = None
+        if callable(meta) and attr in ("label", "background"):
+            share = float(np.mean([meta(i)[0 if attr == "label" else 1] == v for i in imgs])) if imgs else 0.0
+        rows.append({"attribute": attr, "value": v, "feature": f, "correlation": float(c[f]),
+                     "top_image_share": share, "identified": bool(c[f] >= at)})
+    return rows
+
+
+@torch.no_grad()
+def feature_logit_lens(model, sae: SparseDictionary, top: int = 5) -> Optional[dict]:
+    """Each feature's decoder direction through the final norm and head: the classes it
+    writes towards directly (direct effect of a unit-variance step along it; the norm's
+    bias and the head's bias, the same for every direction, are subtracted)."""
+    if sae.cfg.d_out != model.cfg.d_model or getattr(model, "head", None) is None:
+        return None  # not in the residual space (e.g. MLP hidden units): no direct path to the classes
+    w = sae.W_dec.to(next(model.parameters()).device)
+    logits = model.to_class_logits(w) - model.to_class_logits(torch.zeros_like(w[:1]))
+    vals, idx = logits.topk(min(top, logits.shape[-1]), dim=-1)
+    return {"classes": idx.cpu().numpy(), "logits": vals.cpu().numpy()}
+
+
+def feature_thumbnails(dataset: Dataset, result: dict, features: Sequence[int], patch_size: tuple[int, int],
+                       n_prefix: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_px: int = 96) -> dict:
+    """PNG (base64) of each shown feature's top images, with the most active patch's box."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from circuits.data import denormalize
+
+    out = {}
+    for f in features:
+        items = []
+        for img_i, tok, val in zip(result["top_images"][f], result["top_tokens"][f], result["top_values"][f]):
+            if img_i < 0 or not np.isfinite(val):
+                continue
+            image = denormalize(dataset[int(img_i)]["image"], mean, std)  # [3, H, W]
+            h, w = image.shape[-2:]
+            pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            scale = min(1.0, max_px / max(h, w)) if max(h, w) > max_px else max(1, max_px // max(h, w))
+            pil = pil.resize((int(w * scale), int(h * scale)), Image.NEAREST)
+            buf = io.BytesIO()
+            pil.save(buf, format="PNG")
+            box = None
+            if tok >= n_prefix:  # a patch token: its box in the thumbnail's pixels
+                gw = w // patch_size[1]
+                r, c = divmod(int(tok) - n_prefix, gw)
+                box = [c * patch_size[1] * scale, r * patch_size[0] * scale, patch_size[1] * scale, patch_size[0] * scale]
+            items.append({"image": int(img_i), "token": int(tok), "value": float(val), "box": box,
+                          "png": base64.b64encode(buf.getvalue()).decode()})
+        out[int(f)] = items
+    return out
+
+
+def summary_for_report(model, dataset: Dataset, result: dict, n_extra: int = 8, class_names=None) -> dict:
+    """JSON-ready summary: identified features (with thumbnails, histogram, logit lens) and metrics."""
+    shown = list(dict.fromkeys([r["feature"] for rows in result["identified"].values() for r in rows]
+                               + list(np.argsort(-result["frequency"])[:n_extra])))
+    cfg = model.cfg
+    thumbs = feature_thumbnails(dataset, result, shown, cfg.patch_size, cfg.n_prefix_tokens,
+                                getattr(cfg, "mean", None) or (0.5, 0.5, 0.5), getattr(cfg, "std", None) or (0.5, 0.5, 0.5))
+    lens = result["logit_lens"]
+    names = list(class_names) if class_names is not None else None
+    feats = {}
+    for f in shown:
+        entry = {"frequency": float(result["frequency"][f]), "histogram": result["histogram"][f].tolist(),
+                 "top": thumbs[int(f)]}
+        if lens is not None:
+            entry["logit_lens"] = [{"class": names[c] if names else int(c), "logit": float(v)}
+                                   for c, v in zip(lens["classes"][f], lens["logits"][f])]
+        feats[int(f)] = entry
+    return {"hook_name": result["hook_name"], "n_images": result["n_images"], "identified": result["identified"],
+            "identified_at": result["identified_at"], "hist_edges": result["hist_edges"].tolist(), "features": feats,
+            "class_names": names}

@@ -1,0 +1,79 @@
+"""Whole runs (what the CLI and the notebook call): train, evaluate, study, each into a run
+directory with a manifest naming its analysis, so `hooked-vit report` renders it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from circuits.sae.activation_store import RunStore, build_activation_store, describe_dataset, model_fingerprint
+from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
+from circuits.sae.evaluate import evaluate_dictionary
+from circuits.sae.features import study_features, summary_for_report
+from circuits.sae.formats import load_dictionary
+from circuits.sae.train import TrainConfig, train_dictionary
+
+
+def train_run(model, dataset, out: str | Path, *, hook: str, hook_out: Optional[str] = None, architecture: str = "topk",
+              d_sae: int = 512, k: int = 16, tokens: str = "all", steps: int = 1500, train_batch: int = 1024,
+              lr: float = 2e-3, l1_coeff: float = 1e-3, checkpoint_every: int = 0, seed: int = 0,
+              batch_size: int = 64, limit: Optional[int] = None, num_workers: int = 0, overwrite: bool = False,
+              device: str = "cpu", progress: bool = True) -> Path:
+    """Activations of `hook` (and `hook_out`) into out/activations, then a dictionary in out/."""
+    out = Path(out)
+    hooks = [hook] + ([hook_out] if hook_out else [])
+    t0 = time.perf_counter()
+    store = build_activation_store(model, dataset, out / "activations", hooks, tokens=tokens, batch_size=batch_size,
+                                   limit=limit, seed=seed, num_workers=num_workers, overwrite=overwrite,
+                                   progress=progress)
+    store_s = time.perf_counter() - t0
+    d_in = _width(store, hook)
+    d_out = _width(store, hook_out) if hook_out else None
+    cfg = DictionaryConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, k=k, hook_name=hook, hook_out=hook_out,
+                           d_out=d_out, tokens=tokens, model_name=model.cfg.model_name)
+    settings = {"analysis": "sae_train", **cfg.to_dict(), "fingerprint": model_fingerprint(model),
+                "dataset": describe_dataset(dataset), "steps": steps, "train_batch": train_batch, "lr": lr,
+                "l1_coeff": l1_coeff, "seed": seed}
+    run = RunStore(out, settings, overwrite=overwrite)
+    sae = SparseDictionary(cfg, seed=seed)
+    t0 = time.perf_counter()
+    log = train_dictionary(sae, lambda epoch: store.batches(train_batch, seed=seed + epoch),
+                           TrainConfig(steps=steps, lr=lr, l1_coeff=l1_coeff, checkpoint_every=checkpoint_every,
+                                       seed=seed, device=device, warmup_steps=min(100, steps // 10)),
+                           out=out, progress=progress)
+    run.write_json("train_summary.json", {"store_rows": len(store), "store_seconds": store_s,
+                                          "train_seconds": time.perf_counter() - t0, "final": log[-1],
+                                          "log": log[::max(1, len(log) // 200)]})
+    return out
+
+
+def _width(store, hook: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(store.shards[0]), "pt") as f:
+        return f.get_slice(hook).get_shape()[1]
+
+
+def eval_run(model, sae_dir: str | Path, dataset, out: str | Path, *, batch_size: int = 64,
+             limit: Optional[int] = None, overwrite: bool = False) -> dict:
+    sae = load_dictionary(sae_dir)
+    run = RunStore(out, {"analysis": "sae_eval", "sae": str(sae_dir), "fingerprint": model_fingerprint(model),
+                         "dataset": describe_dataset(dataset), "limit": limit}, overwrite=overwrite)
+    metrics = evaluate_dictionary(model, sae, dataset, batch_size=batch_size, limit=limit)
+    run.write_json("eval.json", metrics)
+    return metrics
+
+
+def features_run(model, sae_dir: str | Path, dataset, out: str | Path, *, batch_size: int = 64,
+                 limit: Optional[int] = None, top_k: int = 8, overwrite: bool = False) -> dict:
+    sae = load_dictionary(sae_dir)
+    run = RunStore(out, {"analysis": "sae_features", "sae": str(sae_dir), "fingerprint": model_fingerprint(model),
+                         "dataset": describe_dataset(dataset), "limit": limit, "top_k": top_k}, overwrite=overwrite)
+    result = study_features(model, sae, dataset, batch_size=batch_size, limit=limit, top_k=top_k)
+    names = None
+    if type(dataset).__name__ == "SyntheticShapes":
+        from circuits.embedded import CLASS_NAMES as names
+    summary = summary_for_report(model, dataset, result, class_names=names)
+    run.write_json("features.json", summary)
+    return summary
