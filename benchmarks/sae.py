@@ -17,10 +17,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from circuits.embedded import SyntheticShapes, normalize  # noqa: E402
-from circuits.sae.activation_store import build_activation_store  # noqa: E402
+from circuits.runs.activation_store import build_activation_store  # noqa: E402
 from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary  # noqa: E402
 from circuits.sae.train import TrainConfig, train_dictionary  # noqa: E402
-from circuits.sources import load_model  # noqa: E402
+from circuits.runs.sources import load_model  # noqa: E402
 
 HOOK = "blocks.3.hook_resid_post"
 

@@ -23,13 +23,13 @@ _start = time.time()
 
 import torch
 from circuits.embedded import CLASS_NAMES, SyntheticShapes, normalize
-from circuits.sae.activation_store import build_activation_store
+from circuits.runs.activation_store import build_activation_store
 from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
 from circuits.sae.train import TrainConfig, train_dictionary
 from circuits.sae.splice import spliced
 from circuits.sae.evaluate import evaluate_dictionary
 from circuits.sae.features import study_features
-from circuits.sources import load_model
+from circuits.runs.sources import load_model
 
 torch.manual_seed(0)
 model = load_model("embedded")

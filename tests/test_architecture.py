@@ -92,3 +92,10 @@ def test_imports_of_reads_nested_imports(tmp_path, source, expected):
     path = tmp_path / "m.py"
     path.write_text(source)
     assert imports_of(path) == expected
+
+
+def test_tests_take_helpers_from_the_helpers_module():
+    """conftest.py holds fixtures only; shared helpers live in tests/helpers.py."""
+    importers = [p.name for p in sorted((ROOT / "tests").glob("*.py"))
+                 if any(under(i, "conftest", "tests.conftest") for i in imports_of(p))]
+    assert importers == []

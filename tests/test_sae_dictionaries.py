@@ -15,7 +15,7 @@ from circuits.sae.formats import load_dictionary, load_saelens, load_vit_prisma,
 from circuits.sae.splice import attach_dictionary, detach_dictionary, spliced
 from circuits.sae.train import TrainConfig, geometric_median, train_dictionary
 from hooked_vit import HookedViT
-from tests.conftest import randomize_
+from helpers import randomize_
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -13,9 +13,10 @@ import timm
 import torch
 
 from circuits.data import ArrayDataset
-from circuits.sae.activation_store import ActivationStore, build_activation_store, stream_activations
+from circuits.runs.activation_store import ActivationStore, build_activation_store
+from circuits.sae.activations import stream_activations
 from hooked_vit import HookedViT
-from tests.conftest import randomize_
+from helpers import randomize_
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,9 +98,9 @@ def test_stream_activations_on_the_fly():
 
 _PEAK = """
 import resource, sys, torch, timm
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, {root!r} + "/tests"]
 from tests.test_sae_store import _model, _Images
-from circuits.sae.activation_store import build_activation_store
+from circuits.runs.activation_store import build_activation_store
 torch.manual_seed(0)
 model = _model(embed_dim=256)
 build_activation_store(model, _Images({n}), {out!r}, ["blocks.1.hook_resid_post"], batch_size=16, progress=False)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from circuits.commands._common import add_model_args, add_run_args
+from circuits.commands._common import add_model_args, add_run_args, load_inputs
 
 ORDER = 60
-ANALYSES = ("sae_train", "sae_eval", "sae_features", "sae_activations")  # stores: listed, not drawn
 
 
 def add_parser(sub) -> None:
@@ -45,11 +43,10 @@ def add_parser(sub) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from circuits.sae.run import train_run
-    from circuits.sources import load_dataset, load_model
+    from circuits.runs.sae import train_run
 
-    model = load_model(args.model, args.arch, args.device, args.random_weights)
-    out = train_run(model, load_dataset(args.data, model), args.out, hook=args.hook, hook_out=args.hook_out,
+    model, dataset, _ = load_inputs(args)
+    out = train_run(model, dataset, args.out, hook=args.hook, hook_out=args.hook_out,
                     architecture=args.architecture, d_sae=args.d_sae, k=args.k, tokens=args.tokens,
                     steps=args.steps, train_batch=args.train_batch, lr=args.lr, l1_coeff=args.l1_coeff,
                     checkpoint_every=args.checkpoint_every, seed=args.seed, batch_size=args.batch_size,
@@ -59,28 +56,20 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from circuits.sae.run import eval_run
-    from circuits.sources import load_dataset, load_model
+    from circuits.runs.sae import eval_run
 
-    model = load_model(args.model, args.arch, args.device, args.random_weights)
-    metrics = eval_run(model, args.sae, load_dataset(args.data, model), args.out, batch_size=args.batch_size,
-                       limit=args.limit, overwrite=args.overwrite)
+    model, dataset, _ = load_inputs(args)
+    metrics = eval_run(model, args.sae, dataset, args.out, batch_size=args.batch_size,
+                       limit=args.limit, num_workers=args.workers, overwrite=args.overwrite)
     print(f"explained variance {metrics['explained_variance']:.3f}, L0 {metrics['l0']:.1f}; results in {args.out}")
     return 0
 
 
 def run_features(args: argparse.Namespace) -> int:
-    from circuits.sae.run import features_run
-    from circuits.sources import load_dataset, load_model
+    from circuits.runs.sae import features_run
 
-    model = load_model(args.model, args.arch, args.device, args.random_weights)
-    features_run(model, args.sae, load_dataset(args.data, model), args.out, batch_size=args.batch_size,
-                 limit=args.limit, top_k=args.top_k, overwrite=args.overwrite)
+    model, dataset, _ = load_inputs(args)
+    features_run(model, args.sae, dataset, args.out, batch_size=args.batch_size,
+                 limit=args.limit, top_k=args.top_k, num_workers=args.workers, overwrite=args.overwrite)
     print(f"feature study in {args.out}")
     return 0
-
-
-def report_section(runs: dict[str, Path]) -> list[str]:
-    from circuits.sae.report_section import report_section as render
-
-    return render(runs)

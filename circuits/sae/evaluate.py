@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from circuits.sae.activation_store import token_positions
+from circuits.sae.activations import token_positions
 from circuits.sae.dictionaries import SparseDictionary
 from circuits.sae.splice import spliced
 
@@ -35,14 +35,15 @@ class _Sums:
 
 
 @torch.no_grad()
-def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch_size: int = 64,
+def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch_size: int = 64, num_workers: int = 0,
                         limit: Optional[int] = None, dense_threshold: float = 0.1) -> dict:
     """Reconstruction and downstream metrics of `sae` spliced into `model`, over `dataset`."""
     from circuits.data import collate_samples
 
     cfg, device = sae.cfg, next(model.parameters()).device
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, collate_fn=collate_samples)
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_samples)
     positions = token_positions(model, cfg.tokens).to(device)
     sae = sae.to(device).eval()
     sse = sum_x = sum_x2 = 0.0

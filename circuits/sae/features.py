@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from circuits.sae.activation_store import token_positions
+from circuits.sae.activations import token_positions
 from circuits.sae.dictionaries import SparseDictionary
 
 HIST_EDGES = np.concatenate([[0.0], np.logspace(-3, 3, 37)])  # fixed bins: no first pass needed
@@ -45,7 +45,7 @@ class _TopK:
 
 
 @torch.no_grad()
-def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size: int = 64,
+def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size: int = 64, num_workers: int = 0,
                    limit: Optional[int] = None, top_k: int = 8, attributes: Sequence[str] = ("label", "background"),
                    identified_at: float = 0.5) -> dict:
     """Statistics of every feature of `sae` over `dataset` (see the module docstring)."""
@@ -53,7 +53,8 @@ def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size
 
     cfg, device = sae.cfg, next(model.parameters()).device
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, collate_fn=collate_samples)
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_samples)
     positions = token_positions(model, cfg.tokens).to(device)
     sae = sae.to(device).eval()
     top = _TopK(cfg.d_sae, top_k, device)

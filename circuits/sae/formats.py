@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from circuits.sae.activation_store import atomic_write_bytes, atomic_write_text
+from circuits.files import atomic_write_bytes, atomic_write_text
 from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"

@@ -124,7 +124,7 @@ def train_dictionary(sae: SparseDictionary, batches: Batches, cfg: TrainConfig, 
     sae.eval()
     if out is not None:
         save_saelens(sae, out)
-        from circuits.sae.activation_store import atomic_write_text
+        from circuits.files import atomic_write_text
 
         atomic_write_text(Path(out) / "training_log.json", json.dumps({"config": asdict(cfg), "log": log}))
     return log

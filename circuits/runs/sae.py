@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from circuits.sae.activation_store import RunStore, build_activation_store, describe_dataset, model_fingerprint
+from circuits.runs.activation_store import build_activation_store
+from circuits.runs.results import RunStore
+from circuits.runs.streaming import describe_dataset, model_fingerprint
 from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
 from circuits.sae.evaluate import evaluate_dictionary
 from circuits.sae.features import study_features, summary_for_report
@@ -56,24 +58,23 @@ def _width(store, hook: str) -> int:
 
 
 def eval_run(model, sae_dir: str | Path, dataset, out: str | Path, *, batch_size: int = 64,
-             limit: Optional[int] = None, overwrite: bool = False) -> dict:
+             limit: Optional[int] = None, num_workers: int = 0, overwrite: bool = False) -> dict:
     sae = load_dictionary(sae_dir)
     run = RunStore(out, {"analysis": "sae_eval", "sae": str(sae_dir), "fingerprint": model_fingerprint(model),
                          "dataset": describe_dataset(dataset), "limit": limit}, overwrite=overwrite)
-    metrics = evaluate_dictionary(model, sae, dataset, batch_size=batch_size, limit=limit)
+    metrics = evaluate_dictionary(model, sae, dataset, batch_size=batch_size, limit=limit, num_workers=num_workers)
     run.write_json("eval.json", metrics)
     return metrics
 
 
 def features_run(model, sae_dir: str | Path, dataset, out: str | Path, *, batch_size: int = 64,
-                 limit: Optional[int] = None, top_k: int = 8, overwrite: bool = False) -> dict:
+                 limit: Optional[int] = None, top_k: int = 8, num_workers: int = 0,
+                 overwrite: bool = False) -> dict:
     sae = load_dictionary(sae_dir)
     run = RunStore(out, {"analysis": "sae_features", "sae": str(sae_dir), "fingerprint": model_fingerprint(model),
                          "dataset": describe_dataset(dataset), "limit": limit, "top_k": top_k}, overwrite=overwrite)
-    result = study_features(model, sae, dataset, batch_size=batch_size, limit=limit, top_k=top_k)
-    names = None
-    if type(dataset).__name__ == "SyntheticShapes":
-        from circuits.embedded import CLASS_NAMES as names
-    summary = summary_for_report(model, dataset, result, class_names=names)
+    result = study_features(model, sae, dataset, batch_size=batch_size, limit=limit, top_k=top_k,
+                            num_workers=num_workers)
+    summary = summary_for_report(model, dataset, result, class_names=model.cfg.class_names)
     run.write_json("features.json", summary)
     return summary

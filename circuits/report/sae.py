@@ -10,8 +10,10 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from circuits.report import figure_html, table_html
-from circuits.results import read_manifest
+from circuits.report.html import figure_html, table_html
+from circuits.runs.results import read_manifest
+
+ANALYSES = ("sae_train", "sae_eval", "sae_features", "sae_activations")  # stores: listed, not drawn
 
 
 def report_section(runs: dict[str, Path]) -> list[str]:

@@ -2,7 +2,7 @@
 
 On disk: one safetensors shard per batch of images, rows shuffled within the shard (seeded),
 holding one [rows, d] tensor per hook plus the rows' ``image_index`` and ``token`` position.
-The run's manifest (``circuits.results.RunStore``) records which images are done; a shard is
+The run's manifest (``circuits.runs.results.RunStore``) records which images are done; a shard is
 written (atomically) before its images are marked done, and shards of unmarked batches are
 deleted on resume, so a killed run resumes without losing or duplicating rows.
 
@@ -18,64 +18,14 @@ from typing import Iterator, Optional, Sequence
 
 import pyarrow as pa
 import torch
-from jaxtyping import Float
 from safetensors.torch import load_file, save
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-# The run machinery, imported here only (the rest of circuits.sae imports it from this module).
-from circuits.results import RunStore, atomic_write_bytes, atomic_write_text, read_manifest  # noqa: F401
-from circuits.streaming import describe_dataset, model_fingerprint, stream_pending
-
-TOKENS = ("all", "cls", "patch")
-
-
-def token_positions(model, tokens: str) -> Tensor:
-    """Positions of the residual-stream tokens kept: all, the class token, or the patches."""
-    cfg = model.cfg
-    if tokens == "all":
-        return torch.arange(cfg.n_ctx)
-    if tokens == "cls":
-        if not cfg.class_token:
-            raise ValueError(f"{cfg.model_name} has no class token; use tokens='patch' or 'all'")
-        return torch.tensor([0])
-    if tokens == "patch":
-        return torch.arange(cfg.n_prefix_tokens, cfg.n_ctx)
-    raise ValueError(f"tokens must be one of {TOKENS}, got {tokens!r}")
-
-
-def _stop_layer(model, hooks: Sequence[str]) -> Optional[int]:
-    """Blocks to run: up to the last hooked one (None when a hook is after the blocks)."""
-    layers = []
-    for hook in hooks:
-        if not hook.startswith("blocks."):
-            return None
-        layers.append(int(hook.split(".")[1]))
-    return max(layers) + 1
-
-
-def check_hooks(model, hooks: Sequence[str]) -> None:
-    missing = [h for h in hooks if h not in model.hook_dict]
-    if missing or not hooks:
-        raise ValueError(f"unknown hook point(s) {missing or hooks}; see model.hook_dict for the names "
-                         "(e.g. blocks.2.hook_resid_post)")
-
-
-@torch.no_grad()
-def hook_activations(model, images: Tensor, hooks: Sequence[str], tokens: str = "all"
-                     ) -> tuple[dict[str, Float[Tensor, "rows d"]], Tensor]:
-    """Activations [batch * kept tokens, d] per hook, and each row's token position."""
-    positions = token_positions(model, tokens).to(images.device)
-    stop = _stop_layer(model, hooks)
-    kwargs = {"stop_at_layer": stop} if stop is not None and stop < model.cfg.n_layers else {}
-    _, cache = model.run_with_cache(images, names_filter=list(hooks), **kwargs)
-    out = {}
-    for hook in hooks:
-        acts = cache[hook]
-        if acts.ndim != 3 or acts.shape[1] != model.cfg.n_ctx:
-            raise ValueError(f"{hook} is {tuple(acts.shape)}; the store takes per-token hooks [batch, tokens, d]")
-        out[hook] = acts[:, positions].reshape(-1, acts.shape[-1]).float().cpu()
-    return out, positions.repeat(images.shape[0]).cpu()
+from circuits.files import atomic_write_bytes
+from circuits.runs.results import RunStore, read_manifest
+from circuits.runs.streaming import describe_dataset, model_fingerprint, stream_pending
+from circuits.sae.activations import check_hooks, hook_activations, token_positions
 
 
 def build_activation_store(model, dataset: Dataset, out: str | Path, hooks: Sequence[str], *,
@@ -166,43 +116,3 @@ def _rows(shard: Path) -> int:
         f.seek(8)
         header = json.loads(f.read(header_len))
     return header["token"]["shape"][0]
-
-
-def stream_activations(model, dataset: Dataset, hooks: Sequence[str], batch_size: int, *, tokens: str = "all",
-                       image_batch: int = 32, buffer_rows: int = 65536, seed: int = 0,
-                       num_workers: int = 0) -> Iterator[dict[str, Tensor]]:
-    """On the fly, no disk: one epoch of shuffled batches {hook: [batch_size, d]} from a
-    buffer of at most `buffer_rows` (+ one image batch) rows."""
-    from circuits.data import collate_samples
-
-    hooks = list(hooks)
-    check_hooks(model, hooks)
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=image_batch, shuffle=True, generator=gen, num_workers=num_workers,
-                        collate_fn=collate_samples)
-    buf: dict[str, list[Tensor]] = {h: [] for h in hooks}
-    rows = 0
-    for data in loader:
-        if data is None:
-            continue
-        acts, _ = hook_activations(model, data["image"].to(device), hooks, tokens)
-        for h in hooks:
-            buf[h].append(acts[h])
-        rows += len(acts[hooks[0]])
-        if rows >= buffer_rows:
-            yield from _drain(buf, batch_size, gen, keep=rows // 2)
-            rows = len(buf[hooks[0]][0])
-    yield from _drain(buf, batch_size, gen, keep=0)
-
-
-def _drain(buf: dict[str, list[Tensor]], batch_size: int, gen: torch.Generator, keep: int):
-    """Shuffle the buffer, yield all but `keep` rows, leave those (mixed with later ones)."""
-    hooks = list(buf)
-    cat = {h: torch.cat(buf[h]) for h in hooks}
-    perm = torch.randperm(len(cat[hooks[0]]), generator=gen)
-    n_out = (len(perm) - keep) // batch_size * batch_size
-    for b in range(0, n_out, batch_size):
-        yield {h: cat[h][perm[b:b + batch_size]] for h in hooks}
-    for h in hooks:
-        buf[h] = [cat[h][perm[n_out:]]]
