@@ -73,7 +73,7 @@ def edge_attribution(
     alphas = [0.0] if method == "eap" else [k / ig_steps for k in range(1, ig_steps + 1)]
     grads = sum(_reader_grads(model, corrupted_images, clean_w[0], corr_w[0], a, lambda lg: fn(lg, ct, rt), fwd_hooks)
                 for a in alphas) / len(alphas)
-    scores = torch.einsum("wbpd,rbpd->wr", clean_w - corr_w, grads)
+    scores = torch.einsum("wbpd,rbpd->wr", clean_w - corr_w, grads) / len(clean_images)  # mean over images
     mask = graph.edge_mask().to(scores.device)
     return EdgeScores(graph, scores * mask, mask)
 

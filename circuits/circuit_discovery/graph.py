@@ -180,7 +180,7 @@ def cache_writers(model: HookedViT, images: Tensor, fwd_hooks: Sequence = ()) ->
     names = set(writer_hook_names(model.cfg.n_layers))
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         logits, cache = model.run_with_cache(images, names_filter=lambda n: n in names)
-    return logits, writer_values(model, cache)
+        return logits, writer_values(model, cache)
 
 
 def targets(clean_logits: Tensor, corrupted_logits: Tensor, clean_t: Optional[Tensor], corrupted_t: Optional[Tensor]):
