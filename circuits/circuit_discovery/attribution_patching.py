@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from circuits.circuit_discovery.graph import check_pair, targets
+from circuits.circuit_discovery.graph import check_pair, differentiable, targets
 from circuits.circuit_discovery.metrics import resolve_metric
 from circuits.patching import Metric, _act_name, _attn_result
 from hooked_vit import HookedViT
@@ -52,7 +52,7 @@ def attribution_patch(
         with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
             clean_logits, clean_cache = model.run_with_cache(clean_images, names_filter=lambda n: n in wanted)
         acts: dict[str, Tensor] = {}
-        with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_embed", _leaf), *fwd_hooks,
+        with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_embed", _leaf), *differentiable(fwd_hooks),
                                                          *[(n, _keep(acts)) for n in wanted]]):
             logits = model(corrupted_images)
         ct, rt = targets(clean_logits, logits.detach(), clean_targets, corrupted_targets)

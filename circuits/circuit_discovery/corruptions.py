@@ -6,6 +6,7 @@ replacement", over Gaussian noise; both are here).
 - "blur": Gaussian blur (removes shape detail, keeps colour / background).
 - "noise": additive Gaussian noise (Meng et al. 2022's corruption).
 - "mean": the batch-mean image for every image.
+- `swap_background`: the object on another image's background (needs the object masks).
 Token removal and attention perturbation act inside the model: see `circuits.token_removal`.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 
@@ -49,6 +50,16 @@ def noise(images: Float[Tensor, "b c h w"], std: float = 1.0, seed: int = 0) -> 
 
 def mean(images: Float[Tensor, "b c h w"]) -> Tensor:
     return images.mean(0, keepdim=True).expand_as(images).clone()
+
+
+def swap_background(images: Float[Tensor, "b c h w"], masks: Bool[Tensor, "b h w"],
+                    donors: Float[Tensor, "b c h w"]) -> Tensor:
+    """The object pixels (mask True) of `images` on the background of `donors`: a
+    counterfactual that changes only the background (SyntheticShapes gives the masks)."""
+    if masks.shape != (images.shape[0], *images.shape[2:]) or donors.shape != images.shape:
+        raise ValueError(f"masks must be [b, h, w] and donors [b, c, h, w] for images {tuple(images.shape)}; "
+                         f"got {tuple(masks.shape)} and {tuple(donors.shape)}")
+    return torch.where(masks[:, None].to(images.device), images, donors)
 
 
 CORRUPTIONS = {"shuffle": shuffle, "blur": blur, "noise": noise, "mean": mean}

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.circuit_discovery.graph import (QKV, ViTGraph, cache_writers, check_pair, graph_hooks_on,
+from circuits.circuit_discovery.graph import (QKV, ViTGraph, cache_writers, check_pair, differentiable, graph_hooks_on,
                                               reader_hook_names, run_patched, targets)
 from circuits.circuit_discovery.metrics import resolve_metric
 from circuits.patching import Metric
@@ -90,7 +90,7 @@ def _reader_grads(model, images, clean_embed, corr_embed, alpha, metric, fwd_hoo
         acts[hook.name] = x
 
     names = reader_hook_names(n_layers)
-    hooks = [("blocks.0.hook_resid_pre", embed), *fwd_hooks, *[(n, keep) for n in names]]
+    hooks = [("blocks.0.hook_resid_pre", embed), *differentiable(fwd_hooks), *[(n, keep) for n in names]]
     with torch.enable_grad(), graph_hooks_on(model), model.hooks(fwd_hooks=hooks):
         logits = model(images)
         grads = dict(zip(names, torch.autograd.grad(metric(logits).sum(), [acts[n] for n in names])))

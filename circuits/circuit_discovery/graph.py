@@ -196,3 +196,13 @@ def check_pair(clean: Tensor, corrupted: Tensor) -> None:
 
 
 MetricFn = Callable[[Tensor], Tensor]
+
+
+def differentiable(fwd_hooks: Sequence) -> list:
+    """The user's hooks, each preceded by a copy of its activation: a hook that edits in place
+    (e.g. the planted head's `z[:, :, h] = ...`) would otherwise overwrite a tensor autograd
+    saved (SDPA's output) and break the backward pass."""
+    out = []
+    for name, fn in fwd_hooks:
+        out += [(name, lambda x, hook: x.clone()), (name, fn)]
+    return out
