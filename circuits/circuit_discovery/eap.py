@@ -25,7 +25,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.circuit_discovery.graph import (QKV, ViTGraph, cache_writers, check_pair, differentiable, graph_hooks_on,
-                                              reader_hook_names, run_patched, targets)
+                                              head_out, reader_hook_names, run_patched, targets,
+                                              writer_hook_names)
 from circuits.circuit_discovery.metrics import resolve_metric
 from circuits.patching import Metric
 from hooked_vit import HookedViT
@@ -68,29 +69,50 @@ def edge_attribution(
     check_pair(clean_images, corrupted_images)
     graph = ViTGraph.of(model)
     clean_logits, clean_w = cache_writers(model, clean_images, fwd_hooks)
-    corr_logits, corr_w = cache_writers(model, corrupted_images, fwd_hooks)
-    ct, rt = targets(clean_logits, corr_logits, clean_targets, corrupted_targets)
-    alphas = [0.0] if method == "eap" else [k / ig_steps for k in range(1, ig_steps + 1)]
-    grads = sum(_reader_grads(model, corrupted_images, clean_w[0], corr_w[0], a, lambda lg: fn(lg, ct, rt), fwd_hooks)
-                for a in alphas) / len(alphas)
-    scores = torch.einsum("wbpd,rbpd->wr", clean_w - corr_w, grads) / len(clean_images)  # mean over images
+    state: dict = {}
+
+    def batch_metric(logits: Tensor) -> Tensor:
+        if "t" not in state:  # targets from the corrupted run (alpha = 0) or a cached one
+            state["t"] = targets(clean_logits, state.get("corr_logits", logits.detach()), clean_targets, corrupted_targets)
+        return fn(logits, *state["t"])
+
+    if method == "eap":  # the gradient run is the corrupted run: its writers are the corrupted values
+        grads, corr_w = _reader_grads(model, corrupted_images, None, batch_metric, fwd_hooks)
+    else:
+        state["corr_logits"], corr_w = cache_writers(model, corrupted_images, fwd_hooks)
+        grads = 0.0
+        for k in range(1, ig_steps + 1):
+            embed = corr_w[0] + k / ig_steps * (clean_w[0] - corr_w[0])
+            grads = grads + _reader_grads(model, corrupted_images, embed, batch_metric, fwd_hooks)[0] / ig_steps
+    # One matrix product over (image, position, feature); the mean over images.
+    scores = ((clean_w - corr_w).flatten(1) @ grads.flatten(1).T) / len(clean_images)
     mask = graph.edge_mask().to(scores.device)
     return EdgeScores(graph, scores * mask, mask)
 
 
-def _reader_grads(model, images, clean_embed, corr_embed, alpha, metric, fwd_hooks) -> Float[Tensor, "r b p d"]:
-    """d batch-sum(metric) / d reader input, with the embedding at corr + alpha (clean - corr)."""
+def _reader_grads(model, images, embed_value: Optional[Tensor], metric, fwd_hooks) -> tuple[Tensor, Tensor]:
+    """(d batch-sum(metric) / d reader input [r, b, p, d], writer values [w, b, p, d]) of a run
+    on `images`, its embedding replaced by `embed_value` when given."""
     n_layers = model.cfg.n_layers
     acts: dict[str, Tensor] = {}
+    writers: list[Tensor] = []
 
     def embed(x, hook):
-        return (corr_embed + alpha * (clean_embed - corr_embed)).detach().requires_grad_(True)
+        x = x if embed_value is None else embed_value
+        return x if x.requires_grad else x.detach().requires_grad_(True)
 
     def keep(x, hook):
         acts[hook.name] = x
 
+    def record(x, hook):
+        if hook.name.endswith("hook_z"):
+            writers.extend(head_out(model, hook.layer(), x.detach()).unbind(2))
+        else:
+            writers.append(x.detach())
+
     names = reader_hook_names(n_layers)
-    hooks = [("blocks.0.hook_resid_pre", embed), *differentiable(fwd_hooks), *[(n, keep) for n in names]]
+    hooks = [("blocks.0.hook_resid_pre", embed), *differentiable(fwd_hooks), *[(n, keep) for n in names],
+             *[(n, record) for n in writer_hook_names(n_layers)]]
     with torch.enable_grad(), graph_hooks_on(model), model.hooks(fwd_hooks=hooks):
         logits = model(images)
         grads = dict(zip(names, torch.autograd.grad(metric(logits).sum(), [acts[n] for n in names])))
@@ -100,7 +122,8 @@ def _reader_grads(model, images, clean_embed, corr_embed, alpha, metric, fwd_hoo
             rows += list(grads[f"blocks.{l}.attn.hook_{s}_input"].unbind(2))
         rows.append(grads[f"blocks.{l}.hook_mlp_in"])
     rows.append(grads[names[-1]])
-    return torch.stack(rows).detach()
+    with torch.no_grad():
+        return torch.stack(rows), torch.stack(writers)
 
 
 @dataclass

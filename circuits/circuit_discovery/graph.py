@@ -105,7 +105,7 @@ def graph_hooks_on(model: HookedViT):
         model.set_use_hook_mlp_in(old[1])
 
 
-def _head_out(model: HookedViT, layer: int, z: Float[Tensor, "b p h e"]) -> Float[Tensor, "b p h d"]:
+def head_out(model: HookedViT, layer: int, z: Float[Tensor, "b p h e"]) -> Float[Tensor, "b p h d"]:
     return torch.einsum("bphe,hed->bphd", z, model.blocks[layer].attn.W_O)
 
 
@@ -113,7 +113,7 @@ def writer_values(model: HookedViT, cache) -> Float[Tensor, "w b p d"]:
     """Every writer's contribution to the residual stream, from a cache of the writer hooks."""
     out = [cache["blocks.0.hook_resid_pre"]]
     for l in range(model.cfg.n_layers):
-        out += list(_head_out(model, l, cache[f"blocks.{l}.attn.hook_z"]).unbind(2))
+        out += list(head_out(model, l, cache[f"blocks.{l}.attn.hook_z"]).unbind(2))
         out.append(cache[f"blocks.{l}.hook_mlp_out"])
     return torch.stack(out)
 
@@ -144,7 +144,7 @@ def run_patched(model: HookedViT, images: Tensor, source: Float[Tensor, "w b p d
         current.append(x)
 
     def record_z(z, hook):
-        current.extend(_head_out(model, hook.layer(), z).unbind(2))
+        current.extend(head_out(model, hook.layer(), z).unbind(2))
 
     def record_mlp(x, hook):
         current.append(x)
