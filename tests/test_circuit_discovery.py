@@ -172,3 +172,23 @@ def test_eap_finds_the_planted_shortcut_head_and_a_small_faithful_circuit(embedd
     # Without the planted head the top edge is another one: the ranking follows the plant.
     plain = edge_attribution(model, clean, corrupted).to_frame()
     assert plain.iloc[0].upstream != planted or plain.iloc[0].downstream != "logits"
+
+
+def test_corruptions():
+    from circuits.circuit_discovery.corruptions import swap_background
+
+    images = torch.randn(6, 3, 8, 8)
+    shuffled = corrupt(images, "shuffle", seed=1)
+    assert all(any(torch.equal(s, x) for x in images) and not torch.equal(s, x) for s, x in zip(shuffled, images))
+    flat = torch.full((2, 3, 8, 8), 0.5)
+    torch.testing.assert_close(corrupt(flat, "blur", sigma=1.5), flat)  # blur keeps a constant image
+    assert corrupt(images, "blur").std() < images.std()
+    assert torch.equal(corrupt(images, "mean")[0], images.mean(0))
+    masks = torch.zeros(6, 8, 8, dtype=torch.bool)
+    masks[:, 2:4, 2:4] = True
+    swapped = swap_background(images, masks, shuffled)
+    assert torch.equal(swapped[:, :, 2:4, 2:4], images[:, :, 2:4, 2:4]) and torch.equal(swapped[:, :, 0], shuffled[:, :, 0])
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupt(images, "jpeg")
+    with pytest.raises(ValueError, match="at least 2"):
+        corrupt(images[:1], "shuffle")
