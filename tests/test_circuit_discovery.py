@@ -192,3 +192,24 @@ def test_corruptions():
         corrupt(images, "jpeg")
     with pytest.raises(ValueError, match="at least 2"):
         corrupt(images[:1], "shuffle")
+
+
+def test_circuit_command_writes_scores_and_summary(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from circuits.cli import main
+
+    out = tmp_path / "circuit"
+    assert main(["circuit", "--model", "embedded", "--data", "synthetic:val:16", "--out", str(out),
+                 "--budget", "10", "--batch-size", "8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    edges = pd.read_parquet(out / "edge_scores.parquet")
+    nodes = pd.read_parquet(out / "node_scores.parquet")
+    assert summary["n_edges_kept"] == 10 == int(edges.in_circuit.sum()) and summary["n_edges"] == len(edges) == 1108
+    assert summary["n_images"] == 16 and summary["metric_clean"] > summary["metric_corrupted"]
+    assert summary["faithfulness"] == pytest.approx((summary["metric_circuit"] - summary["metric_corrupted"])
+                                                    / (summary["metric_clean"] - summary["metric_corrupted"]))
+    assert set(nodes.site) == {"resid_pre", "z", "mlp_out"} and len(nodes[nodes.site == "z"]) == 6 * 65 * 4
+    assert main(["circuit", "--model", "embedded", "--data", "synthetic:val:16", "--out", str(out)]) == 2
