@@ -1,0 +1,42 @@
+"""`hooked-vit circuit`: edge attribution (EAP / EAP-IG), a pruned circuit and its faithfulness."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from circuits.commands._common import add_model_args, load_inputs
+
+ORDER = 60
+
+
+def add_parser(sub) -> None:
+    from circuits.circuit_discovery.corruptions import CORRUPTIONS
+    from circuits.circuit_discovery.metrics import METRICS
+
+    p = sub.add_parser("circuit", help="circuit discovery: edge scores, a pruned circuit, its faithfulness",
+                       description="EAP or EAP-IG edge scores and AtP node scores over a dataset, the circuit of "
+                                   "the --budget highest-|score| edges and the share of the metric it recovers.")
+    add_model_args(p)
+    p.add_argument("--data", default="synthetic", help="synthetic[:split[:n]], an ImageNet-S root, or an ImageFolder")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--method", default="eap", choices=["eap", "eap-ig"])
+    p.add_argument("--metric", default="logit_diff", choices=sorted(set(METRICS) - {"rank", "identifiability"}))
+    p.add_argument("--corruption", default="shuffle", choices=sorted(CORRUPTIONS))
+    p.add_argument("--budget", type=int, default=20, help="edges kept in the circuit")
+    p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=64, help="only the first N images")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from circuits.runs.circuit import circuit_run
+
+    model, dataset, _ = load_inputs(args)
+    summary = circuit_run(model, dataset, args.out, method=args.method, metric=args.metric,
+                          corruption=args.corruption, budget=args.budget, limit=args.limit,
+                          batch_size=args.batch_size, ig_steps=args.ig_steps, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    return 0
