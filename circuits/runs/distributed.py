@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Collection, Sequence
+from typing import Collection, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -78,9 +78,9 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
-def require_single_process(analysis: str) -> None:
+def require_single_process(analysis: str, d: Optional[Dist] = None) -> None:
     """Refuse a sharded run of an analysis that needs all the data in one process."""
-    d = init_distributed()
+    d = d if d is not None else init_distributed()
     if d.world > 1:
         raise ValueError(f"{analysis} does not run sharded yet ({NOT_SHARDED[analysis]}); "
                          f"run it as one process (without torchrun), world size is {d.world}")

@@ -1,0 +1,58 @@
+"""A dataset run for tests/test_distributed.py, launched with or without torchrun.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_driver.py identify OUT N BATCH
+
+CRASH_RANK / CRASH_AFTER (environment): that rank exits abruptly (no cleanup, as a killed
+process) when it starts its batch number CRASH_AFTER + 1, to test resuming.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from torch.utils.data import Dataset
+
+from circuits.runs.distributed import init_distributed
+from circuits.runs.explain import benchmark
+from circuits.runs.identify import identify
+from circuits.runs.sources import load_model, synthetic_for
+from circuits.runs.streaming import describe_dataset
+
+
+class CrashingAfter(Dataset):
+    """The same items as `inner`, but the process exits when it reads item number `after`."""
+
+    def __init__(self, inner: Dataset, after: int):
+        self.inner, self.after, self.reads = inner, after, 0
+
+    def describe(self) -> str:  # the same run as the inner dataset's, so a rerun resumes it
+        return describe_dataset(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        if self.reads == self.after:
+            os._exit(3)
+        self.reads += 1
+        return self.inner[i]
+
+
+def main(analysis: str, out: str, n: int, batch_size: int) -> None:
+    model = load_model("embedded")
+    dataset = synthetic_for("default", "test", n)
+    crash_rank = os.environ.get("CRASH_RANK")
+    if crash_rank is not None and init_distributed().rank == int(crash_rank):
+        dataset = CrashingAfter(dataset, int(os.environ["CRASH_AFTER"]) * batch_size)
+    if analysis == "identify":
+        identify(model, dataset, out, batch_size=batch_size, k=3, progress=False)
+    elif analysis == "explain":
+        benchmark(model, dataset, out, ["gae", "random"], batch_size=batch_size, fractions=[0.0, 0.5, 1.0],
+                  thumbnails=2, progress=False)
+    else:
+        raise ValueError(f"unknown analysis {analysis!r}; use identify or explain")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
