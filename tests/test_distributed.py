@@ -15,6 +15,7 @@ import pytest
 
 from circuits.runs.distributed import Dist, require_single_process, shard_batches
 from circuits.runs.results import RunStore, read_manifest, read_table
+import distributed_driver as driver
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "distributed_driver.py"
@@ -36,19 +37,8 @@ def run_ok(analysis: str, out: Path, nproc: int) -> Path:
 
 
 def assert_same_results(expected: Path, actual: Path) -> None:
-    """Every table of `expected` has the same rows and values in `actual`."""
-    tables = sorted(p.name for p in expected.iterdir() if p.is_dir())
-    assert tables and tables == sorted(p.name for p in actual.iterdir() if p.is_dir())
-    for table in tables:
-        a, b = read_table(expected, table), read_table(actual, table)
-        assert list(a.columns) == list(b.columns) and len(a) == len(b), table
-        for col in a.columns:
-            left, right = a[col].to_numpy(), b[col].to_numpy()
-            if left.dtype == object:
-                assert all(np.array_equal(x, y) for x, y in zip(left, right)), (table, col)
-            else:
-                assert (left == right).all(), (table, col)
-    assert read_manifest(expected)["done"] == read_manifest(actual)["done"] == list(range(N))
+    driver.assert_same_results(expected, actual)
+    assert read_manifest(actual)["done"] == list(range(N))
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +106,18 @@ def test_analyses_needing_all_data_refuse_a_sharded_run():
     with pytest.raises(ValueError, match="probes does not run sharded.*one process"):
         require_single_process("probes", Dist(1, 2))
     require_single_process("decompose", Dist())  # one process: fine
+
+
+def test_gpu_check_script_dry_run_lists_what_it_skips():
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    skipped = [line for line in done.stdout.splitlines() if line.startswith("skip: ")]
+    names = [line.split(":")[1].strip() for line in skipped]
+    assert names == ["gpu_tests", "forward_fp32", "identify_fp32", "forward_bf16", "identify_bf16",
+                     "one_process", "torchrun_2", "compare"], done.stdout
+    assert "--dtype bf16" in skipped[3] and "--nproc-per-node 2" in skipped[6]
+    assert "dry run" in done.stdout.splitlines()[-1]
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--fast"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
+    assert bad.returncode == 2 and "unknown option" in bad.stderr
