@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 from torch.utils.data import Dataset
 
+from circuits.runs.distributed import init_distributed
 from circuits.runs.specs import DataSpec, ModelSpec, parse_data_spec, parse_model_spec
 from hooked_vit import HookedViT
 
@@ -21,6 +22,7 @@ def load_model(spec: Union[str, ModelSpec], arch: Optional[str] = None, device: 
                random_weights: bool = False, seed: int = 0, dtype: Optional[torch.dtype] = None) -> HookedViT:
     """A HookedViT from a model spec (see `circuits.runs.specs`); dtype: weights and
     activations (runs move images to it; see `circuits.runs.precision`)."""
+    init_distributed()  # under torchrun, "cuda" is then this rank's LOCAL_RANK GPU
     if isinstance(spec, str):
         spec = parse_model_spec(spec, arch, random_weights)
     timm_model = _timm_model(spec)
