@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from circuits.memories import memories
 from circuits.runs.distributed import init_distributed
 from circuits.runs.explain import benchmark
 from circuits.runs.identify import identify
@@ -59,8 +60,10 @@ def main(analysis: str, out: str, n: int, batch_size: int) -> None:
     elif analysis == "explain":
         benchmark(model, dataset, out, ["gae", "random"], batch_size=batch_size, fractions=[0.0, 0.5, 1.0],
                   thumbnails=2, progress=False)
+    elif analysis == "memories":
+        memories(model, dataset, out, batch_size=batch_size, progress=False)
     else:
-        raise ValueError(f"unknown analysis {analysis!r}; use identify or explain")
+        raise ValueError(f"unknown analysis {analysis!r}; use identify, explain or memories")
 
 
 def assert_same_results(expected: str | Path, actual: str | Path) -> None:

@@ -44,13 +44,14 @@ def assert_same_results(expected: Path, actual: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("one")
-    return {a: run_ok(a, root / a, 0) for a in ("identify", "explain")}
+    return {a: run_ok(a, root / a, 0) for a in ("identify", "explain", "memories")}
 
 
-def test_two_ranks_identify_equals_one_process(reference, tmp_path):
-    out = run_ok("identify", tmp_path / "two", 2)
+@pytest.mark.parametrize("analysis", ["identify", "memories"])
+def test_two_ranks_equal_one_process(reference, tmp_path, analysis):
+    out = run_ok(analysis, tmp_path / "two", 2)
     assert (out / "manifest-rank00001.json").exists()  # each rank wrote its own manifest part
-    assert_same_results(reference["identify"], out)
+    assert_same_results(reference[analysis], out)
 
 
 def test_two_ranks_gradient_explain_equals_one_process(reference, tmp_path):
