@@ -126,7 +126,10 @@ def loadavg() -> Optional[list[float]]:
 
 
 # ------------------------------------------------------------------------------ benchmark
-def build(model_name: str, device: torch.device, seed: int, batch_size: int):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build(model_name: str, device: torch.device, seed: int, batch_size: int, dtype: str = "fp32"):
     import timm
 
     from hooked_vit import HookedViT
@@ -134,11 +137,11 @@ def build(model_name: str, device: torch.device, seed: int, batch_size: int):
     torch.manual_seed(seed)
     timm_model = timm.create_model(model_name, pretrained=False).eval()
     hooked = HookedViT.from_timm(timm_model).eval()
-    timm_model.to(device)
-    hooked.to(device)
+    timm_model.to(device, DTYPES[dtype])  # both models in the same dtype: ratios compare like with like
+    hooked.to(device, DTYPES[dtype])
     h, w = timm_model.patch_embed.img_size
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch_size, 3, h, w, generator=g).to(device)
+    x = torch.randn(batch_size, 3, h, w, generator=g).to(device, DTYPES[dtype])
     return timm_model, hooked, x
 
 
@@ -156,7 +159,7 @@ def logits_of(out: Any) -> torch.Tensor:
 
 
 def bench_model(model_name: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    timm_model, hooked, x = build(model_name, device, args.seed, args.batch_size)
+    timm_model, hooked, x = build(model_name, device, args.seed, args.batch_size, args.dtype)
     fns = make_contenders(timm_model, hooked, x)
     record: dict[str, Any] = {
         "model": model_name,
@@ -315,6 +318,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="torch.set_num_threads (default: leave torch's setting)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="weights and input of both models (bf16/fp16: pass a looser --atol, e.g. 0.05)")
     p.add_argument("--atol", type=float, default=1e-4,
                    help="max |hooked - timm| logits allowed, times max(1, |timm logits|max)")
     p.add_argument("--verbose", action="store_true", help="print every repeat's times")

@@ -39,13 +39,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights and images")
     args = p.parse_args()
 
     torch.manual_seed(0)
-    timm_model = timm.create_model(args.model, pretrained=False).eval().to(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    timm_model = timm.create_model(args.model, pretrained=False).eval().to(args.device, dtype)
     model = HookedViT.from_timm(timm_model)
     size = model.cfg.img_size
-    x = torch.randn(args.batch_size, 3, *size, device=args.device)
+    x = torch.randn(args.batch_size, 3, *size, device=args.device, dtype=dtype)
     targets = torch.randint(0, model.cfg.n_classes, (args.batch_size,), device=args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     contenders = {

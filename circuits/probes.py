@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from circuits.data import collate_samples
 from circuits.runs.streaming import describe_dataset, model_fingerprint
+from circuits.runs.distributed import require_single_process
 from circuits.runs.streaming import stream_pending
 from circuits.projection import DEFAULT_SITES, SITES, count_above, project_batch
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
@@ -283,6 +284,7 @@ def run_probes(
     Tables: `images` (index, label, pred, correct), `tokens` (one row per image x site x
     layer: probe_rank and projection_rank per token); `probe_training.json`.
     """
+    require_single_process("probes")
     cfg = model.cfg
     layers = list(range(cfg.n_layers)) if layers is None else list(layers)
     train_idx = per_class_indices(dataset_labels(train_dataset), per_class)

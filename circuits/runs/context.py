@@ -1,7 +1,7 @@
 """The one preamble of every dataset-level run: settings with the model fingerprint and the
 dataset description, how many items, the resumable store, batches on the model's device,
-and the run's summary written atomically. (Distributed sharding plugs in here: a shard's
-`Run` streams its own indices.)
+and the run's summary written atomically. Under torchrun each rank's `Run` streams its own
+shard of the pending items (`circuits.runs.distributed`, applied in `stream_pending`).
 
     run = start_run("identify", model, dataset, out_dir, limit=limit, overwrite=overwrite, k=5)
     for batch in run.batches(batch_size=32):

@@ -40,6 +40,7 @@ from circuits.decomposition.spurious import (
 from circuits.data import collate_samples
 from circuits.runs.streaming import describe_dataset
 from circuits.runs.context import run_size, start_run
+from circuits.runs.distributed import require_single_process
 from circuits.runs.results import RunStore, atomic_write_bytes, fixed_size_list, read_table
 
 log = logging.getLogger("circuits.decomposition")
@@ -72,6 +73,7 @@ def decompose_run(
     `fwd_hooks` are active in every pass (an intervention, e.g. a planted shortcut); they
     are recorded in the settings by name only, so describe them in `settings`.
     """
+    require_single_process("decompose")
     run = start_run("decompose", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, settings=settings, reference=describe_dataset(reference),
                     reference_n=run_size(reference, reference_limit), core_key=core_key,

@@ -5,13 +5,18 @@ one part per batch, each written to a temporary file and renamed into place, and
 `manifest.json` recording the run's settings and which dataset indices are done. A rerun
 with the same settings skips the done indices; a rerun with different settings refuses
 to mix results. `pandas.read_parquet(run_dir / "images")` loads a table in one line.
+
+Under torchrun (`circuits.runs.distributed`) each rank writes its own parts (batches are
+disjoint) and its own manifest part (`manifest-rank<r>.json`, rank 0 keeps
+`manifest.json`); the done set is the union of all parts, so any number of processes
+resumes any earlier run.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import pandas as pd
@@ -19,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from circuits.files import atomic_write_bytes, atomic_write_text
+from circuits.runs.distributed import Dist, init_distributed
 
 
 class RunStore:
@@ -31,15 +37,39 @@ class RunStore:
         overwrite: start afresh, deleting earlier parts.
     """
 
-    def __init__(self, root: str | Path, settings: dict[str, Any], overwrite: bool = False):
+    def __init__(self, root: str | Path, settings: dict[str, Any], overwrite: bool = False,
+                 dist: Optional[Dist] = None):
+        self.dist = dist if dist is not None else init_distributed()
         self.root = Path(root)
         self.settings = json.loads(json.dumps(settings, default=str))
-        manifest = self.root / "manifest.json"
-        if overwrite and self.root.exists():
+        # Under torchrun every rank opens the store; rank 0 alone deletes, and nobody writes
+        # until every rank has read the same done set (so all compute the same shards).
+        if overwrite and self.dist.is_main and self.root.exists():
             for part in self.root.glob("*/part-*.parquet"):
                 part.unlink()
-            manifest.unlink(missing_ok=True)
-        if manifest.exists():
+            for manifest in manifest_files(self.root):
+                manifest.unlink()
+        self.dist.barrier()
+        self.reload()
+        self.dist.barrier()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self._drop_orphan_parts()
+            self._save_manifest()  # readers find the settings even if rank 0 has no batch
+        self.dist.barrier()
+
+    @property
+    def manifest_path(self) -> Path:
+        """This process' own manifest part: rank 0 writes manifest.json, rank r another file."""
+        name = "manifest.json" if self.dist.rank == 0 else f"manifest-rank{self.dist.rank:05d}.json"
+        return self.root / name
+
+    def reload(self) -> None:
+        """The done set and skipped records: the union of every rank's manifest part, so a
+        rerun with any number of processes resumes every shard."""
+        self.done: set[int] = set()
+        skipped: dict[int, dict] = {}
+        for manifest in manifest_files(self.root):
             state = json.loads(manifest.read_text())
             if state["settings"] != self.settings:
                 diff = {k: (state["settings"].get(k), v) for k, v in self.settings.items()
@@ -48,12 +78,9 @@ class RunStore:
                     f"{self.root} holds results of a run with other settings {diff} (old, new); "
                     "use another output directory or pass overwrite=True (--overwrite)"
                 )
-            self.done: set[int] = set(state["done"])
-            self.skipped: list[dict] = state.get("skipped", [])
-        else:
-            self.done, self.skipped = set(), []
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._drop_orphan_parts()
+            self.done.update(state["done"])
+            skipped.update((int(r["index"]), r) for r in state.get("skipped", []))
+        self.skipped: list[dict] = [skipped[i] for i in sorted(skipped)]
 
     def _drop_orphan_parts(self) -> None:
         """A part written by a run that stopped before marking its batch done is removed:
@@ -82,10 +109,12 @@ class RunStore:
 
     def _save_manifest(self, **extra: Any) -> None:
         state = {"settings": self.settings, "done": sorted(self.done), "skipped": self.skipped, **extra}
-        atomic_write_text(self.root / "manifest.json", json.dumps(state))
+        atomic_write_text(self.manifest_path, json.dumps(state))
 
     def write_json(self, name: str, obj: Any) -> None:
-        atomic_write_text(self.root / name, json.dumps(obj, indent=2, default=_json_default))
+        """A run-level file, written by rank 0 only (every rank computes the same object)."""
+        if self.dist.is_main:
+            atomic_write_text(self.root / name, json.dumps(obj, indent=2, default=_json_default))
 
     def read(self, table: str) -> pd.DataFrame:
         return read_table(self.root, table)
@@ -102,8 +131,21 @@ def read_table(root: str | Path, table: str) -> pd.DataFrame:
     return df.sort_values(order, kind="stable").reset_index(drop=True) if order else df
 
 
+def manifest_files(root: str | Path) -> list[Path]:
+    """Every rank's manifest part of a run directory (manifest.json first)."""
+    root = Path(root)
+    return [p for p in [root / "manifest.json", *sorted(root.glob("manifest-rank*.json"))] if p.exists()]
+
+
 def read_manifest(root: str | Path) -> dict:
-    return json.loads((Path(root) / "manifest.json").read_text())
+    """A run's settings, and its done indices and skipped records over every rank's part."""
+    files = manifest_files(root)
+    if not files:
+        raise FileNotFoundError(f"no manifest.json in {root}; run the analysis first")
+    states = [json.loads(p.read_text()) for p in files]
+    skipped = {int(r["index"]): r for state in states for r in state.get("skipped", [])}
+    return {**states[0], "done": sorted(set().union(*(state["done"] for state in states))),
+            "skipped": [skipped[i] for i in sorted(skipped)]}
 
 
 def fixed_size_list(values: np.ndarray) -> pa.Array:

@@ -13,13 +13,16 @@ from typing import Optional, Union
 import torch
 from torch.utils.data import Dataset
 
+from circuits.runs.distributed import init_distributed
 from circuits.runs.specs import DataSpec, ModelSpec, parse_data_spec, parse_model_spec
 from hooked_vit import HookedViT
 
 
 def load_model(spec: Union[str, ModelSpec], arch: Optional[str] = None, device: str = "cpu",
-               random_weights: bool = False, seed: int = 0) -> HookedViT:
-    """A HookedViT from a model spec (see `circuits.runs.specs`)."""
+               random_weights: bool = False, seed: int = 0, dtype: Optional[torch.dtype] = None) -> HookedViT:
+    """A HookedViT from a model spec (see `circuits.runs.specs`); dtype: weights and
+    activations (runs move images to it; see `circuits.runs.precision`)."""
+    init_distributed()  # under torchrun, "cuda" is then this rank's LOCAL_RANK GPU
     if isinstance(spec, str):
         spec = parse_model_spec(spec, arch, random_weights)
     timm_model = _timm_model(spec)
@@ -27,7 +30,7 @@ def load_model(spec: Union[str, ModelSpec], arch: Optional[str] = None, device: 
         torch.manual_seed(seed)
         timm_model.init_weights()
         # timm's init leaves norms at 1 and biases at 0, as a freshly initialised network has.
-    model = HookedViT.from_timm(timm_model, device=device)
+    model = HookedViT.from_timm(timm_model, device=device, dtype=dtype)
     model.cfg.model_name = spec.label
     return model
 

@@ -20,9 +20,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from circuits.runs.distributed import shard_batches
 from circuits.runs.results import RunStore
 
 log = logging.getLogger("circuits.runs.streaming")
@@ -51,19 +52,23 @@ class PendingBatch:
 
 def stream_pending(store: RunStore, dataset: Dataset, indices: int | Sequence[int], *, batch_size: int,
                    num_workers: int = 0, desc: str = "", progress: bool = True) -> Iterator[PendingBatch]:
-    """Batches of the items in `indices` (or range(indices)) that `store` has not done yet."""
+    """Batches of the items in `indices` (or range(indices)) that `store` has not done yet;
+    under torchrun only this rank's shard (`circuits.runs.distributed.shard_batches`). When
+    the loop ends every rank has finished and `store.done` holds all ranks' items."""
     from circuits.data import collate_samples
 
-    todo = store.pending(range(indices) if isinstance(indices, int) else indices)
-    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_samples)
-    bar = tqdm(loader, desc=f"{desc} -> {store.root}", unit="batch", disable=not progress or not todo)
-    for i, data in enumerate(bar):
-        covered = todo[i * batch_size:(i + 1) * batch_size]
+    indices = range(indices) if isinstance(indices, int) else indices
+    blocks = shard_batches(indices, store.done, batch_size, store.dist)
+    loader = DataLoader(dataset, batch_sampler=blocks, num_workers=num_workers, collate_fn=collate_samples)
+    rank = f" [rank {store.dist.rank}/{store.dist.world}]" if store.dist.world > 1 else ""
+    bar = tqdm(loader, desc=f"{desc} -> {store.root}{rank}", unit="batch", disable=not progress or not blocks)
+    for covered, data in zip(blocks, bar):
         if data is None:  # every item of the batch was unreadable
             store.write_batch(covered[0], {}, covered, skip_records(dataset, covered))
             continue
         yield PendingBatch(data, covered, store, dataset)
+    store.dist.barrier()  # summaries after the loop read every shard's parts
+    store.reload()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
