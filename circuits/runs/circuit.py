@@ -22,6 +22,7 @@ from circuits.circuit_discovery.attribution_patching import attribution_patch
 from circuits.circuit_discovery.corruptions import CORRUPTIONS, corrupt
 from circuits.circuit_discovery.eap import EdgeScores, edge_attribution, faithfulness, prune
 from circuits.data import collate_samples
+from circuits.runs.distributed import require_single_process
 from hooked_vit import HookedViT
 
 
@@ -29,6 +30,7 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
                 corruption: str = "shuffle", budget: int = 20, limit: Optional[int] = None,
                 batch_size: int = 32, ig_steps: int = 5, overwrite: bool = False) -> dict:
     """Score, prune and evaluate a circuit over a dataset; returns the summary."""
+    require_single_process("circuit")
     if corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; choose from {sorted(CORRUPTIONS)}")
     out = Path(out_dir)

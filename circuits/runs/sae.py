@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from circuits.runs.activation_store import build_activation_store
+from circuits.runs.distributed import require_single_process
 from circuits.runs.results import RunStore
 from circuits.runs.streaming import describe_dataset, model_fingerprint
 from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
@@ -23,6 +24,7 @@ def train_run(model, dataset, out: str | Path, *, hook: str, hook_out: Optional[
               batch_size: int = 64, limit: Optional[int] = None, num_workers: int = 0, overwrite: bool = False,
               device: str = "cpu", progress: bool = True) -> Path:
     """Activations of `hook` (and `hook_out`) into out/activations, then a dictionary in out/."""
+    require_single_process("sae train")
     out = Path(out)
     hooks = [hook] + ([hook_out] if hook_out else [])
     t0 = time.perf_counter()
