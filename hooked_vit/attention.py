@@ -31,6 +31,9 @@ class Attention(nn.Module):
         hook_attn_scores: [b, h, q, k], scaled dot products, masked keys at -inf
         hook_pattern: [b, h, q, k], softmax of the scores
         hook_result: [b, p, h, d_model], per-head output (only with cfg.use_attn_result)
+        hook_q_input, hook_k_input, hook_v_input: [b, p, h, d_model], each head's copy of the
+            input before the norm (only with cfg.use_split_qkv_input)
+        hook_attn_in: [b, p, h, d_model], as above, one copy for q, k and v (cfg.use_attn_in)
 
     When neither `hook_attn_scores` nor `hook_pattern` is hooked (and cfg.use_fused_attn),
     attention runs through `scaled_dot_product_attention`; otherwise the explicit path runs
@@ -47,18 +50,35 @@ class Attention(nn.Module):
         self.ls_gamma: Optional[nn.Parameter] = (
             nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
         )
-        for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
-            setattr(self, f"hook_{name}", HookPoint())
+        # Optional per-head inputs (TransformerLens's flags), [b, p, h, d_model]:
+        self.hook_q_input = HookPoint()  # cfg.use_split_qkv_input
+        self.hook_k_input = HookPoint()  # cfg.use_split_qkv_input
+        self.hook_v_input = HookPoint()  # cfg.use_split_qkv_input
+        self.hook_attn_in = HookPoint()  # cfg.use_attn_in: one input shared by q, k, v
+        self.hook_q = HookPoint()  # [b, p, h, d_head]
+        self.hook_k = HookPoint()  # [b, p, h, d_head]
+        self.hook_v = HookPoint()  # [b, p, h, d_head]
+        self.hook_attn_scores = HookPoint()  # [b, h, q, k]
+        self.hook_pattern = HookPoint()  # [b, h, q, k]
+        self.hook_z = HookPoint()  # [b, p, h, d_head]
+        self.hook_result = HookPoint()  # [b, p, h, d_model], cfg.use_attn_result
 
     # ------------------------------------------------------------------------------------
     def forward(
         self,
         x: Float[Tensor, "b p d_model"],
         key_mask: Optional[Float[Tensor, "b k"]] = None,
+        norm: Optional[nn.Module] = None,
     ) -> Float[Tensor, "b p d_model"]:
-        """`key_mask` [b, k] (bool, True = attend) hides padded tokens."""
+        """`key_mask` [b, k] (bool, True = attend) hides padded tokens. `norm` (the block's
+        ln1 in a pre-norm block) is applied to the input here, so that with the per-head
+        input flags it acts on each head's copy, as in TransformerLens."""
         b, p, _ = x.shape
-        q, k, v = self.qkv(x).view(b, p, 3, self.cfg.n_heads, self.cfg.d_head).unbind(2)
+        if self.cfg.use_split_qkv_input or self.cfg.use_attn_in:
+            q, k, v = self._per_head_qkv(x, norm)
+        else:
+            x = x if norm is None else norm(x)
+            q, k, v = self.qkv(x).view(b, p, 3, self.cfg.n_heads, self.cfg.d_head).unbind(2)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, p, d_head]
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
@@ -72,6 +92,23 @@ class Attention(nn.Module):
             return result.sum(-2) + self.b_O
         out = self.proj(z.reshape(b, p, -1))
         return out if self.ls_gamma is None else out * self.ls_gamma
+
+    def _per_head_qkv(self, x: Float[Tensor, "b p d_model"], norm: Optional[nn.Module]) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [b, p, h, d_head] from per-head copies of the input (hook_{q,k,v}_input or
+        hook_attn_in, [b, p, h, d_model]), so an edit can reach one head only."""
+        if self.cfg.use_split_qkv_input and self.cfg.use_attn_in:
+            raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); turn one off")
+        per_head = x[:, :, None].expand(-1, -1, self.cfg.n_heads, -1)
+        if self.cfg.use_attn_in:
+            shared = self.hook_attn_in(per_head.clone())
+            shared = shared if norm is None else norm(shared)
+            inputs = (shared, shared, shared)
+        else:
+            inputs = tuple(hook(per_head.clone()) for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input))
+            inputs = inputs if norm is None else tuple(norm(i) for i in inputs)
+        weights = ((self.W_Q, self.b_Q), (self.W_K, self.b_K), (self.W_V, self.b_V))
+        q, k, v = (torch.einsum("bphm,hme->bphe", i, w) + bias for i, (w, bias) in zip(inputs, weights))
+        return q, k, v
 
     def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:
         # Scale q before the product, as timm's explicit path does, for matching rounding.

@@ -15,7 +15,8 @@ from hooked_vit.mlp import MLP
 
 
 class TransformerBlock(nn.Module):
-    """Residual block. Hooks are [b, p, d_model].
+    """Residual block. Hooks are [b, p, d_model]; hook_mlp_in (a copy of resid_mid that the
+    MLP reads) only fires with cfg.use_hook_mlp_in.
 
     pre_norm:  attn_out = attn(ln1(resid_pre));  mlp_out = mlp(ln2(resid_mid))
     post_norm: attn_out = ln1(attn(resid_pre));  mlp_out = ln2(mlp(resid_mid))
@@ -33,8 +34,12 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(cfg)
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
         self.mlp = MLP(cfg)
-        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
-            setattr(self, f"hook_{name}", HookPoint())
+        self.hook_resid_pre = HookPoint()  # [b, p, d_model]
+        self.hook_attn_out = HookPoint()  # [b, p, d_model]
+        self.hook_resid_mid = HookPoint()  # [b, p, d_model]
+        self.hook_mlp_in = HookPoint()  # [b, p, d_model], cfg.use_hook_mlp_in
+        self.hook_mlp_out = HookPoint()  # [b, p, d_model]
+        self.hook_resid_post = HookPoint()  # [b, p, d_model]
 
     def forward(
         self, resid_pre: Float[Tensor, "b p d_model"], key_mask: Optional[Tensor] = None
@@ -43,10 +48,12 @@ class TransformerBlock(nn.Module):
         if self.cfg.block_type == "post_norm":
             attn_out = self.ln1(self.attn(resid_pre, key_mask))
         else:
-            attn_out = self.attn(self.ln1(resid_pre), key_mask)
+            attn_out = self.attn(resid_pre, key_mask, norm=self.ln1)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
+        # A copy, as in TransformerLens, so an edit of the MLP input leaves resid_mid alone.
+        mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid
         if self.cfg.block_type == "post_norm":
-            mlp_out = self.ln2(self.mlp(resid_mid))
+            mlp_out = self.ln2(self.mlp(mlp_in))
         else:
-            mlp_out = self.mlp(self.ln2(resid_mid))
+            mlp_out = self.mlp(self.ln2(mlp_in))
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))

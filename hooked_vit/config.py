@@ -8,7 +8,7 @@ TransformerLens field names (`n_layers`, `d_model`, `n_heads`, `d_head`, `d_mlp`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Optional
 
 ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
@@ -57,6 +57,9 @@ class HookedViTConfig:
     # --- run-time switches -------------------------------------------------------------------
     use_attn_result: bool = False  # compute attn.hook_result (per-head outputs)
     use_fused_attn: bool = True  # SDPA whenever no hook needs scores or pattern
+    use_split_qkv_input: bool = False  # per-head q/k/v inputs: attn.hook_{q,k,v}_input
+    use_attn_in: bool = False  # one per-head input for q, k, v: attn.hook_attn_in
+    use_hook_mlp_in: bool = False  # blocks.{l}.hook_mlp_in, the MLP's input
     normalization_type: Literal["LN", "LNPre"] = "LN"  # "LNPre" once LayerNorm is folded
     attn_only: bool = False
     n_key_value_heads: Optional[int] = None  # TransformerLens field; ViTs have no grouped-query attention
@@ -113,6 +116,9 @@ class HookedViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HookedViTConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown HookedViTConfig fields {unknown}; see hooked_vit/config.py for the fields")
         return cls(**d)
 
 

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
@@ -17,7 +18,9 @@ class LayerNorm(nn.Module):
 
     Hooks:
         hook_scale: [*batch, 1], sqrt(var + eps). Only computed when hooked; a returned or
-            in-place edited scale replaces the real one.
+            in-place edited scale replaces the real one, and gradients are those of
+            (x - mean(x)) / scale * weight + bias with the edited scale (so freezing the
+            scale at a clean run's value keeps LayerNorm's centring in the gradient).
         hook_normalized: [*batch, d_model], the output (after weight and bias).
 
     After `fold_ln` the affine parameters are None ("LNPre" in TransformerLens).
@@ -32,20 +35,40 @@ class LayerNorm(nn.Module):
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         if not is_hooked(self.hook_scale):
             return self.hook_normalized(self.functional(x))
-        # One fused kernel gives the output and the statistics; the explicit formula runs
-        # only if a hook changed the scale, so that the edit flows downstream.
+        # The scale is computed from x with autograd, so a hook that returns f(scale) gets
+        # the gradient of f; the output is the explicit formula whenever hook_scale can
+        # change anything (an edit, or backward hooks that need the scale in the graph).
+        if not torch.is_grad_enabled():
+            return self._forward_no_grad(x)
+        centred = x - x.mean(-1, keepdim=True)
+        # pow(0.5), not sqrt: its backward reads the input, so an in-place edit of the scale
+        # by a hook does not invalidate the graph.
+        scale = (centred.pow(2).mean(-1, keepdim=True) + self.eps).pow(0.5)  # [*batch, 1]
+        if self.hook_scale._backward_hooks:
+            return self.hook_normalized(self._affine(centred / self.hook_scale(scale)))
+        reference = scale.detach().clone()
+        edited = self.hook_scale(scale)
+        if edited is scale and torch.equal(edited, reference):
+            # Unedited: the fused kernel's output and gradient equal the formula's.
+            return self.hook_normalized(self.functional(x))
+        return self.hook_normalized(self._affine(centred / edited))
+
+    def _forward_no_grad(self, x: Tensor) -> Tensor:
+        # Without autograd one fused kernel gives the output and the statistics; the formula
+        # runs only if a hook changed the scale.
         out, mean, rstd = torch.native_layer_norm(x, (self.d_model,), self.weight, self.bias, self.eps)
         scale = rstd.reciprocal().to(x.dtype)  # [*batch, 1] = sqrt(var + eps)
         reference = scale.clone()
         edited = self.hook_scale(scale)
         if edited is not scale or not torch.equal(edited, reference):
-            out = (x - mean.to(x.dtype)) / edited
-            if self.weight is not None:
-                out = out * self.weight + self.bias
+            out = self._affine((x - mean.to(x.dtype)) / edited)
         return self.hook_normalized(out)
+
+    def _affine(self, normalized: Tensor) -> Tensor:
+        return normalized if self.weight is None else normalized * self.weight + self.bias
 
     def functional(self, x: Tensor) -> Tensor:
         """The same map without firing hooks (used by projections such as the logit lens)."""

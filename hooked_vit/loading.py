@@ -300,6 +300,13 @@ def from_timm(
     if isinstance(name_or_model, str):
         try:
             timm_model = timm.create_model(name_or_model, pretrained=pretrained and checkpoint_path is None, **timm_kwargs)
+        except TypeError as err:
+            if "unexpected keyword" not in str(err):
+                raise
+            raise TypeError(
+                f"timm's {name_or_model!r} does not accept {err.args[0].split('argument')[-1].strip()} "
+                f"(timm said: {err}); check the spelling against timm.create_model's arguments"
+            ) from None
         except RuntimeError as err:
             if "Unknown model" in str(err):
                 raise UnsupportedModelError(f"timm does not know the model {name_or_model!r}") from err
@@ -312,6 +319,7 @@ def from_timm(
                 ) from err
             raise
     elif isinstance(name_or_model, nn.Module):
+        _refuse_build_options(name_or_model, pretrained, timm_kwargs)
         timm_model = name_or_model
     else:
         raise TypeError(f"expected a timm model name or module, got {type(name_or_model).__name__}")
@@ -321,6 +329,21 @@ def from_timm(
     if fold_ln or center_writing_weights or fold_layer_scale:
         model.process_weights_(fold_ln, center_writing_weights, fold_layer_scale)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _refuse_build_options(timm_model: nn.Module, pretrained: bool, timm_kwargs: dict[str, Any]) -> None:
+    """Building options cannot change a model that already exists: say so instead of ignoring them."""
+    if timm_kwargs:
+        raise TypeError(
+            f"{sorted(timm_kwargs)} would be passed to timm.create_model, but a built "
+            f"{type(timm_model).__name__} was given; build it with those options "
+            "(timm.create_model(name, ...)) or pass the model name instead"
+        )
+    if pretrained:
+        raise ValueError(
+            "pretrained=True loads timm's weights when building from a name; the given model keeps "
+            "its own weights (pass checkpoint_path= to load a file into it)"
+        )
 
 
 def hooked_from_timm_module(timm_model: nn.Module) -> HookedViT:

@@ -13,10 +13,11 @@ import torch
 from jaxtyping import Float
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.block import TransformerBlock
+from hooked_vit.cache import ViTActivationCache
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.embed import Embed
 from hooked_vit.layer_norm import LayerNorm
@@ -83,6 +84,7 @@ class HookedViT(HookedRootModule):
                 left, shorter rows padded and masked out of attention and pooling.
             key_mask: [b, p] bool, True where a token may be attended to (with start_at_layer).
         """
+        _check_forward_options(return_type, targets)
         pool_mask = None
         if start_at_layer is None:
             resid = self.embed_images(x)
@@ -108,7 +110,7 @@ class HookedViT(HookedRootModule):
         if return_type == "loss":
             if targets is None:
                 raise ValueError('return_type="loss" needs targets=[batch] class ids')
-            return F.cross_entropy(logits, targets.to(logits.device))
+            return self.loss_fn(logits, targets)
         return logits if return_type == "logits" else None
 
     def _check_keep_mask(self, keep_mask: Tensor) -> None:
@@ -176,15 +178,40 @@ class HookedViT(HookedRootModule):
         """
         return self.W_U.T[torch.as_tensor(class_ids, device=self.W_U.device)]
 
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, "d_model"]:
+        """Sum of the attention (`b_O`) and MLP (`b_out`) output biases written to the residual
+        stream before block `layer` (and that block's `b_O` with `mlp_input`), as
+        TransformerLens's `accumulated_bias`, which `cache.get_full_resid_decomposition` reads.
+        """
+        if self.cfg.block_type == "post_norm":
+            raise ValueError(
+                "accumulated_bias is undefined for post-norm blocks: ln1/ln2 normalise each sublayer's "
+                "output, so its bias is not a separate term of the residual stream"
+            )
+        if not 0 <= layer <= self.cfg.n_layers or (mlp_input and layer == self.cfg.n_layers):
+            raise ValueError(f"layer={layer} must be in [0, {self.cfg.n_layers}] ({self.cfg.n_layers} with mlp_input=False)")
+        total = self.b_E.new_zeros(self.cfg.d_model)
+        for block in self.blocks[:layer]:
+            total = total + block.attn.b_O + (block.mlp.b_out if include_mlp_biases else 0)
+        return total + self.blocks[layer].attn.b_O if mlp_input else total
+
+    @property
+    def all_head_labels(self) -> list[str]:
+        """Labels of every attention head, "L{layer}H{head}", in stacking order."""
+        return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
+
     # ------------------------------------------------------------------ caching
     def run_with_cache(
         self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any
     ) -> tuple[Tensor, Union[ActivationCache, dict[str, Tensor]]]:
-        """As `HookedRootModule.run_with_cache`, wrapping the result in an `ActivationCache`."""
+        """As `HookedRootModule.run_with_cache`, wrapping the result in a `ViTActivationCache`
+        (a TransformerLens `ActivationCache`)."""
         self._check_names_filter(kwargs.get("names_filter"))
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
         if return_cache_object:
-            return out, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+            return out, ViTActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
         return out, cache_dict
 
     def hooks(self, fwd_hooks=(), bwd_hooks=(), *args: Any, **kwargs: Any):  # type: ignore[override]
@@ -212,7 +239,36 @@ class HookedViT(HookedRootModule):
 
     def set_use_attn_result(self, use: bool) -> None:
         """Compute per-head outputs at `blocks.{l}.attn.hook_result` (costs memory)."""
-        self.cfg.use_attn_result = use
+        self.cfg.use_attn_result = _flag(use, "use_attn_result")
+
+    def set_use_split_qkv_input(self, use: bool) -> None:
+        """Per-head copies of the attention input at `attn.hook_{q,k,v}_input` [b, p, h, d_model]."""
+        if use and self.cfg.use_attn_in:
+            raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive; call set_use_attn_in(False) first")
+        self.cfg.use_split_qkv_input = _flag(use, "use_split_qkv_input")
+
+    def set_use_attn_in(self, use: bool) -> None:
+        """One per-head copy of the attention input at `attn.hook_attn_in` [b, p, h, d_model]."""
+        if use and self.cfg.use_split_qkv_input:
+            raise ValueError("use_attn_in and use_split_qkv_input are mutually exclusive; call set_use_split_qkv_input(False) first")
+        self.cfg.use_attn_in = _flag(use, "use_attn_in")
+
+    def set_use_hook_mlp_in(self, use: bool) -> None:
+        """The MLP's input (a copy of resid_mid) at `blocks.{l}.hook_mlp_in` [b, p, d_model]."""
+        self.cfg.use_hook_mlp_in = _flag(use, "use_hook_mlp_in")
+
+    def loss_fn(
+        self, logits: Float[Tensor, "b n_classes"], targets: Tensor, per_image: bool = False
+    ) -> Tensor:
+        """Cross-entropy of class logits against class ids [b]: the mean, or [b] with per_image."""
+        if targets.shape != logits.shape[:1]:
+            raise ValueError(f"targets must be [batch] class ids, got shape {tuple(targets.shape)} for logits {tuple(logits.shape)}")
+        return F.cross_entropy(logits, targets.to(logits.device), reduction="none" if per_image else "mean")
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters (every parameter, as PyTorch counts them)."""
+        return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ weights
     @property
@@ -270,6 +326,16 @@ class HookedViT(HookedRootModule):
     W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out), doc="[l, d_mlp, d_model]")
     b_out = property(lambda self: self._stack(lambda b: b.mlp.b_out), doc="[l, d_model]")
 
+    @property
+    def QK(self) -> FactoredMatrix:
+        """Each head's bilinear form W_Q W_K^T: [n_layers, n_heads, d_model, d_model]."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """Each head's map W_V W_O from its input to its output: [n_layers, n_heads, d_model, d_model]."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_timm(cls, name_or_model: Union[str, nn.Module], **kwargs: Any) -> "HookedViT":
@@ -278,6 +344,27 @@ class HookedViT(HookedRootModule):
 
         return from_timm(name_or_model, **kwargs)
 
+    @classmethod
+    def from_hf(cls, model_or_path: Any, **kwargs: Any) -> "HookedViT":
+        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision model; see `hooked_vit.loading_hf.from_hf`."""
+        from hooked_vit.loading_hf import from_hf
+
+        return from_hf(model_or_path, **kwargs)
+
+    @classmethod
+    def from_open_clip(cls, model_or_name: Any, **kwargs: Any) -> "HookedViT":
+        """Load an open_clip ViT image tower; see `hooked_vit.loading_open_clip.from_open_clip`."""
+        from hooked_vit.loading_open_clip import from_open_clip
+
+        return from_open_clip(model_or_name, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, spec: str, **kwargs: Any) -> "HookedViT":
+        """"timm:NAME", "hf:ID_OR_FOLDER", "open_clip:ARCH[:TAG]" or a bare timm name."""
+        from hooked_vit.pretrained import load_pretrained
+
+        return load_pretrained(spec, **kwargs)
+
     def process_weights_(
         self, fold_ln: bool = True, center_writing_weights: bool = True, fold_layer_scale: bool = True
     ) -> "HookedViT":
@@ -285,6 +372,27 @@ class HookedViT(HookedRootModule):
         from hooked_vit.weight_processing import process_weights_
 
         process_weights_(self, fold_ln, center_writing_weights, fold_layer_scale)
+        return self
+
+    def fold_value_biases(self) -> "HookedViT":
+        """Move b_V into b_O, in place (TransformerLens's fold_value_biases); logits unchanged."""
+        from hooked_vit.weight_processing import fold_value_biases_
+
+        fold_value_biases_(self)
+        return self
+
+    def center_unembed(self) -> "HookedViT":
+        """Centre W_U and b_U over classes, in place; softmax and logit differences unchanged."""
+        from hooked_vit.weight_processing import center_unembed_
+
+        center_unembed_(self)
+        return self
+
+    def refactor_factored_attn_matrices(self) -> "HookedViT":
+        """Balance each head's QK and OV factors by SVD, in place; logits unchanged."""
+        from hooked_vit.weight_processing import refactor_factored_attn_matrices_
+
+        refactor_factored_attn_matrices_(self)
         return self
 
     def to_timm_state_dict(self) -> dict[str, Tensor]:
@@ -301,6 +409,22 @@ class HookedViT(HookedRootModule):
     @property
     def device(self) -> torch.device:
         return self.embed.proj.weight.device
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+RETURN_TYPES = ("logits", "loss", "pooled", "resid", None)
+
+
+def _check_forward_options(return_type: Any, targets: Optional[Tensor]) -> None:
+    if return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type={return_type!r} is not one of {RETURN_TYPES}")
+    if targets is not None and return_type != "loss":
+        raise ValueError(f'targets are only read with return_type="loss" (got return_type={return_type!r})')
 
 
 def _reduce_tokens(resid: Tensor, cfg: HookedViTConfig, pool_mask: Optional[Tensor]) -> Tensor:

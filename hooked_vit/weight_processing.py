@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import einops
 import torch
 from torch import Tensor, nn
+from transformer_lens import FactoredMatrix
 
 from hooked_vit.model import HookedViT
 
@@ -97,3 +99,72 @@ def _center_rows(weight: Tensor, bias: Tensor | None) -> None:
     weight.sub_(weight.mean(0, keepdim=True))
     if bias is not None:
         bias.sub_(bias.mean())
+
+
+# ------------------------------------------------------------------ TransformerLens extras
+# TransformerLens's HookedTransformer.fold_value_biases / center_unembed /
+# refactor_factored_attn_matrices, on the timm weight layout (qkv and proj Linears).
+# https://transformerlensorg.github.io/TransformerLens/generated/code/transformer_lens.HookedTransformer.html
+
+
+def _set_qkv_(attn: nn.Module, i: int, weight: Tensor, bias: Tensor) -> None:
+    """Write W_[QKV][i] [h, d_model, d_head] and b [h, d_head] back into the fused qkv Linear."""
+    d_attn = attn.cfg.n_heads * attn.cfg.d_head
+    if attn.qkv.bias is None:
+        attn.qkv.bias = nn.Parameter(attn.qkv.weight.new_zeros(3 * d_attn))
+    attn.qkv.weight[i * d_attn : (i + 1) * d_attn] = einops.rearrange(weight, "h m e -> (h e) m")
+    attn.qkv.bias[i * d_attn : (i + 1) * d_attn] = bias.reshape(-1)
+
+
+def _require_no_layer_scale(model: HookedViT, what: str) -> None:
+    if model.cfg.layer_scale:
+        raise ValueError(f"{what} rewrites W_O; fold LayerScale into it first (model.process_weights_(fold_layer_scale=True))")
+
+
+@torch.no_grad()
+def fold_value_biases_(model: HookedViT) -> None:
+    """Move b_V into b_O: every attention row sums to one, so each head adds b_V[h] @ W_O[h]
+    whatever it attends to (also with a key mask, whose rows still sum to one)."""
+    for block in model.blocks:
+        attn = block.attn
+        b_v = attn.b_V.reshape(-1)  # [h * d_head], the order proj reads z in
+        if not bool(b_v.any()):
+            continue
+        if attn.proj.bias is None:
+            attn.proj.bias = nn.Parameter(attn.proj.weight.new_zeros(model.cfg.d_model))
+        attn.proj.bias.add_(attn.proj.weight @ b_v)  # before LayerScale, which proj's output gets
+        d_attn = model.cfg.n_heads * model.cfg.d_head
+        attn.qkv.bias[2 * d_attn :] = 0
+
+
+@torch.no_grad()
+def center_unembed_(model: HookedViT) -> None:
+    """Remove the mean over classes from W_U and b_U: every image's logits shift by one
+    constant, so softmax and the logit differences are unchanged (not the raw logits)."""
+    model.require_head()
+    for head in (model.head, model.head_dist):
+        if head is None:
+            continue
+        head.weight.sub_(head.weight.mean(0, keepdim=True))
+        if head.bias is not None:
+            head.bias.sub_(head.bias.mean())
+
+
+@torch.no_grad()
+def refactor_factored_attn_matrices_(model: HookedViT) -> None:
+    """Re-factor each head's QK and OV circuits evenly by SVD (TransformerLens's
+    refactor_factored_attn_matrices): W_Q W_K^T (with the biases as an extra input row)
+    and W_V W_O are unchanged, so is the model; b_V is folded into b_O first."""
+    _require_no_layer_scale(model, "refactor_factored_attn_matrices")
+    fold_value_biases_(model)
+    for block in model.blocks:
+        attn = block.attn
+        q_eff = torch.cat([attn.W_Q, attn.b_Q[:, None, :]], dim=1)  # [h, d_model + 1, d_head]
+        k_eff = torch.cat([attn.W_K, attn.b_K[:, None, :]], dim=1)
+        q_even, k_even_t = FactoredMatrix(q_eff, k_eff.transpose(-1, -2)).make_even().pair
+        k_even = k_even_t.transpose(-1, -2)
+        _set_qkv_(attn, 0, q_even[:, :-1], q_even[:, -1])
+        _set_qkv_(attn, 1, k_even[:, :-1], k_even[:, -1])
+        u, s, v = FactoredMatrix(attn.W_V, attn.W_O).svd()
+        _set_qkv_(attn, 2, u * s[:, None, :], torch.zeros_like(attn.b_V))
+        attn.proj.weight.copy_(einops.rearrange(v, "h m e -> m (h e)"))

@@ -65,3 +65,21 @@ def test_distilled_head_is_average_of_both_heads():
         assert pooled.shape[1:] == (2, model.cfg.d_model)
         manual = (timm_model.head(pooled[:, 0]) + timm_model.head_dist(pooled[:, 1])) / 2
         assert rel_err(model.unembed(pooled), manual) < RTOL
+
+
+@pytest.mark.parametrize("flags", [("use_split_qkv_input", "use_hook_mlp_in", "use_attn_result"),
+                                   ("use_attn_in", "use_hook_mlp_in")])
+def test_optional_hook_flags_keep_timm_outputs(family, flags):
+    """TransformerLens's optional hook points (per-head inputs, MLP input) change no output."""
+    timm_model, size = make_timm(family)
+    model = HookedViT.from_timm(timm_model)
+    for f in flags:
+        setattr(model.cfg, f, True)
+    x = images(size)
+    ref_logits, ref_blocks = timm_block_outputs(timm_model, x)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(x, names_filter=lambda n: n.endswith(("resid_post", "_input", "attn_in")))
+    assert any(n.endswith(("hook_q_input", "hook_attn_in")) for n in cache.keys())
+    assert rel_err(logits, ref_logits) < RTOL
+    for layer, ref in enumerate(ref_blocks):
+        assert rel_err(cache[f"blocks.{layer}.hook_resid_post"], ref) < RTOL, f"block {layer}"

@@ -217,6 +217,21 @@ def test_gradients_do_not_need_trainable_weights_or_touch_them():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("method", sorted(GRADIENT_METHODS))
+def test_gradient_methods_work_with_grad_disabled(method):
+    """notebooks/00_hooks_tour runs under torch.set_grad_enabled(False)."""
+    model, x = load("vit_tiny_patch16_224", seed=3)
+    expected = explain(method, model, x, torch.tensor([1, 2]))
+    with torch.no_grad():
+        torch.testing.assert_close(explain(method, model, x, torch.tensor([1, 2])), expected)
+    previous = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try:
+        torch.testing.assert_close(explain(method, model, x, torch.tensor([1, 2])), expected)
+    finally:
+        torch.set_grad_enabled(previous)
+
+
 def test_explain_many_equals_single_calls_and_specs_parse():
     model, x = load("vit_tiny_patch16_224", seed=10)
     t = torch.tensor([4, 5])

@@ -44,14 +44,40 @@ def expected_shapes(cfg, b: int, p: int) -> dict[str, tuple]:
     return shapes
 
 
+# Hook points that fire only with a config flag (TransformerLens's optional hooks).
+OPTIONAL_HOOKS = {
+    "use_split_qkv_input": ("attn.hook_q_input", "attn.hook_k_input", "attn.hook_v_input"),
+    "use_attn_in": ("attn.hook_attn_in",),
+    "use_hook_mlp_in": ("hook_mlp_in",),
+}
+
+
+def flag_hooks(model, flag):
+    return {n for n in model.hook_dict if n.endswith(OPTIONAL_HOOKS[flag])}
+
+
 def test_every_hook_fires_with_documented_shape(vit):
     model, size = vit
     x = images(size, batch=3)
     _, cache = model.run_with_cache(x)
-    expected = expected_shapes(model.cfg, 3, model.cfg.n_prefix_tokens + (size // 16) ** 2)
-    assert set(cache.keys()) == set(expected) == set(model.hook_dict)
+    p = model.cfg.n_prefix_tokens + (size // 16) ** 2
+    expected = expected_shapes(model.cfg, 3, p)
+    optional = set().union(*(flag_hooks(model, f) for f in OPTIONAL_HOOKS))
+    assert set(cache.keys()) == set(expected) == set(model.hook_dict) - optional
     for name, shape in expected.items():
         assert tuple(cache[name].shape) == shape, name
+    cfg = model.cfg
+    for flags in (("use_split_qkv_input", "use_hook_mlp_in"), ("use_attn_in",)):
+        for f in flags:
+            setattr(cfg, f, True)
+        try:
+            _, cache = model.run_with_cache(x)
+        finally:
+            for f in flags:
+                setattr(cfg, f, False)
+        for name in set().union(*(flag_hooks(model, f) for f in flags)):
+            want = (3, p, cfg.d_model) if name.endswith("hook_mlp_in") else (3, p, cfg.n_heads, cfg.d_model)
+            assert tuple(cache[name].shape) == want, name
 
 
 def test_residual_invariants(family):
@@ -195,3 +221,103 @@ def test_loss_return_type_caches_gradients(vit):
     assert cache["blocks.1.hook_resid_pre_grad"].shape == cache["blocks.1.hook_resid_pre"].shape
     with pytest.raises(ValueError, match="needs targets"):
         model(x, return_type="loss")
+
+
+def test_frozen_layer_norm_scale_keeps_centring_in_the_gradient(vit):
+    """Freezing ln.hook_scale at its clean value (docs/writing_hooks.md): the gradient is
+    autograd of (x - mean) / frozen * w + b, so per token it sums to zero."""
+    model, size = vit
+    x = images(size)
+    _, clean = model.run_with_cache(x, names_filter="blocks.1.ln1.hook_scale")
+    frozen = clean["blocks.1.ln1.hook_scale"]
+    grads = {}
+
+    def keep_grad(act, hook):
+        act.retain_grad()
+        grads["resid"] = act
+
+    model.run_with_hooks(x, fwd_hooks=[("blocks.1.hook_resid_pre", keep_grad),
+                                       ("blocks.1.ln1.hook_scale", lambda act, hook: frozen)])
+    resid = grads["resid"]
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", keep_grad),
+                                ("blocks.1.ln1.hook_scale", lambda act, hook: frozen)]):
+        model(x).sum().backward()
+    got = grads["resid"].grad
+    torch.testing.assert_close(got.sum(-1), torch.zeros_like(got.sum(-1)), rtol=0, atol=1e-5)
+
+    # The same quantity from the explicit formula, with the rest of the model unchanged.
+    resid = grads["resid"].detach().requires_grad_(True)
+    ln = model.blocks[1].ln1
+    normed = (resid - resid.mean(-1, keepdim=True)) / frozen * ln.weight + ln.bias
+    with model.hooks(fwd_hooks=[("blocks.1.ln1.hook_normalized", lambda act, hook: normed)]):
+        model(resid, start_at_layer=1).sum().backward()
+    torch.testing.assert_close(got, resid.grad, rtol=1e-5, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("flags", [(), ("use_split_qkv_input", "use_hook_mlp_in"), ("use_attn_in",)])
+def test_every_hook_point_fires_backward_hooks(fused, flags):
+    timm_model, size = make_timm("vit_base_patch16_reg4_gap_256")
+    model = HookedViT.from_timm(timm_model)
+    model.set_use_attn_result(True)
+    model.cfg.use_fused_attn = fused
+    for f in flags:
+        setattr(model.cfg, f, True)
+    off = set().union(*(flag_hooks(model, f) for f in OPTIONAL_HOOKS if f not in flags))
+    # Hooking scores or pattern forces the explicit path; leave them out to cover SDPA.
+    names = [n for n in model.hook_dict
+             if n not in off and not (fused and n.endswith(("hook_attn_scores", "hook_pattern")))]
+    fired = set()
+    bwd = [(n, lambda grad, hook: fired.add(hook.name)) for n in names]
+    with model.hooks(bwd_hooks=bwd):
+        model(images(size)).sum().backward()
+    assert fired == set(names)
+    _, cache = model.run_with_cache(images(size), incl_bwd=True, return_type="loss",
+                                    targets=torch.tensor([0, 1]))
+    assert {n for n in cache.keys() if n.endswith("_grad")} == {n + "_grad" for n in set(model.hook_dict) - off}
+
+
+@pytest.mark.parametrize("hook,flag", [("attn.hook_q_input", "use_split_qkv_input"),
+                                       ("attn.hook_v_input", "use_split_qkv_input"),
+                                       ("attn.hook_attn_in", "use_attn_in"),
+                                       ("hook_mlp_in", "use_hook_mlp_in")])
+def test_edits_at_optional_hooks_flow(vit, hook, flag):
+    model, size = vit
+    x = images(size)
+    name = f"blocks.1.{hook}"
+    getattr(model, f"set_{flag}")(True)
+    try:
+        clean, cache = model.run_with_cache(x, names_filter=[name, "blocks.1.hook_resid_mid"])
+        if hook == "hook_mlp_in":  # a copy: the MLP reads it, the residual stream does not
+            torch.testing.assert_close(cache[name], cache["blocks.1.hook_resid_mid"])
+        # Reverse the positions (scaling would be undone by the LayerNorm that follows).
+        edited = model.run_with_hooks(x, fwd_hooks=[(name, lambda act, hook: act.flip(1))])
+        if hook != "hook_mlp_in":  # an edit of one head's copy changes only that head
+            one = model.run_with_hooks(x, fwd_hooks=[(name, lambda act, hook: torch.cat(
+                [act[:, :, :1].flip(1), act[:, :, 1:]], dim=2))])
+            assert not torch.allclose(one, clean) and not torch.allclose(one, edited)
+    finally:
+        getattr(model, f"set_{flag}")(False)
+    assert not torch.allclose(edited, clean, atol=1e-4)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        model.set_use_attn_in(True)
+        model.set_use_split_qkv_input(True)
+    model.set_use_attn_in(False)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_layer_norm_scale_edit_same_with_and_without_autograd(vit, grad):
+    model, size = vit
+    x = images(size)
+    with torch.set_grad_enabled(grad):
+        out = model.run_with_hooks(x, fwd_hooks=[("blocks.0.ln2.hook_scale", lambda a, hook: a * 1.5)])
+        _, cache = model.run_with_cache(x, names_filter="blocks.0.ln2.hook_scale")
+    ln = model.blocks[0].ln2
+    mid = model.run_with_cache(x, names_filter="blocks.0.hook_resid_mid")[1]["blocks.0.hook_resid_mid"]
+    torch.testing.assert_close(cache["blocks.0.ln2.hook_scale"],
+                               (mid.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt())
+    assert not torch.allclose(out, model(x), atol=1e-4)
+    with torch.no_grad() if grad else torch.enable_grad():
+        other = model.run_with_hooks(x, fwd_hooks=[("blocks.0.ln2.hook_scale", lambda a, hook: a * 1.5)])
+    torch.testing.assert_close(out, other, rtol=1e-5, atol=1e-5)

@@ -97,3 +97,30 @@ def test_dtype_and_device_arguments():
     out = model(images(size).to(torch.bfloat16))
     ref = timm_model(images(size))
     assert float((out.float() - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+def test_build_options_with_a_built_model_are_refused():
+    timm_model, _ = make_timm("vit_tiny_patch16_224")
+    with pytest.raises(TypeError, match=r"\['bogus_kw', 'img_size', 'num_classes'\].*built VisionTransformer"):
+        HookedViT.from_timm(timm_model, num_classes=5, img_size=64, bogus_kw=1)
+    with pytest.raises(ValueError, match="pretrained=True"):
+        HookedViT.from_timm(timm_model, pretrained=True)
+
+
+def test_build_options_with_a_name_go_to_timm():
+    model = HookedViT.from_timm("vit_tiny_patch16_224", depth=1, num_classes=5, img_size=32)
+    assert (model.cfg.n_layers, model.cfg.n_classes, model.cfg.img_size) == (1, 5, (32, 32))
+    with pytest.raises(TypeError, match="does not accept 'bogus_kw'"):
+        HookedViT.from_timm("vit_tiny_patch16_224", depth=1, bogus_kw=1)
+
+
+def test_bad_forward_options_are_refused():
+    timm_model, size = make_timm("vit_tiny_patch16_224")
+    model = HookedViT.from_timm(timm_model)
+    x = images(size)
+    with pytest.raises(ValueError, match="return_type='bogus' is not one of"):
+        model(x, return_type="bogus")
+    with pytest.raises(ValueError, match="targets are only read"):
+        model(x, targets=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"unknown HookedViTConfig fields \['bogus'\]"):
+        type(model.cfg).from_dict({**model.cfg.to_dict(), "bogus": 1})

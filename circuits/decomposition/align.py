@@ -183,6 +183,9 @@ def clip_image_targets(clip_model, images: Tensor) -> Tensor:
 
 @torch.no_grad()
 def clip_text_directions(clip_model, tokenizer, texts: Sequence[str]) -> Tensor:
-    """Unit CLIP text embeddings [len(texts), d]: feature directions to orthonormalise."""
-    device = next(clip_model.parameters()).device
-    return F.normalize(clip_model.encode_text(tokenizer(list(texts)).to(device)).float(), dim=-1)
+    """Unit CLIP text embeddings [len(texts), d]: feature directions to orthonormalise.
+
+    open_clip or transformers CLIP models (see `hooked_vit.text_classes.encode_texts`)."""
+    from hooked_vit.text_classes import encode_texts
+
+    return F.normalize(encode_texts(clip_model, texts, tokenizer).float(), dim=-1)

@@ -94,7 +94,10 @@ def explain_many(
     specs = _as_specs(methods)
     names = sorted({n for name, opts in specs.values() for n in METHODS[name].act_names(model.cfg, **opts)})
     tr = trace(model, images, targets, act_names=names, fwd_hooks=fwd_hooks)
-    return {label: METHODS[name].fn(tr, **opts) for label, (name, opts) in specs.items()}
+    # Gradient methods differentiate the traced logits: that must work under a caller's
+    # torch.set_grad_enabled(False) / no_grad (as in notebooks/00_hooks_tour).
+    with torch.enable_grad():
+        return {label: METHODS[name].fn(tr, **opts) for label, (name, opts) in specs.items()}
 
 
 def explain(

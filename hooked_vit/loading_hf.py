@@ -1,0 +1,328 @@
+"""Loading Hugging Face `transformers` vision towers into HookedViT, exactly.
+
+Supported: `ViTForImageClassification` / `ViTModel` (without the tanh pooler),
+`DeiTForImageClassification` / `DeiTForImageClassificationWithTeacher`,
+`Dinov2Model` / `Dinov2WithRegistersModel`, `CLIPVisionModel` /
+`CLIPVisionModelWithProjection`. Architectures are described in the transformers docs
+(https://huggingface.co/docs/transformers/model_doc/vit, .../deit, .../dinov2,
+.../dinov2_with_registers, .../clip). Anything else is refused naming the feature.
+
+The HF weights are rewritten to timm's layout (fused qkv, `norm1`/`norm2`, ...) and loaded
+through `hooked_vit.loading`'s timm-name mapping, so there is one definition of the
+HookedViT parameter names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from hooked_vit.config import HookedViTConfig
+from hooked_vit.loading import UnsupportedModelError, convert_timm_state_dict
+from hooked_vit.model import HookedViT
+
+# HF hidden_act -> HookedViTConfig.act_fn
+_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+         "quick_gelu": "quick_gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+
+# Per-layer HF names (all checkpoint spellings seen in transformers 4.x/5.x) -> timm names.
+_LAYER_RENAMES = [
+    (r"^(layernorm_before|norm1|layer_norm1)\.", "norm1."),
+    (r"^(layernorm_after|norm2|layer_norm2)\.", "norm2."),
+    (r"^(attention\.)?(attention|self_attn)\.(q_proj|query)\.", "q."),
+    (r"^(attention\.)?(attention|self_attn)\.(k_proj|key)\.", "k."),
+    (r"^(attention\.)?(attention|self_attn)\.(v_proj|value)\.", "v."),
+    (r"^(attention\.(output\.dense|o_proj)|self_attn\.out_proj)\.", "attn.proj."),
+    (r"^(mlp\.fc1|intermediate\.dense)\.", "mlp.fc1."),
+    (r"^(mlp\.fc2|output\.dense)\.", "mlp.fc2."),
+    (r"^layer_scale1\.lambda1$", "ls1.gamma"),
+    (r"^layer_scale2\.lambda1$", "ls2.gamma"),
+]
+_LAYER_KEY = re.compile(r"^(?:encoder\.)?(?:layers?)\.(\d+)\.(.*)$")
+
+
+# ------------------------------------------------------------------ entry point
+def from_hf(
+    model_or_path: Union[str, os.PathLike, nn.Module],
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+    **hf_kwargs: Any,
+) -> HookedViT:
+    """Build a HookedViT from a transformers vision model, a `save_pretrained` folder or a
+    hub id already in the local cache (set `HF_HUB_OFFLINE=1` where there is no network,
+    so that transformers does not wait on it). `hf_kwargs` go to the model class's
+    `from_pretrained` (e.g. cache_dir, revision, torch_dtype)."""
+    hf_model, source = _resolve(model_or_path, **hf_kwargs)
+    if type(hf_model).__name__ == "CLIPModel":
+        hf_model = clip_vision_with_projection(hf_model)
+    cfg = config_from_hf(hf_model)
+    # An instance loaded from a folder remembers it: its image processor config is there.
+    source = source or _local_origin(hf_model)
+    if source is not None:
+        cfg.data_config = data_config_from_processor(source, cfg, hf_kwargs.get("cache_dir"))
+    state = convert_timm_state_dict(hf_to_timm_state_dict(hf_model, cfg), cfg)
+    model = HookedViT(cfg)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UnsupportedModelError(
+            f"weights of {cfg.model_name} did not map onto HookedViT: missing "
+            f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
+        )
+    first = next(hf_model.parameters())
+    return model.to(device=device or first.device, dtype=dtype or first.dtype).eval()
+
+
+def _local_origin(hf_model: nn.Module) -> Optional[str]:
+    origin = getattr(hf_model.config, "_name_or_path", "")
+    return origin if origin and Path(origin).is_dir() else None
+
+
+def _resolve(model_or_path: Any, **hf_kwargs: Any) -> tuple[nn.Module, Optional[str]]:
+    """An instance is used as is; a folder or hub id is loaded with its own model class."""
+    if isinstance(model_or_path, nn.Module):
+        return model_or_path, None
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise TypeError(f"expected a transformers model, a folder or a hub id, got {type(model_or_path).__name__}")
+    import transformers
+
+    source = str(model_or_path)
+    try:
+        hub_kwargs = {k: v for k, v in hf_kwargs.items() if k in ("cache_dir", "revision", "local_files_only")}
+        config = transformers.AutoConfig.from_pretrained(source, **hub_kwargs)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not find the Hugging Face model {source!r} locally ({str(err).splitlines()[0]}). "
+            "Without network access pass a local folder written by save_pretrained (with "
+            "config.json and the weights), e.g. HookedViT.from_hf('/path/to/folder')"
+        ) from None
+    arch = (config.architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise UnsupportedModelError(f"{source}: config.json names no known transformers architecture ({arch!r})")
+    _check_class_name(arch)
+    model, info = cls.from_pretrained(source, output_loading_info=True, **hf_kwargs)
+    missing = [k for k in info["missing_keys"] if not re.search(r"(^|\.)pooler\.", k)]
+    if missing:
+        raise UnsupportedModelError(f"{source}: the checkpoint lacks weights {sorted(missing)[:10]} (they would be random)")
+    if len(missing) < len(info["missing_keys"]):  # saved without a pooler: none was trained
+        _backbone(model).pooler = None
+    return model.eval(), source
+
+
+# ------------------------------------------------------------------ config
+_SUPPORTED = {
+    "ViTForImageClassification", "ViTModel", "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher", "DeiTModel", "Dinov2Model",
+    "Dinov2WithRegistersModel", "CLIPVisionModel", "CLIPVisionModelWithProjection",
+}
+_REFUSED = {
+    "Siglip": "SigLIP's attention-pooling head (MAP)",
+    "Beit": "BEiT's relative position bias",
+    "Data2VecVision": "Data2Vec-vision's relative position bias",
+    "Swin": "Swin's shifted-window attention",
+    "Dinov2ForImageClassification": "DINOv2's classifier on [class token, mean patch token] (2*d_model input); "
+    "load the backbone (Dinov2Model) instead",
+    "Dinov2WithRegistersForImageClassification": "DINOv2's classifier on [class token, mean patch token] "
+    "(2*d_model input); load the backbone (Dinov2WithRegistersModel) instead",
+}
+
+
+def _check_class_name(name: str) -> None:
+    if name in _SUPPORTED or name == "CLIPModel":  # CLIPModel: its image tower is loaded
+        return
+    for key, feature in _REFUSED.items():
+        if name.startswith(key):
+            raise UnsupportedModelError(f"unsupported feature in {name}: {feature}")
+    raise UnsupportedModelError(f"{name} is not a supported transformers vision model; supported: {sorted(_SUPPORTED)}")
+
+
+def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
+    """Read a `HookedViTConfig` off a transformers vision model, refusing the unsupported."""
+    kind = type(hf_model).__name__
+    _check_class_name(kind)
+    c = hf_model.config
+    if getattr(c, "use_swiglu_ffn", False):
+        raise UnsupportedModelError("unsupported feature: DINOv2's SwiGLU MLP (use_swiglu_ffn=True)")
+    if getattr(_backbone(hf_model), "pooler", None) is not None:
+        raise UnsupportedModelError(
+            f"unsupported feature: {kind}'s tanh pooler; load it with add_pooling_layer=False "
+            "(the class token after the final norm is the pooled representation)"
+        )
+    if c.hidden_act not in _ACTS:
+        raise UnsupportedModelError(f"unsupported feature: activation {c.hidden_act!r}")
+    family = kind[:4]
+    dinov2, clip = family == "Dino", family == "CLIP"
+    n_classes, head_bias = _head_shape(hf_model)
+    d_mlp = int(c.hidden_size * c.mlp_ratio) if dinov2 else c.intermediate_size
+    return HookedViTConfig(
+        d_model=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        d_mlp=d_mlp,
+        n_classes=n_classes,
+        img_size=c.image_size,
+        patch_size=c.patch_size,
+        in_chans=c.num_channels,
+        # HF DeiT always has a distillation token; the single-head classifier reads only
+        # the class token, so the token is carried as a register (same position: 1).
+        n_reg_tokens=getattr(c, "num_register_tokens", 0) + int(kind in ("DeiTForImageClassification", "DeiTModel")),
+        distilled=kind == "DeiTForImageClassificationWithTeacher",
+        # Registers carry no position embedding; the class token's is folded into it.
+        no_embed_class=kind == "Dinov2WithRegistersModel",
+        patch_embed_bias=not clip,
+        ln_pre=clip,
+        qkv_bias=getattr(c, "qkv_bias", True),
+        layer_scale=dinov2,
+        act_fn=_ACTS[c.hidden_act],
+        eps=c.layer_norm_eps,
+        final_norm="pooled" if clip else "token",  # CLIP's post_layernorm acts on the pooled token
+        head_bias=head_bias,
+        model_name=getattr(c, "_name_or_path", "") or kind,
+    )
+
+
+def clip_vision_with_projection(clip: nn.Module) -> nn.Module:
+    """The image tower and projection of a full `CLIPModel`, as `CLIPVisionModelWithProjection`
+    (same weights; the text tower is used by `hooked_vit.text_classes`)."""
+    import copy
+
+    import transformers
+
+    vision_cfg = copy.deepcopy(clip.config.vision_config)
+    vision_cfg.projection_dim = clip.config.projection_dim
+    tower = transformers.CLIPVisionModelWithProjection(vision_cfg)
+    tower.vision_model.load_state_dict(clip.vision_model.state_dict())
+    tower.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    first = next(clip.parameters())
+    return tower.to(device=first.device, dtype=first.dtype).eval()
+
+
+def _backbone(hf_model: nn.Module) -> nn.Module:
+    for name in ("vit", "deit", "vision_model"):
+        if hasattr(hf_model, name):
+            return getattr(hf_model, name)
+    return hf_model
+
+
+def _head_modules(hf_model: nn.Module) -> list[nn.Module]:
+    kind = type(hf_model).__name__
+    if kind == "DeiTForImageClassificationWithTeacher":
+        return [hf_model.cls_classifier, hf_model.distillation_classifier]
+    if kind == "CLIPVisionModelWithProjection":
+        return [hf_model.visual_projection]  # image embeddings play the logits' role
+    head = getattr(hf_model, "classifier", None)
+    if head is None or isinstance(head, nn.Identity):
+        return []
+    if not isinstance(head, nn.Linear):
+        raise UnsupportedModelError(f"unsupported feature: classifier {type(head).__name__} (only a Linear)")
+    return [head]
+
+
+def _head_shape(hf_model: nn.Module) -> tuple[int, bool]:
+    heads = _head_modules(hf_model)
+    return (heads[0].out_features, heads[0].bias is not None) if heads else (0, True)
+
+
+# ------------------------------------------------------------------ weights
+def hf_to_timm_state_dict(hf_model: nn.Module, cfg: HookedViTConfig) -> dict[str, Tensor]:
+    """The model's weights under timm VisionTransformer names; refuses any key left over."""
+    backbone = _backbone(hf_model)
+    state = {k: v.detach() for k, v in backbone.state_dict().items()}
+    out = _embedding_weights(state, cfg)
+    out.update(_layer_weights(state, cfg))
+    for hf, timm in (("layernorm", "norm"), ("post_layernorm", "fc_norm"), ("pre_layrnorm", "norm_pre")):
+        for p in ("weight", "bias"):
+            if f"{hf}.{p}" in state:
+                out[f"{timm}.{p}"] = state.pop(f"{hf}.{p}")
+    for name, module in zip(("head", "head_dist"), _head_modules(hf_model)):
+        out[f"{name}.weight"] = module.weight.detach()
+        if module.bias is not None:
+            out[f"{name}.bias"] = module.bias.detach()
+    state.pop("embeddings.mask_token", None)  # used only for masked-image pre-training inputs
+    if state:
+        raise UnsupportedModelError(f"unsupported feature: weights HookedViT has no place for: {sorted(state)[:10]}")
+    return out
+
+
+def _embedding_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, Tensor]:
+    out = {}
+    if "embeddings.class_embedding" in state:  # CLIP
+        out["cls_token"] = state.pop("embeddings.class_embedding").view(1, 1, -1)
+        out["patch_embed.proj.weight"] = state.pop("embeddings.patch_embedding.weight")
+        out["pos_embed"] = state.pop("embeddings.position_embedding.weight")[None]
+        state.pop("embeddings.position_ids", None)
+        return out
+    out["patch_embed.proj.weight"] = state.pop("embeddings.patch_embeddings.projection.weight")
+    out["patch_embed.proj.bias"] = state.pop("embeddings.patch_embeddings.projection.bias")
+    cls, pos = state.pop("embeddings.cls_token"), state.pop("embeddings.position_embeddings")
+    if "embeddings.register_tokens" in state:  # DINOv2 with registers: see config_from_hf
+        out["reg_token"] = state.pop("embeddings.register_tokens")
+        cls, pos = cls + pos[:, :1], pos[:, 1:]
+    if "embeddings.distillation_token" in state:
+        key = "dist_token" if cfg.distilled else "reg_token"
+        out[key] = state.pop("embeddings.distillation_token")
+    out["cls_token"], out["pos_embed"] = cls, pos
+    return out
+
+
+def _layer_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[int, str, str], Tensor] = {}
+    for key in [k for k in state if _LAYER_KEY.match(k)]:
+        layer, rest = _LAYER_KEY.match(key).groups()
+        for pattern, repl in _LAYER_RENAMES:
+            new, n = re.subn(pattern, repl, rest)
+            if n:
+                break
+        else:
+            continue  # left in `state`: reported as unsupported by the caller
+        value = state.pop(key)
+        if new[0] in "qkv" and new[1] == ".":
+            qkv[(int(layer), new[0], new[2:])] = value
+        else:
+            out[f"blocks.{layer}.{new}"] = value
+    for layer in range(cfg.n_layers):
+        for p in ("weight", "bias"):
+            parts = [qkv.get((layer, c, p)) for c in "qkv"]
+            if all(t is not None for t in parts):
+                out[f"blocks.{layer}.attn.qkv.{p}"] = torch.cat(parts, 0)
+    return out
+
+
+# ------------------------------------------------------------------ preprocessing
+def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Optional[str] = None) -> dict[str, Any]:
+    """timm-style data config from the model's own `preprocessor_config.json`
+    (https://huggingface.co/docs/transformers/main_classes/image_processor); empty if none."""
+    path = Path(source) / "preprocessor_config.json"
+    if not path.is_file() and Path(source).is_dir():  # a folder saved without a processor
+        return {}
+    if not path.is_file():  # a hub id: only what is already cached, never a download
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "preprocessor_config.json", cache_dir=cache_dir)
+        if not isinstance(cached, str):  # no processor saved with the model: defaults apply
+            return {}
+        path = Path(cached)
+    proc = json.loads(path.read_text())
+    crop = proc.get("crop_size") or {}
+    size = proc.get("size") or {}
+    h, w = cfg.img_size
+    if isinstance(crop, dict) and crop.get("height"):
+        h, w = crop["height"], crop["width"]
+    short = size.get("shortest_edge") if isinstance(size, dict) else None
+    resize = short or (size.get("height") if isinstance(size, dict) else None) or h
+    out = {
+        "input_size": [cfg.in_chans, h, w],
+        "mean": list(proc.get("image_mean", (0.5, 0.5, 0.5))),
+        "std": list(proc.get("image_std", (0.5, 0.5, 0.5))),
+        # PIL resample ids: 2 bilinear, 3 bicubic (the HF processors' convention)
+        "interpolation": {2: "bilinear", 3: "bicubic"}.get(proc.get("resample", 2), "bilinear"),
+        "crop_pct": min(h, w) / resize if proc.get("do_center_crop", False) else 1.0,
+    }
+    return out

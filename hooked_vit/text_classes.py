@@ -1,0 +1,133 @@
+"""CLIP's text tower as a class embedding space (zero-shot classification).
+
+Class embeddings follow Radford et al. 2021, "Learning Transferable Visual Models From
+Natural Language Supervision" (https://arxiv.org/abs/2103.00020, sec. 3.1.4) and OpenAI's
+zero-shot ImageNet notebook: every prompt template filled with the class name goes
+through the text tower, each text embedding is L2-normalised, the templates are averaged
+and the mean is normalised again.
+
+`install_text_classes` makes these the HookedViT's unembedding, folded through the image
+projection (`W_U = proj^T E^T`), so `circuits.projection` / `circuits.identify` and every
+other analysis reading `W_U`/`b_U` use the text-defined classes unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from hooked_vit.model import HookedViT
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+Tokenizer = Callable[[list[str]], Union[Tensor, dict[str, Tensor]]]
+
+
+def encode_texts(clip_model: nn.Module, texts: Sequence[str], tokenizer: Optional[Tokenizer] = None) -> Float[Tensor, "n d"]:
+    """Text embeddings (after the text projection, not normalised) of an open_clip CLIP
+    (`encode_text`) or a transformers `CLIPModel` (`get_text_features`).
+
+    `tokenizer` maps a list of strings to token ids [n, ctx] or to a dict with `input_ids`
+    (and `attention_mask`), e.g. a `CLIPTokenizer(..., padding=True, return_tensors="pt")`.
+    For open_clip it defaults to `open_clip.get_tokenizer` of the model's context length
+    (its BPE vocabulary ships with the package, so it works offline).
+    """
+    if not texts:
+        raise ValueError("encode_texts needs at least one text")
+    device = next(clip_model.parameters()).device
+    if hasattr(clip_model, "encode_text"):  # open_clip
+        if tokenizer is None:
+            import open_clip
+
+            tokenizer = open_clip.tokenize
+            context = getattr(clip_model, "context_length", 77)
+            tokens = tokenizer(list(texts), context_length=context)
+        else:
+            tokens = tokenizer(list(texts))
+        return clip_model.encode_text(_ids(tokens).to(device))
+    if hasattr(clip_model, "get_text_features"):  # transformers CLIPModel
+        if tokenizer is None:
+            raise ValueError(
+                "a transformers CLIPModel needs tokenizer=: e.g. lambda t: CLIPTokenizer.from_pretrained(folder)"
+                "(t, padding=True, return_tensors='pt'), or any callable returning token ids"
+            )
+        tokens = tokenizer(list(texts))
+        inputs = dict(tokens) if isinstance(tokens, dict) or hasattr(tokens, "keys") else {"input_ids": tokens}
+        out = clip_model.get_text_features(**{k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")})
+        return out if torch.is_tensor(out) else out.pooler_output
+    raise TypeError(
+        f"{type(clip_model).__name__} has no text tower: pass an open_clip CLIP or a transformers CLIPModel"
+    )
+
+
+def _ids(tokens: Any) -> Tensor:
+    return tokens["input_ids"] if isinstance(tokens, dict) or hasattr(tokens, "keys") else tokens
+
+
+@torch.no_grad()
+def text_class_embeddings(
+    clip_model: nn.Module,
+    class_names: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    tokenizer: Optional[Tokenizer] = None,
+) -> Float[Tensor, "n_classes d_embed"]:
+    """Zero-shot CLIP class embeddings: templates averaged, unit norm (see module docstring)."""
+    if not class_names:
+        raise ValueError("text_class_embeddings needs at least one class name")
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ValueError(f"every template must contain '{{}}' where the class name goes; got {bad or templates}")
+    texts = [t.format(name) for name in class_names for t in templates]
+    emb = F.normalize(encode_texts(clip_model, texts, tokenizer).float(), dim=-1)
+    emb = emb.view(len(class_names), len(templates), -1).mean(1)
+    return F.normalize(emb, dim=-1)
+
+
+@torch.no_grad()
+def install_text_classes(
+    model: HookedViT,
+    class_embeddings: Float[Tensor, "n_classes d_embed"],
+    scale: float = 1.0,
+) -> HookedViT:
+    """Make text class embeddings the model's classifier head, in place.
+
+    The current head must be the image projection (a CLIP tower loaded with it:
+    `from_open_clip`, `from_hf` of `CLIPVisionModelWithProjection` / `CLIPModel`), or the
+    model headless with `d_model` equal to the embedding width. The new head is
+    `scale * E @ proj` with no bias, so logits are `scale * <E, image embedding>`; with
+    `scale = clip.logit_scale.exp()` and a normalised image embedding they would be CLIP's
+    zero-shot logits (the per-image normalisation is left out: it is not linear, and it
+    does not change the ranking of the classes).
+    """
+    if class_embeddings.ndim != 2:
+        raise ValueError(f"class_embeddings must be [n_classes, d_embed], got {tuple(class_embeddings.shape)}")
+    proj = _projection(model, class_embeddings.shape[1])
+    weight = scale * class_embeddings.to(proj) @ proj  # [n_classes, d_model]
+    head = nn.Linear(model.cfg.d_model, weight.shape[0], bias=False).to(proj)
+    head.weight.copy_(weight)
+    model.head, model.head_dist = head, None
+    model.cfg.n_classes, model.cfg.head_bias = weight.shape[0], False
+    return model
+
+
+def _projection(model: HookedViT, d_embed: int) -> Tensor:
+    """The image projection [d_embed, d_model] the text embeddings are compared in."""
+    if model.cfg.distilled:
+        raise ValueError("text classes need a single-head CLIP tower, not a distilled model")
+    if model.head is None:
+        if d_embed != model.cfg.d_model:
+            raise ValueError(
+                f"the model has no image projection and d_model={model.cfg.d_model} != text width "
+                f"{d_embed}; load the tower with its projection (CLIPVisionModelWithProjection or open_clip)"
+            )
+        return torch.eye(d_embed, device=model.device, dtype=model.embed.proj.weight.dtype)
+    if model.head.bias is not None or model.head.out_features != d_embed:
+        raise ValueError(
+            f"the model's head ({model.head.out_features} outputs, bias={model.head.bias is not None}) is "
+            f"not a CLIP image projection to the text width {d_embed}; install text classes on a freshly "
+            "loaded CLIP tower"
+        )
+    return model.head.weight
