@@ -68,6 +68,10 @@ class HookedViTConfig:
     # --- provenance ----------------------------------------------------------------------------
     model_name: str = "custom"
     data_config: dict[str, Any] = field(default_factory=dict)  # timm's preprocessing config
+    # What each output index means (None if unknown): machine ids (ImageNet WordNet ids such as
+    # "n01443537") and human descriptions ("goldfish, Carassius auratus"), one per class.
+    label_names: Optional[tuple[str, ...]] = None
+    class_names: Optional[tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         self.img_size = _pair(self.img_size)
@@ -82,6 +86,12 @@ class HookedViTConfig:
             raise ValueError("global_pool='token' needs a class token")
         if self.distilled and self.n_reg_tokens:
             raise ValueError("a distilled model with register tokens is not supported")
+        for name in ("label_names", "class_names"):
+            names = getattr(self, name)
+            if names is not None:  # tuples (json gives lists), one per class
+                setattr(self, name, tuple(str(n) for n in names))
+                if len(names) != self.n_classes:
+                    raise ValueError(f"{name} has {len(names)} entries for n_classes={self.n_classes}")
 
     # ------------------------------------------------------------------------------------------
     @property

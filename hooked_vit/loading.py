@@ -73,6 +73,7 @@ def config_from_timm(model: nn.Module) -> HookedViTConfig:
         head_bias=getattr(model.head, "bias", None) is not None,
         model_name=str(getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)),
         data_config=_data_config(model),
+        **timm_class_metadata(model),
     )
 
 
@@ -147,6 +148,29 @@ def _act_name(act: nn.Module) -> str:
     if (kind, approximate) not in names:
         raise UnsupportedModelError(f"unsupported feature: MLP activation {kind}")
     return names[(kind, approximate)]
+
+
+def timm_class_metadata(model: nn.Module) -> dict[str, Optional[tuple[str, ...]]]:
+    """``{"label_names", "class_names"}`` of a timm model: its ``pretrained_cfg`` keys
+    ``label_names`` / ``label_descriptions`` if present (hub configs, the embedded models), else
+    timm's offline ImageNet info when ``num_classes`` fits a known ImageNet label set (1k, 12k,
+    21k/22k variants: ``timm.data.infer_imagenet_subset``), else None for both. A model without
+    a linear head (num_classes=0) has neither."""
+    pcfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    n = getattr(model, "num_classes", None) or pcfg.get("num_classes")
+    if not isinstance(getattr(model, "head", None), nn.Linear):
+        n = None
+    names, descs = pcfg.get("label_names"), pcfg.get("label_descriptions")
+    if names is not None and len(names) == n:
+        descs = descs if descs is not None and len(descs) == n else None
+        return {"label_names": tuple(names), "class_names": tuple(descs) if descs else None}
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset({"num_classes": n}) if n else None
+    if subset is None:
+        return {"label_names": None, "class_names": None}
+    info = ImageNetInfo(subset)
+    return {"label_names": tuple(info.label_names()), "class_names": tuple(info.label_descriptions())}
 
 
 def _data_config(model: nn.Module) -> dict[str, Any]:

@@ -215,7 +215,8 @@ def test_image_folder(tmp_path):
     ds = ImageFolderDataset(tmp_path, transform_for({"input_size": (3, 8, 8)}), {"a_cat": 7, "b_dog": 3})
     assert [ds[i]["label"] for i in range(3)] == [7, 3, 3] and ds[2]["image"].shape == (3, 8, 8)
     with pytest.raises(ValueError, match="b_dog"):
-        ImageFolderDataset(tmp_path, class_to_idx={"a_cat": 0})
+        ImageFolderDataset(tmp_path, labels={"a_cat": 0})
+    assert [p.rsplit("/", 1)[-1] for p, _ in ds.ignored] == ["notes.txt"]  # listed, not dropped
 
 
 def test_array_dataset():

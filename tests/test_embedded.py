@@ -20,7 +20,7 @@ def test_constants():
 
 
 def test_item_format():
-    item = SyntheticShapes(4, seed=1)[2]
+    item = SyntheticShapes(4, seed=1, transform=None)[2]
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
     assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
     assert item["mask"].shape == (32, 32) and item["mask"].dtype == torch.bool
@@ -88,8 +88,8 @@ def test_group_ids_and_collate():
 
 
 def test_transform_applied():
-    ds = SyntheticShapes(3, seed=0, transform=normalize)
-    raw = SyntheticShapes(3, seed=0)
+    ds = SyntheticShapes(3, seed=0)  # normalised by default: the embedded models' preprocessing
+    raw = SyntheticShapes(3, seed=0, transform=None)
     assert torch.allclose(ds[1]["image"], (raw[1]["image"] - 0.5) / 0.5)
 
 
@@ -97,7 +97,7 @@ def _fresh_eval(which: str, n: int, seed: int = 12345) -> dict:
     """Accuracy and group accuracies of a shipped model on fresh independent test data."""
     model = load_embedded_timm(which)
     difficulty = embedded_info(which)["test_dataset"]["difficulty"]
-    ds = SyntheticShapes(n, seed=seed, split="test", difficulty=difficulty)
+    ds = SyntheticShapes(n, seed=seed, split="test", difficulty=difficulty, transform=None)
     batch = collate([ds[i] for i in range(n)])
     with torch.no_grad():
         preds = model(normalize(batch["image"])).argmax(-1)  # [n]

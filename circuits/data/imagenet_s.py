@@ -8,8 +8,11 @@ Expected layout (one ImageNet-S subset, e.g. the ``ImageNetS50`` folder of the d
     root/validation-segmentation/<wnid>/<stem>.png   masks
     root/ImageNetS_categories_im{50,300,919}.txt     optional, see "segmentation ids"
 
-Labels: ``label`` = row of the image's wnid in ``LOC_synset_mapping.txt``, i.e. the
-ImageNet-1k class index a 1k-class model predicts.
+Labels: the wnid folders are mapped by ``circuits.data.classes.map_class_folders`` through the
+model's own label metadata when ``classes`` (a HookedViT / timm model) has WordNet ids, so a
+21k or 12k model gets its own indices; otherwise through ``LOC_synset_mapping.txt`` (the row of
+the wnid: the ImageNet-1k index a 1k-class model predicts). Images are decoded without EXIF
+orientation so they stay on the pixel grid the masks were annotated on.
 
 Segmentation ids: a mask PNG stores a class id per pixel as ``R + 256 * G``; ``0`` is
 "other category / background" and ``1000`` is "ignored". The item's ``mask`` is
@@ -35,8 +38,10 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from .classes import ModelClasses, map_class_folders
 from .folder import is_image_file
-from .samples import SkippingDataset, apply_transform, load_rgb
+from .images import load_image
+from .samples import SkippingDataset, apply_transform
 
 logger = logging.getLogger("circuits.data")
 
@@ -65,6 +70,10 @@ def _read_categories(categories: str | os.PathLike | Sequence[str]) -> list[str]
     return sorted(categories)
 
 
+def _load_unoriented(path: str) -> Image.Image:
+    return load_image(path, exif_orientation=False)
+
+
 def load_mask_ids(path: str | os.PathLike) -> np.ndarray:
     """ImageNet-S mask PNG -> int32 [H, W] class ids ``R + 256 * G``."""
     with Image.open(path) as img:
@@ -81,14 +90,15 @@ class ImageNetS(SkippingDataset):
     out); ``False`` lists all and gives images without a mask an all-False mask and
     ``has_mask=False``. Pass a ``JointTransform`` (``transform_for``) so masks follow the image.
     Unreadable files give ``None`` (see ``circuits.data.samples``). ``synset_mapping``: path of
-    ``LOC_synset_mapping.txt`` if it is not in ``root``. Attributes: ``samples`` (image path,
+    ``LOC_synset_mapping.txt`` if it is not in ``root`` (not needed when ``classes`` has wnids).
+    ``classes``: the model (or ``ModelClasses``) whose class ids the labels must be. Attributes: ``samples`` (image path,
     mask path or "", label, seg id), ``seg_id`` {wnid: id}, ``class_names`` (1k order), ``skipped``.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
                  split: str = "validation", require_masks: bool = True, seg_ids: str = "subset",
                  categories: str | os.PathLike | Sequence[str] | None = None,
-                 synset_mapping: str | os.PathLike | None = None):
+                 synset_mapping: str | os.PathLike | None = None, classes=None):
         super().__init__()
         if seg_ids not in ("subset", "imagenet"):
             raise ValueError(f"seg_ids must be 'subset' or 'imagenet', got {seg_ids!r}")
@@ -97,18 +107,23 @@ class ImageNetS(SkippingDataset):
         self.image_dir, self.mask_dir = self.root / split, self.root / f"{split}-segmentation"
         # ImageNet-S does not ship it: copy ImageNet's LOC_synset_mapping.txt into root or pass its path
         self.synset_mapping = Path(synset_mapping or self.root / "LOC_synset_mapping.txt")
-        self._check_layout()
-        self.wnid_to_idx, self.class_names = load_synset_mapping(self.synset_mapping)
+        model_classes = ModelClasses.of(classes)
+        self._check_layout(need_mapping=model_classes.label_names is None)
+        if model_classes.label_names is None:  # the 1k order of LOC_synset_mapping.txt
+            wnid_to_idx, names = load_synset_mapping(self.synset_mapping)
+            model_classes = ModelClasses(len(names), tuple(wnid_to_idx), tuple(names))
+        self.class_names = list(model_classes.class_names or model_classes.label_names)
         wnids = self._wnids()
+        self.wnid_to_idx = dict(map_class_folders(wnids, model_classes).folder_to_id)
         self.seg_id = self._seg_ids(wnids, seg_ids, categories)  # wnid -> id in the mask PNGs
         # (image path, mask path or "", label, segmentation id)
         self.samples: list[tuple[str, str, int, int]] = self._list(wnids)
 
-    def _check_layout(self) -> None:
+    def _check_layout(self, need_mapping: bool) -> None:
         layout = LAYOUT.format(split=self.split)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageNet-S root {self.root} does not exist; expected {layout}")
-        for need in (self.synset_mapping, self.image_dir):
+        for need in (self.synset_mapping, self.image_dir)[0 if need_mapping else 1:]:
             if not need.exists():
                 raise FileNotFoundError(f"missing {need}; ImageNet-S expects {layout}")
         if self.require_masks and not self.mask_dir.is_dir():
@@ -120,15 +135,14 @@ class ImageNetS(SkippingDataset):
         if not wnids:
             raise FileNotFoundError(f"no class folders in {self.image_dir}; expected "
                                     f"{LAYOUT.format(split=self.split)}")
-        unknown = [w for w in wnids if w not in self.wnid_to_idx]
-        if unknown:
-            raise ValueError(f"class folder(s) {unknown[:5]} in {self.image_dir} are not in "
-                             f"{self.synset_mapping}")
         return wnids
 
     def _seg_ids(self, wnids: list[str], mode: str, categories) -> dict[str, int]:
         if mode == "imagenet":
-            return {w: self.wnid_to_idx[w] + 1 for w in wnids}
+            from timm.data import ImageNetInfo  # ids are 1k indices + 1 whatever the model's label set
+
+            order = {w: i + 1 for i, w in enumerate(ImageNetInfo("imagenet-1k").label_names())}
+            return {w: order[w] if w in order else self.wnid_to_idx[w] + 1 for w in wnids}
         if categories is None:
             found = sorted(self.root.glob("ImageNetS_categories_im*.txt"))
             categories = found[0] if len(found) == 1 else None
@@ -146,10 +160,11 @@ class ImageNetS(SkippingDataset):
         return {w: order[w] for w in wnids}
 
     def _list(self, wnids: list[str]) -> list[tuple[str, str, int, int]]:
-        samples, no_mask = [], 0
+        samples, no_mask, self.ignored = [], 0, []
         for wnid in wnids:
             for name in sorted(os.listdir(self.image_dir / wnid)):
                 if not is_image_file(name):
+                    self.ignored.append((str(self.image_dir / wnid / name), "not a file type Pillow opens"))
                     continue
                 mask = self.mask_dir / wnid / (Path(name).stem + ".png")
                 has = mask.is_file()
@@ -157,6 +172,9 @@ class ImageNetS(SkippingDataset):
                 if has or not self.require_masks:
                     samples.append((str(self.image_dir / wnid / name), str(mask) if has else "",
                                     self.wnid_to_idx[wnid], self.seg_id[wnid]))
+        if self.ignored:
+            logger.warning("ImageNet-S %s: ignored %d non-image file(s), e.g. %s (see dataset.ignored)",
+                           self.split, len(self.ignored), self.ignored[0][0])
         if no_mask:
             action = "left out" if self.require_masks else "given all-False masks"
             logger.warning("ImageNet-S %s: %d image(s) without a mask file %s", self.split, no_mask, action)
@@ -168,7 +186,7 @@ class ImageNetS(SkippingDataset):
     def __getitem__(self, index: int) -> dict | None:
         index = range(len(self))[index]  # IndexError out of range, negative indices allowed
         path, mask_path, label, seg_id = self.samples[index]
-        image = self._read(index, path, load_rgb)  # None if unreadable (already logged)
+        image = self._read(index, path, _load_unoriented)  # None if unreadable (already logged)
         if image is None:
             return None
         if mask_path:

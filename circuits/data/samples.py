@@ -57,13 +57,6 @@ class SkippingDataset(Dataset):
             return None
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open ``path`` and fully decode it as RGB (PIL decodes lazily; force it so errors surface here)."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
-
-
 def to_tensor_image(image: Any) -> torch.Tensor:
     """PIL image / uint8 [H, W, 3] array / float [3, H, W] array or tensor / uint8 [3, H, W] tensor
     -> float32 [3, H, W] (uint8 scaled to [0, 1])."""

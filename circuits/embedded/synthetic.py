@@ -30,6 +30,7 @@ embedded model is trained on this setting so that it latches onto the background
 from __future__ import annotations
 
 import colorsys
+from typing import Callable
 
 import numpy as np
 import torch
@@ -138,15 +139,25 @@ def render(rng: np.random.Generator, label: int, background: int, img_size: int 
     return np.clip(img, 0.0, 1.0).astype(np.float32), mask, colour
 
 
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """Apply the training normalisation ``(x - MEAN) / STD`` to images [..., 3, H, W] in [0, 1]."""
+    mean = torch.tensor(MEAN, dtype=images.dtype, device=images.device)[:, None, None]  # [3, 1, 1]
+    std = torch.tensor(STD, dtype=images.dtype, device=images.device)[:, None, None]  # [3, 1, 1]
+    return (images - mean) / std
+
+
 class SyntheticShapes(Dataset):
     """Deterministic on-the-fly dataset of one shape on one of two backgrounds (see module doc).
 
-    Items are dicts ``{"image": float32 [3, H, W] in [0, 1] (``transform`` applied if given),
-    "label": int, "mask": bool [H, W], "background": int, "group": int, "index": int}``.
+    Items are dicts ``{"image": float32 [3, H, W], "label": int, "mask": bool [H, W],
+    "background": int, "group": int, "index": int}``. ``transform`` maps the raw image
+    (float [3, H, W] in [0, 1]); the default is ``normalize``, the embedded models'
+    preprocessing, so ``identify(model, SyntheticShapes(64, split="test"), out)`` measures what
+    the model was trained on. ``transform=None`` gives the raw [0, 1] image.
     """
 
     def __init__(self, n: int, seed: int = 0, split: str = "train", spurious_corr: float | None = None,
-                 img_size: int = 32, transform=None, difficulty: str = "normal"):
+                 img_size: int = 32, transform: Callable | None = normalize, difficulty: str = "normal"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         if difficulty not in DIFFICULTIES:
@@ -197,13 +208,6 @@ class SyntheticShapes(Dataset):
 def collate(batch: list[dict]) -> dict:
     """Stack items into ``{"image": [B, 3, H, W], "label": [B], "mask": [B, H, W], ...}`` (default collate)."""
     return default_collate(batch)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """Apply the training normalisation ``(x - MEAN) / STD`` to images [..., 3, H, W] in [0, 1]."""
-    mean = torch.tensor(MEAN, dtype=images.dtype, device=images.device)[:, None, None]  # [3, 1, 1]
-    std = torch.tensor(STD, dtype=images.dtype, device=images.device)[:, None, None]  # [3, 1, 1]
-    return (images - mean) / std
 
 
 def materialize(ds: SyntheticShapes, start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from circuits.identifiability import identifiability as class_identifiability
 
-from .synthetic import MEAN, N_CLASSES, STD, SyntheticShapes, materialize
+from .synthetic import CLASS_NAMES, MEAN, N_CLASSES, STD, SyntheticShapes, materialize
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 IDENT_NOTE = ("logit lens per block: head(norm(block output)) on every image token (500 test images); "
@@ -59,8 +59,9 @@ def _check_which(which: str) -> str:
     return which
 
 
-def build_model(model_kwargs: dict | None = None) -> VisionTransformer:
-    """Build an (untrained) timm ViT whose ``pretrained_cfg`` describes the synthetic data."""
+def build_model(model_kwargs: dict | None = None, class_names=CLASS_NAMES) -> VisionTransformer:
+    """Build an (untrained) timm ViT whose ``pretrained_cfg`` describes the synthetic data
+    (``label_names``: the shape names, which HookedViT reads as its class names)."""
     kwargs = dict(MODEL_KWARGS if model_kwargs is None else model_kwargs)
     model = VisionTransformer(**kwargs)
     size = kwargs.get("img_size", 32)
@@ -68,6 +69,7 @@ def build_model(model_kwargs: dict | None = None) -> VisionTransformer:
         "input_size": (3, size, size), "mean": MEAN, "std": STD, "interpolation": "bilinear",
         "crop_pct": 1.0, "crop_mode": "center", "num_classes": kwargs.get("num_classes", N_CLASSES),
         "architecture": "vit_embedded_synthetic", "first_conv": "patch_embed.proj", "classifier": "head",
+        "label_names": tuple(class_names), "label_descriptions": tuple(class_names),
     }
     return model
 
@@ -199,7 +201,7 @@ def train_embedded(which: str = "default", out_dir: str | Path = WEIGHTS_DIR, ep
     metrics = _evaluate(model, cfg, seed)
     print(f"test acc {metrics['accuracy']:.4f}  avg-group {metrics['avg_group']:.4f}  worst-group "
           f"{metrics['worst_group']:.4f}\nidentifiability per block {[round(s, 3) for s in metrics['identifiability']]}")
-    info = {"which": which, "model_kwargs": MODEL_KWARGS, "seed": seed, "epochs": epochs,
+    info = {"which": which, "model_kwargs": MODEL_KWARGS, "class_names": list(CLASS_NAMES), "seed": seed, "epochs": epochs,
             "train_config": cfg | {"epochs": epochs, "seed": seed}, "train_dataset": train_ds.params() | {"n": len(train_ds)},
             "mean": list(MEAN), "std": list(STD), "train_time_s": round(train_time, 1), "threads": threads,
             "test_accuracy": metrics["accuracy"], "avg_group_accuracy": metrics["avg_group"],
@@ -222,7 +224,7 @@ def embedded_info(which: str = "default", weights_dir: str | Path = WEIGHTS_DIR)
 def load_embedded_timm(which: str = "default", weights_dir: str | Path = WEIGHTS_DIR) -> VisionTransformer:
     """Build the timm ViT of variant ``which`` from its json and load its safetensors (strict, no pickle); eval mode."""
     info = embedded_info(which, weights_dir)
-    model = build_model(info["model_kwargs"])
+    model = build_model(info["model_kwargs"], info.get("class_names", CLASS_NAMES))
     model.load_state_dict(load_file(str(Path(weights_dir) / f"{which}.safetensors")), strict=True)
     return model.eval()
 
