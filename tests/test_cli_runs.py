@@ -76,3 +76,35 @@ def test_labels_file_maps_folders(tmp_path, capsys):
     assert "labels" in capsys.readouterr().err
     assert main(args + ["--labels", str(labels)]) == 0
     assert sorted(set(pd.read_parquet(tmp_path / "run" / "images")["target"])) == [1, 10]
+
+
+def test_resume_is_keyed_on_content_not_paths_or_limit(tmp_path, monkeypatch, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    from helpers import randomize_
+
+    model = randomize_(timm.create_model("vit_tiny_patch16_224", depth=1, embed_dim=48, num_heads=4,
+                                         num_classes=3, img_size=32).eval(), std=0.2)
+    save_file(model.state_dict(), tmp_path / "tiny.safetensors")
+    _image_folder(tmp_path / "data", ["0", "1", "2"], per_class=2)
+    monkeypatch.chdir(tmp_path)
+    arch = ["--arch", "vit_tiny_patch16_224:depth=1,embed_dim=48,num_heads=4,img_size=32"]
+    common = ["identify", *arch, "--sites", "block", "--batch-size", "2", "--out", str(tmp_path / "run")]
+    assert main(common + ["--model", "tiny.safetensors", "--data", "data", "--limit", "2"]) == 0
+    first = sorted((tmp_path / "run" / "images").glob("part-*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in first]
+    assert len(pd.read_parquet(tmp_path / "run" / "images")) == 2
+    # absolute paths, a larger limit: the same run, continued
+    assert main(common + ["--model", str(tmp_path / "tiny.safetensors"), "--data", str(tmp_path / "data"),
+                          "--limit", "4"]) == 0, capsys.readouterr().err
+    assert len(pd.read_parquet(tmp_path / "run" / "images")) == 4
+    assert [p.stat().st_mtime_ns for p in first] == stamps  # the first batch was not redone
+    assert main(common + ["--model", "tiny.safetensors", "--data", "./data"]) == 0
+    images = pd.read_parquet(tmp_path / "run" / "images")
+    assert sorted(images["index"]) == list(range(6))
+    # different content is still refused: another label mapping
+    (tmp_path / "labels.json").write_text(json.dumps({"0": 2, "1": 1, "2": 0}))
+    capsys.readouterr()
+    assert main(common + ["--model", "tiny.safetensors", "--data", "data", "--labels", "labels.json"]) == 2
+    assert "other settings" in capsys.readouterr().err

@@ -21,6 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+# Settings recorded for reading but not part of a run's identity: the model as it was named
+# (a path, relative or absolute: the weights fingerprint identifies it) and how many items were
+# asked for (a larger --limit continues the same run).
+RECORDED_ONLY = frozenset({"model", "n"})
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -49,8 +54,9 @@ class RunStore:
 
     Args:
         root: the run directory (created if needed).
-        settings: everything that determines the results (model, sites, k, data, ...);
-            a rerun must pass equal settings to resume.
+        settings: everything that determines the results (weights fingerprint, dataset
+            content, sites, k, ...); a rerun must pass equal settings to resume, except the
+            keys in RECORDED_ONLY, which the rerun updates.
         overwrite: start afresh, deleting earlier parts.
     """
 
@@ -64,9 +70,10 @@ class RunStore:
             manifest.unlink(missing_ok=True)
         if manifest.exists():
             state = json.loads(manifest.read_text())
-            if state["settings"] != self.settings:
-                diff = {k: (state["settings"].get(k), v) for k, v in self.settings.items()
-                        if state["settings"].get(k) != v}
+            old = state["settings"]
+            diff = {k: (old.get(k), self.settings.get(k)) for k in {*old, *self.settings} - RECORDED_ONLY
+                    if old.get(k) != self.settings.get(k)}
+            if diff:
                 raise ValueError(
                     f"{self.root} holds results of a run with other settings {diff} (old, new); "
                     "use another output directory or pass overwrite=True (--overwrite)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -78,11 +79,33 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def describe_dataset(dataset: Dataset) -> str:
+    """What the dataset holds, independent of where it lies: the same folder given by an absolute
+    or a relative path (or copied elsewhere) describes the same. Files are described by their
+    paths below the root, labels and sizes (hashed; reading every image would cost a pass)."""
     describe = getattr(dataset, "describe", None)
     if callable(describe):
         return str(describe())
-    attrs = {k: getattr(dataset, k) for k in ("root", "seed", "split", "n", "spurious_corr") if hasattr(dataset, k)}
+    attrs = {k: getattr(dataset, k) for k in ("seed", "split", "n", "spurious_corr", "difficulty") if hasattr(dataset, k)}
+    if hasattr(dataset, "samples") and hasattr(dataset, "root"):
+        attrs["content"] = _files_digest(Path(dataset.root), dataset.samples)
+    elif isinstance(getattr(dataset, "images", None), np.ndarray):
+        attrs["content"] = hashlib.sha1(np.ascontiguousarray(dataset.images).tobytes()
+                                        + np.asarray(getattr(dataset, "labels", [])).tobytes()).hexdigest()[:16]
     return f"{type(dataset).__name__}(len={len(dataset)}, {attrs})"
+
+
+def _files_digest(root: Path, samples: Sequence) -> str:
+    """Hash of each sample's fields with paths made relative to `root` and file sizes added."""
+    h = hashlib.sha1()
+    root = root.resolve()
+    for sample in samples:
+        for field in (sample if isinstance(sample, (tuple, list)) else (sample,)):
+            if isinstance(field, (str, Path)) and str(field) and Path(field).is_file():
+                path = Path(field).resolve()
+                rel = path.relative_to(root) if path.is_relative_to(root) else path
+                field = f"{rel.as_posix()}:{path.stat().st_size}"
+            h.update(str(field).encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def skip_records(dataset: Dataset, indices: Sequence[int]) -> list[dict]:
