@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -37,12 +37,12 @@ class PendingBatch:
     indices: list[int]  # every dataset index this batch covered, readable or not
     store: RunStore
     dataset: Dataset
+    skipped: list[dict] = field(default_factory=list)  # index, path, reason of the unreadable ones
 
     def save(self, tables: dict[str, pa.Table]) -> None:
         """Write this batch's tables and mark all its indices done."""
         readable = {int(i) for i in self.data["index"]}
-        skipped = skip_records(self.dataset, sorted(set(self.indices) - readable))
-        self.store.write_batch(min(readable), tables, self.indices, skipped)
+        self.store.write_batch(min(readable), tables, self.indices, self.skipped)
 
     def scalar_metadata(self) -> dict[str, torch.Tensor]:
         """Per-image scalar fields beyond the standard ones (e.g. background, group)."""
@@ -53,18 +53,32 @@ class PendingBatch:
 def stream_pending(store: RunStore, dataset: Dataset, indices: int | Sequence[int], *, batch_size: int,
                    num_workers: int = 0, desc: str = "", progress: bool = True) -> Iterator[PendingBatch]:
     """Batches of the items in `indices` (or range(indices)) that `store` has not done yet."""
-    from circuits.data import collate_samples
+    from circuits.data.samples import IndexOnSkip
 
     todo = store.pending(range(indices) if isinstance(indices, int) else indices)
-    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_samples)
+    # IndexOnSkip turns an unreadable item into its (index, path, reason) inside the worker
+    # process, so the reasons reach the manifest with --workers too (a worker's own copy of
+    # dataset.skipped never comes back).
+    loader = DataLoader(Subset(IndexOnSkip(dataset), todo), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate_with_skips)
     bar = tqdm(loader, desc=f"{desc} -> {store.root}", unit="batch", disable=not progress or not todo)
-    for i, data in enumerate(bar):
+    for i, (data, skipped) in enumerate(bar):
         covered = todo[i * batch_size:(i + 1) * batch_size]
         if data is None:  # every item of the batch was unreadable
-            store.write_batch(covered[0], {}, covered, skip_records(dataset, covered))
+            store.write_batch(covered[0], {}, covered, skipped)
             continue
-        yield PendingBatch(data, covered, store, dataset)
+        yield PendingBatch(data, covered, store, dataset, skipped)
+
+
+def _collate_with_skips(items: list) -> tuple[dict | None, list[dict]]:
+    """collate_samples' batch and the records of the unreadable items (the dataset has already
+    logged each one, once)."""
+    from circuits.data import collate_samples
+    from circuits.data.samples import Skipped
+
+    skipped = [{"index": int(s.index), "path": str(s.path), "reason": str(s.error) or "unreadable item"}
+               for s in items if isinstance(s, Skipped)]
+    return collate_samples(items), skipped
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -106,14 +120,3 @@ def _files_digest(root: Path, samples: Sequence) -> str:
                 field = f"{rel.as_posix()}:{path.stat().st_size}"
             h.update(str(field).encode() + b"\0")
     return h.hexdigest()[:16]
-
-
-def skip_records(dataset: Dataset, indices: Sequence[int]) -> list[dict]:
-    """Records of unreadable items, with the dataset's own reason where it kept one."""
-    reasons = {int(i): (path, err) for i, path, err in getattr(dataset, "skipped", [])}
-    records = []
-    for i in indices:
-        path, err = reasons.get(int(i), ("", "unreadable item"))
-        log.warning("skipped item %d %s: %s", i, path, err)
-        records.append({"index": int(i), "path": str(path), "reason": str(err)})
-    return records
