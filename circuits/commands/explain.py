@@ -9,7 +9,7 @@ from circuits.commands._common import add_model_args, add_run_args, load_inputs,
 ORDER = 50
 
 def add_parser(sub) -> None:
-    from circuits.explain import DEFAULT_METHODS, METHODS
+    from circuits.method_names import DEFAULT_METHODS, METHOD_NAMES as METHODS  # no torch: --help stays fast
 
     p = sub.add_parser("explain", help="explanation maps and their benchmarks over a dataset",
                        description="Explain every image with each method, then the segmentation test (datasets "

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from circuits.data.classes import class_name
 from circuits.data.targets import TargetSpec, resolve_targets
-from circuits.projection import DEFAULT_SITES, BatchProjection, project_batch
+from circuits.projection import DEFAULT_SITES, BatchProjection, check_sites, project_batch
 from circuits.identifiability import IdentifyResults
 from circuits.runs.context import start_run
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
@@ -60,6 +60,7 @@ def identify(
         settings: extra settings recorded in the manifest (and checked on resume).
     """
     target = as_target(target, model)
+    check_sites(model, sites)  # before the run directory is made
     run = start_run("identify", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, settings=settings, sites=list(sites), k=k, n_classes=model.cfg.n_classes,
                     n_prefix_tokens=model.cfg.n_prefix_tokens, patch_size=list(model.cfg.patch_size),
