@@ -26,6 +26,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -66,9 +67,9 @@ class ModelClasses:
         Raises ``ValueError`` if ``name`` is ambiguous or an out-of-range integer."""
         if re.fullmatch(r"\d+", name):
             return self._check_id(int(name), name)
-        if self.label_names is not None and name in self.label_names:
-            return self.label_names.index(name)
-        hits = self._name_index().get(_normalise(name), set())
+        if name in self._label_index:
+            return self._label_index[name]
+        hits = self._name_index.get(_normalise(name), set())
         if len(hits) > 1:
             raise ValueError(f"class name {name!r} matches classes {sorted(hits)} "
                              f"({', '.join(self.class_names[i] for i in sorted(hits))}); {FIX}")
@@ -80,6 +81,11 @@ class ModelClasses:
                              f"{self.n_classes} classes 0..{self.n_classes - 1}")
         return value
 
+    @cached_property  # built once: a 21k-class model has ~50k names to index
+    def _label_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.label_names or ())}
+
+    @cached_property
     def _name_index(self) -> dict[str, set[int]]:
         """normalised name -> class ids, over every comma-separated name of every description."""
         index: dict[str, set[int]] = {}
