@@ -27,6 +27,31 @@ SITES = {"block": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_o
 DEFAULT_SITES = ("block", "attn", "mlp")
 
 
+def check_sites(model: HookedViT, sites: Sequence[str]) -> list[str]:
+    """The per-block hook names of `sites`, refusing (ValueError) any that cannot be projected
+    onto the classes: unknown names, names given with a block prefix, and hooks whose
+    activation is not a residual-width [batch, tokens, d_model] state (e.g. attn.hook_pattern).
+    Checked on one blank image, so a long run cannot fail on its first batch."""
+    names = [SITES.get(s, s) for s in sites]
+    for site, name in zip(sites, names):
+        if name.startswith("blocks."):
+            raise ValueError(f"site {site!r}: give per-block hook names without 'blocks.N.' "
+                             f"(e.g. {name.split('.', 2)[-1]!r}); every block is projected")
+        model.check_hook_name(f"blocks.0.{name}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    record = lambda act, hook: shapes.__setitem__(hook.name, tuple(act.shape))  # noqa: E731
+    blank = torch.zeros(1, 3, *model.cfg.img_size, device=model.device, dtype=model.embed.proj.weight.dtype)
+    with torch.no_grad():
+        model.run_with_hooks(blank, fwd_hooks=[(f"blocks.0.{n}", record) for n in names])
+    for site, name in zip(sites, names):
+        shape = shapes.get(f"blocks.0.{name}")
+        if shape is None or len(shape) != 3 or shape[-1] != model.cfg.d_model:
+            raise ValueError(f"site {site!r} ({name}, activation shape {shape}) cannot be projected onto the "
+                             f"classes: it needs a residual-width [batch, tokens, {model.cfg.d_model}] state "
+                             f"such as {sorted(SITES)} or hook_resid_mid")
+    return names
+
+
 def class_rank(logits: Float[Tensor, "... c"], target: Int[Tensor, "..."]) -> Int[Tensor, "..."]:
     """0-based rank of `target` among classes sorted by logit, descending (int32).
 

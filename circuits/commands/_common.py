@@ -1,25 +1,41 @@
-"""Arguments and messages shared by the subcommands."""
+"""Arguments and messages shared by the subcommands.
+
+Imports of torch, timm and the library happen inside the functions that run a command, so
+`hooked-vit --help` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-import torch
+# The shared options of dataset-level commands and the keyword each becomes in the library call;
+# tests/test_cli_options.py checks that every command showing one passes it on.
+SHARED_RUN_OPTIONS = {"--batch-size": "batch_size", "--limit": "limit", "--workers": "num_workers",
+                      "--overwrite": "overwrite", "--target": "target"}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded",
-                   help="embedded[:default|:spurious], a timm model name, or a checkpoint file (with --arch)")
+                   help="embedded[:default|:spurious], a timm name (or timm:NAME), hf:ID_OR_FOLDER, "
+                        "open_clip:ARCH[:TAG], or a checkpoint file (with --arch)")
     p.add_argument("--arch", default=None,
                    help="timm architecture of a checkpoint file, with optional constructor overrides: "
                         "vit_base_patch16_224 or vit_tiny_patch16_224:depth=6,img_size=64")
-    p.add_argument("--random-weights", action="store_true", help="the same architecture, freshly initialised")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the same architecture, freshly initialised (never touches the network)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps; auto: cuda when available")
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
+def add_run_args(p: argparse.ArgumentParser, target: bool = True) -> None:
     p.add_argument("--data", default="synthetic",
                    help="synthetic[:split[:n]], an ImageNet-S root, or an ImageFolder directory")
+    p.add_argument("--labels", default=None,
+                   help="JSON {folder: class id} or CSV rows folder,class_id: class folders -> the model's classes")
+    if target:
+        p.add_argument("--target", default="label",
+                       help="the class measured per image: label, predicted (the model's top-1, for "
+                            "unlabeled images) or a class id / name")
     p.add_argument("--out", required=True, help="output directory for the results (resumable)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
@@ -27,20 +43,59 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
 
 
+def run_options(args: argparse.Namespace) -> dict:
+    """The shared options of `add_run_args` as the library's keyword arguments."""
+    options = {"batch_size": args.batch_size, "limit": args.limit, "num_workers": args.workers,
+               "overwrite": args.overwrite}
+    if hasattr(args, "target"):
+        options["target"] = args.target
+    return options
+
+
 def say_done(store) -> None:
     skipped = store.skipped
-    print(f"results in {store.root} ({len(store.done)} items done, {len(skipped)} skipped)")
+    print(f"results in {store.root} ({len(store.done) - len(skipped)} items done, {len(skipped)} skipped)")
     for rec in skipped[:20]:
         print(f"  skipped {rec['index']} {rec.get('path', '')}: {rec.get('reason', '')}")
 
 
+def resolve_device(device: str) -> str:
+    """--device auto -> cuda when available; a device that is not there is refused."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def check_out_dir(out: str) -> None:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the results")
+
+
 def load_inputs(args: argparse.Namespace, data: str | None = None):
-    """The model and dataset of `--model/--arch/--random-weights` and `--data` (or `data`),
-    each spec parsed once; returns (model, dataset, model spec)."""
+    """The model and dataset of `--model/--arch/--random-weights`, `--data` (or `data`) and
+    `--labels`, each spec parsed once; returns (model, dataset, model spec). A `--target` is
+    checked against the model before any image is read."""
     from circuits.runs.sources import load_dataset, load_model
     from circuits.runs.specs import parse_data_spec, parse_model_spec
 
+    if getattr(args, "out", None):
+        check_out_dir(args.out)
     spec = parse_model_spec(args.model, args.arch, args.random_weights)
     data_spec = parse_data_spec(args.data if data is None else data)
-    model = load_model(spec, device=args.device)
-    return model, load_dataset(data_spec, model, spec), spec
+    model = load_model(spec, device=resolve_device(args.device))
+    if getattr(args, "target", None) is not None:
+        from circuits.runs.identify import as_target
+
+        args.target = as_target(args.target, model)
+    return model, load_dataset(data_spec, model, spec, labels=getattr(args, "labels", None)), spec

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from circuits.commands._common import add_model_args, add_run_args, load_inputs, say_done
+from circuits.commands._common import add_model_args, add_run_args, load_inputs, run_options, say_done
 
 ORDER = 40
 
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                     "labels; the components that carry the attribute (e.g. the background) more than the class "
                     "are mean-ablated and group accuracies are reported before and after.")
     add_model_args(p)
-    add_run_args(p)
+    add_run_args(p, target=False)  # components are scored against the core key
     p.add_argument("--reference", default=None,
                    help="held-out reference set (same spec forms as --data); default: the synthetic val split")
     p.add_argument("--reference-limit", type=int, default=512, help="reference images (held in memory)")
@@ -35,12 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from circuits.runs.sources import load_dataset
 
     model, dataset, spec = load_inputs(args)
-    reference = load_dataset(args.reference or "synthetic:val:512", model, spec)
+    reference = load_dataset(args.reference or "synthetic:val:512", model, spec,
+                             labels=args.labels if args.reference else None)
     store = decompose_run(model, dataset, reference, args.out, core_key=args.core_key,
                           spurious_key=args.spurious_key, max_k=args.max_k, mode=args.mode,
-                          start_layer=args.start_layer, batch_size=args.batch_size, limit=args.limit,
-                          reference_limit=args.reference_limit, n_heatmaps=args.heatmaps,
-                          num_workers=args.workers, overwrite=args.overwrite)
+                          start_layer=args.start_layer, reference_limit=args.reference_limit,
+                          n_heatmaps=args.heatmaps, **run_options(args))
     summary = json.loads((store.root / "summary.json").read_text())
     b, a = summary["before"], summary["after"]
     if not json.loads((store.root / "reference.json").read_text())["order"]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from circuits.commands._common import add_model_args, add_run_args, load_inputs, say_done
+from circuits.commands._common import add_model_args, add_run_args, load_inputs, run_options, say_done
 
 ORDER = 50
 
 def add_parser(sub) -> None:
-    from circuits.explain import DEFAULT_METHODS, METHODS
+    from circuits.method_names import DEFAULT_METHODS, METHOD_NAMES as METHODS  # no torch: --help stays fast
 
     p = sub.add_parser("explain", help="explanation maps and their benchmarks over a dataset",
                        description="Explain every image with each method, then the segmentation test (datasets "
@@ -21,7 +21,6 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods or name:key=value specs")
     p.add_argument("--mode", choices=["remove", "zero"], default="remove",
                    help="perturb by dropping tokens (remove) or zeroing their pixels (zero)")
-    p.add_argument("--target", choices=["label", "predicted"], default="label", help="the class to explain")
     p.add_argument("--thumbnails", type=int, default=4, help="images kept for the report's map overlays")
     p.add_argument("--sanity-images", type=int, default=16,
                    help="images for the model-parameter randomisation check (0: skip)")
@@ -34,9 +33,8 @@ def run(args: argparse.Namespace) -> int:
     for spec in args.methods:  # before the (slow) model loading
         parse_method(spec)
     model, dataset, _ = load_inputs(args)
-    store = benchmark(model, dataset, args.out, args.methods, batch_size=args.batch_size, limit=args.limit,
-                      mode=args.mode, target=args.target, thumbnails=args.thumbnails,
-                      sanity_images=args.sanity_images, num_workers=args.workers, overwrite=args.overwrite)
+    store = benchmark(model, dataset, args.out, args.methods, mode=args.mode, thumbnails=args.thumbnails,
+                      sanity_images=args.sanity_images, **run_options(args))
     say_done(store)
     print(summarize_benchmark(store.root).drop(columns=["positive_curve", "negative_curve"]).to_string(index=False))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuits.commands._common import add_model_args, add_run_args, load_inputs, say_done
+from circuits.commands._common import add_model_args, add_run_args, load_inputs, run_options, say_done
 
 ORDER = 10
 
@@ -22,7 +22,6 @@ def run(args: argparse.Namespace) -> int:
     from circuits.runs.identify import identify
 
     model, dataset, _ = load_inputs(args)
-    store = identify(model, dataset, args.out, sites=args.sites, k=args.topk, batch_size=args.batch_size,
-                     limit=args.limit, num_workers=args.workers, overwrite=args.overwrite)
+    store = identify(model, dataset, args.out, sites=args.sites, k=args.topk, **run_options(args))
     say_done(store)
     return 0

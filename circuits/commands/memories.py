@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuits.commands._common import add_model_args, add_run_args, load_inputs, say_done
+from circuits.commands._common import add_model_args, add_run_args, load_inputs, run_options, say_done
 
 ORDER = 30
 
@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
                        description="Key-value agreement, composition and class-value agreement of the "
                                    "attention and MLP memories (Vilas et al. 2023); results as parquet.")
     add_model_args(p)
-    add_run_args(p)
+    add_run_args(p, target=False)  # memories and probes are measured against the labels
     p.add_argument("--sublayers", nargs="+", default=["attn", "mlp"], choices=["attn", "mlp"])
     p.add_argument("--topk", type=int, default=5, help="memories per token and per class")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-class baseline")
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
                                    "trained on a few images per class and compared with the projection "
                                    "onto the class embedding space on held-out images.")
     add_model_args(p)
-    add_run_args(p)
+    add_run_args(p, target=False)  # memories and probes are measured against the labels
     p.add_argument("--per-class", type=int, default=10, help="training images per class")
     p.add_argument("--alpha", type=float, default=1.0, help="ridge penalty")
     p.add_argument("--sites", nargs="+", default=["block", "attn", "mlp"])
@@ -42,8 +42,7 @@ def run_memories(args: argparse.Namespace) -> int:
 
     model, dataset, _ = load_inputs(args)
     store = memories(model, dataset, args.out, sublayers=args.sublayers, k=args.topk,
-                     seed=args.seed, batch_size=args.batch_size, limit=args.limit, num_workers=args.workers,
-                     overwrite=args.overwrite)
+                     seed=args.seed, **run_options(args))
     say_done(store)
     return 0
 
@@ -57,9 +56,8 @@ def run_probe(args: argparse.Namespace) -> int:
     if train_spec is None and parse_data_spec(args.data).is_synthetic:
         # Enough synthetic training images that every class has --per-class of them.
         train_spec = f"synthetic:train:{max(4 * args.per_class * model.cfg.n_classes, 100)}"
-    train = test if train_spec is None else load_dataset(train_spec, model, spec)
+    train = test if train_spec is None else load_dataset(train_spec, model, spec, labels=args.labels)
     store = run_probes(model, train, test, args.out, per_class=args.per_class, alpha=args.alpha, sites=args.sites,
-                       layers=args.layers, batch_size=args.batch_size, limit=args.limit,
-                       num_workers=args.workers, overwrite=args.overwrite)
+                       layers=args.layers, **run_options(args))
     say_done(store)
     return 0

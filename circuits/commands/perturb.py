@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from circuits.commands._common import add_model_args, add_run_args, load_inputs, say_done
+from circuits.commands._common import add_model_args, add_run_args, load_inputs, run_options, say_done
 
 ORDER = 20
 
@@ -28,30 +28,38 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 def run(args: argparse.Namespace) -> int:
-
     model, dataset, _ = load_inputs(args)
+    if args.removal:
+        require_masks(dataset, args.data)  # before the attention half runs, not after it
     out = Path(args.out)
+    options = run_options(args)
     if args.kinds:
-        options = {"perturb_prefix_queries": True} if args.perturb_prefix_queries else {}
+        kwargs = {"perturb_prefix_queries": True} if args.perturb_prefix_queries else {}
         if args.keys == "prefix" or not model.cfg.class_token:  # no class token: cut the registers
-            options["keys"] = "prefix"
-        _attention(model, dataset, out / "attention", ["none", *args.kinds], args.layers, args.batch_size,
-                   args.limit, args.overwrite, **options)
+            kwargs["keys"] = "prefix"
+        _attention(model, dataset, out / "attention", ["none", *args.kinds], args.layers, options, kwargs)
     if args.removal:
         from circuits.runs.perturb import token_removal_experiment
         from circuits.token_removal import removal_summary
 
-        store = token_removal_experiment(model, dataset, out / "token_removal", args.removal,
-                                         batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite)
+        store = token_removal_experiment(model, dataset, out / "token_removal", args.removal, **options)
         print(removal_summary(store.read("removal")).to_string(index=False))
         say_done(store)
     return 0
 
-def _attention(model, dataset, out, kinds, layers, batch_size, limit, overwrite, **options) -> None:
+
+def require_masks(dataset, data: str) -> None:
+    """Token removal needs object masks: refuse a dataset without them before anything runs."""
+    first = next((dataset[i] for i in range(min(len(dataset), 8)) if dataset[i] is not None), None)
+    if first is None or "mask" not in first:
+        raise ValueError(f"token removal needs object masks and --data {data} has none: use synthetic or an "
+                         "ImageNet-S root, or pass --removal with nothing to skip it")
+
+
+def _attention(model, dataset, out, kinds, layers, options, kwargs) -> None:
     from circuits.interventions import summarize_rates
     from circuits.runs.perturb import perturbation_experiment, perturbation_rates
 
-    runs = perturbation_experiment(model, dataset, out, kinds, layers, batch_size=batch_size, limit=limit,
-                                   overwrite=overwrite, **options)
+    runs = perturbation_experiment(model, dataset, out, kinds, layers, **options, **kwargs)
     print(summarize_rates(perturbation_rates(runs)).to_string(index=False))
     print(f"results in {out}")

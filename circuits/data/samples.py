@@ -107,7 +107,7 @@ def collate_samples(batch: Sequence[dict | Skipped | None]) -> dict | None:
     return out
 
 
-class _IndexOnSkip(Dataset):
+class IndexOnSkip(Dataset):
     """Wraps a dataset so ``None`` becomes ``Skipped(index, ...)``: the collate can then report it.
 
     Runs inside the worker process, where the dataset's own ``skipped`` entry was just appended.
@@ -136,6 +136,6 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
     ``limit`` is an end index (exclusive), not a count.
     """
     stop = len(dataset) if limit is None else min(len(dataset), int(limit))
-    subset = Subset(_IndexOnSkip(dataset), range(int(start), stop))
+    subset = Subset(IndexOnSkip(dataset), range(int(start), stop))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       collate_fn=collate_samples)

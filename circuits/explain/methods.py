@@ -22,6 +22,7 @@ from circuits.explain import transformer_attribution as _ta
 from circuits.explain.attention import raw_attention, rollout
 from circuits.explain.gradients import attention_gradcam, gae
 from circuits.explain.trace import AttentionTrace, trace
+from circuits.method_names import DEFAULT_METHODS, METHOD_NAMES
 from circuits.options import parse_named_options
 from hooked_vit import HookedViT, HookedViTConfig
 
@@ -59,7 +60,7 @@ METHODS: dict[str, Method] = {
     "random": Method(random_map, False, "random relevance (baseline)"),
 }
 GRADIENT_METHODS = ("gae", "gradcam", "class_embedding", "tokentm", "transformer_attribution")
-DEFAULT_METHODS = ("attention", "rollout", "gae", "gradcam", "class_embedding", "tokentm", "random")
+assert tuple(METHODS) == METHOD_NAMES, "circuits.method_names must list the methods of METHODS, in order"
 
 MethodSpec = Union[str, Sequence[str], Mapping[str, Mapping[str, Any]]]
 

@@ -32,6 +32,8 @@ from circuits.data import make_loader
 from circuits.explain.evaluate import (FRACTIONS, auc, keep_auc, perturbation_curve, randomization_check,
                                        segmentation_counts, segmentation_scores)
 from circuits.explain.methods import DEFAULT_METHODS, _as_specs, explain_many, grid_of, upsample
+from circuits.data.targets import TargetSpec, resolve_targets
+from circuits.runs.identify import as_target, class_name_columns
 from circuits.runs.context import start_run
 from circuits.runs.results import RunStore, fixed_size_list, read_table, stack_column
 from hooked_vit import HookedViT
@@ -47,7 +49,7 @@ def benchmark(
     limit: Optional[int] = None,
     fractions: Sequence[float] = FRACTIONS,
     mode: Literal["remove", "zero"] = "remove",
-    target: Literal["label", "predicted"] = "label",
+    target: TargetSpec | str = "label",
     thumbnails: int = 4,
     sanity_images: int = 0,
     num_workers: int = 0,
@@ -60,16 +62,17 @@ def benchmark(
 
     Args:
         methods: method names or "name:key=value" specs (each spec is its own row).
-        target: explain the label's class or the predicted class; accuracy in the
-            perturbation test is always against the label.
+        target: the class explained (`circuits.data.targets`: "label", "predicted" or a class);
+            accuracy in the perturbation test is always against the label.
         mode: perturbation by dropping tokens ("remove") or zeroing pixels ("zero").
         thumbnails: keep the first N images (uint8) for the report's overlays.
         sanity_images: run the randomisation check on the first N images (0: skip).
     """
     _as_specs(methods)  # fail early on an unknown method
+    target = as_target(target, model)
     run = start_run("explain", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, settings=settings, methods=list(methods), fractions=list(fractions),
-                    mode=mode, target=target, grid=list(model.cfg.grid_size), n_classes=model.cfg.n_classes,
+                    mode=mode, target=str(target), grid=list(model.cfg.grid_size), n_classes=model.cfg.n_classes,
                     thumbnails=thumbnails, sanity_images=sanity_images)
     store = run.store
     for batch in run.batches(batch_size):
@@ -90,14 +93,16 @@ def benchmark_batch(model: HookedViT, batch: dict, methods: Sequence[str], *, fr
         raise ValueError("the explanation benchmark needs class labels (perturbation accuracy); "
                          f"images {index[(labels < 0).cpu().numpy()].tolist()[:5]} have none")
     with torch.no_grad():
-        pred = model(images).argmax(-1)
-    targets = labels if target == "label" else pred
+        logits = model(images)
+    pred = logits.argmax(-1)
+    targets = resolve_targets(as_target(target, model), labels, logits)
     seed = int(index[0])  # random maps and tie-breaking: fixed per batch, so reruns agree
     specs = _as_specs(methods)
     maps = explain_many(model, images, targets, {label: ({**opts, "seed": seed} if name == "random" else opts)
                                                  for label, (name, opts) in specs.items()})
+    names = class_name_columns(model, targets.cpu().numpy(), pred.cpu().numpy())
     tables = {"images": pa.table({"index": index, "label": labels.cpu().numpy(), "target": targets.cpu().numpy(),
-                                  "pred": pred.cpu().numpy(), "correct": (pred == labels).cpu().numpy()})}
+                                  "pred": pred.cpu().numpy(), "correct": (pred == labels).cpu().numpy(), **names})}
     tables["maps"] = _per_method(index, {m: {"relevance": fixed_size_list(r.cpu().numpy())} for m, r in maps.items()})
     if "mask" in batch and bool(torch.as_tensor(batch.get("has_mask", True)).any()):
         tables["segmentation"] = _segmentation_table(model, images, batch, index, maps)

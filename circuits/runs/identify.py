@@ -19,7 +19,9 @@ import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
-from circuits.projection import DEFAULT_SITES, BatchProjection, project_batch
+from circuits.data.classes import class_name
+from circuits.data.targets import TargetSpec, resolve_targets
+from circuits.projection import DEFAULT_SITES, BatchProjection, check_sites, project_batch
 from circuits.identifiability import IdentifyResults
 from circuits.runs.context import start_run
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
@@ -41,6 +43,7 @@ def identify(
     overwrite: bool = False,
     progress: bool = True,
     fwd_hooks: Sequence = (),
+    target: TargetSpec | str = "label",
     settings: Optional[dict[str, Any]] = None,
 ) -> RunStore:
     """Project every token of every site at every block for a dataset; resumable.
@@ -52,15 +55,21 @@ def identify(
         out_dir: the run directory. A rerun with the same settings resumes.
         limit: only the first `limit` items.
         fwd_hooks: hooks active during every forward (interventions).
+        target: which class each image is measured against (`circuits.data.targets`): "label",
+            "predicted" (the model's top-1 under `fwd_hooks`, for unlabeled images) or a class.
         settings: extra settings recorded in the manifest (and checked on resume).
     """
+    target = as_target(target, model)
+    check_sites(model, sites)  # before the run directory is made
     run = start_run("identify", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, settings=settings, sites=list(sites), k=k, n_classes=model.cfg.n_classes,
-                    n_prefix_tokens=model.cfg.n_prefix_tokens, patch_size=list(model.cfg.patch_size))
+                    n_prefix_tokens=model.cfg.n_prefix_tokens, patch_size=list(model.cfg.patch_size),
+                    target=str(target))
     for batch in run.batches(batch_size):
         images = run.images(batch)
         labels = torch.as_tensor(batch.data["label"])
-        targets = labels if bool((labels >= 0).all()) else None
+        # predicted: None lets project_batch take the top-1 of the (hooked) forward it runs anyway
+        targets = None if target.needs_logits else resolve_targets(target, labels)
         proj = project_batch(model, images, targets, sites=sites, k=k, fwd_hooks=fwd_hooks)
         batch.save(batch_tables(proj, batch, model))
     return run.store
@@ -79,6 +88,7 @@ def batch_tables(proj: BatchProjection, pending: PendingBatch, model: HookedViT)
         "pred": proj.predictions.cpu().numpy().astype(np.int64),
     }
     images["correct"] = images["pred"] == images["label"]
+    images.update(class_name_columns(model, images["target"], images["pred"]))
     images.update({key: value.cpu().numpy() for key, value in pending.scalar_metadata().items()})
     image_table = pa.table(images)
     if "mask" in batch:
@@ -100,6 +110,18 @@ def batch_tables(proj: BatchProjection, pending: PendingBatch, model: HookedViT)
         "mid_target_logit": fixed_size_list(proj.mid_target_logit.reshape(-1, n_tok).float().cpu().numpy()),
     })
     return {"images": image_table, "tokens": tokens, "stream": stream}
+
+
+def as_target(target: TargetSpec | str, model: HookedViT) -> TargetSpec:
+    """A TargetSpec from a spec or its text ("label", "predicted", a class id or name)."""
+    return target if isinstance(target, TargetSpec) else TargetSpec.parse(str(target), model)
+
+
+def class_name_columns(model: HookedViT, target: np.ndarray, pred: np.ndarray) -> dict[str, list[str]]:
+    """target_name and pred_name columns where the model names its classes (else none)."""
+    if model.cfg.class_names is None and model.cfg.label_names is None:
+        return {}
+    return {"target_name": [class_name(model, t) for t in target], "pred_name": [class_name(model, p) for p in pred]}
 
 
 def object_tokens(mask: torch.Tensor, model: HookedViT) -> np.ndarray:

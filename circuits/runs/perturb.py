@@ -20,7 +20,8 @@ from torch import Tensor
 from circuits.data import mask_to_token_grid
 from circuits.interventions import KINDS, perturbation_hooks
 from circuits.runs.context import start_run
-from circuits.runs.identify import identify, load_results
+from circuits.data.targets import TargetSpec, resolve_targets
+from circuits.runs.identify import as_target, identify, load_results
 from circuits.runs.results import RunStore, fixed_size_list
 from circuits.token_removal import REMOVALS, Removal, kept_tokens_mask, removal_batch, removal_rates
 from hooked_vit import HookedViT
@@ -29,11 +30,13 @@ from hooked_vit import HookedViT
 def perturbation_experiment(model: HookedViT, dataset, out_dir, kinds: Sequence[str] = KINDS,
                             layers: Optional[Sequence[int]] = None, *, sites: Sequence[str] = ("block",),
                             k: int = 1, batch_size: int = 32, limit: Optional[int] = None,
-                            overwrite: bool = False, progress: bool = True, **options) -> dict:
+                            overwrite: bool = False, progress: bool = True, num_workers: int = 0,
+                            target: TargetSpec | str = "label", **options) -> dict:
     """Run `circuits.runs.identify.identify` once per perturbation kind; one run dir per kind.
 
     Writes `out_dir/<kind>/` (analysis "attention_perturbation"; settings record the kind,
     layers and options). Resumable like `identify`. Returns {kind: run directory}.
+    target: the class measured (`circuits.data.targets`); "predicted" is each run's own top-1.
     """
     runs = {}
     for kind in kinds:
@@ -43,7 +46,8 @@ def perturbation_experiment(model: HookedViT, dataset, out_dir, kinds: Sequence[
         hooks = perturbation_hooks(model, kind, layers, **options)
         run = Path(out_dir) / kind
         identify(model, dataset, str(run), sites=sites, k=k, batch_size=batch_size, limit=limit,
-                 overwrite=overwrite, progress=progress, fwd_hooks=hooks, settings=settings)
+                 overwrite=overwrite, progress=progress, num_workers=num_workers, fwd_hooks=hooks,
+                 target=target, settings=settings)
         runs[kind] = run
     return runs
 
@@ -71,7 +75,8 @@ def perturbation_rates(runs: dict) -> pd.DataFrame:
 
 def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Sequence[Removal] = REMOVALS, *,
                              batch_size: int = 32, limit: Optional[int] = None, overwrite: bool = False,
-                             progress: bool = True, settings: Optional[dict] = None) -> RunStore:
+                             progress: bool = True, num_workers: int = 0, target: TargetSpec | str = "label",
+                             settings: Optional[dict] = None) -> RunStore:
     """Token removal over a dataset with object masks; resumable (`RunStore`).
 
     Writes the table "removal": one row per (index, removal) with label, target, the
@@ -79,16 +84,20 @@ def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Seque
     0 at the last block), rate_unperturbed (the same tokens without removal), pred_removed,
     pred_unperturbed and the per-token ranks (rank_removed, -1 on removed tokens;
     rank_unperturbed). Load with `pandas.read_parquet(out_dir / "removal")`.
+    target: the class measured (`circuits.data.targets`; "predicted": the unperturbed top-1).
     """
+    target = as_target(target, model)
     run = start_run("token_removal", model, dataset, out_dir, limit=limit, overwrite=overwrite, progress=progress,
-                    settings=settings, removals=list(removals), n_prefix_tokens=model.cfg.n_prefix_tokens,
-                    n_classes=model.cfg.n_classes)
+                    num_workers=num_workers, settings=settings, removals=list(removals),
+                    n_prefix_tokens=model.cfg.n_prefix_tokens, n_classes=model.cfg.n_classes, target=str(target))
     for pending in run.batches(batch_size, desc="token removal"):
         batch = pending.data
         if "mask" not in batch:
             raise ValueError("token removal needs object masks: use a dataset with masks (synthetic, ImageNet-S)")
         images = run.images(pending)
-        targets = torch.as_tensor(batch["label"]).to(model.device)
+        labels = torch.as_tensor(batch["label"])
+        logits = model(images) if target.needs_logits else None
+        targets = resolve_targets(target, labels, logits).to(model.device)
         obj = mask_to_token_grid(batch["mask"].bool(), model.cfg.patch_size)
         table = _batch_table(batch, removal_batch(model, images, obj, targets, removals), obj, targets,
                              model.cfg.n_prefix_tokens)

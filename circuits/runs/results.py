@@ -27,13 +27,20 @@ from circuits.files import atomic_write_bytes, atomic_write_text
 from circuits.runs.distributed import Dist, init_distributed
 
 
+# Settings recorded for reading but not part of a run's identity: the model as it was named
+# (a path, relative or absolute: the weights fingerprint identifies it) and how many items were
+# asked for (a larger --limit continues the same run).
+RECORDED_ONLY = frozenset({"model", "n"})
+
+
 class RunStore:
     """A results directory for one analysis run.
 
     Args:
         root: the run directory (created if needed).
-        settings: everything that determines the results (model, sites, k, data, ...);
-            a rerun must pass equal settings to resume.
+        settings: everything that determines the results (weights fingerprint, dataset
+            content, sites, k, ...); a rerun must pass equal settings to resume, except the
+            keys in RECORDED_ONLY, which the rerun updates.
         overwrite: start afresh, deleting earlier parts.
     """
 
@@ -71,9 +78,10 @@ class RunStore:
         skipped: dict[int, dict] = {}
         for manifest in manifest_files(self.root):
             state = json.loads(manifest.read_text())
-            if state["settings"] != self.settings:
-                diff = {k: (state["settings"].get(k), v) for k, v in self.settings.items()
-                        if state["settings"].get(k) != v}
+            old = state["settings"]
+            diff = {k: (old.get(k), self.settings.get(k)) for k in {*old, *self.settings} - RECORDED_ONLY
+                    if old.get(k) != self.settings.get(k)}
+            if diff:
                 raise ValueError(
                     f"{self.root} holds results of a run with other settings {diff} (old, new); "
                     "use another output directory or pass overwrite=True (--overwrite)"

@@ -8,6 +8,7 @@ Add random_weights=True for the same architecture with freshly initialised weigh
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -20,17 +21,19 @@ from hooked_vit import HookedViT
 
 def load_model(spec: Union[str, ModelSpec], arch: Optional[str] = None, device: str = "cpu",
                random_weights: bool = False, seed: int = 0, dtype: Optional[torch.dtype] = None) -> HookedViT:
-    """A HookedViT from a model spec (see `circuits.runs.specs`); dtype: weights and
-    activations (runs move images to it; see `circuits.runs.precision`)."""
+    """A HookedViT from a model spec (see `circuits.runs.specs`). Never touches the network:
+    random weights build the architecture only, pretrained timm weights must be in the local cache.
+    dtype: weights and activations (runs move images to it; see `circuits.runs.precision`)."""
     init_distributed()  # under torchrun, "cuda" is then this rank's LOCAL_RANK GPU
     if isinstance(spec, str):
         spec = parse_model_spec(spec, arch, random_weights)
-    timm_model = _timm_model(spec)
-    if spec.random_weights:
-        torch.manual_seed(seed)
-        timm_model.init_weights()
-        # timm's init leaves norms at 1 and biases at 0, as a freshly initialised network has.
-    model = HookedViT.from_timm(timm_model, device=device, dtype=dtype)
+    if spec.kind in ("hf", "open_clip"):
+        from hooked_vit.pretrained import load_pretrained
+
+        model = load_pretrained(spec.text, device=device, dtype=dtype)
+    else:
+        torch.manual_seed(seed)  # random weights are the same on every run, so resuming works
+        model = HookedViT.from_timm(_timm_model(spec), device=device, dtype=dtype)
     model.cfg.model_name = spec.label
     return model
 
@@ -43,7 +46,11 @@ def _timm_model(spec: ModelSpec) -> torch.nn.Module:
     if spec.kind == "embedded":
         from circuits.embedded import load_embedded_timm
 
-        return load_embedded_timm(spec.name)
+        model = load_embedded_timm(spec.name)
+        if spec.random_weights:
+            model.init_weights()  # timm's init: norms at 1 and biases at 0, as a fresh network has
+        return model
+    _check_timm_name(spec.name)
     if spec.kind == "checkpoint":
         state = load_checkpoint(spec.path)
         kwargs = dict(spec.arch_kwargs)
@@ -51,15 +58,45 @@ def _timm_model(spec: ModelSpec) -> torch.nn.Module:
         if n_classes and "num_classes" not in kwargs:
             kwargs["num_classes"] = n_classes
         model = timm.create_model(spec.name, pretrained=False, **kwargs)
-        load_timm_weights(model, state, source=str(spec.path))
+        if not spec.random_weights:
+            load_timm_weights(model, state, source=str(spec.path))
         return model.eval()
-    try:
-        return timm.create_model(spec.name, pretrained=True).eval()
-    except Exception as err:
-        raise ValueError(
-            f"could not load timm model {spec.name!r} with pretrained weights ({err}). Without network access, "
-            "pass a local checkpoint file with --arch, or use 'embedded'"
-        ) from err
+    if spec.random_weights:
+        return timm.create_model(spec.name, pretrained=False).eval()
+    return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay={"file": cached_timm_weights(spec.name)}).eval()
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name.partition(".")[0]) and not timm.is_model(name):
+        raise ValueError(f"timm does not know the model {name!r} (see timm.list_models('vit_*'))")
+
+
+def cached_timm_weights(name: str) -> str:
+    """The local file of timm's pretrained weights for `name`, from the Hugging Face or torch hub
+    cache; raises at once (no download attempt) when they are not there."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f"timm has no pretrained weights registered for {name!r}")
+    candidates = []
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin")):
+            candidates.append(try_to_load_from_cache(repo, filename))
+    if cfg.url:
+        candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name)
+    for found in candidates:
+        if isinstance(found, (str, Path)) and Path(found).is_file():
+            return str(found)
+    raise ValueError(
+        f"pretrained weights of timm model {name!r} are not in the local cache (hooked-vit does not download); "
+        f"pass a local checkpoint file as --model FILE --arch {name.partition('.')[0]}, use --random-weights, "
+        "or use 'embedded'")
 
 
 def _head_classes(state: dict) -> Optional[int]:
@@ -67,8 +104,12 @@ def _head_classes(state: dict) -> Optional[int]:
     return int(head.shape[0]) if head is not None else None
 
 
-def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[ModelSpec] = None) -> Dataset:
-    """A dataset of sample dicts preprocessed for `model`.
+def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[ModelSpec] = None,
+                 labels: Optional[str] = None) -> Dataset:
+    """A dataset of sample dicts preprocessed for `model`, labels in the model's class ids
+    (class folders mapped by `circuits.data.classes.map_class_folders`).
+
+    labels: a JSON / CSV file mapping folder names to class ids (docs/using_your_own_data.md).
 
     source: the model's spec; synthetic data for an embedded model uses the difficulty that
     model was trained on (its weights' notes), "normal" for any other model.
@@ -76,6 +117,8 @@ def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[
     if isinstance(spec, str):
         spec = parse_data_spec(spec)
     if spec.is_synthetic:
+        if labels is not None:
+            raise ValueError("--labels maps image folders to classes; the synthetic dataset has its own labels")
         if model.cfg.img_size != (32, 32) and not model.cfg.dynamic_img_size:
             raise ValueError(f"the synthetic dataset has 32x32 images; {model.cfg.model_name} expects "
                              f"{model.cfg.img_size}")
@@ -85,8 +128,10 @@ def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[
 
     transform = transform_for(model)  # timm's eval preprocessing, at the model's input size
     if spec.kind == "imagenet_s":
-        return ImageNetS(spec.root, transform)
-    return ImageFolderDataset(spec.root, transform)
+        if labels is not None:
+            raise ValueError("--labels applies to image folders; ImageNet-S names its classes in LOC_synset_mapping.txt")
+        return ImageNetS(spec.root, transform, classes=model)
+    return ImageFolderDataset(spec.root, transform, labels=labels, classes=model)
 
 
 def synthetic_for(which: Optional[str], split: str = "test", n: int = 512) -> Dataset:

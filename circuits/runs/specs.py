@@ -2,7 +2,9 @@
 
 Models:
   embedded | embedded:default | embedded:spurious   the project's own trained small ViTs
-  <timm name>                                       timm's pretrained weights (needs them cached)
+  <timm name> | timm:<timm name>                    timm's pretrained weights (needs them cached)
+  hf:<hub id or local folder>                       a transformers ViT (`HookedViT.from_hf`)
+  open_clip:<arch>[:<tag>]                          an open_clip image tower
   <file.safetensors|.pth|.pt|.bin> with arch <timm name>[:key=value,...]
                                                     a local checkpoint of that architecture
                                                     (timm constructor overrides after the colon)
@@ -25,10 +27,10 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model to build. kind: embedded (name = which), timm (name = timm model), or
-    checkpoint (path, with the timm architecture `arch` and its constructor overrides)."""
+    """Which model to build. kind: embedded (name = which), timm (name = timm model), hf / open_clip
+    (name = what follows the prefix, for `hooked_vit.pretrained.load_pretrained`), or checkpoint (path, with the timm architecture `arch` and its constructor overrides)."""
 
-    kind: Literal["embedded", "timm", "checkpoint"]
+    kind: Literal["embedded", "timm", "hf", "open_clip", "checkpoint"]
     name: str
     text: str  # as given, for run settings and messages
     path: Optional[Path] = None
@@ -66,6 +68,17 @@ def parse_model_spec(text: str, arch: Optional[str] = None, random_weights: bool
             raise ValueError(f"{text} is a checkpoint file: name its architecture with --arch <timm model name>")
         name, kwargs = parse_named_options(arch, "--arch options")
         return ModelSpec("checkpoint", name, text, path=path, arch_kwargs=kwargs, random_weights=random_weights)
+    source, sep, rest = text.partition(":")
+    if sep and source in ("timm", "hf", "open_clip"):
+        if not rest:
+            raise ValueError(f"--model {text!r} names no model after {source + ':'!r}")
+        if source != "timm" and random_weights:
+            raise ValueError(f"--random-weights applies to embedded, timm and checkpoint models, not {source}: "
+                             "use the timm name of the architecture instead")
+        return ModelSpec(source, rest, text, random_weights=random_weights)
+    if sep and source not in ("hf-hub", "hf_hub", "local-dir"):  # timm's own name schemes pass through
+        raise ValueError(f"--model {text!r}: unknown source {source!r}; use embedded[:which], a timm name, "
+                         "timm:NAME, hf:ID_OR_FOLDER, open_clip:ARCH[:TAG] or a checkpoint file with --arch")
     return ModelSpec("timm", text, text, random_weights=random_weights)
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -37,12 +38,12 @@ class PendingBatch:
     indices: list[int]  # every dataset index this batch covered, readable or not
     store: RunStore
     dataset: Dataset
+    skipped: list[dict] = field(default_factory=list)  # index, path, reason of the unreadable ones
 
     def save(self, tables: dict[str, pa.Table]) -> None:
         """Write this batch's tables and mark all its indices done."""
         readable = {int(i) for i in self.data["index"]}
-        skipped = skip_records(self.dataset, sorted(set(self.indices) - readable))
-        self.store.write_batch(min(readable), tables, self.indices, skipped)
+        self.store.write_batch(min(readable), tables, self.indices, self.skipped)
 
     def scalar_metadata(self) -> dict[str, torch.Tensor]:
         """Per-image scalar fields beyond the standard ones (e.g. background, group)."""
@@ -55,20 +56,35 @@ def stream_pending(store: RunStore, dataset: Dataset, indices: int | Sequence[in
     """Batches of the items in `indices` (or range(indices)) that `store` has not done yet;
     under torchrun only this rank's shard (`circuits.runs.distributed.shard_batches`). When
     the loop ends every rank has finished and `store.done` holds all ranks' items."""
-    from circuits.data import collate_samples
+    from circuits.data.samples import IndexOnSkip
 
     indices = range(indices) if isinstance(indices, int) else indices
     blocks = shard_batches(indices, store.done, batch_size, store.dist)
-    loader = DataLoader(dataset, batch_sampler=blocks, num_workers=num_workers, collate_fn=collate_samples)
+    # IndexOnSkip turns an unreadable item into its (index, path, reason) inside the worker
+    # process, so the reasons reach the manifest with --workers too (a worker's own copy of
+    # dataset.skipped never comes back).
+    loader = DataLoader(IndexOnSkip(dataset), batch_sampler=blocks, num_workers=num_workers,
+                        collate_fn=_collate_with_skips)
     rank = f" [rank {store.dist.rank}/{store.dist.world}]" if store.dist.world > 1 else ""
     bar = tqdm(loader, desc=f"{desc} -> {store.root}{rank}", unit="batch", disable=not progress or not blocks)
-    for covered, data in zip(blocks, bar):
+    for covered, (data, skipped) in zip(blocks, bar):
         if data is None:  # every item of the batch was unreadable
-            store.write_batch(covered[0], {}, covered, skip_records(dataset, covered))
+            store.write_batch(covered[0], {}, covered, skipped)
             continue
-        yield PendingBatch(data, covered, store, dataset)
+        yield PendingBatch(data, covered, store, dataset, skipped)
     store.dist.barrier()  # summaries after the loop read every shard's parts
     store.reload()
+
+
+def _collate_with_skips(items: list) -> tuple[dict | None, list[dict]]:
+    """collate_samples' batch and the records of the unreadable items (the dataset has already
+    logged each one, once)."""
+    from circuits.data import collate_samples
+    from circuits.data.samples import Skipped
+
+    skipped = [{"index": int(s.index), "path": str(s.path), "reason": str(s.error) or "unreadable item"}
+               for s in items if isinstance(s, Skipped)]
+    return collate_samples(items), skipped
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -83,19 +99,30 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def describe_dataset(dataset: Dataset) -> str:
+    """What the dataset holds, independent of where it lies: the same folder given by an absolute
+    or a relative path (or copied elsewhere) describes the same. Files are described by their
+    paths below the root, labels and sizes (hashed; reading every image would cost a pass)."""
     describe = getattr(dataset, "describe", None)
     if callable(describe):
         return str(describe())
-    attrs = {k: getattr(dataset, k) for k in ("root", "seed", "split", "n", "spurious_corr") if hasattr(dataset, k)}
+    attrs = {k: getattr(dataset, k) for k in ("seed", "split", "n", "spurious_corr", "difficulty") if hasattr(dataset, k)}
+    if hasattr(dataset, "samples") and hasattr(dataset, "root"):
+        attrs["content"] = _files_digest(Path(dataset.root), dataset.samples)
+    elif isinstance(getattr(dataset, "images", None), np.ndarray):
+        attrs["content"] = hashlib.sha1(np.ascontiguousarray(dataset.images).tobytes()
+                                        + np.asarray(getattr(dataset, "labels", [])).tobytes()).hexdigest()[:16]
     return f"{type(dataset).__name__}(len={len(dataset)}, {attrs})"
 
 
-def skip_records(dataset: Dataset, indices: Sequence[int]) -> list[dict]:
-    """Records of unreadable items, with the dataset's own reason where it kept one."""
-    reasons = {int(i): (path, err) for i, path, err in getattr(dataset, "skipped", [])}
-    records = []
-    for i in indices:
-        path, err = reasons.get(int(i), ("", "unreadable item"))
-        log.warning("skipped item %d %s: %s", i, path, err)
-        records.append({"index": int(i), "path": str(path), "reason": str(err)})
-    return records
+def _files_digest(root: Path, samples: Sequence) -> str:
+    """Hash of each sample's fields with paths made relative to `root` and file sizes added."""
+    h = hashlib.sha1()
+    root = root.resolve()
+    for sample in samples:
+        for field in (sample if isinstance(sample, (tuple, list)) else (sample,)):
+            if isinstance(field, (str, Path)) and str(field) and Path(field).is_file():
+                path = Path(field).resolve()
+                rel = path.relative_to(root) if path.is_relative_to(root) else path
+                field = f"{rel.as_posix()}:{path.stat().st_size}"
+            h.update(str(field).encode() + b"\0")
+    return h.hexdigest()[:16]
