@@ -22,7 +22,12 @@ ENTRY_POINTS = {
     "probe": [("circuits.probes", "run_probes")],
     "decompose": [("circuits.runs.decompose", "decompose_run")],
     "demo": [("circuits.report.demo", "run_demo")],
+    "circuit": [("circuits.runs.circuit", "circuit_run")],
+    "sae train": [("circuits.runs.sae", "train_run")],
+    "sae eval": [("circuits.runs.sae", "eval_run")],
+    "sae features": [("circuits.runs.sae", "features_run")],
 }
+EXTRA_ARGS = {"sae eval": ["--sae", "dictionary"], "sae features": ["--sae", "dictionary"]}
 CASES = [(command, i) for command, points in sorted(ENTRY_POINTS.items()) for i in range(len(points))]
 VALUES = {"--batch-size": ("3", 3), "--limit": ("5", 5), "--workers": ("2", 2), "--overwrite": (None, True),
           "--target": ("predicted", "predicted")}
@@ -32,14 +37,30 @@ class Reached(Exception):
     pass
 
 
+def _subparser(command: str):
+    """The parser of "identify" or of a nested command such as "sae train"."""
+    parser = build_parser()
+    for word in command.split():
+        parser = parser._subparsers._group_actions[0].choices[word]
+    return parser
+
+
+def _commands(parser=None, prefix="") -> list[str]:
+    """Every leaf command, nested ones as "sae train"."""
+    parser = parser or build_parser()
+    if parser._subparsers is None:
+        return [prefix.strip()]
+    return [c for name, sub in parser._subparsers._group_actions[0].choices.items()
+            for c in _commands(sub, f"{prefix} {name}")]
+
+
 def _shown_options(command: str) -> list[str]:
-    sub = build_parser()._subparsers._group_actions[0].choices[command]
-    return [o for a in sub._actions for o in a.option_strings if o in SHARED_RUN_OPTIONS]
+    return [o for a in _subparser(command)._actions for o in a.option_strings if o in SHARED_RUN_OPTIONS]
 
 
 def test_every_dataset_command_is_covered():
-    commands = build_parser()._subparsers._group_actions[0].choices
-    with_shared = {name for name in commands if _shown_options(name)}
+    with_shared = {name for name in _commands() if _shown_options(name)}
+    assert "sae train" in _commands() and "identify" in _commands()
     assert with_shared == set(ENTRY_POINTS)
 
 
@@ -53,7 +74,8 @@ def test_shown_shared_options_reach_the_library(command, entry, monkeypatch, tmp
         raise Reached(kwargs)
 
     monkeypatch.setattr(importlib.import_module(module), name, capture)
-    argv = [command, "--out", str(tmp_path / "out")] + ([] if command == "demo" else ["--data", "synthetic:test:16"])
+    argv = [*command.split(), "--out", str(tmp_path / "out"), *EXTRA_ARGS.get(command, [])]
+    argv += [] if command == "demo" else ["--data", "synthetic:test:16"]
     if command == "perturb" and entry == 1:
         argv += ["--kinds"]  # no attention half: straight to token removal
     shown = _shown_options(command)

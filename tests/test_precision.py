@@ -29,3 +29,21 @@ def test_bf16_identify_run_agrees_with_fp32(tmp_path):
              ("fp32", "bf16")]
     agree = torch.tensor([(x == y).mean() for x, y in zip(*(r.to_numpy() for r in ranks))]).mean()
     assert agree > 0.9  # measured 0.986 over 256 images (docs/scaling.md)
+
+
+def test_cli_dtype_reaches_the_model(monkeypatch, tmp_path):
+    """--dtype is shown by every model command and honoured: the identify run gets a bf16 model."""
+    import torch
+
+    import circuits.runs.identify as run_identify
+    from circuits.cli import main
+
+    seen = {}
+
+    def capture(model, *args, **kwargs):
+        seen["dtype"] = model.embed.proj.weight.dtype
+        raise KeyboardInterrupt  # stop before any work; the CLI answers 130
+
+    monkeypatch.setattr(run_identify, "identify", capture)
+    assert main(["identify", "--out", str(tmp_path / "o"), "--data", "synthetic:test:4", "--dtype", "bf16"]) == 130
+    assert seen["dtype"] == torch.bfloat16

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from circuits.method_names import CIRCUIT_CORRUPTIONS
+
 
 def shuffle(images: Float[Tensor, "b c h w"], seed: int = 0) -> Tensor:
     """Every image replaced by a different image of the batch (a random derangement)."""
@@ -63,6 +65,7 @@ def swap_background(images: Float[Tensor, "b c h w"], masks: Bool[Tensor, "b h w
 
 
 CORRUPTIONS = {"shuffle": shuffle, "blur": blur, "noise": noise, "mean": mean}
+assert tuple(CORRUPTIONS) == CIRCUIT_CORRUPTIONS, "circuits.method_names must list the corruptions, in order"
 
 
 def corrupt(images: Float[Tensor, "b c h w"], name: str, **kwargs) -> Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from circuits.method_names import CIRCUIT_METRICS
 from circuits.patching import METRICS as PATCHING_METRICS
 from circuits.patching import Metric
 
@@ -26,6 +27,7 @@ def cross_entropy(logits: Float[Tensor, "b c"], clean_t: Tensor, corrupted_t: Te
 
 METRICS: dict[str, Metric] = {**PATCHING_METRICS, "cross_entropy": cross_entropy}
 NON_DIFFERENTIABLE = ("rank", "identifiability")
+assert tuple(METRICS) == CIRCUIT_METRICS, "circuits.method_names must list the metrics of METRICS, in order"
 
 
 def resolve_metric(metric: Union[str, Metric], needs_grad: bool = False) -> Metric:

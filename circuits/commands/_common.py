@@ -25,6 +25,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="the same architecture, freshly initialised (never touches the network)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps; auto: cuda when available")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weights and activations (docs/scaling.md: measured deviation from fp32)")
 
 
 def add_run_args(p: argparse.ArgumentParser, target: bool = True) -> None:
@@ -93,7 +95,9 @@ def load_inputs(args: argparse.Namespace, data: str | None = None):
         check_out_dir(args.out)
     spec = parse_model_spec(args.model, args.arch, args.random_weights)
     data_spec = parse_data_spec(args.data if data is None else data)
-    model = load_model(spec, device=resolve_device(args.device))
+    from circuits.runs.precision import parse_dtype
+
+    model = load_model(spec, device=resolve_device(args.device), dtype=parse_dtype(args.dtype))
     if getattr(args, "target", None) is not None:
         from circuits.runs.identify import as_target
 

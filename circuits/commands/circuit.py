@@ -11,8 +11,7 @@ ORDER = 60
 
 
 def add_parser(sub) -> None:
-    from circuits.circuit_discovery.corruptions import CORRUPTIONS
-    from circuits.circuit_discovery.metrics import METRICS
+    from circuits.method_names import CIRCUIT_CORRUPTIONS, CIRCUIT_METRICS  # no torch: --help stays fast
 
     p = sub.add_parser("circuit", help="circuit discovery: edge scores, a pruned circuit, its faithfulness",
                        description="EAP or EAP-IG edge scores and AtP node scores over a dataset, the circuit of "
@@ -21,8 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default="synthetic", help="synthetic[:split[:n]], an ImageNet-S root, or an ImageFolder")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", default="eap", choices=["eap", "eap-ig"])
-    p.add_argument("--metric", default="logit_diff", choices=sorted(set(METRICS) - {"rank", "identifiability"}))
-    p.add_argument("--corruption", default="shuffle", choices=sorted(CORRUPTIONS))
+    p.add_argument("--metric", default="logit_diff", choices=sorted(set(CIRCUIT_METRICS) - {"rank", "identifiability"}))
+    p.add_argument("--corruption", default="shuffle", choices=sorted(CIRCUIT_CORRUPTIONS))
     p.add_argument("--budget", type=int, default=20, help="edges kept in the circuit")
     p.add_argument("--ig-steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)

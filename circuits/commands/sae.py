@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
 
     t = cmds.add_parser("train", help="store activations of a hook and train a dictionary on them")
     add_model_args(t)
-    add_run_args(t)
+    add_run_args(t, target=False)
     t.add_argument("--hook", default="blocks.3.hook_resid_post", help="hook point the dictionary reads")
     t.add_argument("--hook-out", default=None, help="transcoder: the hook it predicts (e.g. blocks.3.hook_mlp_out)")
     t.add_argument("--architecture", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"])
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
                            ("features", run_features, "top images, histograms, logit lens, ground-truth attributes")):
         e = cmds.add_parser(name, help=text)
         add_model_args(e)
-        add_run_args(e)
+        add_run_args(e, target=False)
         e.add_argument("--sae", required=True, help="a dictionary folder (SAELens or ViT-Prisma format)")
         if name == "features":
             e.add_argument("--top-k", type=int, default=8)
