@@ -28,8 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,12 +37,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from circuits.identifiability import pretrained_vs_random
-from circuits.runs.streaming import describe_dataset, model_fingerprint
-from circuits.runs.streaming import PendingBatch, stream_pending
-from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
 from hooked_vit import HookedViT
 
 
@@ -220,92 +215,6 @@ def token_counts(flags: Bool[Tensor, "b S L P"], n_prefix: int, class_token: boo
 
 
 # ------------------------------------------------------------------ whole dataset
-def memories(
-    model: HookedViT,
-    dataset: Dataset,
-    out_dir: str,
-    *,
-    sublayers: Sequence[str] = tuple(SUBLAYERS),
-    k: int = 5,
-    seed: int = 0,
-    batch_size: int = 32,
-    limit: Optional[int] = None,
-    num_workers: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    fwd_hooks: Sequence = (),
-    settings: Optional[dict[str, Any]] = None,
-) -> RunStore:
-    """Stream a dataset through the model and write per-image, per-layer memory metrics.
-
-    Writes (see `load_memory_results`): `images` (index, label, target, pred, correct,
-    random_class, scalar metadata), `layers` (one row per image x sublayer x layer with
-    token counts: cls_tokens, image_tokens and cls_/image_ + agree, agree_random, compose,
-    compose_random), `usage_<sublayer>` (per batch and layer: top-k counts per memory) and
-    `class_value.json` (`class_value_agreement`). Resumable like `circuits.runs.identify`.
-    """
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    cfg = model.cfg
-    run_settings = {
-        "analysis": "memories", "model": cfg.model_name, "weights": model_fingerprint(model),
-        "sublayers": list(sublayers), "k": k, "seed": seed, "dataset": describe_dataset(dataset), "n": n,
-        "n_classes": cfg.n_classes, "n_prefix_tokens": cfg.n_prefix_tokens, "class_token": bool(cfg.class_token),
-        **(settings or {}),
-    }
-    store = RunStore(out_dir, run_settings, overwrite=overwrite)
-    store.write_json("class_value.json", class_value_agreement(model, sublayers).to_dict("records"))
-    banks = {s: memory_bank(model, s, k) for s in sublayers}
-    for pending in stream_pending(store, dataset, n, batch_size=batch_size, num_workers=num_workers,
-                                  desc="memories", progress=progress):
-        batch = pending.data
-        images = batch["image"].to(model.device, model.embed.proj.weight.dtype)
-        labels = torch.as_tensor(batch["label"])
-        targets = labels if bool((labels >= 0).all()) else None
-        if targets is None:  # the random class is drawn relative to the target, so predict first
-            with torch.inference_mode():
-                targets = model.run_with_hooks(images, fwd_hooks=list(fwd_hooks)).argmax(-1).cpu()
-        rand = random_classes(batch["index"].tolist(), targets, cfg.n_classes, seed)
-        result = memory_batch(model, images, targets, rand, banks, fwd_hooks=fwd_hooks)
-        pending.save(batch_tables(result, pending, model))
-    return store
-
-
-def batch_tables(result: MemoryBatch, pending: PendingBatch, model: HookedViT) -> dict[str, pa.Table]:
-    """The images, layers and usage tables of one batch."""
-    batch = pending.data
-    cfg = model.cfg
-    b, n_sub, n_layers, n_tok = result.agree.shape
-    index = np.asarray(batch["index"], dtype=np.int64)
-    images = {
-        "index": index,
-        "label": np.asarray(batch["label"], dtype=np.int64),
-        "target": result.targets.cpu().numpy().astype(np.int64),
-        "pred": result.predictions.cpu().numpy().astype(np.int64),
-        "random_class": result.random_classes.cpu().numpy().astype(np.int64),
-    }
-    images["correct"] = images["pred"] == images["label"]
-    images.update({key: value.cpu().numpy() for key, value in pending.scalar_metadata().items()})
-    layers: dict[str, Any] = {
-        "index": np.repeat(index, n_sub * n_layers),
-        "sublayer": pa.array(np.tile(np.repeat(np.array(result.sublayers, dtype=object), n_layers), b)).dictionary_encode(),
-        "layer": np.tile(np.arange(n_layers, dtype=np.int16), b * n_sub),
-        "cls_tokens": np.full(b * n_sub * n_layers, int(bool(cfg.class_token)), dtype=np.int32),
-        "image_tokens": np.full(b * n_sub * n_layers, n_tok - cfg.n_prefix_tokens, dtype=np.int32),
-    }
-    for metric in METRICS:
-        counts = token_counts(getattr(result, metric), cfg.n_prefix_tokens, bool(cfg.class_token))
-        for token in TOKENS:
-            layers[f"{token}_{metric}"] = counts[token].reshape(-1)
-    tables = {"images": pa.table(images), "layers": pa.table(layers)}
-    for sublayer, counts in result.usage.items():
-        tables[f"usage_{sublayer}"] = pa.table({
-            "index": np.full(n_layers, index[0]), "layer": np.arange(n_layers, dtype=np.int16),
-            "counts": fixed_size_list(counts.cpu().numpy()),
-        })
-    return tables
-
-
-# ------------------------------------------------------------------ results and summaries
 @dataclass
 class MemoryResults:
     settings: dict
@@ -313,21 +222,6 @@ class MemoryResults:
     layers: pd.DataFrame  # one row per image x sublayer x layer (token counts)
     usage: dict[str, np.ndarray]  # sublayer -> [L, m] top-k counts over the whole run
     class_value: pd.DataFrame  # `class_value_agreement`
-
-
-def load_memory_results(run_dir: str | Path) -> MemoryResults:
-    """Read a run directory written by `memories`."""
-    settings = read_manifest(run_dir)["settings"]
-    usage = {}
-    for sublayer in settings["sublayers"]:
-        table = read_table(run_dir, f"usage_{sublayer}")
-        counts = stack_column(table, "counts")
-        usage[sublayer] = np.stack([counts[table["layer"].to_numpy() == l].sum(0)
-                                    for l in range(int(table["layer"].max()) + 1)])
-    layers = read_table(run_dir, "layers")
-    layers["sublayer"] = layers["sublayer"].astype(str)
-    class_value = pd.read_json(Path(run_dir) / "class_value.json", orient="records")
-    return MemoryResults(settings, read_table(run_dir, "images"), layers, usage, class_value)
 
 
 def agreement_by_layer(layers: pd.DataFrame) -> pd.DataFrame:

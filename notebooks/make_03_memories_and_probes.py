@@ -42,9 +42,10 @@ from plotly.subplots import make_subplots
 
 from circuits.embedded import CLASS_NAMES, SyntheticShapes, collate, normalize
 from circuits.memories import (agreement_by_layer, class_value_agreement, class_value_by_layer,
-                               correct_vs_wrong, load_memory_results, memories, memory_bank,
-                               memory_batch, random_classes)
-from circuits.probes import accuracy_by_layer, load_probe_results, run_probes
+                               correct_vs_wrong, memory_bank, memory_batch, random_classes)
+from circuits.probes import accuracy_by_layer
+from circuits.runs.memories import load_memory_results, memories
+from circuits.runs.probe import load_probe_results, run_probes
 from circuits.runs.sources import load_model
 
 torch.manual_seed(0)

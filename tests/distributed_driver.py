@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from circuits.memories import memories
+from circuits.runs.memories import memories
 from circuits.runs.distributed import init_distributed
 from circuits.runs.explain import benchmark
 from circuits.runs.identify import identify

@@ -12,9 +12,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ("circuits.cli", "circuits.commands")
-# The dataset-level memories() / run_probes() still live beside their math (another change
-# edits those files); they are the only analyses allowed to use the run store until moved.
-PENDING_MOVE = {"circuits.memories", "circuits.probes"}
 
 
 def module_name(path: Path) -> str:
@@ -64,14 +61,9 @@ def test_only_the_command_line_imports_the_command_line():
 
 
 def test_analyses_import_no_runs_report_or_commands():
-    analyses = {m: i for m, i in ALL.items() if is_analysis(m) and m not in PENDING_MOVE}
+    analyses = {m: i for m, i in ALL.items() if is_analysis(m)}
     assert len(analyses) > 20  # the walk found the analyses
     assert offenders(analyses, LAYERS) == {}
-
-
-def test_pending_modules_use_only_the_run_store():
-    pending = {m: i for m, i in ALL.items() if m in PENDING_MOVE}
-    assert offenders(pending, ("circuits.report", *CLI)) == {}
 
 
 def test_runs_do_not_import_the_report():

@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 from circuits.data import ArrayDataset
 from circuits.memories import (
     METRICS, agreement_by_layer, class_value_agreement, class_value_vs_random, class_value_vs_random_pooled,
-    correct_vs_wrong, correct_vs_wrong_by_token, load_memory_results, memories,
-    memory_values, permutation_test, random_classes,
+    correct_vs_wrong, correct_vs_wrong_by_token, memory_values, permutation_test, random_classes,
 )
+from circuits.runs.memories import load_memory_results, memories
 from helpers import images, make_timm, randomize_
 from hooked_vit import HookedViT
 

@@ -15,9 +15,10 @@ import torch
 
 from circuits.data import ArrayDataset
 from circuits.probes import (
-    RidgeAccumulator, accuracy_by_layer, dataset_labels, load_probe_results, per_class_indices, probe_batch,
-    ridge_fit, run_probes, signed_one_hot, spd_solve, train_probes,
+    RidgeAccumulator, accuracy_by_layer, dataset_labels, per_class_indices, probe_batch, ridge_fit, signed_one_hot,
+    spd_solve, train_probes,
 )
+from circuits.runs.probe import load_probe_results, run_probes
 from circuits.projection import SITES, class_rank, project_batch
 from helpers import images, make_timm
 from hooked_vit import HookedViT

@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run_probe)
 
 def run_memories(args: argparse.Namespace) -> int:
-    from circuits.memories import memories
+    from circuits.runs.memories import memories
 
     model, dataset, _ = load_inputs(args)
     store = memories(model, dataset, args.out, sublayers=args.sublayers, k=args.topk,
@@ -47,7 +47,7 @@ def run_memories(args: argparse.Namespace) -> int:
     return 0
 
 def run_probe(args: argparse.Namespace) -> int:
-    from circuits.probes import run_probes
+    from circuits.runs.probe import run_probes
     from circuits.runs.sources import load_dataset
     from circuits.runs.specs import parse_data_spec
 

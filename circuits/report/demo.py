@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from circuits.embedded import SyntheticShapes, normalize
-from circuits.memories import memories
-from circuits.probes import run_probes
+from circuits.runs.memories import memories
+from circuits.runs.probe import run_probes
 from circuits.report import build_report
 from circuits.runs.decompose import decompose_run
 from circuits.runs.explain import benchmark

@@ -37,7 +37,8 @@ def _is_random(label: str, settings: dict) -> bool:
 
 
 def _memories_section(runs: dict[str, Path]) -> list[str]:
-    from circuits.memories import load_memory_results, summarize_memories
+    from circuits.memories import summarize_memories
+    from circuits.runs.memories import load_memory_results
 
     results = {label: load_memory_results(run) for label, run in runs.items()}
     summaries = {label: summarize_memories(res) for label, res in results.items()}
@@ -137,7 +138,8 @@ def _class_value_test(results: dict) -> str:
 
 
 def _probes_section(runs: dict[str, Path]) -> list[str]:
-    from circuits.probes import load_probe_results, summarize_probes
+    from circuits.probes import summarize_probes
+    from circuits.runs.probe import load_probe_results
 
     results = {label: load_probe_results(run) for label, run in runs.items()}
     summaries = {label: summarize_probes(res) for label, res in results.items()}
