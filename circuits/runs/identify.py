@@ -6,7 +6,8 @@
 - tokens: one row per (index, site, layer): rank, target_logit (per token), topk
   (per token x k, flattened);
 - stream: one row per (index, layer): target logit of every token before the block
-  (pre) and between its sublayers (mid), for the change rates.
+  (pre) and between its sublayers (mid), for the change rates;
+- thumbnails: the first images as uint8 RGB (``circuits.runs.thumbnails``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 from circuits.projection import DEFAULT_SITES, BatchProjection, project_batch
 from circuits.identifiability import IdentifyResults
 from circuits.runs.context import start_run
+from circuits.runs.thumbnails import batch_thumbnails
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
 from circuits.runs.streaming import PendingBatch
 from hooked_vit import HookedViT
@@ -42,6 +44,7 @@ def identify(
     progress: bool = True,
     fwd_hooks: Sequence = (),
     settings: Optional[dict[str, Any]] = None,
+    thumbnails: int = 16,
 ) -> RunStore:
     """Project every token of every site at every block for a dataset; resumable.
 
@@ -53,6 +56,7 @@ def identify(
         limit: only the first `limit` items.
         fwd_hooks: hooks active during every forward (interventions).
         settings: extra settings recorded in the manifest (and checked on resume).
+        thumbnails: keep the first N images (uint8, table "thumbnails") to draw maps over them.
     """
     run = start_run("identify", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, settings=settings, sites=list(sites), k=k, n_classes=model.cfg.n_classes,
@@ -62,7 +66,7 @@ def identify(
         labels = torch.as_tensor(batch.data["label"])
         targets = labels if bool((labels >= 0).all()) else None
         proj = project_batch(model, images, targets, sites=sites, k=k, fwd_hooks=fwd_hooks)
-        batch.save(batch_tables(proj, batch, model))
+        batch.save({**batch_tables(proj, batch, model), **batch_thumbnails(model, batch.data, thumbnails)})
     return run.store
 
 
