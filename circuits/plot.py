@@ -157,7 +157,7 @@ def token_map(values: Float[np.ndarray, "n_patches"], image=None, *, title: str,
 def token_maps(maps: Sequence[np.ndarray], images: Optional[Sequence] = None, *, titles: Sequence[str], title: str,
                grid=None, zmin=None, zmax=None, colorscale="Viridis", colorbar_title: str = "",
                outlines: Optional[Sequence] = None, cols: int = 4, cell: int = 200, opacity: float = 0.6,
-               symmetric: bool = False) -> go.Figure:
+               symmetric: bool = False, max_width: int = 1150) -> go.Figure:
     """Several token maps in a grid of subplots, each over its image; one shared colour bar.
 
     symmetric: a diverging scale centred on 0 (zmin = -zmax = the largest |value|).
@@ -176,6 +176,7 @@ def token_maps(maps: Sequence[np.ndarray], images: Optional[Sequence] = None, *,
         zmax = float(np.nanmax([np.nanmax(m) for m in maps])) if zmax is None else zmax
     cols = min(cols, n)
     rows = -(-n // cols)
+    cell = min(cell, (max_width - 140) // cols)  # the report's column: nothing cut on the right
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=0.03,
                         vertical_spacing=0.08 / max(rows, 1) + 0.04)
     for i, m in enumerate(maps):
@@ -183,8 +184,9 @@ def token_maps(maps: Sequence[np.ndarray], images: Optional[Sequence] = None, *,
                       zmin=zmin, zmax=zmax, colorscale=colorscale, colorbar_title=colorbar_title,
                       showscale=i == 0, outline=None if outlines is None else outlines[i], opacity=opacity)
     fig.update_annotations(font_size=11)
-    fig.update_layout(title=title, height=cell * rows + 90, width=cell * cols + 140,
-                      margin=dict(l=10, r=10, t=80, b=10))
+    top = 80 + 25 * title.count("<br>")  # a subtitle must not run into the first row's titles
+    fig.update_layout(title=title, height=cell * rows + top + 10, width=cell * cols + 140,
+                      margin=dict(l=10, r=10, t=top, b=10))
     return fig
 
 
@@ -234,8 +236,9 @@ def logit_lens_grid(score: Float[np.ndarray, "layers tokens"], top_class: Int[np
                                colorscale="Viridis", colorbar=dict(title=dict(text=colorbar_title, side="right")),
                                hovertemplate="%{y} · %{x}<br>top class: %{text}<br>"
                                              f"{colorbar_title} %{{z}}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="token position", yaxis_title="layer", height=140 + 22 * len(layers),
+    fig.update_layout(title=title, xaxis_title="token position", yaxis_title="layer", height=230 + 24 * len(layers),
                       margin=dict(b=110))
+    fig.update_yaxes(dtick=1)  # every layer named
     fig.update_xaxes(tickangle=-60, automargin=True)
     fig.update_yaxes(automargin=True)
     return fig
