@@ -16,6 +16,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+import torch
 from jaxtyping import Bool, Float, Int, UInt8
 from plotly.subplots import make_subplots
 
@@ -36,12 +37,12 @@ def quantise(values, decimals: int = DECIMALS) -> np.ndarray:
 
 
 def image_source(rgb: UInt8[np.ndarray, "h w 3"], max_side: int = THUMB_SIDE) -> str:
-    """A uint8 RGB image as a downsampled PNG data URI (what ``go.Image(source=...)`` takes)."""
+    """A uint8 RGB image as a downsampled PNG / JPEG data URI (what ``go.Image(source=...)`` takes)."""
     return _thumbnail(rgb, max_side)[0]
 
 
 def _thumbnail(rgb, max_side: int) -> tuple[str, tuple[int, int]]:
-    """PNG data URI of the downsampled image, and its (width, height) in pixels."""
+    """Data URI of the downsampled image (PNG up to 64 x 64 pixels, JPEG above), and its (width, height)."""
     from PIL import Image
 
     rgb = np.asarray(rgb)
@@ -52,8 +53,26 @@ def _thumbnail(rgb, max_side: int) -> tuple[str, tuple[int, int]]:
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.size
+    if img.size[0] * img.size[1] <= 64 * 64:  # small images: lossless, and PNG is as small as JPEG
+        img.save(buf, format="PNG", optimize=True)
+        kind = "png"
+    else:  # photographs: JPEG is ~5x smaller than PNG at no visible cost under a map
+        img.save(buf, format="JPEG", quality=85)
+        kind = "jpeg"
+    return f"data:image/{kind};base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.size
+
+
+def display_rgb(model, images: Float[torch.Tensor, "batch 3 height width"]) -> UInt8[np.ndarray, "batch height width 3"]:
+    """Preprocessed images back to uint8 RGB for display, the model's normalisation undone
+    (its ``data_config`` mean / std; ImageNet's when it has none)."""
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from circuits.data import denormalize
+
+    dc = getattr(getattr(model, "cfg", model), "data_config", None) or {}
+    rgb = denormalize(images.detach().float().cpu(), dc.get("mean", IMAGENET_DEFAULT_MEAN),
+                      dc.get("std", IMAGENET_DEFAULT_STD))
+    return (rgb.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def method_colors(names: Sequence[str]) -> dict[str, str]:

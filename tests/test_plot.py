@@ -19,7 +19,7 @@ def _img(h=32, w=32):
 
 
 def _decode(src: str) -> Image.Image:
-    assert src.startswith("data:image/png;base64,")
+    assert src.startswith(("data:image/png;base64,", "data:image/jpeg;base64,"))
     return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
 
 

@@ -67,7 +67,7 @@ def _curves_figure(label: str, table: pd.DataFrame) -> go.Figure:
     fig.update_layout(title=f"{label}: top-1 accuracy as patches are removed<br><sup>solid: most relevant first "
                             "(positive), dashed: least relevant first (negative)</sup>",
                       xaxis_title="fraction of patches removed", yaxis_title="top-1 accuracy", yaxis_range=[0, 1.02],
-                      margin=dict(t=80), height=120 + 36 * len(table))  # the whole legend visible
+                      margin=dict(t=80), height=max(420, 200 + 45 * len(table)))  # the whole legend visible
     return fig
 
 

@@ -108,11 +108,11 @@ def _sublayer_figure(summaries: dict, colors: dict[str, str]) -> go.Figure:
 
 
 def _sample(res, thumbs: dict, n: int) -> list[int]:
-    """Positions of up to n images to draw: those with a thumbnail first, in run order."""
+    """Positions of up to n images to draw, in run order: only those with a thumbnail when the run
+    kept any (every map over its image), else the first n."""
     index = res.images["index"].to_numpy()
     with_thumb = [i for i in range(len(index)) if int(index[i]) in thumbs]
-    rest = [i for i in range(len(index)) if int(index[i]) not in thumbs]
-    return (with_thumb + rest)[:n]
+    return (with_thumb or list(range(len(index))))[:n]
 
 
 def _token_map_html(label: str, res, labels, thumbs: dict, n: int) -> list[str]:
@@ -133,11 +133,12 @@ def _token_map_html(label: str, res, labels, thumbs: dict, n: int) -> list[str]:
                      colorbar_title="identifiability", outlines=outlines)
     notes = [f"{len(picks)} of {len(index)} images (label, prediction); colour: identifiability of the token's "
              "last-block output (1: the label is its top class)."]
+    if drawn and len(picks) < n:
+        notes.append(f"The run kept thumbnails of {len(thumbs)} images (identify thumbnails=...).")
     if outlines is not None:
         notes.append("Red squares: object tokens (from the dataset's masks).")
-    if len(drawn) < len(imgs):
-        notes.append("The run kept no thumbnails of some images, so no map is drawn over its image here "
-                     "(rerun identify with thumbnails >= the sample size).")
+    if not drawn:
+        notes.append("The run kept no thumbnails, so the maps are drawn without their images (rerun identify).")
     return [figure_html(fig), f"<p class='caption'>{html.escape(' '.join(notes))}</p>"]
 
 

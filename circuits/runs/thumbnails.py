@@ -12,19 +12,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from circuits.plot import display_rgb
 from circuits.runs.results import fixed_size_list, read_table
 from hooked_vit import HookedViT
 
 
 def thumbnail_table(model: HookedViT, images: torch.Tensor, index: np.ndarray) -> pa.Table:
     """Preprocessed images [b, 3, H, W] back to uint8 RGB with the model's normalisation undone."""
-    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    from circuits.data import denormalize
-
-    dc = model.cfg.data_config or {}
-    rgb = denormalize(images.float().cpu(), dc.get("mean", IMAGENET_DEFAULT_MEAN), dc.get("std", IMAGENET_DEFAULT_STD))
-    pixels = (rgb.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    pixels = display_rgb(model, images)
     return pa.table({"index": np.asarray(index, dtype=np.int64), "height": np.full(len(index), pixels.shape[1]),
                      "width": np.full(len(index), pixels.shape[2]), "pixels": fixed_size_list(pixels)})
 
