@@ -4,7 +4,7 @@ run's start) and thumbnails, with fallbacks for runs written before they existed
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 

@@ -8,7 +8,6 @@ import html
 import json
 from pathlib import Path
 
-import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
