@@ -51,7 +51,7 @@ def _thumbnail(rgb, max_side: int) -> tuple[str, tuple[int, int]]:
                          "convert with (x * 255).round().astype(np.uint8)")
     img = Image.fromarray(rgb)
     if max(img.size) > max_side:
-        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        img.thumbnail((max_side, max_side), getattr(Image, "Resampling", Image).LANCZOS)  # Pillow < 9.1: no enum
     buf = io.BytesIO()
     if img.size[0] * img.size[1] <= 64 * 64:  # small images: lossless, and PNG is as small as JPEG
         img.save(buf, format="PNG", optimize=True)
