@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/hooked-vit demo --out demo_out
+
+# Headless Chromium for tests/test_report_browser.py (skipped without it); Debian / Ubuntu, as root.
+browser:
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || apt-get install -y chromium
 
 test: install
 	$(PY) -m pytest -q

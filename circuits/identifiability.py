@@ -26,6 +26,14 @@ def identifiability(rank, n_classes: int):
     return 1.0 - rank / n_classes
 
 
+def chance_identifiability(n_classes: int) -> float:
+    """Mean identifiability of a uniformly random rank, 0.5 + 1 / (2 n_classes): 0.55 for 10
+    classes, 0.5005 for 1000 (the mean of 1 - r / C over r = 0..C-1)."""
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+    return 0.5 + 0.5 / n_classes
+
+
 @dataclass
 class IdentifyResults:
     sites: list[str]

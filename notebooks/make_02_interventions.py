@@ -45,6 +45,7 @@ from circuits.embedded import CLASS_NAMES, SyntheticShapes, collate, normalize
 from circuits.embedded.synthetic import render
 from circuits.interventions import attention_edge_mask, no_cls, perturbation_hooks, self_only
 from circuits.patching import patch_activations
+from circuits.plot import position_heatmap, token_labels
 from circuits.projection import project_batch
 from circuits.runs.sources import load_model
 from circuits.token_removal import keep_mask_for, last_block_ranks, removal_batch, removal_rates
@@ -177,9 +178,9 @@ grid = patch_activations(model, clean, corrupted, "resid_pre", metric="logit_dif
                          clean_targets=clean_t, corrupted_targets=corrupted_t)
 print(f"{grid.values.shape[0]} layers x {grid.values.shape[1]} positions x {grid.values.shape[2]} images")"""),
     ("code", """heat = grid.mean(normalize=True).numpy()  # [layer, position]
-fig = px.imshow(heat, color_continuous_scale="RdBu", color_continuous_midpoint=0, aspect="auto",
-                labels=dict(x="token position (0 = class token)", y="block (resid_pre)", color="recovered"),
-                title="Patching resid_pre: share of the clean - corrupted logit difference recovered")
+fig = position_heatmap(heat, token_names=token_labels(model), row_names=[f"block {l}" for l in range(len(heat))],
+                       title="Patching resid_pre: share of the clean - corrupted logit difference recovered",
+                       colorbar_title="recovered", yaxis_title="block (resid_pre)")
 fig.show()
 print(f"class token entering the last block: {heat[-1, 0]:.2f}; "
       f"best image token at block 0: {heat[0, n_prefix:].max():.2f}")"""),

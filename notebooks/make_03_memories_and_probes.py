@@ -43,6 +43,7 @@ from plotly.subplots import make_subplots
 from circuits.embedded import CLASS_NAMES, SyntheticShapes, collate, normalize
 from circuits.memories import (agreement_by_layer, class_value_agreement, class_value_by_layer,
                                correct_vs_wrong, memory_bank, memory_batch, random_classes)
+from circuits.plot import class_label, display_rgb, token_maps
 from circuits.probes import accuracy_by_layer
 from circuits.runs.memories import load_memory_results, memories
 from circuits.runs.probe import load_probe_results, run_probes
@@ -110,15 +111,10 @@ for s, sublayer in enumerate(out.sublayers):
                         for m in ("agree", "agree_random", "compose", "compose_random")}})
 pd.DataFrame(rows).round(3)"""),
     ("code", """# Where on the image do tokens agree? Last MLP layer, the first four images.
-side = cfg.grid_size[0]
-fig = make_subplots(rows=1, cols=4, subplot_titles=[f"{CLASS_NAMES[int(labels[i])]}" for i in range(4)])
-for i in range(4):
-    agree = out.agree[i, out.sublayers.index("mlp"), last, img].float().reshape(side, side).flip(0)
-    fig.add_heatmap(z=agree.numpy(), zmin=0, zmax=1, showscale=False, colorscale="Viridis", row=1, col=i + 1)
-fig.update_xaxes(showticklabels=False)
-fig.update_yaxes(showticklabels=False)
-fig.update_layout(title="Image tokens whose top-5 MLP memories include one of the target class's (last layer)",
-                  height=300)
+agree = [out.agree[i, out.sublayers.index("mlp"), last, img].float().numpy() for i in range(4)]
+fig = token_maps(agree, display_rgb(model, images[:4]), titles=[class_label(model, int(labels[i])) for i in range(4)],
+                 grid=cfg.grid_size, zmin=0, zmax=1, colorbar_title="agrees",
+                 title="Image tokens whose top-5 MLP memories include one of the target class's (last layer)")
 fig.show()"""),
     ("md", """## 3. The whole test set, streamed
 

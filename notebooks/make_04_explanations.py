@@ -31,6 +31,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from circuits.data import collate_samples
+from circuits.plot import class_label, display_rgb, token_maps
 from circuits.explain import (METHODS, explain, explain_many, perturbation_curve, randomization_check,
                               segmentation_counts, segmentation_scores, spearman, trace, upsample, auc)
 from circuits.runs.explain import benchmark, summarize_benchmark
@@ -53,23 +54,19 @@ Class-specific methods explain `targets` (default: the predicted class)."""),
 for name, rel in maps.items():
     print(f"{name:16s} {tuple(rel.shape)}  class-specific: {METHODS[name].class_specific}")"""),
     ("code", """def show(images, maps, n=4):
-    \"\"\"Images with every method's map (bilinear upsampling, min-max normalised) on top.\"\"\"
-    mean, std = np.array(model.cfg.data_config["mean"]), np.array(model.cfg.data_config["std"])
+    \"\"\"Every method's token map (min-max normalised) over the first images (circuits.plot, as in the report).\"\"\"
+    rgb = display_rgb(model, images[:n])
     names = list(maps)
-    fig = make_subplots(rows=n, cols=len(names) + 1, column_titles=["image"] + names,
-                        horizontal_spacing=0.01, vertical_spacing=0.02)
+    values, pictures, titles = [], [], []
     for i in range(n):
-        rgb = ((images[i].permute(1, 2, 0).numpy() * std + mean).clip(0, 1) * 255).astype(np.uint8)
-        for j in range(len(names) + 1):
-            fig.add_trace(go.Image(z=rgb), row=i + 1, col=j + 1)
-            if j:
-                pix = upsample(maps[names[j - 1]][i : i + 1], model.cfg.img_size)[0]
-                fig.add_trace(go.Heatmap(z=pix.numpy(), colorscale="Jet", opacity=0.5, showscale=False),
-                              row=i + 1, col=j + 1)
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False)
-    fig.update_layout(height=150 * n + 60, width=130 * (len(names) + 1), margin=dict(l=5, r=5, t=60, b=5))
-    return fig
+        for name in names:
+            rel = maps[name][i].detach().float()
+            values.append(((rel - rel.min()) / (rel.max() - rel.min()).clamp(min=1e-12)).numpy())
+            pictures.append(rgb[i])
+            titles.append(f"{class_label(model, int(labels[i]))} · {name}")
+    return token_maps(values, pictures, titles=titles, title="Relevance maps (min-max normalised per map)",
+                      grid=model.cfg.grid_size, zmin=0, zmax=1, colorscale="Jet", colorbar_title="relevance",
+                      cols=len(names), cell=150, opacity=0.5)
 
 show(images, maps)"""),
     ("md", """## The formulas, checked on the spot

@@ -42,6 +42,7 @@ from circuits.decomposition.scoring import (
     component_scores, feature_retrieval, image_retrieval, patch_grid, token_heatmaps, top_components,
 )
 from circuits.decomposition.spurious import feature_basis, fit_removal
+from circuits.plot import class_label, display_rgb, token_maps
 from circuits.runs.sources import synthetic_for
 from circuits.embedded import CLASS_NAMES
 from circuits.runs.sources import load_model
@@ -101,11 +102,10 @@ print("share of the head's label logit read from object tokens:",
       ((heat[:, n_prefix:] * object_tokens).sum(1) / heat.sum(1)).mean().item(),
       f"(object tokens: {object_tokens.mean().item():.0%} of the patches)")
 grid = patch_grid(heat, model)  # [batch, 8, 8]
-fig = px.imshow(grid[:4].numpy(), facet_col=0, color_continuous_scale="RdBu_r", color_continuous_midpoint=0,
-                title=f"{best.name}: label logit through each patch token")
-fig.show()
-mask = batch["mask"][:4].float()
-px.imshow(mask.numpy(), facet_col=0, title="object masks").show()"""),
+token_maps([g.numpy().ravel() for g in grid[:4]], display_rgb(model, images[:4]),
+           titles=[class_label(model, int(l)) for l in labels[:4]], grid=model.cfg.grid_size, symmetric=True,
+           colorscale="RdBu_r", colorbar_title="label logit", outlines=[o.bool().numpy() for o in object_tokens[:4]],
+           title=f"{best.name}: label logit through each patch token (red squares: object tokens)").show()"""),
     ("md", """## 3. Scoring components for a feature
 
 Features are orthonormal bases B of directions. Without CLIP text embeddings we take them

@@ -190,7 +190,7 @@ def test_command_line_and_report_section(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "tokentm:grad=none" in printed and "positive_auc" in printed
     html = "".join(section.report_section({"cli run": out}))
-    for text in ("cli run: benchmark", "mIoU", "tokentm:grad=none", "maps of the first images", "randomisation"):
+    for text in ("cli run: benchmark", "mIoU", "tokentm:grad=none", "relevance maps", "randomisation"):
         assert text in html, text
     assert main(["explain", "--out", str(tmp_path / "x"), "--methods", "saliency"]) == 2
     assert "unknown explanation method 'saliency'" in capsys.readouterr().err

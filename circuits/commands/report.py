@@ -13,11 +13,13 @@ def add_parser(sub) -> None:
     p.add_argument("results", nargs="+", help="results directories (a run, or a folder of runs)")
     p.add_argument("--out", default="report.html")
     p.add_argument("--title", default="hooked-vit report")
+    p.add_argument("--images", type=int, default=8,
+                   help="images drawn per per-image figure (a sample; the rest enter the summaries only)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from circuits.report import build_report
 
-    print(f"report written to {build_report(args.results, args.out, args.title)}")
+    print(f"report written to {build_report(args.results, args.out, args.title, images=args.images)}")
     return 0

@@ -15,7 +15,7 @@ from circuits.report import decompose, explain, identify, memories, perturb, sae
 from circuits.report.html import figure_html, page, table_html
 from circuits.runs.results import atomic_write_text, read_manifest
 
-Section = Callable[[dict[str, Path]], list[str]]
+Section = Callable[..., list[str]]  # report_section(runs: dict[str, Path], images: int) -> list[str]
 SECTIONS = (identify, perturb, memories, decompose, explain, sae)  # the report's order
 
 __all__ = ["build_report", "find_runs", "sections", "figure_html", "table_html"]
@@ -40,7 +40,15 @@ def find_runs(paths: Iterable[str | Path]) -> dict[str, Path]:
     return runs
 
 
-def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hooked-vit report") -> Path:
+def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hooked-vit report",
+                 images: int = 8) -> Path:
+    """One self-contained HTML file over the runs under ``paths``.
+
+    images: how many images each per-image figure draws (a sample; the rest enter the summaries
+    only), which bounds the report's size whatever the number of images in the runs.
+    """
+    if images < 1:
+        raise ValueError(f"images must be >= 1 (images drawn per per-image figure), got {images}")
     runs = find_runs(paths)
     by_analysis: dict[str, dict[str, Path]] = {}
     for label, run in runs.items():
@@ -50,7 +58,7 @@ def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hoo
     renderers = sections()
     for analysis, render in renderers.items():
         if analysis in by_analysis:
-            body += render(by_analysis[analysis])
+            body += render(by_analysis[analysis], images=images)
     for analysis in set(by_analysis) - set(renderers):
         body.append(f"<p>No renderer for analysis {html.escape(analysis)} ({', '.join(by_analysis[analysis])}).</p>")
     out = Path(out)

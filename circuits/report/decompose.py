@@ -11,15 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
+from circuits.plot import token_maps
+from circuits.report.assets import read_labels
 from circuits.report.html import figure_html, table_html
 from circuits.runs.results import read_manifest
 
 ANALYSES = ("decompose",)
 
 
-def report_section(runs: dict[str, Path]) -> list[str]:
+def report_section(runs: dict[str, Path], images: int = 8) -> list[str]:
+    """images: how many images the token heatmaps draw (of those the run kept)."""
     out = ["<h2>Component decomposition and spurious-feature removal (Balasubramanian et al. 2024)</h2>",
            "<p>The final representation written exactly as a sum of the embedding, every attention head, every "
            "MLP and the bias terms (final LayerNorm linearised with its real statistics). Feature directions in "
@@ -44,7 +46,9 @@ def report_section(runs: dict[str, Path]) -> list[str]:
                                   f"before and after mean-ablating the top {summary['k']}"))
             out.append(figure_html(_curve_figure(label, info, summary)))
         if (root / "heatmaps.json").exists():
-            out.append(figure_html(_heatmap_figure(label, json.loads((root / "heatmaps.json").read_text()))))
+            labels = read_labels(root)
+            out.append(figure_html(_heatmap_figure(label, json.loads((root / "heatmaps.json").read_text()),
+                                                   labels.grid, labels.cls, images)))
     return out
 
 
@@ -88,29 +92,18 @@ def _curve_figure(label: str, info: dict, summary: dict) -> go.Figure:
     return fig
 
 
-def _heatmap_figure(label: str, heat: dict) -> go.Figure:
-    n_img = len(heat["index"])
-    rows = len(heat["maps"]) + ("images" in heat)
-    titles = []
-    if "images" in heat:
-        titles += [f"image {i} (label {l})" for i, l in zip(heat["index"], heat["label"])]
+def _heatmap_figure(label: str, heat: dict, grid, names, images: int) -> go.Figure:
+    """Each top head's per-token terms on a feature direction, over the images (a sample of them)."""
+    n_img = min(len(heat["index"]), images)
+    pictures = [np.asarray(img, dtype=np.uint8) for img in heat["images"][:n_img]] if "images" in heat else None
+    values, imgs, titles = [], [], []
     for m in heat["maps"]:
-        titles += [f"{m['component']} · {m['feature']}"] + [""] * (n_img - 1)
-    fig = make_subplots(rows=rows, cols=n_img, subplot_titles=titles, vertical_spacing=0.04)
-    row = 1
-    if "images" in heat:
-        for j, img in enumerate(heat["images"]):
-            fig.add_image(z=np.asarray(img, dtype=np.uint8), row=1, col=j + 1)
-        row = 2
-    for m in heat["maps"]:
-        for j, grid in enumerate(m["maps"]):
-            z = np.asarray(grid)
-            lim = float(np.abs(z).max()) or 1.0
-            fig.add_heatmap(z=z[::-1], zmin=-lim, zmax=lim, colorscale="RdBu", reversescale=True,
-                            showscale=False, row=row, col=j + 1)
-        row += 1
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False)
-    fig.update_layout(title=f"{label}: head x token terms projected on the feature direction "
-                            "(red: towards the image's own class / attribute value)", height=170 * rows + 80)
-    return fig
+        for j in range(n_img):
+            z = np.asarray(m["maps"][j], dtype=np.float64).ravel()
+            values.append(z / (float(np.abs(z).max()) or 1.0))  # each map on its own scale: shapes, not sizes
+            imgs.append(None if pictures is None else pictures[j])
+            titles.append(f"{m['component']} · {m['feature']}<br>#{heat['index'][j]} {names(heat['label'][j])}")
+    return token_maps(values, imgs if pictures is not None else None, titles=titles, grid=grid, symmetric=True,
+                      colorscale="RdBu_r", colorbar_title="term / max |term|", cols=n_img, cell=190,
+                      title=f"{label}: head x token terms projected on the feature direction<br><sup>red: towards "
+                            "the image's own class / attribute value; each map scaled by its largest |term|</sup>")

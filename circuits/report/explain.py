@@ -10,35 +10,40 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
+from circuits.plot import method_colors, quantise, token_maps
+from circuits.report.assets import read_labels, read_thumbnails
 from circuits.report.html import figure_html, table_html
 
 ANALYSES = ("explain",)
 
 
-def report_section(runs: dict[str, Path]) -> list[str]:
+def report_section(runs: dict[str, Path], images: int = 4) -> list[str]:
+    """images: how many images get their relevance maps drawn (those the run kept thumbnails of)."""
     from circuits.runs.explain import summarize_benchmark
 
+    tables = {label: summarize_benchmark(run) for label, run in runs.items()}
+    has_masks = any("pixel_accuracy" in t for t in tables.values())
+    segmentation = ("Segmentation test: the map upsampled to pixels, thresholded at its mean, against the object "
+                    "mask (pixel accuracy, mIoU over object and background, mAP). ") if has_masks else ""
+    reference = ("Reference shape (ImageNet, ViT-B/16, Chefer et al. 2021): rollout 73.5 / 55.4 / 84.8 and "
+                 "transformer attribution 79.7 / 62.0 / 86.0 (pixAcc / mIoU / mAP).") if has_masks else ""
     out = ["<h2>Explanation maps and their benchmarks</h2>",
-           "<p>Relevance of every image token for the explained class. Segmentation test: the map upsampled "
-           "to pixels, thresholded at its mean, against the object mask (pixel accuracy, mIoU over object and "
-           "background, mAP). Perturbation test: remove 0, 10, ..., 90% of the patches, most relevant first "
-           "(positive: lower AUC is better) or least relevant first (negative: higher is better); AUC = mean "
-           "top-1 accuracy over the curve. Keep-AUC (Vilas et al.): sum(acc) / (max(acc) * steps) of the same "
-           "curves. 'random' is a random token order. Reference shape (ImageNet, ViT-B/16, Chefer et al. "
-           "2021): rollout 73.5 / 55.4 / 84.8 and transformer attribution 79.7 / 62.0 / 86.0 "
-           "(pixAcc / mIoU / mAP).</p>"]
+           f"<p>Relevance of every image token for the explained class. {segmentation}Perturbation test: remove "
+           "0, 10, ..., 90% of the patches, most relevant first (positive: lower AUC is better) or least relevant "
+           "first (negative: higher is better); AUC = mean top-1 accuracy over the curve. Keep-AUC (Vilas et al.): "
+           "sum(acc) / (max(acc) * steps) of the same curves. 'random' is a random token order (grey). "
+           f"{reference}</p>"]
     for label, run in runs.items():
-        table = summarize_benchmark(run)
+        table = tables[label]
         out.append(table_html(_table_rows(table), f"{label}: benchmark (one row per method)"))
         out.append(figure_html(_curves_figure(label, table)))
-        maps = _overlay_figure(label, run)
+        maps = _overlay_figure(label, run, images)
         if maps is not None:
             out.append(figure_html(maps))
         sanity = Path(run) / "sanity.json"
         if sanity.exists():
-            out.append(figure_html(_sanity_figure(label, json.loads(sanity.read_text()))))
+            out.append(figure_html(_sanity_figure(label, json.loads(sanity.read_text()), method_colors(table["method"]))))
     return out
 
 
@@ -50,58 +55,57 @@ def _table_rows(table: pd.DataFrame) -> list[dict]:
 
 
 def _curves_figure(label: str, table: pd.DataFrame) -> go.Figure:
+    """Perturbation curves: one colour per method, solid = most relevant removed first."""
+    colors = method_colors(list(table["method"]))
     fig = go.Figure()
     for r in table.to_dict("records"):
-        x = np.linspace(0, 0.1 * (len(r["positive_curve"]) - 1), len(r["positive_curve"]))
+        x = np.round(np.linspace(0, 0.1 * (len(r["positive_curve"]) - 1), len(r["positive_curve"])), 3)
         for order, dash in (("positive", "solid"), ("negative", "dash")):
-            fig.add_scatter(x=x, y=r[f"{order}_curve"], name=f"{r['method']} · {order}", mode="lines+markers",
-                            line=dict(dash=dash, color="grey" if r["method"].startswith("random") else None))
-    fig.update_layout(title=f"{label}: top-1 accuracy as patches are removed (solid: most relevant first)",
-                      xaxis_title="fraction of patches removed", yaxis_title="top-1 accuracy", yaxis_range=[0, 1.02])
+            fig.add_scatter(x=x, y=quantise(r[f"{order}_curve"]), name=f"{r['method']} · {order}",
+                            mode="lines+markers", legendgroup=r["method"],
+                            line=dict(dash=dash, color=colors[r["method"]]))
+    fig.update_layout(title=f"{label}: top-1 accuracy as patches are removed<br><sup>solid: most relevant first "
+                            "(positive), dashed: least relevant first (negative)</sup>",
+                      xaxis_title="fraction of patches removed", yaxis_title="top-1 accuracy", yaxis_range=[0, 1.02],
+                      margin=dict(t=80), height=max(420, 200 + 45 * len(table)))  # the whole legend visible
     return fig
 
 
 def _overlay_figure(label: str, run: Path, n: int = 4):
-    """The first images with every method's map (upsampled, min-max normalised) on top."""
-    import torch
-
-    from circuits.explain import upsample
+    """The first images with every method's token map (min-max normalised) over them."""
     from circuits.runs.explain import load_maps
-    from circuits.runs.results import read_manifest, read_table
+    from circuits.runs.results import read_table
 
-    if not any((Path(run) / "thumbnails").glob("part-*.parquet")):
+    thumbs = read_thumbnails(run)
+    if not thumbs:
         return None
-    thumbs = read_table(run, "thumbnails").head(n)
+    images = read_table(run, "images")
+    index = images["index"].to_numpy()
+    labels = read_labels(run)
     maps = load_maps(run)
-    index = read_table(run, "images")["index"].to_numpy()
-    grid = tuple(read_manifest(run)["settings"]["grid"])
     methods = list(maps)
-    fig = make_subplots(rows=len(thumbs), cols=len(methods) + 1, horizontal_spacing=0.01, vertical_spacing=0.02,
-                        column_titles=["image"] + methods)
-    for i, row in enumerate(thumbs.to_dict("records")):
-        h, w = int(row["height"]), int(row["width"])
-        rgb = np.asarray(row["pixels"], dtype=np.uint8).reshape(h, w, 3)
-        pos = int(np.nonzero(index == row["index"])[0][0])
-        for j in range(len(methods) + 1):
-            fig.add_trace(go.Image(z=rgb), row=i + 1, col=j + 1)
-            if j:
-                rel = torch.from_numpy(maps[methods[j - 1]][pos : pos + 1])
-                pix = upsample(rel, (h, w), grid)[0].numpy()
-                fig.add_trace(go.Heatmap(z=pix, colorscale="Jet", opacity=0.5, showscale=False, zmin=0, zmax=1),
-                              row=i + 1, col=j + 1)
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False)
-    fig.update_layout(title=f"{label}: maps of the first images (red = relevant)", height=150 * len(thumbs) + 80,
-                      width=max(600, 130 * (len(methods) + 1)), margin=dict(l=10, r=10, t=90, b=10))
-    return fig
+    picks = [i for i in range(len(index)) if int(index[i]) in thumbs][:n]
+    grid = labels.grid
+    values, imgs, titles = [], [], []
+    for i in picks:
+        for m in methods:
+            rel = np.asarray(maps[m][i], dtype=np.float64)
+            span = rel.max() - rel.min()
+            values.append((rel - rel.min()) / span if span > 0 else np.zeros_like(rel))
+            imgs.append(thumbs[int(index[i])])
+            titles.append(f"#{int(index[i])} {labels.cls(images['label'].iloc[i])} · {m}")
+    return token_maps(values, imgs, titles=titles, title=f"{label}: relevance maps (min-max normalised per map)",
+                      grid=grid, zmin=0, zmax=1, colorscale="Jet", colorbar_title="relevance", cols=len(methods),
+                      cell=170, opacity=0.5)
 
 
-def _sanity_figure(label: str, rows: list[dict]) -> go.Figure:
+def _sanity_figure(label: str, rows: list[dict], colors: dict[str, str]) -> go.Figure:
     df = pd.DataFrame(rows)
     fig = go.Figure()
     for method, sel in df.groupby("method", sort=False):
         sel = sel.sort_values("step")
-        fig.add_scatter(x=sel["stage"], y=sel["spearman"], name=method, mode="lines+markers")
+        fig.add_scatter(x=sel["stage"], y=quantise(sel["spearman"]), name=method, mode="lines+markers",
+                        line=dict(color=colors.get(method)))
     fig.update_layout(title=f"{label}: model-parameter randomisation (cascading from the top): rank correlation "
                             "with the original maps; it must fall", xaxis_title="re-initialised down to",
                       yaxis_title="Spearman correlation", yaxis_range=[-0.2, 1.05])

@@ -4,41 +4,49 @@ Classification in Class Embedding Space"; docs/class_identifiability.md).
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
-import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from circuits.identifiability import identifiability
+from circuits.identifiability import chance_identifiability, identifiability
+from circuits.plot import layer_curves, logit_lens_grid, method_colors, token_maps
+from circuits.report.assets import read_labels, read_thumbnails
 from circuits.report.html import figure_html, table_html
 from circuits.runs.results import atomic_write_text
 
 ANALYSES = ("identify",)
 
 
-def report_section(runs: dict[str, Path]) -> list[str]:
+def report_section(runs: dict[str, Path], images: int = 8) -> list[str]:
+    """images: how many images get a token map (those the run kept thumbnails of come first)."""
     from circuits.identifiability import per_image_identifiable_rate, pretrained_vs_random, summarize
     from circuits.runs.identify import load_results
 
     results = {label: load_results(run) for label, run in runs.items()}
     summaries = {label: summarize(res) for label, res in results.items()}
+    chances = {label: chance_identifiability(res.n_classes) for label, res in results.items()}
+    classes = ", ".join(sorted({f"{res.n_classes} classes: chance {chances[l]:.4g}" for l, res in results.items()}))
     out = ["<h2>Class identifiability (Vilas et al. 2023)</h2>",
            "<p>Every token at every block projected onto the classes with the model's final norm and "
-           "head. Identifiability = 1 - rank / n_classes (chance 0.5 + 1 / (2 n_classes): 0.55 for 10 classes). "
-           "Identifiable token: rank 0.</p>"]
-    rows = [{"run": label, "images": s["n_images"], "accuracy": s["accuracy"],
+           "head. Identifiability = 1 - rank / n_classes; a random rank gives 0.5 + 1 / (2 n_classes) "
+           f"on average ({html.escape(classes)}). Identifiable token: rank 0.</p>"]
+    rows = [{"run": label, "images": s["n_images"], "classes": results[label].n_classes, "accuracy": s["accuracy"],
              "identifiable image tokens (last block)": s["identifiable_token_rate"],
              "images with >= 1 identifiable token": s["images_with_identifiable_token"]}
             for label, s in summaries.items()]
     out.append(table_html(rows, "Last-block summary"))
     out.append(_wilcoxon_rows(results, per_image_identifiable_rate, pretrained_vs_random))
-    chance = 0.5 + 0.5 / next(iter(results.values())).n_classes
-    out.append(figure_html(_by_layer_figure(summaries, chance)))
-    out.append(figure_html(_sublayer_figure(summaries)))
+    colors = method_colors(list(results))
+    out.append(figure_html(_by_layer_figure(summaries, chances, colors)))
+    out.append(figure_html(_sublayer_figure(summaries, colors)))
     for label, res in results.items():
-        out.append(figure_html(_token_maps(label, res)))
+        labels = read_labels(runs[label], res.n_classes)
+        thumbs = read_thumbnails(runs[label])
+        out += _token_map_html(label, res, labels, thumbs, images)
+        out.append(figure_html(_lens_figure(label, res, labels)))
         if "context_vs_object" in summaries[label]:
             c = summaries[label]["context_vs_object"]
             out.append(table_html([{"run": label, **c}], "Object vs context tokens, last block identifiability"))
@@ -60,55 +68,87 @@ def _wilcoxon_rows(results, per_image, test) -> str:
     return table_html(rows, "Trained vs random weights: one-sided Wilcoxon on per-image identifiable-token rates")
 
 
-def _by_layer_figure(summaries: dict, chance: float) -> go.Figure:
-    fig = go.Figure()
+def _by_layer_figure(summaries: dict, chances: dict[str, float], colors: dict[str, str]) -> go.Figure:
+    """Block-output identifiability by layer: one colour per run, dash for the class token, each
+    run's own chance line."""
+    curves, groups, dashes = {}, {}, {}
     for label, s in summaries.items():
-        for token, dash in (("cls", "dash"), ("image", "solid")):
+        for token, dash in (("image", "solid"), ("cls", "dash")):
             pts = [r for r in s["by_layer"] if r["site"] == "block" and r["token"] == token]
             if pts:
-                fig.add_scatter(x=[r["layer"] for r in pts], y=[r["identifiability"] for r in pts],
-                                name=f"{label} · {token}", line=dict(dash=dash), mode="lines+markers")
-    fig.add_hline(y=chance, line=dict(color="grey", dash="dot"), annotation_text=f"chance ({chance:.3g})")
-    fig.update_layout(title="Class identifiability of block outputs by layer", xaxis_title="block",
-                      yaxis_title="mean identifiability", yaxis_range=[0, 1.02])
-    return fig
+                name = f"{label} · {token} tokens" if token == "image" else f"{label} · class token"
+                curves[name] = ([r["layer"] for r in pts], [r["identifiability"] for r in pts])
+                groups[name], dashes[name] = label, dash
+    shown = chances if len(set(chances.values())) > 1 else next(iter(chances.values()))
+    return layer_curves(curves, title="Class identifiability of block outputs by layer (dashed: class token)",
+                        xaxis_title="block", yaxis_title="mean identifiability", chance=shown, colors=colors,
+                        groups=groups, dashes=dashes, yaxis_range=[0, 1.02])
 
 
-def _sublayer_figure(summaries: dict) -> go.Figure:
+def _sublayer_figure(summaries: dict, colors: dict[str, str]) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Identifiability of sublayer outputs (image tokens)",
-                                                        "Share of tokens whose target logit rises"))
+                                                        "Share of image tokens whose target logit rises"))
     for label, s in summaries.items():
-        for site in ("attn", "mlp"):
+        for site, dash in (("attn", "solid"), ("mlp", "dash")):
             pts = [r for r in s["by_layer"] if r["site"] == site and r["token"] == "image"]
+            style = dict(line=dict(color=colors[label], dash=dash), mode="lines+markers", legendgroup=label)
             if pts:
-                fig.add_scatter(x=[r["layer"] for r in pts], y=[r["identifiability"] for r in pts],
-                                name=f"{label} · {site}", mode="lines+markers", row=1, col=1)
+                fig.add_scatter(x=[r["layer"] for r in pts], y=[round(r["identifiability"], 4) for r in pts],
+                                name=f"{label} · {site}", row=1, col=1, **style)
             rates = [r for r in s["sublayer_change_rates"] if r["sublayer"] == site and r["token"] == "image"]
-            fig.add_scatter(x=[r["layer"] for r in rates], y=[r["rate"] for r in rates],
-                            name=f"{label} · {site} rises", mode="lines+markers", line=dict(dash="dash"), row=1, col=2)
+            if rates:
+                fig.add_scatter(x=[r["layer"] for r in rates], y=[round(r["rate"], 4) for r in rates],
+                                name=f"{label} · {site} rises", showlegend=False, row=1, col=2, **style)
     fig.update_xaxes(title_text="block")
-    fig.update_layout(title="Sublayer contributions", height=420)
+    fig.update_yaxes(title_text="mean identifiability", col=1)
+    fig.update_yaxes(title_text="share of image tokens", col=2)
+    fig.update_layout(title="Sublayer contributions (solid: attention, dashed: MLP)", height=440)
     return fig
 
 
-def _token_maps(label: str, res, n: int = 4) -> go.Figure:
-    """Last-block identifiability of every image token, on the token grid, for a few images."""
+def _sample(res, thumbs: dict, n: int) -> list[int]:
+    """Positions of up to n images to draw, in run order: only those with a thumbnail when the run
+    kept any (every map over its image), else the first n."""
+    index = res.images["index"].to_numpy()
+    with_thumb = [i for i in range(len(index)) if int(index[i]) in thumbs]
+    return (with_thumb or list(range(len(index))))[:n]
+
+
+def _token_map_html(label: str, res, labels, thumbs: dict, n: int) -> list[str]:
+    """Last-block identifiability of every image token over its image, for a sample of images."""
+    picks = _sample(res, thumbs, n)
+    if not picks:
+        return []
     blk = res.site("block")
-    n = min(n, res.rank.shape[0])
-    n_patch = res.rank.shape[-1] - res.n_prefix
-    side = int(round(np.sqrt(n_patch)))
-    titles = [f"image {int(res.images['index'][i])}, label {int(res.images['label'][i])}" for i in range(n)]
-    fig = make_subplots(rows=1, cols=n, subplot_titles=titles)
-    for i in range(n):
-        ident = identifiability(res.rank[i, blk, -1, res.n_prefix:], res.n_classes)
-        fig.add_heatmap(z=ident.reshape(side, -1)[::-1], zmin=0, zmax=1, colorscale="Viridis",
-                        showscale=i == n - 1, row=1, col=i + 1)
-        if res.object_tokens is not None:
-            obj = res.object_tokens[i, res.n_prefix:].reshape(side, -1)[::-1]
-            ys, xs = np.nonzero(obj)
-            fig.add_scatter(x=xs, y=ys, mode="markers", marker=dict(symbol="square-open", color="red", size=6),
-                            showlegend=False, row=1, col=i + 1)
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False)
-    fig.update_layout(title=f"{label}: last-block identifiability per token (red squares: object tokens)", height=340)
-    return fig
+    index = res.images["index"].to_numpy()
+    maps = [identifiability(res.rank[i, blk, -1, res.n_prefix:], res.n_classes) for i in picks]
+    imgs = [thumbs.get(int(index[i])) for i in picks]
+    titles = [f"#{int(index[i])} {labels.cls(res.images['label'].iloc[i])}<br>"
+              f"pred {labels.cls(res.images['pred'].iloc[i])}" for i in picks]
+    outlines = None if res.object_tokens is None else [res.object_tokens[i, res.n_prefix:] for i in picks]
+    drawn = [img for img in imgs if img is not None]
+    fig = token_maps(maps, imgs if len(drawn) == len(imgs) else None, titles=titles, grid=labels.grid,
+                     title=f"{label}: last-block identifiability of every image token", zmin=0, zmax=1,
+                     colorbar_title="identifiability", outlines=outlines)
+    notes = [f"{len(picks)} of {len(index)} images (label, prediction); colour: identifiability of the token's "
+             "last-block output (1: the label is its top class)."]
+    if drawn and len(picks) < n:
+        notes.append(f"The run kept thumbnails of {len(thumbs)} images (identify thumbnails=...).")
+    if outlines is not None:
+        notes.append("Red squares: object tokens (from the dataset's masks).")
+    if not drawn:
+        notes.append("The run kept no thumbnails, so the maps are drawn without their images (rerun identify).")
+    return [figure_html(fig), f"<p class='caption'>{html.escape(' '.join(notes))}</p>"]
+
+
+def _lens_figure(label: str, res, labels) -> go.Figure:
+    """Logit lens of the first image: identifiability of every token's block output at every block,
+    the top class on hover."""
+    blk = res.site("block")
+    names = labels.token_names(res.rank.shape[-1], res.n_prefix)
+    i = 0
+    return logit_lens_grid(identifiability(res.rank[i, blk], res.n_classes), res.topk[i, blk, :, :, 0],
+                           token_names=names, classes=labels.classes,
+                           title=f"{label}: logit lens of image #{int(res.images['index'].iloc[i])} "
+                                 f"({labels.cls(res.images['label'].iloc[i])}), block outputs",
+                           layer_names=[f"block {l}" for l in range(res.rank.shape[2])])

@@ -18,7 +18,8 @@ ANALYSES = ("memories", "probes")
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
-def report_section(runs: dict[str, Path]) -> list[str]:
+def report_section(runs: dict[str, Path], images: int = 8) -> list[str]:
+    """images: unused (no per-image figures here); part of every section's signature."""
     from circuits.runs.results import read_manifest
 
     by_analysis: dict[str, dict[str, Path]] = {}

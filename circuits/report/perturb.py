@@ -19,7 +19,8 @@ REMOVAL_LABELS = {"context": "context removed (object tokens remain)",
                   "class_label": "object removed (background tokens remain)"}
 
 
-def report_section(runs: dict[str, Path]) -> list[str]:
+def report_section(runs: dict[str, Path], images: int = 8) -> list[str]:
+    """images: unused (no per-image figures here); part of every section's signature."""
     from circuits.runs.results import read_manifest
 
     by_analysis: dict[str, dict[str, Path]] = {}

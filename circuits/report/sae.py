@@ -16,7 +16,8 @@ from circuits.runs.results import read_manifest
 ANALYSES = ("sae_train", "sae_eval", "sae_features", "sae_activations")  # stores: listed, not drawn
 
 
-def report_section(runs: dict[str, Path]) -> list[str]:
+def report_section(runs: dict[str, Path], images: int = 8) -> list[str]:
+    """images: top-activating images shown per feature dashboard."""
     by: dict[str, dict[str, Path]] = {}
     for label, run in runs.items():
         by.setdefault(read_manifest(run)["settings"]["analysis"], {})[label] = run
@@ -29,7 +30,7 @@ def report_section(runs: dict[str, Path]) -> list[str]:
         out.append(table_html(rows, "Held-out evaluation: reconstruction, sparsity, and the model with the "
                                     "dictionary spliced in (without and with the error term)"))
     for label, run in by.get("sae_features", {}).items():
-        out += _features(label, json.loads((run / "features.json").read_text()))
+        out += _features(label, json.loads((run / "features.json").read_text()), images)
     return out
 
 
@@ -48,7 +49,7 @@ def _train(label: str, run: Path) -> list[str]:
                                            "rows/s": final["rows_per_s"]}], "Training")]
 
 
-def _features(label: str, s: dict) -> list[str]:
+def _features(label: str, s: dict, images: int) -> list[str]:
     out = [f"<h3>{html.escape(label)}: features of {html.escape(s['hook_name'])} ({s['n_images']} images)</h3>"]
     rows = []
     for attr, entries in s["identified"].items():
@@ -60,12 +61,12 @@ def _features(label: str, s: dict) -> list[str]:
                                 f"correlation of the per-image max activation; identified at >= {s['identified_at']})"))
     edges = s["hist_edges"]
     for f, entry in s["features"].items():
-        out.append(_dashboard(int(f), entry, edges))
+        out.append(_dashboard(int(f), entry, edges, images))
     return out
 
 
-def _dashboard(f: int, e: dict, edges: list) -> str:
-    imgs = "".join(_thumb(t) for t in e["top"])
+def _dashboard(f: int, e: dict, edges: list, images: int) -> str:
+    imgs = "".join(_thumb(t) for t in e["top"][:images])
     fig = go.Figure(go.Bar(x=[f"{lo:.3g}" for lo in edges[1:]], y=e["histogram"][1:]))
     fig.update_layout(title=f"feature {f}: nonzero activations", height=220, margin=dict(t=30, b=30))
     lens = ", ".join(f"{html.escape(str(r['class']))} ({r['logit']:.2f})" for r in e.get("logit_lens", []))

@@ -73,4 +73,14 @@ def start_run(analysis: str, model: HookedViT, dataset: Dataset, out_dir: str | 
     run_settings = {"analysis": analysis, "model": model.cfg.model_name, "weights": model_fingerprint(model),
                     "dataset": describe_dataset(dataset), "n": n, **analysis_settings, **(settings or {})}
     store = RunStore(out_dir, run_settings, overwrite=overwrite)
+    # What class ids and token positions mean, for the report's labels; outside the settings (names, not results).
+    store.write_json("labels.json", run_labels(model))
     return Run(analysis, store, model, dataset, n, num_workers=num_workers, progress=progress)
+
+
+def run_labels(model: HookedViT) -> dict[str, Any]:
+    """The model's class names and token position names, as the report reads them (labels.json)."""
+    from circuits.plot import token_labels
+
+    return {"label_names": model.cfg.label_names, "class_names": model.cfg.class_names,
+            "n_classes": model.cfg.n_classes, "grid": list(model.cfg.grid_size), "tokens": token_labels(model)}

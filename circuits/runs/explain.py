@@ -35,6 +35,7 @@ from circuits.explain.methods import DEFAULT_METHODS, _as_specs, explain_many, g
 from circuits.data.targets import TargetSpec, resolve_targets
 from circuits.runs.identify import as_target, class_name_columns
 from circuits.runs.context import start_run
+from circuits.runs.thumbnails import batch_thumbnails
 from circuits.runs.results import RunStore, fixed_size_list, read_table, stack_column
 from hooked_vit import HookedViT
 
@@ -114,9 +115,7 @@ def benchmark_batch(model: HookedViT, batch: dict, methods: Sequence[str], *, fr
             rows.append(pa.table({"index": index, "method": [m] * len(index), "order": [order] * len(index),
                                   "correct": fixed_size_list(correct.numpy())}))
     tables["perturbation"] = pa.concat_tables(rows)
-    keep = index < thumbnails
-    if keep.any():
-        tables["thumbnails"] = _thumbnails(model, batch["image"][torch.from_numpy(keep)], index[keep])
+    tables.update(batch_thumbnails(model, batch, thumbnails))
     return tables
 
 
@@ -137,18 +136,6 @@ def _per_method(index: np.ndarray, columns: dict[str, dict]) -> pa.Table:
         data.update({k: v for k, v in cols.items()})
         parts.append(pa.table(data))
     return pa.concat_tables(parts)
-
-
-def _thumbnails(model: HookedViT, images: torch.Tensor, index: np.ndarray) -> pa.Table:
-    """Images back to uint8 RGB with the model's normalisation undone, for display."""
-    from circuits.data import denormalize
-    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    dc = model.cfg.data_config or {}
-    rgb = denormalize(images.float().cpu(), dc.get("mean", IMAGENET_DEFAULT_MEAN), dc.get("std", IMAGENET_DEFAULT_STD))
-    pixels = (rgb.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-    return pa.table({"index": index, "height": np.full(len(index), pixels.shape[1]),
-                     "width": np.full(len(index), pixels.shape[2]), "pixels": fixed_size_list(pixels)})
 
 
 def sanity_rows(model: HookedViT, dataset: Dataset, methods: Sequence[str], n: int) -> list[dict]:

@@ -6,7 +6,8 @@
 - tokens: one row per (index, site, layer): rank, target_logit (per token), topk
   (per token x k, flattened);
 - stream: one row per (index, layer): target logit of every token before the block
-  (pre) and between its sublayers (mid), for the change rates.
+  (pre) and between its sublayers (mid), for the change rates;
+- thumbnails: the first images as uint8 RGB (``circuits.runs.thumbnails``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from circuits.data.targets import TargetSpec, resolve_targets
 from circuits.projection import DEFAULT_SITES, BatchProjection, check_sites, project_batch
 from circuits.identifiability import IdentifyResults
 from circuits.runs.context import start_run
+from circuits.runs.thumbnails import batch_thumbnails
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
 from circuits.runs.streaming import PendingBatch
 from hooked_vit import HookedViT
@@ -45,6 +47,7 @@ def identify(
     fwd_hooks: Sequence = (),
     target: TargetSpec | str = "label",
     settings: Optional[dict[str, Any]] = None,
+    thumbnails: int = 16,
 ) -> RunStore:
     """Project every token of every site at every block for a dataset; resumable.
 
@@ -58,6 +61,7 @@ def identify(
         target: which class each image is measured against (`circuits.data.targets`): "label",
             "predicted" (the model's top-1 under `fwd_hooks`, for unlabeled images) or a class.
         settings: extra settings recorded in the manifest (and checked on resume).
+        thumbnails: keep the first N images (uint8, table "thumbnails") to draw maps over them.
     """
     target = as_target(target, model)
     check_sites(model, sites)  # before the run directory is made
@@ -71,7 +75,7 @@ def identify(
         # predicted: None lets project_batch take the top-1 of the (hooked) forward it runs anyway
         targets = None if target.needs_logits else resolve_targets(target, labels)
         proj = project_batch(model, images, targets, sites=sites, k=k, fwd_hooks=fwd_hooks)
-        batch.save(batch_tables(proj, batch, model))
+        batch.save({**batch_tables(proj, batch, model), **batch_thumbnails(model, batch.data, thumbnails)})
     return run.store
 
 

@@ -1,0 +1,317 @@
+"""Figures of the analyses: plain functions returning plotly figures, shared by the report and
+the notebooks (https://plotly.com/python/reference/).
+
+Token maps are drawn over their image: the image is a compact PNG thumbnail (``go.Image``
+with a ``source`` data URI, https://plotly.com/python/reference/image/#image-source), the
+map a translucent heatmap with one square cell per patch, on axes locked to a 1:1 aspect
+(``scaleanchor``, https://plotly.com/python/reference/layout/yaxis/#layout-yaxis-scaleanchor).
+Values are rounded before they are embedded, so a figure carries no float64 noise digits.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Bool, Float, Int, UInt8
+from plotly.subplots import make_subplots
+
+from circuits.data.classes import class_name
+
+DECIMALS = 3  # digits kept in embedded maps: a colour scale cannot show more
+THUMB_SIDE = 96  # longest side of an embedded thumbnail, in pixels
+# One colour per method / run (plotly's qualitative "Plotly" palette); line style carries direction.
+PALETTE = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880",
+           "#ff97ff", "#fecb52")
+GREY = "#7f7f7f"
+
+
+# ------------------------------------------------------------------ shared pieces
+def quantise(values, decimals: int = DECIMALS) -> np.ndarray:
+    """Values rounded to ``decimals`` digits (float32 for smaller JSON); NaN stays NaN."""
+    return np.round(np.asarray(values, dtype=np.float64), decimals).astype(np.float32)
+
+
+def image_source(rgb: UInt8[np.ndarray, "h w 3"], max_side: int = THUMB_SIDE) -> str:
+    """A uint8 RGB image as a downsampled PNG / JPEG data URI (what ``go.Image(source=...)`` takes)."""
+    return _thumbnail(rgb, max_side)[0]
+
+
+def _thumbnail(rgb, max_side: int) -> tuple[str, tuple[int, int]]:
+    """Data URI of the downsampled image (PNG up to 64 x 64 pixels, JPEG above), and its (width, height)."""
+    from PIL import Image
+
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"image must be uint8 [height, width, 3], got {rgb.dtype} {list(rgb.shape)}; "
+                         "convert with (x * 255).round().astype(np.uint8)")
+    img = Image.fromarray(rgb)
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), getattr(Image, "Resampling", Image).LANCZOS)  # Pillow < 9.1: no enum
+    buf = io.BytesIO()
+    if img.size[0] * img.size[1] <= 64 * 64:  # small images: lossless, and PNG is as small as JPEG
+        img.save(buf, format="PNG", optimize=True)
+        kind = "png"
+    else:  # photographs: JPEG is ~5x smaller than PNG at no visible cost under a map
+        img.save(buf, format="JPEG", quality=85)
+        kind = "jpeg"
+    return f"data:image/{kind};base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.size
+
+
+def display_rgb(model, images: Float[torch.Tensor, "batch 3 height width"]) -> UInt8[np.ndarray, "batch height width 3"]:
+    """Preprocessed images back to uint8 RGB for display, the model's normalisation undone
+    (its ``data_config`` mean / std; ImageNet's when it has none)."""
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from circuits.data import denormalize
+
+    dc = getattr(getattr(model, "cfg", model), "data_config", None) or {}
+    rgb = denormalize(images.detach().float().cpu(), dc.get("mean", IMAGENET_DEFAULT_MEAN),
+                      dc.get("std", IMAGENET_DEFAULT_STD))
+    return (rgb.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def method_colors(names: Sequence[str]) -> dict[str, str]:
+    """One colour per name, stable in order; names starting with "random" are grey (a baseline)."""
+    colors, i = {}, 0
+    for name in dict.fromkeys(names):
+        if str(name).startswith("random"):
+            colors[name] = GREY
+        else:
+            colors[name] = PALETTE[i % len(PALETTE)]
+            i += 1
+    return colors
+
+
+def token_labels(n_patches_or_grid, class_token: bool = True, n_reg_tokens: int = 0,
+                 distilled: bool = False) -> list[str]:
+    """Position labels in the model's token order: cls, reg_0.., dist, then patch (row, col).
+
+    ``n_patches_or_grid``: a (rows, cols) grid, or a ``HookedViT`` / its config (the rest read from it).
+    """
+    cfg = getattr(n_patches_or_grid, "cfg", n_patches_or_grid)
+    if hasattr(cfg, "grid_size"):
+        grid, class_token, n_reg_tokens, distilled = cfg.grid_size, cfg.class_token, cfg.n_reg_tokens, cfg.distilled
+    else:
+        grid = tuple(n_patches_or_grid)
+    prefix = (["cls"] if class_token else []) + [f"reg_{i}" for i in range(n_reg_tokens)] + (["dist"] if distilled else [])
+    return prefix + [f"patch ({r}, {c})" for r in range(grid[0]) for c in range(grid[1])]
+
+
+def grid_of_patches(n_patches: int, grid: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+    """The token grid of ``n_patches`` patch tokens: ``grid`` if given, else the square one."""
+    if grid is not None:
+        if grid[0] * grid[1] != n_patches:
+            raise ValueError(f"grid {tuple(grid)} holds {grid[0] * grid[1]} tokens, the map has {n_patches}")
+        return tuple(grid)
+    side = int(round(np.sqrt(n_patches)))
+    if side * side != n_patches:
+        raise ValueError(f"{n_patches} patch tokens do not form a square grid; pass grid=(rows, cols)")
+    return side, side
+
+
+def class_label(classes, class_id: int) -> str:
+    """"name (id)" when the model has class names, else the id."""
+    name = class_name(classes, class_id)
+    return str(class_id) if name == str(int(class_id)) else f"{name} ({int(class_id)})"
+
+
+def _square_axes(fig: go.Figure, row: int | None = None, col: int | None = None) -> None:
+    """Lock one subplot's axes to 1:1 (square patches), image orientation (row 0 on top), no ticks."""
+    xaxis = fig.get_subplot(row, col).xaxis if row is not None else fig.layout.xaxis
+    anchor = xaxis.plotly_name.replace("axis", "")  # "x", "x2", ...
+    kw = dict(row=row, col=col) if row is not None else {}
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, constrain="domain", **kw)
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, scaleanchor=anchor, scaleratio=1,
+                     autorange="reversed", constrain="domain", **kw)
+
+
+# ------------------------------------------------------------------ token maps
+def add_token_map(fig: go.Figure, values: Float[np.ndarray, "n_patches"], image=None, *, row=None, col=None,
+                  grid=None, zmin=None, zmax=None, colorscale="Viridis", colorbar_title: str = "",
+                  showscale: bool = True, outline: Optional[Bool[np.ndarray, "n_patches"]] = None,
+                  opacity: float = 0.6, hover: str = "value", max_side: int = THUMB_SIDE) -> None:
+    """Draw one token map (its image under it when given) into a figure or one of its subplots.
+
+    The map spans the image: cell (r, c) covers patch (r, c) whatever the thumbnail's resolution.
+    ``outline``: per-patch flags (e.g. object tokens) drawn as open squares.
+    """
+    values = np.asarray(values)
+    rows, cols = grid_of_patches(values.size, grid)
+    z = quantise(values.reshape(rows, cols))
+    kw = dict(row=row, col=col) if row is not None else {}
+    if image is not None:
+        src, (w, h) = _thumbnail(image, max_side)
+        # Stretched over the grid's extent: one patch = one unit on both axes; x0 is a pixel's centre.
+        dx, dy = cols / w, rows / h
+        fig.add_trace(go.Image(source=src, x0=dx / 2, y0=dy / 2, dx=dx, dy=dy, hoverinfo="skip"), **kw)
+    cb = dict(title=dict(text=colorbar_title, side="right"), thickness=12)
+    fig.add_trace(go.Heatmap(z=z, x0=0.5, dx=1, y0=0.5, dy=1, zmin=zmin, zmax=zmax, colorscale=colorscale,
+                             opacity=opacity if image is not None else 1.0, showscale=showscale, colorbar=cb,
+                             hovertemplate=f"patch (%{{y}}, %{{x}})<br>{hover} %{{z}}<extra></extra>"), **kw)
+    if outline is not None:
+        r, c = np.nonzero(np.asarray(outline).reshape(rows, cols))
+        fig.add_trace(go.Scatter(x=c + 0.5, y=r + 0.5, mode="markers", hoverinfo="skip", showlegend=False,
+                                 marker=dict(symbol="square-open", color="red", size=8, line=dict(width=1.5))), **kw)
+    _square_axes(fig, row, col)
+    fig.update_xaxes(range=[0, cols], **kw)
+    fig.update_yaxes(range=[rows, 0], **kw)
+
+
+def token_map(values: Float[np.ndarray, "n_patches"], image=None, *, title: str, grid=None, zmin=None, zmax=None,
+              colorscale="Viridis", colorbar_title: str = "", outline=None, opacity: float = 0.6,
+              size: int = 360) -> go.Figure:
+    """One token map over its image, square patches, with a colour bar."""
+    fig = go.Figure()
+    add_token_map(fig, values, image, grid=grid, zmin=zmin, zmax=zmax, colorscale=colorscale,
+                  colorbar_title=colorbar_title, outline=outline, opacity=opacity)
+    fig.update_layout(title=title, height=size, width=size + 80, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def token_maps(maps: Sequence[np.ndarray], images: Optional[Sequence] = None, *, titles: Sequence[str], title: str,
+               grid=None, zmin=None, zmax=None, colorscale="Viridis", colorbar_title: str = "",
+               outlines: Optional[Sequence] = None, cols: int = 4, cell: int = 200, opacity: float = 0.6,
+               symmetric: bool = False, max_width: int = 1150) -> go.Figure:
+    """Several token maps in a grid of subplots, each over its image; one shared colour bar.
+
+    symmetric: a diverging scale centred on 0 (zmin = -zmax = the largest |value|).
+    """
+    n = len(maps)
+    if n == 0:
+        raise ValueError("token_maps needs at least one map")
+    if len(titles) != n or (images is not None and len(images) != n):
+        raise ValueError(f"{n} maps need {n} titles and {n} images (got {len(titles)}, "
+                         f"{'none' if images is None else len(images)})")
+    if symmetric:
+        lim = float(np.nanmax([np.nanmax(np.abs(m)) for m in maps])) or 1.0
+        zmin, zmax = -lim, lim
+    elif zmin is None or zmax is None:
+        zmin = float(np.nanmin([np.nanmin(m) for m in maps])) if zmin is None else zmin
+        zmax = float(np.nanmax([np.nanmax(m) for m in maps])) if zmax is None else zmax
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    cell = min(cell, (max_width - 140) // cols)  # the report's column: nothing cut on the right
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=0.03,
+                        vertical_spacing=0.08 / max(rows, 1) + 0.04)
+    for i, m in enumerate(maps):
+        add_token_map(fig, m, None if images is None else images[i], row=i // cols + 1, col=i % cols + 1, grid=grid,
+                      zmin=zmin, zmax=zmax, colorscale=colorscale, colorbar_title=colorbar_title,
+                      showscale=i == 0, outline=None if outlines is None else outlines[i], opacity=opacity)
+    fig.update_annotations(font_size=11)
+    top = 80 + 25 * title.count("<br>")  # a subtitle must not run into the first row's titles
+    fig.update_layout(title=title, height=cell * rows + top + 10, width=cell * cols + 140,
+                      margin=dict(l=10, r=10, t=top, b=10))
+    return fig
+
+
+# ------------------------------------------------------------------ attention
+def attention_view(pattern: Float[np.ndarray, "heads query key"], query: int, image=None, *, n_prefix: int,
+                   grid=None, head: Optional[int] = None, title: str = "", labels: Optional[Sequence[str]] = None
+                   ) -> go.Figure:
+    """Attention of one query token over the image patches, for one head or averaged over heads.
+
+    ``pattern``: one image's attention probabilities of one layer (``blocks.{l}.attn.hook_pattern``
+    without the batch axis). The share of attention on the prefix tokens is given in the title.
+    """
+    pattern = np.asarray(pattern)
+    if pattern.ndim != 3 or pattern.shape[1] != pattern.shape[2]:
+        raise ValueError(f"pattern must be [heads, query, key], got {list(pattern.shape)}")
+    if not 0 <= query < pattern.shape[1]:
+        raise ValueError(f"query {query} is outside the {pattern.shape[1]} tokens")
+    if head is not None and not 0 <= head < pattern.shape[0]:
+        raise ValueError(f"head {head} is outside the {pattern.shape[0]} heads")
+    row = pattern[:, query].mean(0) if head is None else pattern[head, query]
+    names = labels or token_labels(grid_of_patches(row.size - n_prefix, grid), n_prefix > 0, max(n_prefix - 1, 0))
+    who = "mean over heads" if head is None else f"head {head}"
+    prefix = ", ".join(f"{names[i]} {row[i]:.2f}" for i in range(n_prefix))
+    title = title or f"Attention of {names[query]} over the image ({who})"
+    fig = token_map(row[n_prefix:], image, title=f"{title}<br><sup>on prefix tokens: {prefix or 'none'}</sup>",
+                    grid=grid, zmin=0, zmax=float(row[n_prefix:].max()) or 1.0, colorscale="Inferno",
+                    colorbar_title="attention")
+    return fig
+
+
+# ------------------------------------------------------------------ logit lens
+def logit_lens_grid(score: Float[np.ndarray, "layers tokens"], top_class: Int[np.ndarray, "layers tokens"], *,
+                    token_names: Sequence[str], classes=None, title: str, colorbar_title: str = "identifiability",
+                    zmin=0.0, zmax=1.0, layer_names: Optional[Sequence[str]] = None) -> go.Figure:
+    """Layers x tokens heatmap of a score (e.g. identifiability); hover names each cell's top class.
+
+    ``classes``: a HookedViT, its config or ``ModelClasses`` for class names (ids otherwise).
+    """
+    score, top_class = np.asarray(score), np.asarray(top_class)
+    if score.shape != top_class.shape or score.shape[1] != len(token_names):
+        raise ValueError(f"score {list(score.shape)}, top_class {list(top_class.shape)} and "
+                         f"{len(token_names)} token names must agree as [layers, tokens]")
+    names = {int(c): class_label(classes, int(c)) for c in np.unique(top_class)}
+    text = [[names[int(c)] for c in row] for row in top_class]
+    layers = list(layer_names or [f"block {i}" for i in range(score.shape[0])])
+    fig = go.Figure(go.Heatmap(z=quantise(score), x=list(token_names), y=layers, text=text, zmin=zmin, zmax=zmax,
+                               colorscale="Viridis", colorbar=dict(title=dict(text=colorbar_title, side="right")),
+                               hovertemplate="%{y} · %{x}<br>top class: %{text}<br>"
+                                             f"{colorbar_title} %{{z}}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="token position", yaxis_title="layer", height=230 + 24 * len(layers),
+                      margin=dict(b=110))
+    fig.update_yaxes(dtick=1)  # every layer named
+    fig.update_xaxes(tickangle=-60, automargin=True)
+    fig.update_yaxes(automargin=True)
+    return fig
+
+
+# ------------------------------------------------------------------ curves
+def layer_curves(curves: Mapping[str, tuple[Sequence, Sequence]], *, title: str, xaxis_title: str = "layer",
+                 yaxis_title: str, chance: Optional[float | Mapping[str, float]] = None,
+                 colors: Optional[Mapping[str, str]] = None, dashes: Optional[Mapping[str, str]] = None,
+                 groups: Optional[Mapping[str, str]] = None, yaxis_range=None) -> go.Figure:
+    """Per-layer curves, one trace per name; ``chance``: one line, or one per group (each run's own).
+
+    ``groups`` maps a curve to its run / method (its colour, and its chance line); ``dashes`` gives
+    the line style (e.g. direction or token kind).
+    """
+    groups = dict(groups or {name: name for name in curves})
+    colors = dict(colors or method_colors(list(dict.fromkeys(groups.values()))))
+    fig = go.Figure()
+    for name, (x, y) in curves.items():
+        g = groups.get(name, name)
+        fig.add_scatter(x=list(x), y=quantise(y).tolist(), name=name, mode="lines+markers", legendgroup=g,
+                        line=dict(color=colors.get(g), dash=(dashes or {}).get(name, "solid")))
+    lines = {"": chance} if isinstance(chance, (int, float)) else dict(chance or {})
+    for g, value in lines.items():
+        label = f"chance {g} ({value:.3g})".replace("  ", " ") if g else f"chance ({value:.3g})"
+        fig.add_hline(y=value, line=dict(color=colors.get(g, GREY), dash="dot", width=1),
+                      annotation_text=label, annotation_position="bottom right")
+    fig.update_layout(title=title, xaxis_title=xaxis_title, yaxis_title=yaxis_title, legend=dict(font_size=11),
+                      margin=dict(r=20))
+    if yaxis_range is not None:
+        fig.update_yaxes(range=yaxis_range)
+    return fig
+
+
+# ------------------------------------------------------------------ patching / attribution
+def position_heatmap(z: Float[np.ndarray, "rows tokens"], *, token_names: Sequence[str], row_names: Sequence[str],
+                     title: str, colorbar_title: str, yaxis_title: str = "layer", symmetric: bool = True
+                     ) -> go.Figure:
+    """A rows (layers, heads, ...) x token positions heatmap (activation patching, attribution).
+
+    symmetric: a diverging red-blue scale centred on 0 (patching effects have a sign).
+    """
+    z = np.asarray(z)
+    if z.shape != (len(row_names), len(token_names)):
+        raise ValueError(f"z is {list(z.shape)}, names give [{len(row_names)}, {len(token_names)}]")
+    kw = {}
+    if symmetric:
+        lim = float(np.nanmax(np.abs(z))) or 1.0
+        kw = dict(zmin=-lim, zmax=lim, colorscale="RdBu", reversescale=True)
+    fig = go.Figure(go.Heatmap(z=quantise(z), x=list(token_names), y=list(row_names),
+                               colorbar=dict(title=dict(text=colorbar_title, side="right")),
+                               hovertemplate="%{y} · %{x}<br>" + colorbar_title + " %{z}<extra></extra>", **kw))
+    fig.update_layout(title=title, xaxis_title="token position", yaxis_title=yaxis_title,
+                      height=160 + 22 * len(row_names), margin=dict(b=110))
+    fig.update_xaxes(tickangle=-60, automargin=True)
+    fig.update_yaxes(automargin=True, autorange="reversed")
+    return fig
