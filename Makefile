@@ -18,7 +18,8 @@ demo: install
 
 # Headless Chromium for tests/test_report_browser.py (skipped without it); Debian / Ubuntu, as root.
 browser:
-	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || apt-get install -y chromium
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium; }
 
 test: install
 	$(PY) -m pytest -q
