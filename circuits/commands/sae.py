@@ -50,7 +50,8 @@ def run_train(args: argparse.Namespace) -> int:
                     architecture=args.architecture, d_sae=args.d_sae, k=args.k, tokens=args.tokens,
                     steps=args.steps, train_batch=args.train_batch, lr=args.lr, l1_coeff=args.l1_coeff,
                     checkpoint_every=args.checkpoint_every, seed=args.seed, batch_size=args.batch_size,
-                    limit=args.limit, num_workers=args.workers, overwrite=args.overwrite, device=args.device)
+                    limit=args.limit, num_workers=args.workers, overwrite=args.overwrite,
+                    device=str(model.cfg.device))
     print(f"dictionary in {out}")
     return 0
 
