@@ -315,3 +315,49 @@ def position_heatmap(z: Float[np.ndarray, "rows tokens"], *, token_names: Sequen
     fig.update_xaxes(tickangle=-60, automargin=True)
     fig.update_yaxes(automargin=True, autorange="reversed")
     return fig
+
+
+def _circuit_node_xy(name: str, n_heads: int) -> tuple[float, float]:
+    """Where a circuit-graph node sits: x runs with the layers (heads, then the MLP), y is the
+    head index (MLPs above the heads; embedding and logits centred)."""
+    base = name.split(".")[0]  # a head's q/k/v input is drawn at the head
+    if base == "embed":
+        return 0.0, (n_heads - 1) / 2
+    if base == "logits":
+        return -1.0, (n_heads - 1) / 2  # placed after the last layer by the caller
+    if base.startswith("MLP"):
+        return 2.0 * int(base[3:]) + 2, float(n_heads)
+    layer, head = base[1:].split("H")
+    return 2.0 * int(layer) + 1, float(head)
+
+
+def circuit_graph(edges, *, title: str, n_heads: Optional[int] = None) -> go.Figure:
+    """The kept edges of a circuit (`circuits.runs.circuit`'s edge table: upstream, downstream,
+    score, in_circuit) as a layered graph: nodes by layer and head, one line per edge, width by
+    |score|, red for edges that raise the metric and blue for those that lower it."""
+    kept = edges[edges["in_circuit"]] if "in_circuit" in edges else edges
+    if len(kept) == 0:
+        raise ValueError("the circuit keeps no edges: nothing to draw")
+    names = [*kept["upstream"], *kept["downstream"]]
+    if n_heads is None:
+        heads = [int(n.split(".")[0].split("H")[1]) for n in names if n.startswith("L") and "H" in n]
+        n_heads = max(heads, default=0) + 1
+    last_x = max([_circuit_node_xy(n, n_heads)[0] for n in names] + [0.0]) + 1
+    xy = {}
+    for n in names:
+        x, y = _circuit_node_xy(n, n_heads)
+        xy[n.split(".")[0]] = (last_x if x < 0 else x, y)
+    lim = float(np.abs(kept["score"]).max()) or 1.0
+    fig = go.Figure()
+    for u, d, s in zip(kept["upstream"], kept["downstream"], kept["score"]):
+        (x0, y0), (x1, y1) = xy[u.split(".")[0]], xy[d.split(".")[0]]
+        fig.add_scatter(x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="text",
+                        text=f"{u} -> {d}: {s:.3g}", line=dict(width=1 + 5 * abs(s) / lim,
+                                                               color="#c0392b" if s > 0 else "#2e6fba"))
+    nodes = sorted(xy)
+    fig.add_scatter(x=[xy[n][0] for n in nodes], y=[xy[n][1] for n in nodes], mode="markers+text", text=nodes,
+                    textposition="top center", marker=dict(size=10, color="#444"), showlegend=False,
+                    hovertemplate="%{text}<extra></extra>")
+    fig.update_layout(title=title, height=260 + 30 * n_heads, xaxis=dict(title="layer (heads, then MLP)",
+                      showticklabels=False, zeroline=False), yaxis=dict(title="head", zeroline=False))
+    return fig

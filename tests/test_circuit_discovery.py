@@ -213,3 +213,13 @@ def test_circuit_command_writes_scores_and_summary(tmp_path):
                                                     / (summary["metric_clean"] - summary["metric_corrupted"]))
     assert set(nodes.site) == {"resid_pre", "z", "mlp_out"} and len(nodes[nodes.site == "z"]) == 6 * 65 * 4
     assert main(["circuit", "--model", "embedded", "--data", "synthetic:val:16", "--out", str(out)]) == 2
+    # the same settings again: the finished run is returned, nothing recomputed
+    before = (out / "edge_scores.parquet").stat().st_mtime_ns
+    assert main(["circuit", "--model", "embedded", "--data", "synthetic:val:16", "--out", str(out),
+                 "--budget", "10", "--batch-size", "8"]) == 0
+    assert (out / "edge_scores.parquet").stat().st_mtime_ns == before
+    # its report section: the graph of the 10 kept edges and the per-head heatmap with token names
+    from circuits.report import build_report
+
+    page = build_report([out], tmp_path / "report.html").read_text()
+    assert "Circuit discovery" in page and "the kept edges" in page and "patch (0, 0)" in page

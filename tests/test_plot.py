@@ -141,3 +141,26 @@ def test_position_heatmap_labels_and_symmetric_scale():
 def test_method_colors_random_is_grey():
     colors = plot.method_colors(["rollout", "random", "gradcam", "rollout"])
     assert colors["random"] == plot.GREY and len(set(colors.values())) == 3
+
+
+def test_circuit_graph_draws_each_kept_edge_with_its_sign():
+    import pandas as pd
+
+    from circuits.plot import circuit_graph
+
+    edges = pd.DataFrame({"upstream": ["embed", "L0H1", "L1H0", "MLP0"],
+                          "downstream": ["L0H1.q", "logits", "logits", "L1H0.v"],
+                          "score": [0.5, -1.0, 2.0, 0.1], "in_circuit": [True, True, True, False]})
+    fig = circuit_graph(edges, title="circuit", n_heads=2)
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert len(lines) == 3  # the edge outside the circuit is not drawn
+    colors = {t.text.split(":")[0]: t.line.color for t in lines}
+    assert colors["L0H1 -> logits"] != colors["L1H0 -> logits"]  # sign shown by colour
+    widths = {t.text.split(":")[0]: t.line.width for t in lines}
+    assert widths["L1H0 -> logits"] > widths["embed -> L0H1.q"]  # |score| by width
+    nodes = [t for t in fig.data if t.mode == "markers+text"][0]
+    xs = dict(zip(nodes.text, nodes.x))
+    assert xs["embed"] < xs["L0H1"] < xs["L1H0"] < xs["logits"] and "MLP0" not in xs
+    assert fig.layout.title.text == "circuit"
+    with pytest.raises(ValueError, match="no edges"):
+        circuit_graph(edges.assign(in_circuit=False), title="empty")

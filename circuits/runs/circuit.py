@@ -5,12 +5,15 @@ and its faithfulness, written to `out_dir`:
     edge_scores.parquet   upstream, downstream, score, rank, in_circuit
     node_scores.parquet   site, layer, pos, head (-1 for non-head sites), score
     summary.json          settings, n_images, n_edges, n_edges_kept, faithfulness figures
+    manifest.json         the run's settings (as every run has), so the report finds it
+
+Rerunning with the same settings returns the finished run's summary; other settings are refused
+unless overwrite=True. Runs in one pass over all images: not resumable mid-run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +25,11 @@ from circuits.circuit_discovery.attribution_patching import attribution_patch
 from circuits.circuit_discovery.corruptions import CORRUPTIONS, corrupt
 from circuits.circuit_discovery.eap import EdgeScores, edge_attribution, faithfulness, prune
 from circuits.data import collate_samples
+from circuits.files import atomic_write_bytes
+from circuits.runs.context import run_labels
 from circuits.runs.distributed import require_single_process
+from circuits.runs.results import RunStore
+from circuits.runs.streaming import describe_dataset, model_fingerprint
 from hooked_vit import HookedViT
 
 
@@ -34,9 +41,14 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
     if corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; choose from {sorted(CORRUPTIONS)}")
     out = Path(out_dir)
-    if (out / "summary.json").exists() and not overwrite:
-        raise ValueError(f"{out} already holds a circuit run; pass overwrite=True (--overwrite) to replace it")
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    store = RunStore(out, {"analysis": "circuit", "model": model.cfg.model_name, "weights": model_fingerprint(model),
+                           "dataset": describe_dataset(dataset), "n": n, "method": method, "metric": str(metric),
+                           "corruption": corruption, "budget": budget, "ig_steps": ig_steps,
+                           "batch_size": batch_size}, overwrite=overwrite)
+    if (out / "summary.json").exists() and not overwrite:
+        return json.loads((out / "summary.json").read_text())  # the same run, already finished
+    store.write_json("labels.json", run_labels(model))  # token names for the report
     loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, collate_fn=collate_samples)
     batches = [(b["image"].to(model.device), corrupt(b["image"], corruption).to(model.device)) for b in loader]
     weights = [len(c) / n for c, _ in batches]
@@ -55,15 +67,13 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
     df = edges.to_frame()
     kept = set(circuit.edge_names())
     df["in_circuit"] = [(u, d) in kept for u, d in zip(df.upstream, df.downstream)]
-    df.to_parquet(out / "edge_scores.parquet")
-    _node_frame(nodes).to_parquet(out / "node_scores.parquet")
+    atomic_write_bytes(out / "edge_scores.parquet", df.to_parquet())
+    atomic_write_bytes(out / "node_scores.parquet", _node_frame(nodes).to_parquet())
     summary = {"analysis": "circuit", "model": model.cfg.model_name, "method": method, "metric": metric,
                "corruption": corruption, "budget": budget, "n_images": n, "n_edges": int(edges.mask.sum()),
                "n_edges_kept": circuit.n_edges, "faithfulness": faith.recovered, "metric_clean": faith.clean,
                "metric_corrupted": faith.corrupted, "metric_circuit": faith.circuit}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")  # atomic: a summary exists only for a finished run
+    store.write_json("summary.json", summary)  # written last: a summary exists only for a finished run
     return summary
 
 
