@@ -33,7 +33,7 @@ from circuits.runs.sources import load_model
 
 torch.manual_seed(0)
 model = load_model("embedded")
-HOOK = "blocks.3.hook_resid_post"
+HOOK = "blocks.4.hook_resid_post"
 train = SyntheticShapes(300, seed=0, split="train", transform=normalize)
 test = SyntheticShapes(160, seed=0, split="test", transform=normalize)"""),
     ("md", "## 1. Activations to disk (sharded, shuffled, resumable), then training"),

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     t = cmds.add_parser("train", help="store activations of a hook and train a dictionary on them")
     add_model_args(t)
     add_run_args(t, target=False)
-    t.add_argument("--hook", default="blocks.3.hook_resid_post", help="hook point the dictionary reads")
+    t.add_argument("--hook", default="blocks.4.hook_resid_post", help="hook point the dictionary reads")
     t.add_argument("--hook-out", default=None, help="transcoder: the hook it predicts (e.g. blocks.3.hook_mlp_out)")
     t.add_argument("--architecture", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"])
     t.add_argument("--d-sae", type=int, default=512)
