@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 from circuits.memories import (METRICS, SUBLAYERS, TOKENS, MemoryBatch, MemoryResults, class_value_agreement, memory_bank,
                                memory_batch, random_classes, token_counts)
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
-from circuits.runs.streaming import PendingBatch, describe_dataset, model_fingerprint, stream_pending
+from circuits.runs.context import start_run
+from circuits.runs.streaming import PendingBatch
 from hooked_vit import HookedViT
 
 
@@ -43,21 +44,16 @@ def memories(
     compose_random), `usage_<sublayer>` (per batch and layer: top-k counts per memory) and
     `class_value.json` (`class_value_agreement`). Resumable like `circuits.runs.identify`.
     """
-    n = len(dataset) if limit is None else min(limit, len(dataset))
     cfg = model.cfg
-    run_settings = {
-        "analysis": "memories", "model": cfg.model_name, "weights": model_fingerprint(model),
-        "sublayers": list(sublayers), "k": k, "seed": seed, "dataset": describe_dataset(dataset), "n": n,
-        "n_classes": cfg.n_classes, "n_prefix_tokens": cfg.n_prefix_tokens, "class_token": bool(cfg.class_token),
-        **(settings or {}),
-    }
-    store = RunStore(out_dir, run_settings, overwrite=overwrite)
+    run = start_run("memories", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
+                    progress=progress, settings=settings, sublayers=list(sublayers), k=k, seed=seed,
+                    n_classes=cfg.n_classes, n_prefix_tokens=cfg.n_prefix_tokens, class_token=bool(cfg.class_token))
+    store = run.store
     store.write_json("class_value.json", class_value_agreement(model, sublayers).to_dict("records"))
     banks = {s: memory_bank(model, s, k) for s in sublayers}
-    for pending in stream_pending(store, dataset, n, batch_size=batch_size, num_workers=num_workers,
-                                  desc="memories", progress=progress):
+    for pending in run.batches(batch_size):
         batch = pending.data
-        images = batch["image"].to(model.device, model.embed.proj.weight.dtype)
+        images = run.images(pending)
         labels = torch.as_tensor(batch["label"])
         targets = labels if bool((labels >= 0).all()) else None
         if targets is None:  # the random class is drawn relative to the target, so predict first
