@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -40,10 +40,12 @@ class Run:
     n: int
     num_workers: int = 0
     progress: bool = True
+    indices: Optional[Sequence[int]] = None  # the items covered, when not the first `n`
 
     def batches(self, batch_size: int, desc: Optional[str] = None) -> Iterator[PendingBatch]:
-        """The not-yet-done batches of the first `n` items."""
-        return stream_pending(self.store, self.dataset, self.n, batch_size=batch_size, num_workers=self.num_workers,
+        """The not-yet-done batches of the run's items (the first `n`, or `indices`)."""
+        items = self.n if self.indices is None else self.indices
+        return stream_pending(self.store, self.dataset, items, batch_size=batch_size, num_workers=self.num_workers,
                               desc=desc or self.analysis, progress=self.progress)
 
     def images(self, batch: PendingBatch) -> torch.Tensor:
@@ -63,7 +65,8 @@ class Run:
 
 def start_run(analysis: str, model: HookedViT, dataset: Dataset, out_dir: str | Path, *, limit: Optional[int] = None,
               overwrite: bool = False, num_workers: int = 0, progress: bool = True,
-              settings: Optional[dict[str, Any]] = None, **analysis_settings: Any) -> Run:
+              settings: Optional[dict[str, Any]] = None, indices: Optional[Sequence[int]] = None,
+              **analysis_settings: Any) -> Run:
     """Open (or resume) the run directory of `analysis` with its full settings.
 
     analysis_settings: what determines this analysis' results; settings: the caller's extra
@@ -75,7 +78,8 @@ def start_run(analysis: str, model: HookedViT, dataset: Dataset, out_dir: str | 
     store = RunStore(out_dir, run_settings, overwrite=overwrite)
     # What class ids and token positions mean, for the report's labels; outside the settings (names, not results).
     store.write_json("labels.json", run_labels(model))
-    return Run(analysis, store, model, dataset, n, num_workers=num_workers, progress=progress)
+    return Run(analysis, store, model, dataset, n, num_workers=num_workers, progress=progress,
+               indices=None if indices is None else list(indices))
 
 
 def run_labels(model: HookedViT) -> dict[str, Any]:

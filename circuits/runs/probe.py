@@ -15,7 +15,8 @@ from circuits.probes import (ProbeBatch, ProbeResults, batch_labels, dataset_lab
 from circuits.projection import DEFAULT_SITES
 from circuits.runs.distributed import require_single_process
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
-from circuits.runs.streaming import describe_dataset, model_fingerprint, stream_pending
+from circuits.runs.context import start_run
+from circuits.runs.streaming import describe_dataset
 from hooked_vit import HookedViT
 
 
@@ -52,14 +53,11 @@ def run_probes(
     if train_dataset is test_dataset:
         test_idx = sorted(set(test_idx) - set(train_idx))
     test_idx = test_idx if limit is None else test_idx[:limit]
-    run_settings = {
-        "analysis": "probes", "model": cfg.model_name, "weights": model_fingerprint(model),
-        "sites": list(sites), "layers": layers, "per_class": per_class, "alpha": alpha,
-        "train_dataset": describe_dataset(train_dataset), "dataset": describe_dataset(test_dataset),
-        "n": len(test_idx), "n_classes": cfg.n_classes, "n_prefix_tokens": cfg.n_prefix_tokens,
-        "class_token": bool(cfg.class_token), **(settings or {}),
-    }
-    store = RunStore(out_dir, run_settings, overwrite=overwrite)
+    run = start_run("probes", model, test_dataset, out_dir, indices=test_idx, overwrite=overwrite,
+                    num_workers=num_workers, progress=progress, settings=settings, sites=list(sites), layers=layers,
+                    per_class=per_class, alpha=alpha, train_dataset=describe_dataset(train_dataset),
+                    n_classes=cfg.n_classes, n_prefix_tokens=cfg.n_prefix_tokens, class_token=bool(cfg.class_token))
+    store = run.store
     pending = store.pending(test_idx)
     if not pending:
         return store
@@ -67,9 +65,8 @@ def run_probes(
                           batch_size=batch_size, num_workers=num_workers, progress=progress)
     store.write_json("probe_training.json", {"n_train": probes.n_train, "per_class": per_class, "alpha": alpha,
                                              "train_indices": train_idx})
-    for batch in stream_pending(store, test_dataset, test_idx, batch_size=batch_size, num_workers=num_workers,
-                                desc="probes", progress=progress):
-        images = batch.data["image"].to(model.device, model.embed.proj.weight.dtype)
+    for batch in run.batches(batch_size):
+        images = run.images(batch)
         result = probe_batch(model, probes, images, batch_labels(batch.data))
         batch.save(batch_tables(result, batch.data))
     return store
