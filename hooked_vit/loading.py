@@ -370,15 +370,21 @@ def _refuse_build_options(timm_model: nn.Module, pretrained: bool, timm_kwargs: 
         )
 
 
-def hooked_from_timm_module(timm_model: nn.Module) -> HookedViT:
-    cfg = config_from_timm(timm_model)
+def hooked_from_timm_state(cfg: HookedViTConfig, timm_state: dict[str, torch.Tensor]) -> HookedViT:
+    """A HookedViT of `cfg` holding weights given under timm's names (every loader ends here:
+    timm, Hugging Face and open_clip weights are first renamed to timm's); a weight that does
+    not map is refused, never dropped."""
     model = HookedViT(cfg)
-    state = convert_timm_state_dict(timm_model.state_dict(), cfg)
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(convert_timm_state_dict(timm_state, cfg), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UnsupportedModelError(
             f"weights of {cfg.model_name} did not map onto HookedViT: missing "
             f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
         )
+    return model
+
+
+def hooked_from_timm_module(timm_model: nn.Module) -> HookedViT:
+    model = hooked_from_timm_state(config_from_timm(timm_model), timm_model.state_dict())
     first = next(timm_model.parameters())
     return model.to(device=first.device, dtype=first.dtype)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
-from hooked_vit.loading import UnsupportedModelError, convert_timm_state_dict
+from hooked_vit.loading import UnsupportedModelError, hooked_from_timm_state
 from hooked_vit.model import HookedViT
 
 # HF hidden_act -> HookedViTConfig.act_fn
@@ -66,14 +66,7 @@ def from_hf(
     source = source or _local_origin(hf_model)
     if source is not None:
         cfg.data_config = data_config_from_processor(source, cfg, hf_kwargs.get("cache_dir"))
-    state = convert_timm_state_dict(hf_to_timm_state_dict(hf_model, cfg), cfg)
-    model = HookedViT(cfg)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UnsupportedModelError(
-            f"weights of {cfg.model_name} did not map onto HookedViT: missing "
-            f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
-        )
+    model = hooked_from_timm_state(cfg, hf_to_timm_state_dict(hf_model, cfg))
     first = next(hf_model.parameters())
     return model.to(device=device or first.device, dtype=dtype or first.dtype).eval()
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
-from hooked_vit.loading import UnsupportedModelError, _act_name, _norm_eps, convert_timm_state_dict
+from hooked_vit.loading import UnsupportedModelError, _act_name, _norm_eps, hooked_from_timm_state
 from hooked_vit.model import HookedViT
 
 
@@ -42,14 +42,7 @@ def from_open_clip(
     cfg = config_from_open_clip(visual)
     if isinstance(model_or_name, str):
         cfg.model_name = f"open_clip:{model_or_name}"
-    model = HookedViT(cfg)
-    state = convert_timm_state_dict(open_clip_to_timm_state_dict(visual), cfg)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UnsupportedModelError(
-            f"weights of {cfg.model_name} did not map onto HookedViT: missing "
-            f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
-        )
+    model = hooked_from_timm_state(cfg, open_clip_to_timm_state_dict(visual))
     first = next(visual.parameters())
     return model.to(device=device or first.device, dtype=dtype or first.dtype).eval()
 

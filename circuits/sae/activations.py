@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 
 TOKENS = ("all", "cls", "patch")
@@ -40,6 +40,15 @@ def _stop_layer(model, hooks: Sequence[str]) -> Optional[int]:
             return None
         layers.append(int(hook.split(".")[1]))
     return max(layers) + 1
+
+
+def image_batches(dataset: Dataset, *, limit: Optional[int], batch_size: int, num_workers: int = 0) -> DataLoader:
+    """The first `limit` items of `dataset` (all when None), collated in order."""
+    from circuits.data import collate_samples
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return DataLoader(Subset(dataset, range(n)), batch_size=batch_size, num_workers=num_workers,
+                      collate_fn=collate_samples)
 
 
 def check_hooks(model, hooks: Sequence[str]) -> None:

@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from circuits.sae.activations import token_positions
+from circuits.sae.activations import image_batches, token_positions
 from circuits.sae.dictionaries import SparseDictionary
 from circuits.sae.splice import spliced
 
@@ -38,12 +38,8 @@ class _Sums:
 def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch_size: int = 64, num_workers: int = 0,
                         limit: Optional[int] = None, dense_threshold: float = 0.1) -> dict:
     """Reconstruction and downstream metrics of `sae` spliced into `model`, over `dataset`."""
-    from circuits.data import collate_samples
-
     cfg, device = sae.cfg, next(model.parameters()).device
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_samples)
+    loader = image_batches(dataset, limit=limit, batch_size=batch_size, num_workers=num_workers)
     positions = token_positions(model, cfg.tokens).to(device)
     sae = sae.to(device).eval()
     sse = sum_x = sum_x2 = 0.0

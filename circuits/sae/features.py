@@ -15,9 +15,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from circuits.sae.activations import token_positions
+from circuits.sae.activations import image_batches, token_positions
 from circuits.sae.dictionaries import SparseDictionary
 
 HIST_EDGES = np.concatenate([[0.0], np.logspace(-3, 3, 37)])  # fixed bins: no first pass needed
@@ -49,12 +49,8 @@ def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size
                    limit: Optional[int] = None, top_k: int = 8, attributes: Sequence[str] = ("label", "background"),
                    identified_at: float = 0.5) -> dict:
     """Statistics of every feature of `sae` over `dataset` (see the module docstring)."""
-    from circuits.data import collate_samples
-
     cfg, device = sae.cfg, next(model.parameters()).device
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_samples)
+    loader = image_batches(dataset, limit=limit, batch_size=batch_size, num_workers=num_workers)
     positions = token_positions(model, cfg.tokens).to(device)
     sae = sae.to(device).eval()
     top = _TopK(cfg.d_sae, top_k, device)
