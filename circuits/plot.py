@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float, Int, UInt8
 from plotly.subplots import make_subplots
 
 from circuits.data.classes import class_name
+from hooked_vit.tokens import token_grid, token_labels
 
 DECIMALS = 3  # digits kept in embedded maps: a colour scale cannot show more
 THUMB_SIDE = 96  # longest side of an embedded thumbnail, in pixels
@@ -87,33 +88,6 @@ def method_colors(names: Sequence[str]) -> dict[str, str]:
     return colors
 
 
-def token_labels(n_patches_or_grid, class_token: bool = True, n_reg_tokens: int = 0,
-                 distilled: bool = False) -> list[str]:
-    """Position labels in the model's token order: cls, reg_0.., dist, then patch (row, col).
-
-    ``n_patches_or_grid``: a (rows, cols) grid, or a ``HookedViT`` / its config (the rest read from it).
-    """
-    cfg = getattr(n_patches_or_grid, "cfg", n_patches_or_grid)
-    if hasattr(cfg, "grid_size"):
-        grid, class_token, n_reg_tokens, distilled = cfg.grid_size, cfg.class_token, cfg.n_reg_tokens, cfg.distilled
-    else:
-        grid = tuple(n_patches_or_grid)
-    prefix = (["cls"] if class_token else []) + [f"reg_{i}" for i in range(n_reg_tokens)] + (["dist"] if distilled else [])
-    return prefix + [f"patch ({r}, {c})" for r in range(grid[0]) for c in range(grid[1])]
-
-
-def grid_of_patches(n_patches: int, grid: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-    """The token grid of ``n_patches`` patch tokens: ``grid`` if given, else the square one."""
-    if grid is not None:
-        if grid[0] * grid[1] != n_patches:
-            raise ValueError(f"grid {tuple(grid)} holds {grid[0] * grid[1]} tokens, the map has {n_patches}")
-        return tuple(grid)
-    side = int(round(np.sqrt(n_patches)))
-    if side * side != n_patches:
-        raise ValueError(f"{n_patches} patch tokens do not form a square grid; pass grid=(rows, cols)")
-    return side, side
-
-
 def class_label(classes, class_id: int) -> str:
     """"name (id)" when the model has class names, else the id."""
     name = class_name(classes, class_id)
@@ -141,7 +115,7 @@ def add_token_map(fig: go.Figure, values: Float[np.ndarray, "n_patches"], image=
     ``outline``: per-patch flags (e.g. object tokens) drawn as open squares.
     """
     values = np.asarray(values)
-    rows, cols = grid_of_patches(values.size, grid)
+    rows, cols = token_grid(values.size, grid)
     z = quantise(values.reshape(rows, cols))
     kw = dict(row=row, col=col) if row is not None else {}
     if image is not None:
@@ -226,7 +200,7 @@ def attention_view(pattern: Float[np.ndarray, "heads query key"], query: int, im
     if head is not None and not 0 <= head < pattern.shape[0]:
         raise ValueError(f"head {head} is outside the {pattern.shape[0]} heads")
     row = pattern[:, query].mean(0) if head is None else pattern[head, query]
-    names = labels or token_labels(grid_of_patches(row.size - n_prefix, grid), n_prefix > 0, max(n_prefix - 1, 0))
+    names = labels or token_labels(token_grid(row.size - n_prefix, grid), n_prefix > 0, max(n_prefix - 1, 0))
     who = "mean over heads" if head is None else f"head {head}"
     prefix = ", ".join(f"{names[i]} {row[i]:.2f}" for i in range(n_prefix))
     title = title or f"Attention of {names[query]} over the image ({who})"

@@ -117,6 +117,23 @@ def test_planted_memories_wrong_targets_do_not_agree(tmp_path):
     assert row["agreement"] == 0.0 and row["composition"] == 1.0  # composition ignores the label
 
 
+def test_unlabeled_images_need_an_explicit_target(tmp_path):
+    """No silent fallback: "label" refuses unlabeled images; "predicted" reads the top-1 class
+    and a fixed class reads that class, each recorded in the settings."""
+    model, data = planted_model(), planted_data()
+    data.labels = np.full(len(data.labels), -1)
+    with pytest.raises(ValueError, match="have no label"):
+        memories(model, data, str(tmp_path / "label"), sublayers=("mlp",), batch_size=5, progress=False)
+    memories(model, data, str(tmp_path / "pred"), sublayers=("mlp",), batch_size=5, progress=False,
+             target="predicted")
+    res = load_memory_results(tmp_path / "pred")
+    assert res.settings["target"] == "predicted"
+    np.testing.assert_array_equal(res.images["target"], res.images["pred"])
+    memories(model, data, str(tmp_path / "fixed"), sublayers=("mlp",), batch_size=5, progress=False, target="3")
+    res = load_memory_results(tmp_path / "fixed")
+    assert res.settings["target"] == "3" and (res.images["target"] == 3).all()
+
+
 # ------------------------------------------------------------------ streaming == direct
 def reference_counts(model: HookedViT, x: torch.Tensor, labels: np.ndarray, k: int = 5) -> pd.DataFrame:
     """Per image, sublayer and layer, the counts of `memories`, computed directly from a

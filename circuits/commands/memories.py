@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
                        description="Key-value agreement, composition and class-value agreement of the "
                                    "attention and MLP memories (Vilas et al. 2023); results as parquet.")
     add_model_args(p)
-    add_run_args(p, target=False)  # memories and probes are measured against the labels
+    add_run_args(p)
     p.add_argument("--sublayers", nargs="+", default=["attn", "mlp"], choices=["attn", "mlp"])
     p.add_argument("--topk", type=int, default=5, help="memories per token and per class")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-class baseline")
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
                                    "trained on a few images per class and compared with the projection "
                                    "onto the class embedding space on held-out images.")
     add_model_args(p)
-    add_run_args(p, target=False)  # memories and probes are measured against the labels
+    add_run_args(p, target=False)  # probes are trained and scored on the labels
     p.add_argument("--per-class", type=int, default=10, help="training images per class")
     p.add_argument("--alpha", type=float, default=1.0, help="ridge penalty")
     p.add_argument("--sites", nargs="+", default=["block", "attn", "mlp"])

@@ -46,6 +46,11 @@ class TargetSpec:
                              "name of the model")
         return cls("class", class_id)
 
+    @classmethod
+    def of(cls, target: "TargetSpec | str", model: Any = None) -> "TargetSpec":
+        """``target`` itself if already a spec, else ``parse(target, model)``."""
+        return target if isinstance(target, cls) else cls.parse(str(target), model)
+
     @property
     def needs_logits(self) -> bool:
         """Whether ``resolve_targets`` needs the model's logits for this spec."""

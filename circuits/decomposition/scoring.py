@@ -30,6 +30,7 @@ from torch import Tensor
 
 from circuits.decomposition.align import ComponentMaps
 from circuits.decomposition.decompose import Decomposition, token_terms
+from hooked_vit.tokens import token_grid
 
 ScoreMode = Literal["correlation", "covariance"]
 Convention = Literal["ours", "reference"]
@@ -185,10 +186,7 @@ def token_heatmaps(
 
 def patch_grid(heat: Float[Tensor, "... k"], model) -> Float[Tensor, "... gh gw"]:
     """Drop prefix tokens and lay the patch tokens on the image grid."""
-    gh, gw = model.cfg.grid_size
-    n_prefix = model.cfg.n_prefix_tokens
-    patches = heat[..., n_prefix:]
-    side = patches.shape[-1]
-    if side != gh * gw:  # dynamic image size: a square grid
-        gh = gw = int(round(side**0.5))
-    return patches.reshape(*patches.shape[:-1], gh, gw)
+    patches = heat[..., model.cfg.n_prefix_tokens:]
+    n = patches.shape[-1]
+    grid = model.cfg.grid_size if n == model.cfg.n_patches else None  # dynamic image size: a square grid
+    return patches.reshape(*patches.shape[:-1], *token_grid(n, grid))

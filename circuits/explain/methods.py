@@ -25,6 +25,7 @@ from circuits.explain.trace import AttentionTrace, trace
 from circuits.method_names import DEFAULT_METHODS, METHOD_NAMES
 from circuits.options import parse_named_options
 from hooked_vit import HookedViT, HookedViTConfig
+from hooked_vit.tokens import token_grid
 
 
 def random_map(trace: AttentionTrace, *, seed: int = 0) -> Tensor:
@@ -129,11 +130,7 @@ def upsample(
     `grid` (rows, cols) defaults to a square grid. A constant map normalises to zeros.
     """
     b, n = relevance.shape
-    if grid is None:
-        side = int(round(n**0.5))
-        if side * side != n:
-            raise ValueError(f"{n} tokens are not a square grid; pass grid=(rows, cols)")
-        grid = (side, side)
+    grid = token_grid(n, grid)
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     maps = F.interpolate(relevance.float().reshape(b, 1, *grid), size=size, mode="bilinear", align_corners=False)[:, 0]
     if not normalize:

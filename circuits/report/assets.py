@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 from circuits.data.classes import ModelClasses
-from circuits.plot import class_label, token_labels
+from circuits.plot import class_label
+from hooked_vit.tokens import token_grid, token_labels
 from circuits.runs.thumbnails import read_thumbnails
 
 __all__ = ["RunLabels", "read_labels", "read_thumbnails"]
@@ -29,8 +29,11 @@ class RunLabels:
     def token_names(self, n_tokens: int, n_prefix: int) -> list[str]:
         if self.tokens is not None and len(self.tokens) == n_tokens:
             return list(self.tokens)
-        side = int(round(np.sqrt(n_tokens - n_prefix)))
-        return token_labels((side, (n_tokens - n_prefix) // max(side, 1)), n_prefix > 0, max(n_prefix - 1, 0))
+        try:
+            grid = token_grid(n_tokens - n_prefix)
+        except ValueError:  # not square and no labels.json naming it: positions by number
+            return [f"token {i}" for i in range(n_tokens)]
+        return token_labels(grid, n_prefix > 0, max(n_prefix - 1, 0))
 
 
 def read_labels(run_dir: str | Path, n_classes: Optional[int] = None) -> RunLabels:

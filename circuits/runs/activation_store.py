@@ -23,8 +23,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from circuits.files import atomic_write_bytes
-from circuits.runs.results import RunStore, read_manifest
-from circuits.runs.streaming import describe_dataset, model_fingerprint, stream_pending
+from circuits.runs.context import start_run
+from circuits.runs.results import read_manifest
 from circuits.sae.activations import check_hooks, hook_activations, token_positions
 
 
@@ -36,19 +36,15 @@ def build_activation_store(model, dataset: Dataset, out: str | Path, hooks: Sequ
     hooks = list(hooks)
     check_hooks(model, hooks)
     token_positions(model, tokens)  # refuse a bad `tokens` before any work
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    settings = {"analysis": "sae_activations", "model": model.cfg.model_name,
-                "fingerprint": model_fingerprint(model), "dataset": describe_dataset(dataset), "n": n,
-                "hooks": hooks, "tokens": tokens, "seed": seed}
-    store = RunStore(out, settings, overwrite=overwrite)
+    run = start_run("sae_activations", model, dataset, out, limit=limit, overwrite=overwrite, num_workers=num_workers,
+                    progress=progress, hooks=hooks, tokens=tokens, seed=seed)
+    store = run.store
     if overwrite:
         for shard in (store.root / "shards").glob("shard-*.safetensors"):
             shard.unlink()
     _drop_orphan_shards(store.root)
-    device = next(model.parameters()).device
-    for batch in stream_pending(store, dataset, n, batch_size=batch_size, num_workers=num_workers,
-                                desc="activations", progress=progress):
-        images = batch.data["image"].to(device)
+    for batch in run.batches(batch_size, desc="activations"):
+        images = run.images(batch)
         acts, token = hook_activations(model, images, hooks, tokens)
         image_index = batch.data["index"].repeat_interleave(len(token) // images.shape[0])
         part = int(min(batch.data["index"]))

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from circuits.runs.results import RunStore
 from circuits.runs.streaming import PendingBatch, describe_dataset, model_fingerprint, stream_pending
 from hooked_vit import HookedViT
+from hooked_vit.tokens import token_labels
 
 
 def run_size(dataset: Dataset, limit: Optional[int]) -> int:
@@ -84,7 +85,5 @@ def start_run(analysis: str, model: HookedViT, dataset: Dataset, out_dir: str | 
 
 def run_labels(model: HookedViT) -> dict[str, Any]:
     """The model's class names and token position names, as the report reads them (labels.json)."""
-    from circuits.plot import token_labels
-
     return {"label_names": model.cfg.label_names, "class_names": model.cfg.class_names,
             "n_classes": model.cfg.n_classes, "grid": list(model.cfg.grid_size), "tokens": token_labels(model)}

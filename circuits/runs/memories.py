@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from circuits.memories import (METRICS, SUBLAYERS, TOKENS, MemoryBatch, MemoryResults, class_value_agreement, memory_bank,
                                memory_batch, random_classes, token_counts)
+from circuits.data.targets import TargetSpec, resolve_targets
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
 from circuits.runs.context import start_run
 from circuits.runs.streaming import PendingBatch
@@ -34,6 +35,7 @@ def memories(
     overwrite: bool = False,
     progress: bool = True,
     fwd_hooks: Sequence = (),
+    target: TargetSpec | str = "label",
     settings: Optional[dict[str, Any]] = None,
 ) -> RunStore:
     """Stream a dataset through the model and write per-image, per-layer memory metrics.
@@ -43,22 +45,27 @@ def memories(
     token counts: cls_tokens, image_tokens and cls_/image_ + agree, agree_random, compose,
     compose_random), `usage_<sublayer>` (per batch and layer: top-k counts per memory) and
     `class_value.json` (`class_value_agreement`). Resumable like `circuits.runs.identify`.
+
+    `target`: the class whose memories are read per image ("label", "predicted", or a fixed
+    class id / name; `circuits.data.targets.TargetSpec`); "label" refuses unlabeled images.
     """
     cfg = model.cfg
+    target = TargetSpec.of(target, model)
     run = start_run("memories", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, settings=settings, sublayers=list(sublayers), k=k, seed=seed,
-                    n_classes=cfg.n_classes, n_prefix_tokens=cfg.n_prefix_tokens, class_token=bool(cfg.class_token))
+                    n_classes=cfg.n_classes, n_prefix_tokens=cfg.n_prefix_tokens, class_token=bool(cfg.class_token),
+                    target=str(target))
     store = run.store
     store.write_json("class_value.json", class_value_agreement(model, sublayers).to_dict("records"))
     banks = {s: memory_bank(model, s, k) for s in sublayers}
     for pending in run.batches(batch_size):
         batch = pending.data
         images = run.images(pending)
-        labels = torch.as_tensor(batch["label"])
-        targets = labels if bool((labels >= 0).all()) else None
-        if targets is None:  # the random class is drawn relative to the target, so predict first
+        logits = None
+        if target.needs_logits:  # the random class is drawn relative to the target, so predict first
             with torch.inference_mode():
-                targets = model.run_with_hooks(images, fwd_hooks=list(fwd_hooks)).argmax(-1).cpu()
+                logits = model.run_with_hooks(images, fwd_hooks=list(fwd_hooks)).cpu()
+        targets = resolve_targets(target, torch.as_tensor(batch["label"]), logits)
         rand = random_classes(batch["index"].tolist(), targets, cfg.n_classes, seed)
         result = memory_batch(model, images, targets, rand, banks, fwd_hooks=fwd_hooks)
         pending.save(batch_tables(result, pending, model))

@@ -9,8 +9,7 @@ from typing import Optional
 
 from circuits.runs.activation_store import build_activation_store
 from circuits.runs.distributed import require_single_process
-from circuits.runs.results import RunStore
-from circuits.runs.streaming import describe_dataset, model_fingerprint
+from circuits.runs.context import start_run
 from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
 from circuits.sae.evaluate import evaluate_dictionary
 from circuits.sae.features import study_features, summary_for_report
@@ -36,17 +35,15 @@ def train_run(model, dataset, out: str | Path, *, hook: str, hook_out: Optional[
     d_out = _width(store, hook_out) if hook_out else None
     cfg = DictionaryConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, k=k, hook_name=hook, hook_out=hook_out,
                            d_out=d_out, tokens=tokens, model_name=model.cfg.model_name)
-    settings = {"analysis": "sae_train", **cfg.to_dict(), "fingerprint": model_fingerprint(model),
-                "dataset": describe_dataset(dataset), "steps": steps, "train_batch": train_batch, "lr": lr,
-                "l1_coeff": l1_coeff, "seed": seed}
-    run = RunStore(out, settings, overwrite=overwrite)
+    run = start_run("sae_train", model, dataset, out, limit=limit, overwrite=overwrite, settings=cfg.to_dict(),
+                    steps=steps, train_batch=train_batch, lr=lr, l1_coeff=l1_coeff, seed=seed)
     sae = SparseDictionary(cfg, seed=seed)
     t0 = time.perf_counter()
     log = train_dictionary(sae, lambda epoch: store.batches(train_batch, seed=seed + epoch),
                            TrainConfig(steps=steps, lr=lr, l1_coeff=l1_coeff, checkpoint_every=checkpoint_every,
                                        seed=seed, device=device, warmup_steps=min(100, steps // 10)),
                            out=out, progress=progress)
-    run.write_json("train_summary.json", {"store_rows": len(store), "store_seconds": store_s,
+    run.store.write_json("train_summary.json", {"store_rows": len(store), "store_seconds": store_s,
                                           "train_seconds": time.perf_counter() - t0, "final": log[-1],
                                           "log": log[::max(1, len(log) // 200)]})
     return out
@@ -62,10 +59,9 @@ def _width(store, hook: str) -> int:
 def eval_run(model, sae_dir: str | Path, dataset, out: str | Path, *, batch_size: int = 64,
              limit: Optional[int] = None, num_workers: int = 0, overwrite: bool = False) -> dict:
     sae = load_dictionary(sae_dir)
-    run = RunStore(out, {"analysis": "sae_eval", "sae": str(sae_dir), "fingerprint": model_fingerprint(model),
-                         "dataset": describe_dataset(dataset), "limit": limit}, overwrite=overwrite)
+    run = start_run("sae_eval", model, dataset, out, limit=limit, overwrite=overwrite, sae=str(sae_dir))
     metrics = evaluate_dictionary(model, sae, dataset, batch_size=batch_size, limit=limit, num_workers=num_workers)
-    run.write_json("eval.json", metrics)
+    run.store.write_json("eval.json", metrics)
     return metrics
 
 
@@ -73,10 +69,10 @@ def features_run(model, sae_dir: str | Path, dataset, out: str | Path, *, batch_
                  limit: Optional[int] = None, top_k: int = 8, num_workers: int = 0,
                  overwrite: bool = False) -> dict:
     sae = load_dictionary(sae_dir)
-    run = RunStore(out, {"analysis": "sae_features", "sae": str(sae_dir), "fingerprint": model_fingerprint(model),
-                         "dataset": describe_dataset(dataset), "limit": limit, "top_k": top_k}, overwrite=overwrite)
+    run = start_run("sae_features", model, dataset, out, limit=limit, overwrite=overwrite, sae=str(sae_dir),
+                    top_k=top_k)
     result = study_features(model, sae, dataset, batch_size=batch_size, limit=limit, top_k=top_k,
                             num_workers=num_workers)
     summary = summary_for_report(model, dataset, result, class_names=model.cfg.class_names)
-    run.write_json("features.json", summary)
+    run.store.write_json("features.json", summary)
     return summary
