@@ -82,6 +82,8 @@ def test_parse_round_trips_and_refuses_bad_specs():
             MaskSampling.parse(bad)
     with pytest.raises(ValueError, match="only applies to majority"):
         MaskSampling("center", 0.3)
+    with pytest.raises(ValueError, match="share of object pixels"):
+        MaskSampling("majority", True)
     with pytest.raises(TypeError, match="MaskSampling or text"):
         MaskSampling.parse(0.5)
 

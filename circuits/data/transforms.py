@@ -171,7 +171,8 @@ class MaskSampling:
     def __post_init__(self):
         if self.kind not in MASK_SAMPLINGS:
             raise ValueError(f"mask sampling must be one of {', '.join(MASK_SAMPLINGS)}, got {self.kind!r}")
-        if not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold <= 1.0:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"majority threshold is a share of object pixels in (0, 1], got {self.threshold!r}")
         if self.kind != "majority" and self.threshold != 0.5:
             raise ValueError(f"a threshold only applies to majority, not {self.kind!r}; use majority:{self.threshold}")
