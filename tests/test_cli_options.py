@@ -30,7 +30,7 @@ ENTRY_POINTS = {
 EXTRA_ARGS = {"sae eval": ["--sae", "dictionary"], "sae features": ["--sae", "dictionary"]}
 CASES = [(command, i) for command, points in sorted(ENTRY_POINTS.items()) for i in range(len(points))]
 VALUES = {"--batch-size": ("3", 3), "--limit": ("5", 5), "--workers": ("2", 2), "--overwrite": (None, True),
-          "--target": ("predicted", "predicted")}
+          "--target": ("predicted", "predicted"), "--mask-sampling": ("majority:0.25", "majority:0.25")}
 
 
 class Reached(Exception):

@@ -12,7 +12,7 @@ from pathlib import Path
 # The shared options of dataset-level commands and the keyword each becomes in the library call;
 # tests/test_cli_options.py checks that every command showing one passes it on.
 SHARED_RUN_OPTIONS = {"--batch-size": "batch_size", "--limit": "limit", "--workers": "num_workers",
-                      "--overwrite": "overwrite", "--target": "target"}
+                      "--overwrite": "overwrite", "--target": "target", "--mask-sampling": "mask_sampling"}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -45,12 +45,21 @@ def add_run_args(p: argparse.ArgumentParser, target: bool = True) -> None:
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
 
 
+def add_mask_sampling_arg(p: argparse.ArgumentParser) -> None:
+    """--mask-sampling for commands that turn pixel masks into object / context tokens."""
+    p.add_argument("--mask-sampling", default="center", metavar="center|corner|majority[:T]",
+                   help="which patch tokens are object tokens: the patch's centre pixel (default), its "
+                        "top-left pixel (the reference code's), or a share of object pixels >= T (0.5)")
+
+
 def run_options(args: argparse.Namespace) -> dict:
     """The shared options of `add_run_args` as the library's keyword arguments."""
     options = {"batch_size": args.batch_size, "limit": args.limit, "num_workers": args.workers,
                "overwrite": args.overwrite}
     if hasattr(args, "target"):
         options["target"] = args.target
+    if hasattr(args, "mask_sampling"):
+        options["mask_sampling"] = args.mask_sampling  # parsed by load_inputs
     return options
 
 
@@ -95,6 +104,10 @@ def load_inputs(args: argparse.Namespace, data: str | None = None):
         check_out_dir(args.out)
     spec = parse_model_spec(args.model, args.arch, args.random_weights)
     data_spec = parse_data_spec(args.data if data is None else data)
+    if getattr(args, "mask_sampling", None) is not None:
+        from circuits.data.transforms import MaskSampling
+
+        args.mask_sampling = MaskSampling.parse(args.mask_sampling)  # refused before the model loads
     from circuits.runs.precision import parse_dtype
 
     model = load_model(spec, device=resolve_device(args.device), dtype=parse_dtype(args.dtype))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuits.commands._common import add_model_args, add_run_args, load_inputs, run_options, say_done
+from circuits.commands._common import add_mask_sampling_arg, add_model_args, add_run_args, load_inputs, run_options, say_done
 
 ORDER = 10
 
@@ -13,6 +13,7 @@ def add_parser(sub) -> None:
                        description="Class identifiability (logit lens) over a dataset; results as parquet.")
     add_model_args(p)
     add_run_args(p)
+    add_mask_sampling_arg(p)
     p.add_argument("--sites", nargs="+", default=["block", "attn", "mlp"],
                    help="block, attn, mlp, or any per-block hook name")
     p.add_argument("--topk", type=int, default=5)

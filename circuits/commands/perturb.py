@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from circuits.commands._common import add_model_args, add_run_args, load_inputs, run_options, say_done
+from circuits.commands._common import add_mask_sampling_arg, add_model_args, add_run_args, load_inputs, run_options, say_done
 
 ORDER = 20
 
@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
                     "the unperturbed baseline) and after removing context or object tokens (needs masks).")
     add_model_args(p)
     add_run_args(p)
+    add_mask_sampling_arg(p)
     p.add_argument("--kinds", nargs="*", default=["self_only", "no_cls"], choices=["self_only", "no_cls"],
                    help="attention perturbations (none to skip); the unperturbed run is added")
     p.add_argument("--layers", nargs="+", type=int, default=None, help="blocks to perturb (default all)")
@@ -25,6 +26,10 @@ def add_parser(sub) -> None:
                    help="no_cls: cut only the class token, or every prefix token, as a key")
     p.add_argument("--removal", nargs="*", default=["context", "class_label"], choices=["context", "class_label"],
                    help="token removals (none to skip): context keeps object tokens, class_label keeps background")
+    p.add_argument("--convention", default="ours", choices=["ours", "original"],
+                   help="rates printed: ours (image tokens, per image) or the reference code's (class token "
+                        "counted in perturbed runs; docs/class_identifiability.md). Read-time only: both come "
+                        "from the same stored ranks, so it is not a run setting")
     p.set_defaults(run=run)
 
 def run(args: argparse.Namespace) -> int:
@@ -37,13 +42,14 @@ def run(args: argparse.Namespace) -> int:
         kwargs = {"perturb_prefix_queries": True} if args.perturb_prefix_queries else {}
         if args.keys == "prefix" or not model.cfg.class_token:  # no class token: cut the registers
             kwargs["keys"] = "prefix"
-        _attention(model, dataset, out / "attention", ["none", *args.kinds], args.layers, options, kwargs)
+        _attention(model, dataset, out / "attention", ["none", *args.kinds], args.layers, options, kwargs,
+                   args.convention)
     if args.removal:
-        from circuits.runs.perturb import token_removal_experiment
-        from circuits.token_removal import removal_summary
+        from circuits.runs.perturb import removal_rates_by_convention, token_removal_experiment
 
         store = token_removal_experiment(model, dataset, out / "token_removal", args.removal, **options)
-        print(removal_summary(store.read("removal")).to_string(index=False))
+        table = removal_rates_by_convention(store.read("removal"), model.cfg.n_prefix_tokens, args.convention)
+        print(table.to_string(index=False))
         say_done(store)
     return 0
 
@@ -56,10 +62,10 @@ def require_masks(dataset, data: str) -> None:
                          "ImageNet-S root, or pass --removal with nothing to skip it")
 
 
-def _attention(model, dataset, out, kinds, layers, options, kwargs) -> None:
+def _attention(model, dataset, out, kinds, layers, options, kwargs, convention) -> None:
     from circuits.interventions import summarize_rates
     from circuits.runs.perturb import perturbation_experiment, perturbation_rates
 
     runs = perturbation_experiment(model, dataset, out, kinds, layers, **options, **kwargs)
-    print(summarize_rates(perturbation_rates(runs)).to_string(index=False))
+    print(summarize_rates(perturbation_rates(runs, convention)).to_string(index=False))
     print(f"results in {out}")

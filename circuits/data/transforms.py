@@ -8,12 +8,15 @@ mask stays pixel-aligned with the image the model sees.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as F
+from jaxtyping import Bool
 from PIL import Image
+from torch import Tensor
 from timm.data.constants import (DEFAULT_CROP_MODE, DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN,
                                  IMAGENET_DEFAULT_STD)
 from torchvision.transforms import InterpolationMode
@@ -146,24 +149,84 @@ def transform_for(data_config) -> JointTransform:
                           cfg["crop_mode"])
 
 
-def mask_to_token_grid(mask: torch.Tensor, patch_size: int | tuple[int, int]) -> torch.Tensor:
+MASK_SAMPLINGS = ("center", "corner", "majority")
+
+
+@dataclass(frozen=True)
+class MaskSampling:
+    """How a patch's pixel mask becomes one object / context flag for its token.
+
+    center: the pixel at the patch centre (the default: the unbiased point sample of the
+      patch, not shifted towards its top-left); corner: the top-left pixel, what the
+      reference code's nearest resize of the mask to the token grid samples (Vilas et al.
+      2023, github.com/martinagvilas/vit-cls_emb ``src/vis.py``, ``cv2.resize(...,
+      INTER_NEAREST)`` picks source pixel ``floor(i * H / gh)``); majority: the share of
+      object pixels in the patch is >= ``threshold``.
+    Text form (CLI, settings): ``center``, ``corner``, ``majority`` or ``majority:0.25``.
+    """
+
+    kind: str = "center"
+    threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.kind not in MASK_SAMPLINGS:
+            raise ValueError(f"mask sampling must be one of {', '.join(MASK_SAMPLINGS)}, got {self.kind!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"majority threshold is a share of object pixels in (0, 1], got {self.threshold!r}")
+        if self.kind != "majority" and self.threshold != 0.5:
+            raise ValueError(f"a threshold only applies to majority, not {self.kind!r}; use majority:{self.threshold}")
+
+    @classmethod
+    def parse(cls, spec: "MaskSampling | str | None") -> "MaskSampling":
+        """A MaskSampling from itself, None (the default) or its text ("majority:0.25")."""
+        if spec is None or isinstance(spec, MaskSampling):
+            return spec or cls()
+        if not isinstance(spec, str):
+            raise TypeError(f"mask sampling is a MaskSampling or text such as 'majority:0.5', got {type(spec).__name__}")
+        kind, colon, threshold = spec.strip().partition(":")
+        if not colon:
+            return cls(kind)
+        if kind != "majority":
+            raise ValueError(f"only majority takes a threshold (majority:0.5), got {spec!r}")
+        try:
+            return cls(kind, float(threshold))
+        except ValueError as err:
+            if "threshold" in str(err):
+                raise
+            raise ValueError(f"majority threshold must be a number in (0, 1], got {threshold!r} in {spec!r}") from None
+
+    def __str__(self) -> str:
+        return f"majority:{self.threshold:g}" if self.kind == "majority" else self.kind
+
+
+def mask_to_token_grid(mask: Bool[Tensor, "*b H W"], patch_size: int | tuple[int, int],
+                       sampling: MaskSampling | str | None = None) -> Bool[Tensor, "b n_patches"]:
     """Which patch tokens are object tokens: bool [B, H, W] or [H, W] -> bool [B, gh * gw].
 
-    A token is "object" iff the mask pixel at its patch's centre is True (nearest-neighbour
-    downsampling, no area threshold). Patch (i, j) covers rows ``i*ph .. i*ph+ph-1``; its centre
-    pixel is ``(i*ph + ph//2, j*pw + pw//2)`` (for even sizes the lower-right of the 4 central
-    pixels). ``gh = H // ph``, ``gw = W // pw``: like the stride-``p`` patch conv, leftover rows /
+    ``sampling`` (`MaskSampling` or its text; default center): patch (i, j) covers rows
+    ``i*ph .. i*ph+ph-1`` and columns ``j*pw .. j*pw+pw-1``. center reads pixel
+    ``(i*ph + ph//2, j*pw + pw//2)`` (for even sizes the lower-right of the 4 central
+    pixels), corner pixel ``(i*ph, j*pw)``, majority counts the patch's object pixels.
+    ``gh = H // ph``, ``gw = W // pw``: like the stride-``p`` patch conv, leftover rows /
     columns are dropped. Tokens are row-major (``i * gw + j``), the order of timm's patch tokens;
     prefix tokens (CLS, registers, distillation) are not included. A 2-D mask gives B = 1.
     """
+    sampling = MaskSampling.parse(sampling)
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
     mask = torch.as_tensor(mask)
     mask = mask[None] if mask.ndim == 2 else mask  # [B, H, W]
     gh, gw = mask.shape[-2] // ph, mask.shape[-1] // pw
     if gh == 0 or gw == 0:
         raise ValueError(f"mask {tuple(mask.shape[-2:])} is smaller than one patch {(ph, pw)}")
-    rows = torch.arange(gh, device=mask.device) * ph + ph // 2
-    cols = torch.arange(gw, device=mask.device) * pw + pw // 2
+    if sampling.kind == "majority":
+        patches = mask[:, :gh * ph, :gw * pw].reshape(mask.shape[0], gh, ph, gw, pw)
+        # count / n in float64 rounds like the threshold's own literal: 3 / 10 >= 0.3 holds
+        share = patches.bool().sum((2, 4), dtype=torch.float64) / (ph * pw)
+        return (share >= sampling.threshold).reshape(mask.shape[0], gh * gw)
+    offset = (ph // 2, pw // 2) if sampling.kind == "center" else (0, 0)
+    rows = torch.arange(gh, device=mask.device) * ph + offset[0]
+    cols = torch.arange(gw, device=mask.device) * pw + offset[1]
     return mask[:, rows][:, :, cols].bool().reshape(mask.shape[0], gh * gw)
 
 

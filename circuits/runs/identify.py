@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from circuits.data.classes import class_name
 from circuits.data.targets import TargetSpec, resolve_targets
+from circuits.data.transforms import MaskSampling, mask_to_token_grid
 from circuits.projection import DEFAULT_SITES, BatchProjection, check_sites, project_batch
 from circuits.identifiability import IdentifyResults
 from circuits.runs.context import start_run
@@ -48,6 +49,7 @@ def identify(
     target: TargetSpec | str = "label",
     settings: Optional[dict[str, Any]] = None,
     thumbnails: int = 16,
+    mask_sampling: MaskSampling | str | None = None,
 ) -> RunStore:
     """Project every token of every site at every block for a dataset; resumable.
 
@@ -62,24 +64,29 @@ def identify(
             "predicted" (the model's top-1 under `fwd_hooks`, for unlabeled images) or a class.
         settings: extra settings recorded in the manifest (and checked on resume).
         thumbnails: keep the first N images (uint8, table "thumbnails") to draw maps over them.
+        mask_sampling: how a patch's pixel mask becomes its object_tokens flag
+            (`circuits.data.transforms.MaskSampling`: center (default), corner, majority[:t]).
     """
     target = as_target(target, model)
+    sampling = MaskSampling.parse(mask_sampling)
     check_sites(model, sites)  # before the run directory is made
     run = start_run("identify", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, settings=settings, sites=list(sites), k=k, n_classes=model.cfg.n_classes,
                     n_prefix_tokens=model.cfg.n_prefix_tokens, patch_size=list(model.cfg.patch_size),
-                    target=str(target))
+                    target=str(target), mask_sampling=str(sampling))
     for batch in run.batches(batch_size):
         images = run.images(batch)
         labels = torch.as_tensor(batch.data["label"])
         # predicted: None lets project_batch take the top-1 of the (hooked) forward it runs anyway
         targets = None if target.needs_logits else resolve_targets(target, labels)
         proj = project_batch(model, images, targets, sites=sites, k=k, fwd_hooks=fwd_hooks)
-        batch.save({**batch_tables(proj, batch, model), **batch_thumbnails(model, batch.data, thumbnails)})
+        tables = batch_tables(proj, batch, model, sampling)
+        batch.save({**tables, **batch_thumbnails(model, batch.data, thumbnails)})
     return run.store
 
 
-def batch_tables(proj: BatchProjection, pending: PendingBatch, model: HookedViT) -> dict[str, pa.Table]:
+def batch_tables(proj: BatchProjection, pending: PendingBatch, model: HookedViT,
+                 sampling: MaskSampling | None = None) -> dict[str, pa.Table]:
     """The images, tokens and stream tables of one projected batch."""
     batch = pending.data
     b, n_sites, n_layers, n_tok = proj.rank.shape
@@ -96,7 +103,7 @@ def batch_tables(proj: BatchProjection, pending: PendingBatch, model: HookedViT)
     images.update({key: value.cpu().numpy() for key, value in pending.scalar_metadata().items()})
     image_table = pa.table(images)
     if "mask" in batch:
-        image_table = image_table.append_column("object_tokens", fixed_size_list(object_tokens(batch["mask"], model)))
+        image_table = image_table.append_column("object_tokens", fixed_size_list(object_tokens(batch["mask"], model, sampling)))
 
     site_col = np.repeat(np.array(proj.sites, dtype=object), n_layers)
     tokens = pa.table({
@@ -128,11 +135,9 @@ def class_name_columns(model: HookedViT, target: np.ndarray, pred: np.ndarray) -
     return {"target_name": [class_name(model, t) for t in target], "pred_name": [class_name(model, p) for p in pred]}
 
 
-def object_tokens(mask: torch.Tensor, model: HookedViT) -> np.ndarray:
+def object_tokens(mask: torch.Tensor, model: HookedViT, sampling: MaskSampling | str | None = None) -> np.ndarray:
     """Pixel masks [b, H, W] -> per-token object flags [b, P] (prefix tokens False)."""
-    from circuits.data import mask_to_token_grid
-
-    grid = mask_to_token_grid(mask.bool(), model.cfg.patch_size)  # [b, n_patches]
+    grid = mask_to_token_grid(mask.bool(), model.cfg.patch_size, sampling)  # [b, n_patches]
     prefix = torch.zeros(grid.shape[0], model.cfg.n_prefix_tokens, dtype=torch.bool)
     return torch.cat([prefix, grid.cpu()], 1).numpy()
 

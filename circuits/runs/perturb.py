@@ -17,13 +17,15 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from circuits.data import mask_to_token_grid
+from circuits.data.transforms import MaskSampling, mask_to_token_grid
+from circuits.identifiability import Convention, check_convention, measured_tokens, removal_rates_original
 from circuits.interventions import KINDS, perturbation_hooks
 from circuits.runs.context import start_run
 from circuits.data.targets import TargetSpec, resolve_targets
 from circuits.runs.identify import as_target, identify, load_results
-from circuits.runs.results import RunStore, fixed_size_list
-from circuits.token_removal import REMOVALS, Removal, kept_tokens_mask, removal_batch, removal_rates
+from circuits.runs.results import RunStore, fixed_size_list, stack_column
+from circuits.token_removal import (REMOVALS, Removal, kept_tokens_mask, removal_batch, removal_rates,
+                                    removal_summary)
 from hooked_vit import HookedViT
 
 
@@ -31,12 +33,14 @@ def perturbation_experiment(model: HookedViT, dataset, out_dir, kinds: Sequence[
                             layers: Optional[Sequence[int]] = None, *, sites: Sequence[str] = ("block",),
                             k: int = 1, batch_size: int = 32, limit: Optional[int] = None,
                             overwrite: bool = False, progress: bool = True, num_workers: int = 0,
-                            target: TargetSpec | str = "label", **options) -> dict:
+                            target: TargetSpec | str = "label", mask_sampling: MaskSampling | str | None = None,
+                            **options) -> dict:
     """Run `circuits.runs.identify.identify` once per perturbation kind; one run dir per kind.
 
     Writes `out_dir/<kind>/` (analysis "attention_perturbation"; settings record the kind,
     layers and options). Resumable like `identify`. Returns {kind: run directory}.
     target: the class measured (`circuits.data.targets`); "predicted" is each run's own top-1.
+    mask_sampling: the object_tokens flags of each run (`MaskSampling`), as in `identify`.
     """
     runs = {}
     for kind in kinds:
@@ -47,23 +51,26 @@ def perturbation_experiment(model: HookedViT, dataset, out_dir, kinds: Sequence[
         run = Path(out_dir) / kind
         identify(model, dataset, str(run), sites=sites, k=k, batch_size=batch_size, limit=limit,
                  overwrite=overwrite, progress=progress, num_workers=num_workers, fwd_hooks=hooks,
-                 target=target, settings=settings)
+                 target=target, settings=settings, mask_sampling=mask_sampling)
         runs[kind] = run
     return runs
 
 
-def perturbation_rates(runs: dict) -> pd.DataFrame:
+def perturbation_rates(runs: dict, convention: Convention = "ours") -> pd.DataFrame:
     """Per image and kind, the last-block identifiable-token rate of image (patch) tokens.
 
     runs: {kind: run dir} from `perturbation_experiment` (or `find_runs`). Returns a long
     DataFrame: index, label, kind, identifiable_token_rate (share of patch tokens with rank
     0 at the last block output), any_identifiable, correct. Compare kinds with
     `df.pivot(index="index", columns="kind", values="identifiable_token_rate")`.
+    convention="original": the reference code's tokens (`circuits.identifiability.measured_tokens`):
+    every token, class token included, in the perturbed kinds; ``[:, 1:]`` in "none".
     """
     frames = []
     for kind, run in runs.items():
         res = load_results(run)
-        top1 = res.rank[:, res.site("block"), -1, res.n_prefix:] == 0  # [N, patches]
+        tokens = measured_tokens(res.n_prefix, convention, perturbed=kind != "none")
+        top1 = res.rank[:, res.site("block"), -1, tokens] == 0  # [N, tokens]
         frames.append(pd.DataFrame({
             "index": res.images["index"].to_numpy(), "label": res.images["label"].to_numpy(), "kind": kind,
             "identifiable_token_rate": top1.mean(1), "any_identifiable": top1.any(1),
@@ -76,7 +83,8 @@ def perturbation_rates(runs: dict) -> pd.DataFrame:
 def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Sequence[Removal] = REMOVALS, *,
                              batch_size: int = 32, limit: Optional[int] = None, overwrite: bool = False,
                              progress: bool = True, num_workers: int = 0, target: TargetSpec | str = "label",
-                             settings: Optional[dict] = None) -> RunStore:
+                             settings: Optional[dict] = None,
+                             mask_sampling: MaskSampling | str | None = None) -> RunStore:
     """Token removal over a dataset with object masks; resumable (`RunStore`).
 
     Writes the table "removal": one row per (index, removal) with label, target, the
@@ -85,11 +93,15 @@ def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Seque
     pred_unperturbed and the per-token ranks (rank_removed, -1 on removed tokens;
     rank_unperturbed). Load with `pandas.read_parquet(out_dir / "removal")`.
     target: the class measured (`circuits.data.targets`; "predicted": the unperturbed top-1).
+    mask_sampling: which patch tokens count as object tokens (`circuits.data.transforms.MaskSampling`:
+        center (default), corner (the reference code's), majority[:threshold]).
     """
     target = as_target(target, model)
+    sampling = MaskSampling.parse(mask_sampling)
     run = start_run("token_removal", model, dataset, out_dir, limit=limit, overwrite=overwrite, progress=progress,
                     num_workers=num_workers, settings=settings, removals=list(removals),
-                    n_prefix_tokens=model.cfg.n_prefix_tokens, n_classes=model.cfg.n_classes, target=str(target))
+                    n_prefix_tokens=model.cfg.n_prefix_tokens, n_classes=model.cfg.n_classes, target=str(target),
+                    mask_sampling=str(sampling))
     for pending in run.batches(batch_size, desc="token removal"):
         batch = pending.data
         if "mask" not in batch:
@@ -98,11 +110,26 @@ def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Seque
         labels = torch.as_tensor(batch["label"])
         logits = model(images) if target.needs_logits else None
         targets = resolve_targets(target, labels, logits).to(model.device)
-        obj = mask_to_token_grid(batch["mask"].bool(), model.cfg.patch_size)
+        obj = mask_to_token_grid(batch["mask"].bool(), model.cfg.patch_size, sampling)
         table = _batch_table(batch, removal_batch(model, images, obj, targets, removals), obj, targets,
                              model.cfg.n_prefix_tokens)
         pending.save({"removal": table})
     return run.store
+
+
+def removal_rates_by_convention(df: pd.DataFrame, n_prefix: int, convention: Convention = "ours") -> pd.DataFrame:
+    """Mean rates per removal of a "removal" table over its valid images: ours
+    (`circuits.token_removal.removal_summary`), or the reference code's
+    (`circuits.identifiability.removal_rates_original`: class token counted after removal,
+    unperturbed tokens pooled). Columns removal, images, rate_removed, rate_unperturbed (+ ours' extras)."""
+    if check_convention(convention) == "ours":
+        return removal_summary(df)
+    rows = []
+    for removal, part in df[df["valid"]].groupby("removal", sort=False):
+        rates = removal_rates_original(stack_column(part, "rank_removed"), stack_column(part, "rank_unperturbed"),
+                                       n_prefix)
+        rows.append({"removal": removal, "images": len(part), **rates})
+    return pd.DataFrame(rows, columns=["removal", "images", "rate_removed", "rate_unperturbed"])
 
 
 def _batch_table(batch: dict, out: dict, obj: Tensor, targets: Tensor, n_prefix: int) -> pa.Table:
