@@ -28,7 +28,8 @@ def direct_contributions(
     The final norm is linearised at the scale of `final_resid` (the class token after the
     last block), as TransformerLens's `apply_ln_to_stack` does; the norm's bias is left out
     (it is a constant term), so the contributions of all components plus `ln bias @ proj^T`
-    sum to the model's output (`hook_logits`: the image embedding of a CLIP tower).
+    sum to the image embedding (`hook_image_embed`, whatever head reads it; a model without
+    CLIP's projection: its logits through `W_U`).
     """
     if model.cfg.global_pool != "token" or model.cfg.distilled:
         raise ValueError("direct_contributions reads the class token: a class-token, single-head model is needed")
@@ -39,7 +40,8 @@ def direct_contributions(
         scale = (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
         stack = (stack - stack.mean(-1, keepdim=True)) / scale
         stack = stack * ln.weight if ln.weight is not None else stack
-    return stack @ model.head.weight.T
+    readout = model.image_proj.weight.T if model.image_proj is not None else model.W_U  # [d_model, d_embed]
+    return stack @ readout
 
 
 def head_contributions(model: HookedViT, images: Float[Tensor, "b c h w"], layers: Sequence[int]
