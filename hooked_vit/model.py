@@ -320,10 +320,16 @@ class HookedViT(HookedRootModule):
             w = self.head.weight if self.head_dist is None else (self.head.weight + self.head_dist.weight) / 2
         return w.T
 
+    @property
+    def has_unembed(self) -> bool:
+        """Whether the logits are a linear read-out of the pooled vector (a head, CLIP's image
+        projection or both) rather than the pooled vector itself."""
+        return self.head is not None or self.image_proj is not None
+
     def require_head(self) -> None:
         """Raise if the model has no classifier head nor image projection (no class or
         image-embedding space to project on)."""
-        if self.head is None and self.image_proj is None:
+        if not self.has_unembed:
             raise ValueError(
                 f"{self.cfg.model_name} has no classifier head (num_classes=0): there is no class "
                 "embedding space to project onto; load it with num_classes=N and a fine-tuned head"

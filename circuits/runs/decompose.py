@@ -187,7 +187,7 @@ def _image_rows(model, terms: torch.Tensor, batch: dict, fitted: Fitted, spuriou
             rows["attribute" if key == spurious_key else key] = batch[key].cpu().numpy().astype(np.int64)
     table = pa.table(rows)
     table = table.append_column("pred_k", fixed_size_list(preds.numpy().astype(np.int32)))
-    if model.head is not None:
+    if model.has_unembed:
         target = labels.to(terms.device)
         per_class = readout_logits(model, terms)  # [b, C, classes]
         label_terms = per_class.gather(-1, target[:, None, None].expand(-1, terms.shape[1], 1))[..., 0]

@@ -1,0 +1,60 @@
+"""Analyses that read the head, on the two read-outs beyond a plain Linear: CLIP's image
+projection (with and without a text head on it) and DINOv2's [class, mean patch] head.
+All parameters randomised (tests/helpers.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuits.decomposition.decompose import decompose, token_terms
+from circuits.decomposition.segmentation import class_direction
+from helpers import images, randomize_
+from hooked_vit import HookedViT
+from hooked_vit.text_classes import install_text_classes
+
+TOL = 1e-5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def clip_tower(text_classes: bool) -> HookedViT:
+    pytest.importorskip("open_clip")
+    from test_loading_open_clip import make_clip
+
+    model = HookedViT.from_open_clip(make_clip("ViT-B-32"))
+    if text_classes:
+        install_text_classes(model, torch.randn(5, 24, generator=torch.Generator().manual_seed(0)))
+    return model
+
+
+def dinov2_classifier() -> HookedViT:
+    T = pytest.importorskip("transformers")
+    config = T.Dinov2WithRegistersConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                                         patch_size=8, mlp_ratio=2, num_register_tokens=2, num_labels=6)
+    hf = randomize_(T.Dinov2WithRegistersForImageClassification(config).eval(), std=0.2)
+    return HookedViT.from_hf(hf)
+
+
+MODELS = {"clip": lambda: clip_tower(False), "clip+text": lambda: clip_tower(True), "dinov2_cls": dinov2_classifier}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_decomposition_sums_to_the_logits(name):
+    model, x = MODELS[name](), images(32, 3)
+    dec = decompose(model, x)
+    assert rel(dec.total(), dec.representation) < TOL
+    logit_terms, comps = dec.logit_terms(model)
+    with torch.no_grad():
+        logits = model(x)
+    assert dec.logits.shape == logits.shape and rel(logit_terms.sum(1), logits) < TOL
+    for chunk in token_terms(model, x, dec, heads_per_chunk=2):
+        idx = [dec.index("head", chunk.layer)[h] for h in chunk.heads]
+        assert rel(chunk.terms.sum(3), dec.terms[:, idx].transpose(1, 2)) < TOL
+    # The class direction dotted with the total representation is the class logit (no bias).
+    classes = logits.argmax(-1)
+    direction = class_direction(model, classes)
+    torch.testing.assert_close((dec.flat().sum(1) * direction).sum(-1) + model.b_U[classes],
+                               logits.gather(1, classes[:, None])[:, 0], rtol=1e-4, atol=1e-5)
