@@ -58,3 +58,17 @@ def test_decomposition_sums_to_the_logits(name):
     direction = class_direction(model, classes)
     torch.testing.assert_close((dec.flat().sum(1) * direction).sum(-1) + model.b_U[classes],
                                logits.gather(1, classes[:, None])[:, 0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("text_classes", [False, True], ids=["embedding", "text"])
+def test_transformer_lens_logit_attribution_reads_the_projection(text_classes):
+    """After fold_ln (TransformerLens's convention), `cache.logit_attrs` of the class token's
+    residual components plus b_U are the logits: the projection is inside W_U."""
+    model = clip_tower(text_classes).process_weights_()
+    x = images(32, 3)
+    out, cache = model.run_with_cache(x)
+    stack = torch.cat([cache["blocks.0.hook_resid_pre"][None, :, 0],
+                       cache.decompose_resid(incl_embeds=False, pos_slice=0)])  # ln_pre's output onwards
+    targets = torch.tensor([0, 1, 2])
+    attrs = cache.logit_attrs(stack, tokens=targets, pos_slice=0)  # [components, b]
+    torch.testing.assert_close(attrs.sum(0) + model.b_U[targets], out[torch.arange(3), targets], rtol=1e-4, atol=1e-4)
