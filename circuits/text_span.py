@@ -31,9 +31,7 @@ def direct_contributions(
     sum to the image embedding (`hook_image_embed`, whatever head reads it; a model without
     CLIP's projection: its logits through `W_U`).
     """
-    if model.cfg.global_pool != "token" or model.cfg.distilled:
-        raise ValueError("direct_contributions reads the class token: a class-token, single-head model is needed")
-    model.require_head()
+    check_text_span_model(model)
     ln = model.ln_final
     if ln is not None:
         centred = final_resid - final_resid.mean(-1, keepdim=True)
@@ -44,6 +42,17 @@ def direct_contributions(
     return stack @ readout
 
 
+def check_text_span_model(model: HookedViT) -> int:
+    """Refuse models whose output is not read from the class token alone; returns the width
+    of the space contributions live in (d_image_embed for CLIP, else the logits')."""
+    if model.cfg.global_pool != "token" or model.cfg.distilled:
+        raise ValueError("direct_contributions reads the class token: a class-token, single-head model is needed "
+                         f"(global_pool={model.cfg.global_pool!r}, distilled={model.cfg.distilled})")
+    model.require_head()
+    return model.cfg.d_image_embed or model.cfg.n_classes
+
+
+@torch.no_grad()
 def head_contributions(model: HookedViT, images: Float[Tensor, "b c h w"], layers: Sequence[int]
                        ) -> Float[Tensor, "l h b d_embed"]:
     """Direct contribution of every head of `layers` to each image's embedding."""

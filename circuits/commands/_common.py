@@ -45,6 +45,13 @@ def add_run_args(p: argparse.ArgumentParser, target: bool = True) -> None:
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
 
 
+def add_text_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--texts / --text-file: prompts read through the CLIP model's own text tower."""
+    need = " (one of --texts / --text-file is needed)" if required else ""
+    p.add_argument("--texts", default=None, help=f'comma-separated prompts, e.g. "a dog,a red car"{need}')
+    p.add_argument("--text-file", default=None, help="a file of prompts, one per line ('#' lines skipped)")
+
+
 def run_options(args: argparse.Namespace) -> dict:
     """The shared options of `add_run_args` as the library's keyword arguments."""
     options = {"batch_size": args.batch_size, "limit": args.limit, "num_workers": args.workers,
