@@ -72,3 +72,26 @@ def test_transformer_lens_logit_attribution_reads_the_projection(text_classes):
     targets = torch.tensor([0, 1, 2])
     attrs = cache.logit_attrs(stack, tokens=targets, pos_slice=0)  # [components, b]
     torch.testing.assert_close(attrs.sum(0) + model.b_U[targets], out[torch.arange(3), targets], rtol=1e-4, atol=1e-4)
+
+
+def test_config_flags_build_the_read_out_and_refuse_inconsistent_ones():
+    from hooked_vit import HookedViTConfig
+
+    base = dict(d_model=32, n_layers=1, n_heads=2, d_mlp=64, img_size=16, patch_size=8)
+    clip = HookedViT(HookedViTConfig(**base, n_classes=7, d_image_embed=12, head_on_image_embed=True))
+    assert clip.image_proj.weight.shape == (12, 32) and clip.head.weight.shape == (7, 12)
+    assert clip.W_U.shape == (32, 7) and "hook_image_embed" in clip.hook_dict
+    embed_only = HookedViT(HookedViTConfig(**base, n_classes=12, d_image_embed=12))
+    assert embed_only.head is None and embed_only(torch.randn(1, 3, 16, 16)).shape == (1, 12)
+    dino = HookedViT(HookedViTConfig(**base, n_classes=5, global_pool="token_avg"))
+    assert dino.head.in_features == 64 and dino(torch.randn(1, 3, 16, 16), return_type="pooled").shape == (1, 64)
+    with pytest.raises(ValueError, match="must equal d_image_embed"):
+        HookedViTConfig(**base, n_classes=5, d_image_embed=12)
+    with pytest.raises(ValueError, match="needs an image projection"):
+        HookedViTConfig(**base, n_classes=5, head_on_image_embed=True)
+    with pytest.raises(ValueError, match="pool_include_prefix=False"):
+        HookedViTConfig(**base, n_classes=5, global_pool="token_avg", pool_include_prefix=True)
+    with pytest.raises(ValueError, match="single pooled vector"):
+        HookedViTConfig(**base, n_classes=12, d_image_embed=12, distilled=True)
+    with pytest.raises(ValueError, match="single-vector CLIP tower"):
+        install_text_classes(dino, torch.randn(3, 32))
