@@ -39,7 +39,7 @@ import torch
 from circuits.decomposition.decompose import (
     Component, DecomposedSet, decompose, decompose_dataset, readout_logits,
 )
-from circuits.decomposition.align import ComponentMaps, image_projection_maps
+from circuits.decomposition.align import image_projection_maps
 from circuits.decomposition.scoring import (
     FeatureScorer, TextFeatures, patch_grid, project, text_components, text_retrieval, token_heatmaps,
 )
@@ -152,6 +152,7 @@ def _mapped(model, terms: torch.Tensor) -> torch.Tensor:
 
 
 def _on(features: TextFeatures, like: torch.Tensor) -> TextFeatures:
+    """The features with their directions on the batch's device and dtype."""
     return TextFeatures(features.texts, features.directions.to(like.device, like.dtype), features.scores,
                         features.components)
 
