@@ -103,9 +103,11 @@ class HookedViTConfig:
                     raise ValueError(f"{name} has {len(names)} entries for n_classes={self.n_classes}")
 
     def _check_head(self) -> None:
-        if self.global_pool == "token_avg" and (not self.class_token or self.distilled or self.pool_include_prefix):
-            raise ValueError("global_pool='token_avg' needs a class token, no distillation token and "
-                             "pool_include_prefix=False (the mean is over patch tokens only)")
+        if self.global_pool == "token_avg" and (not self.class_token or self.distilled or self.pool_include_prefix
+                                                or self.final_norm == "pooled"):
+            raise ValueError("global_pool='token_avg' needs a class token, no distillation token, "
+                             "pool_include_prefix=False (the mean is over patch tokens only) and a per-token "
+                             "final norm (final_norm='token' or None)")
         if self.d_image_embed is None:
             if self.head_on_image_embed:
                 raise ValueError("head_on_image_embed=True needs an image projection (d_image_embed)")

@@ -91,6 +91,8 @@ def test_config_flags_build_the_read_out_and_refuse_inconsistent_ones():
         HookedViTConfig(**base, n_classes=5, head_on_image_embed=True)
     with pytest.raises(ValueError, match="pool_include_prefix=False"):
         HookedViTConfig(**base, n_classes=5, global_pool="token_avg", pool_include_prefix=True)
+    with pytest.raises(ValueError, match="per-token final norm"):
+        HookedViTConfig(**base, n_classes=5, global_pool="token_avg", final_norm="pooled")
     with pytest.raises(ValueError, match="single pooled vector"):
         HookedViTConfig(**base, n_classes=12, d_image_embed=12, distilled=True)
     with pytest.raises(ValueError, match="single-vector CLIP tower"):
