@@ -28,20 +28,31 @@ def direct_contributions(
     The final norm is linearised at the scale of `final_resid` (the class token after the
     last block), as TransformerLens's `apply_ln_to_stack` does; the norm's bias is left out
     (it is a constant term), so the contributions of all components plus `ln bias @ proj^T`
-    sum to the model's output (`hook_logits`: the image embedding of a CLIP tower).
+    sum to the image embedding (`hook_image_embed`, whatever head reads it; a model without
+    CLIP's projection: its logits through `W_U`).
     """
-    if model.cfg.global_pool != "token" or model.cfg.distilled:
-        raise ValueError("direct_contributions reads the class token: a class-token, single-head model is needed")
-    model.require_head()
+    check_text_span_model(model)
     ln = model.ln_final
     if ln is not None:
         centred = final_resid - final_resid.mean(-1, keepdim=True)
         scale = (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
         stack = (stack - stack.mean(-1, keepdim=True)) / scale
         stack = stack * ln.weight if ln.weight is not None else stack
-    return stack @ model.head.weight.T
+    readout = model.image_proj.weight.T if model.image_proj is not None else model.W_U  # [d_model, d_embed]
+    return stack @ readout
 
 
+def check_text_span_model(model: HookedViT) -> int:
+    """Refuse models whose output is not read from the class token alone; returns the width
+    of the space contributions live in (d_image_embed for CLIP, else the logits')."""
+    if model.cfg.global_pool != "token" or model.cfg.distilled:
+        raise ValueError("direct_contributions reads the class token: a class-token, single-head model is needed "
+                         f"(global_pool={model.cfg.global_pool!r}, distilled={model.cfg.distilled})")
+    model.require_head()
+    return model.cfg.d_image_embed or model.cfg.n_classes
+
+
+@torch.no_grad()
 def head_contributions(model: HookedViT, images: Float[Tensor, "b c h w"], layers: Sequence[int]
                        ) -> Float[Tensor, "l h b d_embed"]:
     """Direct contribution of every head of `layers` to each image's embedding."""

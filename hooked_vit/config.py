@@ -47,12 +47,20 @@ class HookedViTConfig:
     eps: float = 1e-6
 
     # --- head --------------------------------------------------------------------------------
-    global_pool: Literal["token", "avg", "max", "avgmax"] = "token"
+    # "token_avg": [class token, mean of the patch tokens] concatenated, [b, 2 * d_model]
+    # (transformers' Dinov2ForImageClassification; registers are not averaged).
+    global_pool: Literal["token", "avg", "max", "avgmax", "token_avg"] = "token"
     pool_include_prefix: bool = False
     # "token": the final norm acts on every token before pooling (timm's `norm`);
     # "pooled": it acts on the pooled vector (timm's `fc_norm`, the GAP models); None: none.
     final_norm: Optional[Literal["token", "pooled"]] = "token"
     head_bias: bool = True
+    # CLIP's image projection (a bias-free Linear d_model -> d_image_embed on the pooled
+    # vector, hook_image_embed); None: no projection.
+    d_image_embed: Optional[int] = None
+    # With a projection: True when a classifier head (e.g. text class embeddings) reads the
+    # image embedding; False when the logits are the image embedding (n_classes == d_image_embed).
+    head_on_image_embed: bool = False
 
     # --- run-time switches -------------------------------------------------------------------
     use_attn_result: bool = False  # compute attn.hook_result (per-head outputs)
@@ -86,6 +94,7 @@ class HookedViTConfig:
             raise ValueError("global_pool='token' needs a class token")
         if self.distilled and self.n_reg_tokens:
             raise ValueError("a distilled model with register tokens is not supported")
+        self._check_head()
         for name in ("label_names", "class_names"):
             names = getattr(self, name)
             if names is not None:  # tuples (json gives lists), one per class
@@ -93,7 +102,38 @@ class HookedViTConfig:
                 if len(names) != self.n_classes:
                     raise ValueError(f"{name} has {len(names)} entries for n_classes={self.n_classes}")
 
+    def _check_head(self) -> None:
+        if self.global_pool == "token_avg" and (not self.class_token or self.distilled or self.pool_include_prefix
+                                                or self.final_norm == "pooled"):
+            raise ValueError("global_pool='token_avg' needs a class token, no distillation token, "
+                             "pool_include_prefix=False (the mean is over patch tokens only) and a per-token "
+                             "final norm (final_norm='token' or None)")
+        if self.d_image_embed is None:
+            if self.head_on_image_embed:
+                raise ValueError("head_on_image_embed=True needs an image projection (d_image_embed)")
+            return
+        if self.distilled or self.global_pool == "token_avg":
+            raise ValueError("an image projection (d_image_embed) needs a single pooled vector: "
+                             "not a distilled or global_pool='token_avg' model")
+        if not self.head_on_image_embed and self.n_classes != self.d_image_embed:
+            raise ValueError(f"without a head on the image embedding the logits are the embedding: n_classes="
+                             f"{self.n_classes} must equal d_image_embed={self.d_image_embed} "
+                             "(or set head_on_image_embed=True)")
+
     # ------------------------------------------------------------------------------------------
+    @property
+    def d_pooled(self) -> int:
+        """Width of hook_pooled per read-out vector (2 * d_model for global_pool='token_avg')."""
+        return 2 * self.d_model if self.global_pool == "token_avg" else self.d_model
+
+    @property
+    def has_head_module(self) -> bool:
+        """Whether the model holds a classifier `head` (a Linear on the pooled vector or, with
+        head_on_image_embed, on the image embedding)."""
+        if self.d_image_embed is not None:
+            return self.head_on_image_embed and self.n_classes > 0
+        return self.n_classes > 0
+
     @property
     def n_prefix_tokens(self) -> int:
         """Class, register and distillation tokens that precede the patch tokens."""

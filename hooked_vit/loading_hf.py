@@ -2,8 +2,9 @@
 
 Supported: `ViTForImageClassification` / `ViTModel` (without the tanh pooler),
 `DeiTForImageClassification` / `DeiTForImageClassificationWithTeacher`,
-`Dinov2Model` / `Dinov2WithRegistersModel`, `CLIPVisionModel` /
-`CLIPVisionModelWithProjection`. Architectures are described in the transformers docs
+`Dinov2Model` / `Dinov2WithRegistersModel` and their `...ForImageClassification` heads
+(on [class token, mean patch token]: `global_pool="token_avg"`), `CLIPVisionModel` /
+`CLIPVisionModelWithProjection` (the projection is `image_proj`, at `hook_image_embed`). Architectures are described in the transformers docs
 (https://huggingface.co/docs/transformers/model_doc/vit, .../deit, .../dinov2,
 .../dinov2_with_registers, .../clip). Anything else is refused naming the feature.
 
@@ -111,18 +112,15 @@ def _resolve(model_or_path: Any, **hf_kwargs: Any) -> tuple[nn.Module, Optional[
 # ------------------------------------------------------------------ config
 _SUPPORTED = {
     "ViTForImageClassification", "ViTModel", "DeiTForImageClassification",
-    "DeiTForImageClassificationWithTeacher", "DeiTModel", "Dinov2Model",
-    "Dinov2WithRegistersModel", "CLIPVisionModel", "CLIPVisionModelWithProjection",
+    "DeiTForImageClassificationWithTeacher", "DeiTModel", "Dinov2Model", "Dinov2ForImageClassification",
+    "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
 }
 _REFUSED = {
     "Siglip": "SigLIP's attention-pooling head (MAP)",
     "Beit": "BEiT's relative position bias",
     "Data2VecVision": "Data2Vec-vision's relative position bias",
     "Swin": "Swin's shifted-window attention",
-    "Dinov2ForImageClassification": "DINOv2's classifier on [class token, mean patch token] (2*d_model input); "
-    "load the backbone (Dinov2Model) instead",
-    "Dinov2WithRegistersForImageClassification": "DINOv2's classifier on [class token, mean patch token] "
-    "(2*d_model input); load the backbone (Dinov2WithRegistersModel) instead",
 }
 
 
@@ -152,13 +150,14 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
     family = kind[:4]
     dinov2, clip = family == "Dino", family == "CLIP"
     n_classes, head_bias = _head_shape(hf_model)
+    d_image_embed = c.projection_dim if kind == "CLIPVisionModelWithProjection" else None
     d_mlp = int(c.hidden_size * c.mlp_ratio) if dinov2 else c.intermediate_size
     return HookedViTConfig(
         d_model=c.hidden_size,
         n_layers=c.num_hidden_layers,
         n_heads=c.num_attention_heads,
         d_mlp=d_mlp,
-        n_classes=n_classes,
+        n_classes=d_image_embed or n_classes,  # CLIP: the logits are the image embedding
         img_size=c.image_size,
         patch_size=c.patch_size,
         in_chans=c.num_channels,
@@ -167,7 +166,7 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
         n_reg_tokens=getattr(c, "num_register_tokens", 0) + int(kind in ("DeiTForImageClassification", "DeiTModel")),
         distilled=kind == "DeiTForImageClassificationWithTeacher",
         # Registers carry no position embedding; the class token's is folded into it.
-        no_embed_class=kind == "Dinov2WithRegistersModel",
+        no_embed_class=kind.startswith("Dinov2WithRegisters"),
         patch_embed_bias=not clip,
         ln_pre=clip,
         qkv_bias=getattr(c, "qkv_bias", True),
@@ -175,7 +174,10 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
         act_fn=_ACTS[c.hidden_act],
         eps=c.layer_norm_eps,
         final_norm="pooled" if clip else "token",  # CLIP's post_layernorm acts on the pooled token
+        # Dinov2...ForImageClassification: classifier on [class token, mean patch token].
+        global_pool="token_avg" if dinov2 and kind.endswith("ForImageClassification") else "token",
         head_bias=head_bias,
+        d_image_embed=d_image_embed,
         model_name=getattr(c, "_name_or_path", "") or kind,
     )
 
@@ -197,7 +199,7 @@ def clip_vision_with_projection(clip: nn.Module) -> nn.Module:
 
 
 def _backbone(hf_model: nn.Module) -> nn.Module:
-    for name in ("vit", "deit", "vision_model"):
+    for name in ("vit", "deit", "vision_model", "dinov2", "dinov2_with_registers"):
         if hasattr(hf_model, name):
             return getattr(hf_model, name)
     return hf_model
@@ -207,8 +209,6 @@ def _head_modules(hf_model: nn.Module) -> list[nn.Module]:
     kind = type(hf_model).__name__
     if kind == "DeiTForImageClassificationWithTeacher":
         return [hf_model.cls_classifier, hf_model.distillation_classifier]
-    if kind == "CLIPVisionModelWithProjection":
-        return [hf_model.visual_projection]  # image embeddings play the logits' role
     head = getattr(hf_model, "classifier", None)
     if head is None or isinstance(head, nn.Identity):
         return []
@@ -233,6 +233,8 @@ def hf_to_timm_state_dict(hf_model: nn.Module, cfg: HookedViTConfig) -> dict[str
         for p in ("weight", "bias"):
             if f"{hf}.{p}" in state:
                 out[f"{timm}.{p}"] = state.pop(f"{hf}.{p}")
+    if cfg.d_image_embed is not None:  # CLIPVisionModelWithProjection
+        out["image_proj.weight"] = hf_model.visual_projection.weight.detach()
     for name, module in zip(("head", "head_dist"), _head_modules(hf_model)):
         out[f"{name}.weight"] = module.weight.detach()
         if module.bias is not None:

@@ -3,10 +3,10 @@
 open_clip (https://github.com/mlfoundations/open_clip, `open_clip/transformer.py`
 `VisionTransformer`) is an optional extra: `pip install hooked-vit[open_clip]`.
 
-The image projection `proj` ([d_model, embed_dim], `pooled @ proj`) becomes the head:
-`hook_logits` carries the image embedding and `W_U` is the projection, until
-`hooked_vit.text_classes.install_text_classes` replaces it by text class embeddings
-(folded through the projection), as zero-shot CLIP classifies.
+The image projection `proj` ([d_model, embed_dim], `pooled @ proj`) becomes `image_proj`
+(`cfg.d_image_embed`, hook point `hook_image_embed`): the logits are the image embedding
+and `W_U` is the projection, until `hooked_vit.text_classes.install_text_classes` puts a
+head of text class embeddings on the embedding, as zero-shot CLIP classifies.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def config_from_open_clip(visual: nn.Module) -> HookedViTConfig:
         n_layers=len(blocks),
         n_heads=attn.num_heads,
         d_mlp=mlp.c_fc.out_features,
-        n_classes=0 if proj is None else proj.shape[1],
+        n_classes=0 if proj is None else proj.shape[1],  # the logits are the image embedding
+        d_image_embed=None if proj is None else proj.shape[1],
         img_size=tuple(visual.image_size),
         patch_size=tuple(visual.patch_size),
         in_chans=visual.conv1.in_channels,
@@ -158,7 +159,7 @@ def open_clip_to_timm_state_dict(visual: nn.Module) -> dict[str, Tensor]:
     for i, block in enumerate(visual.transformer.resblocks):
         out.update(_block_weights(block, f"blocks.{i}."))
     if visual.proj is not None:
-        out["head.weight"] = visual.proj.detach().T
+        out["image_proj.weight"] = visual.proj.detach().T
     return out
 
 

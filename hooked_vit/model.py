@@ -31,7 +31,9 @@ class HookedViT(HookedRootModule):
     Top-level hooks: hook_embed [b, p, d] (prefix tokens and patch embeddings, before the
     position embedding), hook_pos_embed [b, p, d], ln_pre.hook_* (when cfg.ln_pre),
     ln_final.hook_* ([b, p, d] for a per-token final norm, [b, d] for a pooled one),
-    hook_pooled ([b, d]; [b, 2, d] for distilled models: class and distillation token),
+    hook_pooled ([b, d]; [b, 2, d] for distilled models: class and distillation token;
+    [b, 2 * d] with global_pool="token_avg": class token and mean patch token concatenated),
+    hook_image_embed [b, d_image_embed] (only with an image projection, cfg.d_image_embed),
     hook_logits [b, n_classes]. Per block: see `TransformerBlock` and `Attention`.
 
     There is no dropout: the model always computes timm's eval-mode function.
@@ -47,8 +49,13 @@ class HookedViT(HookedRootModule):
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
         self.ln_final = LayerNorm(cfg.d_model, cfg.eps) if cfg.final_norm else None
         self.hook_pooled = HookPoint()
-        has_head = cfg.n_classes > 0  # headless towers (DINOv2, CLIP features) return features
-        self.head = nn.Linear(cfg.d_model, cfg.n_classes, bias=cfg.head_bias) if has_head else None
+        # CLIP's image projection; absent (no module, no hook call) for every other model.
+        projected = cfg.d_image_embed is not None
+        self.image_proj = nn.Linear(cfg.d_model, cfg.d_image_embed, bias=False) if projected else None
+        self.hook_image_embed = HookPoint() if projected else None
+        has_head = cfg.has_head_module  # headless towers (DINOv2, CLIP features) return features
+        d_head_in = cfg.d_image_embed if projected else cfg.d_pooled
+        self.head = nn.Linear(d_head_in, cfg.n_classes, bias=cfg.head_bias) if has_head else None
         self.head_dist = (
             nn.Linear(cfg.d_model, cfg.n_classes, bias=cfg.head_bias) if has_head and cfg.distilled else None
         )
@@ -116,7 +123,7 @@ class HookedViT(HookedRootModule):
     def _check_keep_mask(self, keep_mask: Tensor) -> None:
         cfg = self.cfg
         n_read = 2 if cfg.distilled else 1
-        if cfg.global_pool == "token" and not bool(keep_mask[:, :n_read].all()):
+        if cfg.global_pool in ("token", "token_avg") and not bool(keep_mask[:, :n_read].all()):
             raise ValueError("keep_mask must keep the class (and distillation) token: the head reads it")
         if cfg.global_pool != "token":
             first = 0 if cfg.pool_include_prefix else cfg.n_prefix_tokens
@@ -145,14 +152,19 @@ class HookedViT(HookedRootModule):
             pooled = resid[:, 0:2]  # class and distillation tokens: [b, 2, d]
         elif cfg.global_pool == "token":
             pooled = resid[:, 0]
+        elif cfg.global_pool == "token_avg":  # transformers' Dinov2ForImageClassification
+            pooled = torch.cat([resid[:, 0], _reduce_tokens(resid, cfg, pool_mask, "avg")], -1)
         else:
-            pooled = _reduce_tokens(resid, cfg, pool_mask)
+            pooled = _reduce_tokens(resid, cfg, pool_mask, cfg.global_pool)
         if cfg.final_norm == "pooled":
             pooled = self.ln_final(pooled)
         return pooled
 
     def unembed(self, pooled: Tensor) -> Float[Tensor, "b n_classes"]:
-        """The classifier head(s) on the pooled representation (identity without a head)."""
+        """The image projection (CLIP, at hook_image_embed) and the classifier head(s) on the
+        pooled representation (identity without a head: CLIP's logits are the image embedding)."""
+        if self.image_proj is not None:
+            pooled = self.hook_image_embed(self.image_proj(pooled))
         if self.head is None:
             return pooled.mean(1) if self.cfg.distilled else pooled
         if self.cfg.distilled:
@@ -290,14 +302,34 @@ class HookedViT(HookedRootModule):
 
     @property
     def W_U(self) -> Float[Tensor, "d_model n_classes"]:
-        """The classifier head as an unembedding (distilled: the two heads averaged)."""
+        """Everything between the pooled vector and the logits as one residual-space
+        unembedding: the head (distilled: the two heads averaged); with CLIP's image
+        projection P, the projection folded in (W_U = P^T W_head^T, or P^T when the logits
+        are the image embedding), so logit lens and attribution read the projection too.
+        Refused for global_pool="token_avg", whose head reads two vectors at once."""
         self.require_head()
-        w = self.head.weight if self.head_dist is None else (self.head.weight + self.head_dist.weight) / 2
+        if self.cfg.global_pool == "token_avg":
+            raise ValueError(
+                "W_U is undefined for global_pool='token_avg': the head reads [class token, mean patch token] "
+                f"({2 * self.cfg.d_model} inputs), so no single residual vector has logits (no logit lens); "
+                "model.head.weight[:, :d_model] is the half read from the class token"
+            )
+        if self.image_proj is not None:
+            w = self.image_proj.weight if self.head is None else self.head.weight @ self.image_proj.weight
+        else:
+            w = self.head.weight if self.head_dist is None else (self.head.weight + self.head_dist.weight) / 2
         return w.T
 
+    @property
+    def has_unembed(self) -> bool:
+        """Whether the logits are a linear read-out of the pooled vector (a head, CLIP's image
+        projection or both) rather than the pooled vector itself."""
+        return self.head is not None or self.image_proj is not None
+
     def require_head(self) -> None:
-        """Raise if the model has no classifier head (no class embedding space to project on)."""
-        if self.head is None:
+        """Raise if the model has no classifier head nor image projection (no class or
+        image-embedding space to project on)."""
+        if not self.has_unembed:
             raise ValueError(
                 f"{self.cfg.model_name} has no classifier head (num_classes=0): there is no class "
                 "embedding space to project onto; load it with num_classes=N and a fine-tuned head"
@@ -305,10 +337,16 @@ class HookedViT(HookedRootModule):
 
     @property
     def b_U(self) -> Float[Tensor, "n_classes"]:
+        """The logits' constant: the head bias(es), plus the head applied to the projection's
+        bias (which exists only once fold_ln folded the final norm's bias into it)."""
         self.require_head()
         heads = [h for h in (self.head, self.head_dist) if h is not None]
         biases = [h.bias if h.bias is not None else h.weight.new_zeros(self.cfg.n_classes) for h in heads]
-        return sum(biases) / len(biases)
+        total = sum(biases) / len(biases) if heads else self.image_proj.weight.new_zeros(self.cfg.n_classes)
+        proj_bias = None if self.image_proj is None else self.image_proj.bias
+        if proj_bias is not None:
+            total = total + (proj_bias if self.head is None else self.head.weight @ proj_bias)
+        return total
 
     def _stack(self, getter: Callable[[TransformerBlock], Tensor]) -> Tensor:
         return torch.stack([getter(block) for block in self.blocks], dim=0)
@@ -427,19 +465,20 @@ def _check_forward_options(return_type: Any, targets: Optional[Tensor]) -> None:
         raise ValueError(f'targets are only read with return_type="loss" (got return_type={return_type!r})')
 
 
-def _reduce_tokens(resid: Tensor, cfg: HookedViTConfig, pool_mask: Optional[Tensor]) -> Tensor:
-    """Average / max pooling over patch tokens (or all tokens with pool_include_prefix)."""
+def _reduce_tokens(resid: Tensor, cfg: HookedViTConfig, pool_mask: Optional[Tensor], kind: str) -> Tensor:
+    """Average / max / avgmax (`kind`) pooling over patch tokens (or all tokens with
+    pool_include_prefix)."""
     if pool_mask is None:
         x = resid[:, 0 if cfg.pool_include_prefix else cfg.n_prefix_tokens :]
-        mean = x.mean(dim=1) if cfg.global_pool in ("avg", "avgmax") else None
-        amax = x.amax(dim=1) if cfg.global_pool in ("max", "avgmax") else None
+        mean = x.mean(dim=1) if kind in ("avg", "avgmax") else None
+        amax = x.amax(dim=1) if kind in ("max", "avgmax") else None
     else:
         valid = pool_mask[..., None]
         mean = (resid * valid).sum(1) / valid.sum(1).clamp(min=1)
         amax = resid.masked_fill(~valid, float("-inf")).amax(dim=1)
-    if cfg.global_pool == "avg":
+    if kind == "avg":
         return mean
-    if cfg.global_pool == "max":
+    if kind == "max":
         return amax
     return 0.5 * (amax + mean)
 

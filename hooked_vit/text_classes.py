@@ -6,9 +6,10 @@ zero-shot ImageNet notebook: every prompt template filled with the class name go
 through the text tower, each text embedding is L2-normalised, the templates are averaged
 and the mean is normalised again.
 
-`install_text_classes` makes these the HookedViT's unembedding, folded through the image
-projection (`W_U = proj^T E^T`), so `circuits.projection` / `circuits.runs.identify` and every
-other analysis reading `W_U`/`b_U` use the text-defined classes unchanged.
+`install_text_classes` makes these the HookedViT's head on the image embedding
+(`hook_image_embed`); `W_U = proj^T E^T` is then the unembedding, so `circuits.projection`,
+`circuits.runs.identify` and every other analysis reading `W_U`/`b_U` use the
+text-defined classes unchanged.
 """
 
 from __future__ import annotations
@@ -91,43 +92,53 @@ def install_text_classes(
     model: HookedViT,
     class_embeddings: Float[Tensor, "n_classes d_embed"],
     scale: float = 1.0,
+    class_names: Optional[Sequence[str]] = None,
 ) -> HookedViT:
-    """Make text class embeddings the model's classifier head, in place.
+    """Put a head of text class embeddings on the model's image embedding, in place.
 
-    The current head must be the image projection (a CLIP tower loaded with it:
-    `from_open_clip`, `from_hf` of `CLIPVisionModelWithProjection` / `CLIPModel`), or the
-    model headless with `d_model` equal to the embedding width. The new head is
-    `scale * E @ proj` with no bias, so logits are `scale * <E, image embedding>`; with
-    `scale = clip.logit_scale.exp()` and a normalised image embedding they would be CLIP's
+    The model must have CLIP's image projection (`from_open_clip`, `from_hf` of
+    `CLIPVisionModelWithProjection` / `CLIPModel`): the head `scale * E` (no bias) reads
+    `hook_image_embed`, so logits are `scale * <E, image embedding>`, the projection stays
+    a visible, patchable step, and `W_U = proj^T (scale * E)^T` is the folded unembedding.
+    A headless model without a projection whose `d_model` equals the text width gets the
+    head on its pooled vector. Installing again replaces the classes. With
+    `scale = clip.logit_scale.exp()` and a normalised image embedding these would be CLIP's
     zero-shot logits (the per-image normalisation is left out: it is not linear, and it
-    does not change the ranking of the classes).
+    does not change the ranking of the classes). `class_names` (one per row of E) become
+    `cfg.class_names`.
     """
     if class_embeddings.ndim != 2:
         raise ValueError(f"class_embeddings must be [n_classes, d_embed], got {tuple(class_embeddings.shape)}")
-    proj = _projection(model, class_embeddings.shape[1])
-    weight = scale * class_embeddings.to(proj) @ proj  # [n_classes, d_model]
-    head = nn.Linear(model.cfg.d_model, weight.shape[0], bias=False).to(proj)
-    head.weight.copy_(weight)
+    n, d_embed = class_embeddings.shape
+    if class_names is not None and len(class_names) != n:
+        raise ValueError(f"class_names has {len(class_names)} entries for {n} class embeddings")
+    param = _check_text_width(model, d_embed)
+    head = nn.Linear(d_embed, n, bias=False).to(param)
+    head.weight.copy_(scale * class_embeddings.to(param))
+    cfg = model.cfg
     model.head, model.head_dist = head, None
-    model.cfg.n_classes, model.cfg.head_bias = weight.shape[0], False
+    cfg.n_classes, cfg.head_bias, cfg.head_on_image_embed = n, False, model.image_proj is not None
+    cfg.label_names = None
+    cfg.class_names = None if class_names is None else tuple(str(c) for c in class_names)
     return model
 
 
-def _projection(model: HookedViT, d_embed: int) -> Tensor:
-    """The image projection [d_embed, d_model] the text embeddings are compared in."""
-    if model.cfg.distilled:
-        raise ValueError("text classes need a single-head CLIP tower, not a distilled model")
-    if model.head is None:
-        if d_embed != model.cfg.d_model:
+def _check_text_width(model: HookedViT, d_embed: int) -> Tensor:
+    """Refuse a model whose image embedding cannot be compared with `d_embed`-wide texts;
+    returns a parameter giving the device and dtype of the new head."""
+    if model.cfg.distilled or model.cfg.global_pool == "token_avg":
+        raise ValueError("text classes need a single-vector CLIP tower, not a distilled or token_avg model")
+    if model.image_proj is not None:
+        if model.image_proj.out_features != d_embed:
             raise ValueError(
-                f"the model has no image projection and d_model={model.cfg.d_model} != text width "
-                f"{d_embed}; load the tower with its projection (CLIPVisionModelWithProjection or open_clip)"
+                f"the model's image projection has {model.image_proj.out_features} outputs, not the text width "
+                f"{d_embed}; use text embeddings of the same CLIP model as the image tower"
             )
-        return torch.eye(d_embed, device=model.device, dtype=model.embed.proj.weight.dtype)
-    if model.head.bias is not None or model.head.out_features != d_embed:
+        return model.image_proj.weight
+    if model.head is not None or d_embed != model.cfg.d_model:
         raise ValueError(
-            f"the model's head ({model.head.out_features} outputs, bias={model.head.bias is not None}) is "
-            f"not a CLIP image projection to the text width {d_embed}; install text classes on a freshly "
-            "loaded CLIP tower"
+            f"the model has no image projection and d_model={model.cfg.d_model}, head={model.head is not None}: "
+            f"text width {d_embed} cannot be compared with it; load the tower with its projection "
+            "(CLIPVisionModelWithProjection, CLIPModel or open_clip)"
         )
-    return model.head.weight
+    return model.embed.proj.weight

@@ -58,20 +58,24 @@ def fold_layer_norm_(model: HookedViT) -> None:
         _fold_into(block.ln1, [block.attn.qkv])
         _fold_into(block.ln2, [block.mlp.fc1])
     if model.ln_final is not None:
-        _fold_into(model.ln_final, [h for h in (model.head, model.head_dist) if h is not None])
+        # The final norm's reader: CLIP's image projection, else the head(s).
+        readers = [model.image_proj] if model.image_proj is not None else [model.head, model.head_dist]
+        # global_pool="token_avg" reads [ln(class), mean ln(patches)]: the affine map acts on both halves.
+        _fold_into(model.ln_final, [h for h in readers if h is not None], repeat=model.cfg.d_pooled // model.cfg.d_model)
     model.cfg.normalization_type = "LNPre"
 
 
-def _fold_into(ln: nn.Module, readers: list[nn.Linear]) -> None:
+def _fold_into(ln: nn.Module, readers: list[nn.Linear], repeat: int = 1) -> None:
     if ln.weight is None:
         return
+    weight, bias_in = ln.weight.repeat(repeat), ln.bias.repeat(repeat)
     for linear in readers:
-        bias = linear.weight @ ln.bias
+        bias = linear.weight @ bias_in
         if linear.bias is None:
             linear.bias = nn.Parameter(bias)
         else:
             linear.bias.add_(bias)
-        linear.weight.mul_(ln.weight[None, :])
+        linear.weight.mul_(weight[None, :])
     ln.weight, ln.bias = None, None
 
 
@@ -142,7 +146,8 @@ def center_unembed_(model: HookedViT) -> None:
     """Remove the mean over classes from W_U and b_U: every image's logits shift by one
     constant, so softmax and the logit differences are unchanged (not the raw logits)."""
     model.require_head()
-    for head in (model.head, model.head_dist):
+    # Without a head, CLIP's logits are the image embedding: centre the projection's rows.
+    for head in (model.head, model.head_dist) if model.head is not None else (model.image_proj,):
         if head is None:
             continue
         head.weight.sub_(head.weight.mean(0, keepdim=True))

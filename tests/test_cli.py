@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from circuits.cli import main
 from helpers import randomize_
 
-COMMANDS = ["identify", "perturb", "memories", "probe", "explain", "decompose", "report", "demo", "train-embedded"]
+COMMANDS = ["identify", "perturb", "memories", "probe", "explain", "decompose", "textspan", "report", "demo",
+            "train-embedded"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

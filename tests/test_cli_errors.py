@@ -90,8 +90,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
-@pytest.mark.parametrize("command", ["identify", "perturb", "explain", "memories", "probe", "decompose", "demo",
-                                     "report"])
+@pytest.mark.parametrize("command", ["identify", "perturb", "explain", "memories", "probe", "decompose", "textspan",
+                                     "demo", "report"])
 def test_help_is_fast_and_shows_defaults(command):
     start = time.perf_counter()
     out = _cli(command, "--help")

@@ -21,13 +21,17 @@ ENTRY_POINTS = {
     "memories": [("circuits.runs.memories", "memories")],
     "probe": [("circuits.runs.probe", "run_probes")],
     "decompose": [("circuits.runs.decompose", "decompose_run")],
+    "textspan": [("circuits.runs.textspan", "textspan_run")],
     "demo": [("circuits.report.demo", "run_demo")],
     "circuit": [("circuits.runs.circuit", "circuit_run")],
     "sae train": [("circuits.runs.sae", "train_run")],
     "sae eval": [("circuits.runs.sae", "eval_run")],
     "sae features": [("circuits.runs.sae", "features_run")],
 }
-EXTRA_ARGS = {"sae eval": ["--sae", "dictionary"], "sae features": ["--sae", "dictionary"]}
+EXTRA_ARGS = {"sae eval": ["--sae", "dictionary"], "sae features": ["--sae", "dictionary"],
+              "textspan": ["--texts", "a,b"]}
+# Stand-ins for what a command needs beyond the embedded model (module, attribute, fake).
+STUBS = {"textspan": [("circuits.runs.texts", "text_directions", lambda spec, texts, device="cpu": None)]}
 CASES = [(command, i) for command, points in sorted(ENTRY_POINTS.items()) for i in range(len(points))]
 VALUES = {"--batch-size": ("3", 3), "--limit": ("5", 5), "--workers": ("2", 2), "--overwrite": (None, True),
           "--target": ("predicted", "predicted"), "--mask-sampling": ("majority:0.25", "majority:0.25")}
@@ -74,6 +78,8 @@ def test_shown_shared_options_reach_the_library(command, entry, monkeypatch, tmp
         raise Reached(kwargs)
 
     monkeypatch.setattr(importlib.import_module(module), name, capture)
+    for stub_module, stub_name, fake in STUBS.get(command, []):  # e.g. a text tower the embedded model lacks
+        monkeypatch.setattr(importlib.import_module(stub_module), stub_name, fake)
     argv = [*command.split(), "--out", str(tmp_path / "out"), *EXTRA_ARGS.get(command, [])]
     argv += [] if command == "demo" else ["--data", "synthetic:test:16"]
     if command == "perturb" and entry == 1:

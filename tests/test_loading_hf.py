@@ -25,6 +25,9 @@ HF_MODELS = {
     "DeiTForImageClassificationWithTeacher": ("DeiTConfig", dict(intermediate_size=96, num_labels=7)),
     "Dinov2Model": ("Dinov2Config", dict(mlp_ratio=2)),
     "Dinov2WithRegistersModel": ("Dinov2WithRegistersConfig", dict(mlp_ratio=2, num_register_tokens=4)),
+    "Dinov2ForImageClassification": ("Dinov2Config", dict(mlp_ratio=2, num_labels=7)),
+    "Dinov2WithRegistersForImageClassification": ("Dinov2WithRegistersConfig",
+                                                  dict(mlp_ratio=2, num_register_tokens=4, num_labels=7)),
     "CLIPVisionModel": ("CLIPVisionConfig", dict(intermediate_size=96)),
     "CLIPVisionModelWithProjection": ("CLIPVisionConfig", dict(intermediate_size=96, projection_dim=24)),
 }
@@ -48,7 +51,7 @@ def hf_reference(hf, kind: str, x: torch.Tensor) -> tuple[torch.Tensor, list[tor
         out = hf(pixel_values=x, output_hidden_states=True)
     if kind.startswith("CLIPVisionModel"):
         final = out.image_embeds if kind.endswith("Projection") else out.pooler_output
-    elif kind.startswith("Dinov2"):
+    elif kind.startswith("Dinov2") and not kind.endswith("ForImageClassification"):
         final = out.pooler_output
     elif kind in ("ViTModel", "DeiTModel"):
         final = out.last_hidden_state[:, 0]  # the class token after the final norm
@@ -160,3 +163,65 @@ def test_hub_id_in_the_local_cache_loads_offline(monkeypatch, tmp_path):
     assert model.cfg.data_config["mean"] == [0.1, 0.2, 0.3]
     with torch.no_grad():
         assert rel_err(model(images(32)), hf(pixel_values=images(32)).logits) < RTOL
+
+
+@pytest.mark.parametrize("kind", ["Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"])
+def test_dinov2_classifier_reads_class_and_mean_patch_token(kind):
+    hf = make_hf(kind)
+    model = HookedViT.from_hf(hf)
+    x = images(32)
+    with torch.no_grad():
+        out = hf(pixel_values=x, output_hidden_states=True)
+        logits, cache = model.run_with_cache(x, names_filter="hook_pooled")
+    assert model.cfg.global_pool == "token_avg" and model.head.in_features == 96
+    with torch.no_grad():
+        tokens = hf.base_model.layernorm(out.hidden_states[-1])  # last_hidden_state
+    first_patch = 1 + model.cfg.n_reg_tokens  # registers are not averaged
+    expected = torch.cat([tokens[:, 0], tokens[:, first_patch:].mean(1)], -1)
+    assert cache["hook_pooled"].shape == (2, 96) and rel_err(cache["hook_pooled"], expected) < RTOL
+    assert rel_err(logits, out.logits) < RTOL
+    with pytest.raises(ValueError, match="no logit lens"):
+        model.W_U
+    from circuits.projection import project_batch
+
+    with pytest.raises(ValueError, match="token_avg"):
+        project_batch(model, x)
+    with torch.no_grad():  # the folded final norm acts on both halves of the head's input
+        assert rel_err(model.process_weights_()(x), out.logits) < 1e-4
+
+
+def test_dinov2_classifier_without_labels_returns_the_concatenation():
+    hf = make_hf("Dinov2ForImageClassification")
+    hf.classifier = torch.nn.Identity()  # transformers' num_labels=0
+    with torch.no_grad():
+        assert rel_err(HookedViT.from_hf(hf)(images(32)), hf(pixel_values=images(32)).logits) < RTOL
+
+
+def test_dinov2_classifier_keep_mask_averages_kept_patches_only():
+    model = HookedViT.from_hf(make_hf("Dinov2WithRegistersForImageClassification"))
+    x = images(32)
+    keep = torch.ones(2, model.cfg.n_ctx, dtype=torch.bool)
+    keep[:, -3:] = False  # drop three patches
+    with torch.no_grad():
+        pooled = model(x, keep_mask=keep, return_type="pooled")
+        resid = model(x, keep_mask=keep, return_type="resid")
+    d, first = model.cfg.d_model, 1 + model.cfg.n_reg_tokens
+    tokens = model.ln_final(resid)
+    n_kept = int(keep[0].sum())
+    torch.testing.assert_close(pooled[:, d:], tokens[:, first:n_kept].mean(1), rtol=1e-5, atol=1e-6)
+    keep[:, 0] = False
+    with pytest.raises(ValueError, match="class"):
+        model(x, keep_mask=keep)
+
+
+def test_clip_projection_is_its_own_hook():
+    hf = make_hf("CLIPVisionModelWithProjection")
+    model = HookedViT.from_hf(hf)
+    x = images(32)
+    with torch.no_grad():
+        out = hf(pixel_values=x)
+        logits, cache = model.run_with_cache(x, names_filter=["hook_pooled", "hook_image_embed"])
+    assert model.cfg.d_image_embed == 24 and model.head is None and model.image_proj.bias is None
+    pooler = hf.vision_model(pixel_values=x).pooler_output  # post_layernorm(class token)
+    assert rel_err(cache["hook_pooled"], pooler) < RTOL
+    assert rel_err(cache["hook_image_embed"], out.image_embeds) < RTOL and torch.equal(logits, cache["hook_image_embed"])

@@ -74,3 +74,52 @@ def test_refuses_unknown_and_unsupported():
         HookedViT.from_open_clip("ViT-Nonexistent")
     with pytest.raises(UnsupportedModelError, match="not open_clip's VisionTransformer"):
         HookedViT.from_open_clip(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["fused", "explicit"])
+def test_image_embed_hook_is_encode_image_and_edits_reach_the_logits(explicit):
+    from hooked_vit.text_classes import install_text_classes
+
+    clip = make_clip("ViT-B-32")
+    x = images(32)
+    emb = torch.nn.functional.normalize(torch.randn(5, 24, generator=torch.Generator().manual_seed(0)), dim=-1)
+    model = install_text_classes(HookedViT.from_open_clip(clip), emb, scale=3.0)
+    names = lambda n: n == "hook_image_embed" or (explicit and n.endswith("hook_pattern"))
+    with torch.no_grad():
+        ref = clip.encode_image(x)
+        logits, cache = model.run_with_cache(x, names_filter=names)
+    assert ("blocks.0.attn.hook_pattern" in cache.keys()) == explicit
+    assert cache["hook_image_embed"].shape == (2, 24) and rel_err(cache["hook_image_embed"], ref) < RTOL
+    assert rel_err(logits, 3.0 * ref @ emb.T) < RTOL
+    shift = torch.randn(24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        edited = model.run_with_hooks(x, fwd_hooks=[("hook_image_embed", lambda act, hook: act + shift)])
+    assert rel_err(edited, 3.0 * (ref + shift) @ emb.T) < RTOL
+    # The folded unembedding is the projection then the text head: the logit lens still holds.
+    torch.testing.assert_close(model.W_U, 3.0 * clip.visual.proj @ emb.T, rtol=1e-5, atol=1e-6)
+
+
+def test_projection_survives_weight_processing_and_is_absent_elsewhere():
+    from hooked_vit.text_classes import install_text_classes
+
+    clip = make_clip("ViT-B-16-quickgelu")
+    x = images(32)
+    emb = torch.randn(4, 24, generator=torch.Generator().manual_seed(2))
+    model = install_text_classes(HookedViT.from_open_clip(clip), emb)
+    with torch.no_grad():
+        before, cache = model.run_with_cache(x, names_filter="hook_image_embed")
+        model.process_weights_()  # the final norm folds into image_proj (which gains its bias)
+        after, cache2 = model.run_with_cache(x, names_filter="hook_image_embed")
+        lens = model.to_class_logits(model(x, return_type="pooled")[:, None])[:, 0]
+    assert model.image_proj.bias is not None and rel_err(after, before) < 1e-4
+    assert rel_err(cache2["hook_image_embed"], cache["hook_image_embed"]) < 1e-4
+    assert rel_err(lens, after) < 1e-4  # W_U / b_U carry the projection's folded bias
+    raw = HookedViT.from_open_clip(clip).center_unembed()
+    with torch.no_grad():
+        centred = raw(x)
+    torch.testing.assert_close(centred, clip.visual(x) - clip.visual(x).mean(-1, keepdim=True), rtol=1e-4, atol=1e-5)
+    from helpers import make_timm
+
+    timm_model, size = make_timm("vit_base_patch16_clip_224")
+    plain = HookedViT.from_timm(timm_model)
+    assert plain.image_proj is None and "hook_image_embed" not in plain.hook_dict

@@ -135,8 +135,11 @@ def test_head_contributions_sum_to_the_image_embedding(open_clip_model):
     last = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, 0]
     parts = cache.decompose_resid(incl_embeds=False, pos_slice=0)  # attn and MLP outputs
     parts = torch.cat([parts, cache["blocks.0.hook_resid_pre"][None, :, 0]])
-    total = direct_contributions(model, parts, last).sum(0) + model.ln_final.bias @ model.head.weight.T
+    total = direct_contributions(model, parts, last).sum(0) + model.ln_final.bias @ model.image_proj.weight.T
     assert rel_err(total, out) < 1e-5
+    # With text classes the contributions stay in the image-embedding space.
+    texts = install_text_classes(HookedViT.from_open_clip(open_clip_model), torch.randn(3, 24))
+    assert rel_err(direct_contributions(texts, parts, last), direct_contributions(model, parts, last)) < 1e-6
     heads = head_contributions(model, x, layers=[1])  # [1, h, b, d_embed]
     torch.testing.assert_close(heads[0].sum(0), direct_contributions(model, cache["blocks.1.hook_attn_out"][:, 0]
                                                                       - model.blocks[1].attn.b_O, last),

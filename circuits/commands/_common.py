@@ -52,6 +52,13 @@ def add_mask_sampling_arg(p: argparse.ArgumentParser) -> None:
                         "top-left pixel (the reference code's), or a share of object pixels >= T (0.5)")
 
 
+def add_text_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--texts / --text-file: prompts read through the CLIP model's own text tower."""
+    need = " (one of --texts / --text-file is needed)" if required else ""
+    p.add_argument("--texts", default=None, help=f'comma-separated prompts, e.g. "a dog,a red car"{need}')
+    p.add_argument("--text-file", default=None, help="a file of prompts, one per line ('#' lines skipped)")
+
+
 def run_options(args: argparse.Namespace) -> dict:
     """The shared options of `add_run_args` as the library's keyword arguments."""
     options = {"batch_size": args.batch_size, "limit": args.limit, "num_workers": args.workers,

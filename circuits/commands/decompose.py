@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from circuits.commands._common import add_model_args, add_run_args, load_inputs, run_options, say_done
+from circuits.commands._common import add_model_args, add_run_args, add_text_args, load_inputs, run_options, say_done
 
 ORDER = 40
 
@@ -28,19 +28,26 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", choices=["correlation", "covariance"], default="correlation")
     p.add_argument("--start-layer", type=int, default=0)
     p.add_argument("--heatmaps", type=int, default=4, help="images with token heatmaps in the report")
+    add_text_args(p)
+    p.add_argument("--text-k", type=int, default=5, help="components kept per text for text retrieval")
+    p.add_argument("--text-top", type=int, default=10, help="best images listed per text in summary.json")
     p.set_defaults(run=run)
 
 def run(args: argparse.Namespace) -> int:
     from circuits.runs.decompose import decompose_run
     from circuits.runs.sources import load_dataset
+    from circuits.runs.texts import read_texts, text_directions
 
+    texts = read_texts(args.texts, args.text_file)
     model, dataset, spec = load_inputs(args)
+    directions = text_directions(spec, texts, str(model.device)) if texts else None
     reference = load_dataset(args.reference or "synthetic:val:512", model, spec,
                              labels=args.labels if args.reference else None)
     store = decompose_run(model, dataset, reference, args.out, core_key=args.core_key,
                           spurious_key=args.spurious_key, max_k=args.max_k, mode=args.mode,
                           start_layer=args.start_layer, reference_limit=args.reference_limit,
-                          n_heatmaps=args.heatmaps, **run_options(args))
+                          n_heatmaps=args.heatmaps, texts=texts, text_directions=directions, text_k=args.text_k,
+                          text_top=args.text_top, **run_options(args))
     summary = json.loads((store.root / "summary.json").read_text())
     b, a = summary["before"], summary["after"]
     if not json.loads((store.root / "reference.json").read_text())["order"]:
@@ -48,5 +55,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"worst-group accuracy {b['worst_group']:.3f} -> {a['worst_group']:.3f}, average-group "
               f"{b['avg_group']:.3f} -> {a['avg_group']:.3f} (ablated {', '.join(summary['ablated']) or 'nothing'})")
+    for row in summary.get("texts", []):
+        best = ", ".join(str(im["index"]) for im in row["images"][:5])
+        print(f"{row['text']!r}: components {', '.join(row['components'])}; best images {best}")
     say_done(store)
     return 0

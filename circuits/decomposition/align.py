@@ -80,6 +80,23 @@ def identity_maps(n_components: int, d: int) -> ComponentMaps:
     return ComponentMaps(n_components, d, d, groups=[0] * n_components, init="identity").requires_grad_(False)
 
 
+def image_projection_maps(model, n_components: int) -> ComponentMaps:
+    """Exact alignment of a CLIP tower's components with its text space: every component
+    goes through the model's own image projection (`model.image_proj`, hook_image_embed),
+    so the mapped components sum to the image embedding up to the projection's bias (a
+    constant, present only after fold_ln). Nothing is fitted."""
+    proj = getattr(model, "image_proj", None)
+    if proj is None:
+        raise ValueError(
+            f"{model.cfg.model_name} has no image projection into a text space (cfg.d_image_embed is None); "
+            "load a CLIP tower (open_clip, CLIPVisionModelWithProjection, CLIPModel) or fit maps with fit_alignment"
+        )
+    maps = ComponentMaps(n_components, proj.in_features, proj.out_features, groups=[0] * n_components, init="identity")
+    with torch.no_grad():
+        maps.weight.copy_(proj.weight.detach()[None])
+    return maps.to(proj.weight.device, proj.weight.dtype).requires_grad_(False)
+
+
 def orthogonality_penalty(weight: Float[Tensor, "G d_out d_in"]) -> Tensor:
     """mean over maps of mean((W^T W - I)^2) (W W^T when the map narrows)."""
     w = weight if weight.shape[1] >= weight.shape[2] else weight.transpose(1, 2)

@@ -132,6 +132,8 @@ def pool_weights(model: HookedViT, n_tokens: int, device=None, dtype=None) -> Fl
     first = 0 if cfg.pool_include_prefix else cfg.n_prefix_tokens
     w = torch.zeros(1, n_tokens, device=device, dtype=dtype)
     w[0, first:] = 1.0 / (n_tokens - first)
+    if cfg.global_pool == "token_avg":  # [class token; mean patch token], read as two rows
+        return torch.cat([torch.eye(1, n_tokens, device=device, dtype=dtype), w])
     return w
 
 
@@ -199,7 +201,7 @@ class Decomposition:
         """The classifier head applied to every term; the head bias is one more term ("b_U"),
         or spread evenly with biases="split" / "reference". Sums to the model's logits."""
         logits = readout_logits(model, self.terms)
-        if model.head is None:
+        if not model.has_unembed:
             return logits, list(self.components)
         b_U = model.b_U.expand(logits.shape[0], 1, -1)
         if self.biases in ("split", "reference"):  # vit-decompose divides b_U over its inputs too
@@ -223,21 +225,25 @@ class Decomposition:
 def readout_logits(model: HookedViT, x: Float[Tensor, "... r d"]) -> Float[Tensor, "... c"]:
     """The classifier head on representation-space vectors, without its bias.
 
-    Distilled models: (head(class) + head_dist(distillation)) / 2, as timm at eval. Headless
-    models return the vector itself (the mean of the pair for distilled ones).
+    Distilled models: (head(class) + head_dist(distillation)) / 2, as timm at eval.
+    global_pool="token_avg": the head on the concatenated [class, mean patch] rows. CLIP:
+    the image projection and any head on it (`W_U`). Headless models return the vector
+    itself (the mean of the pair for distilled ones, the concatenation for token_avg).
     """
-    if model.head is None:
+    if model.cfg.global_pool == "token_avg":
+        flat = x.flatten(-2)
+        return flat if model.head is None else flat @ model.head.weight.T
+    if not model.has_unembed:
         return x.mean(-2)
-    out = x[..., 0, :] @ model.head.weight.T
     if model.head_dist is not None:
-        out = (out + x[..., 1, :] @ model.head_dist.weight.T) / 2
-    return out
+        return (x[..., 0, :] @ model.head.weight.T + x[..., 1, :] @ model.head_dist.weight.T) / 2
+    return x[..., 0, :] @ model.W_U
 
 
 def _cache_names(model: HookedViT, start_layer: int) -> list[str]:
     cfg = model.cfg
     names = [f"blocks.{start_layer}.hook_resid_pre", "hook_pooled"]
-    if model.head is not None:
+    if model.has_unembed:
         names.append("hook_logits")
     if cfg.final_norm:
         names.append("ln_final.hook_scale")
@@ -290,7 +296,7 @@ def decompose(
     names = _cache_names(model, start_layer)
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         _, cache = model.run_with_cache(images, names_filter=lambda n: n in names, return_cache_object=False,
-                                        return_type="logits" if model.head is not None else "pooled")
+                                        return_type="logits" if model.has_unembed else "pooled")
     return _from_cache(model, cache, start_layer, biases)
 
 
@@ -310,7 +316,7 @@ def _from_cache(model: HookedViT, cache: dict[str, Tensor], start_layer: int, bi
         comps.append(Component("ln_final.b"))
         terms.append(readout.final_bias.expand_as(terms[0]).clone())
     pooled = cache["hook_pooled"]
-    rep = pooled[:, None] if pooled.ndim == 2 else pooled
+    rep = pooled.reshape(pooled.shape[0], -1, cfg.d_model)  # [b, r, d]; token_avg's [b, 2d] as two rows
     dec = Decomposition(torch.cat(terms, 1), comps, rep, cache.get("hook_logits"), readout, start_layer)
     if biases == "reference":
         return split_reference(dec)

@@ -21,6 +21,7 @@ sums batch by batch, so a dataset never has to fit in memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -130,6 +131,36 @@ def feature_retrieval(mapped: Float[Tensor, "n C D"], components: Sequence[int],
     part = mapped[:, list(components)].sum(1)
     sim = part @ probe.to(part.dtype)
     return torch.argsort(sim, descending=True), sim
+
+
+@dataclass
+class TextFeatures:
+    """Per text prompt: every component's score for the text's direction, and the top ones."""
+
+    texts: list[str]
+    directions: Float[Tensor, "T D"]  # unit text embeddings
+    scores: Float[Tensor, "T C"]
+    components: list[list[int]]  # per text, the k highest-scoring components
+
+
+def text_components(mapped: Float[Tensor, "n C D"], texts: Sequence[str], directions: Float[Tensor, "T D"], k: int = 5,
+                    *, mode: ScoreMode = "correlation", exclude: Sequence[int] = ()) -> TextFeatures:
+    """Score the components for each text's direction (a one-direction feature, Balasubramanian
+    et al. 2024, sec. 4) and keep the top k (biases in `exclude`). `directions` come from
+    `circuits.decomposition.align.clip_text_directions`."""
+    if directions.ndim != 2 or directions.shape != (len(texts), mapped.shape[-1]):
+        raise ValueError(f"need one direction of width {mapped.shape[-1]} per text ({len(texts)}), "
+                         f"got {tuple(directions.shape)}")
+    directions = F.normalize(directions.to(mapped.dtype), dim=-1)
+    scores = torch.stack([component_scores(mapped, d[None], mode) for d in directions])
+    return TextFeatures(list(texts), directions, scores, [top_components(s, k, exclude) for s in scores])
+
+
+def text_retrieval(mapped: Float[Tensor, "n C D"], features: TextFeatures) -> tuple[Tensor, Tensor]:
+    """Rank images by each text prompt through its own top components (`feature_retrieval`
+    with the text's direction as probe). Returns (order [T, n], similarity [T, n])."""
+    ranked = [feature_retrieval(mapped, comps, d) for comps, d in zip(features.components, features.directions)]
+    return torch.stack([o for o, _ in ranked]), torch.stack([s for _, s in ranked])
 
 
 def image_retrieval(mapped: Float[Tensor, "n C D"], components: Sequence[int], reference: Float[Tensor, "C D"]

@@ -24,14 +24,16 @@ from circuits.decomposition.scoring import token_heatmaps
 
 
 def class_direction(model, classes: Tensor) -> Float[Tensor, "b D"]:
-    """The feature "class c" in the representation space: the head's weight row of each
+    """The feature "class c" in the representation space: the unembedding row of each
     image's class, laid out as the flattened [r * d] terms (distilled models: each head
-    on its own token, halved, as timm averages them)."""
+    on its own token, halved, as timm averages them; token_avg models: the head's row over
+    [class, mean patch]; CLIP: through the image projection, `W_U`)."""
     model.require_head()
-    rows = model.head.weight[classes]  # [b, d]
     if model.cfg.distilled:
-        return torch.cat([rows, model.head_dist.weight[classes]], -1) / 2
-    return rows
+        return torch.cat([model.head.weight[classes], model.head_dist.weight[classes]], -1) / 2
+    if model.cfg.global_pool == "token_avg":
+        return model.head.weight[classes]  # [b, 2d]
+    return model.W_U.T[classes]  # [b, d]
 
 
 @torch.no_grad()

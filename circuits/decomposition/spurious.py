@@ -75,7 +75,7 @@ def mean_ablate(terms: Float[Tensor, "N C r d"], components: Sequence[int], mean
 def logits_of(model, rep: Float[Tensor, "N r d"]) -> Tensor:
     """Head applied to edited representations (bias included)."""
     out = readout_logits(model, rep)
-    return out if model.head is None else out + model.b_U
+    return out + model.b_U if model.has_unembed else out
 
 
 @dataclass
@@ -103,7 +103,7 @@ class SpuriousRemoval:
         """Group accuracies after ablating the top k components, k = 0 .. max_k."""
         max_k = len(self.order) if max_k is None else min(max_k, len(self.order))
         labels, groups = data.meta[label_key], data.meta[group_key]
-        device = model.W_U.device if model.head is not None else self.means.device
+        device = model.embed.proj.weight.device if model.has_unembed else self.means.device
         terms, means = data.terms.to(device), self.means.to(device)
         rep = terms.sum(1)
         rows = []

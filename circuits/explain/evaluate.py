@@ -187,12 +187,12 @@ def cascading_randomization(
     model: HookedViT, *, include_head: bool = True, seed: int = 0
 ) -> Iterator[tuple[str, HookedViT]]:
     """Yield (stage, model) with the top of the network re-initialised progressively:
-    the head (and final norm) first, then blocks L-1, L-2, ..., 0, cumulatively. The
+    the head (CLIP: and image projection; and final norm) first, then blocks L-1, L-2, ..., 0, cumulatively. The
     same copy is modified in place between stages (the original is untouched)."""
     m = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(int(seed))
     if include_head:
-        for mod in (m.head, m.head_dist, m.ln_final):
+        for mod in (m.head, m.head_dist, m.image_proj, m.ln_final):
             if mod is not None:
                 _reinit_(mod, gen)
         yield "head", m

@@ -143,7 +143,7 @@ def _readout_relevance(trace: AttentionTrace) -> Float[Tensor, "b p d"]:
     model.require_head()
     onehot = torch.nn.functional.one_hot(trace.targets, model.cfg.n_classes).double()
     norm, cls = _norm(model.ln_final), last[:, 0].detach().double()
-    r = linear_zplus(norm(cls), model.head.weight, onehot)
+    r = linear_zplus(norm(cls), model.W_U.T, onehot)  # CLIP: projection and text head folded
     (r,) = grad_x_input(norm, (cls,), r)
     out = torch.zeros(last.shape, dtype=torch.double, device=last.device)
     out[:, 0] = r * (cls != 0)  # the token selection: gradient x input of an index

@@ -14,6 +14,12 @@
 - `heatmaps.json`: token heatmaps of the top spurious and core heads for a few images;
 - `summary.json`: group accuracies on the data set before and after removal, per k.
 
+With `texts` (CLIP towers, whose image projection maps every component exactly into the
+text space: `image_projection_maps`), each text's top components are scored on the
+reference set (`text_components`, kept in `reference.json`), every image of the data set
+gets its similarity to each text through those components (`text_similarity` [T] in
+`images`, `text_retrieval`), and `summary.json` lists each text's best images.
+
 Without a spurious attribute in the items, only the core (class) scores are computed.
 """
 
@@ -33,7 +39,10 @@ import torch
 from circuits.decomposition.decompose import (
     Component, DecomposedSet, decompose, decompose_dataset, readout_logits,
 )
-from circuits.decomposition.scoring import FeatureScorer, patch_grid, project, token_heatmaps
+from circuits.decomposition.align import image_projection_maps
+from circuits.decomposition.scoring import (
+    FeatureScorer, TextFeatures, patch_grid, project, text_components, text_retrieval, token_heatmaps,
+)
 from circuits.decomposition.spurious import (
     SpuriousRemoval, feature_basis, fit_removal, group_accuracy, logits_of, mean_ablate,
 )
@@ -62,6 +71,10 @@ def decompose_run(
     limit: Optional[int] = None,
     reference_limit: Optional[int] = None,
     n_heatmaps: int = 4,
+    texts: Sequence[str] = (),
+    text_directions: Optional[torch.Tensor] = None,
+    text_k: int = 5,
+    text_top: int = 10,
     fwd_hooks: Sequence = (),
     num_workers: int = 0,
     overwrite: bool = False,
@@ -70,29 +83,104 @@ def decompose_run(
 ) -> RunStore:
     """Fit removal on `reference`, then stream `dataset` into a run directory (resumable).
 
+    `texts` with their unit embeddings `text_directions` [T, d_image_embed]
+    (`clip_text_directions` of the CLIP model the tower came from): text retrieval through
+    each text's `text_k` top components; `text_top` best images per text in the summary.
     `fwd_hooks` are active in every pass (an intervention, e.g. a planted shortcut); they
     are recorded in the settings by name only, so describe them in `settings`.
     """
     require_single_process("decompose")
+    texts = list(texts)
+    _check_texts(model, texts, text_directions)
     run = start_run("decompose", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, settings=settings, reference=describe_dataset(reference),
                     reference_n=run_size(reference, reference_limit), core_key=core_key,
                     spurious_key=spurious_key, max_k=max_k, mode=mode, start_layer=start_layer,
-                    fwd_hooks=[name for name, _ in fwd_hooks])
+                    fwd_hooks=[name for name, _ in fwd_hooks], **({"texts": texts, "text_k": text_k} if texts else {}))
     store = run.store
     if overwrite:
         for name in DERIVED:
             (store.root / name).unlink(missing_ok=True)
     fitted = _load_or_fit(model, reference, store, core_key, spurious_key, max_k, mode, start_layer,
-                          batch_size, reference_limit, fwd_hooks, progress)
+                          batch_size, reference_limit, fwd_hooks, progress,
+                          TextRequest(texts, text_directions, text_k) if texts else None)
     for batch in run.batches(batch_size):
         images = run.images(batch)
         dec = decompose(model, images, start_layer=start_layer, fwd_hooks=fwd_hooks)
-        batch.save({"images": _image_rows(model, dec.terms, batch.data, fitted, spurious_key, max_k)})
+        rows = _image_rows(model, dec.terms, batch.data, fitted, spurious_key, max_k)
+        if fitted.text is not None:
+            mapped = _mapped(model, dec.terms)
+            _, similarity = text_retrieval(mapped, _on(fitted.text, mapped))
+            rows = rows.append_column("text_similarity", fixed_size_list(similarity.T.float().cpu().numpy()))
+        batch.save({"images": rows})
     if n_heatmaps and not (store.root / "heatmaps.json").exists():
         store.write_json("heatmaps.json",
                          heatmaps(model, dataset, fitted, n_heatmaps, start_layer, fwd_hooks=fwd_hooks))
-    return run.finish(summarize(store.root))
+    return run.finish(summarize(store.root, text_top))
+
+
+# ----------------------------------------------------------------------------- texts
+@dataclass
+class TextRequest:
+    """The texts asked for, their unit directions and how many top components each keeps."""
+
+    texts: list[str]
+    directions: torch.Tensor  # [T, d_image_embed]
+    k: int
+
+
+def _check_texts(model, texts: list[str], directions: Optional[torch.Tensor]) -> None:
+    """Refuse bad text options before any image is read."""
+    if not texts and directions is None:
+        return
+    if directions is None or directions.ndim != 2 or directions.shape[0] != len(texts):
+        raise ValueError(f"texts ({len(texts)}) need text_directions [T, d] with one row each "
+                         f"(got {None if directions is None else tuple(directions.shape)}): "
+                         "circuits.decomposition.align.clip_text_directions(clip, tokenizer, texts)")
+    if len(set(texts)) != len(texts):
+        raise ValueError(f"texts must be distinct, got {texts}")
+    image_projection_maps(model, 1)  # refuses a model without CLIP's image projection
+    if directions.shape[1] != model.cfg.d_image_embed:
+        raise ValueError(f"text directions have width {directions.shape[1]}, the image embedding "
+                         f"{model.cfg.d_image_embed}: use the text tower of the same CLIP model")
+
+
+def _mapped(model, terms: torch.Tensor) -> torch.Tensor:
+    """Components [n, C, r, d] mapped exactly into the text space [n, C, d_image_embed]."""
+    flat = terms.flatten(2)
+    return image_projection_maps(model, flat.shape[1])(flat.to(model.image_proj.weight))
+
+
+def _on(features: TextFeatures, like: torch.Tensor) -> TextFeatures:
+    """The features with their directions on the batch's device and dtype."""
+    return TextFeatures(features.texts, features.directions.to(like.device, like.dtype), features.scores,
+                        features.components)
+
+
+def _fit_texts(model, request: TextRequest, ref: DecomposedSet, mode: str) -> TextFeatures:
+    biases = [i for i, c in enumerate(ref.components) if c.is_bias]
+    mapped = _mapped(model, ref.terms)
+    return text_components(mapped, request.texts, request.directions.to(mapped), request.k, mode=mode, exclude=biases)
+
+
+def _load_texts(info: dict, arrays, request: Optional[TextRequest]) -> Optional[TextFeatures]:
+    """The text features fitted when the run started; a resume with other directions is refused."""
+    if request is None:
+        return None
+    stored = torch.from_numpy(arrays["text_directions"])
+    given = torch.nn.functional.normalize(request.directions.detach().float().cpu(), dim=-1)
+    if stored.shape != given.shape or not torch.allclose(stored, given, atol=1e-4):
+        raise ValueError("the text directions differ from those this run was started with (another text tower?); "
+                         "pass the same CLIP model, or overwrite=True / --overwrite to start again")
+    rows = info["texts"]
+    return TextFeatures([r["text"] for r in rows], stored, torch.tensor([r["scores"] for r in rows]),
+                        [r["components"] for r in rows])
+
+
+def _text_info(features: TextFeatures, components: list[Component]) -> list[dict]:
+    return [{"text": t, "components": comps, "names": [components[i].name for i in comps],
+             "scores": features.scores[j].tolist()}
+            for j, (t, comps) in enumerate(zip(features.texts, features.components))]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -107,10 +195,11 @@ class Fitted:
     core_basis: torch.Tensor
     spurious_basis: Optional[torch.Tensor]
     info: dict  # what reference.json holds
+    text: Optional[TextFeatures] = None  # with texts: each text's scores and top components
 
 
 def _load_or_fit(model, reference, store: RunStore, core_key, spurious_key, max_k, mode, start_layer,
-                 batch_size, reference_limit, fwd_hooks, progress) -> Fitted:
+                 batch_size, reference_limit, fwd_hooks, progress, text: Optional[TextRequest] = None) -> Fitted:
     info_path, arrays_path = store.root / "reference.json", store.root / "reference.npz"
     if info_path.exists() and arrays_path.exists():
         info = json.loads(info_path.read_text())
@@ -118,7 +207,7 @@ def _load_or_fit(model, reference, store: RunStore, core_key, spurious_key, max_
         spur = torch.from_numpy(arrays["spurious_basis"]) if "spurious_basis" in arrays else None
         comps = [Component(c["kind"], c["layer"], c["head"]) for c in info["components"]]
         return Fitted(comps, info["order"], info["k"], torch.from_numpy(arrays["means"]),
-                      torch.from_numpy(arrays["core_basis"]), spur, info)
+                      torch.from_numpy(arrays["core_basis"]), spur, info, _load_texts(info, arrays, text))
     ref = decompose_dataset(model, reference, batch_size=batch_size, limit=reference_limit,
                             start_layer=start_layer, fwd_hooks=fwd_hooks, progress=progress)
     if spurious_key in ref.meta:
@@ -132,6 +221,10 @@ def _load_or_fit(model, reference, store: RunStore, core_key, spurious_key, max_
     arrays = {"means": fitted.means.numpy(), "core_basis": fitted.core_basis.numpy()}
     if fitted.spurious_basis is not None:
         arrays["spurious_basis"] = fitted.spurious_basis.numpy()
+    if text is not None:
+        fitted.text = _fit_texts(model, text, ref, mode)
+        fitted.info["texts"] = _text_info(fitted.text, fitted.components)
+        arrays["text_directions"] = fitted.text.directions.float().cpu().numpy()
     np.savez(sink, **arrays)
     atomic_write_bytes(arrays_path, sink.getvalue())
     store.write_json("reference.json", fitted.info)
@@ -187,7 +280,7 @@ def _image_rows(model, terms: torch.Tensor, batch: dict, fitted: Fitted, spuriou
             rows["attribute" if key == spurious_key else key] = batch[key].cpu().numpy().astype(np.int64)
     table = pa.table(rows)
     table = table.append_column("pred_k", fixed_size_list(preds.numpy().astype(np.int32)))
-    if model.head is not None:
+    if model.has_unembed:
         target = labels.to(terms.device)
         per_class = readout_logits(model, terms)  # [b, C, classes]
         label_terms = per_class.gather(-1, target[:, None, None].expand(-1, terms.shape[1], 1))[..., 0]
@@ -196,8 +289,9 @@ def _image_rows(model, terms: torch.Tensor, batch: dict, fitted: Fitted, spuriou
     return table
 
 
-def summarize(root: str | Path) -> dict:
-    """Group accuracies per k on the data set, and before / after at the chosen k."""
+def summarize(root: str | Path, text_top: int = 10) -> dict:
+    """Group accuracies per k on the data set, and before / after at the chosen k; with
+    texts, each text's `text_top` most similar images."""
     root = Path(root)
     images = read_table(root, "images")
     info = json.loads((root / "reference.json").read_text())
@@ -216,8 +310,23 @@ def summarize(root: str | Path) -> dict:
         curve.append({"k": k, **{key: acc[key] for key in ("accuracy", "avg_group", "worst_group")}})
     k = min(info["k"], len(curve) - 1)
     names = [c["name"] for c in info["components"]]
-    return {"n_images": int(len(labels)), "k": k, "ablated": [names[i] for i in info["order"][:k]],
-            "before": curve[0], "after": curve[k], "curve": curve}
+    out = {"n_images": int(len(labels)), "k": k, "ablated": [names[i] for i in info["order"][:k]],
+           "before": curve[0], "after": curve[k], "curve": curve}
+    if "text_similarity" in images:
+        out["texts"] = _best_images(images, info["texts"], text_top)
+    return out
+
+
+def _best_images(images, texts: list[dict], top: int) -> list[dict]:
+    """Per text: its components and the `top` images of the data set most similar to it."""
+    sim = np.stack(images["text_similarity"].to_numpy())  # [n, T]
+    index = images["index"].to_numpy()
+    out = []
+    for j, row in enumerate(texts):
+        best = np.argsort(-sim[:, j], kind="stable")[:top]
+        out.append({"text": row["text"], "components": row["names"],
+                    "images": [{"index": int(index[i]), "similarity": float(sim[i, j])} for i in best]})
+    return out
 
 
 @torch.no_grad()

@@ -1,0 +1,52 @@
+"""`hooked-vit textspan`: describe CLIP attention heads by the texts their outputs span
+(Gandelsman et al. 2024)."""
+
+from __future__ import annotations
+
+import argparse
+
+from circuits.commands._common import add_model_args, add_run_args, add_text_args, load_inputs, run_options, say_done
+
+ORDER = 45
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "textspan", help="describe CLIP attention heads by the texts their outputs span (TextSpan)",
+        description="TextSpan (Gandelsman et al. 2024, arXiv:2310.05916): each head's direct contribution to the "
+                    "image embedding over a dataset; per head, greedily the prompts whose text directions explain "
+                    "most of its variance. Needs a CLIP model with its text tower (open_clip:ARCH:TAG or "
+                    "hf:FOLDER of a CLIPModel). Writes textspan.parquet (layer, head, rank, text, "
+                    "explained_variance) and summary.json.")
+    add_model_args(p)
+    add_run_args(p, target=False)  # heads are described over the images, for no class
+    add_text_args(p, required=True)
+    p.add_argument("--layers", default=None, help="comma-separated blocks to describe (default: the last four)")
+    p.add_argument("--k", type=int, default=5, help="texts chosen per head")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from circuits.runs.texts import read_texts, text_directions
+    from circuits.runs.textspan import textspan_run
+
+    texts = read_texts(args.texts, args.text_file)
+    if not texts:
+        raise ValueError("textspan needs prompts: --texts \"a,b\" or --text-file FILE")
+    layers = None if args.layers is None else _layers(args.layers)
+    model, dataset, spec = load_inputs(args)
+    store = textspan_run(model, dataset, args.out, texts, text_directions(spec, texts, str(model.device)),
+                         layers=layers, k=args.k, **run_options(args))
+    import json
+
+    for row in json.loads((store.root / "summary.json").read_text())["heads"]:
+        print(f"L{row['layer']}H{row['head']} ({row['explained_variance']:.2f}): {'; '.join(row['texts'])}")
+    say_done(store)
+    return 0
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: give comma-separated block numbers, e.g. 10,11") from None
