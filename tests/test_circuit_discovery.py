@@ -45,6 +45,48 @@ def test_atp_is_exact_for_a_linear_metric_on_a_linear_edit(small):
     torch.testing.assert_close(atp, exact, atol=1e-4, rtol=1e-4)
 
 
+def _saturated_linear_model(head: int):
+    """A randomised 2-block ViT whose layer-0 head `head` has its queries scaled by 15 (its
+    softmax rows near one-hot), and hooks that make the logits affine in layer 0's pattern:
+    MLP outputs zeroed, layer 1's pattern and every norm scale after layer 0 fixed. Patching
+    a layer-0 query or key then moves the metric through the pattern only, and linearly."""
+    timm_model, size = make_timm("vit_tiny_patch16_224", seed=3)
+    model = HookedViT.from_timm(timm_model)
+    d = model.cfg.d_head
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[head * d:(head + 1) * d] *= 15
+        model.blocks[0].attn.qkv.bias[head * d:(head + 1) * d] *= 15
+    frozen = [("blocks.0.hook_mlp_out", lambda x, hook: torch.zeros_like(x)),
+              ("blocks.1.ln1.hook_scale", lambda x, hook: torch.full_like(x, 1.5)),
+              ("blocks.1.attn.hook_pattern", lambda x, hook: torch.full_like(x, 1.0 / x.shape[-1])),
+              ("blocks.1.hook_mlp_out", lambda x, hook: torch.zeros_like(x)),
+              ("ln_final.hook_scale", lambda x, hook: torch.full_like(x, 2.0))]
+    clean = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return model, frozen, clean, corrupt(clean, "shuffle")
+
+
+def test_atp_star_qk_fix_is_exact_where_the_metric_is_linear_in_the_pattern():
+    """AtP* (Kramar et al. 2024, sec. 3.1.1) recomputes the pattern with the clean query / key:
+    with the metric affine in the pattern it equals exact patching of every layer-0 query and
+    key; plain AtP, linear through the saturated softmax, underestimates the saturated head."""
+    head = 1
+    model, frozen, clean, corrupted = _saturated_linear_model(head)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter="blocks.0.attn.hook_pattern")
+    assert cache["blocks.0.attn.hook_pattern"][:, head].max(-1).values.mean() > 0.99  # saturated
+    plain = attribution_patch(model, clean, corrupted, sites=["q", "k"], fwd_hooks=frozen)
+    fixed = attribution_patch(model, clean, corrupted, sites=["q", "k"], qk_fix=True, fwd_hooks=frozen)
+    with model.hooks(fwd_hooks=frozen):
+        grids = patch_activations(model, clean, corrupted, ["q", "k"], layers=[0])
+    for side in ("q", "k"):
+        exact = (grids[side].mean() - grids[side].corrupted.mean())[0]  # [pos, head]
+        assert exact[:, head].abs().sum() > 1.0  # the saturated head's q / k matter
+        torch.testing.assert_close(fixed[side][0], exact, atol=1e-5, rtol=1e-5)
+        assert plain[side][0][:, head].abs().sum() < 0.5 * exact[:, head].abs().sum()
+    with pytest.raises(ValueError, match="qk_fix"):
+        attribution_patch(model, clean, corrupted, sites=["z"], qk_fix=True)
+
+
 def test_path_patching_every_path_equals_patching_the_sender(small):
     model, clean, corrupted = small
     for sender, layer, head in (("L0H1", 0, 1), ("L1H3", 1, 3)):
