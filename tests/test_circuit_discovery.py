@@ -230,6 +230,45 @@ def test_eap_finds_the_planted_shortcut_head_and_a_small_faithful_circuit(embedd
     assert plain.iloc[0].upstream != planted or plain.iloc[0].downstream != "logits"
 
 
+def test_atp_and_eap_find_what_reads_the_background_in_embedded_spurious():
+    """embedded:spurious was trained where the background predicts label % 2; swapping only
+    the background moves its parity read-out ~100x more than the default model's (the control).
+    AtP's per-component totals (heads' z and MLP outputs, summed over positions) match exact
+    patching of each component, agree on the top component, which alone carries a large share
+    of the effect; EAP's top edges move the metric when patched alone, far more than random edges."""
+    from circuits.data import collate_samples
+    from circuits.runs.sources import load_model, synthetic_for
+
+    metric = parity_readout(10)
+    gaps = {}
+    for name, data in (("embedded:spurious", "spurious"), ("embedded", "default")):
+        model = load_model(name)
+        ds = synthetic_for(data, "test", 400)
+        clean, corrupted = planted_pairs(collate_samples([ds[i] for i in range(len(ds))]))
+        with torch.no_grad():
+            gaps[name] = float(metric(model(clean), None, None).mean() - metric(model(corrupted), None, None).mean())
+    assert abs(gaps["embedded:spurious"]) > 20 * abs(gaps["embedded"]), gaps
+    model = load_model("embedded:spurious")
+    ds = synthetic_for("spurious", "test", 400)
+    clean, corrupted = planted_pairs(collate_samples([ds[i] for i in range(len(ds))]))
+    atp = attribution_patch(model, clean, corrupted, metric, sites=["z", "mlp_out"])
+    estimate = torch.cat([atp["z"].sum(1).flatten(), atp["mlp_out"].sum(1)])  # [heads..., MLPs...]
+    grids = [patch_activations(model, clean, corrupted, site, positions="all", metric=metric) for site in ("z", "mlp_out")]
+    exact = torch.cat([(g.mean() - g.corrupted.mean()).flatten() for g in grids])
+    assert torch.corrcoef(torch.stack([estimate, exact]))[0, 1] > 0.9
+    top = int(estimate.abs().argmax())
+    assert top == int(exact.abs().argmax()) and abs(float(exact[top])) > 0.3 * abs(gaps["embedded:spurious"])
+    scores = edge_attribution(model, clean, corrupted, metric)
+    df = scores.to_frame()
+    effect = lambda row: float(path_patch(model, clean, corrupted, row.upstream, [row.downstream], metric).mean())  # noqa: E731
+    best = [effect(row) for row in df.head(8).itertuples()]
+    others = [effect(row) for row in df.sample(8, random_state=0).itertuples()]
+    assert sum(abs(x) for x in best) > 10 * sum(abs(x) for x in others), (best, others)
+    # The majority has EAP's sign (6 of 8 measured: L0H0 -> MLP0 and embed -> L0H0.v, through MLP0's
+    # nonlinearity, are overestimated; docs/circuit_discovery.md).
+    assert sum((b > 0) == (s > 0) for b, s in zip(best, df.head(8).score)) >= 5
+
+
 def test_greedy_pruning_keeps_only_edges_on_paths_to_the_logits(small):
     model, clean, corrupted = small
     scores = edge_attribution(model, clean, corrupted)
