@@ -334,3 +334,12 @@ def test_circuit_command_writes_scores_and_summary(tmp_path):
 
     page = build_report([out], tmp_path / "report.html").read_text()
     assert "Circuit discovery" in page and "the kept edges" in page and "patch (0, 0)" in page
+    # greedy pruning from the logits: every kept edge feeds the logits or a node that is kept
+    greedy = tmp_path / "greedy"
+    assert main(["circuit", "--model", "embedded", "--data", "synthetic:val:16", "--out", str(greedy),
+                 "--budget", "10", "--batch-size", "8", "--greedy"]) == 0
+    summary = json.loads((greedy / "summary.json").read_text())
+    kept = pd.read_parquet(greedy / "edge_scores.parquet").query("in_circuit")
+    assert summary["greedy"] and len(kept) == 10
+    assert all(d == "logits" or d.split(".")[0] in set(kept.upstream) for d in kept.downstream)
+    assert "greedy from the logits" in build_report([greedy], tmp_path / "greedy.html").read_text()

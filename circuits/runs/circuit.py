@@ -30,14 +30,16 @@ from hooked_vit import HookedViT
 
 def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metric: str = "logit_diff",
                 corruption: str = "shuffle", budget: int = 20, limit: Optional[int] = None,
-                batch_size: int = 32, ig_steps: int = 5, overwrite: bool = False, progress: bool = False) -> dict:
-    """Score, prune and evaluate a circuit over a dataset; returns the summary."""
+                batch_size: int = 32, ig_steps: int = 5, greedy: bool = False, overwrite: bool = False,
+                progress: bool = False) -> dict:
+    """Score, prune and evaluate a circuit over a dataset; returns the summary. greedy: grow the
+    circuit from the logits (`prune(greedy=True)`) instead of keeping the top-|score| edges."""
     require_single_process("circuit")
     if corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; choose from {sorted(CORRUPTIONS)}")
     run = start_run("circuit", model, dataset, out_dir, limit=limit, overwrite=overwrite, progress=progress,
                     method=method, metric=str(metric), corruption=corruption, budget=budget, ig_steps=ig_steps,
-                    batch_size=batch_size)
+                    batch_size=batch_size, greedy=greedy)
     out = run.root
     if (out / "summary.json").exists() and not overwrite:
         return json.loads((out / "summary.json").read_text())  # the same run, already finished
@@ -56,7 +58,7 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
         scores = s.scores * w if scores is None else scores + s.scores * w
         nodes = {k: v * w for k, v in a.items()} if nodes is None else {k: nodes[k] + v * w for k, v in a.items()}
     edges = EdgeScores(s.graph, scores, s.mask)
-    circuit = prune(edges, budget=budget)
+    circuit = prune(edges, budget=budget, greedy=greedy)
     clean = torch.cat([c for c, _ in batches])
     corrupted = torch.cat([c for _, c in batches])
     faith = faithfulness(model, circuit, clean, corrupted, metric)
@@ -66,8 +68,8 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
     atomic_write_bytes(out / "edge_scores.parquet", df.to_parquet())
     atomic_write_bytes(out / "node_scores.parquet", _node_frame(nodes).to_parquet())
     summary = {"analysis": "circuit", "model": model.cfg.model_name, "method": method, "metric": metric,
-               "corruption": corruption, "budget": budget, "n_images": n, "n_edges": int(edges.mask.sum()),
-               "n_edges_kept": circuit.n_edges, "faithfulness": faith.recovered, "metric_clean": faith.clean,
+               "corruption": corruption, "budget": budget, "greedy": greedy, "n_images": n,
+               "n_edges": int(edges.mask.sum()), "n_edges_kept": circuit.n_edges, "faithfulness": faith.recovered, "metric_clean": faith.clean,
                "metric_corrupted": faith.corrupted, "metric_circuit": faith.circuit}
     run.finish(summary)  # written last: a summary exists only for a finished run
     return summary
