@@ -87,6 +87,21 @@ def test_atp_star_qk_fix_is_exact_where_the_metric_is_linear_in_the_pattern():
         attribution_patch(model, clean, corrupted, sites=["z"], qk_fix=True)
 
 
+@pytest.mark.parametrize("spread", [30.0, 1000.0])  # saturated rows; beyond float64's exp range
+def test_key_patch_effect_equals_one_softmax_per_patched_key(spread):
+    from circuits.circuit_discovery.attribution_patching import key_patch_effect
+
+    gen = torch.Generator().manual_seed(0)
+    scores, column, grad = (torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64) * m for m in (spread, spread, 1))
+    expected = torch.empty_like(scores)
+    for s in range(scores.shape[-1]):
+        patched = scores.clone()
+        patched[..., s] = column[..., s]
+        expected[..., s] = (grad * (patched.softmax(-1) - scores.softmax(-1))).sum(-1)
+    assert expected.abs().max() > 0.5
+    torch.testing.assert_close(key_patch_effect(scores, column, grad), expected, atol=1e-12, rtol=1e-9)
+
+
 def test_path_patching_every_path_equals_patching_the_sender(small):
     model, clean, corrupted = small
     for sender, layer, head in (("L0H1", 0, 1), ("L1H3", 1, 3)):

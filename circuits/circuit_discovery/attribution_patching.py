@@ -144,12 +144,24 @@ def key_patch_effect(scores: Float[Tensor, "b h q k"], column: Float[Tensor, "b 
     the other entries of the row alike, so the change is (p' - p)(g_s - mean of g over the
     other keys, weighted by the pattern). Leave-one-out sums are formed from prefix and
     suffix sums (never by subtracting the dominant entry), so a saturated row stays exact."""
-    rest = _logaddexp_others(scores)  # log-sum-exp of the row without key s
-    p, p_new = torch.sigmoid(scores - rest), torch.sigmoid(column - rest)
     pattern = scores.softmax(-1)
-    weight = _sum_others(pattern)
-    g_rest = torch.where(weight > 0, _sum_others(pattern * grad) / weight.clamp_min(torch.finfo(weight.dtype).tiny), 0.0)
-    return (p_new - p) * (grad - g_rest)
+    weight = _sum_others(pattern)  # 1 - p, as a sum of the other entries: no cancellation
+    if (weight == 0).any():  # the other entries underflowed (a score gap > ~700): one pattern per key
+        return _key_patch_per_key(scores, column, grad)
+    rest = scores.logsumexp(-1, keepdim=True) + weight.log()  # log-sum-exp of the row without key s
+    p, p_new = torch.sigmoid(scores - rest), torch.sigmoid(column - rest)
+    return (p_new - p) * (grad - _sum_others(pattern * grad) / weight)
+
+
+def _key_patch_per_key(scores: Tensor, column: Tensor, grad: Tensor) -> Tensor:
+    """key_patch_effect by recomputing the pattern once per patched key (exact, slower)."""
+    base = (grad * scores.softmax(-1)).sum(-1)
+    out = torch.empty_like(scores)
+    for s in range(scores.shape[-1]):
+        patched = scores.clone()
+        patched[..., s] = column[..., s]
+        out[..., s] = (grad * patched.softmax(-1)).sum(-1) - base
+    return out
 
 
 def _sum_others(x: Tensor) -> Tensor:
@@ -158,14 +170,6 @@ def _sum_others(x: Tensor) -> Tensor:
     before = torch.cat([zero, x.cumsum(-1)[..., :-1]], -1)
     after = torch.cat([x.flip(-1).cumsum(-1).flip(-1)[..., 1:], zero], -1)
     return before + after
-
-
-def _logaddexp_others(x: Tensor) -> Tensor:
-    """For every s along the last dim: log-sum-exp of x over the entries other than s."""
-    inf = torch.full_like(x[..., :1], float("-inf"))
-    before = torch.cat([inf, x.logcumsumexp(-1)[..., :-1]], -1)
-    after = torch.cat([x.flip(-1).logcumsumexp(-1).flip(-1)[..., 1:], inf], -1)
-    return torch.logaddexp(before, after)
 
 
 def _leaf(x: Tensor, hook) -> Tensor:
