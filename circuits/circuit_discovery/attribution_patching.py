@@ -143,7 +143,8 @@ def key_patch_effect(scores: Float[Tensor, "b h q k"], column: Float[Tensor, "b 
     t and key s, without a pattern per key: patching key s moves mass p'-p onto s and scales
     the other entries of the row alike, so the change is (p' - p)(g_s - mean of g over the
     other keys, weighted by the pattern). Leave-one-out sums are formed from prefix and
-    suffix sums (never by subtracting the dominant entry), so a saturated row stays exact."""
+    suffix sums (never by subtracting the dominant entry), so a saturated row stays exact;
+    where the other entries underflow even in float64 the pattern is recomputed per key."""
     pattern = scores.softmax(-1)
     weight = _sum_others(pattern)  # 1 - p, as a sum of the other entries: no cancellation
     if (weight == 0).any():  # the other entries underflowed (a score gap > ~700): one pattern per key
