@@ -161,7 +161,8 @@ px.line(curve, x="edges", y="recovered", color="pruning", markers=True, log_x=Tr
 kept = set(circuit.edge_names())
 edges["in_circuit"] = [(u, d) in kept for u, d in zip(edges.upstream, edges.downstream)]
 result = faithfulness(model, circuit, clean16, corrupted16)
-circuit_graph(edges, title=f"Greedy circuit of 20 edges: recovers {result.recovered:.2f} (red raises the metric)").show()"""),
+title = f"Greedy circuit of 20 edges: recovers {result.recovered:.2f} (red raises the metric)"
+circuit_graph(edges, title=title).show()"""),
     ("md", """## 6. Ground truth: a planted shortcut head
 
 `plant_background_shortcut` turns head 0 of the last block into a background detector that

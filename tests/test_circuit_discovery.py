@@ -268,14 +268,17 @@ def test_atp_and_eap_find_what_reads_the_background_in_embedded_spurious():
     clean, corrupted = planted_pairs(collate_samples([ds[i] for i in range(len(ds))]))
     atp = attribution_patch(model, clean, corrupted, metric, sites=["z", "mlp_out"])
     estimate = torch.cat([atp["z"].sum(1).flatten(), atp["mlp_out"].sum(1)])  # [heads..., MLPs...]
-    grids = [patch_activations(model, clean, corrupted, site, positions="all", metric=metric) for site in ("z", "mlp_out")]
+    grids = [patch_activations(model, clean, corrupted, site, positions="all", metric=metric)
+             for site in ("z", "mlp_out")]
     exact = torch.cat([(g.mean() - g.corrupted.mean()).flatten() for g in grids])
     assert torch.corrcoef(torch.stack([estimate, exact]))[0, 1] > 0.9
     top = int(estimate.abs().argmax())
     assert top == int(exact.abs().argmax()) and abs(float(exact[top])) > 0.3 * abs(gaps["embedded:spurious"])
     scores = edge_attribution(model, clean, corrupted, metric)
     df = scores.to_frame()
-    effect = lambda row: float(path_patch(model, clean, corrupted, row.upstream, [row.downstream], metric).mean())  # noqa: E731
+    def effect(row) -> float:  # the edge patched alone
+        return float(path_patch(model, clean, corrupted, row.upstream, [row.downstream], metric).mean())
+
     best = [effect(row) for row in df.head(8).itertuples()]
     others = [effect(row) for row in df.sample(8, random_state=0).itertuples()]
     assert sum(abs(x) for x in best) > 10 * sum(abs(x) for x in others), (best, others)

@@ -22,7 +22,8 @@ def report_section(runs: dict[str, Path], images: int = 8) -> list[str]:
     out = ["<h2>Circuit discovery (edge attribution patching)</h2>",
            "<p>Edge scores: the metric's first-order change when one edge (a writer's output into a "
            "reader's input) carries the corrupted run's value. The circuit keeps the highest-|score| "
-           "edges (or grows greedily from the logits, Hanna et al. 2024); faithfulness is the share of the clean-minus-corrupted metric it recovers with every "
+           "edges (or grows greedily from the logits, Hanna et al. 2024); faithfulness is the share of "
+           "the clean-minus-corrupted metric it recovers with every "
            "other edge corrupted.</p>"]
     rows = []
     for label, run in runs.items():

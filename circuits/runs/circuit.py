@@ -69,7 +69,8 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
     atomic_write_bytes(out / "node_scores.parquet", _node_frame(nodes).to_parquet())
     summary = {"analysis": "circuit", "model": model.cfg.model_name, "method": method, "metric": metric,
                "corruption": corruption, "budget": budget, "greedy": greedy, "n_images": n,
-               "n_edges": int(edges.mask.sum()), "n_edges_kept": circuit.n_edges, "faithfulness": faith.recovered, "metric_clean": faith.clean,
+               "n_edges": int(edges.mask.sum()), "n_edges_kept": circuit.n_edges, "faithfulness": faith.recovered,
+               "metric_clean": faith.clean,
                "metric_corrupted": faith.corrupted, "metric_circuit": faith.circuit}
     run.finish(summary)  # written last: a summary exists only for a finished run
     return summary
