@@ -7,6 +7,9 @@ Contenders, interleaved round robin inside every repeat (medians quoted):
     fwd_bwd  one forward of the corrupted images with gradients and one backward of the
              batch-mean logit difference (the unit AtP and EAP are measured in)
     atp      attribution_patch, sites resid_pre, z, mlp_out (2 forwards + 1 backward)
+    atp_qk   attribution_patch, sites q, k (plain AtP through the softmax)
+    atp_star attribution_patch, sites q, k, qk_fix=True (AtP*: the pattern recomputed per
+             patched query / key from the corrupted run's q and k; no extra forward)
     eap      edge_attribution over every edge (2 forwards + 1 backward)
     eap_ig   edge_attribution(method="eap-ig", ig_steps=5), for reference (7 + 5 passes)
 
@@ -60,6 +63,8 @@ def main(argv=None) -> None:
     contenders = {
         "fwd_bwd": fwd_bwd,
         "atp": lambda: attribution_patch(model, clean, corrupted),
+        "atp_qk": lambda: attribution_patch(model, clean, corrupted, sites=["q", "k"]),
+        "atp_star": lambda: attribution_patch(model, clean, corrupted, sites=["q", "k"], qk_fix=True),
         "eap": lambda: edge_attribution(model, clean, corrupted),
         "eap_ig": lambda: edge_attribution(model, clean, corrupted, method="eap-ig", ig_steps=5),
     }

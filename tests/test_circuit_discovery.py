@@ -45,6 +45,63 @@ def test_atp_is_exact_for_a_linear_metric_on_a_linear_edit(small):
     torch.testing.assert_close(atp, exact, atol=1e-4, rtol=1e-4)
 
 
+def _saturated_linear_model(head: int):
+    """A randomised 2-block ViT whose layer-0 head `head` has its queries scaled by 15 (its
+    softmax rows near one-hot), and hooks that make the logits affine in layer 0's pattern:
+    MLP outputs zeroed, layer 1's pattern and every norm scale after layer 0 fixed. Patching
+    a layer-0 query or key then moves the metric through the pattern only, and linearly."""
+    timm_model, size = make_timm("vit_tiny_patch16_224", seed=3)
+    model = HookedViT.from_timm(timm_model)
+    d = model.cfg.d_head
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[head * d:(head + 1) * d] *= 15
+        model.blocks[0].attn.qkv.bias[head * d:(head + 1) * d] *= 15
+    frozen = [("blocks.0.hook_mlp_out", lambda x, hook: torch.zeros_like(x)),
+              ("blocks.1.ln1.hook_scale", lambda x, hook: torch.full_like(x, 1.5)),
+              ("blocks.1.attn.hook_pattern", lambda x, hook: torch.full_like(x, 1.0 / x.shape[-1])),
+              ("blocks.1.hook_mlp_out", lambda x, hook: torch.zeros_like(x)),
+              ("ln_final.hook_scale", lambda x, hook: torch.full_like(x, 2.0))]
+    clean = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return model, frozen, clean, corrupt(clean, "shuffle")
+
+
+def test_atp_star_qk_fix_is_exact_where_the_metric_is_linear_in_the_pattern():
+    """AtP* (Kramar et al. 2024, sec. 3.1.1) recomputes the pattern with the clean query / key:
+    with the metric affine in the pattern it equals exact patching of every layer-0 query and
+    key; plain AtP, linear through the saturated softmax, underestimates the saturated head."""
+    head = 1
+    model, frozen, clean, corrupted = _saturated_linear_model(head)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter="blocks.0.attn.hook_pattern")
+    assert cache["blocks.0.attn.hook_pattern"][:, head].max(-1).values.mean() > 0.99  # saturated
+    plain = attribution_patch(model, clean, corrupted, sites=["q", "k"], fwd_hooks=frozen)
+    fixed = attribution_patch(model, clean, corrupted, sites=["q", "k"], qk_fix=True, fwd_hooks=frozen)
+    with model.hooks(fwd_hooks=frozen):
+        grids = patch_activations(model, clean, corrupted, ["q", "k"], layers=[0])
+    for side in ("q", "k"):
+        exact = (grids[side].mean() - grids[side].corrupted.mean())[0]  # [pos, head]
+        assert exact[:, head].abs().sum() > 1.0  # the saturated head's q / k matter
+        torch.testing.assert_close(fixed[side][0], exact, atol=1e-5, rtol=1e-5)
+        assert plain[side][0][:, head].abs().sum() < 0.5 * exact[:, head].abs().sum()
+    with pytest.raises(ValueError, match="qk_fix"):
+        attribution_patch(model, clean, corrupted, sites=["z"], qk_fix=True)
+
+
+@pytest.mark.parametrize("spread", [30.0, 1000.0])  # saturated rows; beyond float64's exp range
+def test_key_patch_effect_equals_one_softmax_per_patched_key(spread):
+    from circuits.circuit_discovery.attribution_patching import key_patch_effect
+
+    gen = torch.Generator().manual_seed(0)
+    scores, column, grad = (torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64) * m for m in (spread, spread, 1))
+    expected = torch.empty_like(scores)
+    for s in range(scores.shape[-1]):
+        patched = scores.clone()
+        patched[..., s] = column[..., s]
+        expected[..., s] = (grad * (patched.softmax(-1) - scores.softmax(-1))).sum(-1)
+    assert expected.abs().max() > 0.5
+    torch.testing.assert_close(key_patch_effect(scores, column, grad), expected, atol=1e-12, rtol=1e-9)
+
+
 def test_path_patching_every_path_equals_patching_the_sender(small):
     model, clean, corrupted = small
     for sender, layer, head in (("L0H1", 0, 1), ("L1H3", 1, 3)):
@@ -153,25 +210,97 @@ def planted_pairs(batch, n=32):
     return clean, swap_background(clean, batch["mask"][clean_i], batch["image"][donor_i])
 
 
+def parity_readout(n_classes: int):
+    """The planted shortcut's own read-out: mean logit of the odd classes minus the even ones
+    (what plant_background_shortcut writes towards), as fn(logits, clean_t, corrupted_t)."""
+    sign = torch.tensor([1.0 if c % 2 else -1.0 for c in range(n_classes)])
+    return lambda logits, clean_t, corrupted_t: (logits * sign.to(logits)).mean(-1)
+
+
 def test_eap_finds_the_planted_shortcut_head_and_a_small_faithful_circuit(embedded):
-    """Plant a background shortcut head (circuits/decomposition/planted.py) in the embedded
-    default; corrupt only the background. EAP ranks the planted head's edge to the logits
-    first and a circuit of 20 edges recovers >= 80 % of the clean-minus-corrupted metric."""
+    """Plant a background shortcut head (circuits/decomposition/planted.py, default strength)
+    in the embedded default; corrupt only the background; measure the shortcut's read-out
+    (parity logit). EAP and EAP-IG rank the planted head's edge to the logits first and the
+    greedy circuit of 20 edges recovers >= 80 % of the clean-minus-corrupted metric. Without
+    the plant the same pairs barely move the metric: the plant is the behaviour's ground truth
+    (with the logit difference it is not; see docs/circuit_discovery.md)."""
     from circuits.decomposition.planted import plant_background_shortcut
     from circuits.runs.sources import synthetic_for
 
     model, batch = embedded
-    hooks, planted = plant_background_shortcut(model, synthetic_for("default", "val", 256), strength=25.0)
+    hooks, planted = plant_background_shortcut(model, synthetic_for("default", "val", 256))
     clean, corrupted = planted_pairs(batch)
+    metric = parity_readout(model.cfg.n_classes)
     for method in ("eap", "eap-ig"):
-        df = edge_attribution(model, clean, corrupted, method=method, ig_steps=3, fwd_hooks=hooks).to_frame()
+        df = edge_attribution(model, clean, corrupted, metric, method=method, ig_steps=3, fwd_hooks=hooks).to_frame()
         assert (df.iloc[0].upstream, df.iloc[0].downstream) == (planted, "logits"), df.head()
-    scores = edge_attribution(model, clean, corrupted, fwd_hooks=hooks)
-    result = faithfulness(model, prune(scores, budget=20), clean, corrupted, fwd_hooks=hooks)
+    scores = edge_attribution(model, clean, corrupted, metric, fwd_hooks=hooks)
+    result = faithfulness(model, prune(scores, budget=20, greedy=True), clean, corrupted, metric, fwd_hooks=hooks)
     assert result.n_edges == 20 and result.recovered >= 0.8, result
+    with torch.no_grad():
+        gap = [float(metric(model(x), None, None).mean()) for x in (clean, corrupted)]
+    assert abs(gap[0] - gap[1]) < 0.1 * abs(result.clean - result.corrupted)
     # Without the planted head the top edge is another one: the ranking follows the plant.
     plain = edge_attribution(model, clean, corrupted).to_frame()
     assert plain.iloc[0].upstream != planted or plain.iloc[0].downstream != "logits"
+
+
+def test_atp_and_eap_find_what_reads_the_background_in_embedded_spurious():
+    """embedded:spurious was trained where the background predicts label % 2; swapping only
+    the background moves its parity read-out ~100x more than the default model's (the control).
+    AtP's per-component totals (heads' z and MLP outputs, summed over positions) match exact
+    patching of each component, agree on the top component, which alone carries a large share
+    of the effect; EAP's top edges move the metric when patched alone, far more than random edges."""
+    from circuits.data import collate_samples
+    from circuits.runs.sources import load_model, synthetic_for
+
+    metric = parity_readout(10)
+    gaps = {}
+    for name, data in (("embedded:spurious", "spurious"), ("embedded", "default")):
+        model = load_model(name)
+        ds = synthetic_for(data, "test", 400)
+        clean, corrupted = planted_pairs(collate_samples([ds[i] for i in range(len(ds))]))
+        with torch.no_grad():
+            gaps[name] = float(metric(model(clean), None, None).mean() - metric(model(corrupted), None, None).mean())
+    assert abs(gaps["embedded:spurious"]) > 20 * abs(gaps["embedded"]), gaps
+    model = load_model("embedded:spurious")
+    ds = synthetic_for("spurious", "test", 400)
+    clean, corrupted = planted_pairs(collate_samples([ds[i] for i in range(len(ds))]))
+    atp = attribution_patch(model, clean, corrupted, metric, sites=["z", "mlp_out"])
+    estimate = torch.cat([atp["z"].sum(1).flatten(), atp["mlp_out"].sum(1)])  # [heads..., MLPs...]
+    grids = [patch_activations(model, clean, corrupted, site, positions="all", metric=metric)
+             for site in ("z", "mlp_out")]
+    exact = torch.cat([(g.mean() - g.corrupted.mean()).flatten() for g in grids])
+    assert torch.corrcoef(torch.stack([estimate, exact]))[0, 1] > 0.9
+    top = int(estimate.abs().argmax())
+    assert top == int(exact.abs().argmax()) and abs(float(exact[top])) > 0.3 * abs(gaps["embedded:spurious"])
+    scores = edge_attribution(model, clean, corrupted, metric)
+    df = scores.to_frame()
+    def effect(row) -> float:  # the edge patched alone
+        return float(path_patch(model, clean, corrupted, row.upstream, [row.downstream], metric).mean())
+
+    best = [effect(row) for row in df.head(8).itertuples()]
+    others = [effect(row) for row in df.sample(8, random_state=0).itertuples()]
+    assert sum(abs(x) for x in best) > 10 * sum(abs(x) for x in others), (best, others)
+    # The majority has EAP's sign (6 of 8 measured: L0H0 -> MLP0 and embed -> L0H0.v, through MLP0's
+    # nonlinearity, are overestimated; docs/circuit_discovery.md).
+    assert sum((b > 0) == (s > 0) for b, s in zip(best, df.head(8).score)) >= 5
+
+
+def test_greedy_pruning_keeps_only_edges_on_paths_to_the_logits(small):
+    model, clean, corrupted = small
+    scores = edge_attribution(model, clean, corrupted)
+    graph, owner = scores.graph, scores.graph.reader_owner()
+    for circuit in (prune(scores, budget=15, greedy=True), prune(scores, threshold=0.05, greedy=True)):
+        w, r = circuit.edges.nonzero(as_tuple=True)
+        in_circuit = set(w.tolist())
+        assert circuit.n_edges > 0 and all(int(owner[j]) == -1 or int(owner[j]) in in_circuit for j in r.tolist())
+    assert prune(scores, budget=15, greedy=True).n_edges == 15
+    assert (scores.scores.abs()[prune(scores, threshold=0.05, greedy=True).edges] >= 0.05).all()
+    top = prune(scores, budget=30)  # by |score| alone: some kept edges feed nothing kept
+    w, r = top.edges.nonzero(as_tuple=True)
+    assert any(int(owner[j]) != -1 and int(owner[j]) not in set(w.tolist()) for j in r.tolist())
+    assert not torch.equal(top.edges, prune(scores, budget=30, greedy=True).edges)
 
 
 def test_corruptions():
@@ -223,3 +352,12 @@ def test_circuit_command_writes_scores_and_summary(tmp_path):
 
     page = build_report([out], tmp_path / "report.html").read_text()
     assert "Circuit discovery" in page and "the kept edges" in page and "patch (0, 0)" in page
+    # greedy pruning from the logits: every kept edge feeds the logits or a node that is kept
+    greedy = tmp_path / "greedy"
+    assert main(["circuit", "--model", "embedded", "--data", "synthetic:val:16", "--out", str(greedy),
+                 "--budget", "10", "--batch-size", "8", "--greedy"]) == 0
+    summary = json.loads((greedy / "summary.json").read_text())
+    kept = pd.read_parquet(greedy / "edge_scores.parquet").query("in_circuit")
+    assert summary["greedy"] and len(kept) == 10
+    assert all(d == "logits" or d.split(".")[0] in set(kept.upstream) for d in kept.downstream)
+    assert "greedy from the logits" in build_report([greedy], tmp_path / "greedy.html").read_text()

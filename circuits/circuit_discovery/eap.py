@@ -140,21 +140,46 @@ class Circuit:
         return [(self.graph.writers[i], self.graph.readers[j]) for i, j in zip(w.tolist(), r.tolist())]
 
 
-def prune(scores: EdgeScores, *, budget: Optional[int] = None, threshold: Optional[float] = None) -> Circuit:
+def prune(scores: EdgeScores, *, budget: Optional[int] = None, threshold: Optional[float] = None,
+          greedy: bool = False) -> Circuit:
     """The circuit of the `budget` edges of largest |score|, or of every edge with
-    |score| >= threshold (exactly one of the two)."""
+    |score| >= threshold (exactly one of the two).
+
+    greedy: grow the circuit from the logits instead (Hanna et al. 2024, "Have Faith in
+    Faithfulness", sec. 3: greedy edge selection), each step adding the largest-|score| edge
+    into a node already in the circuit, so every kept edge lies on a path to the logits (the
+    top-|score| circuit may keep edges whose reader feeds nothing kept)."""
     if (budget is None) == (threshold is None):
         raise ValueError("give exactly one of budget (number of edges) or threshold (minimum |score|)")
+    if budget is not None and budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
     mag = scores.scores.abs().masked_fill(~scores.mask, -1.0)
+    if greedy:
+        return Circuit(scores.graph, _greedy(scores.graph, mag, budget, threshold))
     if budget is not None:
-        if budget < 0:
-            raise ValueError(f"budget must be >= 0, got {budget}")
         keep = torch.zeros_like(scores.mask)
         top = mag.flatten().topk(min(budget, int(scores.mask.sum()))).indices
         keep.view(-1)[top] = True
     else:
         keep = (mag >= threshold) & scores.mask
     return Circuit(scores.graph, keep)
+
+
+def _greedy(graph: ViTGraph, mag: Float[Tensor, "w r"], budget: Optional[int], threshold: Optional[float]) -> Tensor:
+    """Edges kept by greedy growth from the logits (mag: |score|, -1 where no edge)."""
+    owner = graph.reader_owner().to(mag.device)
+    live = owner < 0  # the readers of the nodes in the circuit: the logits first
+    keep = torch.zeros(mag.shape, dtype=torch.bool, device=mag.device)
+    limit = int((mag >= 0).sum()) if budget is None else budget
+    for _ in range(limit):
+        cand = mag.masked_fill(~live[None, :] | keep, -1.0)
+        best = int(cand.flatten().argmax())
+        w, r = divmod(best, mag.shape[1])
+        if cand[w, r] < 0 or (threshold is not None and cand[w, r] < threshold):
+            break
+        keep[w, r] = True
+        live |= owner == w  # the writer joins the circuit: its inputs become candidates
+    return keep
 
 
 @dataclass

@@ -77,6 +77,12 @@ class ViTGraph:
         mask[:, -1] = True
         return mask
 
+    def reader_owner(self) -> Tensor:
+        """[readers] long: the writer index of the node each reader belongs to (a head's
+        q/k/v inputs belong to the head, an MLP's input to the MLP), -1 for the logits."""
+        writers = {w: i for i, w in enumerate(self.writers)}
+        return torch.tensor([writers.get(r.split(".")[0], -1) for r in self.readers])
+
     def writer_index(self, name: str) -> int:
         try:
             return self.writers.index(name)

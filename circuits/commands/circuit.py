@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("circuit", help="circuit discovery: edge scores, a pruned circuit, its faithfulness",
                        description="EAP or EAP-IG edge scores and AtP node scores over a dataset, the circuit of "
-                                   "the --budget highest-|score| edges and the share of the metric it recovers.")
+                                   "the --budget highest-|score| edges (or grown greedily from the logits) and the share of the "
+                                   "metric it recovers.")
     add_model_args(p)
     p.add_argument("--data", default="synthetic", help="synthetic[:split[:n]], an ImageNet-S root, or an ImageFolder")
     p.add_argument("--out", required=True, help="output directory")
@@ -23,6 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--metric", default="logit_diff", choices=sorted(set(CIRCUIT_METRICS) - {"rank", "identifiability"}))
     p.add_argument("--corruption", default="shuffle", choices=sorted(CIRCUIT_CORRUPTIONS))
     p.add_argument("--budget", type=int, default=20, help="edges kept in the circuit")
+    p.add_argument("--greedy", action="store_true",
+                   help="grow the circuit from the logits (every kept edge on a path to them) instead of top-|score|")
     p.add_argument("--ig-steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=64, help="only the first N images")
@@ -36,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     model, dataset, _ = load_inputs(args)
     summary = circuit_run(model, dataset, args.out, method=args.method, metric=args.metric,
                           corruption=args.corruption, budget=args.budget, limit=args.limit,
-                          batch_size=args.batch_size, ig_steps=args.ig_steps, overwrite=args.overwrite)
+                          batch_size=args.batch_size, ig_steps=args.ig_steps, greedy=args.greedy,
+                          overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0

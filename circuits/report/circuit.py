@@ -22,13 +22,15 @@ def report_section(runs: dict[str, Path], images: int = 8) -> list[str]:
     out = ["<h2>Circuit discovery (edge attribution patching)</h2>",
            "<p>Edge scores: the metric's first-order change when one edge (a writer's output into a "
            "reader's input) carries the corrupted run's value. The circuit keeps the highest-|score| "
-           "edges; faithfulness is the share of the clean-minus-corrupted metric it recovers with every "
+           "edges (or grows greedily from the logits, Hanna et al. 2024); faithfulness is the share of "
+           "the clean-minus-corrupted metric it recovers with every "
            "other edge corrupted.</p>"]
     rows = []
     for label, run in runs.items():
         s = json.loads((run / "summary.json").read_text())
         rows.append({"run": label, "method": s["method"], "metric": s["metric"], "corruption": s["corruption"],
                      "images": s["n_images"], "edges": s["n_edges"], "edges kept": s["n_edges_kept"],
+                     "pruning": "greedy from the logits" if s.get("greedy") else "top |score|",
                      "faithfulness": s["faithfulness"]})
     out.append(table_html(rows, "Circuits and the share of the metric they recover"))
     for label, run in runs.items():

@@ -14,66 +14,65 @@ unless overwrite=True. Runs in one pass over all images: not resumable mid-run.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from circuits.circuit_discovery.attribution_patching import attribution_patch
 from circuits.circuit_discovery.corruptions import CORRUPTIONS, corrupt
 from circuits.circuit_discovery.eap import EdgeScores, edge_attribution, faithfulness, prune
-from circuits.data import collate_samples
 from circuits.files import atomic_write_bytes
-from circuits.runs.context import run_labels
+from circuits.runs.context import start_run
 from circuits.runs.distributed import require_single_process
-from circuits.runs.results import RunStore
-from circuits.runs.streaming import describe_dataset, model_fingerprint
 from hooked_vit import HookedViT
 
 
 def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metric: str = "logit_diff",
                 corruption: str = "shuffle", budget: int = 20, limit: Optional[int] = None,
-                batch_size: int = 32, ig_steps: int = 5, overwrite: bool = False) -> dict:
-    """Score, prune and evaluate a circuit over a dataset; returns the summary."""
+                batch_size: int = 32, ig_steps: int = 5, greedy: bool = False, overwrite: bool = False,
+                progress: bool = False) -> dict:
+    """Score, prune and evaluate a circuit over a dataset; returns the summary. greedy: grow the
+    circuit from the logits (`prune(greedy=True)`) instead of keeping the top-|score| edges."""
     require_single_process("circuit")
     if corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; choose from {sorted(CORRUPTIONS)}")
-    out = Path(out_dir)
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    store = RunStore(out, {"analysis": "circuit", "model": model.cfg.model_name, "weights": model_fingerprint(model),
-                           "dataset": describe_dataset(dataset), "n": n, "method": method, "metric": str(metric),
-                           "corruption": corruption, "budget": budget, "ig_steps": ig_steps,
-                           "batch_size": batch_size}, overwrite=overwrite)
+    run = start_run("circuit", model, dataset, out_dir, limit=limit, overwrite=overwrite, progress=progress,
+                    method=method, metric=str(metric), corruption=corruption, budget=budget, ig_steps=ig_steps,
+                    batch_size=batch_size, greedy=greedy)
+    out = run.root
     if (out / "summary.json").exists() and not overwrite:
         return json.loads((out / "summary.json").read_text())  # the same run, already finished
-    store.write_json("labels.json", run_labels(model))  # token names for the report
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, collate_fn=collate_samples)
-    batches = [(b["image"].to(model.device), corrupt(b["image"], corruption).to(model.device)) for b in loader]
-    weights = [len(c) / n for c, _ in batches]
+    batches = []
+    for batch in run.batches(batch_size):
+        clean = run.images(batch)
+        batches.append((clean, corrupt(clean, corruption)))
+    n = sum(len(c) for c, _ in batches)
+    if n == 0:
+        raise ValueError(f"no readable images among the first {run.n} of the dataset; check --data")
     scores, nodes = None, None
-    for w, (clean, corrupted) in zip(weights, batches):
+    for clean, corrupted in batches:
+        w = len(clean) / n
         s = edge_attribution(model, clean, corrupted, metric, method=method, ig_steps=ig_steps)
         a = attribution_patch(model, clean, corrupted, metric)
         scores = s.scores * w if scores is None else scores + s.scores * w
         nodes = {k: v * w for k, v in a.items()} if nodes is None else {k: nodes[k] + v * w for k, v in a.items()}
     edges = EdgeScores(s.graph, scores, s.mask)
-    circuit = prune(edges, budget=budget)
+    circuit = prune(edges, budget=budget, greedy=greedy)
     clean = torch.cat([c for c, _ in batches])
     corrupted = torch.cat([c for _, c in batches])
     faith = faithfulness(model, circuit, clean, corrupted, metric)
-    out.mkdir(parents=True, exist_ok=True)
     df = edges.to_frame()
     kept = set(circuit.edge_names())
     df["in_circuit"] = [(u, d) in kept for u, d in zip(df.upstream, df.downstream)]
     atomic_write_bytes(out / "edge_scores.parquet", df.to_parquet())
     atomic_write_bytes(out / "node_scores.parquet", _node_frame(nodes).to_parquet())
     summary = {"analysis": "circuit", "model": model.cfg.model_name, "method": method, "metric": metric,
-               "corruption": corruption, "budget": budget, "n_images": n, "n_edges": int(edges.mask.sum()),
-               "n_edges_kept": circuit.n_edges, "faithfulness": faith.recovered, "metric_clean": faith.clean,
+               "corruption": corruption, "budget": budget, "greedy": greedy, "n_images": n,
+               "n_edges": int(edges.mask.sum()), "n_edges_kept": circuit.n_edges, "faithfulness": faith.recovered,
+               "metric_clean": faith.clean,
                "metric_corrupted": faith.corrupted, "metric_circuit": faith.circuit}
-    store.write_json("summary.json", summary)  # written last: a summary exists only for a finished run
+    run.finish(summary)  # written last: a summary exists only for a finished run
     return summary
 
 
