@@ -119,7 +119,7 @@ def load_inputs(args: argparse.Namespace, data: str | None = None):
 
     model = load_model(spec, device=resolve_device(args.device), dtype=parse_dtype(args.dtype))
     if getattr(args, "target", None) is not None:
-        from circuits.runs.identify import as_target
+        from circuits.data.targets import TargetSpec
 
-        args.target = as_target(args.target, model)
+        args.target = TargetSpec.of(args.target, model)
     return model, load_dataset(data_spec, model, spec, labels=getattr(args, "labels", None)), spec

@@ -33,7 +33,7 @@ from circuits.explain.evaluate import (FRACTIONS, auc, keep_auc, perturbation_cu
                                        segmentation_counts, segmentation_scores)
 from circuits.explain.methods import DEFAULT_METHODS, _as_specs, explain_many, grid_of, upsample
 from circuits.data.targets import TargetSpec, resolve_targets
-from circuits.runs.identify import as_target, class_name_columns
+from circuits.runs.identify import class_name_columns
 from circuits.runs.context import start_run
 from circuits.runs.thumbnails import batch_thumbnails
 from circuits.runs.results import RunStore, fixed_size_list, read_table, stack_column
@@ -70,7 +70,7 @@ def benchmark(
         sanity_images: run the randomisation check on the first N images (0: skip).
     """
     _as_specs(methods)  # fail early on an unknown method
-    target = as_target(target, model)
+    target = TargetSpec.of(target, model)
     run = start_run("explain", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, settings=settings, methods=list(methods), fractions=list(fractions),
                     mode=mode, target=str(target), grid=list(model.cfg.grid_size), n_classes=model.cfg.n_classes,
@@ -96,7 +96,7 @@ def benchmark_batch(model: HookedViT, batch: dict, methods: Sequence[str], *, fr
     with torch.no_grad():
         logits = model(images)
     pred = logits.argmax(-1)
-    targets = resolve_targets(as_target(target, model), labels, logits)
+    targets = resolve_targets(TargetSpec.of(target, model), labels, logits)
     seed = int(index[0])  # random maps and tie-breaking: fixed per batch, so reruns agree
     specs = _as_specs(methods)
     maps = explain_many(model, images, targets, {label: ({**opts, "seed": seed} if name == "random" else opts)

@@ -67,7 +67,7 @@ def identify(
         mask_sampling: how a patch's pixel mask becomes its object_tokens flag
             (`circuits.data.transforms.MaskSampling`: center (default), corner, majority[:t]).
     """
-    target = as_target(target, model)
+    target = TargetSpec.of(target, model)
     sampling = MaskSampling.parse(mask_sampling)
     check_sites(model, sites)  # before the run directory is made
     run = start_run("identify", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
@@ -121,11 +121,6 @@ def batch_tables(proj: BatchProjection, pending: PendingBatch, model: HookedViT,
         "mid_target_logit": fixed_size_list(proj.mid_target_logit.reshape(-1, n_tok).float().cpu().numpy()),
     })
     return {"images": image_table, "tokens": tokens, "stream": stream}
-
-
-def as_target(target: TargetSpec | str, model: HookedViT) -> TargetSpec:
-    """A TargetSpec from a spec or its text ("label", "predicted", a class id or name)."""
-    return target if isinstance(target, TargetSpec) else TargetSpec.parse(str(target), model)
 
 
 def class_name_columns(model: HookedViT, target: np.ndarray, pred: np.ndarray) -> dict[str, list[str]]:

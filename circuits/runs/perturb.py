@@ -22,7 +22,7 @@ from circuits.identifiability import Convention, check_convention, measured_toke
 from circuits.interventions import KINDS, perturbation_hooks
 from circuits.runs.context import start_run
 from circuits.data.targets import TargetSpec, resolve_targets
-from circuits.runs.identify import as_target, identify, load_results
+from circuits.runs.identify import identify, load_results
 from circuits.runs.results import RunStore, fixed_size_list, stack_column
 from circuits.token_removal import (REMOVALS, Removal, kept_tokens_mask, removal_batch, removal_rates,
                                     removal_summary)
@@ -96,7 +96,7 @@ def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Seque
     mask_sampling: which patch tokens count as object tokens (`circuits.data.transforms.MaskSampling`:
         center (default), corner (the reference code's), majority[:threshold]).
     """
-    target = as_target(target, model)
+    target = TargetSpec.of(target, model)
     sampling = MaskSampling.parse(mask_sampling)
     run = start_run("token_removal", model, dataset, out_dir, limit=limit, overwrite=overwrite, progress=progress,
                     num_workers=num_workers, settings=settings, removals=list(removals),
