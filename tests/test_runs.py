@@ -73,3 +73,13 @@ def test_run_context_records_settings_and_resumes(tmp_path):
     assert list(again.batches(batch_size=2)) == []  # all done
     with pytest.raises(ValueError):
         start_run("probe_demo", model, data, tmp_path / "run", limit=5, k=4, settings={"note": "x"})
+
+
+def test_progress_bar_counts_every_batch(tmp_path, capsys):
+    """The bar reaches its total (it used to stop one batch short on screen)."""
+    model = load_model("embedded")
+    run = start_run("bar_demo", model, synthetic_for("default", "test", 5), tmp_path / "run")
+    for batch in run.batches(batch_size=2, desc="bar"):
+        batch.save({})
+    err = capsys.readouterr().err
+    assert "3/3" in err.replace("\r", "\n").strip().splitlines()[-1]

@@ -67,7 +67,9 @@ def stream_pending(store: RunStore, dataset: Dataset, indices: int | Sequence[in
                         collate_fn=_collate_with_skips)
     rank = f" [rank {store.dist.rank}/{store.dist.world}]" if store.dist.world > 1 else ""
     bar = tqdm(loader, desc=f"{desc} -> {store.root}{rank}", unit="batch", disable=not progress or not blocks)
-    for covered, (data, skipped) in zip(blocks, bar):
+    # The bar first in zip: it counts a batch when asked for the next one, so it must be the
+    # iterator that reaches its end (else the last batch is never counted on screen).
+    for (data, skipped), covered in zip(bar, blocks):
         if data is None:  # every item of the batch was unreadable
             store.write_batch(covered[0], {}, covered, skipped)
             continue
