@@ -203,3 +203,25 @@ def test_decompose_and_textspan_commands_with_texts(hf_clip_folder, tmp_path, ca
     assert len(table) == 2 * 4 * 2 and set(table["text"]) <= set(texts)
     assert main(["textspan", *common, "--out", str(tmp_path / "none")]) == 2
     assert "needs prompts" in capsys.readouterr().err
+
+
+def test_report_draws_the_textspan_run(clip_and_tower, tmp_path):
+    """The report's TextSpan section: the layer x head heatmap holds each head's total explained
+    variance and the table lists its texts in rank order."""
+    from circuits.report import build_report
+    from circuits.report.textspan import _heatmap, _rows
+    from circuits.runs.textspan import textspan_run
+
+    _, model, texts, directions = clip_and_tower
+    textspan_run(model, Tiles(5, seed=2), tmp_path / "span", texts, directions, layers=[0, 1], k=2, batch_size=5,
+                 progress=False)
+    table = pd.read_parquet(tmp_path / "span" / "textspan.parquet")
+    fig = _heatmap("span", table, 5)
+    totals = table.groupby(["layer", "head"])["explained_variance"].sum().unstack("head").to_numpy()
+    np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float), totals, atol=1e-3)
+    rows = _rows(table)
+    assert len(rows) == 2 * model.cfg.n_heads
+    first = table[(table["layer"] == 0) & (table["head"] == 0)].sort_values("rank")
+    assert rows[0]["texts"].startswith(first["text"].iloc[0])
+    page = build_report([tmp_path], tmp_path / "report.html").read_text()
+    assert "TextSpan: the texts each head" in page and "No renderer" not in page

@@ -11,12 +11,12 @@ import html
 from pathlib import Path
 from typing import Callable, Iterable
 
-from circuits.report import circuit, decompose, explain, identify, memories, perturb, sae
+from circuits.report import circuit, decompose, explain, identify, memories, perturb, sae, textspan
 from circuits.report.html import figure_html, page, table_html
 from circuits.runs.results import atomic_write_text, read_manifest
 
 Section = Callable[..., list[str]]  # report_section(runs: dict[str, Path], images: int) -> list[str]
-SECTIONS = (identify, perturb, memories, decompose, explain, circuit, sae)  # the report's order
+SECTIONS = (identify, perturb, memories, decompose, textspan, explain, circuit, sae)  # the report's order
 
 __all__ = ["build_report", "find_runs", "sections", "figure_html", "table_html"]
 
