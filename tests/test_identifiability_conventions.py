@@ -195,3 +195,25 @@ def test_cli_perturb_passes_the_convention_to_the_printed_rates(tmp_path, monkey
     assert seen == ["original", "original"]
     out = capsys.readouterr().out
     assert "rate_removed" in out and "identifiable_token_rate" in out
+
+
+def test_report_shows_both_conventions_side_by_side(embedded_run):
+    """The identify section's conventions table holds summarize(res, c)'s numbers for both."""
+    import dataclasses
+
+    from circuits.report.identify import _conventions_table
+
+    _, _, res = embedded_run
+    ours, orig = idf.summarize(res, "ours"), idf.summarize(res, "original")
+    page = _conventions_table({"run": res}, {"run": ours}, idf.summarize)
+    attn = [r["rate"] for r in orig["sublayer_change_rates"] if r["token"] == "image" and r["sublayer"] == "attn"][-1]
+    attn_ours = [r["rate"] for r in ours["sublayer_change_rates"] if r["token"] == "image" and r["sublayer"] == "attn"][-1]
+    assert attn != attn_ours  # the two conventions differ here, so the table shows something
+    assert "attention change rate (image tokens)" in page
+    row = page.split("attention change rate (image tokens)")[1].split("</tr>")[0]
+    assert f"{attn_ours:.4g}" in row and f"{attn:.4g}" in row
+    blk = res.site("block")
+    block_only = dataclasses.replace(res, sites=["block"], rank=res.rank[:, [blk]], target_logit=res.target_logit[:, [blk]],
+                                     topk=res.topk[:, [blk]])
+    # runs without the attn / mlp sites are left out of the table, not refused
+    assert _conventions_table({"run": block_only}, {"run": ours}, idf.summarize) == ""

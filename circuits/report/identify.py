@@ -50,9 +50,43 @@ def report_section(runs: dict[str, Path], images: int = 8) -> list[str]:
         if "context_vs_object" in summaries[label]:
             c = summaries[label]["context_vs_object"]
             out.append(table_html([{"run": label, **c}], "Object vs context tokens, last block identifiability"))
+    out.append(_conventions_table(results, summaries, summarize))
     for label, s in summaries.items():
         atomic_write_text(runs[label] / "summary.json", json.dumps(s, indent=2, default=float))
     return out
+
+
+def _conventions_table(results, summaries: dict, summarize) -> str:
+    """The last block's headline numbers under ours and the original code's conventions
+    (docs/class_identifiability.md, "Conventions"), for runs with the attn and mlp sites."""
+    rows = []
+    for label, res in results.items():
+        if not {"attn", "mlp"} <= set(res.sites):
+            continue
+        ours, orig = summaries[label], summarize(res, "original")
+        for name, pick in _CONVENTION_METRICS:
+            a, b = pick(ours), pick(orig)
+            if a is not None:
+                rows.append({"run": label, "metric (last block)": name, "ours": a, "original code": b})
+    return table_html(rows, "The same runs under the original code's conventions (convention='original'): "
+                            "recomputed from the stored ranks and target logits")
+
+
+def _image_sublayer_rate(sublayer: str):
+    def pick(s: dict):
+        rates = [r["rate"] for r in s["sublayer_change_rates"] if r["token"] == "image" and r["sublayer"] == sublayer]
+        return rates[-1] if rates else None
+    return pick
+
+
+_CONVENTION_METRICS = (
+    ("identifiable image tokens", lambda s: s["identifiable_token_rate"]),
+    ("images with >= 1 identifiable token", lambda s: s["images_with_identifiable_token"]),
+    ("block change rate", lambda s: s["block_change_rate"][-1]),
+    ("attention change rate (image tokens)", _image_sublayer_rate("attn")),
+    ("MLP change rate (image tokens)", _image_sublayer_rate("mlp")),
+    ("object vs context p-value", lambda s: s["context_vs_object"]["p_value"] if "context_vs_object" in s else None),
+)
 
 
 def _wilcoxon_rows(results, per_image, test) -> str:
