@@ -43,6 +43,7 @@ def measured_tokens(n_prefix: int, convention: Convention = "ours", perturbed: b
         return slice(n_prefix, None)
     return slice(0, None) if perturbed else slice(1, None)
 
+
 def identifiability(rank, n_classes: int):
     """Class identifiability 1 - rank / n_classes of a 0-based class rank (numpy or torch):
     1 when the target class is top-1; a uniformly random rank gives 0.5 + 1 / (2 n_classes)

@@ -190,11 +190,10 @@ class MaskSampling:
         if kind != "majority":
             raise ValueError(f"only majority takes a threshold (majority:0.5), got {spec!r}")
         try:
-            return cls(kind, float(threshold))
-        except ValueError as err:
-            if "threshold" in str(err):
-                raise
+            value = float(threshold)
+        except ValueError:
             raise ValueError(f"majority threshold must be a number in (0, 1], got {threshold!r} in {spec!r}") from None
+        return cls(kind, value)
 
     def __str__(self) -> str:
         return f"majority:{self.threshold:g}" if self.kind == "majority" else self.kind

@@ -32,14 +32,16 @@ def token_positions(model, tokens: str) -> Tensor:
     raise ValueError(f"tokens must be one of {TOKENS}, got {tokens!r}")
 
 
-def _stop_layer(model, hooks: Sequence[str]) -> Optional[int]:
-    """Blocks to run: up to the last hooked one (None when a hook is after the blocks)."""
+def stop_kwargs(model, hooks: Sequence[str]) -> dict:
+    """`stop_at_layer` for a forward that only needs `hooks`: run up to the last hooked block
+    (nothing when a hook is after the blocks)."""
     layers = []
     for hook in hooks:
         if not hook.startswith("blocks."):
-            return None
+            return {}
         layers.append(int(hook.split(".")[1]))
-    return max(layers) + 1
+    stop = max(layers) + 1
+    return {"stop_at_layer": stop} if stop < model.cfg.n_layers else {}
 
 
 def image_batches(dataset: Dataset, *, limit: Optional[int], batch_size: int, num_workers: int = 0) -> DataLoader:
@@ -63,9 +65,7 @@ def hook_activations(model, images: Tensor, hooks: Sequence[str], tokens: str = 
                      ) -> tuple[dict[str, Float[Tensor, "rows d"]], Tensor]:
     """Activations [batch * kept tokens, d] per hook, and each row's token position."""
     positions = token_positions(model, tokens).to(images.device)
-    stop = _stop_layer(model, hooks)
-    kwargs = {"stop_at_layer": stop} if stop is not None and stop < model.cfg.n_layers else {}
-    _, cache = model.run_with_cache(images, names_filter=list(hooks), **kwargs)
+    _, cache = model.run_with_cache(images, names_filter=list(hooks), **stop_kwargs(model, hooks))
     out = {}
     for hook in hooks:
         acts = cache[hook]

@@ -5,7 +5,8 @@
   active on more than `dense_threshold` of the tokens;
 * accuracy and cross-entropy of the model, clean, spliced with the reconstruction only, and
   spliced with the error term added back (which must equal clean), as in Bricken et al. 2023
-  and Gao et al. 2024 ("downstream loss").
+  and Gao et al. 2024 ("downstream loss"). Images without a label (-1) are scored against
+  the clean model's prediction instead; `unlabeled_images` counts them.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch
     rows, l0_sum = 0, 0.0
     fired = torch.zeros(cfg.d_sae, device=device)
     runs = {k: _Sums() for k in ("clean", "spliced", "spliced_with_error")}
-    max_error_delta = 0.0
+    max_error_delta, unlabeled = 0.0, 0
     target_hook = cfg.hook_out if cfg.is_transcoder else cfg.hook_name
     for data in loader:
         if data is None:
@@ -64,10 +65,12 @@ def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch
         active = acts > 0
         l0_sum += float(active.sum())
         fired += active.float().sum(0)
+        unlabeled += int((labels < 0).sum())
+        labels = torch.where(labels < 0, logits.argmax(-1), labels)  # no label: the clean prediction
         runs["clean"].add(logits, labels)
-        with spliced(model, sae, use_error=False):
+        with spliced(model, sae, use_error=False) as module:
             runs["spliced"].add(model(images), labels)
-        with spliced(model, sae, use_error=True):
+            module.use_error = True
             with_error = model(images)
         runs["spliced_with_error"].add(with_error, labels)
         max_error_delta = max(max_error_delta, float((with_error - logits).abs().max()))
@@ -80,7 +83,7 @@ def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch
            "explained_variance": 1 - sse / max(total_ss, 1e-12), "mse_per_token": sse / rows,
            "l0": l0_sum / rows, "dead_features": int((fired == 0).sum()),
            "dense_features": int((freq > dense_threshold).sum()), "dense_threshold": dense_threshold,
-           "max_logit_change_with_error": max_error_delta}
+           "max_logit_change_with_error": max_error_delta, "unlabeled_images": unlabeled}
     for key, sums in runs.items():
         out[f"accuracy_{key}"], out[f"ce_{key}"] = sums.result()
     out["ce_increase_spliced"] = out["ce_spliced"] - out["ce_clean"]

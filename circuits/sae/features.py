@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from circuits.sae.activations import image_batches, token_positions
+from circuits.sae.activations import image_batches, stop_kwargs, token_positions
 from circuits.sae.dictionaries import SparseDictionary
 
 HIST_EDGES = np.concatenate([[0.0], np.logspace(-3, 3, 37)])  # fixed bins: no first pass needed
@@ -32,14 +32,12 @@ class _TopK:
         self.token = torch.full((d, k), -1, dtype=torch.long, device=device)
 
     def add(self, acts: torch.Tensor, image: torch.Tensor, token: torch.Tensor) -> None:
-        """acts [rows, d] with each row's image index and token position; one entry per image."""
+        """acts [b, p, d] of images `image` [b] at token positions `token` [p]; one entry per image."""
         k = self.values.shape[1]
-        per_image, arg = acts.reshape(len(image.unique()), -1, acts.shape[-1]).max(1)  # [b, d]
-        img = image.reshape(per_image.shape[0], -1)[:, 0]
-        tok = token.reshape(per_image.shape[0], -1).gather(1, arg)  # [b, d]
+        per_image, arg = acts.max(1)  # [b, d]: each image's most active token per feature
         vals = torch.cat([self.values, per_image.T], 1)
-        imgs = torch.cat([self.image, img[None].expand(vals.shape[0], -1)], 1)
-        toks = torch.cat([self.token, tok.T], 1)
+        imgs = torch.cat([self.image, image[None].expand(vals.shape[0], -1)], 1)
+        toks = torch.cat([self.token, token[arg].T], 1)
         top, idx = vals.topk(k, dim=1)
         self.values, self.image, self.token = top, imgs.gather(1, idx), toks.gather(1, idx)
 
@@ -60,16 +58,17 @@ def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size
     s2 = torch.zeros_like(s1)
     by_value: dict[str, dict[int, list]] = {a: {} for a in attributes}  # value -> [count, sum of acts]
     n_images, fired = 0, torch.zeros(cfg.d_sae, device=device)
+    lens = feature_logit_lens(model, sae)  # before the pass: a model it does not apply to fails fast
+    stop = stop_kwargs(model, [cfg.hook_name])
     for data in loader:
         if data is None:
             continue
         images = data["image"].to(device)
         b = images.shape[0]
-        _, cache = model.run_with_cache(images, names_filter=[cfg.hook_name])
+        _, cache = model.run_with_cache(images, names_filter=[cfg.hook_name], **stop)
         acts = sae.encode(cache[cfg.hook_name][:, positions])  # [b, p, d_sae]
         flat = acts.reshape(-1, cfg.d_sae)
-        image = data["index"].to(device).repeat_interleave(len(positions))
-        top.add(flat, image, positions.repeat(b))
+        top.add(acts, data["index"].to(device), positions)
         nz = flat > 0
         fired += nz.float().sum(0)
         bins = torch.bucketize(flat, edges)  # 0: exactly zero
@@ -97,7 +96,7 @@ def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size
             "frequency": (fired / (n_images * len(positions))).cpu().numpy(),
             "top_values": top.values.cpu().numpy(), "top_images": top.image.cpu().numpy(),
             "top_tokens": top.token.cpu().numpy(), "histogram": hist.numpy(), "hist_edges": HIST_EDGES,
-            "logit_lens": feature_logit_lens(model, sae), "correlations": correlations, "identified": identified,
+            "logit_lens": lens, "correlations": correlations, "identified": identified,
             "identified_at": identified_at}
 
 
@@ -131,33 +130,37 @@ def feature_logit_lens(model, sae: SparseDictionary, top: int = 5) -> Optional[d
     """Each feature's decoder direction through the final norm and head: the classes it
     writes towards directly (direct effect of a unit-variance step along it; the norm's
     bias and the head's bias, the same for every direction, are subtracted)."""
-    if sae.cfg.d_out != model.cfg.d_model or getattr(model, "head", None) is None:
-        return None  # not in the residual space (e.g. MLP hidden units): no direct path to the classes
+    if sae.cfg.d_out != model.cfg.d_model or model.head is None or model.cfg.global_pool == "token_avg":
+        # not in the residual space (e.g. MLP hidden units), no classes (a headless tower; CLIP
+        # without text classes), or a head on [class token, mean patch token] that no single
+        # residual vector has logits for: no direct path to the classes
+        return None
     w = sae.W_dec.to(next(model.parameters()).device)
     logits = model.to_class_logits(w) - model.to_class_logits(torch.zeros_like(w[:1]))
     vals, idx = logits.topk(min(top, logits.shape[-1]), dim=-1)
     return {"classes": idx.cpu().numpy(), "logits": vals.cpu().numpy()}
 
 
-def feature_thumbnails(dataset: Dataset, result: dict, features: Sequence[int], patch_size: tuple[int, int],
-                       n_prefix: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_px: int = 96) -> dict:
-    """PNG (base64) of each shown feature's top images, with the most active patch's box."""
+def feature_thumbnails(model, dataset: Dataset, result: dict, features: Sequence[int], max_px: int = 96) -> dict:
+    """PNG (base64) of each shown feature's top images (the model's normalisation undone),
+    with the most active patch's box."""
     import base64
     import io
 
     from PIL import Image
 
-    from circuits.data import denormalize
+    from circuits.plot import display_rgb
 
+    patch_size, n_prefix = model.cfg.patch_size, model.cfg.n_prefix_tokens
     out = {}
     for f in features:
         items = []
         for img_i, tok, val in zip(result["top_images"][f], result["top_tokens"][f], result["top_values"][f]):
             if img_i < 0 or not np.isfinite(val):
                 continue
-            image = denormalize(dataset[int(img_i)]["image"], mean, std)  # [3, H, W]
-            h, w = image.shape[-2:]
-            pil = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            rgb = display_rgb(model, dataset[int(img_i)]["image"][None])[0]  # [H, W, 3] uint8
+            h, w = rgb.shape[:2]
+            pil = Image.fromarray(rgb)
             scale = min(1.0, max_px / max(h, w)) if max(h, w) > max_px else max(1, max_px // max(h, w))
             pil = pil.resize((int(w * scale), int(h * scale)), Image.NEAREST)
             buf = io.BytesIO()
@@ -177,9 +180,7 @@ def summary_for_report(model, dataset: Dataset, result: dict, n_extra: int = 8, 
     """JSON-ready summary: identified features (with thumbnails, histogram, logit lens) and metrics."""
     shown = list(dict.fromkeys([r["feature"] for rows in result["identified"].values() for r in rows]
                                + list(np.argsort(-result["frequency"])[:n_extra])))
-    cfg = model.cfg
-    thumbs = feature_thumbnails(dataset, result, shown, cfg.patch_size, cfg.n_prefix_tokens,
-                                getattr(cfg, "mean", None) or (0.5, 0.5, 0.5), getattr(cfg, "std", None) or (0.5, 0.5, 0.5))
+    thumbs = feature_thumbnails(model, dataset, result, shown)
     lens = result["logit_lens"]
     names = list(class_names) if class_names is not None else None
     feats = {}
