@@ -154,6 +154,9 @@ def test_hand_built_saelens_fixture_loads(tmp_path):
     torch.testing.assert_close(load_saelens(tmp_path / "jump").encode(x), z * (z > 0.7))
     _hand_built(tmp_path / "topk", {**cfg, "architecture": "topk", "k": 2}, t)
     assert load_saelens(tmp_path / "topk").encode(x).gt(0).sum(-1).max() <= 2
+    _hand_built(tmp_path / "topk_no_k", {**cfg, "architecture": "topk"}, t)
+    with pytest.raises(ValueError, match="gives no k"):  # never a silent top-1
+        load_saelens(tmp_path / "topk_no_k")
     _hand_built(tmp_path / "bad", {**cfg, "d_sae": 25}, t)
     with pytest.raises(ValueError, match="W_enc is"):
         load_saelens(tmp_path / "bad")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save
@@ -72,13 +73,13 @@ def load_saelens(folder: str | Path) -> SparseDictionary:
     meta = cfg.get("metadata") or {}
     ours = cfg.get("hooked_vit") or {}
     arch = ours.get("architecture") or _from_saelens_arch(cfg)
-    k = ours.get("k") or cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 1
+    k = ours.get("k") or cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ValueError(f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
                          "fold the scaling into the weights first")
     if cfg.get("apply_b_dec_to_input") is False and not cfg.get("hook_name_out"):
         raise ValueError(f"{folder}: an SAE with apply_b_dec_to_input=false is not supported")
-    return _build(folder / WEIGHTS, arch, int(k), cfg["d_in"], cfg["d_sae"], cfg.get("hook_name") or meta.get("hook_name", ""),
+    return _build(folder / WEIGHTS, arch, k, cfg["d_in"], cfg["d_sae"], cfg.get("hook_name") or meta.get("hook_name", ""),
                   cfg.get("hook_name_out"), cfg.get("d_out"), ours.get("tokens", "all"),
                   cfg.get("model_name") or meta.get("model_name", ""), ours.get("jumprelu_bandwidth", 0.05))
 
@@ -95,16 +96,18 @@ def _from_saelens_arch(cfg: dict) -> str:
     raise ValueError(f"SAELens architecture {arch!r} is not supported (standard, topk, jumprelu)")
 
 
-def _build(weights: Path, arch: str, k: int, d_in: int, d_sae: int, hook: str, hook_out, d_out, tokens: str,
+def _build(weights: Path, arch: str, k: Optional[int], d_in: int, d_sae: int, hook: str, hook_out, d_out, tokens: str,
            model_name: str, bandwidth: float) -> SparseDictionary:
     tensors = load_file(weights)  # safetensors: plain tensors, no code
     missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(tensors)
     if missing:
         raise ValueError(f"{weights} lacks {sorted(missing)} (SAELens tensor names W_enc, b_enc, W_dec, b_dec)")
-    if arch == "batchtopk" and "threshold" in tensors:
-        pass
-    elif arch == "jumprelu" and "threshold" not in tensors:
+    if arch == "jumprelu" and "threshold" not in tensors:
         raise ValueError(f"{weights}: a JumpReLU dictionary needs a 'threshold' tensor")
+    if arch in ("topk", "batchtopk") and not k:
+        raise ValueError(f"{weights.parent}: a {arch} dictionary's config gives no k (active features per token); "
+                         "add \"k\" (or activation_fn_kwargs.k) to its config")
+    k = int(k or 1)  # unused by the other architectures
     cfg = DictionaryConfig(d_in=int(d_in), d_sae=int(d_sae), architecture=arch, k=k, hook_name=hook,
                            hook_out=hook_out, d_out=int(d_out) if d_out else None, tokens=tokens,
                            model_name=model_name, jumprelu_bandwidth=bandwidth)
@@ -138,7 +141,7 @@ def load_vit_prisma(folder: str | Path) -> SparseDictionary:
     fn = cfg.get("activation_fn_str", "relu")
     if fn not in ("relu", "topk"):
         raise ValueError(f"{folder}: activation_fn_str {fn!r} is not supported (relu or topk)")
-    k = int((cfg.get("activation_fn_kwargs") or {}).get("k", 1))
+    k = (cfg.get("activation_fn_kwargs") or {}).get("k")
     return _build(weights[-1], fn, k, d_in, d_sae, cfg.get("hook_point", ""), None, None, "all",
                   cfg.get("model_name", ""), 0.05)
 
