@@ -347,6 +347,10 @@ def test_circuit_command_writes_scores_and_summary(tmp_path):
     assert main(["circuit", "--model", "embedded", "--data", "synthetic:val:16", "--out", str(out),
                  "--budget", "10", "--batch-size", "8"]) == 0
     assert (out / "edge_scores.parquet").stat().st_mtime_ns == before
+    # another --limit is another set of images: recomputed, not the finished run handed back
+    assert main(["circuit", "--model", "embedded", "--data", "synthetic:val:16", "--out", str(out),
+                 "--budget", "10", "--batch-size", "8", "--limit", "8"]) == 0
+    assert json.loads((out / "summary.json").read_text())["n_images"] == 8
     # its report section: the graph of the 10 kept edges and the per-head heatmap with token names
     from circuits.report import build_report
 

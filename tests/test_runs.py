@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -83,3 +84,25 @@ def test_progress_bar_counts_every_batch(tmp_path, capsys):
         batch.save({})
     err = capsys.readouterr().err
     assert "3/3" in err.replace("\r", "\n").strip().splitlines()[-1]
+
+
+def test_overwrite_clears_everything_the_run_wrote_but_nested_runs(tmp_path):
+    """--overwrite: no stale run-level file (a sanity table, a fitted reference) survives to be
+    read back as if new; a run nested inside (sae train's activations) is its own and stays."""
+    model = load_model("embedded")
+    data = synthetic_for("default", "test", 4)
+    run = start_run("demo", model, data, tmp_path / "run", k=1)
+    for batch in run.batches(batch_size=2):
+        batch.save({"rows": pa.table({"index": batch.data["index"].numpy()})})
+    run.finish({"k": 1})
+    (tmp_path / "run" / "sanity.json").write_text("{}")
+    start_run("nested", model, data, tmp_path / "run" / "activations")
+    again = start_run("demo", model, data, tmp_path / "run", k=2, overwrite=True)
+    left = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert left == ["activations", "labels.json", "manifest.json"] and again.store.done == set()
+    assert (tmp_path / "run" / "activations" / "manifest.json").exists()
+    # a folder that is not a run directory is never cleared
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    start_run("demo", model, data, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Sequence
 
 import pyarrow as pa
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -39,10 +40,9 @@ def build_activation_store(model, dataset: Dataset, out: str | Path, hooks: Sequ
     run = start_run("sae_activations", model, dataset, out, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, hooks=hooks, tokens=tokens, seed=seed)
     store = run.store
-    if overwrite:
-        for shard in (store.root / "shards").glob("shard-*.safetensors"):
-            shard.unlink()
-    _drop_orphan_shards(store.root)
+    if store.dist.is_main:  # one process deletes; the others wait (a shard may be another rank's)
+        _drop_orphan_shards(store.root)
+    store.dist.barrier()
     for batch in run.batches(batch_size, desc="activations"):
         images = run.images(batch)
         acts, token = hook_activations(model, images, hooks, tokens)
@@ -57,12 +57,18 @@ def build_activation_store(model, dataset: Dataset, out: str | Path, hooks: Sequ
     return ActivationStore(store.root)
 
 
+def _shards(root: Path) -> tuple[list[Path], list[Path]]:
+    """The store's shards whose batch is marked done, and the orphans of a killed run."""
+    parts = {p.stem.removeprefix("part-") for p in (root / "shards").glob("part-*.parquet")}
+    shards = sorted((root / "shards").glob("shard-*.safetensors"))
+    done = [s for s in shards if s.stem.removeprefix("shard-") in parts]
+    return done, [s for s in shards if s.stem.removeprefix("shard-") not in parts]
+
+
 def _drop_orphan_shards(root: Path) -> None:
     """Shards whose batch was never marked done (a killed run) are removed and redone."""
-    parts = {p.stem.removeprefix("part-") for p in (root / "shards").glob("part-*.parquet")}
-    for shard in (root / "shards").glob("shard-*.safetensors"):
-        if shard.stem.removeprefix("shard-") not in parts:
-            shard.unlink()
+    for shard in _shards(root)[1]:
+        shard.unlink(missing_ok=True)
 
 
 class ActivationStore:
@@ -75,8 +81,7 @@ class ActivationStore:
         self.settings = read_manifest(self.root)["settings"]
         if self.settings.get("analysis") != "sae_activations":
             raise ValueError(f"{self.root} is a {self.settings.get('analysis')} run, not an activation store")
-        _drop_orphan_shards(self.root)
-        self.shards = sorted((self.root / "shards").glob("shard-*.safetensors"))
+        self.shards = _shards(self.root)[0]  # reading never deletes: orphans may be a running build's
         self.hooks: list[str] = self.settings["hooks"]
 
     def __len__(self) -> int:
@@ -106,9 +111,11 @@ class ActivationStore:
             carry = {h: buf[h][perm[n_full:]] for h in hooks}
 
 
+def shard_shape(shard: Path, name: str) -> list[int]:
+    """The shape of tensor `name` in a shard, from its header (nothing loaded)."""
+    with safe_open(str(shard), "pt") as f:
+        return f.get_slice(name).get_shape()
+
+
 def _rows(shard: Path) -> int:
-    header_len = int.from_bytes(shard.open("rb").read(8), "little")
-    with shard.open("rb") as f:
-        f.seek(8)
-        header = json.loads(f.read(header_len))
-    return header["token"]["shape"][0]
+    return shard_shape(shard, "token")[0]

@@ -42,7 +42,9 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
                     batch_size=batch_size, greedy=greedy)
     out = run.root
     if (out / "summary.json").exists() and not overwrite:
-        return json.loads((out / "summary.json").read_text())  # the same run, already finished
+        done = json.loads((out / "summary.json").read_text())
+        if done.get("n") == run.n:  # the same run over the same images, already finished
+            return done
     batches = []
     for batch in run.batches(batch_size):
         clean = run.images(batch)
@@ -68,7 +70,7 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
     atomic_write_bytes(out / "edge_scores.parquet", df.to_parquet())
     atomic_write_bytes(out / "node_scores.parquet", _node_frame(nodes).to_parquet())
     summary = {"analysis": "circuit", "model": model.cfg.model_name, "method": method, "metric": metric,
-               "corruption": corruption, "budget": budget, "greedy": greedy, "n_images": n,
+               "corruption": corruption, "budget": budget, "greedy": greedy, "n": run.n, "n_images": n,
                "n_edges": int(edges.mask.sum()), "n_edges_kept": circuit.n_edges, "faithfulness": faith.recovered,
                "metric_clean": faith.clean,
                "metric_corrupted": faith.corrupted, "metric_circuit": faith.circuit}

@@ -53,9 +53,6 @@ from circuits.runs.distributed import require_single_process
 from circuits.runs.results import RunStore, atomic_write_bytes, fixed_size_list, read_table
 
 log = logging.getLogger("circuits.decomposition")
-DERIVED = ("reference.json", "reference.npz", "heatmaps.json", "summary.json")  # files besides the tables
-
-
 def decompose_run(
     model,
     dataset,
@@ -98,9 +95,6 @@ def decompose_run(
                     spurious_key=spurious_key, max_k=max_k, mode=mode, start_layer=start_layer,
                     fwd_hooks=[name for name, _ in fwd_hooks], **({"texts": texts, "text_k": text_k} if texts else {}))
     store = run.store
-    if overwrite:
-        for name in DERIVED:
-            (store.root / name).unlink(missing_ok=True)
     fitted = _load_or_fit(model, reference, store, core_key, spurious_key, max_k, mode, start_layer,
                           batch_size, reference_limit, fwd_hooks, progress,
                           TextRequest(texts, text_directions, text_k) if texts else None)

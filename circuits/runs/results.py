@@ -15,6 +15,7 @@ resumes any earlier run.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -51,11 +52,8 @@ class RunStore:
         self.settings = json.loads(json.dumps(settings, default=str))
         # Under torchrun every rank opens the store; rank 0 alone deletes, and nobody writes
         # until every rank has read the same done set (so all compute the same shards).
-        if overwrite and self.dist.is_main and self.root.exists():
-            for part in self.root.glob("*/part-*.parquet"):
-                part.unlink()
-            for manifest in manifest_files(self.root):
-                manifest.unlink()
+        if overwrite and self.dist.is_main and manifest_files(self.root):
+            clear_run(self.root)
         self.dist.barrier()
         self.reload()
         self.dist.barrier()
@@ -137,6 +135,18 @@ def read_table(root: str | Path, table: str) -> pd.DataFrame:
     df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     order = [c for c in ("index", "site", "layer") if c in df.columns]
     return df.sort_values(order, kind="stable").reset_index(drop=True) if order else df
+
+
+def clear_run(root: Path) -> None:
+    """Everything a run wrote into its directory (tables, run-level files, manifests), for
+    overwrite. Only called on a run directory (one with a manifest); runs nested inside it (a
+    folder with its own manifest, e.g. `sae train`'s activations) are left alone."""
+    for child in root.iterdir():
+        if child.is_dir():
+            if not manifest_files(child):
+                shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def manifest_files(root: str | Path) -> list[Path]:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from circuits.runs.activation_store import build_activation_store
+from circuits.runs.activation_store import build_activation_store, shard_shape
 from circuits.runs.distributed import require_single_process
 from circuits.runs.context import start_run
 from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
@@ -50,10 +50,7 @@ def train_run(model, dataset, out: str | Path, *, hook: str, hook_out: Optional[
 
 
 def _width(store, hook: str) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(store.shards[0]), "pt") as f:
-        return f.get_slice(hook).get_shape()[1]
+    return shard_shape(store.shards[0], hook)[1]
 
 
 def eval_run(model, sae_dir: str | Path, dataset, out: str | Path, *, batch_size: int = 64,
