@@ -184,7 +184,7 @@ def train_probes(
                 accumulators[key] = RidgeAccumulator((act.shape[1],), act.shape[2], cfg.n_classes, act.device)
             accumulators[key].update(act, Y)
 
-        images = batch["image"].to(model.device, model.embed.proj.weight.dtype)
+        images = model.to_input(batch["image"])
         model.run_with_hooks(images, fwd_hooks=[(n, hook) for n in names], return_type=None)
         n_train += len(images)
     solved = {key: acc.solve(alpha) for key, acc in accumulators.items()}

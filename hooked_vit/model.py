@@ -448,6 +448,12 @@ class HookedViT(HookedRootModule):
     def device(self) -> torch.device:
         return self.embed.proj.weight.device
 
+    def to_input(self, images: Float[Tensor, "b c h w"]) -> Float[Tensor, "b c h w"]:
+        """Images on the model's device and in its parameter dtype (a bf16 / fp16 model
+        refuses fp32 images, as timm's does)."""
+        param = self.embed.proj.weight
+        return images.to(param.device, param.dtype)
+
 
 def _flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool):

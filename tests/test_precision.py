@@ -47,3 +47,18 @@ def test_cli_dtype_reaches_the_model(monkeypatch, tmp_path):
     monkeypatch.setattr(run_identify, "identify", capture)
     assert main(["identify", "--out", str(tmp_path / "o"), "--data", "synthetic:test:4", "--dtype", "bf16"]) == 130
     assert seen["dtype"] == torch.bfloat16
+
+
+def test_bf16_runs_end_to_end_on_every_dataset_command(tmp_path):
+    """Every path that feeds images to a bf16 model casts them (explain's randomisation check,
+    SAE evaluation and feature studies used to pass fp32 images and crash)."""
+    from circuits.cli import main
+
+    common = ["--dtype", "bf16", "--batch-size", "4"]
+    assert main(["explain", "--out", str(tmp_path / "ex"), "--data", "synthetic:test:4", "--methods", "attention",
+                 "--sanity-images", "2", *common]) == 0
+    assert main(["sae", "train", "--out", str(tmp_path / "sae"), "--data", "synthetic:train:8", "--steps", "5",
+                 "--d-sae", "32", "--train-batch", "64", *common]) == 0
+    for sub in ("eval", "features"):
+        assert main(["sae", sub, "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / sub),
+                     "--data", "synthetic:test:4", *common]) == 0

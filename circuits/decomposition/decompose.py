@@ -502,11 +502,10 @@ def decompose_dataset(
     from circuits.data import make_loader
 
     terms, meta, comps = [], {}, None
-    param = model.embed.proj.weight
     for batch in tqdm(make_loader(dataset, batch_size, limit=limit), desc="decompose", disable=not progress):
         if batch is None:
             continue
-        dec = decompose(model, batch["image"].to(param.device, param.dtype), start_layer=start_layer, biases=biases,
+        dec = decompose(model, model.to_input(batch["image"]), start_layer=start_layer, biases=biases,
                         fwd_hooks=fwd_hooks)
         terms.append(dec.terms.cpu())
         comps = dec.components

@@ -51,8 +51,7 @@ class Run:
 
     def images(self, batch: PendingBatch) -> torch.Tensor:
         """The batch's images on the model's device, in its parameter dtype."""
-        param = self.model.embed.proj.weight
-        return batch.data["image"].to(param.device, param.dtype)
+        return self.model.to_input(batch.data["image"])
 
     @property
     def root(self) -> Path:

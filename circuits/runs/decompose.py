@@ -329,8 +329,7 @@ def heatmaps(model, dataset, fitted: Fitted, n: int, start_layer: int = 0, top: 
     """Token heatmaps for the first n images: the top spurious heads projected on the
     spurious direction, the top core heads on the image's class direction."""
     batch = collate_samples([dataset[i] for i in range(min(n, len(dataset)))])
-    param = model.embed.proj.weight
-    images = batch["image"].to(param.device, param.dtype)
+    images = model.to_input(batch["image"])
     dec = decompose(model, images, start_layer=start_layer, fwd_hooks=fwd_hooks)
     flat_total = dec.flat().sum(1)
     heads = [i for i, c in enumerate(fitted.components) if c.kind == "head"]

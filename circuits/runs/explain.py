@@ -87,7 +87,7 @@ def benchmark(
 def benchmark_batch(model: HookedViT, batch: dict, methods: Sequence[str], *, fractions=FRACTIONS,
                     mode="remove", target="label", thumbnails: int = 0) -> dict[str, pa.Table]:
     """The tables of one batch (see the module doc)."""
-    images = batch["image"].to(model.device, model.embed.proj.weight.dtype)
+    images = model.to_input(batch["image"])
     labels = torch.as_tensor(batch["label"]).to(model.device)
     index = np.asarray(batch["index"], dtype=np.int64)
     if bool((labels < 0).any()):
@@ -142,7 +142,7 @@ def sanity_rows(model: HookedViT, dataset: Dataset, methods: Sequence[str], n: i
     """The randomisation check on the first n images (labels as targets); 'random' is skipped."""
     batch = next(iter(make_loader(dataset, n, limit=n)))
     checked = [m for m in methods if not m.startswith("random")]
-    return randomization_check(model, batch["image"].to(model.device), torch.as_tensor(batch["label"]).to(model.device),
+    return randomization_check(model, model.to_input(batch["image"]), torch.as_tensor(batch["label"]).to(model.device),
                                checked)
 
 

@@ -84,7 +84,6 @@ def stream_activations(model, dataset: Dataset, hooks: Sequence[str], batch_size
 
     hooks = list(hooks)
     check_hooks(model, hooks)
-    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=image_batch, shuffle=True, generator=gen, num_workers=num_workers,
                         collate_fn=collate_samples)
@@ -93,7 +92,7 @@ def stream_activations(model, dataset: Dataset, hooks: Sequence[str], batch_size
     for data in loader:
         if data is None:
             continue
-        acts, _ = hook_activations(model, data["image"].to(device), hooks, tokens)
+        acts, _ = hook_activations(model, model.to_input(data["image"]), hooks, tokens)
         for h in hooks:
             buf[h].append(acts[h])
         rows += len(acts[hooks[0]])

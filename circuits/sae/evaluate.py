@@ -52,7 +52,7 @@ def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch
     for data in loader:
         if data is None:
             continue
-        images, labels = data["image"].to(device), data["label"].to(device)
+        images, labels = model.to_input(data["image"]), data["label"].to(device)
         logits, cache = model.run_with_cache(images, names_filter=list(filter(None, (cfg.hook_name, cfg.hook_out))))
         x = cache[cfg.hook_name][:, positions].reshape(-1, cfg.d_in)
         y = cache[target_hook][:, positions].reshape(-1, cfg.d_out)

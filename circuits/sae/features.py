@@ -63,7 +63,7 @@ def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size
     for data in loader:
         if data is None:
             continue
-        images = data["image"].to(device)
+        images = model.to_input(data["image"])
         b = images.shape[0]
         _, cache = model.run_with_cache(images, names_filter=[cfg.hook_name], **stop)
         acts = sae.encode(cache[cfg.hook_name][:, positions])  # [b, p, d_sae]
@@ -135,8 +135,8 @@ def feature_logit_lens(model, sae: SparseDictionary, top: int = 5) -> Optional[d
         # without text classes), or a head on [class token, mean patch token] that no single
         # residual vector has logits for: no direct path to the classes
         return None
-    w = sae.W_dec.to(next(model.parameters()).device)
-    logits = model.to_class_logits(w) - model.to_class_logits(torch.zeros_like(w[:1]))
+    w = sae.W_dec.to(model.device, model.embed.proj.weight.dtype)  # in the model's own dtype
+    logits = (model.to_class_logits(w) - model.to_class_logits(torch.zeros_like(w[:1]))).float()
     vals, idx = logits.topk(min(top, logits.shape[-1]), dim=-1)
     return {"classes": idx.cpu().numpy(), "logits": vals.cpu().numpy()}
 
