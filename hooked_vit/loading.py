@@ -349,10 +349,17 @@ def from_timm(
         raise TypeError(f"expected a timm model name or module, got {type(name_or_model).__name__}")
     if checkpoint_path is not None:
         load_timm_weights(timm_model, load_checkpoint(checkpoint_path), source=str(checkpoint_path))
-    model = hooked_from_timm_module(timm_model)
+    model = processed(hooked_from_timm_module(timm_model), fold_ln, center_writing_weights, fold_layer_scale)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def processed(model: HookedViT, fold_ln: bool = False, center_writing_weights: bool = False,
+              fold_layer_scale: bool = False) -> HookedViT:
+    """The optional weight processing every loader offers (`HookedViT.process_weights_`); all
+    off by default, so the parameters are exactly the source's."""
     if fold_ln or center_writing_weights or fold_layer_scale:
         model.process_weights_(fold_ln, center_writing_weights, fold_layer_scale)
-    return model.to(device=device, dtype=dtype).eval()
+    return model
 
 
 def _refuse_build_options(timm_model: nn.Module, pretrained: bool, timm_kwargs: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
-from hooked_vit.loading import UnsupportedModelError, hooked_from_timm_state
+from hooked_vit.loading import UnsupportedModelError, hooked_from_timm_state, processed
 from hooked_vit.model import HookedViT
 
 # HF hidden_act -> HookedViTConfig.act_fn
@@ -53,12 +53,16 @@ def from_hf(
     model_or_path: Union[str, os.PathLike, nn.Module],
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    fold_layer_scale: bool = False,
     **hf_kwargs: Any,
 ) -> HookedViT:
     """Build a HookedViT from a transformers vision model, a `save_pretrained` folder or a
     hub id already in the local cache (set `HF_HUB_OFFLINE=1` where there is no network,
-    so that transformers does not wait on it). `hf_kwargs` go to the model class's
-    `from_pretrained` (e.g. cache_dir, revision, torch_dtype)."""
+    so that transformers does not wait on it). fold_ln, center_writing_weights,
+    fold_layer_scale: weight processing as in `from_timm` (default off). `hf_kwargs` go to
+    the model class's `from_pretrained` (e.g. cache_dir, revision, torch_dtype)."""
     hf_model, source = _resolve(model_or_path, **hf_kwargs)
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
@@ -67,7 +71,8 @@ def from_hf(
     source = source or _local_origin(hf_model)
     if source is not None:
         cfg.data_config = data_config_from_processor(source, cfg, hf_kwargs.get("cache_dir"))
-    model = hooked_from_timm_state(cfg, hf_to_timm_state_dict(hf_model, cfg))
+    model = processed(hooked_from_timm_state(cfg, hf_to_timm_state_dict(hf_model, cfg)), fold_ln,
+                      center_writing_weights, fold_layer_scale)
     first = next(hf_model.parameters())
     return model.to(device=device or first.device, dtype=dtype or first.dtype).eval()
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
-from hooked_vit.loading import UnsupportedModelError, _act_name, _norm_eps, hooked_from_timm_state
+from hooked_vit.loading import UnsupportedModelError, _act_name, _norm_eps, hooked_from_timm_state, processed
 from hooked_vit.model import HookedViT
 
 
@@ -33,16 +33,22 @@ def from_open_clip(
     model_or_name: Union[str, nn.Module],
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    fold_layer_scale: bool = False,
     **create_kwargs: Any,
 ) -> HookedViT:
     """Build a HookedViT from an open_clip CLIP model, its `.visual` tower, or a name
     "ARCH" / "ARCH:TAG" (e.g. "ViT-B-32:laion2b_s34b_b79k"; the tag's weights must be
-    cached or downloadable). Without a tag the weights are open_clip's random init."""
+    cached or downloadable). Without a tag the weights are open_clip's random init.
+    fold_ln, center_writing_weights, fold_layer_scale: weight processing as in `from_timm`
+    (default off); `create_kwargs` go to `open_clip.create_model`."""
     visual = _visual_tower(model_or_name, **create_kwargs)
     cfg = config_from_open_clip(visual)
     if isinstance(model_or_name, str):
         cfg.model_name = f"open_clip:{model_or_name}"
-    model = hooked_from_timm_state(cfg, open_clip_to_timm_state_dict(visual))
+    model = processed(hooked_from_timm_state(cfg, open_clip_to_timm_state_dict(visual)), fold_ln,
+                      center_writing_weights, fold_layer_scale)
     first = next(visual.parameters())
     return model.to(device=device or first.device, dtype=dtype or first.dtype).eval()
 
@@ -55,7 +61,11 @@ def _visual_tower(model_or_name: Union[str, nn.Module], **create_kwargs: Any) ->
             raise UnsupportedModelError(f"open_clip does not know the architecture {arch!r}; see open_clip.list_models()")
         try:
             model = open_clip.create_model(arch, pretrained=tag or None, **create_kwargs)
+        except TypeError as err:
+            raise TypeError(f"open_clip.create_model({arch!r}) does not take these arguments: {err}") from None
         except Exception as err:
+            if not tag:  # no weights were asked for: the error is not about them
+                raise
             raise FileNotFoundError(
                 f"open_clip could not load weights {tag!r} for {arch} ({str(err).splitlines()[0]}); without "
                 "network access pass a model you built, or create_model(arch, pretrained='/path/to/weights')"
