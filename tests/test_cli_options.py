@@ -31,7 +31,7 @@ ENTRY_POINTS = {
 EXTRA_ARGS = {"sae eval": ["--sae", "dictionary"], "sae features": ["--sae", "dictionary"],
               "textspan": ["--texts", "a,b"]}
 # Stand-ins for what a command needs beyond the embedded model (module, attribute, fake).
-STUBS = {"textspan": [("circuits.runs.texts", "text_directions", lambda spec, texts, device="cpu": None)]}
+STUBS = {"textspan": [("circuits.runs.texts", "text_directions", lambda spec, texts, device="cpu": (None, None))]}
 CASES = [(command, i) for command, points in sorted(ENTRY_POINTS.items()) for i in range(len(points))]
 VALUES = {"--batch-size": ("3", 3), "--limit": ("5", 5), "--workers": ("2", 2), "--overwrite": (None, True),
           "--target": ("predicted", "predicted"), "--mask-sampling": ("majority:0.25", "majority:0.25")}

@@ -193,7 +193,7 @@ def test_decompose_and_textspan_commands_with_texts(hf_clip_folder, tmp_path, ca
     assert "'a red car': components" in capsys.readouterr().out
     info = json.loads((tmp_path / "dec" / "reference.json").read_text())
     stored = np.load(tmp_path / "dec" / "reference.npz")["text_directions"]
-    np.testing.assert_allclose(stored, text_directions(parse_model_spec(model_arg), texts).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stored, text_directions(parse_model_spec(model_arg), texts)[1].numpy(), rtol=1e-5, atol=1e-6)
     assert [t["text"] for t in info["texts"]] == texts and all(len(t["components"]) == 2 for t in info["texts"])
     (tmp_path / "pool.txt").write_text("\n".join(texts))
     code = main(["textspan", *common, "--text-file", str(tmp_path / "pool.txt"), "--layers", "0,1", "--k", "2",
@@ -203,6 +203,26 @@ def test_decompose_and_textspan_commands_with_texts(hf_clip_folder, tmp_path, ca
     assert len(table) == 2 * 4 * 2 and set(table["text"]) <= set(texts)
     assert main(["textspan", *common, "--out", str(tmp_path / "none")]) == 2
     assert "needs prompts" in capsys.readouterr().err
+
+
+
+def test_text_commands_load_the_clip_model_once(hf_clip_folder, tmp_path, monkeypatch):
+    """Both towers come from one load of the checkpoint (it used to be read twice)."""
+    import transformers
+
+    from circuits.cli import main
+
+    loads = []
+    real = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(cls.__name__)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(counting))
+    assert main(["textspan", "--model", f"hf:{hf_clip_folder}", "--data", "synthetic:test:3", "--device", "cpu",
+                 "--texts", "a cat,a dog", "--layers", "1", "--k", "1", "--out", str(tmp_path / "span")]) == 0
+    assert loads == ["CLIPModel"]
 
 
 def test_report_draws_the_textspan_run(clip_and_tower, tmp_path):

@@ -100,10 +100,11 @@ def check_out_dir(out: str) -> None:
         raise ValueError(f"--out {out} is a file; give a directory for the results")
 
 
-def load_inputs(args: argparse.Namespace, data: str | None = None):
+def load_inputs(args: argparse.Namespace, data: str | None = None, source=None):
     """The model and dataset of `--model/--arch/--random-weights`, `--data` (or `data`) and
     `--labels`, each spec parsed once; returns (model, dataset, model spec). A `--target` is
-    checked against the model before any image is read."""
+    checked against the model before any image is read. source: the spec's hf / open_clip
+    model when already loaded (`load_text_inputs`)."""
     from circuits.runs.sources import load_dataset, load_model
     from circuits.runs.specs import parse_data_spec, parse_model_spec
 
@@ -117,9 +118,25 @@ def load_inputs(args: argparse.Namespace, data: str | None = None):
         args.mask_sampling = MaskSampling.parse(args.mask_sampling)  # refused before the model loads
     from circuits.runs.precision import parse_dtype
 
-    model = load_model(spec, device=resolve_device(args.device), dtype=parse_dtype(args.dtype))
+    model = load_model(spec, device=resolve_device(args.device), dtype=parse_dtype(args.dtype), source=source)
     if getattr(args, "target", None) is not None:
         from circuits.data.targets import TargetSpec
 
         args.target = TargetSpec.of(args.target, model)
     return model, load_dataset(data_spec, model, spec, labels=getattr(args, "labels", None)), spec
+
+
+def load_text_inputs(args: argparse.Namespace, texts: list[str]):
+    """`load_inputs` for runs with text prompts: the CLIP model is loaded once, first (a model
+    without a text tower is refused before anything else loads), for its text directions and
+    its image tower; returns (model, dataset, model spec, text directions [len(texts),
+    d_image_embed])."""
+    from circuits.runs.specs import parse_model_spec
+    from circuits.runs.texts import text_directions
+
+    if getattr(args, "out", None):
+        check_out_dir(args.out)
+    spec = parse_model_spec(args.model, args.arch, args.random_weights)
+    clip, directions = text_directions(spec, texts, resolve_device(args.device))
+    model, dataset, spec = load_inputs(args, source=clip)
+    return model, dataset, spec, directions

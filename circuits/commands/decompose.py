@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from circuits.commands._common import add_model_args, add_run_args, add_text_args, load_inputs, run_options, say_done
+from circuits.commands._common import add_model_args, add_run_args, add_text_args, load_inputs, load_text_inputs, run_options, say_done
 
 ORDER = 40
 
@@ -36,11 +36,13 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from circuits.runs.decompose import decompose_run
     from circuits.runs.sources import load_dataset
-    from circuits.runs.texts import read_texts, text_directions
+    from circuits.runs.texts import read_texts
 
     texts = read_texts(args.texts, args.text_file)
-    model, dataset, spec = load_inputs(args)
-    directions = text_directions(spec, texts, str(model.device)) if texts else None
+    if texts:
+        model, dataset, spec, directions = load_text_inputs(args, texts)
+    else:
+        (model, dataset, spec), directions = load_inputs(args), None
     reference = load_dataset(args.reference or "synthetic:val:512", model, spec,
                              labels=args.labels if args.reference else None)
     store = decompose_run(model, dataset, reference, args.out, core_key=args.core_key,

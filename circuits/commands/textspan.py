@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuits.commands._common import add_model_args, add_run_args, add_text_args, load_inputs, run_options, say_done
+from circuits.commands._common import add_model_args, add_run_args, add_text_args, load_text_inputs, run_options, say_done
 
 ORDER = 45
 
@@ -27,15 +27,15 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from circuits.runs.texts import read_texts, text_directions
+    from circuits.runs.texts import read_texts
     from circuits.runs.textspan import textspan_run
 
     texts = read_texts(args.texts, args.text_file)
     if not texts:
         raise ValueError("textspan needs prompts: --texts \"a,b\" or --text-file FILE")
     layers = None if args.layers is None else _layers(args.layers)
-    model, dataset, spec = load_inputs(args)
-    store = textspan_run(model, dataset, args.out, texts, text_directions(spec, texts, str(model.device)),
+    model, dataset, _, directions = load_text_inputs(args, texts)
+    store = textspan_run(model, dataset, args.out, texts, directions,
                          layers=layers, k=args.k, **run_options(args))
     import json
 

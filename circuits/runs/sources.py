@@ -20,14 +20,22 @@ from hooked_vit import HookedViT
 
 
 def load_model(spec: Union[str, ModelSpec], arch: Optional[str] = None, device: str = "cpu",
-               random_weights: bool = False, seed: int = 0, dtype: Optional[torch.dtype] = None) -> HookedViT:
+               random_weights: bool = False, seed: int = 0, dtype: Optional[torch.dtype] = None,
+               source: Optional[torch.nn.Module] = None) -> HookedViT:
     """A HookedViT from a model spec (see `circuits.runs.specs`). Never touches the network:
     random weights build the architecture only, pretrained timm weights must be in the local cache.
-    dtype: weights and activations (runs move images to it; see `circuits.runs.precision`)."""
+    dtype: weights and activations (runs move images to it; see `circuits.runs.precision`).
+    source: the hf / open_clip model the spec names, already loaded (e.g. for its text tower):
+    the image tower is built from it instead of loading the weights again."""
     init_distributed()  # under torchrun, "cuda" is then this rank's LOCAL_RANK GPU
     if isinstance(spec, str):
         spec = parse_model_spec(spec, arch, random_weights)
-    if spec.kind in ("hf", "open_clip"):
+    if source is not None:
+        if spec.kind not in ("hf", "open_clip"):
+            raise ValueError(f"source= is the loaded hf / open_clip model of the spec, not of {spec.text}")
+        build = HookedViT.from_hf if spec.kind == "hf" else HookedViT.from_open_clip
+        model = build(source, device=device, dtype=dtype)
+    elif spec.kind in ("hf", "open_clip"):
         from hooked_vit.pretrained import load_pretrained
 
         model = load_pretrained(spec.text, device=device, dtype=dtype)

@@ -1,7 +1,7 @@
 """Text prompts for the text-aware runs, and the CLIP text tower of the run's model spec.
 
     texts = read_texts("a dog,a red car", None)                 # --texts / --text-file
-    directions = text_directions(parse_model_spec("hf:clip_folder"), texts)
+    clip, directions = text_directions(parse_model_spec("hf:clip_folder"), texts)
 
 The text tower is the one the image tower came from: an open_clip model with trained
 weights ("open_clip:ARCH:TAG", `open_clip.get_tokenizer(ARCH)`, which ships its
@@ -74,9 +74,11 @@ def _hf_encoder(spec: ModelSpec, device: str) -> tuple[Any, Any]:
     return model, lambda texts: tokenizer(texts, padding=True, return_tensors="pt")
 
 
-def text_directions(spec: ModelSpec, texts: list[str], device: str = "cpu") -> torch.Tensor:
-    """Unit text embeddings [len(texts), d_image_embed] from the spec's own text tower."""
+def text_directions(spec: ModelSpec, texts: list[str], device: str = "cpu") -> tuple[Any, torch.Tensor]:
+    """The spec's CLIP model (its image tower can be built from it, `load_model(spec,
+    source=clip)`, so it is loaded once) and the unit text embeddings [len(texts),
+    d_image_embed] of its own text tower."""
     from circuits.decomposition.align import clip_text_directions
 
     model, tokenizer = text_encoder(spec, device)
-    return clip_text_directions(model, tokenizer, texts).cpu()
+    return model, clip_text_directions(model, tokenizer, texts).cpu()
