@@ -62,7 +62,7 @@ def attribution_patch(
         raise ValueError("qk_fix=True applies to the 'q' and 'k' sites; add them to sites or drop qk_fix")
     patterns = {_pattern_name(n) for n in fixed}
     wanted = {n for ns in names.values() for n in ns} | {_partner(n) for n in fixed}
-    with _attn_result(model, "result" in sites):
+    with _attn_result(model, any(n.endswith("attn.hook_result") for n in wanted)):
         with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
             clean_logits, clean_cache = model.run_with_cache(clean_images, names_filter=lambda n: n in wanted)
         acts: dict[str, Tensor] = {}
@@ -113,7 +113,7 @@ def _score(clean: Tensor, corrupted: Tensor, grad: Optional[Tensor]) -> Tensor:
     if grad is None:  # the activation does not reach the metric
         grad = torch.zeros_like(corrupted)
     per_image = ((clean - corrupted) * grad).sum(-1)
-    return (per_image * len(per_image)).mean(0)  # grad is of the batch mean: undo the 1/b
+    return per_image.sum(0)  # grad is of the batch mean: the sum undoes its 1/b
 
 
 def _qk_score(model: HookedViT, name: str, clean_cache, acts: dict, grads: dict) -> Float[Tensor, "pos head"]:

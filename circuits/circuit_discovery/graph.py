@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from jaxtyping import Float
@@ -199,9 +199,6 @@ def targets(clean_logits: Tensor, corrupted_logits: Tensor, clean_t: Optional[Te
 def check_pair(clean: Tensor, corrupted: Tensor) -> None:
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} images differ in shape")
-
-
-MetricFn = Callable[[Tensor], Tensor]
 
 
 def differentiable(fwd_hooks: Sequence) -> list:

@@ -7,7 +7,7 @@
 - `segmentation`: zero-shot segmentation maps from the top components' token terms;
 - `spurious`: spurious-feature removal by mean ablation, group accuracies;
 - `planted`: a planted shortcut head for ground-truth checks;
-- `run`: the resumable dataset-level run behind `hooked-vit decompose`.
+the resumable dataset-level run behind `hooked-vit decompose` is `circuits.runs.decompose`.
 
 See docs/decomposition.md.
 """

@@ -87,10 +87,3 @@ def shared_size(report_html: str) -> int:
     """Bytes of the page's shared template and thumbnails (one script in its head)."""
     match = re.search(r"<script>(const HV_TEMPLATE=.*?)</script>", report_html, flags=re.S)
     return len(match.group(1).encode()) if match else 0
-
-
-def plotlyjs_size() -> int:
-    """Bytes of the plotly.js bundle every report embeds once."""
-    from plotly.offline import get_plotlyjs
-
-    return len(get_plotlyjs().encode())

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from circuits.data.transforms import MaskSampling, mask_to_token_grid
-from circuits.identifiability import Convention, check_convention, measured_tokens, removal_rates_original
+from circuits.identifiability import (Convention, check_convention, per_image_identifiable_rate,
+                                      removal_rates_original)
 from circuits.interventions import KINDS, perturbation_hooks
 from circuits.runs.context import start_run
 from circuits.data.targets import TargetSpec, resolve_targets
@@ -69,11 +70,11 @@ def perturbation_rates(runs: dict, convention: Convention = "ours") -> pd.DataFr
     frames = []
     for kind, run in runs.items():
         res = load_results(run)
-        tokens = measured_tokens(res.n_prefix, convention, perturbed=kind != "none")
-        top1 = res.rank[:, res.site("block"), -1, tokens] == 0  # [N, tokens]
+        rate = per_image_identifiable_rate(res.rank[:, res.site("block"), -1], res.n_prefix, convention,
+                                           perturbed=kind != "none")
         frames.append(pd.DataFrame({
             "index": res.images["index"].to_numpy(), "label": res.images["label"].to_numpy(), "kind": kind,
-            "identifiable_token_rate": top1.mean(1), "any_identifiable": top1.any(1),
+            "identifiable_token_rate": rate, "any_identifiable": rate > 0,
             "correct": res.images["correct"].to_numpy(),
         }))
     return pd.concat(frames, ignore_index=True)

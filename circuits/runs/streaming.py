@@ -37,7 +37,6 @@ class PendingBatch:
     data: dict  # the collated readable items
     indices: list[int]  # every dataset index this batch covered, readable or not
     store: RunStore
-    dataset: Dataset
     skipped: list[dict] = field(default_factory=list)  # index, path, reason of the unreadable ones
 
     def save(self, tables: dict[str, pa.Table]) -> None:
@@ -73,7 +72,7 @@ def stream_pending(store: RunStore, dataset: Dataset, indices: int | Sequence[in
         if data is None:  # every item of the batch was unreadable
             store.write_batch(covered[0], {}, covered, skipped)
             continue
-        yield PendingBatch(data, covered, store, dataset, skipped)
+        yield PendingBatch(data, covered, store, skipped)
     store.dist.barrier()  # summaries after the loop read every shard's parts
     store.reload()
 
