@@ -45,6 +45,9 @@ def direct_contributions(
 def check_text_span_model(model: HookedViT) -> int:
     """Refuse models whose output is not read from the class token alone; returns the width
     of the space contributions live in (d_image_embed for CLIP, else the logits')."""
+    if model.cfg.block_type == "post_norm":  # a norm after every sublayer: heads do not add up directly
+        raise ValueError("direct_contributions needs pre-norm blocks (a post-norm block normalises each head's "
+                         "sum with the stream); use circuits.decomposition.decompose, which handles post-norm")
     if model.cfg.global_pool != "token" or model.cfg.distilled:
         raise ValueError("direct_contributions reads the class token: a class-token, single-head model is needed "
                          f"(global_pool={model.cfg.global_pool!r}, distilled={model.cfg.distilled})")
@@ -58,8 +61,7 @@ def head_contributions(model: HookedViT, images: Float[Tensor, "b c h w"], layer
     """Direct contribution of every head of `layers` to each image's embedding."""
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     names = [f"blocks.{l}.attn.hook_z" for l in layers] + [last]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(images, names_filter=lambda n: n in names)
+    _, cache = model.run_with_cache(images, names_filter=lambda n: n in names)
     out = []
     for l in layers:
         z = cache[f"blocks.{l}.attn.hook_z"][:, 0]  # [b, h, d_head] at the class token

@@ -15,7 +15,6 @@ over all images and writes
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -23,10 +22,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from circuits.runs.context import start_run
-from circuits.runs.results import RunStore, atomic_write_bytes, fixed_size_list, read_table
+from circuits.runs.results import RunStore, atomic_write_bytes, fixed_size_list, read_table, stack_column
 from circuits.text_span import check_text_span_model, head_contributions, text_span
 from hooked_vit import HookedViT
 
@@ -57,16 +55,15 @@ def textspan_run(
     layers = _check(model, texts, text_directions, layers, k)
     run = start_run("textspan", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, settings=settings, texts=list(texts), layers=layers, k=k)
+    if run.n < 2:  # before any work (unreadable images are checked again after the pass)
+        raise ValueError(f"TextSpan needs the variance over at least two images; the run covers {run.n}")
     for batch in run.batches(batch_size):
-        with torch.no_grad():
-            heads = head_contributions(model, run.images(batch), layers)  # [L, H, b, d]
+        heads = head_contributions(model, run.images(batch), layers)  # [L, H, b, d]
         flat = heads.permute(2, 0, 1, 3).flatten(1).float().cpu().numpy()
         table = pa.table({"index": np.asarray(batch.data["index"], dtype=np.int64)})
         batch.save({"heads": table.append_column("contributions", fixed_size_list(flat))})
     result, n_images = span_table(run.store.root, texts, text_directions, layers, model.cfg.n_heads, k)
-    sink = io.BytesIO()
-    result.to_parquet(sink, index=False)
-    atomic_write_bytes(run.store.root / "textspan.parquet", sink.getvalue())
+    atomic_write_bytes(run.store.root / "textspan.parquet", result.to_parquet(index=False))
     return run.finish(summarize(result, n_images))
 
 
@@ -94,9 +91,8 @@ def span_table(root: Path, texts: Sequence[str], directions: torch.Tensor, layer
     heads = read_table(root, "heads")
     if len(heads) < 2:
         raise ValueError(f"TextSpan needs the variance over at least two images; the run has {len(heads)}")
-    contributions = torch.from_numpy(np.stack(heads["contributions"].to_numpy()))
-    contributions = contributions.view(len(heads), len(layers), n_heads, -1)
-    pool = F.normalize(directions.detach().float().cpu(), dim=-1)
+    contributions = torch.from_numpy(stack_column(heads, "contributions")).view(len(heads), len(layers), n_heads, -1)
+    pool = directions.detach().float().cpu()  # text_span normalises the pool at every step
     rows = []
     for i, layer in enumerate(layers):
         for head in range(n_heads):
