@@ -117,7 +117,8 @@ def project_batch(
     if targets is None:
         targets = model.run_with_hooks(images, fwd_hooks=list(fwd_hooks), **forward_kwargs).argmax(-1)
     targets = targets.to(model.device)
-    W_t, b_t = model.W_U[:, targets], model.b_U[targets]  # [d, b], [b]
+    unembed = (model.W_U, model.b_U)  # once per batch, not once per hook
+    W_t, b_t = unembed[0][:, targets], unembed[1][targets]  # [d, b], [b]
     lens: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     pre: dict[int, Tensor] = {}
     mid: dict[int, Tensor] = {}
@@ -129,7 +130,7 @@ def project_batch(
 
     def lens_hook(act: Tensor, hook) -> None:
         # Reduced right here, so only one [b, p, classes] tensor is alive at a time.
-        logits = model.to_class_logits(act)
+        logits = model.to_class_logits(act, unembed)
         t = targets[:, None].expand(logits.shape[:-1])
         target_logit = logits.gather(-1, t[..., None])[..., 0]
         lens[hook.name] = (count_above(logits, target_logit), target_logit, logits.topk(k, dim=-1).indices)

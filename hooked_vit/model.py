@@ -171,24 +171,28 @@ class HookedViT(HookedRootModule):
             return (self.head(pooled[:, 0]) + self.head_dist(pooled[:, 1])) / 2
         return self.head(pooled)
 
-    def to_class_logits(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_classes"]:
+    def to_class_logits(self, resid: Float[Tensor, "... d_model"],
+                        unembed: Optional[tuple[Tensor, Tensor]] = None) -> Float[Tensor, "... n_classes"]:
         """Project residual vectors of any token onto the classes (the "logit lens").
 
         logits = W_U^T final_norm(h) + b_U, with the final norm applied per token (timm's
         `norm`, or `fc_norm` for GAP models) and, for distilled models, the two heads
         averaged. Fires no hooks. For the class token at the last block of a class-token
-        model this equals the model's logits.
+        model this equals the model's logits. unembed: (W_U, b_U) computed once by a caller
+        that projects many times (for CLIP, W_U is a product of the head and the projection).
         """
         if self.ln_final is not None:
             resid = self.ln_final.functional(resid)
-        return F.linear(resid, self.W_U.T, self.b_U)  # one fused GEMM + bias
+        w, b = (self.W_U, self.b_U) if unembed is None else unembed
+        return F.linear(resid, w.T, b)  # one fused GEMM + bias
 
     def tokens_to_residual_directions(self, class_ids: Union[int, Tensor]) -> Tensor:
         """Unembedding directions of class ids ([d_model] or [*ids, d_model]).
 
         Lets `ActivationCache.logit_attrs(stack, tokens=class_ids)` attribute class logits.
         """
-        return self.W_U.T[torch.as_tensor(class_ids, device=self.W_U.device)]
+        w = self.W_U
+        return w.T[torch.as_tensor(class_ids, device=w.device)]
 
     def accumulated_bias(
         self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
