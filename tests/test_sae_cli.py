@@ -21,4 +21,5 @@ def test_sae_cli_and_report(tmp_path):
     assert {r["value"] for r in summary["identified"]["label"]} <= set(range(10))
     page = build_report([tmp_path], tmp_path / "r.html").read_text()
     assert "Sparse autoencoders" in page and "data:image/png;base64" in page and "No renderer" not in page
+    assert page.count("<h2>Sparse autoencoders") == 1  # one section for the train, eval, features and store runs
     assert main(["sae", "eval", "--sae", str(tmp_path / "nope"), "--out", str(ev), "--data", "synthetic:test:8"]) == 2

@@ -55,11 +55,11 @@ def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hoo
         analysis = read_manifest(run)["settings"].get("analysis", "unknown")
         by_analysis.setdefault(analysis, {})[label] = run
     body: list[str] = []
-    renderers = sections()
-    for analysis, render in renderers.items():
-        if analysis in by_analysis:
-            body += render(by_analysis[analysis], images=images)
-    for analysis in set(by_analysis) - set(renderers):
+    for section in SECTIONS:  # once per section, with the runs of all its analyses
+        mine = {label: run for a in section.ANALYSES for label, run in by_analysis.get(a, {}).items()}
+        if mine:
+            body += section.report_section(mine, images=images)
+    for analysis in set(by_analysis) - set(sections()):
         body.append(f"<p>No renderer for analysis {html.escape(analysis)} ({', '.join(by_analysis[analysis])}).</p>")
     out = Path(out)
     atomic_write_text(out, page(title, body))

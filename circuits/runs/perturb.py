@@ -109,7 +109,8 @@ def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Seque
             raise ValueError("token removal needs object masks: use a dataset with masks (synthetic, ImageNet-S)")
         images = run.images(pending)
         labels = torch.as_tensor(batch["label"])
-        logits = model(images) if target.needs_logits else None
+        with torch.no_grad():
+            logits = model(images) if target.needs_logits else None
         targets = resolve_targets(target, labels, logits).to(model.device)
         obj = mask_to_token_grid(batch["mask"].bool(), model.cfg.patch_size, sampling)
         table = _batch_table(batch, removal_batch(model, images, obj, targets, removals), obj, targets,
