@@ -18,7 +18,6 @@ it to summary.json, and the randomisation check (optional) to sanity.json.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -36,7 +35,7 @@ from circuits.data.targets import TargetSpec, resolve_targets
 from circuits.runs.identify import class_name_columns
 from circuits.runs.context import start_run
 from circuits.runs.thumbnails import batch_thumbnails
-from circuits.runs.results import RunStore, fixed_size_list, read_table, stack_column
+from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
 from hooked_vit import HookedViT
 
 
@@ -154,7 +153,7 @@ def summarize_benchmark(run_dir: str | Path) -> pd.DataFrame:
     curves (keep_auc_most = keep the most important = the negative curve).
     """
     run_dir = Path(run_dir)
-    fractions = json.loads((run_dir / "manifest.json").read_text())["settings"]["fractions"]
+    fractions = read_manifest(run_dir)["settings"]["fractions"]
     pert = read_table(run_dir, "perturbation")
     has_seg = any((run_dir / "segmentation").glob("part-*.parquet"))
     seg = read_table(run_dir, "segmentation") if has_seg else None
