@@ -30,15 +30,14 @@ from circuits.patching import logit_diff
 
 
 def _model(spec: str):
+    """The embedded models as trained; any timm name with random weights (timing does not
+    depend on their values). Returns the model and its image side."""
     from circuits.runs.sources import load_model
+    from circuits.runs.specs import parse_model_spec
 
-    if spec == "embedded":
-        return load_model("embedded"), 32
-    from hooked_vit import HookedViT
-    import timm
-
-    m = timm.create_model(spec, pretrained=False).eval()
-    return HookedViT.from_timm(m), m.pretrained_cfg["input_size"][-1]
+    parsed = parse_model_spec(spec)
+    model = load_model(spec, random_weights=parsed.kind == "timm")
+    return model, model.cfg.img_size[0]
 
 
 def main(argv=None) -> None:

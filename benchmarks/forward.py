@@ -49,6 +49,7 @@ import torch
 
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from circuits.runs.precision import DTYPES  # noqa: E402  (after the path is set)
 
 RESID_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 CONTENDERS = ("timm", "hooked", "cache_resid", "cache_all")
@@ -126,7 +127,6 @@ def loadavg() -> Optional[list[float]]:
 
 
 # ------------------------------------------------------------------------------ benchmark
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(model_name: str, device: torch.device, seed: int, batch_size: int, dtype: str = "fp32"):

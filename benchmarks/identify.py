@@ -20,6 +20,7 @@ import timm
 import torch
 
 from circuits.projection import project_batch
+from circuits.runs.precision import DTYPES, parse_dtype
 from hooked_vit import HookedViT
 
 
@@ -39,11 +40,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights and images")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and images")
     args = p.parse_args()
 
     torch.manual_seed(0)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = parse_dtype(args.dtype)
     timm_model = timm.create_model(args.model, pretrained=False).eval().to(args.device, dtype)
     model = HookedViT.from_timm(timm_model)
     size = model.cfg.img_size

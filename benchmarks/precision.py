@@ -24,6 +24,7 @@ from circuits.explain.methods import explain
 from circuits.projection import project_batch
 from circuits.runs.precision import parse_dtype
 from circuits.runs.sources import load_model, synthetic_for
+from circuits.runs.specs import parse_model_spec
 
 
 def deviation(ref: dict, low: dict) -> dict:
@@ -55,14 +56,18 @@ def outputs(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="embedded", help="a model spec (embedded, a timm name with random weights)")
+    p.add_argument("--model", default="embedded", help="an embedded model (embedded, embedded:spurious): the "
+                                                        "synthetic images it is measured on are theirs")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
     p.add_argument("--n", type=int, default=256, help="synthetic test images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    data = synthetic_for("default" if args.model == "embedded" else None, "test", args.n)
+    spec = parse_model_spec(args.model)
+    if spec.kind != "embedded":
+        p.error(f"--model {args.model}: precision is measured on the synthetic images of an embedded model")
+    data = synthetic_for(spec.name, "test", args.n)
     items = [data[i] for i in range(args.n)]
     images = torch.stack([it["image"] for it in items])
     labels = torch.tensor([it["label"] for it in items])
