@@ -33,8 +33,10 @@ step() {  # step SECONDS NAME COMMAND...: run one check under a time limit, or s
     return 0
   fi
   echo "+ [$name, <= ${limit}s] $*"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  # A failed step is recorded and the next one still runs: device time is scarce.
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || failed+=("$name")
 }
+failed=()
 
 [[ $dry == 1 ]] || mkdir -p "$OUT"
 step 150 gpu_tests "$PY" -m pytest -q -m gpu tests/test_gpu.py
@@ -52,5 +54,9 @@ if [[ $dry == 1 || $n_gpu -gt 1 ]]; then
   step 30 compare "$PY" tests/distributed_driver.py compare "$OUT/run_one" "$OUT/run_two"
 else
   echo "skip: torchrun_2: one GPU only (needs 2)"
+fi
+if (( ${#failed[@]} )); then
+  echo "gpu_check: failed steps: ${failed[*]} (logs in $OUT/)" >&2
+  exit 1
 fi
 echo "gpu_check: done$([[ $dry == 1 ]] && echo ' (dry run)')"
