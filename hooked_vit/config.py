@@ -94,6 +94,9 @@ class HookedViTConfig:
             raise ValueError("global_pool='token' needs a class token")
         if self.distilled and self.n_reg_tokens:
             raise ValueError("a distilled model with register tokens is not supported")
+        if self.use_split_qkv_input and self.use_attn_in:
+            raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); "
+                             "turn one off")
         self._check_head()
         for name in ("label_names", "class_names"):
             names = getattr(self, name)

@@ -33,8 +33,10 @@ def encode_texts(clip_model: nn.Module, texts: Sequence[str], tokenizer: Optiona
 
     `tokenizer` maps a list of strings to token ids [n, ctx] or to a dict with `input_ids`
     (and `attention_mask`), e.g. a `CLIPTokenizer(..., padding=True, return_tensors="pt")`.
-    For open_clip it defaults to `open_clip.get_tokenizer` of the model's context length
-    (its BPE vocabulary ships with the package, so it works offline).
+    For open_clip it defaults to `open_clip.tokenize` (the CLIP BPE tokenizer, whose
+    vocabulary ships with the package, so it works offline) at the model's context length;
+    towers with a Hugging Face text encoder (e.g. xlm-roberta) need their own `tokenizer=`
+    (`open_clip.get_tokenizer(arch)`), and are refused without one.
     """
     if not texts:
         raise ValueError("encode_texts needs at least one text")
@@ -43,6 +45,9 @@ def encode_texts(clip_model: nn.Module, texts: Sequence[str], tokenizer: Optiona
         if tokenizer is None:
             import open_clip
 
+            if type(getattr(clip_model, "text", None)).__name__ == "HFTextEncoder":
+                raise ValueError("this open_clip model's text tower is a Hugging Face encoder, which the CLIP BPE "
+                                 "tokenizer does not fit: pass tokenizer=open_clip.get_tokenizer(ARCH)")
             tokenizer = open_clip.tokenize
             context = getattr(clip_model, "context_length", 77)
             tokens = tokenizer(list(texts), context_length=context)

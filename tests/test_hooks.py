@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -304,6 +306,8 @@ def test_edits_at_optional_hooks_flow(vit, hook, flag):
         model.set_use_attn_in(True)
         model.set_use_split_qkv_input(True)
     model.set_use_attn_in(False)
+    with pytest.raises(ValueError, match="mutually exclusive"):  # refused in the config too, not at forward
+        dataclasses.replace(model.cfg, use_attn_in=True, use_split_qkv_input=True)
 
 
 @pytest.mark.parametrize("grad", [True, False])

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from circuits.options import parse_named_options
+from hooked_vit.pretrained import PREFIXES, TIMM_OWN_PREFIXES
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -69,14 +70,14 @@ def parse_model_spec(text: str, arch: Optional[str] = None, random_weights: bool
         name, kwargs = parse_named_options(arch, "--arch options")
         return ModelSpec("checkpoint", name, text, path=path, arch_kwargs=kwargs, random_weights=random_weights)
     source, sep, rest = text.partition(":")
-    if sep and source in ("timm", "hf", "open_clip"):
+    if sep and source in PREFIXES:
         if not rest:
             raise ValueError(f"--model {text!r} names no model after {source + ':'!r}")
         if source != "timm" and random_weights:
             raise ValueError(f"--random-weights applies to embedded, timm and checkpoint models, not {source}: "
                              "use the timm name of the architecture instead")
         return ModelSpec(source, rest, text, random_weights=random_weights)
-    if sep and source not in ("hf-hub", "hf_hub", "local-dir"):  # timm's own name schemes pass through
+    if sep and source not in TIMM_OWN_PREFIXES:  # timm's own name schemes pass through
         raise ValueError(f"--model {text!r}: unknown source {source!r}; use embedded[:which], a timm name, "
                          "timm:NAME, hf:ID_OR_FOLDER, open_clip:ARCH[:TAG] or a checkpoint file with --arch")
     return ModelSpec("timm", text, text, random_weights=random_weights)

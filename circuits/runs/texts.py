@@ -27,7 +27,8 @@ def read_texts(texts: Optional[str], text_file: Optional[str]) -> list[str]:
         path = Path(text_file)
         if not path.is_file():
             raise FileNotFoundError(f"--text-file {text_file} does not exist")
-        out += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        lines = (line.strip() for line in path.read_text().splitlines())
+        out += [line for line in lines if line and not line.startswith("#")]
     repeated = sorted({t for t in out if out.count(t) > 1})
     if repeated:
         raise ValueError(f"prompts must be distinct; repeated: {repeated}")
