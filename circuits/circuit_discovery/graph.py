@@ -141,24 +141,33 @@ def reader_hook_names(n_layers: int) -> list[str]:
 def run_patched(model: HookedViT, images: Tensor, source: Float[Tensor, "w b p d"],
                 patched: Float[Tensor, "w r"], fwd_hooks: Sequence = ()) -> Tensor:
     """Logits of a run on `images` in which every edge (writer, reader) carries the writer's
-    `source` value instead of its current one, by weight `patched` (1 = patched, 0 = not)."""
+    `source` value instead of its current one, by weight `patched` (1 = patched, 0 = not).
+    Evaluation only: call it without gradients (the differences are written into one buffer)."""
     graph = ViTGraph.of(model)
     patched = patched.to(source)
-    current: list[Tensor] = []
+    # source - current value, per writer, filled in as the writers run (one buffer, not a
+    # re-stacked copy of every earlier writer at each reader)
+    diff = torch.empty_like(source)
+    n_written = [0]
+
+    def record(x: Tensor) -> None:
+        i = n_written[0]
+        torch.sub(source[i], x, out=diff[i])
+        n_written[0] = i + 1
 
     def record_embed(x, hook):
-        current.append(x)
+        record(x)
 
     def record_z(z, hook):
-        current.extend(head_out(model, hook.layer(), z).unbind(2))
+        for out in head_out(model, hook.layer(), z).unbind(2):
+            record(out)
 
     def record_mlp(x, hook):
-        current.append(x)
+        record(x)
 
     def correction(cols) -> Tensor:
-        n = len(current)
-        diff = source[:n] - torch.stack(current)
-        return torch.einsum("wbpd,w...->bp...d", diff, patched[:n, cols])
+        n = n_written[0]
+        return torch.einsum("wbpd,w...->bp...d", diff[:n], patched[:n, cols])
 
     def attn_in(s):
         def hook(x, hook):
