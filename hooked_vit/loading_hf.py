@@ -70,7 +70,7 @@ def from_hf(
     # An instance loaded from a folder remembers it: its image processor config is there.
     source = source or _local_origin(hf_model)
     if source is not None:
-        cfg.data_config = data_config_from_processor(source, cfg, hf_kwargs.get("cache_dir"))
+        cfg.data_config = data_config_from_processor(source, cfg, hf_kwargs.get("cache_dir"), hf_kwargs.get("revision"))
     model = processed(hooked_from_timm_state(cfg, hf_to_timm_state_dict(hf_model, cfg)), fold_ln,
                       center_writing_weights, fold_layer_scale)
     first = next(hf_model.parameters())
@@ -296,7 +296,8 @@ def _layer_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, 
 
 
 # ------------------------------------------------------------------ preprocessing
-def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Optional[str] = None) -> dict[str, Any]:
+def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Optional[str] = None,
+                               revision: Optional[str] = None) -> dict[str, Any]:
     """timm-style data config from the model's own `preprocessor_config.json`
     (https://huggingface.co/docs/transformers/main_classes/image_processor); empty if none."""
     path = Path(source) / "preprocessor_config.json"
@@ -305,7 +306,7 @@ def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Opt
     if not path.is_file():  # a hub id: only what is already cached, never a download
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(source, "preprocessor_config.json", cache_dir=cache_dir)
+        cached = try_to_load_from_cache(source, "preprocessor_config.json", cache_dir=cache_dir, revision=revision)
         if not isinstance(cached, str):  # no processor saved with the model: defaults apply
             return {}
         path = Path(cached)

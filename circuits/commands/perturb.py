@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 def require_masks(dataset, data: str) -> None:
     """Token removal needs object masks: refuse a dataset without them before anything runs."""
-    first = next((dataset[i] for i in range(min(len(dataset), 8)) if dataset[i] is not None), None)
+    first = next((item for item in map(dataset.__getitem__, range(min(len(dataset), 8))) if item is not None), None)
     if first is None or "mask" not in first:
         raise ValueError(f"token removal needs object masks and --data {data} has none: use synthetic or an "
                          "ImageNet-S root, or pass --removal with nothing to skip it")

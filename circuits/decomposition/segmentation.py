@@ -33,7 +33,7 @@ def class_direction(model, classes: Tensor) -> Float[Tensor, "b D"]:
         return torch.cat([model.head.weight[classes], model.head_dist.weight[classes]], -1) / 2
     if model.cfg.global_pool == "token_avg":
         return model.head.weight[classes]  # [b, 2d]
-    return model.W_U.T[classes]  # [b, d]
+    return model.tokens_to_residual_directions(classes)  # [b, d]
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 
-from circuits.embedded import SyntheticShapes, normalize
 from circuits.runs.memories import memories
 from circuits.runs.probe import run_probes
 from circuits.report import build_report
@@ -63,8 +62,7 @@ def memories_step(ctx: DemoContext) -> None:
     for label, model in (("trained", ctx.trained), ("random weights", ctx.random)):
         memories(model, ctx.data, str(ctx.out / "memories" / label), batch_size=ctx.batch_size,
                  overwrite=ctx.overwrite, progress=False)
-    train = SyntheticShapes(4 * PROBE_PER_CLASS * ctx.trained.cfg.n_classes, seed=0, split="train",
-                            transform=normalize)
+    train = synthetic_for("default", "train", 4 * PROBE_PER_CLASS * ctx.trained.cfg.n_classes)
     run_probes(ctx.trained, train, ctx.data, str(ctx.out / "probes" / "trained"), per_class=PROBE_PER_CLASS,
                batch_size=ctx.batch_size, overwrite=ctx.overwrite, progress=False)
 

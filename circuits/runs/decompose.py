@@ -335,11 +335,10 @@ def heatmaps(model, dataset, fitted: Fitted, n: int, start_layer: int = 0, top: 
     heads = [i for i, c in enumerate(fitted.components) if c.kind == "head"]
     core_scores = torch.tensor(fitted.info["core_scores"])
     out = {"index": batch["index"].tolist(), "label": batch["label"].tolist(), "maps": []}
-    mean, std = model.cfg.data_config.get("mean"), model.cfg.data_config.get("std")
-    if mean and std:
-        from circuits.data import denormalize
+    if model.cfg.data_config.get("mean") and model.cfg.data_config.get("std"):  # only when the inputs are known
+        from circuits.plot import display_rgb
 
-        out["images"] = (denormalize(batch["image"], mean, std) * 255).round().byte().permute(0, 2, 3, 1).tolist()
+        out["images"] = display_rgb(model, batch["image"]).tolist()  # clamped, so no byte wraps around
     sets = []
     if fitted.spurious_basis is not None:
         spur_heads = [i for i in fitted.order if i in heads][:top]
