@@ -3,7 +3,7 @@ precision changes in the results (measured by `benchmarks/precision.py`, figures
 docs/scaling.md).
 
 A run's model carries the dtype (`load_model(spec, dtype=parse_dtype("bf16"))`); every
-run moves its images to the model's parameter dtype (`circuits.runs.context.Run.images`),
+run moves its images to the model's parameter dtype (`HookedViT.to_input`),
 so nothing else changes. See https://pytorch.org/docs/stable/amp.html on which operations
 lose precision in float16 / bfloat16.
 """
