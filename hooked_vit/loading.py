@@ -16,15 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
+from hooked_vit.errors import CheckpointError, UnsupportedModelError  # noqa: F401  (re-exported)
 from hooked_vit.model import HookedViT
-
-
-class UnsupportedModelError(ValueError):
-    """The timm model uses a feature HookedViT does not implement."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file could not be loaded safely or does not fit the model."""
 
 
 # ------------------------------------------------------------------ config
