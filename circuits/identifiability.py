@@ -18,6 +18,7 @@ from typing import Literal, Optional
 import numpy as np
 import pandas as pd
 from scipy import stats
+from hooked_vit.errors import UserError
 
 Convention = Literal["ours", "original"]
 CONVENTIONS = ("ours", "original")
@@ -26,7 +27,7 @@ CONVENTIONS = ("ours", "original")
 def check_convention(convention: str) -> str:
     """Refuse anything but "ours" / "original" (one message for every metric)."""
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be 'ours' (the paper's definitions) or 'original' (the reference "
+        raise UserError(f"convention must be 'ours' (the paper's definitions) or 'original' (the reference "
                          f"code's), got {convention!r}")
     return convention
 
@@ -56,7 +57,7 @@ def chance_identifiability(n_classes: int) -> float:
     """Mean identifiability of a uniformly random rank, 0.5 + 1 / (2 n_classes): 0.55 for 10
     classes, 0.5005 for 1000 (the mean of 1 - r / C over r = 0..C-1)."""
     if n_classes < 1:
-        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+        raise UserError(f"n_classes must be >= 1, got {n_classes}")
     return 0.5 + 0.5 / n_classes
 
 
@@ -158,7 +159,7 @@ def sublayer_change_rates(pre: np.ndarray, mid: np.ndarray, post: np.ndarray, n_
     """
     if check_convention(convention) == "original":
         if attn is None or mlp is None:
-            raise ValueError("convention='original' compares the attention and MLP outputs projected alone with "
+            raise UserError("convention='original' compares the attention and MLP outputs projected alone with "
                              "the block input: pass attn= and mlp= (the target logits of sites 'attn' and 'mlp')")
         attn_new, attn_old, mlp_new, mlp_old = attn, pre, mlp, pre
     else:
@@ -219,7 +220,7 @@ def context_vs_object(values: np.ndarray, object_mask: np.ndarray, n_permutation
     v = np.asarray(values, dtype=np.float64).ravel()
     m = np.asarray(object_mask, dtype=bool).ravel()
     if m.all() or not m.any():
-        raise ValueError("context_vs_object needs both object and context tokens")
+        raise UserError("context_vs_object needs both object and context tokens")
     observed = v[m].mean() - v[~m].mean()
     rng = np.random.default_rng(seed)
     perms = np.empty(n_permutations)
@@ -239,7 +240,7 @@ def pretrained_vs_random(pretrained: np.ndarray, random: np.ndarray) -> dict[str
     pretrained model than for the random-weight model."""
     pretrained, random = np.asarray(pretrained, float), np.asarray(random, float)
     if pretrained.shape != random.shape:
-        raise ValueError(f"paired values needed, got shapes {pretrained.shape} and {random.shape}")
+        raise UserError(f"paired values needed, got shapes {pretrained.shape} and {random.shape}")
     if np.allclose(pretrained, random):
         return {"statistic": 0.0, "p_value": 1.0, "pretrained_mean": float(pretrained.mean()),
                 "random_mean": float(random.mean())}
@@ -274,7 +275,7 @@ def summarize(res: IdentifyResults, convention: Convention = "ours") -> dict:
     """
     check_convention(convention)
     if convention == "original" and not {"attn", "mlp"} <= set(res.sites):
-        raise ValueError(f"convention='original' needs the sites 'attn' and 'mlp' (the sublayer outputs projected "
+        raise UserError(f"convention='original' needs the sites 'attn' and 'mlp' (the sublayer outputs projected "
                          f"alone); this run has {res.sites}: rerun identify with sites=('block', 'attn', 'mlp')")
     blk = res.site("block")
     last = res.rank[:, blk, -1]

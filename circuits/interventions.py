@@ -32,6 +32,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_vit import HookedViT, HookedViTConfig
+from hooked_vit.layers import layer_indices
+from hooked_vit.errors import UserError
 
 Hook = Callable[[Tensor, object], Tensor]
 KINDS = ("none", "self_only", "no_cls")
@@ -71,9 +73,9 @@ def no_cls(model_or_cfg, *, perturb_prefix_queries: bool = False, keys: Literal[
     """
     cfg = _cfg(model_or_cfg)
     if keys == "class" and not cfg.class_token:
-        raise ValueError(f"{cfg.model_name} has no class token; use keys='prefix' to cut the prefix tokens")
+        raise UserError(f"{cfg.model_name} has no class token; use keys='prefix' to cut the prefix tokens")
     if keys not in ("class", "prefix"):
-        raise ValueError(f"keys must be 'class' or 'prefix', got {keys!r}")
+        raise UserError(f"keys must be 'class' or 'prefix', got {keys!r}")
     n_keys = 1 if keys == "class" else cfg.n_prefix_tokens
 
     def hook(pattern: Float[Tensor, "b h q k"], hook=None) -> Tensor:
@@ -118,7 +120,7 @@ def token_mask(tokens: TokenSet, batch: int, n_tokens: int, device=None) -> Bool
     tokens = torch.as_tensor(tokens, device=device)
     if tokens.dtype == torch.bool:
         if tokens.shape[-1] != n_tokens:
-            raise ValueError(f"token mask has {tokens.shape[-1]} tokens, the sequence has {n_tokens}")
+            raise UserError(f"token mask has {tokens.shape[-1]} tokens, the sequence has {n_tokens}")
         return tokens.expand(batch, -1) if tokens.ndim == 1 else tokens
     mask = torch.zeros(n_tokens, dtype=torch.bool, device=device)
     mask[tokens.long()] = True
@@ -147,7 +149,7 @@ def perturbation_hook(model: HookedViT, kind: str, **options) -> Optional[Hook]:
         return self_only(model, **options)
     if kind == "no_cls":
         return no_cls(model, **options)
-    raise ValueError(f"unknown perturbation {kind!r}; choose one of {KINDS}")
+    raise UserError(f"unknown perturbation {kind!r}; choose one of {KINDS}")
 
 
 def perturbation_hooks(model: HookedViT, kind: Union[str, Hook], layers: Optional[Sequence[int]] = None,
@@ -161,8 +163,7 @@ def perturbation_hooks(model: HookedViT, kind: Union[str, Hook], layers: Optiona
     fn = kind if callable(kind) else perturbation_hook(model, kind, **options)
     if fn is None:
         return []
-    n = model.cfg.n_layers
-    chosen = range(n) if layers is None else sorted({int(l) % n for l in layers})
+    chosen = layer_indices(layers, model.cfg.n_layers, "layers")
     return [(f"blocks.{l}.attn.hook_pattern", fn) for l in chosen]
 
 

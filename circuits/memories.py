@@ -40,6 +40,7 @@ from torch import Tensor
 
 from circuits.identifiability import pretrained_vs_random
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 
 
 # sublayer -> (coefficient hook, output hook), per block.
@@ -55,7 +56,7 @@ def memory_values(model: HookedViT, sublayer: str) -> Float[Tensor, "L m d"]:
         return model.W_O.flatten(1, 2)  # [L, h, e, d] -> [L, h*e, d], same order as z.flatten
     if sublayer == "mlp":
         return model.W_out
-    raise ValueError(f"unknown sublayer {sublayer!r}; expected one of {sorted(SUBLAYERS)}")
+    raise UserError(f"unknown sublayer {sublayer!r}; expected one of {sorted(SUBLAYERS)}")
 
 
 @dataclass
@@ -130,7 +131,7 @@ def random_classes(indices: Sequence[int], targets: Sequence[int], n_classes: in
     """A class other than the target for every image, drawn from a generator seeded by
     (seed, dataset index): the same image gets the same class whatever the batching."""
     if n_classes < 2:
-        raise ValueError("a random-class baseline needs at least two classes")
+        raise UserError("a random-class baseline needs at least two classes")
     offsets = [np.random.default_rng([seed, int(i)]).integers(1, n_classes) for i in indices]
     return (torch.as_tensor(targets).cpu() + torch.as_tensor(offsets)) % n_classes
 
@@ -291,9 +292,9 @@ def correct_vs_wrong(images: pd.DataFrame, layers: pd.DataFrame, metric: str = "
     n_correct, n_wrong, difference, p_value.
     """
     if token not in TOKENS:
-        raise ValueError(f"unknown token kind {token!r}; expected one of {TOKENS}")
+        raise UserError(f"unknown token kind {token!r}; expected one of {TOKENS}")
     if int(layers[f"{token}_tokens"].sum()) == 0:
-        raise ValueError(f"this run has no {token} tokens (a model without a class token?); use token='image'")
+        raise UserError(f"this run has no {token} tokens (a model without a class token?); use token='image'")
     rates = per_image_rate(layers, metric, token)
     correct = images.set_index("index")["correct"].reindex(rates.index).to_numpy(bool)
     rows = []
@@ -325,7 +326,7 @@ def _paired_class_values(trained: pd.DataFrame, random: pd.DataFrame) -> pd.Data
     paired = trained[keys + ["max_cosine"]].merge(random[keys + ["max_cosine"]], on=keys, how="outer",
                                                   suffixes=("_trained", "_random"), indicator=True)
     if not (paired["_merge"] == "both").all() or len(paired) != len(trained) or len(paired) != len(random):
-        raise ValueError("class-value tables of the trained and random models do not pair up: run both with "
+        raise UserError("class-value tables of the trained and random models do not pair up: run both with "
                          "the same architecture and sublayers")
     return paired.drop(columns="_merge")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from hooked_vit.errors import UserError
 
 
 def parse_named_options(text: str, what: str = "options") -> tuple[str, dict[str, Any]]:
@@ -15,7 +16,7 @@ def parse_named_options(text: str, what: str = "options") -> tuple[str, dict[str
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"{what} are key=value pairs, got {item!r} in {text!r}")
+            raise UserError(f"{what} are key=value pairs, got {item!r} in {text!r}")
         kwargs[key.strip()] = _literal(value.strip())
     return name, kwargs
 

@@ -34,6 +34,8 @@ from torch import Tensor
 from circuits.identifiability import identifiability as class_identifiability
 from circuits.projection import class_rank
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
+from hooked_vit.layers import checked_index, layer_indices
 
 ALL = -1
 VECTOR_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")  # [b, p, d]
@@ -98,7 +100,7 @@ def _setter(site: str):
         return _pattern_setter
     if site in HEAD_SITES:
         return _head_vector_setter
-    raise ValueError(f"unknown site {site!r}; choose from {VECTOR_SITES + HEAD_SITES}")
+    raise UserError(f"unknown site {site!r}; choose from {VECTOR_SITES + HEAD_SITES}")
 
 
 def index_frame(model: HookedViT, site: str, n_tokens: int, layers=None, positions=None,
@@ -108,24 +110,23 @@ def index_frame(model: HookedViT, site: str, n_tokens: int, layers=None, positio
     positions: None = every position 0..n_tokens-1 (the model's sequence length, not the
     image width), "all" = one cell for all positions, or a list of positions; heads alike.
     """
-    n_layers = model.cfg.n_layers
-    cols = {"layer": list(range(n_layers)) if layers is None else [int(l) % n_layers for l in layers],
-            "pos": _axis(positions, n_tokens)}
+    cols = {"layer": layer_indices(layers, model.cfg.n_layers, "layers"), "pos": _axis(positions, n_tokens, "position")}
     if site in HEAD_SITES:
-        cols["head"] = _axis(heads, model.cfg.n_heads)
+        cols["head"] = _axis(heads, model.cfg.n_heads, "head")
     elif heads is not None:
-        raise ValueError(f"heads apply to {HEAD_SITES}, not {site!r}")
+        raise UserError(f"heads apply to {HEAD_SITES}, not {site!r}")
     return pd.DataFrame(list(itertools.product(*cols.values())), columns=list(cols))
 
 
-def _axis(choice, n: int) -> list[int]:
+def _axis(choice, n: int, what: str) -> list[int]:
     if choice is None:
         return list(range(n))
     if isinstance(choice, str):
         if choice != "all":
-            raise ValueError(f"expected None, 'all' or a list of indices, got {choice!r}")
+            raise UserError(f"{what}s: expected None, 'all' or a list of indices, got {choice!r}")
         return [ALL]
-    return [int(i) % n for i in choice]  # negative indices count from the end, never mean ALL
+    # Negative indices count from the end (never mean ALL); outside [-n, n) is refused, not wrapped.
+    return list(dict.fromkeys(checked_index(i, n, what, unit=f"{what}s") for i in choice))
 
 
 @contextmanager
@@ -237,7 +238,7 @@ def patch_activations(
     for site in sites:
         _setter(site)
     if clean_images.shape != corrupted_images.shape:
-        raise ValueError(f"clean {tuple(clean_images.shape)} and corrupted {tuple(corrupted_images.shape)} differ")
+        raise UserError(f"clean {tuple(clean_images.shape)} and corrupted {tuple(corrupted_images.shape)} differ")
     names = {_act_name(s, l) for s in sites for l in range(model.cfg.n_layers)}
     with _attn_result(model, "result" in sites), torch.inference_mode():
         clean_logits, cache = model.run_with_cache(clean_images, names_filter=lambda n: n in names)

@@ -22,6 +22,7 @@ from plotly.subplots import make_subplots
 
 from circuits.data.classes import class_name
 from hooked_vit.tokens import token_grid, token_labels
+from hooked_vit.errors import UserError
 
 DECIMALS = 3  # digits kept in embedded maps: a colour scale cannot show more
 THUMB_SIDE = 96  # longest side of an embedded thumbnail, in pixels
@@ -48,7 +49,7 @@ def _thumbnail(rgb, max_side: int) -> tuple[str, tuple[int, int]]:
 
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
-        raise ValueError(f"image must be uint8 [height, width, 3], got {rgb.dtype} {list(rgb.shape)}; "
+        raise UserError(f"image must be uint8 [height, width, 3], got {rgb.dtype} {list(rgb.shape)}; "
                          "convert with (x * 255).round().astype(np.uint8)")
     img = Image.fromarray(rgb)
     if max(img.size) > max_side:
@@ -157,9 +158,9 @@ def token_maps(maps: Sequence[np.ndarray], images: Optional[Sequence] = None, *,
     """
     n = len(maps)
     if n == 0:
-        raise ValueError("token_maps needs at least one map")
+        raise UserError("token_maps needs at least one map")
     if len(titles) != n or (images is not None and len(images) != n):
-        raise ValueError(f"{n} maps need {n} titles and {n} images (got {len(titles)}, "
+        raise UserError(f"{n} maps need {n} titles and {n} images (got {len(titles)}, "
                          f"{'none' if images is None else len(images)})")
     if symmetric:
         lim = float(np.nanmax([np.nanmax(np.abs(m)) for m in maps])) or 1.0
@@ -194,11 +195,11 @@ def attention_view(pattern: Float[np.ndarray, "heads query key"], query: int, im
     """
     pattern = np.asarray(pattern)
     if pattern.ndim != 3 or pattern.shape[1] != pattern.shape[2]:
-        raise ValueError(f"pattern must be [heads, query, key], got {list(pattern.shape)}")
+        raise UserError(f"pattern must be [heads, query, key], got {list(pattern.shape)}")
     if not 0 <= query < pattern.shape[1]:
-        raise ValueError(f"query {query} is outside the {pattern.shape[1]} tokens")
+        raise UserError(f"query {query} is outside the {pattern.shape[1]} tokens")
     if head is not None and not 0 <= head < pattern.shape[0]:
-        raise ValueError(f"head {head} is outside the {pattern.shape[0]} heads")
+        raise UserError(f"head {head} is outside the {pattern.shape[0]} heads")
     row = pattern[:, query].mean(0) if head is None else pattern[head, query]
     names = labels or token_labels(token_grid(row.size - n_prefix, grid), n_prefix > 0, max(n_prefix - 1, 0))
     who = "mean over heads" if head is None else f"head {head}"
@@ -220,7 +221,7 @@ def logit_lens_grid(score: Float[np.ndarray, "layers tokens"], top_class: Int[np
     """
     score, top_class = np.asarray(score), np.asarray(top_class)
     if score.shape != top_class.shape or score.shape[1] != len(token_names):
-        raise ValueError(f"score {list(score.shape)}, top_class {list(top_class.shape)} and "
+        raise UserError(f"score {list(score.shape)}, top_class {list(top_class.shape)} and "
                          f"{len(token_names)} token names must agree as [layers, tokens]")
     names = {int(c): class_label(classes, int(c)) for c in np.unique(top_class)}
     text = [[names[int(c)] for c in row] for row in top_class]
@@ -276,7 +277,7 @@ def position_heatmap(z: Float[np.ndarray, "rows tokens"], *, token_names: Sequen
     """
     z = np.asarray(z)
     if z.shape != (len(row_names), len(token_names)):
-        raise ValueError(f"z is {list(z.shape)}, names give [{len(row_names)}, {len(token_names)}]")
+        raise UserError(f"z is {list(z.shape)}, names give [{len(row_names)}, {len(token_names)}]")
     kw = {}
     if symmetric:
         lim = float(np.nanmax(np.abs(z))) or 1.0
@@ -311,7 +312,7 @@ def circuit_graph(edges, *, title: str, n_heads: Optional[int] = None) -> go.Fig
     |score|, red for edges that raise the metric and blue for those that lower it."""
     kept = edges[edges["in_circuit"]] if "in_circuit" in edges else edges
     if len(kept) == 0:
-        raise ValueError("the circuit keeps no edges: nothing to draw")
+        raise UserError("the circuit keeps no edges: nothing to draw")
     names = [*kept["upstream"], *kept["downstream"]]
     if n_heads is None:
         heads = [int(n.split(".")[0].split("H")[1]) for n in names if n.startswith("L") and "H" in n]

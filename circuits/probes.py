@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 from circuits.data import collate_samples
 from circuits.projection import DEFAULT_SITES, SITES, count_above, project_batch
 from hooked_vit import HookedViT
+from hooked_vit.layers import layer_indices
+from hooked_vit.errors import UserError
 
 
 # ------------------------------------------------------------------ ridge regression
@@ -57,7 +59,7 @@ def check_alpha(alpha: float) -> None:
     """The ridge penalty must be positive: with fewer images than features the scatter
     matrix is singular, and only alpha > 0 makes the system positive definite."""
     if not alpha > 0:
-        raise ValueError(f"ridge alpha must be > 0 (got {alpha}); sklearn's RidgeClassifier default is 1.0")
+        raise UserError(f"ridge alpha must be > 0 (got {alpha}); sklearn's RidgeClassifier default is 1.0")
 
 
 def spd_solve(S: Float[Tensor, "*g d d"], B: Float[Tensor, "*g d c"], alpha: float
@@ -77,7 +79,7 @@ def spd_solve(S: Float[Tensor, "*g d d"], B: Float[Tensor, "*g d c"], alpha: flo
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
     L, info = torch.linalg.cholesky_ex(S + alpha * eye)
     if bool((info > 0).any()) or not bool(torch.isfinite(L).all()):
-        raise ValueError(f"ridge system not positive definite at alpha={alpha} (non-finite features, or "
+        raise UserError(f"ridge system not positive definite at alpha={alpha} (non-finite features, or "
                          "alpha too small against their scale); check the activations or raise alpha")
     return torch.cholesky_solve(B, L)
 
@@ -109,7 +111,7 @@ class RidgeAccumulator:
     def solve(self, alpha: float = 1.0) -> tuple[Float[Tensor, "*g d c"], Float[Tensor, "*g c"]]:
         """W [*groups, d, c] and intercept b [*groups, c] on the original (unshifted) features."""
         if self.n == 0:
-            raise ValueError("no training data")
+            raise UserError("no training data")
         mean_x, mean_y = self.sum_x / self.n, self.sum_y / self.n
         sxx = self.xtx - self.n * mean_x[..., :, None] * mean_x[..., None, :]
         sxy = self.xty - self.n * mean_x[..., :, None] * mean_y
@@ -148,7 +150,7 @@ def _hook_names(model: HookedViT, sites: Sequence[str], layers: Sequence[int]) -
 def batch_labels(batch: dict) -> Tensor:
     labels = torch.as_tensor(batch["label"])
     if bool((labels < 0).any()):
-        raise ValueError("linear probes need labelled images (label >= 0)")
+        raise UserError("linear probes need labelled images (label >= 0)")
     return labels
 
 
@@ -168,7 +170,7 @@ def train_probes(
     (use `per_class_indices` + `Subset` for a few images per class); one forward per batch."""
     check_alpha(alpha)  # before the forward passes, not after them
     cfg = model.cfg
-    layers = tuple(range(cfg.n_layers)) if layers is None else tuple(layers)
+    layers = tuple(layer_indices(layers, cfg.n_layers, "layers"))
     names = _hook_names(model, sites, layers)
     accumulators: dict[tuple[str, int], RidgeAccumulator] = {}
     n_train = 0

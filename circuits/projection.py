@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 
 # Site name -> per-block hook. "block" is the block output, "attn"/"mlp" the sublayer
 # outputs (what each sublayer adds to the residual stream; already normed in post-norm blocks).
@@ -35,7 +36,7 @@ def check_sites(model: HookedViT, sites: Sequence[str]) -> list[str]:
     names = [SITES.get(s, s) for s in sites]
     for site, name in zip(sites, names):
         if name.startswith("blocks."):
-            raise ValueError(f"site {site!r}: give per-block hook names without 'blocks.N.' "
+            raise UserError(f"site {site!r}: give per-block hook names without 'blocks.N.' "
                              f"(e.g. {name.split('.', 2)[-1]!r}); every block is projected")
         model.check_hook_name(f"blocks.0.{name}")
     shapes: dict[str, tuple[int, ...]] = {}
@@ -46,7 +47,7 @@ def check_sites(model: HookedViT, sites: Sequence[str]) -> list[str]:
     for site, name in zip(sites, names):
         shape = shapes.get(f"blocks.0.{name}")
         if shape is None or len(shape) != 3 or shape[-1] != model.cfg.d_model:
-            raise ValueError(f"site {site!r} ({name}, activation shape {shape}) cannot be projected onto the "
+            raise UserError(f"site {site!r} ({name}, activation shape {shape}) cannot be projected onto the "
                              f"classes: it needs a residual-width [batch, tokens, {model.cfg.d_model}] state "
                              f"such as {sorted(SITES)} or hook_resid_mid")
     return names

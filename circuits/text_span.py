@@ -18,6 +18,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_vit import HookedViT
+from hooked_vit.layers import layer_index
+from hooked_vit.errors import UserError
 
 
 def direct_contributions(
@@ -46,10 +48,10 @@ def check_text_span_model(model: HookedViT) -> int:
     """Refuse models whose output is not read from the class token alone; returns the width
     of the space contributions live in (d_image_embed for CLIP, else the logits')."""
     if model.cfg.block_type == "post_norm":  # a norm after every sublayer: heads do not add up directly
-        raise ValueError("direct_contributions needs pre-norm blocks (a post-norm block normalises each head's "
+        raise UserError("direct_contributions needs pre-norm blocks (a post-norm block normalises each head's "
                          "sum with the stream); use circuits.decomposition.decompose, which handles post-norm")
     if model.cfg.global_pool != "token" or model.cfg.distilled:
-        raise ValueError("direct_contributions reads the class token: a class-token, single-head model is needed "
+        raise UserError("direct_contributions reads the class token: a class-token, single-head model is needed "
                          f"(global_pool={model.cfg.global_pool!r}, distilled={model.cfg.distilled})")
     model.require_head()
     return model.cfg.d_image_embed or model.cfg.n_classes
@@ -59,6 +61,7 @@ def check_text_span_model(model: HookedViT) -> int:
 def head_contributions(model: HookedViT, images: Float[Tensor, "b c h w"], layers: Sequence[int]
                        ) -> Float[Tensor, "l h b d_embed"]:
     """Direct contribution of every head of `layers` to each image's embedding."""
+    layers = [layer_index(l, model.cfg.n_layers, "layers") for l in layers]  # in the caller's order
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     names = [f"blocks.{l}.attn.hook_z" for l in layers] + [last]
     _, cache = model.run_with_cache(images, names_filter=lambda n: n in names)
@@ -79,7 +82,7 @@ def text_span(
     variance each explains (after the previous ones were projected out).
     """
     if contributions.ndim != 2 or texts.ndim != 2 or contributions.shape[1] != texts.shape[1]:
-        raise ValueError(
+        raise UserError(
             f"need contributions [n, d] and texts [m, d] of one width, got {tuple(contributions.shape)} "
             f"and {tuple(texts.shape)}"
         )

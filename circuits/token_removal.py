@@ -27,6 +27,7 @@ from torch import Tensor
 from circuits.projection import class_rank
 from hooked_vit import HookedViT
 from hooked_vit.model import compact_tokens
+from hooked_vit.errors import UserError
 
 REMOVALS = ("context", "class_label")
 Removal = Literal["context", "class_label"]
@@ -37,7 +38,7 @@ def keep_mask_for(object_tokens: Bool[Tensor, "b n_patches"], removal: Removal,
     """Keep-mask [b, n_prefix + n_patches] that keeps every prefix token and
     the object tokens (removal="context") or the background tokens (removal="class_label")."""
     if removal not in REMOVALS:
-        raise ValueError(f"unknown removal {removal!r}; choose one of {REMOVALS}")
+        raise UserError(f"unknown removal {removal!r}; choose one of {REMOVALS}")
     object_tokens = object_tokens.bool()
     patches = object_tokens if removal == "context" else ~object_tokens
     prefix = torch.ones(object_tokens.shape[0], n_prefix, dtype=torch.bool, device=object_tokens.device)

@@ -18,6 +18,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.hooks import is_hooked
+from hooked_vit.errors import UserError
 
 
 class Attention(nn.Module):
@@ -97,7 +98,7 @@ class Attention(nn.Module):
         """q, k, v [b, p, h, d_head] from per-head copies of the input (hook_{q,k,v}_input or
         hook_attn_in, [b, p, h, d_model]), so an edit can reach one head only."""
         if self.cfg.use_split_qkv_input and self.cfg.use_attn_in:
-            raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); turn one off")
+            raise UserError("use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); turn one off")
         per_head = x[:, :, None].expand(-1, -1, self.cfg.n_heads, -1)
         if self.cfg.use_attn_in:
             shared = self.hook_attn_in(per_head.clone())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Optional
+from hooked_vit.errors import UserError
 
 ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 
@@ -86,16 +87,16 @@ class HookedViTConfig:
         self.patch_size = _pair(self.patch_size)
         if self.d_head is None:
             if self.d_model % self.n_heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+                raise UserError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
             self.d_head = self.d_model // self.n_heads
         if self.act_fn not in ACT_FNS:
-            raise ValueError(f"act_fn={self.act_fn!r} is not supported; choose one of {ACT_FNS}")
+            raise UserError(f"act_fn={self.act_fn!r} is not supported; choose one of {ACT_FNS}")
         if self.global_pool == "token" and not (self.class_token or self.distilled):
-            raise ValueError("global_pool='token' needs a class token")
+            raise UserError("global_pool='token' needs a class token")
         if self.distilled and self.n_reg_tokens:
-            raise ValueError("a distilled model with register tokens is not supported")
+            raise UserError("a distilled model with register tokens is not supported")
         if self.use_split_qkv_input and self.use_attn_in:
-            raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); "
+            raise UserError("use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); "
                              "turn one off")
         self._check_head()
         for name in ("label_names", "class_names"):
@@ -103,23 +104,23 @@ class HookedViTConfig:
             if names is not None:  # tuples (json gives lists), one per class
                 setattr(self, name, tuple(str(n) for n in names))
                 if len(names) != self.n_classes:
-                    raise ValueError(f"{name} has {len(names)} entries for n_classes={self.n_classes}")
+                    raise UserError(f"{name} has {len(names)} entries for n_classes={self.n_classes}")
 
     def _check_head(self) -> None:
         if self.global_pool == "token_avg" and (not self.class_token or self.distilled or self.pool_include_prefix
                                                 or self.final_norm == "pooled"):
-            raise ValueError("global_pool='token_avg' needs a class token, no distillation token, "
+            raise UserError("global_pool='token_avg' needs a class token, no distillation token, "
                              "pool_include_prefix=False (the mean is over patch tokens only) and a per-token "
                              "final norm (final_norm='token' or None)")
         if self.d_image_embed is None:
             if self.head_on_image_embed:
-                raise ValueError("head_on_image_embed=True needs an image projection (d_image_embed)")
+                raise UserError("head_on_image_embed=True needs an image projection (d_image_embed)")
             return
         if self.distilled or self.global_pool == "token_avg":
-            raise ValueError("an image projection (d_image_embed) needs a single pooled vector: "
+            raise UserError("an image projection (d_image_embed) needs a single pooled vector: "
                              "not a distilled or global_pool='token_avg' model")
         if not self.head_on_image_embed and self.n_classes != self.d_image_embed:
-            raise ValueError(f"without a head on the image embedding the logits are the embedding: n_classes="
+            raise UserError(f"without a head on the image embedding the logits are the embedding: n_classes="
                              f"{self.n_classes} must equal d_image_embed={self.d_image_embed} "
                              "(or set head_on_image_embed=True)")
 
@@ -171,7 +172,7 @@ class HookedViTConfig:
     def from_dict(cls, d: dict[str, Any]) -> "HookedViTConfig":
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"unknown HookedViTConfig fields {unknown}; see hooked_vit/config.py for the fields")
+            raise UserError(f"unknown HookedViTConfig fields {unknown}; see hooked_vit/config.py for the fields")
         return cls(**d)
 
 

@@ -10,6 +10,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
+from hooked_vit.errors import UserError
 
 
 class Embed(nn.Module):
@@ -37,22 +38,22 @@ class Embed(nn.Module):
         cfg = self.cfg
         if not torch.is_tensor(images) or images.ndim != 4:
             shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-            raise ValueError(
+            raise UserError(
                 f"expected images as a [batch, channels, height, width] tensor, got {shape}; "
                 "add a batch dimension with images[None] for a single image"
             )
         _, c, h, w = images.shape
         if c != cfg.in_chans:
-            raise ValueError(
+            raise UserError(
                 f"expected {cfg.in_chans} input channels, got {c} (shape {tuple(images.shape)}); "
                 "convert greyscale or RGBA images to RGB before preprocessing"
             )
         ph, pw = cfg.patch_size
         if cfg.dynamic_img_size:
             if h % ph or w % pw:
-                raise ValueError(f"image size {h}x{w} is not divisible by the patch size {ph}x{pw}")
+                raise UserError(f"image size {h}x{w} is not divisible by the patch size {ph}x{pw}")
         elif (h, w) != cfg.img_size:
-            raise ValueError(
+            raise UserError(
                 f"expected images of {cfg.img_size[0]}x{cfg.img_size[1]} pixels, got {h}x{w}; resize "
                 "with the model's preprocessing (circuits.data.transform_for(model)) or load the model "
                 "with dynamic_img_size=True"

@@ -15,3 +15,10 @@ class UnsupportedModelError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint file could not be loaded safely or does not fit the model."""
+
+
+class UnknownHookError(UserError, KeyError):
+    """A hook point name the model does not have (a KeyError too, as a missing key of `hook_dict`)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

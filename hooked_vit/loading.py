@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.errors import CheckpointError, UnsupportedModelError  # noqa: F401  (re-exported)
 from hooked_vit.model import HookedViT
+from hooked_vit.errors import UserError
 
 
 # ------------------------------------------------------------------ config
@@ -212,7 +213,7 @@ def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: HookedViTConfig)
 def to_timm_state_dict(model: HookedViT) -> dict[str, Tensor]:
     """Inverse of `convert_timm_state_dict` for an unprocessed model."""
     if model.cfg.normalization_type != "LN":
-        raise ValueError("to_timm_state_dict needs unprocessed weights (fold_ln changes the parameterisation)")
+        raise UserError("to_timm_state_dict needs unprocessed weights (fold_ln changes the parameterisation)")
     final = "norm." if model.cfg.final_norm == "token" else "fc_norm."
     inverse = [
         (r"^embed\.proj\.", "patch_embed.proj."),
@@ -364,7 +365,7 @@ def _refuse_build_options(timm_model: nn.Module, pretrained: bool, timm_kwargs: 
             "(timm.create_model(name, ...)) or pass the model name instead"
         )
     if pretrained:
-        raise ValueError(
+        raise UserError(
             "pretrained=True loads timm's weights when building from a name; the given model keeps "
             "its own weights (pass checkpoint_path= to load a file into it)"
         )

@@ -21,6 +21,8 @@ from hooked_vit.cache import ViTActivationCache
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.embed import Embed
 from hooked_vit.layer_norm import LayerNorm
+from hooked_vit.layers import block_range
+from hooked_vit.errors import UnknownHookError, UserError
 
 ReturnType = Literal["logits", "loss", "pooled", "resid", None]
 
@@ -103,11 +105,10 @@ class HookedViT(HookedRootModule):
             start_at_layer = 0
         else:
             if keep_mask is not None:
-                raise ValueError("keep_mask acts after the embedding; with start_at_layer pass key_mask instead")
+                raise UserError("keep_mask acts after the embedding; with start_at_layer pass key_mask instead")
             resid = x
-        stop = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
-        for block in self.blocks[start_at_layer:stop]:
-            resid = block(resid, key_mask)
+        for i in block_range(start_at_layer, stop_at_layer, self.cfg.n_layers):
+            resid = self.blocks[i](resid, key_mask)
         if stop_at_layer is not None or return_type == "resid":
             return resid
         pooled = self.hook_pooled(self.pool(resid, pool_mask))
@@ -116,7 +117,7 @@ class HookedViT(HookedRootModule):
         logits = self.hook_logits(self.unembed(pooled))
         if return_type == "loss":
             if targets is None:
-                raise ValueError('return_type="loss" needs targets=[batch] class ids')
+                raise UserError('return_type="loss" needs targets=[batch] class ids')
             return self.loss_fn(logits, targets)
         return logits if return_type == "logits" else None
 
@@ -124,11 +125,11 @@ class HookedViT(HookedRootModule):
         cfg = self.cfg
         n_read = 2 if cfg.distilled else 1
         if cfg.global_pool in ("token", "token_avg") and not bool(keep_mask[:, :n_read].all()):
-            raise ValueError("keep_mask must keep the class (and distillation) token: the head reads it")
+            raise UserError("keep_mask must keep the class (and distillation) token: the head reads it")
         if cfg.global_pool != "token":
             first = 0 if cfg.pool_include_prefix else cfg.n_prefix_tokens
             if not bool(keep_mask[:, first:].any(1).all()):
-                raise ValueError("keep_mask removes every pooled token of an image; keep at least one")
+                raise UserError("keep_mask removes every pooled token of an image; keep at least one")
 
     def embed_images(self, images: Float[Tensor, "b c h w"]) -> Float[Tensor, "b p d_model"]:
         """Patch + prefix tokens + position embedding (+ ln_pre): blocks.0.hook_resid_pre."""
@@ -202,12 +203,12 @@ class HookedViT(HookedRootModule):
         TransformerLens's `accumulated_bias`, which `cache.get_full_resid_decomposition` reads.
         """
         if self.cfg.block_type == "post_norm":
-            raise ValueError(
+            raise UserError(
                 "accumulated_bias is undefined for post-norm blocks: ln1/ln2 normalise each sublayer's "
                 "output, so its bias is not a separate term of the residual stream"
             )
         if not 0 <= layer <= self.cfg.n_layers or (mlp_input and layer == self.cfg.n_layers):
-            raise ValueError(f"layer={layer} must be in [0, {self.cfg.n_layers}] ({self.cfg.n_layers} with mlp_input=False)")
+            raise UserError(f"layer={layer} must be in [0, {self.cfg.n_layers}] ({self.cfg.n_layers} with mlp_input=False)")
         total = self.b_E.new_zeros(self.cfg.d_model)
         for block in self.blocks[:layer]:
             total = total + block.attn.b_O + (block.mlp.b_out if include_mlp_biases else 0)
@@ -240,11 +241,11 @@ class HookedViT(HookedRootModule):
         super().add_hook(name, hook, *args, **kwargs)
 
     def check_hook_name(self, name: Union[str, Callable[[str], bool]]) -> None:
-        """Raise a KeyError with close matches if `name` is not a hook point (filters pass)."""
+        """Raise an UnknownHookError (a KeyError) with close matches if `name` is not a hook point (filters pass)."""
         if isinstance(name, str) and name not in self.hook_dict:
             close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
             hint = f" Did you mean {close}?" if close else " See model.hook_dict.keys()."
-            raise KeyError(f"unknown hook point {name!r}.{hint}")
+            raise UnknownHookError(f"unknown hook point {name!r}.{hint}")
 
     def _check_names_filter(self, names_filter: Any) -> None:
         if isinstance(names_filter, str):
@@ -260,13 +261,13 @@ class HookedViT(HookedRootModule):
     def set_use_split_qkv_input(self, use: bool) -> None:
         """Per-head copies of the attention input at `attn.hook_{q,k,v}_input` [b, p, h, d_model]."""
         if use and self.cfg.use_attn_in:
-            raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive; call set_use_attn_in(False) first")
+            raise UserError("use_split_qkv_input and use_attn_in are mutually exclusive; call set_use_attn_in(False) first")
         self.cfg.use_split_qkv_input = _flag(use, "use_split_qkv_input")
 
     def set_use_attn_in(self, use: bool) -> None:
         """One per-head copy of the attention input at `attn.hook_attn_in` [b, p, h, d_model]."""
         if use and self.cfg.use_split_qkv_input:
-            raise ValueError("use_attn_in and use_split_qkv_input are mutually exclusive; call set_use_split_qkv_input(False) first")
+            raise UserError("use_attn_in and use_split_qkv_input are mutually exclusive; call set_use_split_qkv_input(False) first")
         self.cfg.use_attn_in = _flag(use, "use_attn_in")
 
     def set_use_hook_mlp_in(self, use: bool) -> None:
@@ -278,7 +279,7 @@ class HookedViT(HookedRootModule):
     ) -> Tensor:
         """Cross-entropy of class logits against class ids [b]: the mean, or [b] with per_image."""
         if targets.shape != logits.shape[:1]:
-            raise ValueError(f"targets must be [batch] class ids, got shape {tuple(targets.shape)} for logits {tuple(logits.shape)}")
+            raise UserError(f"targets must be [batch] class ids, got shape {tuple(targets.shape)} for logits {tuple(logits.shape)}")
         return F.cross_entropy(logits, targets.to(logits.device), reduction="none" if per_image else "mean")
 
     @property
@@ -301,7 +302,7 @@ class HookedViT(HookedRootModule):
     def W_pos(self) -> Float[Tensor, "n_pos d_model"]:
         """Learned position embeddings (patch rows only when cfg.no_embed_class)."""
         if self.embed.pos_embed is None:
-            raise ValueError(f"{self.cfg.model_name} has no position embedding")
+            raise UserError(f"{self.cfg.model_name} has no position embedding")
         return self.embed.pos_embed[0]
 
     @property
@@ -313,7 +314,7 @@ class HookedViT(HookedRootModule):
         Refused for global_pool="token_avg", whose head reads two vectors at once."""
         self.require_head()
         if self.cfg.global_pool == "token_avg":
-            raise ValueError(
+            raise UserError(
                 "W_U is undefined for global_pool='token_avg': the head reads [class token, mean patch token] "
                 f"({2 * self.cfg.d_model} inputs), so no single residual vector has logits (no logit lens); "
                 "model.head.weight[:, :d_model] is the half read from the class token"
@@ -334,7 +335,7 @@ class HookedViT(HookedRootModule):
         """Raise if the model has no classifier head nor image projection (no class or
         image-embedding space to project on)."""
         if not self.has_unembed:
-            raise ValueError(
+            raise UserError(
                 f"{self.cfg.model_name} has no classifier head (num_classes=0): there is no class "
                 "embedding space to project onto; load it with num_classes=N and a fine-tuned head"
             )
@@ -470,9 +471,9 @@ RETURN_TYPES = ("logits", "loss", "pooled", "resid", None)
 
 def _check_forward_options(return_type: Any, targets: Optional[Tensor]) -> None:
     if return_type not in RETURN_TYPES:
-        raise ValueError(f"return_type={return_type!r} is not one of {RETURN_TYPES}")
+        raise UserError(f"return_type={return_type!r} is not one of {RETURN_TYPES}")
     if targets is not None and return_type != "loss":
-        raise ValueError(f'targets are only read with return_type="loss" (got return_type={return_type!r})')
+        raise UserError(f'targets are only read with return_type="loss" (got return_type={return_type!r})')
 
 
 def _reduce_tokens(resid: Tensor, cfg: HookedViTConfig, pool_mask: Optional[Tensor], kind: str) -> Tensor:
@@ -502,11 +503,11 @@ def compact_tokens(
     original position of every compacted token [b, k].
     """
     if keep_mask.shape != resid.shape[:2]:
-        raise ValueError(f"keep_mask has shape {tuple(keep_mask.shape)}, expected {tuple(resid.shape[:2])}")
+        raise UserError(f"keep_mask has shape {tuple(keep_mask.shape)}, expected {tuple(resid.shape[:2])}")
     keep_mask = keep_mask.to(device=resid.device, dtype=torch.bool)
     lengths = keep_mask.sum(1)
     if int(lengths.min()) == 0:
-        raise ValueError("keep_mask removes every token of an image; keep at least one")
+        raise UserError("keep_mask removes every token of an image; keep at least one")
     k = int(lengths.max())
     # Stable sort puts kept tokens first without reordering them.
     order = torch.sort((~keep_mask).to(torch.int8), dim=1, stable=True).indices[:, :k]

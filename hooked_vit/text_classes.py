@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from hooked_vit.model import HookedViT
+from hooked_vit.errors import UserError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 Tokenizer = Callable[[list[str]], Union[Tensor, dict[str, Tensor]]]
@@ -39,14 +40,14 @@ def encode_texts(clip_model: nn.Module, texts: Sequence[str], tokenizer: Optiona
     (`open_clip.get_tokenizer(arch)`), and are refused without one.
     """
     if not texts:
-        raise ValueError("encode_texts needs at least one text")
+        raise UserError("encode_texts needs at least one text")
     device = next(clip_model.parameters()).device
     if hasattr(clip_model, "encode_text"):  # open_clip
         if tokenizer is None:
             import open_clip
 
             if type(getattr(clip_model, "text", None)).__name__ == "HFTextEncoder":
-                raise ValueError("this open_clip model's text tower is a Hugging Face encoder, which the CLIP BPE "
+                raise UserError("this open_clip model's text tower is a Hugging Face encoder, which the CLIP BPE "
                                  "tokenizer does not fit: pass tokenizer=open_clip.get_tokenizer(ARCH)")
             tokenizer = open_clip.tokenize
             context = getattr(clip_model, "context_length", 77)
@@ -56,7 +57,7 @@ def encode_texts(clip_model: nn.Module, texts: Sequence[str], tokenizer: Optiona
         return clip_model.encode_text(_ids(tokens).to(device))
     if hasattr(clip_model, "get_text_features"):  # transformers CLIPModel
         if tokenizer is None:
-            raise ValueError(
+            raise UserError(
                 "a transformers CLIPModel needs tokenizer=: e.g. lambda t: CLIPTokenizer.from_pretrained(folder)"
                 "(t, padding=True, return_tensors='pt'), or any callable returning token ids"
             )
@@ -82,10 +83,10 @@ def text_class_embeddings(
 ) -> Float[Tensor, "n_classes d_embed"]:
     """Zero-shot CLIP class embeddings: templates averaged, unit norm (see module docstring)."""
     if not class_names:
-        raise ValueError("text_class_embeddings needs at least one class name")
+        raise UserError("text_class_embeddings needs at least one class name")
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
-        raise ValueError(f"every template must contain '{{}}' where the class name goes; got {bad or templates}")
+        raise UserError(f"every template must contain '{{}}' where the class name goes; got {bad or templates}")
     texts = [t.format(name) for name in class_names for t in templates]
     emb = F.normalize(encode_texts(clip_model, texts, tokenizer).float(), dim=-1)
     emb = emb.view(len(class_names), len(templates), -1).mean(1)
@@ -113,10 +114,10 @@ def install_text_classes(
     `cfg.class_names`.
     """
     if class_embeddings.ndim != 2:
-        raise ValueError(f"class_embeddings must be [n_classes, d_embed], got {tuple(class_embeddings.shape)}")
+        raise UserError(f"class_embeddings must be [n_classes, d_embed], got {tuple(class_embeddings.shape)}")
     n, d_embed = class_embeddings.shape
     if class_names is not None and len(class_names) != n:
-        raise ValueError(f"class_names has {len(class_names)} entries for {n} class embeddings")
+        raise UserError(f"class_names has {len(class_names)} entries for {n} class embeddings")
     param = _check_text_width(model, d_embed)
     head = nn.Linear(d_embed, n, bias=False).to(param)
     head.weight.copy_(scale * class_embeddings.to(param))
@@ -132,16 +133,16 @@ def _check_text_width(model: HookedViT, d_embed: int) -> Tensor:
     """Refuse a model whose image embedding cannot be compared with `d_embed`-wide texts;
     returns a parameter giving the device and dtype of the new head."""
     if model.cfg.distilled or model.cfg.global_pool == "token_avg":
-        raise ValueError("text classes need a single-vector CLIP tower, not a distilled or token_avg model")
+        raise UserError("text classes need a single-vector CLIP tower, not a distilled or token_avg model")
     if model.image_proj is not None:
         if model.image_proj.out_features != d_embed:
-            raise ValueError(
+            raise UserError(
                 f"the model's image projection has {model.image_proj.out_features} outputs, not the text width "
                 f"{d_embed}; use text embeddings of the same CLIP model as the image tower"
             )
         return model.image_proj.weight
     if model.head is not None or d_embed != model.cfg.d_model:
-        raise ValueError(
+        raise UserError(
             f"the model has no image projection and d_model={model.cfg.d_model}, head={model.head is not None}: "
             f"text width {d_embed} cannot be compared with it; load the tower with its projection "
             "(CLIPVisionModelWithProjection, CLIPModel or open_clip)"

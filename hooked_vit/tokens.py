@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from typing import Any, Optional
+from hooked_vit.errors import UserError
 
 
 def token_labels(model_or_grid: Any, class_token: bool = True, n_reg_tokens: int = 0,
@@ -35,9 +36,9 @@ def token_grid(n_patches: int, grid: Optional[tuple[int, int]] = None) -> tuple[
     if grid is not None:
         rows, cols = int(grid[0]), int(grid[1])
         if rows * cols != n_patches:
-            raise ValueError(f"grid {(rows, cols)} holds {rows * cols} tokens, the map has {n_patches}")
+            raise UserError(f"grid {(rows, cols)} holds {rows * cols} tokens, the map has {n_patches}")
         return rows, cols
     side = math.isqrt(int(n_patches))
     if side * side != n_patches:
-        raise ValueError(f"{n_patches} patch tokens do not form a square grid; pass grid=(rows, cols)")
+        raise UserError(f"{n_patches} patch tokens do not form a square grid; pass grid=(rows, cols)")
     return side, side

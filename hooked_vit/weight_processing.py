@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from transformer_lens import FactoredMatrix
 
 from hooked_vit.model import HookedViT
+from hooked_vit.errors import UserError
 
 
 @torch.no_grad()
@@ -24,7 +25,7 @@ def process_weights_(
     model: HookedViT, fold_ln: bool = True, center_writing_weights: bool = True, fold_layer_scale: bool = True
 ) -> None:
     if center_writing_weights and model.cfg.layer_scale and not fold_layer_scale:
-        raise ValueError("center_writing_weights with LayerScale needs fold_layer_scale=True")
+        raise UserError("center_writing_weights with LayerScale needs fold_layer_scale=True")
     if fold_layer_scale:
         fold_layer_scale_(model)
     if fold_ln:
@@ -50,7 +51,7 @@ def fold_layer_scale_(model: HookedViT) -> None:
 @torch.no_grad()
 def fold_layer_norm_(model: HookedViT) -> None:
     if model.cfg.block_type == "post_norm":
-        raise ValueError(
+        raise UserError(
             "fold_ln needs pre-norm blocks; this model's post-norm blocks (ResPostBlock) normalise "
             "the sublayer outputs, which no following linear map reads directly"
         )
@@ -83,11 +84,11 @@ def _fold_into(ln: nn.Module, readers: list[nn.Linear], repeat: int = 1) -> None
 def center_writing_weights_(model: HookedViT) -> None:
     cfg = model.cfg
     if cfg.block_type == "post_norm":
-        raise ValueError("center_writing_weights is invalid for post-norm blocks: attention reads the raw stream")
+        raise UserError("center_writing_weights is invalid for post-norm blocks: attention reads the raw stream")
     if cfg.final_norm is None:
-        raise ValueError("center_writing_weights needs a final norm: the head reads the raw stream")
+        raise UserError("center_writing_weights needs a final norm: the head reads the raw stream")
     if cfg.layer_scale:
-        raise ValueError("fold LayerScale first (fold_layer_scale=True)")
+        raise UserError("fold LayerScale first (fold_layer_scale=True)")
     embed = model.embed
     for param in (*embed.prefix_params(), embed.pos_embed):
         if param is not None:
@@ -122,7 +123,7 @@ def _set_qkv_(attn: nn.Module, i: int, weight: Tensor, bias: Tensor) -> None:
 
 def _require_no_layer_scale(model: HookedViT, what: str) -> None:
     if model.cfg.layer_scale:
-        raise ValueError(f"{what} rewrites W_O; fold LayerScale into it first (model.process_weights_(fold_layer_scale=True))")
+        raise UserError(f"{what} rewrites W_O; fold LayerScale into it first (model.process_weights_(fold_layer_scale=True))")
 
 
 @torch.no_grad()

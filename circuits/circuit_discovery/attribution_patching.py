@@ -32,6 +32,7 @@ from circuits.circuit_discovery.graph import check_pair, differentiable, targets
 from circuits.circuit_discovery.metrics import resolve_metric
 from circuits.patching import Metric, _act_name, _attn_result
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 
 DEFAULT_SITES = ("resid_pre", "z", "mlp_out")
 QK_SITES = ("q", "k")
@@ -59,7 +60,7 @@ def attribution_patch(
     names = {s: _names(model, s) for s in sites}
     fixed = {n for ns in names.values() for n in ns if _qk_side(n)} if qk_fix else set()
     if qk_fix and not fixed:
-        raise ValueError("qk_fix=True applies to the 'q' and 'k' sites; add them to sites or drop qk_fix")
+        raise UserError("qk_fix=True applies to the 'q' and 'k' sites; add them to sites or drop qk_fix")
     patterns = {_pattern_name(n) for n in fixed}
     wanted = {n for ns in names.values() for n in ns} | {_partner(n) for n in fixed}
     with _attn_result(model, any(n.endswith("attn.hook_result") for n in wanted)):
@@ -88,7 +89,7 @@ def _names(model: HookedViT, site: str) -> list[str]:
     try:
         return [_act_name(site, l) for l in range(model.cfg.n_layers)]
     except Exception:
-        raise ValueError(f"unknown site {site!r}; use a TL short name (z, mlp_out, resid_pre, ...) or a hook name") from None
+        raise UserError(f"unknown site {site!r}; use a TL short name (z, mlp_out, resid_pre, ...) or a hook name") from None
 
 
 def _qk_side(name: str) -> Optional[str]:

@@ -18,13 +18,14 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuits.method_names import CIRCUIT_CORRUPTIONS
+from hooked_vit.errors import UserError
 
 
 def shuffle(images: Float[Tensor, "b c h w"], seed: int = 0) -> Tensor:
     """Every image replaced by a different image of the batch (a random derangement)."""
     b = len(images)
     if b < 2:
-        raise ValueError("the 'shuffle' corruption needs a batch of at least 2 images")
+        raise UserError("the 'shuffle' corruption needs a batch of at least 2 images")
     gen = torch.Generator().manual_seed(seed)
     shift = int(torch.randint(1, b, (1,), generator=gen))
     perm = torch.randperm(b, generator=gen)
@@ -35,7 +36,7 @@ def shuffle(images: Float[Tensor, "b c h w"], seed: int = 0) -> Tensor:
 
 def blur(images: Float[Tensor, "b c h w"], sigma: float = 2.0) -> Tensor:
     if sigma <= 0:
-        raise ValueError(f"blur sigma must be > 0, got {sigma}")
+        raise UserError(f"blur sigma must be > 0, got {sigma}")
     r = max(1, int(3 * sigma))
     x = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
     k = torch.exp(-(x**2) / (2 * sigma**2))
@@ -59,7 +60,7 @@ def swap_background(images: Float[Tensor, "b c h w"], masks: Bool[Tensor, "b h w
     """The object pixels (mask True) of `images` on the background of `donors`: a
     counterfactual that changes only the background (SyntheticShapes gives the masks)."""
     if masks.shape != (images.shape[0], *images.shape[2:]) or donors.shape != images.shape:
-        raise ValueError(f"masks must be [b, h, w] and donors [b, c, h, w] for images {tuple(images.shape)}; "
+        raise UserError(f"masks must be [b, h, w] and donors [b, c, h, w] for images {tuple(images.shape)}; "
                          f"got {tuple(masks.shape)} and {tuple(donors.shape)}")
     return torch.where(masks[:, None].to(images.device), images, donors)
 
@@ -71,5 +72,5 @@ assert tuple(CORRUPTIONS) == CIRCUIT_CORRUPTIONS, "circuits.method_names must li
 def corrupt(images: Float[Tensor, "b c h w"], name: str, **kwargs) -> Tensor:
     """The corrupted images for `images` by corruption `name` (see the module docstring)."""
     if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; choose from {sorted(CORRUPTIONS)}")
+        raise UserError(f"unknown corruption {name!r}; choose from {sorted(CORRUPTIONS)}")
     return CORRUPTIONS[name](images, **kwargs)

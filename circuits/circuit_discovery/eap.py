@@ -30,6 +30,7 @@ from circuits.circuit_discovery.graph import (QKV, ViTGraph, cache_writers, chec
 from circuits.circuit_discovery.metrics import resolve_metric
 from circuits.patching import Metric
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 
 
 @dataclass
@@ -62,9 +63,9 @@ def edge_attribution(
 ) -> EdgeScores:
     """EAP (method="eap") or EAP-IG (method="eap-ig") scores of every edge of the ViT graph."""
     if method not in ("eap", "eap-ig"):
-        raise ValueError(f"method must be 'eap' or 'eap-ig', got {method!r}")
+        raise UserError(f"method must be 'eap' or 'eap-ig', got {method!r}")
     if method == "eap-ig" and ig_steps < 1:
-        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+        raise UserError(f"ig_steps must be >= 1, got {ig_steps}")
     fn = resolve_metric(metric, needs_grad=True)
     check_pair(clean_images, corrupted_images)
     graph = ViTGraph.of(model)
@@ -150,9 +151,9 @@ def prune(scores: EdgeScores, *, budget: Optional[int] = None, threshold: Option
     into a node already in the circuit, so every kept edge lies on a path to the logits (the
     top-|score| circuit may keep edges whose reader feeds nothing kept)."""
     if (budget is None) == (threshold is None):
-        raise ValueError("give exactly one of budget (number of edges) or threshold (minimum |score|)")
+        raise UserError("give exactly one of budget (number of edges) or threshold (minimum |score|)")
     if budget is not None and budget < 0:
-        raise ValueError(f"budget must be >= 0, got {budget}")
+        raise UserError(f"budget must be >= 0, got {budget}")
     mag = scores.scores.abs().masked_fill(~scores.mask, -1.0)
     if greedy:
         return Circuit(scores.graph, _greedy(scores.graph, mag, budget, threshold))
@@ -206,5 +207,5 @@ def faithfulness(model: HookedViT, circuit: Circuit, clean_images: Tensor, corru
     m = [float(fn(lg, ct, rt).float().mean()) for lg in (clean_logits, corr_logits, logits)]
     gap = m[0] - m[1]
     if gap == 0:
-        raise ValueError("clean and corrupted runs give the same metric: nothing to recover; pick another corruption")
+        raise UserError("clean and corrupted runs give the same metric: nothing to recover; pick another corruption")
     return Faithfulness(m[0], m[1], m[2], (m[2] - m[1]) / gap, circuit.n_edges)

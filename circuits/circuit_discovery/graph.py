@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 
 QKV = ("q", "k", "v")
 
@@ -35,9 +36,9 @@ class ViTGraph:
     @classmethod
     def of(cls, model: HookedViT) -> "ViTGraph":
         if model.cfg.block_type != "pre_norm":
-            raise ValueError("edge-level circuit discovery needs pre-norm blocks (post-norm norms sit on the residual stream)")
+            raise UserError("edge-level circuit discovery needs pre-norm blocks (post-norm norms sit on the residual stream)")
         if model.cfg.attn_only:
-            raise ValueError("attn_only models are not supported by the circuit graph")
+            raise UserError("attn_only models are not supported by the circuit graph")
         return cls(model.cfg.n_layers, model.cfg.n_heads)
 
     # ---- nodes, in the order they run
@@ -87,20 +88,20 @@ class ViTGraph:
         try:
             return self.writers.index(name)
         except ValueError:
-            raise ValueError(f"unknown writer {name!r}; writers are 'embed', 'L{{l}}H{{h}}', 'MLP{{l}}'") from None
+            raise UserError(f"unknown writer {name!r}; writers are 'embed', 'L{{l}}H{{h}}', 'MLP{{l}}'") from None
 
     def reader_index(self, name: str) -> int:
         try:
             return self.readers.index(name)
         except ValueError:
-            raise ValueError(f"unknown reader {name!r}; readers are 'L{{l}}H{{h}}.q/.k/.v', 'MLP{{l}}', 'logits'") from None
+            raise UserError(f"unknown reader {name!r}; readers are 'L{{l}}H{{h}}.q/.k/.v', 'MLP{{l}}', 'logits'") from None
 
 
 @contextmanager
 def graph_hooks_on(model: HookedViT):
     """Turn on the per-head q/k/v input and MLP input hooks for the duration."""
     if model.cfg.use_attn_in:
-        raise ValueError("circuit discovery needs use_split_qkv_input; turn use_attn_in off first")
+        raise UserError("circuit discovery needs use_split_qkv_input; turn use_attn_in off first")
     old = model.cfg.use_split_qkv_input, model.cfg.use_hook_mlp_in
     model.set_use_split_qkv_input(True)
     model.set_use_hook_mlp_in(True)
@@ -207,7 +208,7 @@ def targets(clean_logits: Tensor, corrupted_logits: Tensor, clean_t: Optional[Te
 
 def check_pair(clean: Tensor, corrupted: Tensor) -> None:
     if clean.shape != corrupted.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} images differ in shape")
+        raise UserError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} images differ in shape")
 
 
 def differentiable(fwd_hooks: Sequence) -> list:

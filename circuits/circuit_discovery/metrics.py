@@ -18,6 +18,7 @@ from torch import Tensor
 from circuits.method_names import CIRCUIT_METRICS
 from circuits.patching import METRICS as PATCHING_METRICS
 from circuits.patching import Metric
+from hooked_vit.errors import UserError
 
 
 def cross_entropy(logits: Float[Tensor, "b c"], clean_t: Tensor, corrupted_t: Tensor) -> Tensor:
@@ -35,7 +36,7 @@ def resolve_metric(metric: Union[str, Metric], needs_grad: bool = False) -> Metr
     if callable(metric):
         return metric
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose from {sorted(METRICS)} or pass fn(logits, clean_t, corrupted_t)")
+        raise UserError(f"unknown metric {metric!r}; choose from {sorted(METRICS)} or pass fn(logits, clean_t, corrupted_t)")
     if needs_grad and metric in NON_DIFFERENTIABLE:
-        raise ValueError(f"metric {metric!r} has zero gradient; use logit_diff, target_logit or cross_entropy for AtP/EAP")
+        raise UserError(f"metric {metric!r} has zero gradient; use logit_diff, target_logit or cross_entropy for AtP/EAP")
     return METRICS[metric]

@@ -21,6 +21,7 @@ from circuits.circuit_discovery.graph import ViTGraph, cache_writers, check_pair
 from circuits.circuit_discovery.metrics import resolve_metric
 from circuits.patching import Metric
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 
 
 def path_patch(model: HookedViT, clean_images: Tensor, corrupted_images: Tensor, sender: str,
@@ -40,7 +41,7 @@ def path_patch(model: HookedViT, clean_images: Tensor, corrupted_images: Tensor,
         graph.reader_index(r) for r in ([receivers] if isinstance(receivers, str) else receivers)]
     for c in cols:
         if not exists[w, c]:
-            raise ValueError(f"{graph.readers[c]} runs before {sender}: no path from the sender to it")
+            raise UserError(f"{graph.readers[c]} runs before {sender}: no path from the sender to it")
         patched[w, c] = 1.0
     clean_logits, clean_w = cache_writers(model, clean_images, fwd_hooks)
     corr_logits, _ = cache_writers(model, corrupted_images, fwd_hooks)

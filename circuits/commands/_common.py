@@ -15,6 +15,26 @@ SHARED_RUN_OPTIONS = {"--batch-size": "batch_size", "--limit": "limit", "--worke
                       "--overwrite": "overwrite", "--target": "target", "--mask-sampling": "mask_sampling"}
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be >= 1 (--limit, --batch-size, ...)."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count that may be 0 (--workers, ...)."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give a whole number >= {low}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded",
                    help="embedded[:default|:spurious], a timm name (or timm:NAME), hf:ID_OR_FOLDER, "
@@ -39,9 +59,9 @@ def add_run_args(p: argparse.ArgumentParser, target: bool = True) -> None:
                        help="the class measured per image: label, predicted (the model's top-1, for "
                             "unlabeled images) or a class id / name")
     p.add_argument("--out", required=True, help="output directory for the results (resumable)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes (0: in the main process)")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
 
 
@@ -81,23 +101,27 @@ def resolve_device(device: str) -> str:
     """--device auto -> cuda when available; a device that is not there is refused."""
     import torch
 
+    from hooked_vit.errors import UserError
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         kind = torch.device(device).type
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+        raise UserError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+        raise UserError(f"--device {device}: MPS is not available on this machine; use --device cpu")
     return device
 
 
 def check_out_dir(out: str) -> None:
+    from hooked_vit.errors import UserError
+
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {out} is a file; give a directory for the results")
+        raise UserError(f"--out {out} is a file; give a directory for the results")
 
 
 def load_inputs(args: argparse.Namespace, data: str | None = None, source=None):

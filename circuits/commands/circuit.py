@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from circuits.commands._common import add_model_args, load_inputs
+from circuits.commands._common import add_model_args, load_inputs, positive_int
 
 ORDER = 60
 
@@ -23,12 +23,12 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default="eap", choices=["eap", "eap-ig"])
     p.add_argument("--metric", default="logit_diff", choices=sorted(set(CIRCUIT_METRICS) - {"rank", "identifiability"}))
     p.add_argument("--corruption", default="shuffle", choices=sorted(CIRCUIT_CORRUPTIONS))
-    p.add_argument("--budget", type=int, default=20, help="edges kept in the circuit")
+    p.add_argument("--budget", type=positive_int, default=20, help="edges kept in the circuit")
     p.add_argument("--greedy", action="store_true",
                    help="grow the circuit from the logits (every kept edge on a path to them) instead of top-|score|")
-    p.add_argument("--ig-steps", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int, default=64, help="only the first N images")
+    p.add_argument("--ig-steps", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--limit", type=positive_int, default=64, help="only the first N images")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.set_defaults(run=run)
 

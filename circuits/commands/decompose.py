@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from circuits.commands._common import add_model_args, add_run_args, add_text_args, load_inputs, load_text_inputs, run_options, say_done
+from circuits.commands._common import add_model_args, add_run_args, add_text_args, load_inputs, load_text_inputs, non_negative_int, positive_int, run_options, say_done
 
 ORDER = 40
 
@@ -21,16 +21,16 @@ def add_parser(sub) -> None:
     add_run_args(p, target=False)  # components are scored against the core key
     p.add_argument("--reference", default=None,
                    help="held-out reference set (same spec forms as --data); default: the synthetic val split")
-    p.add_argument("--reference-limit", type=int, default=512, help="reference images (held in memory)")
+    p.add_argument("--reference-limit", type=positive_int, default=512, help="reference images (held in memory)")
     p.add_argument("--core-key", default="label", help="item key of the core feature (the class)")
     p.add_argument("--spurious-key", default="background", help="item key of the spurious attribute")
-    p.add_argument("--max-k", type=int, default=10, help="largest number of ablated components tried")
+    p.add_argument("--max-k", type=positive_int, default=10, help="largest number of ablated components tried")
     p.add_argument("--mode", choices=["correlation", "covariance"], default="correlation")
     p.add_argument("--start-layer", type=int, default=0)
-    p.add_argument("--heatmaps", type=int, default=4, help="images with token heatmaps in the report")
+    p.add_argument("--heatmaps", type=non_negative_int, default=4, help="images with token heatmaps in the report")
     add_text_args(p)
-    p.add_argument("--text-k", type=int, default=5, help="components kept per text for text retrieval")
-    p.add_argument("--text-top", type=int, default=10, help="best images listed per text in summary.json")
+    p.add_argument("--text-k", type=positive_int, default=5, help="components kept per text for text retrieval")
+    p.add_argument("--text-top", type=positive_int, default=10, help="best images listed per text in summary.json")
     p.set_defaults(run=run)
 
 def run(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from circuits.commands._common import positive_int
+
 import argparse
 
 ORDER = 95
@@ -12,11 +14,11 @@ def add_parser(sub) -> None:
                        description="Every analysis on the embedded synthetic dataset and model, then a report. "
                                    "No downloads; resumable.")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--n", type=int, default=512, help="test images")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--n", type=positive_int, default=512, help="test images")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1: the embedded model is tiny, and extra threads "
                         "only wait on each other, badly so when other processes share the cores)")
     p.set_defaults(run=run_demo)
@@ -25,7 +27,7 @@ def add_parser(sub) -> None:
                        description="Retrain an embedded synthetic-shapes ViT (see circuits.embedded.train).")
     p.add_argument("--which", default="default", choices=["default", "spurious"])
     p.add_argument("--out", default=None, help="output directory (default: the shipped weights)")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(run=run_train)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuits.commands._common import add_model_args, add_run_args, load_inputs, run_options, say_done
+from circuits.commands._common import add_model_args, add_run_args, load_inputs, non_negative_int, run_options, say_done
 
 ORDER = 50
 
@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods or name:key=value specs")
     p.add_argument("--mode", choices=["remove", "zero"], default="remove",
                    help="perturb by dropping tokens (remove) or zeroing their pixels (zero)")
-    p.add_argument("--thumbnails", type=int, default=4, help="images kept for the report's map overlays")
-    p.add_argument("--sanity-images", type=int, default=16,
+    p.add_argument("--thumbnails", type=non_negative_int, default=4, help="images kept for the report's map overlays")
+    p.add_argument("--sanity-images", type=non_negative_int, default=16,
                    help="images for the model-parameter randomisation check (0: skip)")
     p.set_defaults(run=run)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuits.commands._common import add_mask_sampling_arg, add_model_args, add_run_args, load_inputs, run_options, say_done
+from circuits.commands._common import add_mask_sampling_arg, add_model_args, add_run_args, load_inputs, positive_int, run_options, say_done
 
 ORDER = 10
 
@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     add_mask_sampling_arg(p)
     p.add_argument("--sites", nargs="+", default=["block", "attn", "mlp"],
                    help="block, attn, mlp, or any per-block hook name")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=positive_int, default=5)
     p.set_defaults(run=run)
 
 def run(args: argparse.Namespace) -> int:

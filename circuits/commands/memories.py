@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuits.commands._common import add_model_args, add_run_args, load_inputs, run_options, say_done
+from circuits.commands._common import add_model_args, add_run_args, load_inputs, positive_int, run_options, say_done
 
 ORDER = 30
 
@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_run_args(p)
     p.add_argument("--sublayers", nargs="+", default=["attn", "mlp"], choices=["attn", "mlp"])
-    p.add_argument("--topk", type=int, default=5, help="memories per token and per class")
+    p.add_argument("--topk", type=positive_int, default=5, help="memories per token and per class")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-class baseline")
     p.set_defaults(run=run_memories)
 
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
                                    "onto the class embedding space on held-out images.")
     add_model_args(p)
     add_run_args(p, target=False)  # probes are trained and scored on the labels
-    p.add_argument("--per-class", type=int, default=10, help="training images per class")
+    p.add_argument("--per-class", type=positive_int, default=10, help="training images per class")
     p.add_argument("--alpha", type=float, default=1.0, help="ridge penalty")
     p.add_argument("--sites", nargs="+", default=["block", "attn", "mlp"])
     p.add_argument("--layers", type=int, nargs="+", default=None,
@@ -51,7 +51,11 @@ def run_probe(args: argparse.Namespace) -> int:
     from circuits.runs.sources import load_dataset
     from circuits.runs.specs import parse_data_spec
 
+    from hooked_vit.layers import layer_indices
+
     model, test, spec = load_inputs(args)
+    if args.layers is not None:
+        args.layers = layer_indices(args.layers, model.cfg.n_layers, "--layers")
     train_spec = args.train_data
     if train_spec is None and parse_data_spec(args.data).is_synthetic:
         # Enough synthetic training images that every class has --per-class of them.

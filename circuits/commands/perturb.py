@@ -33,7 +33,11 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 def run(args: argparse.Namespace) -> int:
+    from hooked_vit.layers import layer_indices
+
     model, dataset, _ = load_inputs(args)
+    if args.layers is not None:
+        args.layers = layer_indices(args.layers, model.cfg.n_layers, "--layers")
     if args.removal:
         require_masks(dataset, args.data)  # before the attention half runs, not after it
     out = Path(args.out)
@@ -56,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
 
 def require_masks(dataset, data: str) -> None:
     """Token removal needs object masks: refuse a dataset without them before anything runs."""
+    from hooked_vit.errors import UserError
+
     first = next((item for item in map(dataset.__getitem__, range(min(len(dataset), 8))) if item is not None), None)
     if first is None or "mask" not in first:
-        raise ValueError(f"token removal needs object masks and --data {data} has none: use synthetic or an "
+        raise UserError(f"token removal needs object masks and --data {data} has none: use synthetic or an "
                          "ImageNet-S root, or pass --removal with nothing to skip it")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from circuits.commands._common import positive_int
+
 import argparse
 
 ORDER = 90
@@ -13,7 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("results", nargs="+", help="results directories (a run, or a folder of runs)")
     p.add_argument("--out", default="report.html")
     p.add_argument("--title", default="hooked-vit report")
-    p.add_argument("--images", type=int, default=8,
+    p.add_argument("--images", type=positive_int, default=8,
                    help="images drawn per per-image figure (a sample; the rest enter the summaries only)")
     p.set_defaults(run=run)
 

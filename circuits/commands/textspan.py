@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuits.commands._common import add_model_args, add_run_args, add_text_args, load_text_inputs, run_options, say_done
+from circuits.commands._common import add_model_args, add_run_args, add_text_args, load_text_inputs, positive_int, run_options, say_done
 
 ORDER = 45
 
@@ -22,19 +22,24 @@ def add_parser(sub) -> None:
     add_run_args(p, target=False)  # heads are described over the images, for no class
     add_text_args(p, required=True)
     p.add_argument("--layers", default=None, help="comma-separated blocks to describe (default: the last four)")
-    p.add_argument("--k", type=int, default=5, help="texts chosen per head")
+    p.add_argument("--k", type=positive_int, default=5, help="texts chosen per head")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from circuits.runs.texts import read_texts
     from circuits.runs.textspan import textspan_run
+    from hooked_vit.errors import UserError
 
     texts = read_texts(args.texts, args.text_file)
     if not texts:
-        raise ValueError("textspan needs prompts: --texts \"a,b\" or --text-file FILE")
+        raise UserError("textspan needs prompts: --texts \"a,b\" or --text-file FILE")
     layers = None if args.layers is None else _layers(args.layers)
     model, dataset, _, directions = load_text_inputs(args, texts)
+    if layers is not None:
+        from hooked_vit.layers import layer_index
+
+        layers = [layer_index(l, model.cfg.n_layers, "--layers") for l in layers]
     store = textspan_run(model, dataset, args.out, texts, directions,
                          layers=layers, k=args.k, **run_options(args))
     import json
@@ -46,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _layers(text: str) -> list[int]:
+    from hooked_vit.errors import UserError
+
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"--layers {text!r}: give comma-separated block numbers, e.g. 10,11") from None
+        raise UserError(f"--layers {text!r}: give comma-separated block numbers, e.g. 10,11") from None

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hooked_vit.loading import timm_class_metadata
+from hooked_vit.errors import UserError
 
 WNID = re.compile(r"n\d{8}")
 FIX = "pass a labels file (JSON {\"folder\": class_id} or CSV rows folder,class_id)"
@@ -71,13 +72,13 @@ class ModelClasses:
             return self._label_index[name]
         hits = self._name_index.get(_normalise(name), set())
         if len(hits) > 1:
-            raise ValueError(f"class name {name!r} matches classes {sorted(hits)} "
+            raise UserError(f"class name {name!r} matches classes {sorted(hits)} "
                              f"({', '.join(self.class_names[i] for i in sorted(hits))}); {FIX}")
         return next(iter(hits)) if hits else None
 
     def _check_id(self, value: int, source: str) -> int:
         if self.n_classes is not None and not 0 <= value < self.n_classes:
-            raise ValueError(f"class id {value} (from {source!r}) is outside the model's "
+            raise UserError(f"class id {value} (from {source!r}) is outside the model's "
                              f"{self.n_classes} classes 0..{self.n_classes - 1}")
         return value
 
@@ -141,7 +142,7 @@ def map_class_folders(folder_names: Sequence[str], model_classes: Any = None,
             else {str(k): _as_id((k, v), "the labels mapping") for k, v in labels_file.items()}
         missing = [f for f in folders if f not in table]
         if missing:
-            raise ValueError(f"class folder(s) {_show(missing)} are not in labels file {labels_file}; "
+            raise UserError(f"class folder(s) {_show(missing)} are not in labels file {labels_file}; "
                              "add a row per folder")
         return ClassMap({f: classes._check_id(table[f], str(labels_file)) for f in folders}, "labels file")
     if all(re.fullmatch(r"\d+", f) for f in folders):
@@ -151,7 +152,7 @@ def map_class_folders(folder_names: Sequence[str], model_classes: Any = None,
     found = {f: classes.id_of(f) for f in folders}
     unmatched = [f for f, i in found.items() if i is None]
     if unmatched:
-        raise ValueError(f"class folder(s) {_show(unmatched)} match no class of the model "
+        raise UserError(f"class folder(s) {_show(unmatched)} match no class of the model "
                          f"({_describe(classes)}); rename them to its class ids / names or {FIX}")
     return ClassMap(found, "model classes")
 
@@ -161,10 +162,10 @@ def _sorted_map(folders: list[str]) -> ClassMap:
     wnids = [f for f in folders if WNID.fullmatch(f)]
     numbers = [f for f in folders if re.fullmatch(r"\d+", f)]
     if numbers:  # sorted order would give "7" the rank of "7" among names, not class 7
-        raise ValueError(f"class folders mix integer names ({_show(numbers)}) with other names; "
+        raise UserError(f"class folders mix integer names ({_show(numbers)}) with other names; "
                          "name them all by class id or " + FIX)
     if wnids:
-        raise ValueError(f"class folder(s) {_show(wnids)} are WordNet ids but the model has no class "
+        raise UserError(f"class folder(s) {_show(wnids)} are WordNet ids but the model has no class "
                          "metadata to place them; load it with its timm name or " + FIX)
     return ClassMap({f: i for i, f in enumerate(folders)}, "sorted folders")
 
@@ -184,20 +185,27 @@ def read_labels_file(path: str | os.PathLike) -> dict[str, int]:
     whose id field does not start like a number is taken as a header). Parsed as data, never executed."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        table = json.loads(path.read_text())
+        try:
+            table = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"labels file {path} is not valid JSON ({err}); it must hold an object "
+                            "{\"folder\": class_id, ...}") from None
         if not isinstance(table, dict):
-            raise ValueError(f"labels file {path} must hold a JSON object {{\"folder\": class_id}}")
+            raise UserError(f"labels file {path} must hold a JSON object {{\"folder\": class_id}}")
         rows = list(table.items())
     elif path.suffix.lower() == ".csv":
-        rows = [r for r in csv.reader(path.read_text().splitlines()) if r]
+        try:
+            rows = [r for r in csv.reader(path.read_text().splitlines()) if r]
+        except csv.Error as err:
+            raise UserError(f"labels file {path} is not valid CSV ({err}); it must hold rows folder,class_id") from None
         if rows and not re.match(r"\s*[-+.]?\d", rows[0][-1]):
             rows = rows[1:]  # a header ("folder,class"); a malformed number is an error below
     else:
-        raise ValueError(f"labels file {path} must be .json or .csv")
+        raise UserError(f"labels file {path} must be .json or .csv")
     return {str(r[0]).strip(): _as_id(r, path) for r in rows}
 
 
 def _as_id(row: Sequence[Any], path: Path | str) -> int:
     if len(row) != 2 or not re.fullmatch(r"\s*\d+\s*", str(row[1])):
-        raise ValueError(f"labels file {path}: row {list(row)} is not 'folder, non-negative class id'")
+        raise UserError(f"labels file {path}: row {list(row)} is not 'folder, non-negative class id'")
     return int(row[1])

@@ -18,6 +18,7 @@ from .classes import ClassMap, map_class_folders
 from .images import image_extensions, load_image
 from .samples import SkippingDataset, apply_transform
 from .targets import NO_LABEL
+from hooked_vit.errors import UserError
 
 logger = logging.getLogger("circuits.data")
 IMAGE_EXTENSIONS = tuple(sorted(image_extensions()))  # every format this Pillow opens
@@ -68,7 +69,7 @@ class ImageFolderDataset(SkippingDataset):
             self._ignore(str(p) for p in loose if not is_image_file(p.name))
             return [(path, NO_LABEL) for path in loose_images]
         if loose_images:
-            raise ValueError(f"{self.root} holds {len(loose_images)} image file(s) (e.g. {loose_images[0]}) "
+            raise UserError(f"{self.root} holds {len(loose_images)} image file(s) (e.g. {loose_images[0]}) "
                              "beside class folders; move them into a class folder or another root")
         self._ignore(str(p) for p in loose)
         self.class_map = map_class_folders(self.classes, classes, labels)
@@ -112,13 +113,13 @@ class ArrayDataset(SkippingDataset):
         super().__init__()
         images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         if images.dtype == np.uint8 and (images.ndim != 4 or images.shape[-1] != 3):
-            raise ValueError(f"uint8 images must be [N, H, W, 3], got {images.shape}")
+            raise UserError(f"uint8 images must be [N, H, W, 3], got {images.shape}")
         if images.dtype != np.uint8 and (images.ndim != 4 or images.shape[1] != 3):
-            raise ValueError(f"float images must be [N, 3, H, W], got {images.shape} {images.dtype}")
+            raise UserError(f"float images must be [N, 3, H, W], got {images.shape} {images.dtype}")
         n = len(images)
         labels = np.full(n, NO_LABEL) if labels is None else np.asarray(labels).reshape(-1)
         if len(labels) != n:
-            raise ValueError(f"{n} images but {len(labels)} labels")
+            raise UserError(f"{n} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
 
     def __len__(self) -> int:

@@ -42,6 +42,7 @@ from .classes import ModelClasses, map_class_folders
 from .folder import is_image_file
 from .images import load_image
 from .samples import SkippingDataset, apply_transform
+from hooked_vit.errors import UserError
 
 logger = logging.getLogger("circuits.data")
 
@@ -101,7 +102,7 @@ class ImageNetS(SkippingDataset):
                  synset_mapping: str | os.PathLike | None = None, classes=None):
         super().__init__()
         if seg_ids not in ("subset", "imagenet"):
-            raise ValueError(f"seg_ids must be 'subset' or 'imagenet', got {seg_ids!r}")
+            raise UserError(f"seg_ids must be 'subset' or 'imagenet', got {seg_ids!r}")
         self.root, self.split, self.transform = Path(root), split, transform
         self.require_masks = require_masks
         self.image_dir, self.mask_dir = self.root / split, self.root / f"{split}-segmentation"
@@ -156,7 +157,7 @@ class ImageNetS(SkippingDataset):
         order = {w: i + 1 for i, w in enumerate(_read_categories(categories))}
         missing = [w for w in wnids if w not in order]
         if missing:
-            raise ValueError(f"class folder(s) {missing[:5]} are not in the ImageNet-S categories list")
+            raise UserError(f"class folder(s) {missing[:5]} are not in the ImageNet-S categories list")
         return {w: order[w] for w in wnids}
 
     def _list(self, wnids: list[str]) -> list[tuple[str, str, int, int]]:

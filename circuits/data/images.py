@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from hooked_vit.errors import UserError
 
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)  # what transparent pixels are composited on
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -70,7 +71,7 @@ def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
     """16 / 32-bit grey -> RGB: scale to [0, 1] by the mode's real range, round to 8 bits."""
     values = np.asarray(img, dtype=np.float64)  # [H, W]
     if not np.isfinite(values).all():
-        raise ValueError(f"{img.mode} image has NaN or infinite pixels; cannot map it to RGB")
+        raise UserError(f"{img.mode} image has NaN or infinite pixels; cannot map it to RGB")
     lo, hi = float(values.min()), float(values.max())
     if img.mode in SIXTEEN_BIT or (img.mode == "I" and lo >= 0 and hi <= 65535):
         unit = values / 65535.0

@@ -22,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .classes import FIX, ModelClasses
+from hooked_vit.errors import UserError
 
 NO_LABEL = -1  # label of an image whose class is unknown (e.g. a flat folder of images)
 
@@ -42,7 +43,7 @@ class TargetSpec:
             return cls(text)
         class_id = ModelClasses.of(model).id_of(text)
         if class_id is None:
-            raise ValueError(f"target {text!r} is not 'label', 'predicted', a class id or a class "
+            raise UserError(f"target {text!r} is not 'label', 'predicted', a class id or a class "
                              "name of the model")
         return cls("class", class_id)
 
@@ -71,14 +72,14 @@ def resolve_targets(spec: TargetSpec, labels: Int[Tensor, "batch"],
     if spec.kind == "label":
         missing = int((labels < 0).sum())
         if missing:
-            raise ValueError(f"{missing} of {labels.numel()} images have no label (-1, e.g. a flat "
+            raise UserError(f"{missing} of {labels.numel()} images have no label (-1, e.g. a flat "
                              "folder); use target 'predicted' or a class id, or sort them into "
                              f"class folders ({FIX} if the names do not match)")
         return labels
     if spec.kind == "predicted":
         if logits is None:
-            raise ValueError("target 'predicted' needs the model's logits for the batch")
+            raise UserError("target 'predicted' needs the model's logits for the batch")
         return logits.argmax(-1).to(labels.device)
     if logits is not None and not 0 <= spec.class_id < logits.shape[-1]:
-        raise ValueError(f"target class {spec.class_id} is outside the model's {logits.shape[-1]} classes")
+        raise UserError(f"target class {spec.class_id} is outside the model's {logits.shape[-1]} classes")
     return torch.full_like(labels, spec.class_id)

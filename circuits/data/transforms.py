@@ -22,6 +22,7 @@ from timm.data.constants import (DEFAULT_CROP_MODE, DEFAULT_CROP_PCT, IMAGENET_D
 from torchvision.transforms import InterpolationMode
 
 from .samples import to_tensor_image
+from hooked_vit.errors import UserError
 
 # What timm's resolve_data_config falls back to when a model has no pretrained_cfg.
 DEFAULTS: dict[str, Any] = {"input_size": (3, 224, 224), "interpolation": "bicubic",
@@ -48,7 +49,7 @@ class JointTransform:
         self.crop_pct = crop_pct or DEFAULT_CROP_PCT  # timm treats 0 / None as the default
         self.crop_mode = crop_mode or "center"
         if self.crop_mode not in ("center", "squash", "border"):
-            raise ValueError(f"crop_mode must be center, squash or border, got {crop_mode!r}")
+            raise UserError(f"crop_mode must be center, squash or border, got {crop_mode!r}")
         self.interpolation = InterpolationMode(interpolation)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         # timm: floor, not round (e.g. 224 / 0.875 = 256, 224 / 0.9 = 248.9 -> 248)
@@ -110,7 +111,7 @@ def _mask_to_pil(mask) -> Image.Image:
         mask = mask.detach().cpu().numpy()
     mask = np.asarray(mask)
     if mask.ndim != 2:
-        raise ValueError(f"mask must be [H, W], got shape {mask.shape}")
+        raise UserError(f"mask must be [H, W], got shape {mask.shape}")
     return Image.fromarray(((mask != 0) * 255).astype(np.uint8), mode="L")
 
 
@@ -170,12 +171,12 @@ class MaskSampling:
 
     def __post_init__(self):
         if self.kind not in MASK_SAMPLINGS:
-            raise ValueError(f"mask sampling must be one of {', '.join(MASK_SAMPLINGS)}, got {self.kind!r}")
+            raise UserError(f"mask sampling must be one of {', '.join(MASK_SAMPLINGS)}, got {self.kind!r}")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"majority threshold is a share of object pixels in (0, 1], got {self.threshold!r}")
+            raise UserError(f"majority threshold is a share of object pixels in (0, 1], got {self.threshold!r}")
         if self.kind != "majority" and self.threshold != 0.5:
-            raise ValueError(f"a threshold only applies to majority, not {self.kind!r}; use majority:{self.threshold}")
+            raise UserError(f"a threshold only applies to majority, not {self.kind!r}; use majority:{self.threshold}")
 
     @classmethod
     def parse(cls, spec: "MaskSampling | str | None") -> "MaskSampling":
@@ -188,11 +189,11 @@ class MaskSampling:
         if not colon:
             return cls(kind)
         if kind != "majority":
-            raise ValueError(f"only majority takes a threshold (majority:0.5), got {spec!r}")
+            raise UserError(f"only majority takes a threshold (majority:0.5), got {spec!r}")
         try:
             value = float(threshold)
         except ValueError:
-            raise ValueError(f"majority threshold must be a number in (0, 1], got {threshold!r} in {spec!r}") from None
+            raise UserError(f"majority threshold must be a number in (0, 1], got {threshold!r} in {spec!r}") from None
         return cls(kind, value)
 
     def __str__(self) -> str:
@@ -217,7 +218,7 @@ def mask_to_token_grid(mask: Bool[Tensor, "*b H W"], patch_size: int | tuple[int
     mask = mask[None] if mask.ndim == 2 else mask  # [B, H, W]
     gh, gw = mask.shape[-2] // ph, mask.shape[-1] // pw
     if gh == 0 or gw == 0:
-        raise ValueError(f"mask {tuple(mask.shape[-2:])} is smaller than one patch {(ph, pw)}")
+        raise UserError(f"mask {tuple(mask.shape[-2:])} is smaller than one patch {(ph, pw)}")
     if sampling.kind == "majority":
         patches = mask[:, :gh * ph, :gw * pw].reshape(mask.shape[0], gh, ph, gw, pw)
         # count / n in float64 rounds like the threshold's own literal: 3 / 10 >= 0.3 holds

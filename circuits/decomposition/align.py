@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from hooked_vit.errors import UserError
 
 
 class ComponentMaps(nn.Module):
@@ -39,7 +40,7 @@ class ComponentMaps(nn.Module):
         super().__init__()
         groups = list(range(n_components)) if groups is None else list(groups)
         if len(groups) != n_components:
-            raise ValueError(f"groups has {len(groups)} entries for {n_components} components")
+            raise UserError(f"groups has {len(groups)} entries for {n_components} components")
         self.register_buffer("groups", torch.as_tensor(groups, dtype=torch.long))
         n_maps = int(self.groups.max()) + 1
         self.weight = nn.Parameter(_init_weight(n_maps, d_in, d_out, init, seed))
@@ -72,7 +73,7 @@ def _init_weight(n_maps: int, d_in: int, d_out: int, init: str, seed: int) -> Te
     if init == "orthogonal":  # random isometries: start where the penalty is zero
         q = torch.linalg.qr(torch.randn(n_maps, max(d_in, d_out), max(d_in, d_out), generator=gen)).Q
         return q[:, :d_out, :d_in].contiguous()
-    raise ValueError(f"init must be 'identity' or 'orthogonal', got {init!r}")
+    raise UserError(f"init must be 'identity' or 'orthogonal', got {init!r}")
 
 
 def identity_maps(n_components: int, d: int) -> ComponentMaps:
@@ -87,7 +88,7 @@ def image_projection_maps(model, n_components: int) -> ComponentMaps:
     constant, present only after fold_ln). Nothing is fitted."""
     proj = getattr(model, "image_proj", None)
     if proj is None:
-        raise ValueError(
+        raise UserError(
             f"{model.cfg.model_name} has no image projection into a text space (cfg.d_image_embed is None); "
             "load a CLIP tower (open_clip, CLIPVisionModelWithProjection, CLIPModel) or fit maps with fit_alignment"
         )
@@ -149,7 +150,7 @@ def fit_alignment(
     """
     n, n_comp, d_in = terms.shape
     if constraint not in ("penalty", "orthogonal"):
-        raise ValueError(f"constraint must be 'penalty' or 'orthogonal', got {constraint!r}")
+        raise UserError(f"constraint must be 'penalty' or 'orthogonal', got {constraint!r}")
     maps = ComponentMaps(n_comp, d_in, targets.shape[-1], groups, init, seed).to(terms.device, terms.dtype)
     if constraint == "orthogonal":
         torch.nn.utils.parametrizations.orthogonal(maps, "weight")

@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 
 BiasMode = Literal["separate", "split", "reference"]
 BIAS_MODES = ("separate", "split", "reference")
@@ -257,7 +258,7 @@ def _cache_names(model: HookedViT, start_layer: int) -> list[str]:
 def _check_supported(model: HookedViT, start_layer: int) -> None:
     cfg = model.cfg
     if not 0 <= start_layer <= cfg.n_layers:
-        raise ValueError(f"start_layer={start_layer} is outside 0..{cfg.n_layers}")
+        raise UserError(f"start_layer={start_layer} is outside 0..{cfg.n_layers}")
     pool_weights(model, cfg.n_ctx)  # refuses max pooling
 
 
@@ -289,9 +290,9 @@ def decompose(
     """
     _check_supported(model, start_layer)
     if biases not in BIAS_MODES:
-        raise ValueError(f"biases must be one of {BIAS_MODES}, got {biases!r}")
+        raise UserError(f"biases must be one of {BIAS_MODES}, got {biases!r}")
     if biases == "reference" and model.cfg.block_type == "post_norm":
-        raise ValueError("biases='reference' follows vit-decompose, which has no post-norm blocks; use 'separate' "
+        raise UserError("biases='reference' follows vit-decompose, which has no post-norm blocks; use 'separate' "
                          "or 'split'")
     names = _cache_names(model, start_layer)
     with model.hooks(fwd_hooks=list(fwd_hooks)):
@@ -426,7 +427,7 @@ def token_terms(
     cfg = model.cfg
     layers = list(range(dec.start_layer, cfg.n_layers)) if layers is None else list(layers)
     if any(l < dec.start_layer or l >= cfg.n_layers for l in layers):
-        raise ValueError(f"layers {layers} must lie in {dec.start_layer}..{cfg.n_layers - 1}")
+        raise UserError(f"layers {layers} must lie in {dec.start_layer}..{cfg.n_layers - 1}")
     readout = dec.readout
     rows: dict[int, Tensor] = {}
     values: dict[int, Tensor] = {}
@@ -513,5 +514,5 @@ def decompose_dataset(
             if torch.is_tensor(value) and value.ndim == 1:
                 meta.setdefault(key, []).append(value.cpu())
     if comps is None:
-        raise ValueError("no readable items to decompose")
+        raise UserError("no readable items to decompose")
     return DecomposedSet(torch.cat(terms), comps, {k: torch.cat(v) for k, v in meta.items()}, biases)

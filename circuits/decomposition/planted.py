@@ -17,13 +17,14 @@ from typing import Optional
 import torch
 
 from circuits.data import collate_samples
+from hooked_vit.layers import layer_index
 
 
 @torch.no_grad()
 def plant_background_shortcut(model, reference, strength: float = 10.0, layer: Optional[int] = None,
                               head: int = 0) -> tuple[list, str]:
     """(fwd_hooks, name of the planted head component) for `model` on SyntheticShapes data."""
-    layer = model.cfg.n_layers - 1 if layer is None else layer
+    layer = layer_index(-1 if layer is None else layer, model.cfg.n_layers, "layer")
     n_prefix = model.cfg.n_prefix_tokens
     batch = collate_samples([reference[i] for i in range(len(reference))])
     _, cache = model.run_with_cache(batch["image"].to(model.device), names_filter="hook_embed")

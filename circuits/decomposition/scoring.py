@@ -32,6 +32,7 @@ from torch import Tensor
 from circuits.decomposition.align import ComponentMaps
 from circuits.decomposition.decompose import Decomposition, token_terms
 from hooked_vit.tokens import token_grid
+from hooked_vit.errors import UserError
 
 ScoreMode = Literal["correlation", "covariance"]
 Convention = Literal["ours", "reference"]
@@ -47,10 +48,10 @@ def orthonormal_basis(directions: Float[Tensor, "k D"], tol: float = 1e-6, metho
     if method == "qr":
         q, r = torch.linalg.qr(directions.double().T)
         if (r.diagonal().abs() <= tol * r.diagonal().abs().max()).any():
-            raise ValueError("the directions are linearly dependent; QR in order needs independent ones (use 'svd')")
+            raise UserError("the directions are linearly dependent; QR in order needs independent ones (use 'svd')")
         return q.T.to(directions.dtype)
     if method != "svd":
-        raise ValueError(f"method must be 'svd' or 'qr', got {method!r}")
+        raise UserError(f"method must be 'svd' or 'qr', got {method!r}")
     _, s, vh = torch.linalg.svd(directions.double(), full_matrices=False)
     keep = s > tol * s.max()
     return vh[keep].to(directions.dtype)
@@ -85,16 +86,16 @@ class FeatureScorer:
         """convention="reference": population covariance over unbiased standard deviations
         (vit-decompose), i.e. correlations times (N-1)/N."""
         if self._sums is None or self.n < 2:
-            raise ValueError("scores need at least two images")
+            raise UserError("scores need at least two images")
         if convention not in ("ours", "reference"):
-            raise ValueError(f"convention must be 'ours' or 'reference', got {convention!r}")
+            raise UserError(f"convention must be 'ours' or 'reference', got {convention!r}")
         n, t = self.n, self._sums
         mean_s, mean_z = t["s"] / n, t["z"] / n  # [C, k], [k]
         cov = t["sz"] / n - mean_s * mean_z  # [C, k]
         if mode == "covariance":
             return cov.mean(-1)
         if mode != "correlation":
-            raise ValueError(f"mode must be 'correlation' or 'covariance', got {mode!r}")
+            raise UserError(f"mode must be 'correlation' or 'covariance', got {mode!r}")
         var_s = (t["ss"] / n - mean_s**2).clamp(min=0)
         var_z = (t["zz"] / n - mean_z**2).clamp(min=0)
         # Components without variance (relative to the total's) score 0 rather than 0/0.
@@ -149,7 +150,7 @@ def text_components(mapped: Float[Tensor, "n C D"], texts: Sequence[str], direct
     et al. 2024, sec. 4) and keep the top k (biases in `exclude`). `directions` come from
     `circuits.decomposition.align.clip_text_directions`."""
     if directions.ndim != 2 or directions.shape != (len(texts), mapped.shape[-1]):
-        raise ValueError(f"need one direction of width {mapped.shape[-1]} per text ({len(texts)}), "
+        raise UserError(f"need one direction of width {mapped.shape[-1]} per text ({len(texts)}), "
                          f"got {tuple(directions.shape)}")
     directions = F.normalize(directions.to(mapped.dtype), dim=-1)
     scores = torch.stack([component_scores(mapped, d[None], mode) for d in directions])
@@ -203,7 +204,7 @@ def token_heatmaps(
         for j, head in enumerate(chunk.heads):
             comp = position.get((chunk.layer, head))
             if comp is None:
-                raise ValueError("token heatmaps need the head components (biases='separate' or 'split')")
+                raise UserError("token heatmaps need the head components (biases='separate' or 'split')")
             pulled = (direction if maps is None else maps.pullback(comp, direction)).to(terms.dtype)
             if pulled.ndim == 1:
                 value = terms[:, j] @ pulled  # [b, k]

@@ -21,6 +21,7 @@ from torch import Tensor
 from circuits.decomposition.align import ComponentMaps
 from circuits.decomposition.decompose import Decomposition
 from circuits.decomposition.scoring import token_heatmaps
+from hooked_vit.errors import UserError
 
 
 def class_direction(model, classes: Tensor) -> Float[Tensor, "b D"]:
@@ -56,10 +57,10 @@ def decomposition_segmentation(
     """
     chosen = [dec.components[int(i)] for i in components]
     if not chosen:
-        raise ValueError("components is empty: pass the indices of the feature's top head components")
+        raise UserError("components is empty: pass the indices of the feature's top head components")
     if any(c.kind != "head" for c in chosen):
         bad = [c.name for c in chosen if c.kind != "head"]
-        raise ValueError(f"only head components split by source token, got {bad}; exclude the others "
+        raise UserError(f"only head components split by source token, got {bad}; exclude the others "
                          "(top_components(..., exclude=[i for i, c in enumerate(dec.components) if c.kind != 'head']))")
     layers = sorted({c.layer for c in chosen})
     heat = token_heatmaps(model, images, dec, direction, maps=maps, layers=layers, fwd_hooks=fwd_hooks)

@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
+from hooked_vit.errors import UserError
 
 CLASS_NAMES: tuple[str, ...] = (
     "disc", "square", "triangle", "cross", "ring",
@@ -81,7 +82,7 @@ def _shape_mask(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if name == "star":  # five spikes, apex up
         theta = np.arctan2(u, -v)
         return r <= 0.35 + 0.7 * (0.5 * (1.0 + np.cos(5.0 * theta))) ** 2
-    raise ValueError(f"unknown label {label}")
+    raise UserError(f"unknown label {label}")
 
 
 def _background(bg: int, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -159,11 +160,11 @@ class SyntheticShapes(Dataset):
     def __init__(self, n: int, seed: int = 0, split: str = "train", spurious_corr: float | None = None,
                  img_size: int = 32, transform: Callable | None = normalize, difficulty: str = "normal"):
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+            raise UserError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         if difficulty not in DIFFICULTIES:
-            raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
+            raise UserError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
         if spurious_corr is not None and not 0.0 <= spurious_corr <= 1.0:
-            raise ValueError(f"spurious_corr must be in [0, 1] or None, got {spurious_corr}")
+            raise UserError(f"spurious_corr must be in [0, 1] or None, got {spurious_corr}")
         self.n, self.seed, self.split = int(n), int(seed), split
         self.spurious_corr, self.img_size = spurious_corr, int(img_size)
         self.transform, self.difficulty = transform, difficulty

@@ -31,6 +31,7 @@ from circuits.decomposition.spurious import group_accuracy
 from circuits.identifiability import identifiability as class_identifiability
 
 from .synthetic import CLASS_NAMES, MEAN, N_CLASSES, STD, SyntheticShapes, materialize
+from hooked_vit.errors import UserError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 IDENT_NOTE = ("logit lens per block: head(norm(block output)) on every image token (500 test images); "
@@ -56,7 +57,7 @@ CONFIGS: dict[str, dict] = {
 def _check_which(which: str) -> str:
     """Validate a variant name."""
     if which not in CONFIGS:
-        raise ValueError(f"unknown embedded model {which!r}; valid names: {sorted(CONFIGS)}")
+        raise UserError(f"unknown embedded model {which!r}; valid names: {sorted(CONFIGS)}")
     return which
 
 

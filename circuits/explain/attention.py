@@ -12,6 +12,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuits.explain.trace import AttentionTrace
+from hooked_vit.layers import layer_index
+from hooked_vit.errors import UserError
 
 HeadFusion = Literal["mean", "max", "min"]
 
@@ -24,23 +26,20 @@ def fuse_heads(pattern: Float[Tensor, "b h q k"], how: HeadFusion = "mean") -> F
         return pattern.amax(1)
     if how == "min":
         return pattern.amin(1)
-    raise ValueError(f"head_fusion must be mean, max or min, got {how!r}")
+    raise UserError(f"head_fusion must be mean, max or min, got {how!r}")
 
 
 def raw_attention(trace: AttentionTrace, *, layer: int = -1, head_fusion: HeadFusion = "mean") -> Tensor:
     """Attention of the readout row ("CLS row") to every image token in one block
     (the last by default), heads fused. [b, n_patches]"""
-    a = fuse_heads(trace.patterns[layer].detach().float(), head_fusion)
+    a = fuse_heads(trace.patterns[layer_index(layer, len(trace.patterns), "layer")].detach().float(), head_fusion)
     return trace.image_tokens(trace.read_row(a))
 
 
 def from_layer(blocks: Sequence, start_layer: int) -> Sequence:
     """The blocks from `start_layer` on (negative counts from the end), as the authors'
     `start_layer` (Chefer et al., Transformer-Explainability / Transformer-MM-Explainability)."""
-    n = len(blocks)
-    if not isinstance(start_layer, int) or not -n <= start_layer < n:
-        raise ValueError(f"start_layer must be an int block index in [-{n}, {n}), got {start_layer!r}")
-    return blocks[start_layer % n:]
+    return blocks[layer_index(start_layer, len(blocks), "start_layer"):]
 
 
 def rollout_matrix(patterns: Sequence[Float[Tensor, "b h p p"]], head_fusion: HeadFusion = "mean",

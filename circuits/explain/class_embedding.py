@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from circuits.explain.trace import AttentionTrace
+from hooked_vit.layers import layer_indices
 
 
 def attn_out_names(n_layers: int) -> list[str]:
@@ -35,12 +36,13 @@ def class_embedding(trace: AttentionTrace, *, extra_softmax: bool = False,
                     layers: Optional[Sequence[int]] = None) -> Tensor:
     """Class-embedding importance map over image tokens. [b, n_patches]
 
-    `layers`: the blocks whose maps are summed (default all, as the paper).
+    `layers`: the blocks whose maps are summed (default all, as the paper); one int alone
+    (from a "name:layers=5" spec) or several, each in [-n_layers, n_layers) (`hooked_vit.layers`).
     """
     model = trace.model
     total = torch.zeros(trace.patterns[0].shape[0], trace.n_tokens, device=trace.logits.device)
     n = model.cfg.n_layers
-    blocks = range(n) if layers is None else sorted({int(l) % n for l in _as_list(layers)})
+    blocks = layer_indices(layers, n, "layers")
     for l, name in ((l, attn_out_names(n)[l]) for l in blocks):
         readout = torch.einsum("q,bqd->bd", trace.readout.to(trace.acts[name].dtype), trace.acts[name])
         logits = model.to_class_logits(readout)
@@ -51,7 +53,3 @@ def class_embedding(trace: AttentionTrace, *, extra_softmax: bool = False,
         total -= grad.float().sum(dim=(1, 2))  # over heads and query rows
     return trace.image_tokens(total)
 
-
-def _as_list(layers) -> list[int]:
-    """A block index or indices (an int arrives alone from a "name:layers=5" spec)."""
-    return [layers] if isinstance(layers, int) else list(layers)

@@ -38,6 +38,7 @@ from scipy.stats import rankdata
 from torch import Tensor
 
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 
 FRACTIONS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))  # 0, 0.1, ..., 0.9
 Order = Literal["positive", "negative"]
@@ -99,7 +100,7 @@ def relevance_order(relevance: Float[Tensor, "b n"], order: Order = "positive", 
     """Token indices [b, n] in removal order; ties broken by a seeded random permutation
     (a constant map gives a random order, not the raster order)."""
     if order not in ("positive", "negative"):
-        raise ValueError(f"order must be positive or negative, got {order!r}")
+        raise UserError(f"order must be positive or negative, got {order!r}")
     n = relevance.shape[1]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).to(relevance.device)
     idx = torch.argsort(relevance[:, perm], dim=1, descending=order == "positive", stable=True)
@@ -153,7 +154,7 @@ def _perturbed_logits(model: HookedViT, images: Tensor, removed: Tensor, mode: M
         pix = removed.reshape(-1, 1, *grid).repeat_interleave(ph, 2).repeat_interleave(pw, 3)
         pix = torch.nn.functional.pad(pix, (0, images.shape[-1] - pix.shape[-1], 0, images.shape[-2] - pix.shape[-2]))
         return model(images.masked_fill(pix, 0.0))
-    raise ValueError(f"mode must be remove or zero, got {mode!r}")
+    raise UserError(f"mode must be remove or zero, got {mode!r}")
 
 
 def auc(accuracy: Sequence[float], fractions: Sequence[float] = FRACTIONS) -> float:

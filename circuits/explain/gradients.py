@@ -16,6 +16,7 @@ from torch import Tensor
 
 from circuits.explain.attention import from_layer
 from circuits.explain.trace import AttentionTrace
+from hooked_vit.layers import layer_index
 
 
 def gae_matrix(patterns: Sequence[Float[Tensor, "b h p p"]], grads: Sequence[Float[Tensor, "b h p p"]],
@@ -40,6 +41,7 @@ def attention_gradcam(trace: AttentionTrace, *, layer: int = -1) -> Tensor:
     """Grad-CAM on attention (the baseline of Chefer et al. 2021a): per head h, the weight
     alpha_h = mean over image tokens j of g[h, CLS, j]; map_j = relu(mean_h alpha_h A[h, CLS, j]).
     "CLS" is the readout row. [b, n_patches]"""
+    layer = layer_index(layer, len(trace.patterns), "layer")
     a = trace.read_row(trace.patterns[layer].detach().float())  # [b, h, p]
     g = trace.read_row(trace.target_grads()[layer].detach().float())
     alpha = g[..., trace.n_prefix:].mean(-1, keepdim=True)  # [b, h, 1]

@@ -26,6 +26,7 @@ from circuits.method_names import DEFAULT_METHODS, METHOD_NAMES
 from circuits.options import parse_named_options
 from hooked_vit import HookedViT, HookedViTConfig
 from hooked_vit.tokens import token_grid
+from hooked_vit.errors import UserError
 
 
 def random_map(trace: AttentionTrace, *, seed: int = 0) -> Tensor:
@@ -70,7 +71,7 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     """"tokentm:necc=none,grad=none" -> ("tokentm", {"necc": "none", "grad": "none"})."""
     name, options = parse_named_options(spec, "method options")
     if name not in METHODS:
-        raise ValueError(f"unknown explanation method {name!r}; choose from {sorted(METHODS)}")
+        raise UserError(f"unknown explanation method {name!r}; choose from {sorted(METHODS)}")
     return name, options
 
 

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from circuits.explain.trace import AttentionTrace
 from hooked_vit import HookedViTConfig
+from hooked_vit.errors import UserError
 
 AttnTransform = Literal["resid", "value", "output"]
 TRANSFORMS = ("resid", "value", "output")
@@ -85,7 +86,7 @@ def transformation_weights(
         elif necc == "cosine":
             w = w * cos
         else:
-            raise ValueError(f"necc must be softmax, cosine or none, got {necc!r}")
+            raise UserError(f"necc must be softmax, cosine or none, got {necc!r}")
     return w
 
 
@@ -96,7 +97,7 @@ def gradient_term(grad: Float[Tensor, "b h p p"], how: GradTerm) -> Tensor:
         return grad.float().abs().mean(1)
     if how == "raw":
         return grad.float().mean(1)
-    raise ValueError(f"grad must be relu, abs, raw or none, got {how!r}")
+    raise UserError(f"grad must be relu, abs, raw or none, got {how!r}")
 
 
 def _value_transform(trace: AttentionTrace, l: int) -> Float[Tensor, "b p d"]:
@@ -137,10 +138,10 @@ def tokentm(
     """TokenTM map over image tokens (see the module doc for the options). [b, n_patches]"""
     necc, grad = necc or "none", grad or "none"  # None and "none" both mean: leave the term out
     if inputs not in ("resid", "normalized") or attn_transform not in TRANSFORMS:
-        raise ValueError(f"inputs must be resid|normalized and attn_transform resid|value|output, got {inputs!r}, "
+        raise UserError(f"inputs must be resid|normalized and attn_transform resid|value|output, got {inputs!r}, "
                          f"{attn_transform!r}")
     if attn_transform == "resid" and inputs != "resid":
-        raise ValueError("attn_transform='resid' reads the residual stream on both sides of each sublayer; "
+        raise UserError("attn_transform='resid' reads the residual stream on both sides of each sublayer; "
                          "inputs='normalized' needs attn_transform='value' or 'output'")
     b, p = trace.patterns[0].shape[0], trace.n_tokens
     eye = torch.eye(p, device=trace.logits.device)
@@ -149,7 +150,7 @@ def tokentm(
     elif init == "identity":
         c = eye.expand(b, -1, -1)
     else:
-        raise ValueError(f"init must be length or identity, got {init!r}")
+        raise UserError(f"init must be length or identity, got {init!r}")
     grads = trace.target_grads() if grad != "none" else None
     opts = dict(length=length, necc=necc)
     for l, pattern in enumerate(trace.patterns):

@@ -38,6 +38,7 @@ from torch import Tensor
 from circuits.explain.attention import from_layer
 from circuits.explain.trace import AttentionTrace
 from hooked_vit import HookedViTConfig
+from hooked_vit.errors import UserError
 
 _BLOCK_ACTS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
                "attn.hook_attn_scores", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized",
@@ -51,7 +52,7 @@ def supported(cfg: HookedViTConfig) -> bool:
 
 def check_supported(cfg: HookedViTConfig) -> None:
     if not supported(cfg):
-        raise ValueError("transformer_attribution supports pre-norm class-token models (no distillation token), "
+        raise UserError("transformer_attribution supports pre-norm class-token models (no distillation token), "
                          f"got block_type={cfg.block_type!r}, global_pool={cfg.global_pool!r}, "
                          f"distilled={cfg.distilled}; use gae for this model")
 

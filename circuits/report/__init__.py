@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 from circuits.report import circuit, decompose, explain, identify, memories, perturb, sae, textspan
 from circuits.report.html import figure_html, page, table_html
 from circuits.runs.results import atomic_write_text, read_manifest
+from hooked_vit.errors import UserError
 
 Section = Callable[..., list[str]]  # report_section(runs: dict[str, Path], images: int) -> list[str]
 SECTIONS = (identify, perturb, memories, decompose, textspan, explain, circuit, sae)  # the report's order
@@ -48,7 +49,7 @@ def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hoo
     only), which bounds the report's size whatever the number of images in the runs.
     """
     if images < 1:
-        raise ValueError(f"images must be >= 1 (images drawn per per-image figure), got {images}")
+        raise UserError(f"images must be >= 1 (images drawn per per-image figure), got {images}")
     runs = find_runs(paths)
     by_analysis: dict[str, dict[str, Path]] = {}
     for label, run in runs.items():

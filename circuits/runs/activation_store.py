@@ -27,6 +27,7 @@ from circuits.files import atomic_write_bytes
 from circuits.runs.context import start_run
 from circuits.runs.results import read_manifest
 from circuits.sae.activations import check_hooks, hook_activations, token_positions
+from hooked_vit.errors import UserError
 
 
 def build_activation_store(model, dataset: Dataset, out: str | Path, hooks: Sequence[str], *,
@@ -80,7 +81,7 @@ class ActivationStore:
             raise FileNotFoundError(f"no activation store at {self.root}; build one with build_activation_store")
         self.settings = read_manifest(self.root)["settings"]
         if self.settings.get("analysis") != "sae_activations":
-            raise ValueError(f"{self.root} is a {self.settings.get('analysis')} run, not an activation store")
+            raise UserError(f"{self.root} is a {self.settings.get('analysis')} run, not an activation store")
         self.shards = _shards(self.root)[0]  # reading never deletes: orphans may be a running build's
         self.hooks: list[str] = self.settings["hooks"]
 
@@ -96,7 +97,7 @@ class ActivationStore:
                 hooks: Optional[Sequence[str]] = None) -> Iterator[dict[str, Tensor]]:
         """One epoch of shuffled batches {hook: [batch_size, d]}; the last partial batch is dropped."""
         if not self.shards:
-            raise ValueError(f"{self.root} holds no shards yet; build the store first")
+            raise UserError(f"{self.root} holds no shards yet; build the store first")
         hooks = list(hooks or self.hooks)
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=gen).tolist()

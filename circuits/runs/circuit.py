@@ -26,6 +26,7 @@ from circuits.files import atomic_write_bytes
 from circuits.runs.context import start_run
 from circuits.runs.distributed import require_single_process
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 
 
 def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metric: str = "logit_diff",
@@ -36,7 +37,7 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
     circuit from the logits (`prune(greedy=True)`) instead of keeping the top-|score| edges."""
     require_single_process("circuit")
     if corruption not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {corruption!r}; choose from {sorted(CORRUPTIONS)}")
+        raise UserError(f"unknown corruption {corruption!r}; choose from {sorted(CORRUPTIONS)}")
     run = start_run("circuit", model, dataset, out_dir, limit=limit, overwrite=overwrite, progress=progress,
                     method=method, metric=str(metric), corruption=corruption, budget=budget, ig_steps=ig_steps,
                     batch_size=batch_size, greedy=greedy)
@@ -51,7 +52,7 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
         batches.append((clean, corrupt(clean, corruption)))
     n = sum(len(c) for c, _ in batches)
     if n == 0:
-        raise ValueError(f"no readable images among the first {run.n} of the dataset; check --data")
+        raise UserError(f"no readable images among the first {run.n} of the dataset; check --data")
     scores, nodes = None, None
     for clean, corrupted in batches:
         w = len(clean) / n

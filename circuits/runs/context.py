@@ -22,12 +22,22 @@ from torch.utils.data import Dataset
 from circuits.runs.results import RunStore
 from circuits.runs.streaming import PendingBatch, describe_dataset, model_fingerprint, stream_pending
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 from hooked_vit.tokens import token_labels
 
 
 def run_size(dataset: Dataset, limit: Optional[int]) -> int:
-    """How many items a run covers: the first `limit` (all when None)."""
+    """How many items a run covers: `limit` of them (all when None); a limit below 1 is refused."""
+    check_count(limit, "limit", allow_none=True)
     return len(dataset) if limit is None else min(limit, len(dataset))
+
+
+def check_count(value, name: str, low: int = 1, allow_none: bool = False) -> None:
+    """Refuse a count option that is not a whole number >= low (a negative limit would run nothing)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UserError(f"{name}={value!r}: give a whole number >= {low}")
 
 
 @dataclass
@@ -73,6 +83,7 @@ def start_run(analysis: str, model: HookedViT, dataset: Dataset, out_dir: str | 
     settings, recorded too (and checked on resume).
     """
     n = run_size(dataset, limit)
+    check_count(num_workers, "num_workers", low=0)
     run_settings = {"analysis": analysis, "model": model.cfg.model_name, "weights": model_fingerprint(model),
                     "dataset": describe_dataset(dataset), "n": n, **analysis_settings, **(settings or {})}
     store = RunStore(out_dir, run_settings, overwrite=overwrite)

@@ -51,6 +51,7 @@ from circuits.runs.streaming import describe_dataset
 from circuits.runs.context import run_size, start_run
 from circuits.runs.distributed import require_single_process
 from circuits.runs.results import RunStore, atomic_write_bytes, fixed_size_list, read_table
+from hooked_vit.errors import UserError
 
 log = logging.getLogger("circuits.decomposition")
 def decompose_run(
@@ -128,14 +129,14 @@ def _check_texts(model, texts: list[str], directions: Optional[torch.Tensor]) ->
     if not texts and directions is None:
         return
     if directions is None or directions.ndim != 2 or directions.shape[0] != len(texts):
-        raise ValueError(f"texts ({len(texts)}) need text_directions [T, d] with one row each "
+        raise UserError(f"texts ({len(texts)}) need text_directions [T, d] with one row each "
                          f"(got {None if directions is None else tuple(directions.shape)}): "
                          "circuits.decomposition.align.clip_text_directions(clip, tokenizer, texts)")
     if len(set(texts)) != len(texts):
-        raise ValueError(f"texts must be distinct, got {texts}")
+        raise UserError(f"texts must be distinct, got {texts}")
     image_projection_maps(model, 1)  # refuses a model without CLIP's image projection
     if directions.shape[1] != model.cfg.d_image_embed:
-        raise ValueError(f"text directions have width {directions.shape[1]}, the image embedding "
+        raise UserError(f"text directions have width {directions.shape[1]}, the image embedding "
                          f"{model.cfg.d_image_embed}: use the text tower of the same CLIP model")
 
 
@@ -164,7 +165,7 @@ def _load_texts(info: dict, arrays, request: Optional[TextRequest]) -> Optional[
     stored = torch.from_numpy(arrays["text_directions"])
     given = torch.nn.functional.normalize(request.directions.detach().float().cpu(), dim=-1)
     if stored.shape != given.shape or not torch.allclose(stored, given, atol=1e-4):
-        raise ValueError("the text directions differ from those this run was started with (another text tower?); "
+        raise UserError("the text directions differ from those this run was started with (another text tower?); "
                          "pass the same CLIP model, or overwrite=True / --overwrite to start again")
     rows = info["texts"]
     return TextFeatures([r["text"] for r in rows], stored, torch.tensor([r["scores"] for r in rows]),

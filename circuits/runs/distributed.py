@@ -23,6 +23,7 @@ from typing import Collection, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from hooked_vit.errors import UserError
 
 # Runs whose results need all the data in one process (fits, statistics over the whole set);
 # they refuse to run sharded rather than silently compute per-shard results. Why, per analysis:
@@ -59,7 +60,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value) if value else default
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer; "
+        raise UserError(f"environment variable {name}={value!r} is not an integer; "
                          "launch with torchrun, which sets it") from None
 
 
@@ -73,7 +74,7 @@ def init_distributed() -> Dist:
     if world <= 1:
         return Dist()
     if not dist.is_available():
-        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
+        raise UserError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
@@ -85,7 +86,7 @@ def require_single_process(analysis: str, d: Optional[Dist] = None) -> None:
     """Refuse a sharded run of an analysis that needs all the data in one process."""
     d = d if d is not None else init_distributed()
     if d.world > 1:
-        raise ValueError(f"{analysis} does not run sharded yet ({NOT_SHARDED[analysis]}); "
+        raise UserError(f"{analysis} does not run sharded yet ({NOT_SHARDED[analysis]}); "
                          f"run it as one process (without torchrun), world size is {d.world}")
 
 
@@ -97,7 +98,7 @@ def shard_batches(indices: Sequence[int], done: Collection[int], batch_size: int
     items whether fresh, resumed or sharded, so per-batch seeds and batched arithmetic agree.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     groups: dict[int, list[int]] = {}
     for position, index in enumerate(indices):
         if index in done:

@@ -37,6 +37,7 @@ from circuits.runs.context import start_run
 from circuits.runs.thumbnails import batch_thumbnails
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 
 
 def benchmark(
@@ -90,7 +91,7 @@ def benchmark_batch(model: HookedViT, batch: dict, methods: Sequence[str], *, fr
     labels = torch.as_tensor(batch["label"]).to(model.device)
     index = np.asarray(batch["index"], dtype=np.int64)
     if bool((labels < 0).any()):
-        raise ValueError("the explanation benchmark needs class labels (perturbation accuracy); "
+        raise UserError("the explanation benchmark needs class labels (perturbation accuracy); "
                          f"images {index[(labels < 0).cpu().numpy()].tolist()[:5]} have none")
     with torch.no_grad():
         logits = model(images)

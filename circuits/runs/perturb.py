@@ -28,6 +28,8 @@ from circuits.runs.results import RunStore, fixed_size_list, stack_column
 from circuits.token_removal import (REMOVALS, Removal, kept_tokens_mask, removal_batch, removal_rates,
                                     removal_summary)
 from hooked_vit import HookedViT
+from hooked_vit.layers import layer_indices
+from hooked_vit.errors import UserError
 
 
 def perturbation_experiment(model: HookedViT, dataset, out_dir, kinds: Sequence[str] = KINDS,
@@ -46,7 +48,7 @@ def perturbation_experiment(model: HookedViT, dataset, out_dir, kinds: Sequence[
     runs = {}
     for kind in kinds:
         settings = {"analysis": "attention_perturbation", "perturbation": kind,
-                    "layers": None if layers is None else sorted({int(l) % model.cfg.n_layers for l in layers}),
+                    "layers": None if layers is None else layer_indices(layers, model.cfg.n_layers, "layers"),
                     "options": dict(sorted(options.items()))}
         hooks = perturbation_hooks(model, kind, layers, **options)
         run = Path(out_dir) / kind
@@ -106,7 +108,7 @@ def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Seque
     for pending in run.batches(batch_size, desc="token removal"):
         batch = pending.data
         if "mask" not in batch:
-            raise ValueError("token removal needs object masks: use a dataset with masks (synthetic, ImageNet-S)")
+            raise UserError("token removal needs object masks: use a dataset with masks (synthetic, ImageNet-S)")
         images = run.images(pending)
         labels = torch.as_tensor(batch["label"])
         with torch.no_grad():

@@ -11,6 +11,7 @@ lose precision in float16 / bfloat16.
 from __future__ import annotations
 
 import torch
+from hooked_vit.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -20,4 +21,4 @@ def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None

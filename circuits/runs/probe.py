@@ -18,6 +18,7 @@ from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read
 from circuits.runs.context import start_run
 from circuits.runs.streaming import describe_dataset
 from hooked_vit import HookedViT
+from hooked_vit.layers import layer_indices
 
 
 def run_probes(
@@ -47,7 +48,7 @@ def run_probes(
     """
     require_single_process("probes")
     cfg = model.cfg
-    layers = list(range(cfg.n_layers)) if layers is None else list(layers)
+    layers = layer_indices(layers, cfg.n_layers, "layers")
     train_idx = per_class_indices(dataset_labels(train_dataset), per_class)
     test_idx = list(range(len(test_dataset)))
     if train_dataset is test_dataset:

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from circuits.files import atomic_write_bytes, atomic_write_text
 from circuits.runs.distributed import Dist, init_distributed
+from hooked_vit.errors import UserError
 
 
 # Settings recorded for reading but not part of a run's identity: the model as it was named
@@ -80,7 +81,7 @@ class RunStore:
             diff = {k: (old.get(k), self.settings.get(k)) for k in {*old, *self.settings} - RECORDED_ONLY
                     if old.get(k) != self.settings.get(k)}
             if diff:
-                raise ValueError(
+                raise UserError(
                     f"{self.root} holds results of a run with other settings {diff} (old, new); "
                     "use another output directory or pass overwrite=True (--overwrite)"
                 )

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from circuits.runs.distributed import init_distributed
 from circuits.runs.specs import DataSpec, ModelSpec, parse_data_spec, parse_model_spec
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
 
 
 def load_model(spec: Union[str, ModelSpec], arch: Optional[str] = None, device: str = "cpu",
@@ -32,7 +33,7 @@ def load_model(spec: Union[str, ModelSpec], arch: Optional[str] = None, device: 
         spec = parse_model_spec(spec, arch, random_weights)
     if source is not None:
         if spec.kind not in ("hf", "open_clip"):
-            raise ValueError(f"source= is the loaded hf / open_clip model of the spec, not of {spec.text}")
+            raise UserError(f"source= is the loaded hf / open_clip model of the spec, not of {spec.text}")
         build = HookedViT.from_hf if spec.kind == "hf" else HookedViT.from_open_clip
         model = build(source, device=device, dtype=dtype)
     elif spec.kind in ("hf", "open_clip"):
@@ -65,7 +66,7 @@ def _timm_model(spec: ModelSpec) -> torch.nn.Module:
         n_classes = _head_classes(state)
         if n_classes and "num_classes" not in kwargs:
             kwargs["num_classes"] = n_classes
-        model = timm.create_model(spec.name, pretrained=False, **kwargs)
+        model = _create_with_overrides(spec, kwargs)
         if not spec.random_weights:
             load_timm_weights(model, state, source=str(spec.path))
         return model.eval()
@@ -74,11 +75,26 @@ def _timm_model(spec: ModelSpec) -> torch.nn.Module:
     return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay={"file": cached_timm_weights(spec.name)}).eval()
 
 
+def _create_with_overrides(spec: ModelSpec, kwargs: dict):
+    """timm's model of a checkpoint spec with its `--arch` overrides; an override timm cannot
+    build with (a word where a number belongs, an unknown key) is refused naming `--arch`."""
+    import timm
+
+    try:
+        return timm.create_model(spec.name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
+        if not spec.arch_kwargs or isinstance(err, UserError):
+            raise
+        raise UserError(f"--arch {spec.name}:{','.join(f'{k}={v}' for k, v in spec.arch_kwargs.items())}: timm "
+                        f"cannot build {spec.name} with these overrides ({type(err).__name__}: {err}); check each "
+                        "key is a constructor argument and each value a number or true/false where one belongs") from None
+
+
 def _check_timm_name(name: str) -> None:
     import timm
 
     if not timm.is_model(name.partition(".")[0]) and not timm.is_model(name):
-        raise ValueError(f"timm does not know the model {name!r} (see timm.list_models('vit_*'))")
+        raise UserError(f"timm does not know the model {name!r} (see timm.list_models('vit_*'))")
 
 
 def cached_timm_weights(name: str) -> str:
@@ -88,7 +104,7 @@ def cached_timm_weights(name: str) -> str:
 
     cfg = get_pretrained_cfg(name)
     if cfg is None:
-        raise ValueError(f"timm has no pretrained weights registered for {name!r}")
+        raise UserError(f"timm has no pretrained weights registered for {name!r}")
     candidates = []
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
@@ -101,7 +117,7 @@ def cached_timm_weights(name: str) -> str:
     for found in candidates:
         if isinstance(found, (str, Path)) and Path(found).is_file():
             return str(found)
-    raise ValueError(
+    raise UserError(
         f"pretrained weights of timm model {name!r} are not in the local cache (hooked-vit does not download); "
         f"pass a local checkpoint file as --model FILE --arch {name.partition('.')[0]}, use --random-weights, "
         "or use 'embedded'")
@@ -126,9 +142,9 @@ def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[
         spec = parse_data_spec(spec)
     if spec.is_synthetic:
         if labels is not None:
-            raise ValueError("--labels maps image folders to classes; the synthetic dataset has its own labels")
+            raise UserError("--labels maps image folders to classes; the synthetic dataset has its own labels")
         if model.cfg.img_size != (32, 32) and not model.cfg.dynamic_img_size:
-            raise ValueError(f"the synthetic dataset has 32x32 images; {model.cfg.model_name} expects "
+            raise UserError(f"the synthetic dataset has 32x32 images; {model.cfg.model_name} expects "
                              f"{model.cfg.img_size}")
         return synthetic_for(source.name if source is not None and source.kind == "embedded" else None,
                              spec.split, spec.n)
@@ -137,7 +153,7 @@ def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[
     transform = transform_for(model)  # timm's eval preprocessing, at the model's input size
     if spec.kind == "imagenet_s":
         if labels is not None:
-            raise ValueError("--labels applies to image folders; ImageNet-S names its classes in LOC_synset_mapping.txt")
+            raise UserError("--labels applies to image folders; ImageNet-S names its classes in LOC_synset_mapping.txt")
         return ImageNetS(spec.root, transform, classes=model)
     return ImageFolderDataset(spec.root, transform, labels=labels, classes=model)
 

@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional
 
 from circuits.options import parse_named_options
 from hooked_vit.pretrained import PREFIXES, TIMM_OWN_PREFIXES
+from hooked_vit.errors import UserError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -66,19 +67,19 @@ def parse_model_spec(text: str, arch: Optional[str] = None, random_weights: bool
     path = Path(text)
     if path.suffix in CHECKPOINT_SUFFIXES:
         if arch is None:
-            raise ValueError(f"{text} is a checkpoint file: name its architecture with --arch <timm model name>")
+            raise UserError(f"{text} is a checkpoint file: name its architecture with --arch <timm model name>")
         name, kwargs = parse_named_options(arch, "--arch options")
         return ModelSpec("checkpoint", name, text, path=path, arch_kwargs=kwargs, random_weights=random_weights)
     source, sep, rest = text.partition(":")
     if sep and source in PREFIXES:
         if not rest:
-            raise ValueError(f"--model {text!r} names no model after {source + ':'!r}")
+            raise UserError(f"--model {text!r} names no model after {source + ':'!r}")
         if source != "timm" and random_weights:
-            raise ValueError(f"--random-weights applies to embedded, timm and checkpoint models, not {source}: "
+            raise UserError(f"--random-weights applies to embedded, timm and checkpoint models, not {source}: "
                              "use the timm name of the architecture instead")
         return ModelSpec(source, rest, text, random_weights=random_weights)
     if sep and source not in TIMM_OWN_PREFIXES:  # timm's own name schemes pass through
-        raise ValueError(f"--model {text!r}: unknown source {source!r}; use embedded[:which], a timm name, "
+        raise UserError(f"--model {text!r}: unknown source {source!r}; use embedded[:which], a timm name, "
                          "timm:NAME, hf:ID_OR_FOLDER, open_clip:ARCH[:TAG] or a checkpoint file with --arch")
     return ModelSpec("timm", text, text, random_weights=random_weights)
 
@@ -91,7 +92,7 @@ def parse_data_spec(text: str) -> DataSpec:
         try:
             n = int(parts[2]) if len(parts) > 2 else 512
         except ValueError:
-            raise ValueError(f"synthetic data is synthetic[:split[:n]] with an integer n, got {text!r}") from None
+            raise UserError(f"synthetic data is synthetic[:split[:n]] with an integer n, got {text!r}") from None
         return DataSpec("synthetic", text, split=split, n=n)
     root = Path(text)
     if not root.exists():

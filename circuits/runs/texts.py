@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from circuits.runs.specs import ModelSpec
+from hooked_vit.errors import UserError
 
 
 def read_texts(texts: Optional[str], text_file: Optional[str]) -> list[str]:
@@ -31,7 +32,7 @@ def read_texts(texts: Optional[str], text_file: Optional[str]) -> list[str]:
         out += [line for line in lines if line and not line.startswith("#")]
     repeated = sorted({t for t in out if out.count(t) > 1})
     if repeated:
-        raise ValueError(f"prompts must be distinct; repeated: {repeated}")
+        raise UserError(f"prompts must be distinct; repeated: {repeated}")
     return out
 
 
@@ -41,7 +42,7 @@ def text_encoder(spec: ModelSpec, device: str = "cpu") -> tuple[Any, Any]:
         return _open_clip_encoder(spec, device)
     if spec.kind == "hf":
         return _hf_encoder(spec, device)
-    raise ValueError(f"--model {spec.text}: text prompts need a CLIP model with its text tower "
+    raise UserError(f"--model {spec.text}: text prompts need a CLIP model with its text tower "
                      "(open_clip:ARCH:TAG or hf:FOLDER_OR_ID of a CLIPModel)")
 
 
@@ -50,7 +51,7 @@ def _open_clip_encoder(spec: ModelSpec, device: str) -> tuple[Any, Any]:
 
     arch, _, tag = spec.name.partition(":")
     if not tag:
-        raise ValueError(f"--model {spec.text}: without a weights tag the image and text towers would be two "
+        raise UserError(f"--model {spec.text}: without a weights tag the image and text towers would be two "
                          "unrelated random initialisations; name the weights, open_clip:ARCH:TAG")
     try:
         model = open_clip.create_model(arch, pretrained=tag, device=device)
@@ -65,7 +66,7 @@ def _hf_encoder(spec: ModelSpec, device: str) -> tuple[Any, Any]:
 
     config = transformers.AutoConfig.from_pretrained(spec.name)
     if "CLIPModel" not in (config.architectures or []):
-        raise ValueError(f"--model {spec.text} is a {config.architectures}, not a CLIPModel: it has no text tower")
+        raise UserError(f"--model {spec.text} is a {config.architectures}, not a CLIPModel: it has no text tower")
     model = transformers.CLIPModel.from_pretrained(spec.name).to(device).eval()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(spec.name)

@@ -27,6 +27,8 @@ from circuits.runs.context import start_run
 from circuits.runs.results import RunStore, atomic_write_bytes, fixed_size_list, read_table, stack_column
 from circuits.text_span import check_text_span_model, head_contributions, text_span
 from hooked_vit import HookedViT
+from hooked_vit.errors import UserError
+from hooked_vit.layers import layer_index
 
 COLUMNS = ["layer", "head", "rank", "text", "explained_variance"]
 
@@ -56,7 +58,7 @@ def textspan_run(
     run = start_run("textspan", model, dataset, out_dir, limit=limit, overwrite=overwrite, num_workers=num_workers,
                     progress=progress, settings=settings, texts=list(texts), layers=layers, k=k)
     if run.n < 2:  # before any work (unreadable images are checked again after the pass)
-        raise ValueError(f"TextSpan needs the variance over at least two images; the run covers {run.n}")
+        raise UserError(f"TextSpan needs the variance over at least two images; the run covers {run.n}")
     for batch in run.batches(batch_size):
         heads = head_contributions(model, run.images(batch), layers)  # [L, H, b, d]
         flat = heads.permute(2, 0, 1, 3).flatten(1).float().cpu().numpy()
@@ -72,15 +74,14 @@ def _check(model: HookedViT, texts: Sequence[str], directions: torch.Tensor, lay
     """Refuse bad options before the run directory is made; the layers to span."""
     width = check_text_span_model(model)
     if not texts or directions.ndim != 2 or directions.shape != (len(texts), width):
-        raise ValueError(f"need one text direction of width {width} per text ({len(texts)} texts), "
+        raise UserError(f"need one text direction of width {width} per text ({len(texts)} texts), "
                          f"got {tuple(directions.shape)}: use the text tower of the same CLIP model")
     if k < 1:
-        raise ValueError(f"k={k}: TextSpan picks at least one text per head")
+        raise UserError(f"k={k}: TextSpan picks at least one text per head")
     n = model.cfg.n_layers
-    layers = list(range(max(0, n - 4), n)) if layers is None else [int(l) for l in layers]
-    bad = [l for l in layers if not 0 <= l < n]
-    if bad or not layers or len(set(layers)) != len(layers):
-        raise ValueError(f"layers {layers} must be distinct blocks in 0..{n - 1}")
+    layers = list(range(max(0, n - 4), n)) if layers is None else [layer_index(l, n, "layers") for l in layers]
+    if not layers or len(set(layers)) != len(layers):
+        raise UserError(f"layers {layers} must be distinct blocks in 0..{n - 1}")
     return layers
 
 
@@ -90,7 +91,7 @@ def span_table(root: Path, texts: Sequence[str], directions: torch.Tensor, layer
     how many images that was."""
     heads = read_table(root, "heads")
     if len(heads) < 2:
-        raise ValueError(f"TextSpan needs the variance over at least two images; the run has {len(heads)}")
+        raise UserError(f"TextSpan needs the variance over at least two images; the run has {len(heads)}")
     contributions = torch.from_numpy(stack_column(heads, "contributions")).view(len(heads), len(layers), n_heads, -1)
     pool = directions.detach().float().cpu()  # text_span normalises the pool at every step
     rows = []

@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+from hooked_vit.errors import UserError
 
 
 TOKENS = ("all", "cls", "patch")
@@ -25,11 +26,11 @@ def token_positions(model, tokens: str) -> Tensor:
         return torch.arange(cfg.n_ctx)
     if tokens == "cls":
         if not cfg.class_token:
-            raise ValueError(f"{cfg.model_name} has no class token; use tokens='patch' or 'all'")
+            raise UserError(f"{cfg.model_name} has no class token; use tokens='patch' or 'all'")
         return torch.tensor([0])
     if tokens == "patch":
         return torch.arange(cfg.n_prefix_tokens, cfg.n_ctx)
-    raise ValueError(f"tokens must be one of {TOKENS}, got {tokens!r}")
+    raise UserError(f"tokens must be one of {TOKENS}, got {tokens!r}")
 
 
 def stop_kwargs(model, hooks: Sequence[str]) -> dict:
@@ -56,7 +57,7 @@ def image_batches(dataset: Dataset, *, limit: Optional[int], batch_size: int, nu
 def check_hooks(model, hooks: Sequence[str]) -> None:
     missing = [h for h in hooks if h not in model.hook_dict]
     if missing or not hooks:
-        raise ValueError(f"unknown hook point(s) {missing or hooks}; see model.hook_dict for the names "
+        raise UserError(f"unknown hook point(s) {missing or hooks}; see model.hook_dict for the names "
                          "(e.g. blocks.2.hook_resid_post)")
 
 
@@ -70,7 +71,7 @@ def hook_activations(model, images: Tensor, hooks: Sequence[str], tokens: str = 
     for hook in hooks:
         acts = cache[hook]
         if acts.ndim != 3 or acts.shape[1] != model.cfg.n_ctx:
-            raise ValueError(f"{hook} is {tuple(acts.shape)}; the store takes per-token hooks [batch, tokens, d]")
+            raise UserError(f"{hook} is {tuple(acts.shape)}; the store takes per-token hooks [batch, tokens, d]")
         out[hook] = acts[:, positions].reshape(-1, acts.shape[-1]).float().cpu()
     return out, positions.repeat(images.shape[0]).cpu()
 

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from hooked_vit.errors import UserError
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 
@@ -48,17 +49,17 @@ class DictionaryConfig:
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+            raise UserError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.d_in < 1 or self.d_sae < 1:
-            raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+            raise UserError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
-            raise ValueError(f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
+            raise UserError(f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
         if self.tokens not in ("all", "cls", "patch"):
-            raise ValueError(f"tokens must be all, cls or patch, got {self.tokens!r}")
+            raise UserError(f"tokens must be all, cls or patch, got {self.tokens!r}")
         if self.d_out is None:
             self.d_out = self.d_in
         if self.hook_out is None and self.d_out != self.d_in:
-            raise ValueError("an SAE reconstructs its input (d_out == d_in); set hook_out for a transcoder")
+            raise UserError("an SAE reconstructs its input (d_out == d_in); set hook_out for a transcoder")
 
     @property
     def is_transcoder(self) -> bool:
@@ -135,7 +136,7 @@ class SparseDictionary(nn.Module):
 
     def pre_acts(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
         if x.shape[-1] != self.cfg.d_in:
-            raise ValueError(f"dictionary expects inputs [..., {self.cfg.d_in}], got {tuple(x.shape)}")
+            raise UserError(f"dictionary expects inputs [..., {self.cfg.d_in}], got {tuple(x.shape)}")
         centred = x if self.cfg.is_transcoder else x - self.b_dec
         return centred.to(self.W_enc.dtype) @ self.W_enc + self.b_enc
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from circuits.sae.activations import image_batches, token_positions
 from circuits.sae.dictionaries import SparseDictionary
 from circuits.sae.splice import spliced
+from hooked_vit.errors import UserError
 
 
 class _Sums:
@@ -75,7 +76,7 @@ def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch
         runs["spliced_with_error"].add(with_error, labels)
         max_error_delta = max(max_error_delta, float((with_error - logits).abs().max()))
     if rows == 0:
-        raise ValueError("no readable images to evaluate on")
+        raise UserError("no readable images to evaluate on")
     total_ss = sum_x2 - float((sum_x * sum_x).sum()) / rows
     freq = fired / rows
     out = {"hook_name": cfg.hook_name, "hook_out": cfg.hook_out, "architecture": cfg.architecture,

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from circuits.sae.activations import image_batches, stop_kwargs, token_positions
 from circuits.sae.dictionaries import SparseDictionary
+from hooked_vit.errors import UserError
 
 HIST_EDGES = np.concatenate([[0.0], np.logspace(-3, 3, 37)])  # fixed bins: no first pass needed
 
@@ -87,7 +88,7 @@ def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size
                 entry[0] += int(sel.sum())
                 entry[1] += img_max[sel].sum(0)
     if n_images == 0:
-        raise ValueError("no readable images to study")
+        raise UserError("no readable images to study")
     correlations = {attr: {v: _point_biserial(s1, s2, n_images, c, s).cpu().numpy()
                            for v, (c, s) in sorted(vals.items())} for attr, vals in by_value.items() if vals}
     identified = {attr: _identified(corr, top.image.cpu(), dataset, attr, identified_at)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 
 from circuits.files import atomic_write_bytes, atomic_write_text
 from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
+from hooked_vit.errors import UserError
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 _TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
@@ -75,10 +76,10 @@ def load_saelens(folder: str | Path) -> SparseDictionary:
     arch = ours.get("architecture") or _from_saelens_arch(cfg)
     k = ours.get("k") or cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise ValueError(f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
+        raise UserError(f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
                          "fold the scaling into the weights first")
     if cfg.get("apply_b_dec_to_input") is False and not cfg.get("hook_name_out"):
-        raise ValueError(f"{folder}: an SAE with apply_b_dec_to_input=false is not supported")
+        raise UserError(f"{folder}: an SAE with apply_b_dec_to_input=false is not supported")
     return _build(folder / WEIGHTS, arch, k, cfg["d_in"], cfg["d_sae"], cfg.get("hook_name") or meta.get("hook_name", ""),
                   cfg.get("hook_name_out"), cfg.get("d_out"), ours.get("tokens", "all"),
                   cfg.get("model_name") or meta.get("model_name", ""), ours.get("jumprelu_bandwidth", 0.05))
@@ -89,11 +90,11 @@ def _from_saelens_arch(cfg: dict) -> str:
     fn = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
     if arch == "standard":
         if fn not in ("relu", "topk"):
-            raise ValueError(f"activation function {fn!r} is not supported (relu or topk)")
+            raise UserError(f"activation function {fn!r} is not supported (relu or topk)")
         return "topk" if fn == "topk" else "relu"
     if arch in ("topk", "jumprelu"):
         return arch
-    raise ValueError(f"SAELens architecture {arch!r} is not supported (standard, topk, jumprelu)")
+    raise UserError(f"SAELens architecture {arch!r} is not supported (standard, topk, jumprelu)")
 
 
 def _build(weights: Path, arch: str, k: Optional[int], d_in: int, d_sae: int, hook: str, hook_out, d_out, tokens: str,
@@ -101,11 +102,11 @@ def _build(weights: Path, arch: str, k: Optional[int], d_in: int, d_sae: int, ho
     tensors = load_file(weights)  # safetensors: plain tensors, no code
     missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(tensors)
     if missing:
-        raise ValueError(f"{weights} lacks {sorted(missing)} (SAELens tensor names W_enc, b_enc, W_dec, b_dec)")
+        raise UserError(f"{weights} lacks {sorted(missing)} (SAELens tensor names W_enc, b_enc, W_dec, b_dec)")
     if arch == "jumprelu" and "threshold" not in tensors:
-        raise ValueError(f"{weights}: a JumpReLU dictionary needs a 'threshold' tensor")
+        raise UserError(f"{weights}: a JumpReLU dictionary needs a 'threshold' tensor")
     if arch in ("topk", "batchtopk") and not k:
-        raise ValueError(f"{weights.parent}: a {arch} dictionary's config gives no k (active features per token); "
+        raise UserError(f"{weights.parent}: a {arch} dictionary's config gives no k (active features per token); "
                          "add \"k\" (or activation_fn_kwargs.k) to its config")
     k = int(k or 1)  # unused by the other architectures
     cfg = DictionaryConfig(d_in=int(d_in), d_sae=int(d_sae), architecture=arch, k=k, hook_name=hook,
@@ -116,7 +117,7 @@ def _build(weights: Path, arch: str, k: Optional[int], d_in: int, d_sae: int, ho
     with torch.no_grad():
         for name, shape in expect.items():
             if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"{weights}: {name} is {tuple(tensors[name].shape)}, the config implies {shape}")
+                raise UserError(f"{weights}: {name} is {tuple(tensors[name].shape)}, the config implies {shape}")
             getattr(sae, name).copy_(tensors[name].float())
         if arch == "jumprelu":
             sae.log_threshold.copy_(tensors["threshold"].float().clamp_min(1e-12).log())
@@ -133,14 +134,14 @@ def load_vit_prisma(folder: str | Path) -> SparseDictionary:
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         pickles = sorted(p.name for p in folder.glob("*.pt*"))
-        raise ValueError(f"{folder} has no .safetensors weights{f' (only pickles {pickles})' if pickles else ''}; "
+        raise UserError(f"{folder} has no .safetensors weights{f' (only pickles {pickles})' if pickles else ''}; "
                          "pickles are never loaded: convert with safetensors.torch.save_file on a trusted machine")
     cfg = json.loads((folder / "config.json").read_text())
     d_in = int(cfg["d_in"])
     d_sae = int(cfg.get("d_sae") or d_in * int(cfg["expansion_factor"]))
     fn = cfg.get("activation_fn_str", "relu")
     if fn not in ("relu", "topk"):
-        raise ValueError(f"{folder}: activation_fn_str {fn!r} is not supported (relu or topk)")
+        raise UserError(f"{folder}: activation_fn_str {fn!r} is not supported (relu or topk)")
     k = (cfg.get("activation_fn_kwargs") or {}).get("k")
     return _build(weights[-1], fn, k, d_in, d_sae, cfg.get("hook_point", ""), None, None, "all",
                   cfg.get("model_name", ""), 0.05)

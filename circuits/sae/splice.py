@@ -24,6 +24,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from circuits.sae.dictionaries import SparseDictionary
+from hooked_vit.errors import UserError
 
 
 class _Tap(HookPoint):
@@ -50,7 +51,7 @@ class SplicedDictionary(HookPoint):
     def forward(self, x: Tensor) -> Tensor:
         source = x if self.tap is None else self.tap.value
         if source is None:
-            raise ValueError(f"the transcoder's input hook {self.sae.cfg.hook_name} did not run before its output")
+            raise UserError(f"the transcoder's input hook {self.sae.cfg.hook_name} did not run before its output")
         source = self.hook_sae_input(source)
         acts = self.hook_sae_acts(self.sae.encode(source))
         recons = self.hook_sae_recons(self.sae.decode(acts).to(x.dtype))
@@ -71,10 +72,10 @@ def attach_dictionary(model, sae: SparseDictionary, use_error: bool = True) -> S
     where = cfg.hook_out if cfg.is_transcoder else cfg.hook_name
     for hook in filter(None, (cfg.hook_name, cfg.hook_out)):
         if hook not in model.hook_dict:
-            raise ValueError(f"{hook} is not a hook point of {model.cfg.model_name}; see model.hook_dict")
+            raise UserError(f"{hook} is not a hook point of {model.cfg.model_name}; see model.hook_dict")
     original = model.hook_dict[where]
     if isinstance(original, SplicedDictionary) or isinstance(model.hook_dict[cfg.hook_name], _Tap):
-        raise ValueError(f"a dictionary is already spliced at {where}; detach it first")
+        raise UserError(f"a dictionary is already spliced at {where}; detach it first")
     tap = None
     if cfg.is_transcoder:
         parent, child = _get(model, cfg.hook_name)
@@ -91,7 +92,7 @@ def detach_dictionary(model, hook_name: str) -> SparseDictionary:
     """Undo `attach_dictionary` at `hook_name` (the output hook, for a transcoder)."""
     spliced = model.hook_dict.get(hook_name)
     if not isinstance(spliced, SplicedDictionary):
-        raise ValueError(f"no dictionary is spliced at {hook_name}")
+        raise UserError(f"no dictionary is spliced at {hook_name}")
     spliced.remove_hooks(including_permanent=True)
     parent, child = _get(model, hook_name)
     setattr(parent, child, spliced.original)

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from circuits.sae.dictionaries import SparseDictionary, dictionary_losses
+from hooked_vit.errors import UserError
 
 Batches = Callable[[int], Iterable[dict[str, torch.Tensor]]]  # epoch -> batches {hook: [n, d]}
 
@@ -60,7 +61,7 @@ def _endless(batches: Batches) -> Iterator[dict[str, torch.Tensor]]:
             empty = False
             yield b
         if empty:
-            raise ValueError("the activation source yielded no batch; use a smaller batch size or more data")
+            raise UserError("the activation source yielded no batch; use a smaller batch size or more data")
         epoch += 1
 
 
@@ -68,7 +69,7 @@ def _io(sae: SparseDictionary, batch: dict[str, torch.Tensor], device: str) -> t
     cfg = sae.cfg
     for hook in filter(None, (cfg.hook_name, cfg.hook_out)):
         if hook not in batch:
-            raise ValueError(f"the activation batches hold {sorted(batch)}, not {hook} that the dictionary needs")
+            raise UserError(f"the activation batches hold {sorted(batch)}, not {hook} that the dictionary needs")
     x = batch[cfg.hook_name].to(device)
     return x, (batch[cfg.hook_out].to(device) if cfg.is_transcoder else x)
 
@@ -137,7 +138,7 @@ def _init_b_dec(sae: SparseDictionary, y: torch.Tensor, how: str) -> None:
     elif how == "mean":
         sae.b_dec.copy_(y.float().mean(0))
     elif how != "zeros":
-        raise ValueError(f"init_b_dec must be geometric_median, mean or zeros, got {how!r}")
+        raise UserError(f"init_b_dec must be geometric_median, mean or zeros, got {how!r}")
 
 
 @torch.no_grad()

@@ -1,0 +1,127 @@
+"""User errors vs internal errors on the command line (issue 23, items 9, 10, 11, 14).
+
+A user error (hooked_vit.errors.UserError, or an OS error about a path) is one line
+`hooked-vit CMD: error: ...`, exit 2; any other exception is a bug: its traceback and a
+"please report" line, exit 1, with or without -v."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from circuits.cli import main
+
+
+def _error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert len(lines) == 1 and lines[0].startswith(f"hooked-vit {command}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def class_folders(tmp_path):
+    root = tmp_path / "images"
+    for name in ("disc", "square"):  # classes of the embedded model
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((32, 32, 3), 60 * i + 20, dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=3)
+    path = tmp_path / "x.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def test_bad_arch_override_value_names_the_option(checkpoint, tmp_path, capsys):
+    assert main(["identify", "--model", str(checkpoint), "--arch", "vit_tiny_patch16_224:depth=two",
+                 "--out", str(tmp_path / "run")]) == 2
+    line = _error_line(capsys, "identify")
+    assert "--arch vit_tiny_patch16_224:depth=two" in line
+
+
+@pytest.mark.parametrize("content,suffix", [("{bad", ".json"), ('"a list"', ".json"), ("", ".json")])
+def test_bad_labels_file_names_the_file(content, suffix, class_folders, tmp_path, capsys):
+    labels = tmp_path / f"bad{suffix}"
+    labels.write_text(content)
+    assert main(["identify", "--data", str(class_folders), "--labels", str(labels), "--out", str(tmp_path / "run")]) == 2
+    assert str(labels) in _error_line(capsys, "identify")
+
+
+def test_missing_labels_file_is_one_line_naming_it(class_folders, tmp_path, capsys):
+    missing = tmp_path / "nowhere.json"
+    assert main(["identify", "--data", str(class_folders), "--labels", str(missing), "--out", str(tmp_path / "run")]) == 2
+    assert str(missing) in _error_line(capsys, "identify")
+
+
+@pytest.mark.parametrize("option,value", [("--workers", "-2"), ("--limit", "-1"), ("--limit", "0"),
+                                          ("--batch-size", "0"), ("--limit", "two")])
+def test_counts_are_checked_by_the_option(option, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["identify", "--out", str(tmp_path / "run"), option, value])
+    assert exit_.value.code == 2
+    line = _error_line(capsys, "identify")
+    assert f"argument {option}" in line and value in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_library_refuses_a_negative_limit_and_workers(tmp_path):
+    from circuits.embedded import SyntheticShapes
+    from circuits.runs.identify import identify
+    from circuits.runs.sources import load_model
+    from hooked_vit import UserError
+
+    model, data = load_model("embedded"), SyntheticShapes(4, split="test")
+    with pytest.raises(UserError, match="limit=-1"):
+        identify(model, data, tmp_path / "a", limit=-1, progress=False)
+    with pytest.raises(UserError, match="num_workers=-2"):
+        identify(model, data, tmp_path / "b", num_workers=-2, progress=False)
+
+
+def _raise(err):
+    def run(*args, **kwargs):
+        raise err
+    return run
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"]])
+@pytest.mark.parametrize("err", [RuntimeError("boom"), ValueError("an internal value"), KeyError("k"),
+                                 TypeError("an internal type")])
+def test_internal_errors_show_a_traceback_and_ask_for_a_report(err, verbose, tmp_path, capsys, monkeypatch):
+    import circuits.runs.identify as identify
+
+    monkeypatch.setattr(identify, "identify", _raise(err))
+    assert main([*verbose, "identify", "--out", str(tmp_path / "run"), "--limit", "2"]) == 1
+    out = capsys.readouterr().err
+    assert "Traceback" in out and type(err).__name__ in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("hooked-vit identify: internal error") and "please report" in last
+
+
+def test_user_errors_get_their_traceback_with_verbose(tmp_path, capsys):
+    assert main(["-v", "identify", "--out", str(tmp_path / "run"), "--model", "nosuchsource:thing"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert err.strip().splitlines()[-1].startswith("hooked-vit identify: error: ")
+
+
+def test_unknown_hook_is_a_user_error_and_a_key_error():
+    from hooked_vit import UserError
+    from circuits.runs.sources import load_model
+
+    model = load_model("embedded")
+    with pytest.raises(UserError) as info:
+        model.check_hook_name("blocks.0.hook_nothing")
+    assert isinstance(info.value, KeyError) and str(info.value).startswith("unknown hook point")
