@@ -31,6 +31,7 @@ import transformer_lens.patching as tl_patching
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from circuits.arrays import to_numpy
 from circuits.identifiability import identifiability as class_identifiability
 from circuits.projection import class_rank
 from hooked_vit import HookedViT
@@ -199,7 +200,7 @@ class PatchingGrid:
         """Long format: one row per cell and image (site, metric, layer, pos, [head], image, value)."""
         grid = list(itertools.product(*(self.coords[a] for a in self.axes), range(self.values.shape[-1])))
         df = pd.DataFrame(grid, columns=[*self.axes, "image"])
-        df["value"] = self.values.reshape(-1).cpu().numpy()
+        df["value"] = to_numpy(self.values.reshape(-1))
         return df.assign(site=self.site, metric=self.metric)
 
 

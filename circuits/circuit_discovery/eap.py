@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from circuits.arrays import to_numpy
 from circuits.circuit_discovery.graph import (QKV, ViTGraph, cache_writers, check_pair, differentiable, graph_hooks_on,
                                               head_out, reader_hook_names, run_patched, targets,
                                               writer_hook_names)
@@ -44,7 +45,7 @@ class EdgeScores:
         w, r = self.mask.nonzero(as_tuple=True)
         df = pd.DataFrame({"upstream": [self.graph.writers[i] for i in w.tolist()],
                            "downstream": [self.graph.readers[j] for j in r.tolist()],
-                           "score": self.scores[w, r].cpu().numpy()})
+                           "score": to_numpy(self.scores[w, r])})
         df["rank"] = df["score"].abs().rank(ascending=False, method="first").astype(int) - 1
         return df.sort_values("rank").reset_index(drop=True)
 
@@ -84,9 +85,10 @@ def edge_attribution(
         grads = 0.0
         for k in range(1, ig_steps + 1):
             embed = corr_w[0] + k / ig_steps * (clean_w[0] - corr_w[0])
-            grads = grads + _reader_grads(model, corrupted_images, embed, batch_metric, fwd_hooks)[0] / ig_steps
-    # One matrix product over (image, position, feature); the mean over images.
-    scores = ((clean_w - corr_w).flatten(1) @ grads.flatten(1).T) / len(clean_images)
+            grads = grads + _reader_grads(model, corrupted_images, embed, batch_metric, fwd_hooks)[0].float() / ig_steps
+    # One matrix product over (image, position, feature), in float32 whatever the model's
+    # dtype (a bf16 sum over b * p * d products loses the small scores); the mean over images.
+    scores = ((clean_w - corr_w).flatten(1).float() @ grads.flatten(1).float().T) / len(clean_images)
     mask = graph.edge_mask().to(scores.device)
     return EdgeScores(graph, scores * mask, mask)
 

@@ -48,6 +48,7 @@ from circuits.decomposition.spurious import (
 )
 from circuits.data import collate_samples
 from circuits.runs.streaming import describe_dataset
+from circuits.arrays import to_numpy
 from circuits.runs.context import run_size, start_run
 from circuits.runs.distributed import require_single_process
 from circuits.runs.results import RunStore, atomic_write_bytes, fixed_size_list, read_table
@@ -213,9 +214,9 @@ def _load_or_fit(model, reference, store: RunStore, core_key, spurious_key, max_
         log.warning("reference items have no %r attribute: scoring the core feature only", spurious_key)
         fitted = _core_only(ref, core_key, mode)
     sink = io.BytesIO()
-    arrays = {"means": fitted.means.numpy(), "core_basis": fitted.core_basis.numpy()}
+    arrays = {"means": to_numpy(fitted.means), "core_basis": to_numpy(fitted.core_basis)}
     if fitted.spurious_basis is not None:
-        arrays["spurious_basis"] = fitted.spurious_basis.numpy()
+        arrays["spurious_basis"] = to_numpy(fitted.spurious_basis)
     if text is not None:
         fitted.text = _fit_texts(model, text, ref, mode)
         fitted.info["texts"] = _text_info(fitted.text, fitted.components)

@@ -33,6 +33,7 @@ from circuits.explain.evaluate import (FRACTIONS, auc, keep_auc, perturbation_cu
 from circuits.explain.methods import DEFAULT_METHODS, _as_specs, explain_many, grid_of, upsample
 from circuits.data.targets import TargetSpec, resolve_targets
 from circuits.runs.identify import class_name_columns
+from circuits.arrays import to_numpy
 from circuits.runs.context import start_run
 from circuits.runs.thumbnails import batch_thumbnails
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
@@ -104,7 +105,7 @@ def benchmark_batch(model: HookedViT, batch: dict, methods: Sequence[str], *, fr
     names = class_name_columns(model, targets.cpu().numpy(), pred.cpu().numpy())
     tables = {"images": pa.table({"index": index, "label": labels.cpu().numpy(), "target": targets.cpu().numpy(),
                                   "pred": pred.cpu().numpy(), "correct": (pred == labels).cpu().numpy(), **names})}
-    tables["maps"] = _per_method(index, {m: {"relevance": fixed_size_list(r.cpu().numpy())} for m, r in maps.items()})
+    tables["maps"] = _per_method(index, {m: {"relevance": fixed_size_list(to_numpy(r))} for m, r in maps.items()})
     if "mask" in batch and bool(torch.as_tensor(batch.get("has_mask", True)).any()):
         tables["segmentation"] = _segmentation_table(model, images, batch, index, maps)
     rows = []

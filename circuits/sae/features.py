@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from circuits.arrays import to_numpy
 from circuits.sae.activations import image_batches, stop_kwargs, token_positions
 from circuits.sae.dictionaries import SparseDictionary
 from hooked_vit.errors import UserError
@@ -89,13 +90,13 @@ def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size
                 entry[1] += img_max[sel].sum(0)
     if n_images == 0:
         raise UserError("no readable images to study")
-    correlations = {attr: {v: _point_biserial(s1, s2, n_images, c, s).cpu().numpy()
+    correlations = {attr: {v: to_numpy(_point_biserial(s1, s2, n_images, c, s))
                            for v, (c, s) in sorted(vals.items())} for attr, vals in by_value.items() if vals}
     identified = {attr: _identified(corr, top.image.cpu(), dataset, attr, identified_at)
                   for attr, corr in correlations.items()}
     return {"hook_name": cfg.hook_name, "n_images": n_images, "n_tokens": n_images * len(positions),
-            "frequency": (fired / (n_images * len(positions))).cpu().numpy(),
-            "top_values": top.values.cpu().numpy(), "top_images": top.image.cpu().numpy(),
+            "frequency": to_numpy(fired / (n_images * len(positions))),
+            "top_values": to_numpy(top.values), "top_images": top.image.cpu().numpy(),
             "top_tokens": top.token.cpu().numpy(), "histogram": hist.numpy(), "hist_edges": HIST_EDGES,
             "logit_lens": lens, "correlations": correlations, "identified": identified,
             "identified_at": identified_at}
@@ -139,7 +140,7 @@ def feature_logit_lens(model, sae: SparseDictionary, top: int = 5) -> Optional[d
     w = sae.W_dec.to(model.device, model.embed.proj.weight.dtype)  # in the model's own dtype
     logits = (model.to_class_logits(w) - model.to_class_logits(torch.zeros_like(w[:1]))).float()
     vals, idx = logits.topk(min(top, logits.shape[-1]), dim=-1)
-    return {"classes": idx.cpu().numpy(), "logits": vals.cpu().numpy()}
+    return {"classes": idx.cpu().numpy(), "logits": to_numpy(vals)}
 
 
 def feature_thumbnails(model, dataset: Dataset, result: dict, features: Sequence[int], max_px: int = 96) -> dict:
