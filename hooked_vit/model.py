@@ -21,11 +21,12 @@ from hooked_vit.cache import ViTActivationCache
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.embed import Embed
 from hooked_vit.layer_norm import LayerNorm
+from hooked_vit.saes import SAEHost
 
 ReturnType = Literal["logits", "loss", "pooled", "resid", None]
 
 
-class HookedViT(HookedRootModule):
+class HookedViT(SAEHost, HookedRootModule):
     """A hooked ViT that reproduces timm's eval-mode outputs.
 
     Top-level hooks: hook_embed [b, p, d] (prefix tokens and patch embeddings, before the
@@ -36,7 +37,8 @@ class HookedViT(HookedRootModule):
     hook_image_embed [b, d_image_embed] (only with an image projection, cfg.d_image_embed),
     hook_logits [b, n_classes]. Per block: see `TransformerBlock` and `Attention`.
 
-    There is no dropout: the model always computes timm's eval-mode function.
+    There is no dropout: the model always computes timm's eval-mode function. Sparse
+    dictionaries splice in with SAELens's `add_sae` / `run_with_saes` / ... (hooked_vit/saes.py).
     """
 
     def __init__(self, cfg: HookedViTConfig):
