@@ -160,9 +160,9 @@ def test_hand_built_saelens_fixture_loads(tmp_path):
     _hand_built(tmp_path / "bad", {**cfg, "d_sae": 25}, t)
     with pytest.raises(ValueError, match="W_enc is"):
         load_saelens(tmp_path / "bad")
-    _hand_built(tmp_path / "gated", {**cfg, "architecture": "gated"}, t)
-    with pytest.raises(ValueError, match="not supported"):
-        load_saelens(tmp_path / "gated")
+    _hand_built(tmp_path / "temporal", {**cfg, "architecture": "temporal"}, t)
+    with pytest.raises(ValueError, match="architecture 'temporal' is not supported"):
+        load_saelens(tmp_path / "temporal")
 
 
 def test_vit_prisma_folder_loads_and_pickles_are_refused(tmp_path):
