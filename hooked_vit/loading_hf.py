@@ -184,7 +184,36 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
         head_bias=head_bias,
         d_image_embed=d_image_embed,
         model_name=getattr(c, "_name_or_path", "") or kind,
+        **hf_class_metadata(c, 0 if d_image_embed else n_classes),
     )
+
+
+def hf_class_metadata(config: Any, n_classes: int) -> dict[str, Optional[tuple[str, ...]]]:
+    """``{"label_names", "class_names"}`` from a transformers config's ``id2label``
+    (https://huggingface.co/docs/transformers/main_classes/configuration): the labels become
+    ``class_names``; transformers' placeholders ("LABEL_0", ...) mean no names. When they are
+    timm's ImageNet descriptions in timm's order (as the ImageNet checkpoints on the hub
+    carry), ``label_names`` are the WordNet ids of that label set, so wnid folders map too."""
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    if not n_classes or sorted(id2label) != list(range(n_classes)):
+        return {"label_names": None, "class_names": None}
+    names = tuple(id2label[i] for i in range(n_classes))
+    if all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return {"label_names": None, "class_names": None}
+    return {"label_names": _imagenet_wnids(names), "class_names": names}
+
+
+def _imagenet_wnids(names: tuple[str, ...]) -> Optional[tuple[str, ...]]:
+    """The WordNet ids of timm's ImageNet label set whose descriptions are `names` (index by
+    index, at least 95 % equal after lower-casing: hub tables differ in a few spellings), else None."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset({"num_classes": len(names)})
+    if subset is None:
+        return None
+    info = ImageNetInfo(subset)
+    same = sum(a.strip().lower() == b.strip().lower() for a, b in zip(names, info.label_descriptions()))
+    return tuple(info.label_names()) if same >= 0.95 * len(names) else None
 
 
 def clip_vision_with_projection(clip: nn.Module) -> nn.Module:
