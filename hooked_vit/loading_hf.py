@@ -15,6 +15,7 @@ HookedViT parameter names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -105,13 +106,29 @@ def _resolve(model_or_path: Any, **hf_kwargs: Any) -> tuple[nn.Module, Optional[
     if cls is None:
         raise UnsupportedModelError(f"{source}: config.json names no known transformers architecture ({arch!r})")
     _check_class_name(arch)
-    model, info = cls.from_pretrained(source, output_loading_info=True, **hf_kwargs)
+    with _quiet_transformers():
+        model, info = cls.from_pretrained(source, output_loading_info=True, **hf_kwargs)
     missing = [k for k in info["missing_keys"] if not re.search(r"(^|\.)pooler\.", k)]
     if missing:
         raise UnsupportedModelError(f"{source}: the checkpoint lacks weights {sorted(missing)[:10]} (they would be random)")
     if len(missing) < len(info["missing_keys"]):  # saved without a pooler: none was trained
         _backbone(model).pooler = None
     return model.eval(), source
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' per-load progress bars off (a small local folder loads in a blink; the
+    bars would bury the one line a refusal prints), restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------ config

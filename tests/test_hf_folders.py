@@ -16,7 +16,7 @@ import transformers as T
 from circuits.cli import main
 from circuits.data.classes import ModelClasses, map_class_folders
 from circuits.runs.results import read_table
-from helpers import randomize_
+from helpers import randomize_, save_hf_clip_folder
 from hooked_vit import HookedViT
 
 SMALL = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32,
@@ -84,3 +84,39 @@ def test_cli_identify_on_an_hf_folder_gives_the_timm_targets(imagenet_hf, tmp_pa
     folders = [p.split("/")[-2] for p in images["path"]]
     assert list(images["target"]) == [expected[f] for f in folders]
     assert sorted(set(images["target"])) == [0, 1, 2, 31]
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    return save_hf_clip_folder(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.mark.parametrize("command", [["identify"], ["perturb"], ["explain"], ["memories"],
+                                     ["circuit", "--budget", "2"]])
+def test_clip_tower_without_texts_is_refused_in_class_space(command, clip_folder, tmp_path, capsys):
+    data = image_folder(tmp_path / "data", ["a_cat", "a_dog"], n=1)
+    code = main([*command, "--model", f"hf:{clip_folder}", "--data", str(data), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "without text classes" in err and "--texts" in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_clip_tower_with_texts_runs_with_the_prompts_as_classes(clip_folder, tmp_path):
+    data = image_folder(tmp_path / "data", ["a_cat", "a_dog"], n=2)
+    (tmp_path / "classes.txt").write_text("# prompts\na red car\n")
+    assert main(["identify", "--model", f"hf:{clip_folder}", "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--texts", "a cat,a dog", "--text-file", str(tmp_path / "classes.txt"), "--sites", "block"]) == 0
+    images = read_table(tmp_path / "run", "images")
+    assert list(images["target"]) == [0, 0, 1, 1]  # folder names matched to the prompts
+    tokens = read_table(tmp_path / "run", "tokens")
+    assert int(tokens["topk"].map(max).max()) <= 2  # three classes, not 24 embedding dimensions
+
+
+def test_python_identify_refuses_a_clip_tower_without_texts(clip_folder):
+    from circuits.projection import project_batch
+    from hooked_vit.errors import UserError
+
+    model = HookedViT.from_hf(str(clip_folder))
+    with pytest.raises(UserError, match="without text classes"):
+        project_batch(model, torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))
