@@ -125,3 +125,44 @@ def test_unknown_hook_is_a_user_error_and_a_key_error():
     with pytest.raises(UserError) as info:
         model.check_hook_name("blocks.0.hook_nothing")
     assert isinstance(info.value, KeyError) and str(info.value).startswith("unknown hook point")
+
+
+def test_decompose_names_the_default_reference_not_the_data(tmp_path, capsys):
+    """A 48-pixel model with images of its own: the default --reference (synthetic, 32x32) does
+    not fit it, and the message says so instead of blaming "the synthetic dataset"."""
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=48, num_classes=2)
+    save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
+    root = tmp_path / "mine"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.full((48, 48, 3), 90, dtype=np.uint8)).save(root / name / "0.png")
+    (tmp_path / "labels.json").write_text(json.dumps({"a": 0, "b": 1}))
+    assert main(["decompose", "--model", str(tmp_path / "m.safetensors"), "--arch", "vit_tiny_patch16_224:depth=1,img_size=48",
+                 "--data", str(root), "--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "run")]) == 2
+    line = _error_line(capsys, "decompose")
+    assert "--reference synthetic:val:512 (the default" in line and "pass --reference" in line
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "identify"
+    assert main(["identify", "--data", "synthetic:test:4", "--limit", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_report_out_under_a_file_or_a_folder_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    import circuits.report as report
+
+    capsys.readouterr()
+    monkeypatch.setattr(report, "SECTIONS", [])  # refused before any section renders
+    (tmp_path / "a_file").write_text("x")
+    assert main(["report", str(tiny_run), "--out", str(tmp_path / "a_file" / "report.html")]) == 2
+    assert "a_file is a file, not a folder" in _error_line(capsys, "report")
+    (tmp_path / "folder").mkdir()
+    assert main(["report", str(tiny_run), "--out", str(tmp_path / "folder")]) == 2
+    assert "is a folder; give the report's file name" in _error_line(capsys, "report")
+    assert main(["report", str(tiny_run), "--out", str(tmp_path / "new" / "r.html")]) == 0
+    assert (tmp_path / "new" / "r.html").is_file()

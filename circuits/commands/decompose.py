@@ -8,6 +8,7 @@ import json
 
 from circuits.commands._common import add_model_args, add_run_args, add_text_args, load_inputs, load_text_inputs, non_negative_int, positive_int, run_options, say_done
 
+DEFAULT_REFERENCE = "synthetic:val:512"  # the embedded default's held-out split
 ORDER = 40
 
 def add_parser(sub) -> None:
@@ -20,7 +21,7 @@ def add_parser(sub) -> None:
     add_model_args(p)
     add_run_args(p, target=False)  # components are scored against the core key
     p.add_argument("--reference", default=None,
-                   help="held-out reference set (same spec forms as --data); default: the synthetic val split")
+                   help="held-out reference set (same spec forms as --data); default: " + DEFAULT_REFERENCE)
     p.add_argument("--reference-limit", type=positive_int, default=512, help="reference images (held in memory)")
     p.add_argument("--core-key", default="label", help="item key of the core feature (the class)")
     p.add_argument("--spurious-key", default="background", help="item key of the spurious attribute")
@@ -35,7 +36,6 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from circuits.runs.decompose import decompose_run
-    from circuits.runs.sources import load_dataset
     from circuits.runs.texts import read_texts
 
     texts = read_texts(args.texts, args.text_file)
@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
         model, dataset, spec, directions = load_text_inputs(args, texts)
     else:
         (model, dataset, spec), directions = load_inputs(args), None
-    reference = load_dataset(args.reference or "synthetic:val:512", model, spec,
-                             labels=args.labels if args.reference else None)
+    reference = _reference(args, model, spec)
     store = decompose_run(model, dataset, reference, args.out, core_key=args.core_key,
                           spurious_key=args.spurious_key, max_k=args.max_k, mode=args.mode,
                           start_layer=args.start_layer, reference_limit=args.reference_limit,
@@ -62,3 +61,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"{row['text']!r}: components {', '.join(row['components'])}; best images {best}")
     say_done(store)
     return 0
+
+
+def _reference(args: argparse.Namespace, model, spec):
+    """The reference set of --reference (default: the synthetic val split); a failure names
+    the option, so it is not read as a problem with --data."""
+    from circuits.runs.sources import load_dataset
+    from hooked_vit.errors import UserError
+
+    text = args.reference or DEFAULT_REFERENCE
+    try:
+        return load_dataset(text, model, spec, labels=args.labels if args.reference else None)
+    except UserError as err:
+        default = "" if args.reference else " (the default, as no --reference was given)"
+        raise UserError(f"--reference {text}{default}: {err}; pass --reference with a held-out set of "
+                        f"labelled images for this model (same forms as --data)") from None

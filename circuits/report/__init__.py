@@ -7,7 +7,7 @@ runs into HTML fragments. plotly.js is embedded once, so the file opens offline.
 
 from __future__ import annotations
 
-import html
+from html import escape  # (the name `html` is the circuits.report.html submodule here)
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -50,6 +50,7 @@ def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hoo
     """
     if images < 1:
         raise UserError(f"images must be >= 1 (images drawn per per-image figure), got {images}")
+    out = check_report_path(out)  # before the work, not after it
     runs = find_runs(paths)
     by_analysis: dict[str, dict[str, Path]] = {}
     for label, run in runs.items():
@@ -61,7 +62,20 @@ def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hoo
         if mine:
             body += section.report_section(mine, images=images)
     for analysis in set(by_analysis) - set(sections()):
-        body.append(f"<p>No renderer for analysis {html.escape(analysis)} ({', '.join(by_analysis[analysis])}).</p>")
-    out = Path(out)
+        body.append(f"<p>No renderer for analysis {escape(analysis)} ({', '.join(by_analysis[analysis])}).</p>")
     atomic_write_text(out, page(title, body))
+    return out
+
+
+def check_report_path(out: str | Path) -> Path:
+    """The report's file path, refused when it cannot be written: a folder (name the file in
+    it), or a path whose parent is a file."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the report's file name, e.g. --out {out / 'report.html'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is a file, not a folder; choose another path for the report")
+            break
     return out
