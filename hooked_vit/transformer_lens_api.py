@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from types import FrameType
 from typing import Any, Optional, Sequence, Union
 
@@ -90,9 +91,9 @@ def refuse_image_position_sweep(caller: Optional[FrameType], model_args: Sequenc
     and heads only are left alone."""
     if caller is None or not model_args or not isinstance(model_args[0], Tensor) or model_args[0].ndim != 4:
         return
-    import transformer_lens.patching as tl_patching
-
-    if caller.f_code is not getattr(tl_patching.generic_activation_patch, "__code__", None):
+    tl_patching = sys.modules.get("transformer_lens.patching")  # not imported: not the caller
+    sweep = getattr(tl_patching, "generic_activation_patch", None)
+    if caller.f_code is not getattr(sweep, "__code__", None):
         return
     axes = caller.f_locals.get("index_axis_names")
     if axes is not None and _POSITION_AXES & set(axes):
