@@ -44,7 +44,9 @@ def sae_hook_names(sae: nn.Module) -> tuple[str, str]:
 
 
 @contextmanager
-def _hooks_disabled(sae: nn.Module) -> Iterator[None]:
+def hooks_disabled(sae: nn.Module) -> Iterator[None]:
+    """Swap every HookPoint of `sae` (its ``hook_dict``) for an identity, as SAELens's
+    ``_disable_hooks`` does while computing the clean error term."""
     hooks = dict(getattr(sae, "hook_dict", {}))
     try:
         for name in hooks:
@@ -84,9 +86,11 @@ class SpliceHook(HookPoint):
         try:
             out = self._reconstruct(source)
             if self.use_error_term:
-                with torch.no_grad(), _hooks_disabled(self.sae):
-                    clean = self._reconstruct(source)
-                out = out + self.hook_sae_error(x.to(clean.dtype) - clean)
+                with torch.no_grad():  # no gradient through the error: only the dictionary path
+                    with hooks_disabled(self.sae):
+                        clean = self._reconstruct(source)
+                    error = self.hook_sae_error(x.to(clean.dtype) - clean)
+                out = out + error
             return self.hook_sae_output(out).to(x.dtype)
         finally:
             self.captured = None
