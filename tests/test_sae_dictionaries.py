@@ -54,7 +54,7 @@ def test_every_architecture_trains_and_reduces_loss(arch):
     _, x = _planted(n=4096)
     sae = SparseDictionary(DictionaryConfig(32, 64, arch, k=4, hook_name="x"))
     log = train_dictionary(sae, lambda e: ({"x": x[i:i + 256]} for i in range(0, 4096, 256)),
-                           TrainConfig(steps=120, lr=3e-3, warmup_steps=10, l1_coeff=1e-3, resample_every=50,
+                           TrainConfig(steps=120, lr=3e-3, warmup_steps=10, sparsity_coeff=1e-3, resample_every=50,
                                        dead_after_tokens=2048), progress=False)
     assert log[-1]["mse"] < 0.5 * log[0]["mse"]
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)  # decoder-norm constraint

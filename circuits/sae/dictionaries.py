@@ -305,37 +305,3 @@ class SparseDictionary(HookedRootModule):
 def _topk(acts: Tensor, k: int) -> Tensor:
     values, idx = acts.topk(k, dim=-1)
     return torch.zeros_like(acts).scatter(-1, idx, values)
-
-
-def dictionary_losses(sae: SparseDictionary, x: Tensor, target: Tensor, dead: Optional[Tensor] = None,
-                      l1_coeff: float = 1e-3, aux_coeff: float = 1 / 32) -> dict[str, Tensor]:
-    """Training losses of one batch x [n, d_in] -> target [n, d_out]: mse (summed over the
-    output dims, averaged over rows), the sparsity penalty of the architecture, AuxK on
-    dead features (top-k variants), and the total."""
-    z = sae.pre_acts(x)
-    acts = sae.activate(z)
-    recon = sae.decode(acts)
-    err = target - recon
-    mse = err.pow(2).sum(-1).mean()
-    out = {"mse": mse, "acts": acts, "recon": recon}
-    arch = sae.cfg.architecture
-    if arch == "relu":
-        penalty = l1_coeff * (acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
-    elif arch == "jumprelu":
-        penalty = l1_coeff * _JumpStep.apply(z, sae.log_threshold.exp(), sae.cfg.jumprelu_bandwidth).sum(-1).mean()
-    else:
-        penalty = _auxk(sae, z, err, dead) * aux_coeff
-    out["penalty"] = penalty
-    out["loss"] = mse + penalty
-    return out
-
-
-def _auxk(sae: SparseDictionary, z: Tensor, err: Tensor, dead: Optional[Tensor]) -> Tensor:
-    """AuxK (Gao et al. 2024, sec. A.2): the dead features' top-k_aux reconstruct the residual
-    error, so they get gradient and come back."""
-    if dead is None or not bool(dead.any()):
-        return z.new_tensor(0.0)
-    k_aux = min(int(dead.sum()), max(sae.cfg.d_in // 2, 1))
-    masked = torch.where(dead, torch.relu(z), torch.zeros_like(z))
-    aux = _topk(masked, k_aux) @ sae.W_dec
-    return (err.detach() - aux).pow(2).sum(-1).mean() / err.detach().pow(2).sum(-1).mean().clamp_min(1e-8)
