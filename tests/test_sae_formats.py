@@ -176,3 +176,9 @@ def test_vit_prisma_normalize_activations(tmp_path, norm):
     want = undo(torch.relu((xn - t["b_dec"]) @ t["W_enc"] + t["b_enc"]) @ t["W_dec"] + t["b_dec"])
     sae = load_dictionary(tmp_path, scaling_factor=2.0 if norm == "expected_average_only_in" else None)
     torch.testing.assert_close(sae(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_and_normalized_dictionaries_are_not_trained():
+    for kw in (dict(architecture="gated"), dict(architecture="relu", normalize_activations="layer_norm")):
+        with pytest.raises(ValueError, match="not trained here"):
+            SparseDictionary(DictionaryConfig(8, 16, **kw)).train()

@@ -177,6 +177,14 @@ class SparseDictionary(HookedRootModule):
         self._norm: Optional[tuple[Tensor, Tensor]] = None  # run-time normalization of the last encode
         self.setup()
 
+    def train(self, mode: bool = True) -> "SparseDictionary":
+        """Training mode; refused for what the trainer does not implement (gated, run-time normalization)."""
+        if mode and (self.cfg.architecture in READ_ONLY or self.cfg.normalize_activations != "none"):
+            raise ValueError(f"a {self.cfg.architecture} dictionary with normalize_activations="
+                             f"{self.cfg.normalize_activations!r} is read, spliced and written, not trained here "
+                             f"(train one of {ARCHITECTURES} without normalization)")
+        return super().train(mode)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.W_enc.dtype
