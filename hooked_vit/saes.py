@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
@@ -78,7 +79,7 @@ class SpliceHook(HookPoint):
         self.captured = x
         return x
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "... d_out"]) -> Float[Tensor, "... d_out"]:
         source = x if self.hook_in == self.hook_out else self.captured
         if source is None:
             raise UserError(f"the transcoder's input hook {self.hook_in} did not run before {self.hook_out} "
@@ -95,7 +96,7 @@ class SpliceHook(HookPoint):
         finally:
             self.captured = None
 
-    def _reconstruct(self, source: Tensor) -> Tensor:
+    def _reconstruct(self, source: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
         out = self.sae.decode(self.sae.encode(source))
         w_skip = getattr(self.sae, "W_skip", None)  # skip transcoders (SAELens's SkipTranscoder layout)
         return out if w_skip is None else out + source.to(w_skip.dtype) @ w_skip.T
