@@ -26,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
-from hooked_vit.loading import UnsupportedModelError, hooked_from_timm_state, processed
-from hooked_vit.model import HookedViT
+from hooked_vit.loading import Converted, UnsupportedModelError
 
 # HF hidden_act -> HookedViTConfig.act_fn
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -50,20 +49,11 @@ _LAYER_KEY = re.compile(r"^(?:encoder\.)?(?:layers?)\.(\d+)\.(.*)$")
 
 
 # ------------------------------------------------------------------ entry point
-def from_hf(
-    model_or_path: Union[str, os.PathLike, nn.Module],
-    device: Optional[Union[str, torch.device]] = None,
-    dtype: Optional[torch.dtype] = None,
-    fold_ln: bool = False,
-    center_writing_weights: bool = False,
-    fold_layer_scale: bool = False,
-    **hf_kwargs: Any,
-) -> HookedViT:
-    """Build a HookedViT from a transformers vision model, a `save_pretrained` folder or a
-    hub id already in the local cache (set `HF_HUB_OFFLINE=1` where there is no network,
-    so that transformers does not wait on it). fold_ln, center_writing_weights,
-    fold_layer_scale: weight processing as in `from_timm` (default off). `hf_kwargs` go to
-    the model class's `from_pretrained` (e.g. cache_dir, revision, torch_dtype)."""
+def convert_hf(model_or_path: Union[str, os.PathLike, nn.Module], **hf_kwargs: Any) -> Converted:
+    """Config and weights of a transformers vision model, a `save_pretrained` folder or a hub id
+    already in the local cache (set `HF_HUB_OFFLINE=1` where there is no network, so that
+    transformers does not wait on it). `hf_kwargs` go to the model class's `from_pretrained`
+    (e.g. cache_dir, revision, torch_dtype); `HookedViT.from_hf` builds."""
     hf_model, source = _resolve(model_or_path, **hf_kwargs)
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
@@ -72,10 +62,8 @@ def from_hf(
     source = source or _local_origin(hf_model)
     if source is not None:
         cfg.data_config = data_config_from_processor(source, cfg, hf_kwargs.get("cache_dir"), hf_kwargs.get("revision"))
-    model = processed(hooked_from_timm_state(cfg, hf_to_timm_state_dict(hf_model, cfg)), fold_ln,
-                      center_writing_weights, fold_layer_scale)
     first = next(hf_model.parameters())
-    return model.to(device=device or first.device, dtype=dtype or first.dtype).eval()
+    return Converted(cfg, hf_to_timm_state_dict(hf_model, cfg), first.device, first.dtype)
 
 
 def _local_origin(hf_model: nn.Module) -> Optional[str]:
