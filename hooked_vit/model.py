@@ -27,11 +27,12 @@ from hooked_vit.loading import Converted, convert_timm, convert_timm_state_dict,
 from hooked_vit.loading_hf import convert_hf
 from hooked_vit.loading_open_clip import convert_open_clip
 from hooked_vit.specs import ModelSpec, convert as convert_spec
+from hooked_vit.saes import SAEHost
 
 ReturnType = Literal["logits", "loss", "pooled", "resid", None]
 
 
-class HookedViT(HookedRootModule):
+class HookedViT(SAEHost, HookedRootModule):
     """A hooked ViT that reproduces timm's eval-mode outputs.
 
     Top-level hooks: hook_embed [b, p, d] (prefix tokens and patch embeddings, before the
@@ -42,7 +43,8 @@ class HookedViT(HookedRootModule):
     hook_image_embed [b, d_image_embed] (only with an image projection, cfg.d_image_embed),
     hook_logits [b, n_classes]. Per block: see `TransformerBlock` and `Attention`.
 
-    There is no dropout: the model always computes timm's eval-mode function.
+    There is no dropout: the model always computes timm's eval-mode function. Sparse
+    dictionaries splice in with SAELens's `add_sae` / `run_with_saes` / ... (hooked_vit/saes.py).
     """
 
     def __init__(self, cfg: HookedViTConfig):
