@@ -416,7 +416,8 @@ class HookedViT(SAEHost, HookedRootModule):
         """A HookedViT of `converted.cfg` holding its weights; a weight that does not map is
         refused, never dropped."""
         cfg = converted.cfg
-        model = cls(cfg)
+        with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the generator be
+            model = cls(cfg)
         result = model.load_state_dict(convert_timm_state_dict(converted.timm_state, cfg), strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise UnsupportedModelError(

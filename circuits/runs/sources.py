@@ -31,6 +31,7 @@ def load_model(spec: Union[str, ModelSpec], arch: Optional[str] = None, device: 
     init_distributed()  # under torchrun, "cuda" is then this rank's LOCAL_RANK GPU
     if isinstance(spec, str):
         spec = parse_model_spec(spec, arch, random_weights)
+    torch.manual_seed(seed)  # a run starts from the same generator state every time, so resuming works
     if source is not None:
         if spec.kind not in ("hf", "open_clip"):
             raise ValueError(f"source= is the loaded hf / open_clip model of the spec, not of {spec.text}")
