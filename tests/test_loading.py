@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import images, make_timm
-from hooked_vit import CheckpointError, HookedViT, UnsupportedModelError, load_checkpoint
+from hooked_vit import CheckpointError, HookedViT, UnsupportedModelError, UserError, load_checkpoint
 
 
 def test_checkpoint_safetensors_and_pth_load_the_same_weights(tmp_path):
@@ -110,8 +110,10 @@ def test_build_options_with_a_built_model_are_refused():
 def test_build_options_with_a_name_go_to_timm():
     model = HookedViT.from_timm("vit_tiny_patch16_224", depth=1, num_classes=5, img_size=32)
     assert (model.cfg.n_layers, model.cfg.n_classes, model.cfg.img_size) == (1, 5, (32, 32))
-    with pytest.raises(TypeError, match="does not accept 'bogus_kw'"):
+    with pytest.raises(UserError, match="does not accept 'bogus_kw'"):
         HookedViT.from_timm("vit_tiny_patch16_224", depth=1, bogus_kw=1)
+    with pytest.raises(UserError, match="depth='two'"):  # a word where a number belongs (issue 23 item 10)
+        HookedViT.from_timm("vit_tiny_patch16_224", depth="two")
 
 
 def test_bad_forward_options_are_refused():
