@@ -53,14 +53,21 @@ def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hoo
     out = check_report_path(out)  # before the work, not after it
     runs = find_runs(paths)
     by_analysis: dict[str, dict[str, Path]] = {}
+    empty = []
     for label, run in runs.items():
-        analysis = read_manifest(run)["settings"].get("analysis", "unknown")
+        manifest = read_manifest(run)
+        if not manifest["done"] and not manifest["skipped"] and not (run / "summary.json").exists():
+            empty.append(label)  # stopped before its first batch: nothing to show
+            continue
+        analysis = manifest["settings"].get("analysis", "unknown")
         by_analysis.setdefault(analysis, {})[label] = run
     body: list[str] = []
     for section in SECTIONS:  # once per section, with the runs of all its analyses
         mine = {label: run for a in section.ANALYSES for label, run in by_analysis.get(a, {}).items()}
         if mine:
             body += section.report_section(mine, images=images)
+    if empty:
+        body.append(f"<p>Runs without results yet (not shown): {escape(', '.join(empty))}.</p>")
     for analysis in set(by_analysis) - set(sections()):
         body.append(f"<p>No renderer for analysis {escape(analysis)} ({', '.join(by_analysis[analysis])}).</p>")
     atomic_write_text(out, page(title, body))

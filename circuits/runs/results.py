@@ -15,6 +15,7 @@ resumes any earlier run.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -26,7 +27,10 @@ import pyarrow.parquet as pq
 
 from circuits.files import atomic_write_bytes, atomic_write_text
 from circuits.runs.distributed import Dist, init_distributed
+
 from hooked_vit.errors import UserError
+
+log = logging.getLogger("circuits.runs.results")
 
 
 # Settings recorded for reading but not part of a run's identity: the model as it was named
@@ -74,9 +78,12 @@ class RunStore:
         """The done set and skipped records: the union of every rank's manifest part, so a
         rerun with any number of processes resumes every shard."""
         self.done: set[int] = set()
+        self.parts: dict[str, dict] = {}  # part id -> {"tables": {table: rows}, "indices": [...]}
         skipped: dict[int, dict] = {}
         for manifest in manifest_files(self.root):
-            state = json.loads(manifest.read_text())
+            state = load_manifest_file(manifest)
+            if not state["done"] and not state.get("skipped"):
+                continue  # a run that stopped before its first batch locks nothing (issue 23 item 7)
             old = state["settings"]
             diff = {k: (old.get(k), self.settings.get(k)) for k in {*old, *self.settings} - RECORDED_ONLY
                     if old.get(k) != self.settings.get(k)}
@@ -86,14 +93,27 @@ class RunStore:
                     "use another output directory or pass overwrite=True (--overwrite)"
                 )
             self.done.update(state["done"])
+            self.parts.update(state.get("parts", {}))
             skipped.update((int(r["index"]), r) for r in state.get("skipped", []))
         self.skipped: list[dict] = [skipped[i] for i in sorted(skipped)]
+        # Parts the manifest lists that are gone or damaged: their items are redone.
+        for part_id, problem in damaged_parts(self.root, self.parts).items():
+            log.warning("%s: %s; its %d items are recomputed", self.root, problem, len(self.parts[part_id]["indices"]))
+            self.done.difference_update(self.parts.pop(part_id)["indices"])
 
     def _drop_orphan_parts(self) -> None:
         """A part written by a run that stopped before marking its batch done is removed:
         the batch is redone, so nothing is counted twice."""
         for part in self.root.glob("*/part-*.parquet"):
-            if "index" not in pq.read_schema(part).names:
+            try:
+                schema = pq.read_schema(part)
+            except (pa.ArrowException, OSError) as err:
+                if self.done and not self.parts:  # a manifest from before parts were listed
+                    raise UserError(f"{part} is damaged ({err}); rerun with --overwrite (overwrite=True) to start "
+                                    "the run afresh") from None
+                part.unlink()  # unlisted (its batch never finished) or listed and damaged: redone
+                continue
+            if "index" not in schema.names:
                 continue  # run-level tables carry no dataset index
             indices = pq.read_table(part, columns=["index"]).column("index").to_pylist()
             if not set(indices) <= self.done:
@@ -106,16 +126,20 @@ class RunStore:
                     skipped: Iterable[dict] = ()) -> None:
         """Write one batch's tables, then mark its indices done (in that order, so a crash
         between the two redoes the batch rather than losing it)."""
+        indices = [int(i) for i in indices]
         for name, table in tables.items():
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink, compression="zstd")
             atomic_write_bytes(self.root / name / f"part-{part_id:09d}.parquet", sink.getvalue().to_pybytes())
-        self.done.update(int(i) for i in indices)
+        if tables:  # what the manifest expects on disk, verified on resume and on read
+            self.parts[f"{part_id:09d}"] = {"tables": {n: t.num_rows for n, t in tables.items()}, "indices": indices}
+        self.done.update(indices)
         self.skipped.extend(skipped)
         self._save_manifest()
 
     def _save_manifest(self, **extra: Any) -> None:
-        state = {"settings": self.settings, "done": sorted(self.done), "skipped": self.skipped, **extra}
+        state = {"settings": self.settings, "done": sorted(self.done), "skipped": self.skipped, "parts": self.parts,
+                 **extra}
         atomic_write_text(self.manifest_path, json.dumps(state))
 
     def write_json(self, name: str, obj: Any) -> None:
@@ -130,12 +154,65 @@ class RunStore:
 def read_table(root: str | Path, table: str) -> pd.DataFrame:
     """Load one table of a run directory (all parts), sorted by dataset index."""
     folder = Path(root) / table
+    listed = _listed_parts(root)
+    problems = [problem for pid, problem in damaged_parts(root, listed).items() if table in listed[pid]["tables"]]
+    if problems:
+        raise UserError(f"{problems[0]}: rerun the same command to recompute the missing items, or rerun with "
+                        "--overwrite to start afresh")
     parts = sorted(folder.glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(f"no results in {folder}; run the analysis first")
-    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    df = pd.concat([_read_part(p) for p in parts], ignore_index=True)
     order = [c for c in ("index", "site", "layer") if c in df.columns]
     return df.sort_values(order, kind="stable").reset_index(drop=True) if order else df
+
+
+def _read_part(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{path} is damaged ({err}); rerun the same command to recompute it, or rerun with "
+                        "--overwrite to start afresh") from None
+
+
+def _listed_parts(root: str | Path) -> dict[str, dict]:
+    parts: dict[str, dict] = {}
+    for manifest in manifest_files(root):
+        parts.update(load_manifest_file(manifest).get("parts", {}))
+    return parts
+
+
+def damaged_parts(root: str | Path, parts: dict[str, dict]) -> dict[str, str]:
+    """part id -> what is wrong, for each part the manifest lists that is missing, unreadable or
+    holds another number of rows than was written."""
+    problems = {}
+    for part_id, info in parts.items():
+        for table, rows in info["tables"].items():
+            path = Path(root) / table / f"part-{part_id}.parquet"
+            if not path.exists():
+                problems[part_id] = f"{path} is missing"
+                break
+            try:
+                found = pq.read_metadata(path).num_rows
+            except (pa.ArrowException, OSError) as err:
+                problems[part_id] = f"{path} is damaged ({err})"
+                break
+            if found != rows:
+                problems[part_id] = f"{path} holds {found} rows, {rows} were written"
+                break
+    return problems
+
+
+def load_manifest_file(path: Path) -> dict:
+    """One manifest file, parsed; an empty or damaged one is refused naming the file and the fix."""
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or "settings" not in state or "done" not in state:
+            raise ValueError("it lacks the settings and done items")
+    except ValueError as err:  # json.JSONDecodeError included
+        raise UserError(f"{path} is damaged ({err}); rerun with --overwrite (overwrite=True) to start the run "
+                        "afresh") from None
+    return state
 
 
 def clear_run(root: Path) -> None:
@@ -161,7 +238,7 @@ def read_manifest(root: str | Path) -> dict:
     files = manifest_files(root)
     if not files:
         raise FileNotFoundError(f"no manifest.json in {root}; run the analysis first")
-    states = [json.loads(p.read_text()) for p in files]
+    states = [load_manifest_file(p) for p in files]
     skipped = {int(r["index"]): r for state in states for r in state.get("skipped", [])}
     return {**states[0], "done": sorted(set().union(*(state["done"] for state in states))),
             "skipped": [skipped[i] for i in sorted(skipped)]}
