@@ -21,8 +21,13 @@ from hooked_vit.block import TransformerBlock
 from hooked_vit.cache import ViTActivationCache
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.embed import Embed
-from hooked_vit.errors import UserError
+from hooked_vit import weight_processing
+from hooked_vit.errors import UnsupportedModelError, UserError
 from hooked_vit.layer_norm import LayerNorm
+from hooked_vit.loading import Converted, convert_timm, convert_timm_state_dict, timm_module, to_timm_state_dict
+from hooked_vit.loading_hf import convert_hf
+from hooked_vit.loading_open_clip import convert_open_clip
+from hooked_vit.specs import ModelSpec, convert as convert_spec
 from hooked_vit.saes import SAEHost
 from hooked_vit.transformer_lens_api import (ImageTokens, all_composition_scores, canonical_hook_name, class_id,
                                              refuse_image_position_sweep)
@@ -452,68 +457,91 @@ class HookedViT(SAEHost, HookedRootModule):
         return FactoredMatrix(self.W_V, self.W_O)
 
     # ------------------------------------------------------------------ loading
+    # Every loader converts its source to a `Converted` (config + timm-named weights);
+    # `from_converted` is the one place a HookedViT is built from one. Keyword arguments
+    # common to every loader: device, dtype (where and in which precision the model lives:
+    # the source's by default), fold_ln, center_writing_weights, fold_layer_scale (optional
+    # weight processing, default off, so the parameters are exactly the source's).
     @classmethod
-    def from_timm(cls, name_or_model: Union[str, nn.Module], **kwargs: Any) -> "HookedViT":
-        """Load a timm ViT; see `hooked_vit.loading.from_timm` for the arguments."""
-        from hooked_vit.loading import from_timm
+    def from_converted(cls, converted: Converted, device: Optional[Union[str, torch.device]] = None,
+                       dtype: Optional[torch.dtype] = None, fold_ln: bool = False,
+                       center_writing_weights: bool = False, fold_layer_scale: bool = False) -> "HookedViT":
+        """A HookedViT of `converted.cfg` holding its weights; a weight that does not map is
+        refused, never dropped."""
+        cfg = converted.cfg
+        with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the generator be
+            model = cls(cfg)
+        result = model.load_state_dict(convert_timm_state_dict(converted.timm_state, cfg), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise UnsupportedModelError(
+                f"weights of {cfg.model_name} did not map onto HookedViT: missing "
+                f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
+            )
+        if fold_ln or center_writing_weights or fold_layer_scale:
+            model.process_weights_(fold_ln, center_writing_weights, fold_layer_scale)
+        return model.to(device=device or converted.device, dtype=dtype or converted.dtype).eval()
 
-        return from_timm(name_or_model, **kwargs)
+    @classmethod
+    def from_timm(cls, name_or_model: Union[str, nn.Module], pretrained: bool = False,
+                  checkpoint_path: Optional[str] = None, **kwargs: Any) -> "HookedViT":
+        """Load a timm ViT: a model name (e.g. "vit_base_patch16_224.augreg2_in21k_ft_in1k";
+        `pretrained` lets timm fetch its weights) or a timm VisionTransformer instance (its
+        weights are copied); `checkpoint_path` a local .safetensors / .pth / .bin file with
+        timm-named weights. Other keywords: the common ones (above), the rest go to
+        `timm.create_model` (e.g. num_classes, img_size, dynamic_img_size)."""
+        build, timm_kwargs = _build_options(kwargs)
+        module = timm_module(name_or_model, pretrained, checkpoint_path, **timm_kwargs)
+        return cls.from_converted(convert_timm(module), **build)
 
     @classmethod
     def from_hf(cls, model_or_path: Any, **kwargs: Any) -> "HookedViT":
-        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision model; see `hooked_vit.loading_hf.from_hf`."""
-        from hooked_vit.loading_hf import from_hf
-
-        return from_hf(model_or_path, **kwargs)
+        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision model, a `save_pretrained` folder or
+        a cached hub id (`hooked_vit.loading_hf.convert_hf`); the rest of the keywords go to
+        the model class's `from_pretrained`."""
+        build, hf_kwargs = _build_options(kwargs)
+        return cls.from_converted(convert_hf(model_or_path, **hf_kwargs), **build)
 
     @classmethod
     def from_open_clip(cls, model_or_name: Any, **kwargs: Any) -> "HookedViT":
-        """Load an open_clip ViT image tower; see `hooked_vit.loading_open_clip.from_open_clip`."""
-        from hooked_vit.loading_open_clip import from_open_clip
-
-        return from_open_clip(model_or_name, **kwargs)
+        """Load an open_clip ViT image tower (`hooked_vit.loading_open_clip.convert_open_clip`);
+        the rest of the keywords go to `open_clip.create_model`."""
+        build, create_kwargs = _build_options(kwargs)
+        return cls.from_converted(convert_open_clip(model_or_name, **create_kwargs), **build)
 
     @classmethod
-    def from_pretrained(cls, spec: str, **kwargs: Any) -> "HookedViT":
-        """"timm:NAME", "hf:ID_OR_FOLDER", "open_clip:ARCH[:TAG]" or a bare timm name."""
-        from hooked_vit.pretrained import load_pretrained
-
-        return load_pretrained(spec, **kwargs)
+    def from_pretrained(cls, spec: Union[str, ModelSpec], **kwargs: Any) -> "HookedViT":
+        """"timm:NAME" or a bare timm name (pretrained weights unless pretrained=False or
+        random_weights=True), "hf:ID_OR_FOLDER", "open_clip:ARCH[:TAG_OR_FILE]", or a checkpoint
+        file with arch="timm name": the grammar of `hooked_vit.specs`, the command line's `--model`.
+        Keywords: the common ones (above), then `hooked_vit.specs.convert`'s (offline, seed,
+        arch, arch_kwargs, random_weights) and the loader's."""
+        build, rest = _build_options(kwargs)
+        return cls.from_converted(convert_spec(spec, **rest), **build)
 
     def process_weights_(
         self, fold_ln: bool = True, center_writing_weights: bool = True, fold_layer_scale: bool = True
     ) -> "HookedViT":
         """Fold LayerNorm / LayerScale and centre writing weights, in place; logits unchanged."""
-        from hooked_vit.weight_processing import process_weights_
-
-        process_weights_(self, fold_ln, center_writing_weights, fold_layer_scale)
+        weight_processing.process_weights_(self, fold_ln, center_writing_weights, fold_layer_scale)
         return self
 
     def fold_value_biases(self) -> "HookedViT":
         """Move b_V into b_O, in place (TransformerLens's fold_value_biases); logits unchanged."""
-        from hooked_vit.weight_processing import fold_value_biases_
-
-        fold_value_biases_(self)
+        weight_processing.fold_value_biases_(self)
         return self
 
     def center_unembed(self) -> "HookedViT":
         """Centre W_U and b_U over classes, in place; softmax and logit differences unchanged."""
-        from hooked_vit.weight_processing import center_unembed_
-
-        center_unembed_(self)
+        weight_processing.center_unembed_(self)
         return self
 
     def refactor_factored_attn_matrices(self) -> "HookedViT":
         """Balance each head's QK and OV factors by SVD, in place; logits unchanged."""
-        from hooked_vit.weight_processing import refactor_factored_attn_matrices_
-
-        refactor_factored_attn_matrices_(self)
+        weight_processing.refactor_factored_attn_matrices_(self)
         return self
 
     def to_timm_state_dict(self) -> dict[str, Tensor]:
         """The weights under timm's names (for the unprocessed model)."""
-        from hooked_vit.loading import to_timm_state_dict
-
         return to_timm_state_dict(self)
 
     def _apply(self, fn, *args: Any, **kwargs: Any):  # every .to() / .cuda() / .cpu() ends here
@@ -535,6 +563,15 @@ class HookedViT(SAEHost, HookedRootModule):
         dtype itself; this also moves them to the model's device)."""
         param = self.embed.proj.weight
         return images.to(param.device, param.dtype)
+
+
+BUILD_OPTIONS = ("device", "dtype", "fold_ln", "center_writing_weights", "fold_layer_scale")
+
+
+def _build_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split loader keywords into `from_converted`'s and the source loader's."""
+    return ({k: v for k, v in kwargs.items() if k in BUILD_OPTIONS},
+            {k: v for k, v in kwargs.items() if k not in BUILD_OPTIONS})
 
 
 def _flag(value: Any, name: str) -> bool:
