@@ -495,7 +495,7 @@ class HookedViT(SAEHost, HookedRootModule):
 
     @classmethod
     def from_hf(cls, model_or_path: Any, **kwargs: Any) -> "HookedViT":
-        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision model, a `save_pretrained` folder or
+        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision/ViT-MSN/I-JEPA model, a `save_pretrained` folder or
         a cached hub id (`hooked_vit.loading_hf.convert_hf`); the rest of the keywords go to
         the model class's `from_pretrained`."""
         build, hf_kwargs = _build_options(kwargs)
