@@ -228,6 +228,50 @@ def source_patch_mask(source: np.ndarray, axes: tuple[SourceAxis, SourceAxis],
                                       share]).astype(np.float64))
 
 
+class ProcessorTransform(JointTransform):
+    """A transformers image processor's steps (``hooked_vit.loading_hf.processor_data_config``):
+    resize to ``resize`` (``{"height", "width"}``, or ``{"shortest_edge"}`` keeping the aspect
+    ratio, the long side truncated as transformers does; ``None``: no resize), then, if
+    ``center_crop``, a centre crop to ``img_size`` with the offsets rounded down (transformers'
+    ``center_crop``; timm / torchvision round half to even), then to tensor and normalise.
+    On a PIL image this is transformers' PIL backend (``ViTImageProcessorPil`` ...) op for op;
+    its torchvision backend resizes tensors, which differs from PIL by up to a few grey levels."""
+
+    def __init__(self, img_size: tuple[int, int], interpolation: str = "bilinear",
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+                 resize: dict[str, int] | None = None, center_crop: bool = False,
+                 patch_size: int | tuple[int, int] | None = None):
+        super().__init__(img_size, interpolation, mean, std, crop_pct=1.0, crop_mode="center", patch_size=patch_size)
+        self.resize, self.center_crop = resize, center_crop
+
+    def __repr__(self) -> str:
+        return (f"ProcessorTransform(img_size={self.img_size}, resize={self.resize}, center_crop={self.center_crop}, "
+                f"interpolation={self.interpolation.value}, mean={self.mean}, std={self.std})")
+
+    def _processor_size(self, h: int, w: int) -> list[int]:
+        if "shortest_edge" in self.resize:
+            short = self.resize["shortest_edge"]
+            if h <= w:
+                return [short, int(short * w / h)]
+            return [int(short * h / w), short]
+        return [self.resize["height"], self.resize["width"]]
+
+    def _geometry(self, img, interpolation: InterpolationMode, fill):
+        if self.resize is not None:
+            img = F.resize(img, self._processor_size(*F.get_dimensions(img)[1:]), interpolation, antialias=True)
+        if not self.center_crop:
+            return img
+        (h, w), (ch, cw) = F.get_dimensions(img)[1:], self.img_size
+        return F.crop(img, (h - ch) // 2, (w - cw) // 2, ch, cw)
+
+    def source_axes(self, hw: tuple[int, int]) -> tuple["SourceAxis", "SourceAxis"]:
+        """As ``JointTransform.source_axes``, for the processor's resize and crop (offsets rounded down)."""
+        resized = tuple(self._processor_size(*hw)) if self.resize is not None else tuple(hw)
+        return tuple(SourceAxis(src, res, (res - crop) // 2 if self.center_crop else 0, crop)
+                     for src, res, crop in zip(hw, resized, self.img_size))
+
+
+
 def transform_for(data_config, patch_size: int | tuple[int, int] | None = None) -> JointTransform:
     """The eval transform of a timm data config (``timm.data.resolve_data_config(model=m)``,
     ``HookedViT.cfg.data_config`` or a ``pretrained_cfg``). Keys used: input_size (C, H, W) or
@@ -240,12 +284,18 @@ def transform_for(data_config, patch_size: int | tuple[int, int] | None = None) 
     if hasattr(data_config, "cfg") and hasattr(data_config.cfg, "data_config"):  # HookedViT
         cfg = data_config.cfg
         patch_size = patch_size or getattr(cfg, "patch_size", None)
-        data_config = {**(cfg.data_config or {}), "input_size": (3, *cfg.img_size)}
+        data_config = dict(cfg.data_config or {})
+        if "resize" not in data_config:  # a transformers processor's own sizes are kept as it gives them
+            data_config["input_size"] = (3, *cfg.img_size)
     elif hasattr(data_config, "pretrained_cfg"):  # timm model: what timm itself would resolve
         from timm.data import resolve_data_config
         embed = getattr(data_config, "patch_embed", None)
         patch_size = patch_size or getattr(embed, "patch_size", None)
         data_config = resolve_data_config(model=data_config)
+    if "resize" in data_config:  # a transformers processor's steps (hooked_vit.loading_hf)
+        return ProcessorTransform(tuple(data_config["input_size"])[-2:], data_config["interpolation"],
+                                  data_config["mean"], data_config["std"], data_config["resize"],
+                                  data_config.get("center_crop", False), patch_size=patch_size)
     cfg = {**DEFAULTS, **{k: v for k, v in data_config.items() if v is not None}}
     size = tuple(cfg["input_size"])[-2:]
     return JointTransform(size, cfg["interpolation"], cfg["mean"], cfg["std"], cfg["crop_pct"],
