@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from torchvision.transforms import InterpolationMode
 
 from circuits.cli import main
-from circuits.data.transforms import (JointTransform, MaskSampling, SourceAxis, batch_object_tokens, mask_to_token_grid,
-                                      transform_for)
+from circuits.data.transforms import (JointTransform, MaskSampling, ProcessorTransform, SourceAxis, batch_object_tokens,
+                                      mask_to_token_grid, transform_for)
 
 
 def _by_loops(mask: np.ndarray, ph: int, pw: int, kind: str, threshold: float = 0.5) -> list[bool]:
@@ -159,7 +159,9 @@ def test_corner_token_sets_equal_the_reference_codes_cv2_resize(seed_masks):
     for (h, w), mask in masks.items():
         for grid, patch in ((14, 16), (7, 32)):
             want = ref[f"cv2.{h}x{w}.{grid}"].bool().reshape(1, -1)
-            transforms = [_squash(patch)] + ([_squash(patch, crop_mode="center")] if h == w else [])
+            transforms = [_squash(patch), ProcessorTransform((224, 224), resize={"height": 224, "width": 224},
+                                                             patch_size=patch)]  # ViTImageProcessor's steps
+            transforms += [_squash(patch, crop_mode="center")] if h == w else []
             for t in transforms:
                 assert torch.equal(MaskSampling("corner").select(t.patch_mask(mask)), want), (h, w, grid, t)
 
