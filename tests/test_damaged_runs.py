@@ -78,3 +78,38 @@ def test_a_damaged_manifest_names_itself_and_the_fix(content, model, data, tmp_p
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{run / 'manifest.json'} is damaged" in err and "--overwrite" in err
     assert main(["identify", "--out", str(run), "--limit", "2", "--overwrite"]) == 0
+
+
+def test_a_finished_run_without_batches_still_holds_its_settings(tmp_path):
+    """circuit runs write a summary and no batches: their settings stay locked."""
+    RunStore(tmp_path, {"analysis": "circuit", "budget": 1})
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="other settings"):
+        RunStore(tmp_path, {"analysis": "circuit", "budget": 2})
+
+
+def test_limit_samples_files_across_classes_seeded_and_recorded(tmp_path, model):
+    """Class folders listed in order: --limit 4 over 3 classes of 5 images takes every class
+    (not the first four files of the first class), the same files every time, and says so."""
+    import numpy as np
+    from PIL import Image
+
+    from circuits.data.samples import stratified_order
+    from circuits.runs.sources import load_dataset
+
+    root = tmp_path / "images"
+    for name in ("disc", "square", "triangle"):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((32, 32, 3), 10 * i, dtype=np.uint8)).save(root / name / f"{i}.png")
+    dataset = load_dataset(str(root), model)
+    identify(model, dataset, tmp_path / "run", limit=4, batch_size=4, progress=False)
+    images = read_table(tmp_path / "run", "images")
+    assert len(images) == 4 and images["label"].nunique() == 3
+    settings = json.loads((tmp_path / "run" / "manifest.json").read_text())["settings"]
+    assert settings["limit_sample"] == "stratified by class, seed 0"
+    identify(model, dataset, tmp_path / "run", limit=7, batch_size=4, progress=False)  # a larger limit extends
+    assert set(images["index"]) <= set(read_table(tmp_path / "run", "images")["index"])
+    order = stratified_order([0, 0, 0, 1, 1, 2], seed=0)
+    assert sorted(order) == list(range(6)) and {0, 1, 2} <= {[0, 0, 0, 1, 1, 2][i] for i in order[:3]}
+    assert order == stratified_order([0, 0, 0, 1, 1, 2], seed=0)

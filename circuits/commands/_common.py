@@ -61,7 +61,8 @@ def add_run_args(p: argparse.ArgumentParser, target: bool = True) -> None:
         add_class_text_args(p)
     p.add_argument("--out", required=True, help="output directory for the results (resumable)")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
+    p.add_argument("--limit", type=positive_int, default=None, help="only N images: the first N synthetic ones; of image files, N spread over the classes (seeded, "
+                        "recorded as limit_sample in the manifest)")
     p.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes (0: in the main process)")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
 

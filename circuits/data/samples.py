@@ -139,3 +139,18 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0,
     subset = Subset(IndexOnSkip(dataset), range(int(start), stop))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       collate_fn=collate_samples)
+
+
+def stratified_order(labels, seed: int = 0) -> list[int]:
+    """Every index once, ordered so that any first N spread over the classes: each class's
+    indices shuffled (seeded), then taken round-robin over the classes (sorted). The first N of
+    this order is a class-stratified sample, and a larger N extends a smaller one."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    queues = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
+    order: list[int] = []
+    for rank in range(max((len(q) for q in queues), default=0)):
+        order += [int(q[rank]) for q in queues if rank < len(q)]
+    return order

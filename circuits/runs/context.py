@@ -32,6 +32,24 @@ def run_size(dataset: Dataset, limit: Optional[int]) -> int:
     return len(dataset) if limit is None else min(limit, len(dataset))
 
 
+LIMIT_SAMPLE = "stratified by class, seed 0"  # how --limit picks files, recorded in the settings
+
+
+def _is_file_dataset(dataset: Dataset) -> bool:
+    from circuits.data import ImageFolderDataset, ImageNetS
+
+    return isinstance(dataset, (ImageFolderDataset, ImageNetS))
+
+
+def limited_sample(dataset: Dataset, n: int) -> list[int]:
+    """The `n` items a limited run over image files covers: stratified over the classes,
+    seeded (`circuits.data.samples.stratified_order`), in index order."""
+    from circuits.data.samples import stratified_order
+    from circuits.probes import dataset_labels
+
+    return sorted(stratified_order(dataset_labels(dataset), seed=0)[:n])
+
+
 def check_count(value, name: str, low: int = 1, allow_none: bool = False) -> None:
     """Refuse a count option that is not a whole number >= low (a negative limit would run nothing)."""
     if value is None and allow_none:
@@ -84,6 +102,10 @@ def start_run(analysis: str, model: HookedViT, dataset: Dataset, out_dir: str | 
     """
     n = run_size(dataset, limit)
     check_count(num_workers, "num_workers", low=0)
+    if indices is None and n < len(dataset) and _is_file_dataset(dataset):
+        # Files are listed class by class: the first N would be one or two classes (issue 23 item 16).
+        indices = limited_sample(dataset, n)
+        settings = {**(settings or {}), "limit_sample": LIMIT_SAMPLE}
     run_settings = {"analysis": analysis, "model": model.cfg.model_name, "weights": model_fingerprint(model),
                     "dataset": describe_dataset(dataset), "n": n, **analysis_settings, **(settings or {})}
     store = RunStore(out_dir, run_settings, overwrite=overwrite)

@@ -35,8 +35,8 @@ log = logging.getLogger("circuits.runs.results")
 
 # Settings recorded for reading but not part of a run's identity: the model as it was named
 # (a path, relative or absolute: the weights fingerprint identifies it) and how many items were
-# asked for (a larger --limit continues the same run).
-RECORDED_ONLY = frozenset({"model", "n"})
+# asked for and how they were sampled (a larger --limit continues the same run).
+RECORDED_ONLY = frozenset({"model", "n", "limit_sample"})
 
 
 class RunStore:
@@ -82,8 +82,8 @@ class RunStore:
         skipped: dict[int, dict] = {}
         for manifest in manifest_files(self.root):
             state = load_manifest_file(manifest)
-            if not state["done"] and not state.get("skipped"):
-                continue  # a run that stopped before its first batch locks nothing (issue 23 item 7)
+            if not state["done"] and not state.get("skipped") and not has_results(self.root):
+                continue  # a run that stopped before any work locks nothing (issue 23 item 7)
             old = state["settings"]
             diff = {k: (old.get(k), self.settings.get(k)) for k in {*old, *self.settings} - RECORDED_ONLY
                     if old.get(k) != self.settings.get(k)}
@@ -201,6 +201,13 @@ def damaged_parts(root: str | Path, parts: dict[str, dict]) -> dict[str, str]:
                 problems[part_id] = f"{path} holds {found} rows, {rows} were written"
                 break
     return problems
+
+
+def has_results(root: str | Path) -> bool:
+    """Whether a run directory holds anything beyond its manifests and labels.json (tables,
+    a summary, a nested run): a run with nothing written has not started its work."""
+    bookkeeping = lambda p: p.name in ("manifest.json", "labels.json") or p.name.startswith(("manifest-rank", "."))  # noqa: E731
+    return any(not bookkeeping(p) for p in Path(root).iterdir())
 
 
 def load_manifest_file(path: Path) -> dict:
