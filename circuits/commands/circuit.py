@@ -41,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
     summary = circuit_run(model, dataset, args.out, method=args.method, metric=args.metric,
                           corruption=args.corruption, budget=args.budget, limit=args.limit,
                           batch_size=args.batch_size, ig_steps=args.ig_steps, greedy=args.greedy,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, progress=True)
     print(json.dumps(summary, indent=2))
     return 0

@@ -11,6 +11,8 @@ from html import escape  # (the name `html` is the circuits.report.html submodul
 from pathlib import Path
 from typing import Callable, Iterable
 
+from tqdm.auto import tqdm
+
 from circuits.report import circuit, decompose, explain, identify, memories, perturb, sae, textspan
 from circuits.report.html import figure_html, page, table_html
 from circuits.runs.results import atomic_write_text, read_manifest
@@ -42,7 +44,7 @@ def find_runs(paths: Iterable[str | Path]) -> dict[str, Path]:
 
 
 def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hooked-vit report",
-                 images: int = 8) -> Path:
+                 images: int = 8, progress: bool = True) -> Path:
     """One self-contained HTML file over the runs under ``paths``.
 
     images: how many images each per-image figure draws (a sample; the rest enter the summaries
@@ -62,10 +64,11 @@ def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hoo
         analysis = manifest["settings"].get("analysis", "unknown")
         by_analysis.setdefault(analysis, {})[label] = run
     body: list[str] = []
-    for section in SECTIONS:  # once per section, with the runs of all its analyses
-        mine = {label: run for a in section.ANALYSES for label, run in by_analysis.get(a, {}).items()}
-        if mine:
-            body += section.report_section(mine, images=images)
+    todo = [(section, {label: run for a in section.ANALYSES for label, run in by_analysis.get(a, {}).items()})
+            for section in SECTIONS]  # once per section, with the runs of all its analyses
+    todo = [(section, mine) for section, mine in todo if mine]
+    for section, mine in tqdm(todo, desc=f"report -> {out}", unit="section", disable=not progress):
+        body += section.report_section(mine, images=images)
     if empty:
         body.append(f"<p>Runs without results yet (not shown): {escape(', '.join(empty))}.</p>")
     for analysis in set(by_analysis) - set(sections()):

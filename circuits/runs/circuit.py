@@ -14,10 +14,12 @@ unless overwrite=True. Runs in one pass over all images: not resumable mid-run.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Optional
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from circuits.circuit_discovery.attribution_patching import attribution_patch
 from circuits.circuit_discovery.corruptions import CORRUPTIONS, corrupt
@@ -27,6 +29,8 @@ from circuits.runs.context import start_run
 from circuits.runs.distributed import require_single_process
 from hooked_vit import HookedViT
 from hooked_vit.errors import UserError
+
+log = logging.getLogger("circuits.runs.circuit")
 
 
 def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metric: str = "logit_diff",
@@ -54,7 +58,8 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
     if n == 0:
         raise UserError(f"no readable images among the first {run.n} of the dataset; check --data")
     scores, nodes = None, None
-    for clean, corrupted in batches:
+    for clean, corrupted in tqdm(batches, desc=f"circuit: {method} edge and node scores", unit="batch",
+                                 disable=not progress):
         w = len(clean) / n
         s = edge_attribution(model, clean, corrupted, metric, method=method, ig_steps=ig_steps)
         a = attribution_patch(model, clean, corrupted, metric)
@@ -64,6 +69,7 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
     circuit = prune(edges, budget=budget, greedy=greedy)
     clean = torch.cat([c for c, _ in batches])
     corrupted = torch.cat([c for _, c in batches])
+    log.info("circuit: faithfulness of %d edges on %d images", circuit.n_edges, n)
     faith = faithfulness(model, circuit, clean, corrupted, metric)
     df = edges.to_frame()
     kept = set(circuit.edge_names())
