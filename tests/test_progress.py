@@ -13,3 +13,9 @@ def test_circuit_and_report_show_progress(tmp_path, capsys):
     assert "circuit: eap edge and node scores" in err and "2/2" in err
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r.html")]) == 0
     assert f"report -> {tmp_path / 'r.html'}" in capsys.readouterr().err
+
+
+def test_explain_randomisation_check_shows_progress(tmp_path, capsys):
+    assert main(["explain", "--data", "synthetic:test:4", "--methods", "attention", "--sanity-images", "2",
+                 "--batch-size", "4", "--out", str(tmp_path / "ex")]) == 0
+    assert "randomisation check" in capsys.readouterr().err

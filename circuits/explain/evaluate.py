@@ -33,6 +33,7 @@ from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from jaxtyping import Bool, Float
 from scipy.stats import rankdata
 from torch import Tensor
@@ -220,6 +221,7 @@ def randomization_check(
     *,
     include_head: bool = True,
     seed: int = 0,
+    progress: bool = False,
 ) -> list[dict]:
     """Model-parameter randomisation test: rank correlation of each method's maps on the
     cascadingly re-initialised model with its maps on the original (same targets).
@@ -231,7 +233,9 @@ def randomization_check(
 
     original = explain_many(model, images, targets, list(methods))
     rows = [{"step": 0, "stage": "original", "method": m, "spearman": 1.0, "spearman_std": 0.0} for m in methods]
-    for step, (stage, randomized) in enumerate(cascading_randomization(model, include_head=include_head, seed=seed), 1):
+    cascade = cascading_randomization(model, include_head=include_head, seed=seed)
+    for step, (stage, randomized) in enumerate(tqdm(cascade, desc="randomisation check", unit="stage",
+                                                    disable=not progress), 1):
         maps = explain_many(randomized, images, targets, list(methods))
         for m in methods:
             rho = spearman(original[m], maps[m])

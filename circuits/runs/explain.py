@@ -81,7 +81,7 @@ def benchmark(
         batch.save(benchmark_batch(model, batch.data, methods, fractions=fractions, mode=mode, target=target,
                                    thumbnails=thumbnails))
     if sanity_images and not (store.root / "sanity.json").exists():
-        store.write_json("sanity.json", sanity_rows(model, dataset, methods, sanity_images))
+        store.write_json("sanity.json", sanity_rows(model, dataset, methods, sanity_images, progress))
     return run.finish(summarize_benchmark(store.root).to_dict(orient="records"))
 
 
@@ -139,12 +139,12 @@ def _per_method(index: np.ndarray, columns: dict[str, dict]) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def sanity_rows(model: HookedViT, dataset: Dataset, methods: Sequence[str], n: int) -> list[dict]:
+def sanity_rows(model: HookedViT, dataset: Dataset, methods: Sequence[str], n: int, progress: bool = False) -> list[dict]:
     """The randomisation check on the first n images (labels as targets); 'random' is skipped."""
     batch = next(iter(make_loader(dataset, n, limit=n)))
     checked = [m for m in methods if not m.startswith("random")]
     return randomization_check(model, model.to_input(batch["image"]), torch.as_tensor(batch["label"]).to(model.device),
-                               checked)
+                               checked, progress=progress)
 
 
 def summarize_benchmark(run_dir: str | Path) -> pd.DataFrame:

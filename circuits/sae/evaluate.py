@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
@@ -38,7 +39,7 @@ class _Sums:
 
 @torch.no_grad()
 def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch_size: int = 64, num_workers: int = 0,
-                        limit: Optional[int] = None, dense_threshold: float = 0.1) -> dict:
+                        limit: Optional[int] = None, dense_threshold: float = 0.1, progress: bool = True) -> dict:
     """Reconstruction and downstream metrics of `sae` spliced into `model`, over `dataset`."""
     cfg, device = sae.cfg, next(model.parameters()).device
     loader = image_batches(dataset, limit=limit, batch_size=batch_size, num_workers=num_workers)
@@ -50,7 +51,7 @@ def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch
     runs = {k: _Sums() for k in ("clean", "spliced", "spliced_with_error")}
     max_error_delta, unlabeled = 0.0, 0
     target_hook = cfg.hook_out if cfg.is_transcoder else cfg.hook_name
-    for data in loader:
+    for data in tqdm(loader, desc="sae eval: clean and spliced runs", unit="batch", disable=not progress):
         if data is None:
             continue
         images, labels = model.to_input(data["image"]), data["label"].to(device)
