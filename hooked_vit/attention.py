@@ -35,6 +35,11 @@ class Attention(nn.Module):
             input before the norm (only with cfg.use_split_qkv_input)
         hook_attn_in: [b, p, h, d_model], as above, one copy for q, k and v (cfg.use_attn_in)
 
+    Grouped attention (docs/video.md): given x [b, g, p, d_model] the module attends within
+    each of the g groups (TimeSformer's divided space-time attention); every hook then has
+    the group axis after the batch axis (hook_q [b, g, p, h, d_head], hook_pattern
+    [b, g, h, q, k]).
+
     When neither `hook_attn_scores` nor `hook_pattern` is hooked (and cfg.use_fused_attn),
     attention runs through `scaled_dot_product_attention`; otherwise the explicit path runs
     and edits returned by those hooks change the output.
@@ -73,24 +78,26 @@ class Attention(nn.Module):
         """`key_mask` [b, k] (bool, True = attend) hides padded tokens. `norm` (the block's
         ln1 in a pre-norm block) is applied to the input here, so that with the per-head
         input flags it acts on each head's copy, as in TransformerLens."""
-        b, p, _ = x.shape
+        lead = x.shape[:-1]  # (b, p), or (b, g, p) for grouped attention
+        if key_mask is not None and x.ndim != 3:
+            raise ValueError("key_mask (token removal, padding) is not supported with grouped attention")
         if self.cfg.use_split_qkv_input or self.cfg.use_attn_in:
             q, k, v = self._per_head_qkv(x, norm)
         else:
             x = x if norm is None else norm(x)
-            q, k, v = self.qkv(x).view(b, p, 3, self.cfg.n_heads, self.cfg.d_head).unbind(2)
+            q, k, v = self.qkv(x).view(*lead, 3, self.cfg.n_heads, self.cfg.d_head).unbind(-3)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, p, d_head]
+        q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)  # [b, (g,) h, p, d_head]
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
             mask = None if key_mask is None else key_mask[:, None, None, :]
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             z = self._explicit(q, k, v, key_mask)
-        z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d_head]
+        z = self.hook_z(z.transpose(-3, -2))  # [b, (g,) p, h, d_head]
         if self.cfg.use_attn_result:
-            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            result = self.hook_result(torch.einsum("...phd,hdm->...phm", z, self.W_O))
             return result.sum(-2) + self.b_O
-        out = self.proj(z.reshape(b, p, -1))
+        out = self.proj(z.flatten(-2))
         return out if self.ls_gamma is None else out * self.ls_gamma
 
     def _per_head_qkv(self, x: Float[Tensor, "b p d_model"], norm: Optional[nn.Module]) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,7 +105,7 @@ class Attention(nn.Module):
         hook_attn_in, [b, p, h, d_model]), so an edit can reach one head only."""
         if self.cfg.use_split_qkv_input and self.cfg.use_attn_in:
             raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); turn one off")
-        per_head = x[:, :, None].expand(-1, -1, self.cfg.n_heads, -1)
+        per_head = x[..., None, :].expand(*x.shape[:-1], self.cfg.n_heads, -1)
         if self.cfg.use_attn_in:
             shared = self.hook_attn_in(per_head.clone())
             shared = shared if norm is None else norm(shared)
@@ -107,7 +114,7 @@ class Attention(nn.Module):
             inputs = tuple(hook(per_head.clone()) for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input))
             inputs = inputs if norm is None else tuple(norm(i) for i in inputs)
         weights = ((self.W_Q, self.b_Q), (self.W_K, self.b_K), (self.W_V, self.b_V))
-        q, k, v = (torch.einsum("bphm,hme->bphe", i, w) + bias for i, (w, bias) in zip(inputs, weights))
+        q, k, v = (torch.einsum("...phm,hme->...phe", i, w) + bias for i, (w, bias) in zip(inputs, weights))
         return q, k, v
 
     def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:

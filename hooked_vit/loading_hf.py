@@ -6,7 +6,8 @@ Supported: `ViTForImageClassification` / `ViTModel` (without the tanh pooler),
 (on [class token, mean patch token]: `global_pool="token_avg"`), `CLIPVisionModel` /
 `CLIPVisionModelWithProjection` (the projection is `image_proj`, at `hook_image_embed`). Architectures are described in the transformers docs
 (https://huggingface.co/docs/transformers/model_doc/vit, .../deit, .../dinov2,
-.../dinov2_with_registers, .../clip). Anything else is refused naming the feature.
+.../dinov2_with_registers, .../clip). Video models (VideoMAE, ViViT, TimeSformer) are read by
+`hooked_vit.loading_video`. Anything else is refused naming the feature.
 
 The HF weights are rewritten to timm's layout (fused qkv, `norm1`/`norm2`, ...) and loaded
 through `hooked_vit.loading`'s timm-name mapping, so there is one definition of the
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.loading import UnsupportedModelError, hooked_from_timm_state, processed
+from hooked_vit.loading_video import is_video_class, video_config_and_state
 from hooked_vit.model import HookedViT
 
 # HF hidden_act -> HookedViTConfig.act_fn
@@ -66,12 +68,16 @@ def from_hf(
     hf_model, source = _resolve(model_or_path, **hf_kwargs)
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
-    cfg = config_from_hf(hf_model)
+    if is_video_class(type(hf_model).__name__):
+        cfg, timm_state = video_config_and_state(hf_model)
+    else:
+        cfg = config_from_hf(hf_model)
+        timm_state = hf_to_timm_state_dict(hf_model, cfg)
     # An instance loaded from a folder remembers it: its image processor config is there.
     source = source or _local_origin(hf_model)
     if source is not None:
         cfg.data_config = data_config_from_processor(source, cfg, hf_kwargs.get("cache_dir"), hf_kwargs.get("revision"))
-    model = processed(hooked_from_timm_state(cfg, hf_to_timm_state_dict(hf_model, cfg)), fold_ln,
+    model = processed(hooked_from_timm_state(cfg, timm_state), fold_ln,
                       center_writing_weights, fold_layer_scale)
     first = next(hf_model.parameters())
     return model.to(device=device or first.device, dtype=dtype or first.dtype).eval()
@@ -130,7 +136,7 @@ _REFUSED = {
 
 
 def _check_class_name(name: str) -> None:
-    if name in _SUPPORTED or name == "CLIPModel":  # CLIPModel: its image tower is loaded
+    if name in _SUPPORTED or name == "CLIPModel" or is_video_class(name):  # CLIPModel: its image tower is loaded
         return
     for key, feature in _REFUSED.items():
         if name.startswith(key):
