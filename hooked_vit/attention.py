@@ -7,7 +7,7 @@ hot path runs the same kernels as timm; the TransformerLens views `W_Q`, `W_K`, 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import einops
 import torch
@@ -18,6 +18,9 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.hooks import is_hooked
+
+# Query, key and value inputs of every head, each [b, p, h, d_model].
+HeadInputs = tuple[Tensor, Tensor, Tensor]
 
 
 class Attention(nn.Module):
@@ -31,9 +34,9 @@ class Attention(nn.Module):
         hook_attn_scores: [b, h, q, k], scaled dot products, masked keys at -inf
         hook_pattern: [b, h, q, k], softmax of the scores
         hook_result: [b, p, h, d_model], per-head output (only with cfg.use_attn_result)
-        hook_q_input, hook_k_input, hook_v_input: [b, p, h, d_model], each head's copy of the
-            input before the norm (only with cfg.use_split_qkv_input)
-        hook_attn_in: [b, p, h, d_model], as above, one copy for q, k and v (cfg.use_attn_in)
+
+    The per-head input hooks (hook_q_input, hook_k_input, hook_v_input, hook_attn_in) are
+    the block's, as in TransformerLens's `TransformerBlock`; see `TransformerBlock`.
 
     Grouped attention (docs/video.md): given x [b, g, p, d_model] the module attends within
     each of the g groups (TimeSformer's divided space-time attention); every hook then has
@@ -55,11 +58,6 @@ class Attention(nn.Module):
         self.ls_gamma: Optional[nn.Parameter] = (
             nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
         )
-        # Optional per-head inputs (TransformerLens's flags), [b, p, h, d_model]:
-        self.hook_q_input = HookPoint()  # cfg.use_split_qkv_input
-        self.hook_k_input = HookPoint()  # cfg.use_split_qkv_input
-        self.hook_v_input = HookPoint()  # cfg.use_split_qkv_input
-        self.hook_attn_in = HookPoint()  # cfg.use_attn_in: one input shared by q, k, v
         self.hook_q = HookPoint()  # [b, p, h, d_head]
         self.hook_k = HookPoint()  # [b, p, h, d_head]
         self.hook_v = HookPoint()  # [b, p, h, d_head]
@@ -71,10 +69,10 @@ class Attention(nn.Module):
     # ------------------------------------------------------------------------------------
     def forward(
         self,
-        x: Float[Tensor, "b p d_model"],
+        x: Union[Float[Tensor, "b p d_model"], HeadInputs],
         key_mask: Optional[Float[Tensor, "b k"]] = None,
-        norm: Optional[nn.Module] = None,
     ) -> Float[Tensor, "b p d_model"]:
+<<<<<<< HEAD
         """`key_mask` [b, k] (bool, True = attend) hides padded tokens. `norm` (the block's
         ln1 in a pre-norm block) is applied to the input here, so that with the per-head
         input flags it acts on each head's copy, as in TransformerLens."""
@@ -86,6 +84,17 @@ class Attention(nn.Module):
         else:
             x = x if norm is None else norm(x)
             q, k, v = self.qkv(x).view(*lead, 3, self.cfg.n_heads, self.cfg.d_head).unbind(-3)
+=======
+        """`x`: the (normalised) input [b, p, d_model], or, with the block's per-head input
+        flags, the query, key and value inputs [b, p, h, d_model] of every head.
+        `key_mask` [b, k] (bool, True = attend) hides padded tokens."""
+        if isinstance(x, tuple):
+            q, k, v = self._per_head_qkv(x)
+        else:
+            b, p, _ = x.shape
+            q, k, v = self.qkv(x).view(b, p, 3, self.cfg.n_heads, self.cfg.d_head).unbind(2)
+        b, p = q.shape[:2]
+>>>>>>> main
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)  # [b, (g,) h, p, d_head]
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
@@ -100,6 +109,7 @@ class Attention(nn.Module):
         out = self.proj(z.flatten(-2))
         return out if self.ls_gamma is None else out * self.ls_gamma
 
+<<<<<<< HEAD
     def _per_head_qkv(self, x: Float[Tensor, "b p d_model"], norm: Optional[nn.Module]) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v [b, p, h, d_head] from per-head copies of the input (hook_{q,k,v}_input or
         hook_attn_in, [b, p, h, d_model]), so an edit can reach one head only."""
@@ -113,6 +123,11 @@ class Attention(nn.Module):
         else:
             inputs = tuple(hook(per_head.clone()) for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input))
             inputs = inputs if norm is None else tuple(norm(i) for i in inputs)
+=======
+    def _per_head_qkv(self, inputs: HeadInputs) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [b, p, h, d_head] from each head's own query, key and value input
+        [b, p, h, d_model], so an edit can reach one head only."""
+>>>>>>> main
         weights = ((self.W_Q, self.b_Q), (self.W_K, self.b_K), (self.W_V, self.b_V))
         q, k, v = (torch.einsum("...phm,hme->...phe", i, w) + bias for i, (w, bias) in zip(inputs, weights))
         return q, k, v

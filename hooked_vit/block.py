@@ -10,7 +10,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from hooked_vit.attention import Attention
+from hooked_vit.attention import Attention, HeadInputs
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.layer_norm import LayerNorm
 from hooked_vit.mlp import MLP
@@ -19,6 +19,12 @@ from hooked_vit.mlp import MLP
 class TransformerBlock(nn.Module):
     """Residual block. Hooks are [b, p, d_model]; hook_mlp_in (a copy of resid_mid that the
     MLP reads) only fires with cfg.use_hook_mlp_in.
+
+    Per-head attention inputs, as in TransformerLens's `TransformerBlock` (b = batch,
+    p = position, h = head): hook_q_input, hook_k_input, hook_v_input [b, p, h, d_model],
+    each head's own copy of resid_pre for its queries, keys and values (only with
+    cfg.use_split_qkv_input); hook_attn_in [b, p, h, d_model], one copy shared by q, k and
+    v (only with cfg.use_attn_in). In a pre-norm block ln1 then runs on the copies.
 
     pre_norm:  attn_out = attn(ln1(resid_pre));  mlp_out = mlp(ln2(resid_mid))
     post_norm: attn_out = ln1(attn(resid_pre));  mlp_out = ln2(mlp(resid_mid))
@@ -49,11 +55,18 @@ class TransformerBlock(nn.Module):
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
         self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()  # [b, p, d_model]
+<<<<<<< HEAD
         if cfg.attention_type == "divided_space_time":
             self.ln_time = LayerNorm(cfg.d_model, cfg.eps)
             self.attn_time = Attention(cfg)
             self.hook_attn_time_out = HookPoint()  # [b, p, d_model], 0 on prefix tokens
             self.hook_resid_time = HookPoint()  # [b, p, d_model]
+=======
+        self.hook_attn_in = HookPoint()  # [b, p, h, d_model], cfg.use_attn_in
+        self.hook_q_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
+        self.hook_k_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
+        self.hook_v_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
+>>>>>>> main
         self.hook_attn_out = HookPoint()  # [b, p, d_model]
         self.hook_resid_mid = HookPoint()  # [b, p, d_model]
         self.hook_mlp_in = HookPoint()  # [b, p, d_model], cfg.use_hook_mlp_in
@@ -64,6 +77,7 @@ class TransformerBlock(nn.Module):
         self, resid_pre: Float[Tensor, "b p d_model"], key_mask: Optional[Tensor] = None
     ) -> Float[Tensor, "b p d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
+<<<<<<< HEAD
         if self.cfg.attention_type == "divided_space_time":
             if key_mask is not None:
                 raise ValueError("token removal / key masks are not supported with divided space-time attention")
@@ -73,6 +87,17 @@ class TransformerBlock(nn.Module):
             attn_out = self.ln1(self.attn(resid_pre, key_mask))
         else:
             attn_out = self.attn(resid_pre, key_mask, norm=self.ln1)
+=======
+        post_norm = self.cfg.block_type == "post_norm"
+        attn_in = resid_pre
+        if self.cfg.use_split_qkv_input or self.cfg.use_attn_in:
+            attn_in = self._per_head_inputs(resid_pre, norm=None if post_norm else self.ln1)
+        elif not post_norm:
+            attn_in = self.ln1(resid_pre)
+        attn_out = self.attn(attn_in, key_mask)
+        if post_norm:
+            attn_out = self.ln1(attn_out)
+>>>>>>> main
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
         # A copy, as in TransformerLens, so an edit of the MLP input leaves resid_mid alone.
         mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid
@@ -82,6 +107,7 @@ class TransformerBlock(nn.Module):
             mlp_out = self.mlp(self.ln2(mlp_in))
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))
 
+<<<<<<< HEAD
     def _time_attention(self, resid: Float[Tensor, "b p d_model"]) -> Float[Tensor, "b p d_model"]:
         """attn_time within each (row, col) across time; zero on the prefix tokens."""
         n = self.cfg.n_prefix_tokens
@@ -96,3 +122,22 @@ class TransformerBlock(nn.Module):
         prefix = resid[:, None, :n].expand(-1, t, -1, -1)
         out = self.attn(torch.cat([prefix, patches], dim=2), norm=self.ln1)  # [b, t, n + s, d]
         return torch.cat([out[:, :, :n].mean(1), einops.rearrange(out[:, :, n:], "b t s d -> b (t s) d")], dim=1)
+=======
+    def _per_head_inputs(self, resid_pre: Float[Tensor, "b p d_model"], norm: Optional[nn.Module]) -> HeadInputs:
+        """Each head's query, key and value input [b, p, h, d_model] (copies of resid_pre
+        through hook_{q,k,v}_input, or one through hook_attn_in), then `norm` (ln1 of a
+        pre-norm block), as TransformerLens's `TransformerBlock` computes them."""
+        if self.cfg.use_split_qkv_input and self.cfg.use_attn_in:
+            raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); turn one off")
+        per_head = resid_pre[:, :, None].expand(-1, -1, self.cfg.n_heads, -1)
+        if self.cfg.use_attn_in:
+            shared = self.hook_attn_in(per_head.clone())
+            shared = shared if norm is None else norm(shared)
+            return shared, shared, shared
+        q_in = self.hook_q_input(per_head.clone())
+        k_in = self.hook_k_input(per_head.clone())
+        v_in = self.hook_v_input(per_head.clone())
+        if norm is None:
+            return q_in, k_in, v_in
+        return norm(q_in), norm(k_in), norm(v_in)
+>>>>>>> main

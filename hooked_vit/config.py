@@ -83,8 +83,8 @@ class HookedViTConfig:
     # --- run-time switches -------------------------------------------------------------------
     use_attn_result: bool = False  # compute attn.hook_result (per-head outputs)
     use_fused_attn: bool = True  # SDPA whenever no hook needs scores or pattern
-    use_split_qkv_input: bool = False  # per-head q/k/v inputs: attn.hook_{q,k,v}_input
-    use_attn_in: bool = False  # one per-head input for q, k, v: attn.hook_attn_in
+    use_split_qkv_input: bool = False  # per-head q/k/v inputs: blocks.{l}.hook_{q,k,v}_input
+    use_attn_in: bool = False  # one per-head input for q, k, v: blocks.{l}.hook_attn_in
     use_hook_mlp_in: bool = False  # blocks.{l}.hook_mlp_in, the MLP's input
     normalization_type: Literal["LN", "LNPre"] = "LN"  # "LNPre" once LayerNorm is folded
     attn_only: bool = False

@@ -273,13 +273,13 @@ class HookedViT(HookedRootModule):
         self.cfg.use_attn_result = _flag(use, "use_attn_result")
 
     def set_use_split_qkv_input(self, use: bool) -> None:
-        """Per-head copies of the attention input at `attn.hook_{q,k,v}_input` [b, p, h, d_model]."""
+        """Per-head copies of the attention input at `blocks.{l}.hook_{q,k,v}_input` [b, p, h, d_model]."""
         if use and self.cfg.use_attn_in:
             raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive; call set_use_attn_in(False) first")
         self.cfg.use_split_qkv_input = _flag(use, "use_split_qkv_input")
 
     def set_use_attn_in(self, use: bool) -> None:
-        """One per-head copy of the attention input at `attn.hook_attn_in` [b, p, h, d_model]."""
+        """One per-head copy of the attention input at `blocks.{l}.hook_attn_in` [b, p, h, d_model]."""
         if use and self.cfg.use_split_qkv_input:
             raise ValueError("use_attn_in and use_split_qkv_input are mutually exclusive; call set_use_split_qkv_input(False) first")
         self.cfg.use_attn_in = _flag(use, "use_attn_in")

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from transformer_lens.utilities import get_act_name
 
 from helpers import images, make_timm
 from hooked_vit import HookedViT
@@ -48,8 +49,8 @@ def expected_shapes(cfg, b: int, p: int) -> dict[str, tuple]:
 
 # Hook points that fire only with a config flag (TransformerLens's optional hooks).
 OPTIONAL_HOOKS = {
-    "use_split_qkv_input": ("attn.hook_q_input", "attn.hook_k_input", "attn.hook_v_input"),
-    "use_attn_in": ("attn.hook_attn_in",),
+    "use_split_qkv_input": ("hook_q_input", "hook_k_input", "hook_v_input"),
+    "use_attn_in": ("hook_attn_in",),
     "use_hook_mlp_in": ("hook_mlp_in",),
 }
 
@@ -280,14 +281,15 @@ def test_every_hook_point_fires_backward_hooks(fused, flags):
     assert {n for n in cache.keys() if n.endswith("_grad")} == {n + "_grad" for n in set(model.hook_dict) - off}
 
 
-@pytest.mark.parametrize("hook,flag", [("attn.hook_q_input", "use_split_qkv_input"),
-                                       ("attn.hook_v_input", "use_split_qkv_input"),
-                                       ("attn.hook_attn_in", "use_attn_in"),
+@pytest.mark.parametrize("hook,flag", [("hook_q_input", "use_split_qkv_input"),
+                                       ("hook_v_input", "use_split_qkv_input"),
+                                       ("hook_attn_in", "use_attn_in"),
                                        ("hook_mlp_in", "use_hook_mlp_in")])
 def test_edits_at_optional_hooks_flow(vit, hook, flag):
     model, size = vit
     x = images(size)
-    name = f"blocks.1.{hook}"
+    name = get_act_name(hook.removeprefix("hook_"), 1)  # where TransformerLens code looks
+    assert name == f"blocks.1.{hook}" and name in model.hook_dict
     getattr(model, f"set_{flag}")(True)
     try:
         clean, cache = model.run_with_cache(x, names_filter=[name, "blocks.1.hook_resid_mid"])

@@ -119,7 +119,7 @@ def _reader_grads(model, images, embed_value: Optional[Tensor], metric, fwd_hook
     rows = []
     for l in range(n_layers):
         for s in QKV:
-            rows += list(grads[f"blocks.{l}.attn.hook_{s}_input"].unbind(2))
+            rows += list(grads[f"blocks.{l}.hook_{s}_input"].unbind(2))
         rows.append(grads[f"blocks.{l}.hook_mlp_in"])
     rows.append(grads[names[-1]])
     with torch.no_grad():

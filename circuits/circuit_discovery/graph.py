@@ -5,7 +5,7 @@ Faithfulness").
 Writers (nodes that add to the residual stream): "embed" (blocks.0.hook_resid_pre), every
 head "L{l}H{h}" (its output z @ W_O, LayerScale included), every MLP "MLP{l}" (hook_mlp_out).
 Readers (nodes that read it): every head's query, key and value input "L{l}H{h}.q/.k/.v"
-(attn.hook_{q,k,v}_input, [b, p, h, d], the split-input flag), every MLP "MLP{l}"
+(blocks.{l}.hook_{q,k,v}_input, [b, p, h, d], the split-input flag), every MLP "MLP{l}"
 (hook_mlp_in) and "logits" (the last resid_post, read only by the final norm). An edge joins a
 writer to every reader after it. Because the residual stream is the sum of the writers (plus
 constant biases), a reader's input with the edges from a set of writers patched is its input
@@ -134,7 +134,7 @@ def writer_hook_names(n_layers: int) -> list[str]:
 def reader_hook_names(n_layers: int) -> list[str]:
     names = []
     for l in range(n_layers):
-        names += [f"blocks.{l}.attn.hook_{s}_input" for s in QKV] + [f"blocks.{l}.hook_mlp_in"]
+        names += [f"blocks.{l}.hook_{s}_input" for s in QKV] + [f"blocks.{l}.hook_mlp_in"]
     return names + [f"blocks.{n_layers - 1}.hook_resid_post"]
 
 
@@ -182,7 +182,7 @@ def run_patched(model: HookedViT, images: Tensor, source: Float[Tensor, "w b p d
 
     hooks = [("blocks.0.hook_resid_pre", record_embed)]
     for l in range(graph.n_layers):
-        hooks += [(f"blocks.{l}.attn.hook_{s}_input", attn_in(s)) for s in QKV]
+        hooks += [(f"blocks.{l}.hook_{s}_input", attn_in(s)) for s in QKV]
         hooks += [(f"blocks.{l}.attn.hook_z", record_z), (f"blocks.{l}.hook_mlp_in", mlp_in),
                   (f"blocks.{l}.hook_mlp_out", record_mlp)]
     hooks.append((f"blocks.{graph.n_layers - 1}.hook_resid_post", logits_in))
