@@ -72,29 +72,15 @@ class Attention(nn.Module):
         x: Union[Float[Tensor, "b p d_model"], HeadInputs],
         key_mask: Optional[Float[Tensor, "b k"]] = None,
     ) -> Float[Tensor, "b p d_model"]:
-<<<<<<< HEAD
-        """`key_mask` [b, k] (bool, True = attend) hides padded tokens. `norm` (the block's
-        ln1 in a pre-norm block) is applied to the input here, so that with the per-head
-        input flags it acts on each head's copy, as in TransformerLens."""
-        lead = x.shape[:-1]  # (b, p), or (b, g, p) for grouped attention
-        if key_mask is not None and x.ndim != 3:
-            raise ValueError("key_mask (token removal, padding) is not supported with grouped attention")
-        if self.cfg.use_split_qkv_input or self.cfg.use_attn_in:
-            q, k, v = self._per_head_qkv(x, norm)
-        else:
-            x = x if norm is None else norm(x)
-            q, k, v = self.qkv(x).view(*lead, 3, self.cfg.n_heads, self.cfg.d_head).unbind(-3)
-=======
-        """`x`: the (normalised) input [b, p, d_model], or, with the block's per-head input
-        flags, the query, key and value inputs [b, p, h, d_model] of every head.
-        `key_mask` [b, k] (bool, True = attend) hides padded tokens."""
+        """`x`: the (normalised) input [b, p, d_model] (or [b, g, p, d_model] for grouped
+        attention), or, with the block's per-head input flags, the query, key and value inputs
+        [b, p, h, d_model] of every head. `key_mask` [b, k] (bool, True = attend) hides padded tokens."""
         if isinstance(x, tuple):
             q, k, v = self._per_head_qkv(x)
         else:
-            b, p, _ = x.shape
-            q, k, v = self.qkv(x).view(b, p, 3, self.cfg.n_heads, self.cfg.d_head).unbind(2)
-        b, p = q.shape[:2]
->>>>>>> main
+            if key_mask is not None and x.ndim != 3:
+                raise ValueError("key_mask (token removal, padding) is not supported with grouped attention")
+            q, k, v = self.qkv(x).view(*x.shape[:-1], 3, self.cfg.n_heads, self.cfg.d_head).unbind(-3)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)  # [b, (g,) h, p, d_head]
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
@@ -109,27 +95,11 @@ class Attention(nn.Module):
         out = self.proj(z.flatten(-2))
         return out if self.ls_gamma is None else out * self.ls_gamma
 
-<<<<<<< HEAD
-    def _per_head_qkv(self, x: Float[Tensor, "b p d_model"], norm: Optional[nn.Module]) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v [b, p, h, d_head] from per-head copies of the input (hook_{q,k,v}_input or
-        hook_attn_in, [b, p, h, d_model]), so an edit can reach one head only."""
-        if self.cfg.use_split_qkv_input and self.cfg.use_attn_in:
-            raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); turn one off")
-        per_head = x[..., None, :].expand(*x.shape[:-1], self.cfg.n_heads, -1)
-        if self.cfg.use_attn_in:
-            shared = self.hook_attn_in(per_head.clone())
-            shared = shared if norm is None else norm(shared)
-            inputs = (shared, shared, shared)
-        else:
-            inputs = tuple(hook(per_head.clone()) for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input))
-            inputs = inputs if norm is None else tuple(norm(i) for i in inputs)
-=======
     def _per_head_qkv(self, inputs: HeadInputs) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v [b, p, h, d_head] from each head's own query, key and value input
         [b, p, h, d_model], so an edit can reach one head only."""
->>>>>>> main
         weights = ((self.W_Q, self.b_Q), (self.W_K, self.b_K), (self.W_V, self.b_V))
-        q, k, v = (torch.einsum("...phm,hme->...phe", i, w) + bias for i, (w, bias) in zip(inputs, weights))
+        q, k, v = (torch.einsum("bphm,hme->bphe", i, w) + bias for i, (w, bias) in zip(inputs, weights))
         return q, k, v
 
     def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:

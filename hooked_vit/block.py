@@ -55,18 +55,15 @@ class TransformerBlock(nn.Module):
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
         self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()  # [b, p, d_model]
-<<<<<<< HEAD
+        self.hook_attn_in = HookPoint()  # [b, p, h, d_model], cfg.use_attn_in
+        self.hook_q_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
+        self.hook_k_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
+        self.hook_v_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
         if cfg.attention_type == "divided_space_time":
             self.ln_time = LayerNorm(cfg.d_model, cfg.eps)
             self.attn_time = Attention(cfg)
             self.hook_attn_time_out = HookPoint()  # [b, p, d_model], 0 on prefix tokens
             self.hook_resid_time = HookPoint()  # [b, p, d_model]
-=======
-        self.hook_attn_in = HookPoint()  # [b, p, h, d_model], cfg.use_attn_in
-        self.hook_q_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
-        self.hook_k_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
-        self.hook_v_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
->>>>>>> main
         self.hook_attn_out = HookPoint()  # [b, p, d_model]
         self.hook_resid_mid = HookPoint()  # [b, p, d_model]
         self.hook_mlp_in = HookPoint()  # [b, p, d_model], cfg.use_hook_mlp_in
@@ -77,27 +74,24 @@ class TransformerBlock(nn.Module):
         self, resid_pre: Float[Tensor, "b p d_model"], key_mask: Optional[Tensor] = None
     ) -> Float[Tensor, "b p d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-<<<<<<< HEAD
         if self.cfg.attention_type == "divided_space_time":
             if key_mask is not None:
                 raise ValueError("token removal / key masks are not supported with divided space-time attention")
+            if self.cfg.use_split_qkv_input or self.cfg.use_attn_in:
+                raise ValueError("per-head attention inputs (use_split_qkv_input / use_attn_in) are not supported "
+                                 "with divided space-time attention; turn them off")
             resid_time = self.hook_resid_time(resid_pre + self.hook_attn_time_out(self._time_attention(resid_pre)))
             resid_pre, attn_out = resid_time, self._space_attention(resid_time)  # attn adds to resid_time
-        elif self.cfg.block_type == "post_norm":
-            attn_out = self.ln1(self.attn(resid_pre, key_mask))
         else:
-            attn_out = self.attn(resid_pre, key_mask, norm=self.ln1)
-=======
-        post_norm = self.cfg.block_type == "post_norm"
-        attn_in = resid_pre
-        if self.cfg.use_split_qkv_input or self.cfg.use_attn_in:
-            attn_in = self._per_head_inputs(resid_pre, norm=None if post_norm else self.ln1)
-        elif not post_norm:
-            attn_in = self.ln1(resid_pre)
-        attn_out = self.attn(attn_in, key_mask)
-        if post_norm:
-            attn_out = self.ln1(attn_out)
->>>>>>> main
+            post_norm = self.cfg.block_type == "post_norm"
+            attn_in = resid_pre
+            if self.cfg.use_split_qkv_input or self.cfg.use_attn_in:
+                attn_in = self._per_head_inputs(resid_pre, norm=None if post_norm else self.ln1)
+            elif not post_norm:
+                attn_in = self.ln1(resid_pre)
+            attn_out = self.attn(attn_in, key_mask)
+            if post_norm:
+                attn_out = self.ln1(attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
         # A copy, as in TransformerLens, so an edit of the MLP input leaves resid_mid alone.
         mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid
@@ -107,22 +101,6 @@ class TransformerBlock(nn.Module):
             mlp_out = self.mlp(self.ln2(mlp_in))
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))
 
-<<<<<<< HEAD
-    def _time_attention(self, resid: Float[Tensor, "b p d_model"]) -> Float[Tensor, "b p d_model"]:
-        """attn_time within each (row, col) across time; zero on the prefix tokens."""
-        n = self.cfg.n_prefix_tokens
-        groups = einops.rearrange(resid[:, n:], "b (t s) d -> b s t d", t=self.cfg.n_time)
-        out = einops.rearrange(self.attn_time(groups, norm=self.ln_time), "b s t d -> b (t s) d")
-        return torch.cat([out.new_zeros(out.shape[0], n, out.shape[-1]), out], dim=1)
-
-    def _space_attention(self, resid: Float[Tensor, "b p d_model"]) -> Float[Tensor, "b p d_model"]:
-        """attn within each frame, the prefix tokens in every frame, their outputs averaged."""
-        n, t = self.cfg.n_prefix_tokens, self.cfg.n_time
-        patches = einops.rearrange(resid[:, n:], "b (t s) d -> b t s d", t=t)
-        prefix = resid[:, None, :n].expand(-1, t, -1, -1)
-        out = self.attn(torch.cat([prefix, patches], dim=2), norm=self.ln1)  # [b, t, n + s, d]
-        return torch.cat([out[:, :, :n].mean(1), einops.rearrange(out[:, :, n:], "b t s d -> b (t s) d")], dim=1)
-=======
     def _per_head_inputs(self, resid_pre: Float[Tensor, "b p d_model"], norm: Optional[nn.Module]) -> HeadInputs:
         """Each head's query, key and value input [b, p, h, d_model] (copies of resid_pre
         through hook_{q,k,v}_input, or one through hook_attn_in), then `norm` (ln1 of a
@@ -140,4 +118,18 @@ class TransformerBlock(nn.Module):
         if norm is None:
             return q_in, k_in, v_in
         return norm(q_in), norm(k_in), norm(v_in)
->>>>>>> main
+
+    def _time_attention(self, resid: Float[Tensor, "b p d_model"]) -> Float[Tensor, "b p d_model"]:
+        """attn_time within each (row, col) across time; zero on the prefix tokens."""
+        n = self.cfg.n_prefix_tokens
+        groups = einops.rearrange(resid[:, n:], "b (t s) d -> b s t d", t=self.cfg.n_time)
+        out = einops.rearrange(self.attn_time(self.ln_time(groups)), "b s t d -> b (t s) d")
+        return torch.cat([out.new_zeros(out.shape[0], n, out.shape[-1]), out], dim=1)
+
+    def _space_attention(self, resid: Float[Tensor, "b p d_model"]) -> Float[Tensor, "b p d_model"]:
+        """attn within each frame, the prefix tokens in every frame, their outputs averaged."""
+        n, t = self.cfg.n_prefix_tokens, self.cfg.n_time
+        patches = einops.rearrange(resid[:, n:], "b (t s) d -> b t s d", t=t)
+        prefix = resid[:, None, :n].expand(-1, t, -1, -1)
+        out = self.attn(self.ln1(torch.cat([prefix, patches], dim=2)))  # [b, t, n + s, d]
+        return torch.cat([out[:, :, :n].mean(1), einops.rearrange(out[:, :, n:], "b t s d -> b (t s) d")], dim=1)

@@ -156,6 +156,9 @@ class HookedViTConfig:
                              "resize the frames to img_size")
         if self.attention_type == "divided_space_time" and (self.distilled or self.block_type != "pre_norm"):
             raise ValueError("attention_type='divided_space_time' needs pre-norm blocks and no distillation token")
+        if self.attention_type == "divided_space_time" and (self.use_split_qkv_input or self.use_attn_in):
+            raise ValueError("per-head attention inputs (use_split_qkv_input / use_attn_in) are not supported with "
+                             "attention_type='divided_space_time'; turn them off")
         if self.pos_embed_type == "space_time" and self.no_embed_class:
             raise ValueError("pos_embed_type='space_time' embeds the prefix positions; no_embed_class must be False")
 

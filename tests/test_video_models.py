@@ -206,3 +206,20 @@ def test_tokens_know_time_row_and_col():
     assert changed.tolist() == frame_token_mask(vivit, [1])
     with pytest.raises(ValueError, match="outside"):
         token_index(vivit, 2, 0, 0)
+
+
+def test_per_head_results_add_up_in_both_attentions():
+    model = HookedViT.from_hf(make_hf("TimesformerForVideoClassification"))
+    with torch.no_grad():
+        clean = model(clips())
+        model.set_use_attn_result(True)
+        out, cache = model.run_with_cache(clips())
+    assert rel_err(out, clean) < RTOL
+    result = cache["blocks.0.attn_time.hook_result"]  # [b, s, t, h, d]
+    assert result.shape == (2, 16, 4, 4, 64)
+    time_out = einops.rearrange(result.sum(-2) + model.blocks[0].attn_time.b_O, "b s t d -> b (t s) d")
+    assert rel_err(time_out, cache["blocks.0.hook_attn_time_out"][:, 1:]) < RTOL
+    model.set_use_attn_result(False)
+    model.set_use_split_qkv_input(True)
+    with pytest.raises(ValueError, match="per-head attention inputs"):
+        model(clips())
