@@ -42,7 +42,8 @@ from torch import Tensor
 from hooked_vit import HookedViT, HookedViTConfig
 
 Hook = Callable[[Tensor, object], Tensor]
-KINDS = ("none", "self_only", "no_cls", "no_cross_frame")
+KINDS = ("none", "self_only", "no_cls")  # every model (the perturb run's default set)
+VIDEO_KINDS = ("no_cross_frame",)  # video models only
 TokenSet = Union[Sequence[int], slice, Tensor, None]  # indices, a slice, or a bool mask [p] / [b, p]
 
 
@@ -202,7 +203,7 @@ def perturbation_hook(model: HookedViT, kind: str, **options) -> Optional[Hook]:
     if kind == "no_cross_frame":
         options.pop("keys", None)
         return no_cross_frame(model, **options)
-    raise ValueError(f"unknown perturbation {kind!r}; choose one of {KINDS}")
+    raise ValueError(f"unknown perturbation {kind!r}; choose one of {KINDS + VIDEO_KINDS}")
 
 
 def perturbation_hooks(model: HookedViT, kind: Union[str, Hook], layers: Optional[Sequence[int]] = None,

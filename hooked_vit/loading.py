@@ -27,8 +27,8 @@ def config_from_timm(model: nn.Module) -> HookedViTConfig:
 
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
-            f"{type(model).__name__} is not a timm VisionTransformer; HookedViT loads timm's "
-            "vision_transformer / deit families"
+            f"unsupported feature: model class {type(model).__name__} (not a timm VisionTransformer; "
+            "HookedViT loads timm's vision_transformer / deit families)"
         )
     _check_supported(model)
     block = model.blocks[0]
