@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.errors import UnsupportedModelError
+from hooked_vit.hf_layers import _ACTS, _layer_weights
 
 VIDEO_CLASSES = (
     "VideoMAEModel", "VideoMAEForVideoClassification", "VivitModel", "VivitForVideoClassification",
@@ -66,8 +67,6 @@ def video_config_and_state(hf_model: nn.Module) -> tuple[HookedViTConfig, dict[s
 
 # ------------------------------------------------------------------ config
 def _config(hf_model: nn.Module, kind: str) -> HookedViTConfig:
-    from hooked_vit.loading_hf import _ACTS
-
     c = hf_model.config
     acts = {**_ACTS, "gelu_fast": "gelu_tanh"}  # gelu_fast is the tanh approximation
     if c.hidden_act not in acts:
@@ -124,8 +123,6 @@ def _backbone(hf_model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------ weights
 def _joint_weights(state: dict[str, Tensor], cfg: HookedViTConfig, videomae: bool) -> dict[str, Tensor]:
     """VideoMAE and ViViT: ViT-style layers, renamed by loading_hf's per-layer table."""
-    from hooked_vit.loading_hf import _layer_weights
-
     out = {"patch_embed.proj.weight": state.pop("embeddings.patch_embeddings.projection.weight"),
            "patch_embed.proj.bias": state.pop("embeddings.patch_embeddings.projection.bias")}
     if videomae:  # the key projection has no bias: a zero one in the fused qkv
