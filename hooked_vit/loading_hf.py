@@ -126,6 +126,7 @@ _REFUSED = {
     "Beit": "BEiT's relative position bias",
     "Data2VecVision": "Data2Vec-vision's relative position bias",
     "Swin": "Swin's shifted-window attention",
+    "VJEPA2": "V-JEPA 2's 3D rotary position embedding and predictor (not supported yet; docs/video.md)",
 }
 
 
