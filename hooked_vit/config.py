@@ -173,6 +173,12 @@ class HookedViTConfig:
         return self.num_frames is not None
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input without the batch axis: (c, h, w), or (frames, c, h, w) for video."""
+        image = (self.in_chans, *self.img_size)
+        return image if self.num_frames is None else (self.num_frames, *image)
+
+    @property
     def n_time(self) -> int:
         """Token positions along time: num_frames // tubelet_size (1 for an image model)."""
         return 1 if self.num_frames is None else self.num_frames // self.tubelet_size

@@ -94,3 +94,32 @@ def test_embedded_video_training_saves_and_loads_exactly(tmp_path):
     assert loaded.cfg.class_names == ("right", "left", "down", "up")
     with pytest.raises(ValueError, match="unknown embedded video model"):
         load_embedded_video("video_colour", tmp_path)
+
+
+def test_identify_run_on_a_video_model(tmp_path):
+    """The dataset-level identify run takes clips: ranks per space-time token, the manifest's
+    token names in time, object tokens from the clip's masks, thumbnails as frame strips."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from circuits.embedded.synthetic_video import MovingShapes
+    from circuits.runs.identify import identify, object_tokens
+    from circuits.runs.thumbnails import read_thumbnails
+    from hooked_vit.tokens import token_labels
+
+    cfg = HookedViTConfig(d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_classes=4, img_size=32, patch_size=8,
+                          num_frames=4, tubelet_size=2)
+    model = randomize_(HookedViT(cfg), std=0.2).eval()
+    data = MovingShapes(6, num_frames=4)
+    identify(model, data, tmp_path, batch_size=3)
+    assert json.loads((tmp_path / "labels.json").read_text())["tokens"] == token_labels(model)
+    ranks = pq.read_table(sorted((tmp_path / "tokens").glob("*.parquet"))[0]).column("rank").to_pylist()
+    assert len(ranks[0]) == cfg.n_ctx == 1 + 2 * 16
+    thumbs = read_thumbnails(tmp_path)
+    assert next(iter(thumbs.values())).shape == (32, 4 * 32, 3)
+    item = data[0]
+    flags = object_tokens({"mask": item["mask"][None]}, model)[0]  # [P]
+    in_frame = [bool(item["mask"][f, 8 * r + 4, 8 * c + 4]) for f in range(4) for r in range(4) for c in range(4)]
+    expected = [any(in_frame[(2 * t + k) * 16 + s] for k in range(2)) for t in range(2) for s in range(16)]
+    assert flags.tolist() == [False] + expected  # a tubelet's token: the object in any of its frames
