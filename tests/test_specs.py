@@ -74,8 +74,13 @@ def no_network(monkeypatch) -> list:
         attempts.append(address)
         raise OSError("network disabled in this test")
 
+    def create_connection(address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError("network disabled in this test")
+
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
     return attempts
 
 
