@@ -4,9 +4,13 @@ Supported: `ViTForImageClassification` / `ViTModel` (without the tanh pooler),
 `DeiTForImageClassification` / `DeiTForImageClassificationWithTeacher`,
 `Dinov2Model` / `Dinov2WithRegistersModel` and their `...ForImageClassification` heads
 (on [class token, mean patch token]: `global_pool="token_avg"`), `CLIPVisionModel` /
-`CLIPVisionModelWithProjection` (the projection is `image_proj`, at `hook_image_embed`). Architectures are described in the transformers docs
+`CLIPVisionModelWithProjection` (the projection is `image_proj`, at `hook_image_embed`),
+`ViTMSNModel` / `ViTMSNForImageClassification` (a plain ViT), `IJepaModel` /
+`IJepaForImageClassification` (no class token; the classifier reads the mean of the normed
+patch tokens: `global_pool="avg"`, which is also the headless model's pooled vector).
+Architectures are described in the transformers docs
 (https://huggingface.co/docs/transformers/model_doc/vit, .../deit, .../dinov2,
-.../dinov2_with_registers, .../clip). Anything else is refused naming the feature.
+.../dinov2_with_registers, .../clip, .../vit_msn, .../ijepa). Anything else is refused naming the feature.
 
 The HF weights are rewritten to timm's layout (fused qkv, `norm1`/`norm2`, ...) and loaded
 through `hooked_vit.loading`'s timm-name mapping, so there is one definition of the
@@ -126,6 +130,7 @@ _SUPPORTED = {
     "DeiTForImageClassificationWithTeacher", "DeiTModel", "Dinov2Model", "Dinov2ForImageClassification",
     "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
     "CLIPVisionModelWithProjection",
+    "ViTMSNModel", "ViTMSNForImageClassification", "IJepaModel", "IJepaForImageClassification",
 }
 _REFUSED = {
     "Siglip": "SigLIP's attention-pooling head (MAP)",
@@ -160,6 +165,7 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
         raise UnsupportedModelError(f"unsupported feature: activation {c.hidden_act!r}")
     family = kind[:4]
     dinov2, clip = family == "Dino", family == "CLIP"
+    ijepa = kind.startswith("IJepa")  # no class token; the head reads the mean of all tokens
     n_classes, head_bias = _head_shape(hf_model)
     d_image_embed = c.projection_dim if kind == "CLIPVisionModelWithProjection" else None
     d_mlp = int(c.hidden_size * c.mlp_ratio) if dinov2 else c.intermediate_size
@@ -172,6 +178,7 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
         img_size=c.image_size,
         patch_size=c.patch_size,
         in_chans=c.num_channels,
+        class_token=not ijepa,
         # HF DeiT always has a distillation token; the single-head classifier reads only
         # the class token, so the token is carried as a register (same position: 1).
         n_reg_tokens=getattr(c, "num_register_tokens", 0) + int(kind in ("DeiTForImageClassification", "DeiTModel")),
@@ -186,7 +193,7 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
         eps=c.layer_norm_eps,
         final_norm="pooled" if clip else "token",  # CLIP's post_layernorm acts on the pooled token
         # Dinov2...ForImageClassification: classifier on [class token, mean patch token].
-        global_pool="token_avg" if dinov2 and kind.endswith("ForImageClassification") else "token",
+        global_pool="token_avg" if dinov2 and kind.endswith("ForImageClassification") else "avg" if ijepa else "token",
         head_bias=head_bias,
         d_image_embed=d_image_embed,
         model_name=getattr(c, "_name_or_path", "") or kind,
@@ -239,7 +246,7 @@ def clip_vision_with_projection(clip: nn.Module) -> nn.Module:
 
 
 def _backbone(hf_model: nn.Module) -> nn.Module:
-    for name in ("vit", "deit", "vision_model", "dinov2", "dinov2_with_registers"):
+    for name in ("vit", "deit", "vision_model", "dinov2", "dinov2_with_registers", "ijepa"):
         if hasattr(hf_model, name):
             return getattr(hf_model, name)
     return hf_model
@@ -295,14 +302,16 @@ def _embedding_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[s
         return out
     out["patch_embed.proj.weight"] = state.pop("embeddings.patch_embeddings.projection.weight")
     out["patch_embed.proj.bias"] = state.pop("embeddings.patch_embeddings.projection.bias")
-    cls, pos = state.pop("embeddings.cls_token"), state.pop("embeddings.position_embeddings")
+    cls, pos = state.pop("embeddings.cls_token", None), state.pop("embeddings.position_embeddings")  # I-JEPA: no cls
     if "embeddings.register_tokens" in state:  # DINOv2 with registers: see config_from_hf
         out["reg_token"] = state.pop("embeddings.register_tokens")
         cls, pos = cls + pos[:, :1], pos[:, 1:]
     if "embeddings.distillation_token" in state:
         key = "dist_token" if cfg.distilled else "reg_token"
         out[key] = state.pop("embeddings.distillation_token")
-    out["cls_token"], out["pos_embed"] = cls, pos
+    out["pos_embed"] = pos
+    if cls is not None:
+        out["cls_token"] = cls
     return out
 
 
