@@ -215,7 +215,7 @@ def load_manifest_file(path: Path) -> dict:
     try:
         state = json.loads(path.read_text())
         if not isinstance(state, dict) or "settings" not in state or "done" not in state:
-            raise ValueError("it lacks the settings and done items")
+            raise UserError("it lacks the settings and done items")
     except ValueError as err:  # json.JSONDecodeError included
         raise UserError(f"{path} is damaged ({err}); rerun with --overwrite (overwrite=True) to start the run "
                         "afresh") from None
