@@ -25,13 +25,26 @@ def report_section(runs: dict[str, Path], images: int = 8) -> list[str]:
     for label, run in by.get("sae_train", {}).items():
         out += _train(label, run)
     if by.get("sae_eval"):
-        rows = [{"run": label, **{k: v for k, v in json.loads((run / "eval.json").read_text()).items()
-                                  if not isinstance(v, (list, dict))}} for label, run in by["sae_eval"].items()]
-        out.append(table_html(rows, "Held-out evaluation: reconstruction, sparsity, and the model with the "
-                                    "dictionary spliced in (without and with the error term)"))
+        out.append(_eval_table(by["sae_eval"]))
     for label, run in by.get("sae_features", {}).items():
         out += _features(label, json.loads((run / "features.json").read_text()), images)
     return out
+
+
+def _eval_table(runs: dict[str, Path]) -> str:
+    """One row per metric and one column per run (a row per run was wider than the page),
+    metric names in words, missing values as "n/a"."""
+    evals = {label: json.loads((run / "eval.json").read_text()) for label, run in runs.items()}
+    metrics = list(dict.fromkeys(k for e in evals.values() for k, v in e.items() if not isinstance(v, (list, dict))))
+    rows = [{"metric": metric.replace("_", " "), **{label: _shown(e.get(metric)) for label, e in evals.items()}}
+            for metric in metrics]
+    data = ", ".join(sorted({str(read_manifest(run)["settings"].get("dataset", "?"))[:60] for run in runs.values()}))
+    return table_html(rows, f"Evaluation on the images of each sae eval run ({html.escape(data)}): reconstruction, "
+                            "sparsity, and the model with the dictionary spliced in (without and with the error term)")
+
+
+def _shown(value):
+    return "n/a" if value is None else value
 
 
 def _train(label: str, run: Path) -> list[str]:
@@ -54,7 +67,8 @@ def _features(label: str, s: dict, images: int) -> list[str]:
     rows = []
     for attr, entries in s["identified"].items():
         for r in entries:
-            value = s["class_names"][r["value"]] if attr == "label" and s.get("class_names") else r["value"]
+            value = (f"{s['class_names'][r['value']]} ({r['value']})" if attr == "label" and s.get("class_names")
+                     else r["value"])  # the id too: two classes may share a name ("crane" 134, 517)
             rows.append({"attribute": attr, "value": value, "feature": r["feature"], "correlation": r["correlation"],
                          "share of its top images": r["top_image_share"], "identified": r["identified"]})
     out.append(table_html(rows, f"Ground-truth attributes: the most correlated feature per value (point-biserial "

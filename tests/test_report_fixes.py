@@ -1,0 +1,31 @@
+"""Report fixes of issue 23, item 17: the SAE evaluation table (one column per run, words not
+snake_case, n/a not None, no "held-out" claim) and class names with their ids."""
+
+from __future__ import annotations
+
+import json
+
+from circuits.report import sae as sae_section
+from circuits.runs.results import RunStore
+
+
+def test_sae_eval_table_fits_the_page_and_reads_as_words(tmp_path):
+    run = tmp_path / "eval"
+    RunStore(run, {"analysis": "sae_eval", "dataset": "SyntheticShapes(len=8)"})
+    (run / "eval.json").write_text(json.dumps({"mse": 0.5, "explained_variance": 0.9, "dense_features": None,
+                                               "per_class": [1, 2]}))
+    html = "".join(sae_section.report_section({"eval": run}))
+    assert "explained variance" in html and "explained_variance" not in html
+    assert "None" not in html and "n/a" in html
+    assert "held-out" not in html.lower() and "SyntheticShapes" in html
+    header = html[html.index("<tr"):html.index("</tr>")]
+    assert "metric" in header and "eval" in header and "mse" not in header  # metrics are rows
+
+
+def test_sae_feature_table_names_classes_with_their_ids():
+    s = {"hook_name": "blocks.0.hook_resid_post", "n_images": 4, "identified_at": 0.5, "hist_edges": [0, 1],
+         "features": {}, "class_names": ["crane", "crane"],
+         "identified": {"label": [{"value": 1, "feature": 3, "correlation": 0.7, "top_image_share": 1.0,
+                                   "identified": True}]}}
+    html = "".join(sae_section._features("f", s, 2))
+    assert "crane (1)" in html
