@@ -329,10 +329,17 @@ def circuit_graph(edges, *, title: str, n_heads: Optional[int] = None) -> go.Fig
         fig.add_scatter(x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="text",
                         text=f"{u} -> {d}: {s:.3g}", line=dict(width=1 + 5 * abs(s) / lim,
                                                                color="#c0392b" if s > 0 else "#2e6fba"))
-    nodes = sorted(xy)
+    nodes = sorted(xy, key=lambda n: xy[n])
+    # Labels alternate above and below their node, so neighbours in a column do not overlap.
+    positions = ["top center" if i % 2 == 0 else "bottom center" for i in range(len(nodes))]
     fig.add_scatter(x=[xy[n][0] for n in nodes], y=[xy[n][1] for n in nodes], mode="markers+text", text=nodes,
-                    textposition="top center", marker=dict(size=10, color="#444"), showlegend=False,
-                    hovertemplate="%{text}<extra></extra>")
-    fig.update_layout(title=title, height=260 + 30 * n_heads, xaxis=dict(title="layer (heads, then MLP)",
-                      showticklabels=False, zeroline=False), yaxis=dict(title="head", zeroline=False))
+                    textposition=positions, marker=dict(size=10, color="#444"), showlegend=False,
+                    hovertemplate="%{text}<extra></extra>", cliponaxis=False)
+    layers = sorted({int((x - 1) // 2) for x, _ in xy.values() if 0 < x < last_x})  # head 2l+1, MLP 2l+2
+    fig.update_layout(
+        title=title, height=300 + 36 * n_heads, margin=dict(l=70, r=40, t=60, b=60),
+        xaxis=dict(title="layer (heads, then its MLP)", tickvals=[2 * l + 1.5 for l in layers],
+                   ticktext=[f"L{l}" for l in layers], zeroline=False, range=[-0.6, last_x + 0.6]),
+        yaxis=dict(title="", tickvals=[*range(n_heads), n_heads], ticktext=[*(f"head {h}" for h in range(n_heads)), "MLP"],
+                   zeroline=False, range=[-0.8, n_heads + 0.8]))
     return fig

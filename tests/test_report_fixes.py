@@ -29,3 +29,31 @@ def test_sae_feature_table_names_classes_with_their_ids():
                                    "identified": True}]}}
     html = "".join(sae_section._features("f", s, 2))
     assert "crane (1)" in html
+
+
+def test_circuit_graph_labels_the_mlp_row_and_the_layers():
+    import pandas as pd
+
+    from circuits.plot import circuit_graph
+
+    edges = pd.DataFrame({"upstream": ["embed", "L0H1", "MLP0"], "downstream": ["L0H1.q", "MLP0", "logits"],
+                          "score": [0.5, -0.2, 0.3], "in_circuit": [True, True, True]})
+    fig = circuit_graph(edges, title="t", n_heads=4)
+    y = fig.layout.yaxis
+    assert list(y.ticktext)[list(y.tickvals).index(4)] == "MLP" and "head 3" in y.ticktext
+    assert list(fig.layout.xaxis.ticktext) == ["L0"]
+    text = [t for d in fig.data if d.mode == "markers+text" for t in d.textposition]
+    assert "top center" in text and "bottom center" in text
+
+
+def test_report_sample_images_spread_over_the_classes():
+    import numpy as np
+    import pandas as pd
+
+    from circuits.report.identify import _sample
+
+    class Res:
+        images = pd.DataFrame({"index": np.arange(12), "label": [0] * 8 + [1] * 2 + [2] * 2})
+
+    picks = _sample(Res(), {i: object() for i in range(12)}, 3)
+    assert sorted(Res.images["label"].to_numpy()[picks].tolist()) == [0, 1, 2]

@@ -141,11 +141,15 @@ def _sublayer_figure(summaries: dict, colors: dict[str, str]) -> go.Figure:
 
 
 def _sample(res, thumbs: dict, n: int) -> list[int]:
-    """Positions of up to n images to draw, in run order: only those with a thumbnail when the run
-    kept any (every map over its image), else the first n."""
+    """Positions of up to n images to draw: only those with a thumbnail when the run kept any
+    (every map over its image), spread over the labels (round-robin, not the first n of one
+    class), in run order."""
+    from circuits.data.samples import stratified_order
+
     index = res.images["index"].to_numpy()
-    with_thumb = [i for i in range(len(index)) if int(index[i]) in thumbs]
-    return (with_thumb or list(range(len(index))))[:n]
+    candidates = [i for i in range(len(index)) if int(index[i]) in thumbs] or list(range(len(index)))
+    labels = res.images["label"].to_numpy()[candidates]
+    return sorted(candidates[j] for j in stratified_order(labels, seed=0)[:n])
 
 
 def _token_map_html(label: str, res, labels, thumbs: dict, n: int) -> list[str]:
@@ -167,7 +171,8 @@ def _token_map_html(label: str, res, labels, thumbs: dict, n: int) -> list[str]:
     notes = [f"{len(picks)} of {len(index)} images (label, prediction); colour: identifiability of the token's "
              "last-block output (1: the label is its top class)."]
     if drawn and len(picks) < n:
-        notes.append(f"The run kept thumbnails of {len(thumbs)} images (identify thumbnails=...).")
+        notes.append(f"The run kept thumbnails of {len(thumbs)} images; a run with more (the thumbnails "
+                     "argument of circuits.runs.identify.identify) draws more.")
     if outlines is not None:
         notes.append("Red squares: object tokens (from the dataset's masks).")
     if not drawn:
