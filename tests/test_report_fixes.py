@@ -57,3 +57,14 @@ def test_report_sample_images_spread_over_the_classes():
 
     picks = _sample(Res(), {i: object() for i in range(12)}, 3)
     assert sorted(Res.images["label"].to_numpy()[picks].tolist()) == [0, 1, 2]
+
+
+def test_report_keeps_runs_whose_results_are_files_not_batches(tmp_path):
+    """sae eval writes eval.json and no batches: it is a run with results, not an empty one."""
+    from circuits.report import build_report
+
+    run = tmp_path / "runs" / "eval"
+    RunStore(run, {"analysis": "sae_eval", "dataset": "d"})
+    (run / "eval.json").write_text(json.dumps({"mse": 0.5}))
+    html = build_report([tmp_path / "runs"], tmp_path / "r.html", progress=False).read_text()
+    assert "without results" not in html and "Evaluation on the images" in html

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from circuits.report import circuit, decompose, explain, identify, memories, perturb, sae, textspan
 from circuits.report.html import figure_html, page, table_html
-from circuits.runs.results import atomic_write_text, read_manifest
+from circuits.runs.results import atomic_write_text, has_results, read_manifest
 from hooked_vit.errors import UserError
 
 Section = Callable[..., list[str]]  # report_section(runs: dict[str, Path], images: int) -> list[str]
@@ -58,7 +58,7 @@ def build_report(paths: Iterable[str | Path], out: str | Path, title: str = "hoo
     empty = []
     for label, run in runs.items():
         manifest = read_manifest(run)
-        if not manifest["done"] and not manifest["skipped"] and not (run / "summary.json").exists():
+        if not manifest["done"] and not manifest["skipped"] and not has_results(run):
             empty.append(label)  # stopped before its first batch: nothing to show
             continue
         analysis = manifest["settings"].get("analysis", "unknown")
