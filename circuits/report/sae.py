@@ -38,8 +38,7 @@ def _eval_table(runs: dict[str, Path]) -> str:
     metrics = list(dict.fromkeys(k for e in evals.values() for k, v in e.items() if not isinstance(v, (list, dict))))
     rows = [{"metric": metric.replace("_", " "), **{label: _shown(e.get(metric)) for label, e in evals.items()}}
             for metric in metrics]
-    data = ", ".join(sorted({str(read_manifest(run)["settings"].get("dataset", "?"))[:60] for run in runs.values()}))
-    return table_html(rows, f"Evaluation on the images of each sae eval run ({html.escape(data)}): reconstruction, "
+    return table_html(rows, "Evaluation on the images of each sae eval run (its --data): reconstruction, "
                             "sparsity, and the model with the dictionary spliced in (without and with the error term)")
 
 
