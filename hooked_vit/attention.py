@@ -18,6 +18,8 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.hooks import is_hooked
+from hooked_vit.layer_norm import make_norm
+from hooked_vit.rope import apply_rope
 
 # Query, key and value inputs of every head, each [b, p, h, d_model].
 HeadInputs = tuple[Tensor, Tensor, Tensor]
@@ -53,9 +55,15 @@ class Attention(nn.Module):
         self.ls_gamma: Optional[nn.Parameter] = (
             nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
         )
+        self.q_norm = make_norm(cfg, cfg.d_head) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.d_head) if cfg.qk_norm else None
+        self.ln_z = make_norm(cfg, d_attn) if cfg.attn_norm else None
         self.hook_q = HookPoint()  # [b, p, h, d_head]
         self.hook_k = HookPoint()  # [b, p, h, d_head]
         self.hook_v = HookPoint()  # [b, p, h, d_head]
+        # Only with RoPE (absent otherwise, so every hook point of a model fires):
+        self.hook_rot_q = HookPoint() if cfg.rope_type else None  # [b, p, h, d_head]
+        self.hook_rot_k = HookPoint() if cfg.rope_type else None  # [b, p, h, d_head]
         self.hook_attn_scores = HookPoint()  # [b, h, q, k]
         self.hook_pattern = HookPoint()  # [b, h, q, k]
         self.hook_z = HookPoint()  # [b, p, h, d_head]
@@ -66,10 +74,13 @@ class Attention(nn.Module):
         self,
         x: Union[Float[Tensor, "b p d_model"], HeadInputs],
         key_mask: Optional[Float[Tensor, "b k"]] = None,
+        rope: Optional[Tensor] = None,
     ) -> Float[Tensor, "b p d_model"]:
         """`x`: the (normalised) input [b, p, d_model], or, with the block's per-head input
         flags, the query, key and value inputs [b, p, h, d_model] of every head.
-        `key_mask` [b, k] (bool, True = attend) hides padded tokens."""
+        `key_mask` [b, k] (bool, True = attend) hides padded tokens. `rope` [b or 1, p,
+        h or 1, 2 * d_head]: this block's rotary table (sin and cos; identity rows for prefix
+        tokens), see hooked_vit.rope."""
         if isinstance(x, tuple):
             q, k, v = self._per_head_qkv(x)
         else:
@@ -77,6 +88,11 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).view(b, p, 3, self.cfg.n_heads, self.cfg.d_head).unbind(2)
         b, p = q.shape[:2]
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = self.hook_rot_q(apply_rope(q, rope, self.cfg).type_as(v))
+            k = self.hook_rot_k(apply_rope(k, rope, self.cfg).type_as(v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, p, d_head]
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
             mask = None if key_mask is None else key_mask[:, None, None, :]
@@ -84,6 +100,8 @@ class Attention(nn.Module):
         else:
             z = self._explicit(q, k, v, key_mask)
         z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d_head]
+        if self.ln_z is not None:  # proj reads the normalised heads
+            z = self.ln_z(z.reshape(b, p, -1)).view(z.shape)
         if self.cfg.use_attn_result:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             return result.sum(-2) + self.b_O
