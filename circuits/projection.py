@@ -109,7 +109,7 @@ def project_batch(
         forward_kwargs: passed to the model (e.g. keep_mask).
     """
     cfg = model.cfg
-    model.require_head()
+    model.require_classes()
     k = min(k, cfg.n_classes)
     hook_names = [SITES.get(s, s) for s in sites]
     for name in hook_names:

@@ -15,6 +15,7 @@ HookedViT parameter names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -105,13 +106,29 @@ def _resolve(model_or_path: Any, **hf_kwargs: Any) -> tuple[nn.Module, Optional[
     if cls is None:
         raise UnsupportedModelError(f"{source}: config.json names no known transformers architecture ({arch!r})")
     _check_class_name(arch)
-    model, info = cls.from_pretrained(source, output_loading_info=True, **hf_kwargs)
+    with _quiet_transformers():
+        model, info = cls.from_pretrained(source, output_loading_info=True, **hf_kwargs)
     missing = [k for k in info["missing_keys"] if not re.search(r"(^|\.)pooler\.", k)]
     if missing:
         raise UnsupportedModelError(f"{source}: the checkpoint lacks weights {sorted(missing)[:10]} (they would be random)")
     if len(missing) < len(info["missing_keys"]):  # saved without a pooler: none was trained
         _backbone(model).pooler = None
     return model.eval(), source
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' per-load progress bars off (a small local folder loads in a blink; the
+    bars would bury the one line a refusal prints), restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------ config
@@ -184,7 +201,36 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
         head_bias=head_bias,
         d_image_embed=d_image_embed,
         model_name=getattr(c, "_name_or_path", "") or kind,
+        **hf_class_metadata(c, 0 if d_image_embed else n_classes),
     )
+
+
+def hf_class_metadata(config: Any, n_classes: int) -> dict[str, Optional[tuple[str, ...]]]:
+    """``{"label_names", "class_names"}`` from a transformers config's ``id2label``
+    (https://huggingface.co/docs/transformers/main_classes/configuration): the labels become
+    ``class_names``; transformers' placeholders ("LABEL_0", ...) mean no names. When they are
+    timm's ImageNet descriptions in timm's order (as the ImageNet checkpoints on the hub
+    carry), ``label_names`` are the WordNet ids of that label set, so wnid folders map too."""
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    if not n_classes or sorted(id2label) != list(range(n_classes)):
+        return {"label_names": None, "class_names": None}
+    names = tuple(id2label[i] for i in range(n_classes))
+    if all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return {"label_names": None, "class_names": None}
+    return {"label_names": _imagenet_wnids(names), "class_names": names}
+
+
+def _imagenet_wnids(names: tuple[str, ...]) -> Optional[tuple[str, ...]]:
+    """The WordNet ids of timm's ImageNet label set whose descriptions are `names` (index by
+    index, at least 95 % equal after lower-casing: hub tables differ in a few spellings), else None."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset({"num_classes": len(names)})
+    if subset is None:
+        return None
+    info = ImageNetInfo(subset)
+    same = sum(a.strip().lower() == b.strip().lower() for a, b in zip(names, info.label_descriptions()))
+    return tuple(info.label_names()) if same >= 0.95 * len(names) else None
 
 
 def clip_vision_with_projection(clip: nn.Module) -> nn.Module:

@@ -21,13 +21,15 @@ from hooked_vit.cache import ViTActivationCache
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.embed import Embed
 from hooked_vit.attention_pool import AttentionPool
+from hooked_vit.errors import UserError
 from hooked_vit.layer_norm import make_norm
 from hooked_vit.rope import block_tables, build_rope
+from hooked_vit.saes import SAEHost
 
 ReturnType = Literal["logits", "loss", "pooled", "resid", None]
 
 
-class HookedViT(HookedRootModule):
+class HookedViT(SAEHost, HookedRootModule):
     """A hooked ViT that reproduces timm's eval-mode outputs.
 
     Top-level hooks: hook_embed [b, p, d] (prefix tokens and patch embeddings, before the
@@ -38,7 +40,8 @@ class HookedViT(HookedRootModule):
     hook_image_embed [b, d_image_embed] (only with an image projection, cfg.d_image_embed),
     hook_logits [b, n_classes]. Per block: see `TransformerBlock` and `Attention`.
 
-    There is no dropout: the model always computes timm's eval-mode function.
+    There is no dropout: the model always computes timm's eval-mode function. Sparse
+    dictionaries splice in with SAELens's `add_sae` / `run_with_saes` / ... (hooked_vit/saes.py).
     """
 
     def __init__(self, cfg: HookedViTConfig):
@@ -366,10 +369,27 @@ class HookedViT(HookedRootModule):
         """Raise if the model has no classifier head nor image projection (no class or
         image-embedding space to project on)."""
         if not self.has_unembed:
-            raise ValueError(
+            raise UserError(
                 f"{self.cfg.model_name} has no classifier head (num_classes=0): there is no class "
                 "embedding space to project onto; load it with num_classes=N and a fine-tuned head"
             )
+
+    @property
+    def has_classes(self) -> bool:
+        """Whether the logits are classes (a classifier head, or text classes on a CLIP
+        projection) rather than the pooled vector or the image embedding itself."""
+        return self.head is not None
+
+    def require_classes(self) -> None:
+        """Raise a one-line `UserError` unless the logits are classes: a headless model and a
+        CLIP image tower without text classes (its outputs are image-embedding dimensions)
+        have no class space for the logit lens, targets or class-metric analyses."""
+        if self.head is None and self.image_proj is not None:
+            raise UserError(
+                f"{self.cfg.model_name} is a CLIP image tower without text classes: its "
+                f"{self.cfg.d_image_embed} outputs are image-embedding dimensions, not classes; give text classes "
+                "with --texts a,b,c or --text-file FILE (in Python: hooked_vit.text_classes.install_text_classes)")
+        self.require_head()
 
     @property
     def b_U(self) -> Float[Tensor, "n_classes"]:

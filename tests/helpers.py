@@ -54,3 +54,26 @@ def make_timm(name: str, seed: int = 0, **extra) -> tuple[torch.nn.Module, int]:
 
 def images(size: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def save_hf_clip_folder(folder, projection_dim: int = 24):
+    """A random-weight transformers CLIPModel (32 x 32 images, patch 8) saved to `folder` with a
+    tiny character-level CLIPTokenizer, so its text tower works offline; returns the folder."""
+    import string
+
+    import transformers as T
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        vocab.update({c + suffix: len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
+    config = T.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=32, eos_token_id=1, bos_token_id=0,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=projection_dim,
+    )
+    randomize_(T.CLIPModel(config).eval(), std=0.2).save_pretrained(folder)
+    T.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    return folder

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from circuits.explain import explain
-from circuits.explain.transformer_attribution import grad_x_input, linear_zplus, residual_add
+from circuits.explain.transformer_attribution import branch, grad_x_input, linear_zplus, residual_add
 from helpers import images, make_timm
 from hooked_vit import HookedViT
 from test_explain_methods import load, patterns_and_grads
@@ -79,7 +79,8 @@ def _add(a, b, r):
 
 def _one_block_by_hand(timm_model, x, target):
     """Chefer et al.'s transformer attribution of a 1-block timm ViT, one image, written from
-    the paper's rules on the timm modules (no HookedViT)."""
+    the rules of the authors' code on the timm modules (no HookedViT): z+ on linear layers,
+    LayerNorm / GELU / softmax passing relevance through, gradient x input at the products."""
     blk, h = timm_model.blocks[0], timm_model.blocks[0].attn.num_heads
     with torch.no_grad():
         e = timm_model._pos_embed(timm_model.patch_embed(x))[0]  # [p, d]
@@ -105,15 +106,13 @@ def _one_block_by_hand(timm_model, x, target):
         hidden = blk.mlp.act(pre)
         mlp_out = blk.mlp.fc2(hidden)
         post = mid + mlp_out
-    cls = post[0]
-    r = _zplus(timm_model.norm(cls).detach(), timm_model.head.weight.detach(),
-               torch.eye(timm_model.num_classes, dtype=torch.double)[target])
+    cls = timm_model.norm(post)[0]  # the head's input; the final norm passes relevance through
+    r = _zplus(cls, timm_model.head.weight.detach(), torch.eye(timm_model.num_classes, dtype=torch.double)[target])
     r_post = torch.zeros(p, d, dtype=torch.double)
-    r_post[0] = _gxi(timm_model.norm, cls, r)
+    r_post[0] = cls * _div(r, cls)  # the class-token selection
     r_skip, r_mlp = _add(mid, mlp_out, r_post)
-    r_mlp = _zplus(hidden, blk.mlp.fc2.weight.detach(), r_mlp)
-    r_mlp = _zplus(n2, blk.mlp.fc1.weight.detach(), _gxi(blk.mlp.act, pre, r_mlp))
-    r_mid = r_skip + _gxi(blk.norm2, mid, r_mlp)
+    r_mlp = _zplus(n2, blk.mlp.fc1.weight.detach(), _zplus(hidden, blk.mlp.fc2.weight.detach(), r_mlp))  # GELU, norm2: pass
+    r_mid = mid * (_div(r_skip, mid) + _div(r_mlp, mid))  # the branch point before norm2
     _, r_attn = _add(e, attn_out, r_mid)
     r_z = _zplus(z, blk.attn.proj.weight.detach(), r_attn).reshape(p, h, d // h).transpose(0, 1)
     rel_a = _gxi(lambda t: t @ v, a.detach(), r_z) / 2  # the pattern's half of the product
@@ -124,7 +123,7 @@ def _one_block_by_hand(timm_model, x, target):
 def test_transformer_attribution_equals_the_papers_rules_on_a_one_block_model():
     for seed, target in ((12, 3), (13, 8)):
         timm_model, size = make_timm("vit_tiny_patch16_224", seed, depth=1)
-        timm_model, x = timm_model.double(), images(size, 1).double()  # both in float64: see the module doc
+        timm_model, x = timm_model.double(), images(size, 1).double()  # both in float64, as the rules run
         hand = _one_block_by_hand(timm_model, x, target)
         rel = explain("transformer_attribution", HookedViT.from_timm(timm_model), x, torch.tensor([target]))
         assert hand[1:].abs().max() > 0  # the test has something to compare
@@ -143,6 +142,8 @@ def test_lrp_rules_on_hand_computable_cases():
     torch.testing.assert_close(rb, t([[[5.25, 0.0]]]))
     (r,) = grad_x_input(lambda v: 2 * v, (t([1.0, 0.0]),), t([3.0, 4.0]))
     torch.testing.assert_close(r, t([3.0, 0.0]))
+    # a branch point adds the relevances of both uses, and a zero input receives none
+    torch.testing.assert_close(branch(t([2.0, 0.0]), t([1.0, 3.0]), t([0.5, 1.0])), t([1.5, 0.0]))
 
 
 def test_transformer_attribution_refuses_families_outside_the_paper():

@@ -54,7 +54,7 @@ def test_every_architecture_trains_and_reduces_loss(arch):
     _, x = _planted(n=4096)
     sae = SparseDictionary(DictionaryConfig(32, 64, arch, k=4, hook_name="x"))
     log = train_dictionary(sae, lambda e: ({"x": x[i:i + 256]} for i in range(0, 4096, 256)),
-                           TrainConfig(steps=120, lr=3e-3, warmup_steps=10, l1_coeff=1e-3, resample_every=50,
+                           TrainConfig(steps=120, lr=3e-3, warmup_steps=10, sparsity_coeff=1e-3, resample_every=50,
                                        dead_after_tokens=2048), progress=False)
     assert log[-1]["mse"] < 0.5 * log[0]["mse"]
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)  # decoder-norm constraint
@@ -77,14 +77,14 @@ def test_splice_with_error_leaves_logits_unchanged(arch):
     with spliced(model, sae, use_error=True):
         logits, cache = model.run_with_cache(x)
         torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
-        acts = cache[f"{HOOK}.hook_sae_acts"]
+        acts = cache[f"{HOOK}.hook_sae_acts_post"]
         assert acts.shape == (3, 17, 96)
         torch.testing.assert_close(cache[f"{HOOK}.hook_sae_recons"] + cache[f"{HOOK}.hook_sae_error"],
                                    cache[f"{HOOK}.hook_sae_input"])
         no_error = model.hook_dict[HOOK]
-        no_error.use_error = False
+        no_error.use_error_term = False
         assert (model(x) - ref).abs().max() > 1e-3  # without the error term the SAE's imperfection shows
-    assert f"{HOOK}.hook_sae_acts" not in model.hook_dict
+    assert f"{HOOK}.hook_sae_acts_post" not in model.hook_dict
     torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
 
 
@@ -93,7 +93,7 @@ def test_patching_a_feature_through_run_with_hooks():
     sae = SparseDictionary(DictionaryConfig(32, 64, "relu", hook_name=HOOK), seed=0)
     attach_dictionary(model, sae, use_error=False)
     ref = model(x)
-    out = model.run_with_hooks(x, fwd_hooks=[(f"{HOOK}.hook_sae_acts", lambda a, hook: a * 0)])
+    out = model.run_with_hooks(x, fwd_hooks=[(f"{HOOK}.hook_sae_acts_post", lambda a, hook: a * 0)])
     assert not torch.allclose(out, ref)
     # every feature ablated: the block's output is b_dec at every token
     torch.testing.assert_close(out, model.unembed(model.pool(sae.b_dec.expand(2, 17, 32).detach())))
@@ -160,9 +160,9 @@ def test_hand_built_saelens_fixture_loads(tmp_path):
     _hand_built(tmp_path / "bad", {**cfg, "d_sae": 25}, t)
     with pytest.raises(ValueError, match="W_enc is"):
         load_saelens(tmp_path / "bad")
-    _hand_built(tmp_path / "gated", {**cfg, "architecture": "gated"}, t)
-    with pytest.raises(ValueError, match="not supported"):
-        load_saelens(tmp_path / "gated")
+    _hand_built(tmp_path / "temporal", {**cfg, "architecture": "temporal"}, t)
+    with pytest.raises(ValueError, match="architecture 'temporal' is not supported"):
+        load_saelens(tmp_path / "temporal")
 
 
 def test_vit_prisma_folder_loads_and_pickles_are_refused(tmp_path):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from circuits.decomposition.scoring import text_components, text_retrieval
-from helpers import images, randomize_
+from helpers import images, randomize_, save_hf_clip_folder
 
 
 def test_text_components_find_the_planted_component_and_rank_images():
@@ -143,24 +143,8 @@ WORDS = ["a", "photo", "of", "cat", "dog", "red", "car"]
 @pytest.fixture(scope="module")
 def hf_clip_folder(tmp_path_factory):
     """A random-weight transformers CLIPModel saved with a tiny character-level CLIPTokenizer."""
-    import string
-
-    T = pytest.importorskip("transformers")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        vocab.update({c + suffix: len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
-    config = T.CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=32, eos_token_id=1, bos_token_id=0,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=24,
-    )
-    folder = tmp_path_factory.mktemp("hf_clip")
-    randomize_(T.CLIPModel(config).eval(), std=0.2).save_pretrained(folder)
-    T.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
-    return folder
+    pytest.importorskip("transformers")
+    return save_hf_clip_folder(tmp_path_factory.mktemp("hf_clip"))
 
 
 def test_read_texts_and_refusals(tmp_path):

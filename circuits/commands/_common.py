@@ -38,6 +38,7 @@ def add_run_args(p: argparse.ArgumentParser, target: bool = True) -> None:
         p.add_argument("--target", default="label",
                        help="the class measured per image: label, predicted (the model's top-1, for "
                             "unlabeled images) or a class id / name")
+        add_class_text_args(p)
     p.add_argument("--out", required=True, help="output directory for the results (resumable)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
@@ -57,6 +58,17 @@ def add_text_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     need = " (one of --texts / --text-file is needed)" if required else ""
     p.add_argument("--texts", default=None, help=f'comma-separated prompts, e.g. "a dog,a red car"{need}')
     p.add_argument("--text-file", default=None, help="a file of prompts, one per line ('#' lines skipped)")
+
+
+def add_class_text_args(p: argparse.ArgumentParser) -> None:
+    """--texts / --text-file as the classes of a class-space command (identify, perturb, explain,
+    memories, circuit): a CLIP tower's classes are then those prompts (`install_text_classes`);
+    without them such a tower is refused, as a headless model is."""
+    p.add_argument("--texts", default=None,
+                   help='CLIP models: comma-separated prompts that become the classes, e.g. "a dog,a red car"')
+    p.add_argument("--text-file", default=None,
+                   help="CLIP models: a file of class prompts, one per line ('#' lines skipped)")
+    p.set_defaults(class_space=True)
 
 
 def run_options(args: argparse.Namespace) -> dict:
@@ -118,12 +130,36 @@ def load_inputs(args: argparse.Namespace, data: str | None = None, source=None):
         args.mask_sampling = MaskSampling.parse(args.mask_sampling)  # refused before the model loads
     from circuits.runs.precision import parse_dtype
 
-    model = load_model(spec, device=resolve_device(args.device), dtype=parse_dtype(args.dtype), source=source)
+    device = resolve_device(args.device)
+    texts, directions = class_texts(args), None
+    if texts:  # the CLIP model is loaded once: text directions first, the image tower from it
+        from circuits.runs.texts import text_directions
+
+        source, directions = text_directions(spec, texts, device)
+    model = load_model(spec, device=device, dtype=parse_dtype(args.dtype), source=source)
+    if getattr(args, "class_space", False):
+        if texts:
+            from hooked_vit.text_classes import install_text_classes
+
+            install_text_classes(model, directions, class_names=texts)
+        model.require_classes()  # a CLIP tower without texts, a headless model: refused before any image
     if getattr(args, "target", None) is not None:
         from circuits.data.targets import TargetSpec
 
         args.target = TargetSpec.of(args.target, model)
     return model, load_dataset(data_spec, model, spec, labels=getattr(args, "labels", None)), spec
+
+
+def class_texts(args: argparse.Namespace) -> list[str] | None:
+    """The --texts / --text-file prompts of a class-space command, or None."""
+    if not getattr(args, "class_space", False) or not (getattr(args, "texts", None) or getattr(args, "text_file", None)):
+        return None
+    from circuits.runs.texts import read_texts
+
+    texts = read_texts(args.texts, args.text_file)
+    if not texts:
+        raise ValueError("--texts / --text-file hold no prompts; give at least one class prompt")
+    return texts
 
 
 def load_text_inputs(args: argparse.Namespace, texts: list[str]):

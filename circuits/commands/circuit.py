@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from circuits.commands._common import add_model_args, load_inputs
+from circuits.commands._common import add_class_text_args, add_model_args, load_inputs
 
 ORDER = 60
 
@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=64, help="only the first N images")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    add_class_text_args(p)
     p.set_defaults(run=run)
 
 

@@ -26,8 +26,19 @@ def add_parser(sub) -> None:
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--train-batch", type=int, default=1024, help="activation rows per step")
     t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--l1-coeff", type=float, default=1e-3, help="relu: L1 weight; jumprelu: L0 weight")
-    t.add_argument("--checkpoint-every", type=int, default=0)
+    t.add_argument("--sparsity-coeff", "--l1-coeff", dest="sparsity_coeff", type=float, default=None,
+                   help="relu: L1 weight; jumprelu: L0 weight (default: per architecture, scaled by the activations' "
+                        "norm to reach L0 ~20-30; see docs/sparse_autoencoders.md)")
+    t.add_argument("--sparsity-warmup-steps", type=int, default=None,
+                   help="steps over which the sparsity weight rises linearly from 0 (default 5%% of --steps)")
+    t.add_argument("--jumprelu-sparsity", default="step", choices=["step", "tanh"],
+                   help="jumprelu: L0 through the step function's straight-through estimator, or SAELens's tanh")
+    t.add_argument("--aux-coeff", type=float, default=1 / 32, help="topk / batchtopk: AuxK weight (Gao et al.)")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    t.add_argument("--checkpoint-every", type=int, default=0,
+                   help="write a checkpoint and the resumable trainer state every N steps (rerun to resume)")
+    t.add_argument("--activations", default=None,
+                   help="train on this existing activation store instead of building OUT/activations")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(run=run_train, data="synthetic:train:2000")
 
@@ -43,16 +54,20 @@ def add_parser(sub) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from circuits.runs.distributed import init_distributed
     from circuits.runs.sae import train_run
 
     model, dataset, _ = load_inputs(args)
     out = train_run(model, dataset, args.out, hook=args.hook, hook_out=args.hook_out,
                     architecture=args.architecture, d_sae=args.d_sae, k=args.k, tokens=args.tokens,
-                    steps=args.steps, train_batch=args.train_batch, lr=args.lr, l1_coeff=args.l1_coeff,
+                    steps=args.steps, train_batch=args.train_batch, lr=args.lr, sparsity_coeff=args.sparsity_coeff,
                     checkpoint_every=args.checkpoint_every, seed=args.seed, batch_size=args.batch_size,
                     limit=args.limit, num_workers=args.workers, overwrite=args.overwrite,
-                    device=str(model.cfg.device))
-    print(f"dictionary in {out}")
+                    device=str(model.cfg.device), activations=args.activations,
+                    sparsity_warmup_steps=args.sparsity_warmup_steps, jumprelu_sparsity=args.jumprelu_sparsity,
+                    aux_coeff=args.aux_coeff, grad_clip=args.grad_clip)
+    if init_distributed().is_main:
+        print(f"dictionary in {out}")
     return 0
 
 

@@ -2,28 +2,30 @@
 Attention Visualization", CVPR 2021): LRP relevance propagated from the target class
 through every layer, combined with the attention gradients and rolled out over blocks.
 
-Relevance starts as the one-hot target vector on the logits and is propagated down with
-these rules (Chefer et al. 2021, Sec. 3; the authors' Transformer-Explainability code):
-- linear layers (head, qkv, proj, fc1, fc2): the z+ (alpha=1, beta=0) rule, biases left
-  out: R_in = x+ * (S @ W+) + x- * (S @ W-), S = R / (x+ W+^T + x- W-^T);
-- every other map y = f(x) (LayerNorm, the activation, softmax, the token selection, the
-  two attention products): gradient x input, R_in = x * J_f^T (R / y) (both operands of a
-  product, each then halved in attention: the product's relevance split between them);
-- residual additions y = a + b: R_a = a * R / y, R_b likewise, each rescaled so the two
-  sums share sum(R) in the ratio |sum R_a| : |sum R_b| (per image; the authors run one
-  image at a time, so this is their rule);
-- a residual branch point: the relevances of both uses add.
-Division by zero gives zero (`safe_divide`). Everything runs in float64: a LayerNorm is
-invariant to the scale of its input, so gradient x input through it conserves no
-relevance (the sum is zero but for the eps term), and the residual rule then rescales by
-that near-zero sum; in float32 its sign is set by rounding (see docs/explanations.md). The relevance of block l's attention pattern,
-Rbar_l = A_l * J^T(R_z / z) / 2 at the product z = A v, is combined with the gradient
-g_l = d y_t / d A_l: Abar_l = mean_h clamp(g_l * Rbar_l, min=0), and
-C = prod_{l >= start_layer} (I + Abar_l) (the last block leftmost, rows not normalised);
-the map is C[CLS, image tokens].
+The propagation follows the authors' code (github.com/hila-chefer/Transformer-Explainability,
+`modules/layers_ours.py`, `baselines/ViT/ViT_LRP.py`, `LRP.generate_LRP(method=
+"transformer_attribution")`); tests/test_chefer_reference.py checks the maps against theirs.
+Relevance starts as the one-hot target vector on the logits and goes down with these rules:
+- linear layers (head, qkv, proj, fc1, fc2): LRP alpha-beta with alpha=1, beta=0 (z+),
+  biases left out: R_in = x+ * (S @ W+) + x- * (S @ W-), S = R / (x+ W+^T + x- W-^T);
+- LayerNorm (ln1, ln2, ln_final), the MLP activation, softmax and dropout: relevance passes
+  through unchanged (their `RelProp.relprop`); so the softmax's input gets the pattern's
+  relevance, and the attention scale (not a module of theirs) is skipped;
+- the two attention products z = A v and s = q k^T and the class-token selection:
+  gradient x input, R_in = x * J^T (R / y), each operand of a product then halved;
+- residual additions y = a + b: R_a = a * R / y, R_b likewise, then rescaled so that the
+  two sums share sum(R) in the ratio |sum R_a| : |sum R_b| (their `Add`; per image: the
+  authors run one image at a time);
+- a residual branch point x -> (x, x): R_x = x * (R_1 / x + R_2 / x) (their `Clone`).
+Division is the authors' `safe_divide`: a / (b + 1e-9), 0 where b = 0. The rules run in
+float64 on the traced activations. The relevance of block l's attention pattern is the
+pattern's half at z = A v, Rbar_l = A * J^T(R_z / z) / 2; with g_l = d y_t / d A_l,
+Abar_l = mean_h clamp(g_l * Rbar_l, min=0) and C = prod_{l >= start_layer} (I + Abar_l)
+(the last block leftmost, rows not normalised); the map is C[CLS, image tokens].
 
 Supported: pre-norm class-token models (ViT, DeiT, DeiT-3, DINOv2, CLIP, registers), as
-the paper. Other families are refused: their pooling or norms have no rule in the paper.
+the paper; LayerScale gammas are folded into the linear layer before them. Other families
+are refused: their pooling or norms have no rule in the paper.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
@@ -40,8 +41,8 @@ from circuits.explain.trace import AttentionTrace
 from hooked_vit import HookedViTConfig
 
 _BLOCK_ACTS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-               "attn.hook_attn_scores", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized",
-               "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+               "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_post",
+               "hook_mlp_out")
 
 
 def supported(cfg: HookedViTConfig) -> bool:
@@ -56,10 +57,15 @@ def check_supported(cfg: HookedViTConfig) -> None:
                          f"distilled={cfg.distilled}; use gae for this model")
 
 
+def _readout_act(cfg: HookedViTConfig) -> str:
+    """The head's input per token: the final norm's output (or the last residual stream)."""
+    return "ln_final.hook_normalized" if cfg.final_norm == "token" else f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+
+
 def act_names(cfg: HookedViTConfig, **_: object) -> list[str]:
     """The hook points the relevance propagation reads."""
     check_supported(cfg)
-    return [f"blocks.{l}.{name}" for l in range(cfg.n_layers) for name in _BLOCK_ACTS]
+    return [f"blocks.{l}.{name}" for l in range(cfg.n_layers) for name in _BLOCK_ACTS] + [_readout_act(cfg)]
 
 
 # ----------------------------------------------------------------------------- LRP rules
@@ -81,7 +87,7 @@ def grad_x_input(fn: Callable[..., Tensor], inputs: Sequence[Tensor], r: Tensor)
 
 
 def linear_zplus(x: Float[Tensor, "... i"], weight: Float[Tensor, "o i"], r: Float[Tensor, "... o"]) -> Tensor:
-    """The z+ rule (alpha=1, beta=0) of a linear layer, bias left out."""
+    """LRP alpha-beta with alpha=1, beta=0 (z+) of a linear layer, bias left out."""
     x, w = x.detach().double(), weight.detach().double()
     xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
     s = safe_divide(r, xp @ wp.T + xn @ wn.T)
@@ -97,28 +103,23 @@ def residual_add(a: Float[Tensor, "b p d"], b: Float[Tensor, "b p d"], r: Float[
             rb * safe_divide(safe_divide(sb.abs(), share) * total, sb))
 
 
+def branch(x: Float[Tensor, "b p d"], *rs: Tensor) -> Tensor:
+    """Relevance of x used several times (x -> (x, x)): x * sum_i R_i / x (the authors' `Clone`)."""
+    x = x.detach().double()
+    return x * sum(safe_divide(r, x) for r in rs)
+
+
 # ----------------------------------------------------------------------------- the model
-def _norm(ln) -> Callable[[Tensor], Tensor]:
-    """A LayerNorm in float64 (identity where the model has none)."""
-    if ln is None:
-        return lambda t: t
-    w, b = (None if t is None else t.detach().double() for t in (ln.weight, ln.bias))
-    return lambda t: F.layer_norm(t, (ln.d_model,), w, b, ln.eps)
-
-
 def _scaled(linear: torch.nn.Linear, gamma) -> Tensor:
     """The weight of x -> linear(x) * gamma (LayerScale folded in)."""
     return linear.weight if gamma is None else linear.weight * gamma[:, None]
 
 
 def _mlp(trace: AttentionTrace, l: int, r: Tensor) -> Tensor:
-    """Relevance of ln2's input from that of the MLP output."""
+    """Relevance of ln2's input from that of the MLP output (activation and ln2: pass-through)."""
     block, acts, p = trace.model.blocks[l], trace.acts, f"blocks.{l}."
     r = linear_zplus(acts[p + "mlp.hook_post"], _scaled(block.mlp.fc2, block.mlp.ls_gamma), r)
-    (r,) = grad_x_input(block.mlp.act, (acts[p + "mlp.hook_pre"],), r)
-    r = linear_zplus(acts[p + "ln2.hook_normalized"], block.mlp.fc1.weight, r)
-    (r,) = grad_x_input(_norm(block.ln2), (acts[p + "hook_resid_mid"],), r)
-    return r
+    return linear_zplus(acts[p + "ln2.hook_normalized"], block.mlp.fc1.weight, r)
 
 
 def _attention(trace: AttentionTrace, l: int, r: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,24 +130,21 @@ def _attention(trace: AttentionTrace, l: int, r: Tensor) -> tuple[Tensor, Tensor
     heads = lambda t: t.transpose(1, 2)  # [b, p, h, e] -> [b, h, p, e]
     q, k, v = (heads(acts[p + f"attn.hook_{name}"]) for name in "qkv")
     r_a, r_v = (t / 2 for t in grad_x_input(torch.matmul, (trace.patterns[l], v), heads(r_z.reshape(b, n, h, e))))
-    (r_s,) = grad_x_input(lambda s: s.softmax(-1), (acts[p + "attn.hook_attn_scores"],), r_a)
-    r_q, r_k = (t / 2 for t in grad_x_input(lambda a, c: a @ c.transpose(-1, -2), (q, k), r_s))
+    # softmax: pass-through; the scores' relevance goes to the unscaled product q k^T
+    r_q, r_k = (t / 2 for t in grad_x_input(lambda a, c: a @ c.transpose(-1, -2), (q, k), r_a))
     r_qkv = torch.stack([heads(t) for t in (r_q, r_k, r_v)], 2).reshape(b, n, 3 * h * e)  # qkv's layout
-    r = linear_zplus(acts[p + "ln1.hook_normalized"], block.attn.qkv.weight, r_qkv)
-    (r,) = grad_x_input(_norm(block.ln1), (acts[p + "hook_resid_pre"],), r)
-    return r, r_a
+    return linear_zplus(acts[p + "ln1.hook_normalized"], block.attn.qkv.weight, r_qkv), r_a
 
 
 def _readout_relevance(trace: AttentionTrace) -> Float[Tensor, "b p d"]:
-    """Relevance of the last block's output: one-hot target -> head -> final norm -> class token."""
-    model, last = trace.model, trace.acts[f"blocks.{trace.model.cfg.n_layers - 1}.hook_resid_post"]
+    """Relevance of the last block's output: one-hot target -> head -> class token (final norm: pass-through)."""
+    model = trace.model
     model.require_head()
+    x = trace.acts[_readout_act(model.cfg)].detach().double()  # [b, p, d]
     onehot = torch.nn.functional.one_hot(trace.targets, model.cfg.n_classes).double()
-    norm, cls = _norm(model.ln_final), last[:, 0].detach().double()
-    r = linear_zplus(norm(cls), model.W_U.T, onehot)  # CLIP: projection and text head folded
-    (r,) = grad_x_input(norm, (cls,), r)
-    out = torch.zeros(last.shape, dtype=torch.double, device=last.device)
-    out[:, 0] = r * (cls != 0)  # the token selection: gradient x input of an index
+    r = linear_zplus(x[:, 0], model.W_U.T, onehot)  # CLIP: projection and text head folded
+    out = torch.zeros_like(x)
+    out[:, 0] = x[:, 0] * safe_divide(r, x[:, 0])  # the class-token selection: gradient x input
     return out
 
 
@@ -157,10 +155,10 @@ def attention_relevances(trace: AttentionTrace) -> list[Float[Tensor, "b h p p"]
     for l in reversed(range(trace.model.cfg.n_layers)):
         acts, p = trace.acts, f"blocks.{l}."
         r_skip, r_mlp = residual_add(acts[p + "hook_resid_mid"], acts[p + "hook_mlp_out"], r)
-        r = (r_skip + _mlp(trace, l, r_mlp)) * (acts[p + "hook_resid_mid"] != 0)  # the branch point
+        r = branch(acts[p + "hook_resid_mid"], r_skip, _mlp(trace, l, r_mlp))
         r_skip, r_attn = residual_add(acts[p + "hook_resid_pre"], acts[p + "hook_attn_out"], r)
         r_in, r_a = _attention(trace, l, r_attn)
-        r = (r_skip + r_in) * (acts[p + "hook_resid_pre"] != 0)
+        r = branch(acts[p + "hook_resid_pre"], r_skip, r_in)
         out.append(r_a)
     return out[::-1]
 

@@ -32,8 +32,6 @@ NOT_SHARDED = {
     "probes": "the probes are fitted on the training images before the test pass and would be refitted per rank",
     "decompose": "the reference-set fit (component scores, ablation order, bases) is written once before the data pass",
     "circuit": "edge scores are averaged over all images in one pass and the circuit is pruned from them",
-    "sae train": "the dictionary is trained in one process (the activation store itself shards: build it under "
-                 "torchrun with circuits.runs.activation_store, then train without)",
 }
 
 

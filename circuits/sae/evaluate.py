@@ -70,7 +70,7 @@ def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch
         runs["clean"].add(logits, labels)
         with spliced(model, sae, use_error=False) as module:
             runs["spliced"].add(model(images), labels)
-            module.use_error = True
+            module.use_error_term = True
             with_error = model(images)
         runs["spliced_with_error"].add(with_error, labels)
         max_error_delta = max(max_error_delta, float((with_error - logits).abs().max()))

@@ -1,113 +1,48 @@
-"""Splicing a dictionary into a HookedViT at its hook, with hook points on its features.
+"""Splicing a dictionary into a HookedViT: hooked-vit's short names for SAELens's habits.
 
-The HookPoint at ``cfg.hook_name`` (for a transcoder: at ``cfg.hook_out``) is swapped for a
-`SplicedDictionary`, itself a HookPoint (so hooks on the original name still work; they see
-what flows on), holding the dictionary and five HookPoints:
+``attach_dictionary`` / ``detach_dictionary`` / ``with spliced(model, sae, use_error=...)``
+are `HookedViT.add_sae` / `reset_saes` / `saes` (hooked_vit/saes.py, one definition). At the
+dictionary's hook (its output hook, for a transcoder) the model then has, as SAELens names them:
 
-    <hook>.hook_sae_input  [b, p, d_in]   what the dictionary reads
-    <hook>.hook_sae_acts   [b, p, d_sae]  feature activations
-    <hook>.hook_sae_recons [b, p, d_out]  reconstruction (prediction, for a transcoder)
-    <hook>.hook_sae_error  [b, p, d_out]  true activation - reconstruction
-    <hook>.hook_sae_output [b, p, d_out]  what flows on: recons (+ error when use_error)
+    <hook>.hook_sae_input      [b, p, d_in]   what the dictionary reads
+    <hook>.hook_sae_acts_pre   [b, p, d_sae]  pre-activations
+    <hook>.hook_sae_acts_post  [b, p, d_sae]  feature activations
+    <hook>.hook_sae_recons     [b, p, d_out]  reconstruction (prediction, for a transcoder)
+    <hook>.hook_sae_error      [b, p, d_out]  true activation - reconstruction of the unedited input
+    <hook>.hook_sae_output     [b, p, d_out]  what flows on: recons (+ error with use_error)
 
-then ``model.setup()`` so run_with_cache / run_with_hooks / patching see them, as SAELens's
-HookedSAETransformer does for language models. With ``use_error=True`` the model computes
-exactly its original function (up to float rounding) while the features are exposed.
+With ``use_error=True`` the unedited model computes its original function (up to float
+rounding), while edits of the features reach the output and gradients past the splice flow
+through the dictionary only (SAELens's convention; docs/sparse_autoencoders.md).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator
 
-from torch import Tensor
-from transformer_lens.hook_points import HookPoint
+from hooked_vit.saes import SpliceHook, sae_hook_names
 
 from circuits.sae.dictionaries import SparseDictionary
 
 
-class _Tap(HookPoint):
-    """Stands in for a transcoder's input hook: passes through and keeps the last value."""
-
-    def __init__(self, original: HookPoint):
-        super().__init__()
-        self.original = original
-        self.value: Optional[Tensor] = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.value = x
-        return x
-
-
-class SplicedDictionary(HookPoint):
-    def __init__(self, sae: SparseDictionary, original: HookPoint, use_error: bool = True,
-                 tap: Optional[_Tap] = None):
-        super().__init__()
-        self.sae, self.original, self.use_error, self.tap = sae, original, use_error, tap
-        for name in ("input", "acts", "recons", "error", "output"):
-            setattr(self, f"hook_sae_{name}", HookPoint())
-
-    def forward(self, x: Tensor) -> Tensor:
-        source = x if self.tap is None else self.tap.value
-        if source is None:
-            raise ValueError(f"the transcoder's input hook {self.sae.cfg.hook_name} did not run before its output")
-        source = self.hook_sae_input(source)
-        acts = self.hook_sae_acts(self.sae.encode(source))
-        recons = self.hook_sae_recons(self.sae.decode(acts).to(x.dtype))
-        if not self.use_error:
-            return self.hook_sae_output(recons)
-        error = self.hook_sae_error(x - recons.detach())
-        return self.hook_sae_output(recons + error)
-
-
-def _get(model, name: str):
-    parent, _, child = name.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), child
-
-
-def attach_dictionary(model, sae: SparseDictionary, use_error: bool = True) -> SplicedDictionary:
-    """Splice `sae` in at its hook (in place); returns the spliced module."""
-    cfg = sae.cfg
-    where = cfg.hook_out if cfg.is_transcoder else cfg.hook_name
-    for hook in filter(None, (cfg.hook_name, cfg.hook_out)):
-        if hook not in model.hook_dict:
-            raise ValueError(f"{hook} is not a hook point of {model.cfg.model_name}; see model.hook_dict")
-    original = model.hook_dict[where]
-    if isinstance(original, SplicedDictionary) or isinstance(model.hook_dict[cfg.hook_name], _Tap):
-        raise ValueError(f"a dictionary is already spliced at {where}; detach it first")
-    tap = None
-    if cfg.is_transcoder:
-        parent, child = _get(model, cfg.hook_name)
-        tap = _Tap(model.hook_dict[cfg.hook_name])
-        setattr(parent, child, tap)
-    parent, child = _get(model, where)
-    spliced = SplicedDictionary(sae.to(next(model.parameters()).device).eval(), original, use_error, tap)
-    setattr(parent, child, spliced)
-    model.setup()
-    return spliced
+def attach_dictionary(model, sae: SparseDictionary, use_error: bool = True) -> SpliceHook:
+    """Splice `sae` in (in place, until `detach_dictionary`); returns the splice hook point."""
+    return model.add_sae(sae.eval(), use_error_term=use_error)
 
 
 def detach_dictionary(model, hook_name: str) -> SparseDictionary:
-    """Undo `attach_dictionary` at `hook_name` (the output hook, for a transcoder)."""
-    spliced = model.hook_dict.get(hook_name)
-    if not isinstance(spliced, SplicedDictionary):
+    """Undo `attach_dictionary` at `hook_name` (its input or output hook)."""
+    splices = model._splices()
+    splice = splices.get(hook_name) or next((s for s in splices.values() if s.hook_out == hook_name), None)
+    if splice is None:
         raise ValueError(f"no dictionary is spliced at {hook_name}")
-    spliced.remove_hooks(including_permanent=True)
-    parent, child = _get(model, hook_name)
-    setattr(parent, child, spliced.original)
-    if spliced.tap is not None:
-        parent, child = _get(model, spliced.sae.cfg.hook_name)
-        setattr(parent, child, spliced.tap.original)
-    model.setup()
-    return spliced.sae
+    model.reset_saes(splice.hook_in)
+    return splice.sae
 
 
 @contextmanager
-def spliced(model, sae: SparseDictionary, use_error: bool = True) -> Iterator[SplicedDictionary]:
-    """``with spliced(model, sae): model.run_with_cache(...)``; always detached afterwards."""
-    module = attach_dictionary(model, sae, use_error)
-    where = sae.cfg.hook_out if sae.cfg.is_transcoder else sae.cfg.hook_name
-    try:
-        yield module
-    finally:
-        detach_dictionary(model, where)
+def spliced(model, sae: SparseDictionary, use_error: bool = True) -> Iterator[SpliceHook]:
+    """``with spliced(model, sae) as splice: model.run_with_cache(...)``; always detached afterwards."""
+    with model.saes([sae.eval()], use_error_term=use_error):
+        yield model.hook_dict[sae_hook_names(sae)[1]]

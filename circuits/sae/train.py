@@ -1,28 +1,82 @@
-"""Training a sparse dictionary on a stream of activation batches.
+"""Training a sparse dictionary on a stream of activation batches, in one process or data-parallel.
 
-Care taken (Bricken et al. 2023; Gao et al. 2024; Conerly et al. 2024, "Update on how we
-train our SAEs", transformer-circuits.pub/2024/april-update): b_dec initialised at the
-geometric median of a sample (Weiszfeld iterations), unit-norm decoder rows with the
-parallel gradient component removed, linear learning-rate warm-up then linear decay to 0,
-dead features counted over a window of tokens and revived by AuxK (top-k variants) or by
-resampling onto badly reconstructed inputs (ReLU, JumpReLU), checkpoints in SAELens format,
-and a progress bar showing loss, L0 and dead features.
+Care taken (Bricken et al. 2023; Gao et al. 2024, arXiv:2406.04093; Rajamanoharan et al. 2024,
+arXiv:2407.14435; Conerly et al. 2024, "Update on how we train our SAEs",
+transformer-circuits.pub/2024/april-update), checked against SAELens 6's trainer
+(docs/sparse_autoencoders.md, "Training"):
+
+* decoder rows of unit norm, encoder = decoder transpose (``SparseDictionary.__init__``), b_dec at
+  the geometric median of the first batch (Weiszfeld), parallel decoder-gradient removal;
+* Adam, linear learning-rate warm-up then linear decay to 0, global gradient-norm clipping;
+* the losses (``training_losses``): MSE summed over output dims and averaged over rows;
+  ReLU: L1 of ``acts * ||W_dec||``; JumpReLU: L0 through the step function's straight-through
+  estimator (or SAELens's ``tanh`` surrogate) plus an optional pre-activation loss on dead
+  features; TopK / BatchTopK: AuxK, ``aux_coeff * min(n_dead / k_aux, 1) * ||e - e_hat||^2``
+  on the same scale as the MSE term (Gao et al. sec. A.2; SAELens ``calculate_topk_aux_loss``);
+* sparsity coefficients warmed up linearly from 0 (``sparsity_warmup_steps``); the default
+  coefficient per architecture is scale-free: multiplied by the first batch's RMS norm (L1) or
+  its mean squared norm (L0), as if the activations were normalised;
+* dead features counted over a window of rows, revived by AuxK (top-k variants) or by
+  resampling onto badly reconstructed inputs (ReLU, JumpReLU);
+* resumable: ``trainer_state.pt`` (dictionary, Adam moments, schedule, step, dead-feature
+  counters, RNG, the log) written atomically with every checkpoint and read back with
+  ``weights_only=True``; the per-step log as a table (``training_log.parquet``, pandas loads it);
+* under ``torchrun`` every rank reads the same global batch and trains on its slice; gradients
+  and the fired-feature masks are all-reduced, so the result equals one process with the same
+  seed and global batch (tests/test_sae_distributed.py).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional, Protocol
 
 import torch
+import torch.distributed as tdist
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.sae.dictionaries import SparseDictionary, dictionary_losses
+from circuits.sae.dictionaries import SparseDictionary, _JumpStep, _topk
 
 Batches = Callable[[int], Iterable[dict[str, torch.Tensor]]]  # epoch -> batches {hook: [n, d]}
+
+# Default sparsity coefficient per architecture, before scaling by the data (see `sparsity_scale`):
+# ReLU's L1 weight times the RMS norm of the centred inputs, JumpReLU's L0 weight times their mean
+# squared norm. Chosen on the embedded default (blocks.4.hook_resid_post, 512 features, 1,500 steps
+# of 1,024 rows) to reach L0 about 20-30, like TopK's k=16 (docs/sparse_autoencoders.md, "Training").
+DEFAULT_SPARSITY = {"relu": 0.03, "jumprelu": 2e-3}
+STATE_FILE = "trainer_state.pt"
+
+
+class Dist(Protocol):
+    """The process' place in a data-parallel run (``circuits.runs.distributed.Dist`` is one)."""
+
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class OneProcess:
+    """No data parallelism: rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+    is_main: bool = True
+
+    def barrier(self) -> None:
+        pass
+
+LOG_TABLE = "training_log.parquet"
 
 
 @dataclass
@@ -30,14 +84,30 @@ class TrainConfig:
     steps: int = 2000
     lr: float = 1e-3
     warmup_steps: int = 100
-    l1_coeff: float = 1e-3  # relu: L1 weight; jumprelu: L0 weight
-    aux_coeff: float = 1 / 32
+    decay_steps: Optional[int] = None  # linear decay to 0 over the last decay_steps (None: all after warm-up)
+    grad_clip: float = 1.0  # global gradient-norm clip (SAELens and Gao et al. use 1); 0: off
+    sparsity_coeff: Optional[float] = None  # relu: L1 weight; jumprelu: L0 weight; None: the scaled default
+    sparsity_warmup_steps: Optional[int] = None  # linear warm-up of the sparsity weight (None: 5 % of steps)
+    jumprelu_sparsity: str = "step"  # step (L0 through the STE) | tanh (SAELens's tanh surrogate)
+    jumprelu_tanh_scale: float = 4.0
+    pre_act_coeff: float = 0.0  # jumprelu: pull dead features' pre-activations up to the threshold
+    aux_coeff: float = 1 / 32  # AuxK weight (Gao et al. 2024)
     dead_after_tokens: int = 50_000  # a feature silent for this many rows counts as dead
     resample_every: int = 500  # relu / jumprelu: resample dead features this often (0: never)
     checkpoint_every: int = 0  # 0: only at the end
     init_b_dec: str = "geometric_median"  # geometric_median | mean | zeros
     seed: int = 0
     device: str = "cpu"
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.jumprelu_sparsity not in ("step", "tanh"):
+            raise ValueError(f"jumprelu_sparsity must be step or tanh, got {self.jumprelu_sparsity!r}")
+        if self.init_b_dec not in ("geometric_median", "mean", "zeros"):
+            raise ValueError(f"init_b_dec must be geometric_median, mean or zeros, got {self.init_b_dec!r}")
+        if self.grad_clip < 0 or self.aux_coeff < 0 or self.pre_act_coeff < 0:
+            raise ValueError("grad_clip, aux_coeff and pre_act_coeff must be >= 0")
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
@@ -52,16 +122,90 @@ def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> tor
     return y
 
 
-def _endless(batches: Batches) -> Iterator[dict[str, torch.Tensor]]:
-    epoch = 0
-    while True:
-        empty = True
-        for b in batches(epoch):
-            empty = False
-            yield b
-        if empty:
-            raise ValueError("the activation source yielded no batch; use a smaller batch size or more data")
-        epoch += 1
+def training_losses(sae: SparseDictionary, x: Tensor, target: Tensor, dead: Optional[Tensor], cfg: TrainConfig,
+                    sparsity_coeff: float) -> dict[str, Tensor]:
+    """Losses of one batch x [n, d_in] -> target [n, d_out]: ``mse`` (summed over the output
+    dims, averaged over rows), ``penalty`` (the architecture's sparsity or auxiliary loss, already
+    weighted) and ``loss``; ``acts`` for the dead-feature counters."""
+    z = sae.pre_acts(x)
+    acts = sae.activate(z)
+    recon = sae.decode(acts)
+    err = target - recon
+    mse = err.pow(2).sum(-1).mean()
+    arch = sae.cfg.architecture
+    if arch == "relu":
+        penalty = sparsity_coeff * (acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    elif arch == "jumprelu":
+        penalty = sparsity_coeff * _jumprelu_sparsity(sae, z, acts, cfg) + _pre_act_loss(sae, z, dead, cfg.pre_act_coeff)
+    else:
+        penalty = cfg.aux_coeff * auxk_loss(sae, z, err, dead)
+    return {"mse": mse, "penalty": penalty, "loss": mse + penalty, "acts": acts}
+
+
+def _jumprelu_sparsity(sae: SparseDictionary, z: Tensor, acts: Tensor, cfg: TrainConfig) -> Tensor:
+    """Rajamanoharan et al. 2024 eq. 9-11: L0 = sum_i H(z_i - theta_i) with the rectangle-kernel
+    pseudo-derivative wrt theta; or SAELens's ``tanh`` mode, sum_i tanh(c * f_i * ||W_dec,i||)."""
+    if cfg.jumprelu_sparsity == "tanh":
+        return torch.tanh(cfg.jumprelu_tanh_scale * acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    return _JumpStep.apply(z, sae.threshold, sae.cfg.jumprelu_bandwidth).sum(-1).mean()
+
+
+def _pre_act_loss(sae: SparseDictionary, z: Tensor, dead: Optional[Tensor], coeff: float) -> Tensor:
+    """Conerly et al. 2025 / SAELens ``pre_act_loss``: relu(theta - z) * ||W_dec|| on dead features."""
+    if not coeff or dead is None:
+        return z.new_tensor(0.0)
+    gap = torch.relu(sae.threshold - z) * dead * sae.W_dec.norm(dim=1)
+    return coeff * gap.sum(-1).mean()
+
+
+def auxk_loss(sae: SparseDictionary, z: Tensor, err: Tensor, dead: Optional[Tensor]) -> Tensor:
+    """AuxK (Gao et al. 2024, sec. A.2): the top k_aux = d_in / 2 dead pre-activations reconstruct
+    the main error, e_hat = z_aux @ W_dec; loss = min(n_dead / k_aux, 1) * ||e - e_hat||^2 (summed
+    over dims, averaged over rows: the MSE's scale, not divided by ||e||^2). The scale factor is
+    SAELens's (``calculate_topk_aux_loss``), which fades the term in while few features are dead."""
+    if dead is None:
+        return z.new_tensor(0.0)
+    n_dead = int(dead.sum())
+    if not n_dead:
+        return z.new_tensor(0.0)
+    k_aux = max(sae.cfg.d_in // 2, 1)
+    scale = min(n_dead / k_aux, 1.0)
+    masked = torch.where(dead, z, torch.full_like(z, -math.inf))
+    values, idx = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    aux = torch.zeros_like(z).scatter(-1, idx, values) @ sae.W_dec
+    return scale * (err.detach() - aux).pow(2).sum(-1).mean()
+
+
+def sparsity_scale(arch: str, y: Tensor) -> float:
+    """What the default coefficient is multiplied by: the RMS norm of the centred rows (L1 scales
+    with the activations) or their mean squared norm (L0 against an MSE scales with its square)."""
+    msn = float((y.float() - y.float().mean(0)).pow(2).sum(-1).mean())
+    return math.sqrt(msn) if arch == "relu" else msn
+
+
+class _Stream:
+    """The endless batch stream with its position (epoch, batches taken), so a resumed run
+    skips exactly what was consumed."""
+
+    def __init__(self, batches: Batches, epoch: int = 0, taken: int = 0):
+        self.batches, self.epoch, self.taken = batches, epoch, 0
+        self._it = iter(batches(epoch))
+        for _ in range(taken):
+            self.next()
+
+    def next(self) -> dict[str, Tensor]:
+        for attempt in range(2):
+            try:
+                batch = next(self._it)
+                self.taken += 1
+                return batch
+            except StopIteration:
+                if attempt or not self.taken:
+                    raise ValueError("the activation source yielded no batch; use a smaller batch size or "
+                                     "more data") from None
+                self.epoch, self.taken = self.epoch + 1, 0
+                self._it = iter(self.batches(self.epoch))
+        raise AssertionError("unreachable")
 
 
 def _io(sae: SparseDictionary, batch: dict[str, torch.Tensor], device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,61 +217,181 @@ def _io(sae: SparseDictionary, batch: dict[str, torch.Tensor], device: str) -> t
     return x, (batch[cfg.hook_out].to(device) if cfg.is_transcoder else x)
 
 
+def _local(t: Tensor, d: Dist) -> Tensor:
+    """This rank's contiguous slice of a global batch."""
+    if d.world == 1:
+        return t
+    if len(t) % d.world:
+        raise ValueError(f"the global batch ({len(t)} rows) must divide by the number of processes ({d.world})")
+    n = len(t) // d.world
+    return t[d.rank * n:(d.rank + 1) * n]
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], d: Dist) -> None:
+    """Average the gradients over the ranks in one flat buffer (what DDP's reducer does)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    tdist.all_reduce(flat)
+    flat /= d.world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    warm = max(cfg.warmup_steps, 1)
+    decay = cfg.steps - cfg.warmup_steps if cfg.decay_steps is None else cfg.decay_steps
+    decay = max(decay, 1)
+    return lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / decay), 1.0)
+
+
 def train_dictionary(sae: SparseDictionary, batches: Batches, cfg: TrainConfig, out: Optional[str | Path] = None,
-                     progress: bool = True) -> list[dict]:
-    """Train `sae` in place; returns the per-step log (loss, mse, L0, dead, lr, rows/s).
+                     progress: bool = True, resume: bool = True, dist: Optional[Dist] = None) -> list[dict]:
+    """Train `sae` in place; returns the per-step log (loss, mse, penalty, L0, dead, lr,
+    sparsity weight, grad norm, rows/s).
 
     `batches(epoch)` yields {hook: [n, d]} dicts (an ActivationStore's `batches` or
-    `stream_activations`); the dictionary's hook_name (and hook_out) must be among the keys.
-    With `out`, checkpoints go to out/checkpoints/step-N and the final dictionary to out/.
+    `stream_activations`), deterministic per epoch; the dictionary's hook_name (and hook_out)
+    must be among the keys. With `out`: checkpoints (SAELens format) in out/checkpoints/step-N
+    and the trainer state in out/checkpoints/trainer_state.pt every `checkpoint_every` steps, the
+    final dictionary and out/training_log.parquet at the end; with `resume`, a run finding a
+    trainer state there continues from it (same config required) and ends as an uninterrupted run.
+    With `dist` of world size > 1 (an initialised torch.distributed process group; the runs
+    layer passes ``init_distributed()``) rank r trains on slice r of each global batch.
     """
-    from circuits.sae.formats import save_saelens
-
+    d = dist if dist is not None else OneProcess()
+    if d.world > 1 and sae.cfg.architecture == "batchtopk":
+        raise ValueError("batchtopk does not train data-parallel yet (its top-k is over the whole global batch); "
+                         "run one process, or use topk")
     torch.manual_seed(cfg.seed)
     sae.to(cfg.device).train()
-    stream = _endless(batches)
-    first = next(stream)
-    x0, y0 = _io(sae, first, cfg.device)
-    _init_b_dec(sae, y0, cfg.init_b_dec)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / max(cfg.warmup_steps, 1),
-                                                                 max(0.0, (cfg.steps - s) / max(cfg.steps - cfg.warmup_steps, 1))))
-    since_fired = torch.zeros(sae.cfg.d_sae, device=cfg.device)
-    log: list[dict] = []
-    bar = tqdm(range(cfg.steps), desc=f"train {sae.cfg.architecture} on {sae.cfg.hook_name}", disable=not progress)
-    batch, t0 = first, time.perf_counter()
+    params = list(sae.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    state = _load_state(out, cfg) if (out is not None and resume) else None
+    if state is None:
+        stream = _Stream(batches)
+        first = stream.next()
+        _, y0 = _io(sae, first, cfg.device)
+        _init_b_dec(sae, y0, cfg.init_b_dec)
+        base = DEFAULT_SPARSITY.get(sae.cfg.architecture, 0.0) * sparsity_scale(sae.cfg.architecture, y0) \
+            if cfg.sparsity_coeff is None else cfg.sparsity_coeff
+        since_fired = torch.zeros(sae.cfg.d_sae, device=cfg.device)
+        log: list[dict] = []
+        start = 0
+        stream = _Stream(batches)  # the first batch is also step 0's
+    else:
+        sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        since_fired = state["since_fired"].to(cfg.device)
+        torch.set_rng_state(state["rng"])
+        base, start, log = state["sparsity_coeff"], state["step"], state["log"]
+        stream = _Stream(batches, state["epoch"], state["taken"])
+    warm_sparsity = max(cfg.steps // 20, 1) if cfg.sparsity_warmup_steps is None else cfg.sparsity_warmup_steps
+    bar = tqdm(range(start, cfg.steps), desc=f"train {sae.cfg.architecture} on {sae.cfg.hook_name}",
+               disable=not progress or not d.is_main)
+    t0, rows = time.perf_counter(), 0
     for step in bar:
-        x, y = _io(sae, batch, cfg.device)
+        x, y = _io(sae, stream.next(), cfg.device)
+        lx, ly = _local(x, d), _local(y, d)
         dead = since_fired >= cfg.dead_after_tokens
-        losses = dictionary_losses(sae, x, y, dead, cfg.l1_coeff, cfg.aux_coeff)
+        coeff = base * min(1.0, (step + 1) / warm_sparsity) if warm_sparsity else base
+        losses = training_losses(sae, lx, ly, dead, cfg, coeff)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        if d.world > 1:
+            _all_reduce_grads(params, d)
         sae.remove_parallel_grad_()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
         opt.step()
         sched.step()
         sae.normalize_decoder_()
         with torch.no_grad():
-            fired = (losses["acts"] > 0).any(0)
-            since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + len(x))
-            l0 = float((losses["acts"] > 0).float().sum(-1).mean())
+            active = losses["acts"] > 0
+            stats = torch.stack([losses["loss"].detach(), losses["mse"].detach(), losses["penalty"].detach(),
+                                 active.float().sum(-1).mean()])
+            fired = active.any(0).float()
+            if d.world > 1:
+                tdist.all_reduce(fired, op=tdist.ReduceOp.MAX)
+                tdist.all_reduce(stats)
+                stats /= d.world
+            since_fired = torch.where(fired > 0, torch.zeros_like(since_fired), since_fired + len(x))
         if cfg.resample_every and sae.cfg.architecture in ("relu", "jumprelu") and (step + 1) % cfg.resample_every == 0:
-            _resample_dead(sae, x, y, dead, opt)
-        rec = {"step": step + 1, "loss": losses["loss"].item(), "mse": losses["mse"].item(), "l0": l0,
-               "dead": int(dead.sum()), "lr": sched.get_last_lr()[0],
-               "rows_per_s": (step + 1) * len(x) / (time.perf_counter() - t0)}
+            _resample_dead(sae, x, y, dead, opt)  # on the global batch: the same on every rank
+        rows += len(x)
+        loss, mse, penalty, l0 = stats.tolist()
+        rec = {"step": step + 1, "loss": loss, "mse": mse, "penalty": penalty, "l0": l0, "dead": int(dead.sum()),
+               "lr": sched.get_last_lr()[0], "sparsity_coeff": coeff, "grad_norm": float(grad_norm),
+               "rows_per_s": rows / (time.perf_counter() - t0)}
         log.append(rec)
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{rec['loss']:.4g}", L0=f"{l0:.1f}", dead=rec["dead"])
-        if out is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_saelens(sae, Path(out) / "checkpoints" / f"step-{step + 1}")
-        batch = next(stream)
+            bar.set_postfix(loss=f"{loss:.4g}", L0=f"{l0:.1f}", dead=rec["dead"])
+        if out is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _checkpoint(sae, opt, sched, since_fired, base, step + 1, stream, log, cfg, Path(out), d)
     sae.eval()
-    if out is not None:
-        save_saelens(sae, out)
-        from circuits.files import atomic_write_text
-
-        atomic_write_text(Path(out) / "training_log.json", json.dumps({"config": asdict(cfg), "log": log}))
+    if out is not None and d.is_main:
+        _write_outputs(sae, log, cfg, Path(out))
+    d.barrier()
     return log
+
+
+def _write_outputs(sae: SparseDictionary, log: list[dict], cfg: TrainConfig, out: Path) -> None:
+    from circuits.files import atomic_write_text
+    from circuits.sae.formats import save_saelens
+
+    save_saelens(sae, out)
+    write_log_table(log, out / LOG_TABLE)
+    atomic_write_text(out / "training_config.json", json.dumps(asdict(cfg), indent=1))
+
+
+def write_log_table(log: list[dict], path: Path) -> None:
+    """The per-step log as a parquet table (``pandas.read_parquet(path)``), written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from circuits.files import atomic_write_bytes
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(log), sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def _checkpoint(sae, opt, sched, since_fired, base, step, stream: _Stream, log, cfg, out: Path, d: Dist) -> None:
+    """A SAELens-format snapshot in checkpoints/step-N and the full trainer state (rank 0 writes;
+    every rank holds the same state)."""
+    from circuits.files import atomic_write_bytes
+    from circuits.sae.formats import save_saelens
+
+    if d.is_main:
+        save_saelens(sae, out / "checkpoints" / f"step-{step}")
+        state = {"sae": sae.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "since_fired": since_fired.cpu(), "rng": torch.get_rng_state(), "sparsity_coeff": base,
+                 "step": step, "epoch": stream.epoch, "taken": stream.taken, "log": log,
+                 "config": json.dumps(_resume_keys(cfg), sort_keys=True)}
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(out / "checkpoints" / STATE_FILE, buf.getvalue())
+    d.barrier()
+
+
+def _resume_keys(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share (the checkpoint cadence and device may change)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("checkpoint_every", "device")}
+
+
+def _load_state(out: Path | str, cfg: TrainConfig) -> Optional[dict]:
+    path = Path(out) / "checkpoints" / STATE_FILE
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location=cfg.device, weights_only=True)
+    saved = json.loads(state["config"])
+    diff = {k: (saved.get(k), v) for k, v in _resume_keys(cfg).items() if saved.get(k) != v}
+    if diff:
+        raise ValueError(f"{path} was written by a training run with other settings {diff} (saved, new); "
+                         "pass the same settings to resume, or use another output directory")
+    return state
 
 
 @torch.no_grad()
@@ -136,8 +400,6 @@ def _init_b_dec(sae: SparseDictionary, y: torch.Tensor, how: str) -> None:
         sae.b_dec.copy_(geometric_median(y.float()))
     elif how == "mean":
         sae.b_dec.copy_(y.float().mean(0))
-    elif how != "zeros":
-        raise ValueError(f"init_b_dec must be geometric_median, mean or zeros, got {how!r}")
 
 
 @torch.no_grad()
