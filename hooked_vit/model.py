@@ -49,7 +49,7 @@ class HookedViT(SAEHost, HookedRootModule):
         self.cfg = cfg
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()
-        self.hook_pos_embed = HookPoint()
+        self.hook_pos_embed = HookPoint() if cfg.pos_embed else None  # absent without a learned position embedding
         self.ln_pre = make_norm(cfg, cfg.d_model) if cfg.ln_pre else None
         self.rope = build_rope(cfg)  # timm's rotary tables (cfg.rope_type), applied in attention
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
