@@ -193,3 +193,25 @@ def test_memories_run(name):
     _, model, _ = built(name)
     table = class_value_agreement(model)
     assert len(table) > 0
+
+
+AIMV2 = "aimv2_large_patch14_224"  # RMSNorm, a norm in the patch embedding, SwiGLU
+
+
+@pytest.mark.parametrize("name,center", [(SIGLIP, True), (AIMV2, False), (DINOV3, True), (EVA02, True)])
+def test_weight_processing_keeps_logits(name, center):
+    import copy
+
+    _, model, x = built(name)
+    processed = copy.deepcopy(model).process_weights_(fold_ln=True, center_writing_weights=center,
+                                                      fold_layer_scale=True)
+    with torch.no_grad():
+        assert rel(processed(x), model(x)) < 1e-4
+
+
+def test_centring_refused_for_rmsnorm():
+    import copy
+
+    _, model, _ = built(AIMV2)
+    with pytest.raises(ValueError, match="RMSNorm"):
+        copy.deepcopy(model).process_weights_(fold_ln=True, center_writing_weights=True)
