@@ -58,6 +58,15 @@ class Attention(nn.Module):
         self.q_norm = make_norm(cfg, cfg.d_head) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg, cfg.d_head) if cfg.qk_norm else None
         self.ln_z = make_norm(cfg, d_attn) if cfg.attn_norm else None
+        self.rel_pos_table: Optional[nn.Parameter] = None
+        self.hook_rel_pos_bias = None
+        if cfg.rel_pos_bias:  # BEiT: one learned bias per head and relative offset
+            from timm.models.beit import gen_relative_position_index
+
+            gh, gw = cfg.grid_size
+            self.rel_pos_table = nn.Parameter(torch.zeros((2 * gh - 1) * (2 * gw - 1) + 3, cfg.n_heads))
+            self.register_buffer("rel_pos_index", gen_relative_position_index(cfg.grid_size), persistent=False)
+            self.hook_rel_pos_bias = HookPoint()  # [1, h, q, k], added to the scores
         self.hook_q = HookPoint()  # [b, p, h, d_head]
         self.hook_k = HookPoint()  # [b, p, h, d_head]
         self.hook_v = HookPoint()  # [b, p, h, d_head]
@@ -94,11 +103,14 @@ class Attention(nn.Module):
             q = self.hook_rot_q(apply_rope(q, rope, self.cfg).type_as(v))
             k = self.hook_rot_k(apply_rope(k, rope, self.cfg).type_as(v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, p, d_head]
+        bias = None if self.rel_pos_table is None else self.hook_rel_pos_bias(self._rel_pos_bias(p))
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
             mask = None if key_mask is None else key_mask[:, None, None, :]
+            if bias is not None:
+                mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            z = self._explicit(q, k, v, key_mask)
+            z = self._explicit(q, k, v, key_mask, bias)
         z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d_head]
         if self.ln_z is not None:  # proj reads the normalised heads
             z = self.ln_z(z.reshape(b, p, -1)).view(z.shape)
@@ -115,9 +127,19 @@ class Attention(nn.Module):
         q, k, v = (torch.einsum("bphm,hme->bphe", i, w) + bias for i, (w, bias) in zip(inputs, weights))
         return q, k, v
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+    def _rel_pos_bias(self, n_tokens: int) -> Float[Tensor, "1 h q k"]:
+        n = self.rel_pos_index.shape[0]
+        if n_tokens != n:
+            raise ValueError(f"a relative-position-bias model needs its full sequence of {n} tokens (got {n_tokens}): "
+                             "token removal and other grids are not supported for it")
+        return self.rel_pos_table[self.rel_pos_index.view(-1)].view(n, n, -1).permute(2, 0, 1)[None]
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                  bias: Optional[Tensor] = None) -> Tensor:
         # Scale q before the product, as timm's explicit path does, for matching rounding.
         scores = (q * self.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
         scores = self.hook_attn_scores(scores)

@@ -46,6 +46,10 @@ class HookedViTConfig:
     rope_type: Optional[str] = None
     rope_options: dict[str, Any] = field(default_factory=dict)
     rope_rotate_half: bool = False  # rotate halves of each head, not interleaved pairs
+    # BEiT's relative position bias: a learned table [n_rel, n_heads] per block, indexed by
+    # each (query, key) pair's 2-D offset (class-token pairs have their own entries), added
+    # to the attention scores (attn.hook_rel_pos_bias).
+    rel_pos_bias: bool = False
 
     # --- blocks ----------------------------------------------------------------------------
     block_type: Literal["pre_norm", "post_norm"] = "pre_norm"

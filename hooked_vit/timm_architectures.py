@@ -263,6 +263,30 @@ def eva_config(model: nn.Module) -> dict[str, Any]:
     )
 
 
+# ------------------------------------------------------------------ Beit
+def _beit_block(block: nn.Module, where: str) -> dict[str, Any]:
+    attn = block.attn
+    if type(block).__name__ != "Block" or type(attn).__name__ != "Attention":
+        refuse(f"block type {type(block).__name__}")
+    if attn.relative_position_bias_table is None:
+        refuse("BEiT attention without a relative position bias")
+    return dict(n_heads=attn.num_heads, d_head=attn.qkv.out_features // 3 // attn.num_heads,
+                qkv_bias=attn.q_bias is not None, proj_bias=attn.proj.bias is not None,
+                layer_scale=block.gamma_1 is not None, **mlp_options(block.mlp, where))
+
+
+def beit_config(model: nn.Module) -> dict[str, Any]:
+    if model.rel_pos_bias is not None:
+        refuse("a relative position bias shared by all blocks (use_shared_rel_pos_bias)")
+    if model.global_pool not in ("avg", "token"):
+        refuse(f"global_pool={model.global_pool!r}")
+    return dict(
+        **patch_embed_options(model.patch_embed), **same_in_every_block(model.blocks, _beit_block),
+        **head_options(model), global_pool=model.global_pool, rel_pos_bias=True, class_token=True,
+        pos_embed=model.pos_embed is not None, final_norm=final_norm_of(model),
+    )
+
+
 # ------------------------------------------------------------------ entry points
 def architecture_options(model: nn.Module) -> dict[str, Any]:
     """HookedViTConfig fields of a timm model's architecture (sizes, tokens, blocks, head)."""
@@ -273,10 +297,10 @@ def architecture_options(model: nn.Module) -> dict[str, Any]:
         options = vit_config(model)
     elif type(model) is Eva:
         options = eva_config(model)
-        if model.patch_drop is not None:
-            pass  # training-only (patch dropout), like dropout
+    elif type(model).__name__ == "Beit":
+        options = beit_config(model)
     else:
-        refuse(f"model class {type(model).__name__} (HookedViT reads timm's VisionTransformer and Eva)")
+        refuse(f"model class {type(model).__name__} (HookedViT reads timm's VisionTransformer, Eva and Beit)")
     norm_type, eps = norms_of(model)
     return dict(d_model=model.embed_dim, n_layers=len(model.blocks), norm_type=norm_type, eps=eps, **options)
 
@@ -286,11 +310,13 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     state = model.state_dict()
     for name, value in state.items():
-        out[name] = value
+        if not name.endswith("relative_position_index"):  # BEiT's index buffer: rebuilt from the grid
+            out[name] = value
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}."
         _attn_state(block.attn, p + "attn.", out)
         _mlp_state(block.mlp, p + "mlp.", out)
+        _rename_prefix(out, p + "attn.relative_position_bias_table", p + "attn.rel_pos_table")
         for old, new in (("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma")):
             if p + old in out:
                 out[p + new] = out.pop(p + old)

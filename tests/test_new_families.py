@@ -15,7 +15,8 @@ from hooked_vit.errors import UnsupportedModelError
 SIGLIP = "vit_base_patch16_siglip_224"  # MAP head
 EVA02 = "eva02_base_patch14_224"  # RoPE (cat), SwiGLU, sub-LN in the MLP, avg pool
 DINOV3 = "vit_small_plus_patch16_dinov3"  # RoPE (dinov3), 4 registers, LayerScale, SwiGLU
-NAMES = (SIGLIP, EVA02, DINOV3)
+BEIT = "beitv2_base_patch16_224"  # relative position bias, LayerScale, q/v biases
+NAMES = (SIGLIP, EVA02, DINOV3, BEIT)
 TOL = 1e-5
 
 _CACHE: dict[str, tuple] = {}
@@ -50,6 +51,7 @@ NEW_HOOKS = {
     EVA02: {"blocks.0.attn.hook_rot_q": (2, 13, 4, 16), "blocks.1.attn.hook_rot_k": (2, 13, 4, 16),
             "blocks.0.mlp.hook_pre_linear": None, "blocks.0.mlp.ln.hook_normalized": None},
     DINOV3: {"blocks.0.attn.hook_rot_q": (2, 17, 4, 16), "blocks.0.mlp.hook_pre": None},
+    BEIT: {"blocks.0.attn.hook_rel_pos_bias": (1, 4, 13, 13)},
 }
 
 
@@ -167,7 +169,7 @@ def test_patching_runs_and_clean_patch_restores(name):
     assert torch.isfinite(torch.as_tensor(grid.values if hasattr(grid, "values") else grid.scores)).all()
 
 
-@pytest.mark.parametrize("name", (EVA02, DINOV3))
+@pytest.mark.parametrize("name", (EVA02, DINOV3, BEIT))
 def test_decomposition_exact(name):
     from circuits.decomposition.decompose import decompose
 
@@ -215,3 +217,11 @@ def test_centring_refused_for_rmsnorm():
     _, model, _ = built(AIMV2)
     with pytest.raises(ValueError, match="RMSNorm"):
         copy.deepcopy(model).process_weights_(fold_ln=True, center_writing_weights=True)
+
+
+def test_relative_position_bias_refuses_token_removal():
+    _, model, x = built(BEIT)
+    keep = torch.ones(2, model.cfg.n_ctx, dtype=torch.bool)
+    keep[:, 3] = False
+    with pytest.raises(ValueError, match="relative-position-bias"):
+        model(x, keep_mask=keep)
