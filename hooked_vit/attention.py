@@ -40,6 +40,11 @@ class Attention(nn.Module):
     The per-head input hooks (hook_q_input, hook_k_input, hook_v_input, hook_attn_in) are
     the block's, as in TransformerLens's `TransformerBlock`; see `TransformerBlock`.
 
+    Grouped attention (docs/video.md): given x [b, g, p, d_model] the module attends within
+    each of the g groups (TimeSformer's divided space-time attention); every hook then has
+    the group axis after the batch axis (hook_q [b, g, p, h, d_head], hook_pattern
+    [b, g, h, q, k]).
+
     When neither `hook_attn_scores` nor `hook_pattern` is hooked (and cfg.use_fused_attn),
     attention runs through `scaled_dot_product_attention`; otherwise the explicit path runs
     and edits returned by those hooks change the output.
@@ -85,25 +90,25 @@ class Attention(nn.Module):
         key_mask: Optional[Float[Tensor, "b k"]] = None,
         rope: Optional[Tensor] = None,
     ) -> Float[Tensor, "b p d_model"]:
-        """`x`: the (normalised) input [b, p, d_model], or, with the block's per-head input
-        flags, the query, key and value inputs [b, p, h, d_model] of every head.
-        `key_mask` [b, k] (bool, True = attend) hides padded tokens. `rope` [b or 1, p,
-        h or 1, 2 * d_head]: this block's rotary table (sin and cos; identity rows for prefix
-        tokens), see hooked_vit.rope."""
+        """`x`: the (normalised) input [b, p, d_model] (or [b, g, p, d_model] for grouped
+        attention), or, with the block's per-head input flags, the query, key and value inputs
+        [b, p, h, d_model] of every head. `key_mask` [b, k] (bool, True = attend) hides padded
+        tokens. `rope` [b or 1, p, h or 1, 2 * d_head]: this block's rotary table (sin and cos;
+        identity rows for prefix tokens), see hooked_vit.rope."""
         if isinstance(x, tuple):
             q, k, v = self._per_head_qkv(x)
         else:
-            b, p, _ = x.shape
-            q, k, v = self.qkv(x).view(b, p, 3, self.cfg.n_heads, self.cfg.d_head).unbind(2)
-        b, p = q.shape[:2]
+            if key_mask is not None and x.ndim != 3:
+                raise ValueError("key_mask (token removal, padding) is not supported with grouped attention")
+            q, k, v = self.qkv(x).view(*x.shape[:-1], 3, self.cfg.n_heads, self.cfg.d_head).unbind(-3)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q = self.hook_rot_q(apply_rope(q, rope, self.cfg).type_as(v))
             k = self.hook_rot_k(apply_rope(k, rope, self.cfg).type_as(v))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, p, d_head]
-        bias = None if self.rel_pos_table is None else self.hook_rel_pos_bias(self._rel_pos_bias(p))
+        q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)  # [b, (g,) h, p, d_head]
+        bias = None if self.rel_pos_table is None else self.hook_rel_pos_bias(self._rel_pos_bias(q.shape[-2]))
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
             mask = None if key_mask is None else key_mask[:, None, None, :]
             if bias is not None:
@@ -111,13 +116,13 @@ class Attention(nn.Module):
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             z = self._explicit(q, k, v, key_mask, bias)
-        z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d_head]
+        z = self.hook_z(z.transpose(-3, -2))  # [b, (g,) p, h, d_head]
         if self.ln_z is not None:  # proj reads the normalised heads
-            z = self.ln_z(z.reshape(b, p, -1)).view(z.shape)
+            z = self.ln_z(z.flatten(-2)).view(z.shape)
         if self.cfg.use_attn_result:
-            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            result = self.hook_result(torch.einsum("...phd,hdm->...phm", z, self.W_O))
             return result.sum(-2) + self.b_O
-        out = self.proj(z.reshape(b, p, -1))
+        out = self.proj(z.flatten(-2))
         return out if self.ls_gamma is None else out * self.ls_gamma
 
     def _per_head_qkv(self, inputs: HeadInputs) -> tuple[Tensor, Tensor, Tensor]:

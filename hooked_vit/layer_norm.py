@@ -113,6 +113,7 @@ class RMSNorm(nn.Module):
         return f"{self.d_model}, eps={self.eps}, affine={self.weight is not None}"
 
 
-def make_norm(cfg, d: int) -> nn.Module:
-    """The model's norm (cfg.norm_type) over a last dimension of size d."""
-    return RMSNorm(d, cfg.eps) if cfg.norm_type == "rmsnorm" else LayerNorm(d, cfg.eps)
+def make_norm(cfg, d: int, eps: Optional[float] = None) -> nn.Module:
+    """The model's norm (cfg.norm_type) over a last dimension of size d (eps: cfg.eps)."""
+    eps = cfg.eps if eps is None else eps
+    return RMSNorm(d, eps) if cfg.norm_type == "rmsnorm" else LayerNorm(d, eps)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from torchvision.transforms import InterpolationMode
 
 from circuits.cli import main
-from circuits.data.transforms import JointTransform, MaskSampling, SourceAxis, batch_object_tokens, mask_to_token_grid
+from circuits.data.transforms import (JointTransform, MaskSampling, ProcessorTransform, SourceAxis, batch_object_tokens,
+                                      mask_to_token_grid, transform_for)
 
 
 def _by_loops(mask: np.ndarray, ph: int, pw: int, kind: str, threshold: float = 0.5) -> list[bool]:
@@ -158,7 +159,9 @@ def test_corner_token_sets_equal_the_reference_codes_cv2_resize(seed_masks):
     for (h, w), mask in masks.items():
         for grid, patch in ((14, 16), (7, 32)):
             want = ref[f"cv2.{h}x{w}.{grid}"].bool().reshape(1, -1)
-            transforms = [_squash(patch)] + ([_squash(patch, crop_mode="center")] if h == w else [])
+            transforms = [_squash(patch), ProcessorTransform((224, 224), resize={"height": 224, "width": 224},
+                                                             patch_size=patch)]  # ViTImageProcessor's steps
+            transforms += [_squash(patch, crop_mode="center")] if h == w else []
             for t in transforms:
                 assert torch.equal(MaskSampling("corner").select(t.patch_mask(mask)), want), (h, w, grid, t)
 
@@ -245,3 +248,32 @@ def test_runs_take_the_source_mask_when_the_dataset_gives_it(seed_masks):
                            batch_object_tokens({"mask": batch["mask"]}, 16, "corner"))
     with pytest.raises(ValueError, match="transform_for"):
         batch_object_tokens(batch, 32, "corner")
+
+
+def test_identify_on_imagenet_s_stores_the_source_mask_token_sets(seed_masks, tmp_path):
+    """The run path: ImageNet-S items through transform_for(model) (squashed, as the reference
+    code's processor) give identify the corner tokens of the original 333 x 500 / 500 x 375 masks."""
+    from circuits.data import ImageNetS
+    from circuits.runs.identify import identify
+    from circuits.runs.sources import load_model
+
+    _, masks = seed_masks
+    model = load_model("embedded")
+    root, wnid = tmp_path / "ImageNetS", "n00000001"
+    (root / "validation" / wnid).mkdir(parents=True)
+    (root / "validation-segmentation" / wnid).mkdir(parents=True)
+    (root / "LOC_synset_mapping.txt").write_text(f"{wnid} a class\n")
+    sources = [masks[(333, 500)], masks[(500, 375)]]
+    for k, m in enumerate(sources):
+        Image.new("RGB", m.shape[::-1], (120, 60, 200)).save(root / "validation" / wnid / f"im{k}.JPEG")
+        Image.fromarray(np.stack([m.astype(np.uint8), 0 * m, 0 * m], -1).astype(np.uint8)).save(
+            root / "validation-segmentation" / wnid / f"im{k}.png")  # id 1 = R
+    t = transform_for({**model.cfg.data_config, "crop_mode": "squash", "crop_pct": 1.0}, patch_size=model.cfg.patch_size)
+    assert t.img_size == model.cfg.img_size and t.scale_size == t.img_size
+    store = identify(model, ImageNetS(root, transform=t), tmp_path / "run", sites=["block"], progress=False,
+                     mask_sampling="corner")
+    stored = np.stack(pd.read_parquet(store.root / "images").sort_values("index")["object_tokens"].to_numpy())
+    want = torch.cat([MaskSampling("corner").select(t.patch_mask(m)) for m in sources]).numpy()
+    assert stored[:, model.cfg.n_prefix_tokens:].tolist() == want.tolist()
+    old = torch.cat([mask_to_token_grid(t.mask(m), model.cfg.patch_size, "corner") for m in sources]).numpy()
+    assert want.tolist() != old.tolist()  # what the resized mask gave

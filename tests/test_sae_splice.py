@@ -177,3 +177,36 @@ def test_dtype_of_the_dictionary_is_kept_inside_and_cast_at_the_boundary():
     logits, cache = model.run_with_cache_with_saes(x, saes=[sae], use_error_term=False)
     assert cache[f"{HOOK}.hook_sae_acts_post"].dtype == torch.bfloat16 and cache[HOOK].dtype == torch.float32
     assert logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", ["standard", "skip_transcoder"])
+def test_splice_matches_hooked_sae_transformer_fixture(case):
+    """HookedSAETransformer's own splice (_SAEWrapper, use_error_term=True), stored by
+    make_fixtures.py: same output, features zeroed or not. Gradients wrt the dictionary's
+    input agree for the SAE; for a skip transcoder SAELens's splice leaves W_skip out of the
+    reconstruction (it sits in the gradient-free error), ours keeps it on the gradient path."""
+    from hooked_vit.saes import SpliceHook
+    from transformer_lens.hook_points import HookPoint
+
+    want = load_file(FIX / "wrapper_term.safetensors")
+    sae = load_saelens(FIX / "theirs" / case)
+    hook_in, hook_out = ("a", "a") if case == "standard" else ("a", "b")
+    for tag in ("ablated", "unedited"):
+        splice = SpliceHook(sae, HookPoint(), hook_in, hook_out, use_error_term=True)
+        if tag == "ablated":
+            splice.hook_sae_acts_post.add_hook(_zero)
+        src = want[f"{case}.src"].clone().requires_grad_(True)
+        if case == "standard":
+            y = splice(src)
+        else:
+            splice.captured = src
+            y = splice(want[f"{case}.orig"])
+        splice.hook_sae_acts_post.remove_hooks()
+        torch.testing.assert_close(y, want[f"{case}.{tag}"], rtol=1e-5, atol=1e-5)
+        (grad,) = torch.autograd.grad((y * want[f"{case}.w"]).sum(), src, allow_unused=True)
+        grad = torch.zeros_like(src) if grad is None else grad
+        if case == "standard":
+            torch.testing.assert_close(grad, want[f"{case}.{tag}.grad_src"], rtol=1e-5, atol=1e-5)
+        else:  # ours = SAELens's + the skip path's gradient
+            torch.testing.assert_close(grad, want[f"{case}.{tag}.grad_src"] + want[f"{case}.w"] @ sae.W_skip.detach(),
+                                       rtol=1e-5, atol=1e-5)

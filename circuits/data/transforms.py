@@ -309,12 +309,14 @@ MASK_SAMPLINGS = ("center", "corner", "majority")
 class MaskSampling:
     """How a patch's pixel mask becomes one object / context flag for its token.
 
-    center: the pixel at the patch centre (the default: the unbiased point sample of the
-      patch, not shifted towards its top-left); corner: the top-left pixel, what the
-      reference code's nearest resize of the mask to the token grid samples (Vilas et al.
-      2023, github.com/martinagvilas/vit-cls_emb ``src/vis.py``, ``cv2.resize(...,
-      INTER_NEAREST)`` picks source pixel ``floor(i * H / gh)``); majority: the share of
-      object pixels in the patch is >= ``threshold``.
+    Read on the source-resolution mask where the dataset gives it (``source_patch_mask``,
+    ``batch_object_tokens``), else on the mask aligned with the model input
+    (``mask_to_token_grid``). center: the pixel under the patch centre (the default: the
+    unbiased point sample of the patch, not shifted towards its top-left); corner: the pixel
+    at the patch's top-left edge, what the reference code's nearest resize of the mask to the
+    token grid samples (Vilas et al. 2023, github.com/martinagvilas/vit-cls_emb ``src/vis.py``,
+    ``cv2.resize(..., INTER_NEAREST)`` picks source pixel ``floor(i * (1 / (gh / H)))``);
+    majority: the share of object pixels in the patch is >= ``threshold``.
     Text form (CLI, settings): ``center``, ``corner``, ``majority`` or ``majority:0.25``.
     """
 

@@ -167,8 +167,8 @@ def _normalization(mode, where: str, folder: Path, scaling_factor: Optional[floa
         scaling_factor = json.loads((folder / SCALER).read_text()).get("scaling_factor")
     if scaling_factor is None:
         raise CheckpointError(f"{where}: normalize_activations='expected_average_only_in' scales inputs by a factor "
-                              f"that is not in the folder ({SCALER}); pass scaling_factor= (SAELens's "
-                              "norm_scaling_factor) to load it")
+                              f"that is not in the folder: write {{\"scaling_factor\": s}} to {folder / SCALER} "
+                              "(s: SAELens's norm_scaling_factor of this release) or pass scaling_factor=s")
     return "none", float(scaling_factor)
 
 
