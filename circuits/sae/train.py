@@ -97,7 +97,6 @@ class TrainConfig:
     resample_every: int = 500  # relu / jumprelu: resample dead features this often (0: never)
     checkpoint_every: int = 0  # 0: only at the end
     init_b_dec: str = "geometric_median"  # geometric_median | mean | zeros
-    init_encoder_norm: Optional[float] = 0.1  # encoder columns rescaled to this norm at the start (None: keep)
     seed: int = 0
     device: str = "cpu"
 
@@ -287,9 +286,6 @@ def train_dictionary(sae: SparseDictionary, batches: Batches, cfg: TrainConfig, 
         first = stream.next()
         _, y0 = _io(sae, first, cfg.device)
         _init_b_dec(sae, y0, cfg.init_b_dec)
-        if cfg.init_encoder_norm is not None:
-            with torch.no_grad():
-                sae.W_enc.mul_(cfg.init_encoder_norm / sae.W_enc.norm(dim=0, keepdim=True).clamp_min(1e-8))
         if sae.cfg.architecture == "jumprelu" and cfg.jumprelu_init_fire_rate is not None:
             _init_threshold(sae, _io(sae, first, cfg.device)[0], cfg.jumprelu_init_fire_rate)
         base = DEFAULT_SPARSITY.get(sae.cfg.architecture, 0.0) * sparsity_scale(sae.cfg.architecture, y0) \
