@@ -7,9 +7,9 @@ back to the clean answer. TransformerLens's `generic_activation_patch` does the 
 this module supplies what images need:
 
 - The position range. TL infers it from `corrupted_tokens.shape[-1]`, which for an image
-  batch is the width in pixels, not the sequence length, so its `*_by_pos` / `resid_*` /
-  `*_out` functions sweep the wrong range (or index past the sequence). Here the index
-  table is built from the model's sequence length and passed to TL as `index_df`.
+  batch is the width in pixels, not the sequence length; HookedViT refuses TL's own position
+  sweeps over raw images (they run on `model.to_tokens(images)`). Here the index table is
+  built from the model's sequence length and passed to TL as `index_df`, with the images.
 - TL's layer / head-only functions (`get_act_patch_attn_head_*_all_pos`,
   `get_act_patch_attn_head_all_pos_every`) work unchanged on a HookedViT.
 - Image metrics against class targets: logit difference (optionally normalised as in TL's

@@ -12,9 +12,18 @@ from typing import Any, NoReturn
 
 from transformer_lens import ActivationCache
 
+from hooked_vit.transformer_lens_api import canonical_hook_name
+
 
 class ViTActivationCache(ActivationCache):
-    """An `ActivationCache` of a `HookedViT` run."""
+    """An `ActivationCache` of a `HookedViT` run. Hook-name aliases (`canonical_hook_name`)
+    read the activation of the hook point they name."""
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(canonical_hook_name(key) if isinstance(key, str) else key)
+
+    def __contains__(self, key: Any) -> bool:
+        return (canonical_hook_name(key) if isinstance(key, str) else key) in self.cache_dict
 
     def logit_lens(self, **kwargs: Any) -> NoReturn:
         raise NotImplementedError(

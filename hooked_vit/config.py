@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Optional
 
+import torch
+
 ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 
 
@@ -72,6 +74,7 @@ class HookedViTConfig:
     attn_only: bool = False
     n_key_value_heads: Optional[int] = None  # TransformerLens field; ViTs have no grouped-query attention
     device: Optional[str] = None  # kept up to date by HookedViT.to()/cuda()/cpu() (TransformerLens reads it)
+    dtype: torch.dtype = torch.float32  # the parameters' dtype, kept up to date likewise (TransformerLens's field)
 
     # --- provenance ----------------------------------------------------------------------------
     model_name: str = "custom"
@@ -83,6 +86,7 @@ class HookedViTConfig:
 
     def __post_init__(self) -> None:
         self.img_size = _pair(self.img_size)
+        self.dtype = _dtype(self.dtype)
         self.patch_size = _pair(self.patch_size)
         if self.d_head is None:
             if self.d_model % self.n_heads:
@@ -165,7 +169,8 @@ class HookedViTConfig:
         return self.n_classes
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data (JSON-ready): `dtype` as its name, e.g. "float32"."""
+        return {**asdict(self), "dtype": str(self.dtype).removeprefix("torch.")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HookedViTConfig":
@@ -180,3 +185,13 @@ def _pair(x: Any) -> tuple[int, int]:
         return (x, x)
     a, b = x
     return (int(a), int(b))
+
+
+def _dtype(value: Any) -> torch.dtype:
+    """A torch dtype from itself or its name ("float16", "torch.bfloat16")."""
+    if isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value).removeprefix("torch."), None) if isinstance(value, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={value!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
+    return dtype

@@ -10,14 +10,16 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
-from hooked_vit.errors import CheckpointError, UnsupportedModelError  # noqa: F401  (re-exported)
-from hooked_vit.model import HookedViT
+from hooked_vit.errors import CheckpointError, UnsupportedModelError, UserError  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:  # hooked_vit.model imports this module, never the other way round
+    from hooked_vit.model import HookedViT
 
 
 # ------------------------------------------------------------------ config
@@ -288,30 +290,27 @@ def load_timm_weights(timm_model: nn.Module, state_dict: dict[str, Tensor], sour
 
 
 # ------------------------------------------------------------------ entry point
-def from_timm(
+class Converted(NamedTuple):
+    """A model in HookedViT's terms, not yet built: its config, its weights under timm's names
+    (every loader renames to timm's first, so there is one mapping onto HookedViT), and the
+    device / dtype the source lived on. `HookedViT.from_converted` builds it; the loaders
+    never import the model class (hooked_vit.model imports them)."""
+
+    cfg: HookedViTConfig
+    timm_state: dict[str, Tensor]
+    device: Optional[torch.device] = None
+    dtype: Optional[torch.dtype] = None
+
+
+def timm_module(
     name_or_model: Union[str, nn.Module],
     pretrained: bool = False,
     checkpoint_path: Optional[Union[str, Path]] = None,
-    device: Optional[Union[str, torch.device]] = None,
-    dtype: Optional[torch.dtype] = None,
-    fold_ln: bool = False,
-    center_writing_weights: bool = False,
-    fold_layer_scale: bool = False,
     **timm_kwargs: Any,
-) -> HookedViT:
-    """Build a HookedViT from a timm model name or an instantiated timm model.
-
-    Args:
-        name_or_model: a timm model name (e.g. "vit_base_patch16_224.augreg2_in21k_ft_in1k")
-            or a timm VisionTransformer instance (its weights are copied).
-        pretrained: let timm download / find its pretrained weights.
-        checkpoint_path: a local .safetensors / .pth / .bin file with timm-named weights.
-        device, dtype: where and in which precision the hooked model lives.
-        fold_ln, center_writing_weights, fold_layer_scale: optional weight processing
-            (default off, so the parameters are exactly timm's).
-        **timm_kwargs: passed to `timm.create_model` (e.g. num_classes, img_size,
-            dynamic_img_size).
-    """
+) -> nn.Module:
+    """The timm model `HookedViT.from_timm` converts: built from a name (`timm.create_model`,
+    timm's pretrained weights when `pretrained`), or the given instance; then the weights of
+    `checkpoint_path` (a local .safetensors / .pth / .bin file with timm names), if any."""
     import timm
 
     if isinstance(name_or_model, str):
@@ -342,17 +341,7 @@ def from_timm(
         raise TypeError(f"expected a timm model name or module, got {type(name_or_model).__name__}")
     if checkpoint_path is not None:
         load_timm_weights(timm_model, load_checkpoint(checkpoint_path), source=str(checkpoint_path))
-    model = processed(hooked_from_timm_module(timm_model), fold_ln, center_writing_weights, fold_layer_scale)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def processed(model: HookedViT, fold_ln: bool = False, center_writing_weights: bool = False,
-              fold_layer_scale: bool = False) -> HookedViT:
-    """The optional weight processing every loader offers (`HookedViT.process_weights_`); all
-    off by default, so the parameters are exactly the source's."""
-    if fold_ln or center_writing_weights or fold_layer_scale:
-        model.process_weights_(fold_ln, center_writing_weights, fold_layer_scale)
-    return model
+    return timm_model
 
 
 def _refuse_build_options(timm_model: nn.Module, pretrained: bool, timm_kwargs: dict[str, Any]) -> None:
@@ -370,21 +359,7 @@ def _refuse_build_options(timm_model: nn.Module, pretrained: bool, timm_kwargs: 
         )
 
 
-def hooked_from_timm_state(cfg: HookedViTConfig, timm_state: dict[str, torch.Tensor]) -> HookedViT:
-    """A HookedViT of `cfg` holding weights given under timm's names (every loader ends here:
-    timm, Hugging Face and open_clip weights are first renamed to timm's); a weight that does
-    not map is refused, never dropped."""
-    model = HookedViT(cfg)
-    result = model.load_state_dict(convert_timm_state_dict(timm_state, cfg), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UnsupportedModelError(
-            f"weights of {cfg.model_name} did not map onto HookedViT: missing "
-            f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
-        )
-    return model
-
-
-def hooked_from_timm_module(timm_model: nn.Module) -> HookedViT:
-    model = hooked_from_timm_state(config_from_timm(timm_model), timm_model.state_dict())
+def convert_timm(timm_model: nn.Module) -> Converted:
+    """A timm model's config and weights (`config_from_timm`, refusing the unsupported)."""
     first = next(timm_model.parameters())
-    return model.to(device=first.device, dtype=first.dtype)
+    return Converted(config_from_timm(timm_model), timm_model.state_dict(), first.device, first.dtype)

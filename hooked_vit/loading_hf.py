@@ -4,9 +4,13 @@ Supported: `ViTForImageClassification` / `ViTModel` (without the tanh pooler),
 `DeiTForImageClassification` / `DeiTForImageClassificationWithTeacher`,
 `Dinov2Model` / `Dinov2WithRegistersModel` and their `...ForImageClassification` heads
 (on [class token, mean patch token]: `global_pool="token_avg"`), `CLIPVisionModel` /
-`CLIPVisionModelWithProjection` (the projection is `image_proj`, at `hook_image_embed`). Architectures are described in the transformers docs
+`CLIPVisionModelWithProjection` (the projection is `image_proj`, at `hook_image_embed`),
+`ViTMSNModel` / `ViTMSNForImageClassification` (a plain ViT), `IJepaModel` /
+`IJepaForImageClassification` (no class token; the classifier reads the mean of the normed
+patch tokens: `global_pool="avg"`, which is also the headless model's pooled vector).
+Architectures are described in the transformers docs
 (https://huggingface.co/docs/transformers/model_doc/vit, .../deit, .../dinov2,
-.../dinov2_with_registers, .../clip). Anything else is refused naming the feature.
+.../dinov2_with_registers, .../clip, .../vit_msn, .../ijepa). Anything else is refused naming the feature.
 
 The HF weights are rewritten to timm's layout (fused qkv, `norm1`/`norm2`, ...) and loaded
 through `hooked_vit.loading`'s timm-name mapping, so there is one definition of the
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -26,8 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
-from hooked_vit.loading import UnsupportedModelError, hooked_from_timm_state, processed
-from hooked_vit.model import HookedViT
+from hooked_vit.loading import Converted, UnsupportedModelError
 
 # HF hidden_act -> HookedViTConfig.act_fn
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -50,20 +54,11 @@ _LAYER_KEY = re.compile(r"^(?:encoder\.)?(?:layers?)\.(\d+)\.(.*)$")
 
 
 # ------------------------------------------------------------------ entry point
-def from_hf(
-    model_or_path: Union[str, os.PathLike, nn.Module],
-    device: Optional[Union[str, torch.device]] = None,
-    dtype: Optional[torch.dtype] = None,
-    fold_ln: bool = False,
-    center_writing_weights: bool = False,
-    fold_layer_scale: bool = False,
-    **hf_kwargs: Any,
-) -> HookedViT:
-    """Build a HookedViT from a transformers vision model, a `save_pretrained` folder or a
-    hub id already in the local cache (set `HF_HUB_OFFLINE=1` where there is no network,
-    so that transformers does not wait on it). fold_ln, center_writing_weights,
-    fold_layer_scale: weight processing as in `from_timm` (default off). `hf_kwargs` go to
-    the model class's `from_pretrained` (e.g. cache_dir, revision, torch_dtype)."""
+def convert_hf(model_or_path: Union[str, os.PathLike, nn.Module], **hf_kwargs: Any) -> Converted:
+    """Config and weights of a transformers vision model, a `save_pretrained` folder or a hub id
+    already in the local cache (set `HF_HUB_OFFLINE=1` where there is no network, so that
+    transformers does not wait on it). `hf_kwargs` go to the model class's `from_pretrained`
+    (e.g. cache_dir, revision, torch_dtype); `HookedViT.from_hf` builds."""
     hf_model, source = _resolve(model_or_path, **hf_kwargs)
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
@@ -72,10 +67,8 @@ def from_hf(
     source = source or _local_origin(hf_model)
     if source is not None:
         cfg.data_config = data_config_from_processor(source, cfg, hf_kwargs.get("cache_dir"), hf_kwargs.get("revision"))
-    model = processed(hooked_from_timm_state(cfg, hf_to_timm_state_dict(hf_model, cfg)), fold_ln,
-                      center_writing_weights, fold_layer_scale)
     first = next(hf_model.parameters())
-    return model.to(device=device or first.device, dtype=dtype or first.dtype).eval()
+    return Converted(cfg, hf_to_timm_state_dict(hf_model, cfg), first.device, first.dtype)
 
 
 def _local_origin(hf_model: nn.Module) -> Optional[str]:
@@ -137,6 +130,7 @@ _SUPPORTED = {
     "DeiTForImageClassificationWithTeacher", "DeiTModel", "Dinov2Model", "Dinov2ForImageClassification",
     "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
     "CLIPVisionModelWithProjection",
+    "ViTMSNModel", "ViTMSNForImageClassification", "IJepaModel", "IJepaForImageClassification",
 }
 _REFUSED = {
     "Siglip": "SigLIP's attention-pooling head (MAP)",
@@ -171,6 +165,7 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
         raise UnsupportedModelError(f"unsupported feature: activation {c.hidden_act!r}")
     family = kind[:4]
     dinov2, clip = family == "Dino", family == "CLIP"
+    ijepa = kind.startswith("IJepa")  # no class token; the head reads the mean of all tokens
     n_classes, head_bias = _head_shape(hf_model)
     d_image_embed = c.projection_dim if kind == "CLIPVisionModelWithProjection" else None
     d_mlp = int(c.hidden_size * c.mlp_ratio) if dinov2 else c.intermediate_size
@@ -183,6 +178,7 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
         img_size=c.image_size,
         patch_size=c.patch_size,
         in_chans=c.num_channels,
+        class_token=not ijepa,
         # HF DeiT always has a distillation token; the single-head classifier reads only
         # the class token, so the token is carried as a register (same position: 1).
         n_reg_tokens=getattr(c, "num_register_tokens", 0) + int(kind in ("DeiTForImageClassification", "DeiTModel")),
@@ -197,7 +193,7 @@ def config_from_hf(hf_model: nn.Module) -> HookedViTConfig:
         eps=c.layer_norm_eps,
         final_norm="pooled" if clip else "token",  # CLIP's post_layernorm acts on the pooled token
         # Dinov2...ForImageClassification: classifier on [class token, mean patch token].
-        global_pool="token_avg" if dinov2 and kind.endswith("ForImageClassification") else "token",
+        global_pool="token_avg" if dinov2 and kind.endswith("ForImageClassification") else "avg" if ijepa else "token",
         head_bias=head_bias,
         d_image_embed=d_image_embed,
         model_name=getattr(c, "_name_or_path", "") or kind,
@@ -250,7 +246,7 @@ def clip_vision_with_projection(clip: nn.Module) -> nn.Module:
 
 
 def _backbone(hf_model: nn.Module) -> nn.Module:
-    for name in ("vit", "deit", "vision_model", "dinov2", "dinov2_with_registers"):
+    for name in ("vit", "deit", "vision_model", "dinov2", "dinov2_with_registers", "ijepa"):
         if hasattr(hf_model, name):
             return getattr(hf_model, name)
     return hf_model
@@ -306,14 +302,16 @@ def _embedding_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[s
         return out
     out["patch_embed.proj.weight"] = state.pop("embeddings.patch_embeddings.projection.weight")
     out["patch_embed.proj.bias"] = state.pop("embeddings.patch_embeddings.projection.bias")
-    cls, pos = state.pop("embeddings.cls_token"), state.pop("embeddings.position_embeddings")
+    cls, pos = state.pop("embeddings.cls_token", None), state.pop("embeddings.position_embeddings")  # I-JEPA: no cls
     if "embeddings.register_tokens" in state:  # DINOv2 with registers: see config_from_hf
         out["reg_token"] = state.pop("embeddings.register_tokens")
         cls, pos = cls + pos[:, :1], pos[:, 1:]
     if "embeddings.distillation_token" in state:
         key = "dist_token" if cfg.distilled else "reg_token"
         out[key] = state.pop("embeddings.distillation_token")
-    out["cls_token"], out["pos_embed"] = cls, pos
+    out["pos_embed"] = pos
+    if cls is not None:
+        out["cls_token"] = cls
     return out
 
 
@@ -342,34 +340,109 @@ def _layer_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, 
 
 
 # ------------------------------------------------------------------ preprocessing
+# PIL resample ids (the HF processors' `resample`) -> torchvision / timm interpolation names
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_SIZE_KEYS = ({"height", "width"}, {"shortest_edge"})
+_said_default: set[str] = set()
+logger = logging.getLogger("hooked_vit")
+
+
 def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Optional[str] = None,
                                revision: Optional[str] = None) -> dict[str, Any]:
-    """timm-style data config from the model's own `preprocessor_config.json`
-    (https://huggingface.co/docs/transformers/main_classes/image_processor); empty if none."""
+    """The preprocessing of the model's own `preprocessor_config.json`
+    (https://huggingface.co/docs/transformers/main_classes/image_processor), as a data config
+    (`processor_data_config`); without one, the defaults of transformers' processor class for
+    the model type at the model's input size, said once per model."""
     path = Path(source) / "preprocessor_config.json"
-    if not path.is_file() and Path(source).is_dir():  # a folder saved without a processor
-        return {}
-    if not path.is_file():  # a hub id: only what is already cached, never a download
+    if not path.is_file() and not Path(source).is_dir():  # a hub id: only what is already cached, never a download
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(source, "preprocessor_config.json", cache_dir=cache_dir, revision=revision)
-        if not isinstance(cached, str):  # no processor saved with the model: defaults apply
-            return {}
-        path = Path(cached)
-    proc = json.loads(path.read_text())
-    crop = proc.get("crop_size") or {}
-    size = proc.get("size") or {}
-    h, w = cfg.img_size
-    if isinstance(crop, dict) and crop.get("height"):
-        h, w = crop["height"], crop["width"]
-    short = size.get("shortest_edge") if isinstance(size, dict) else None
-    resize = short or (size.get("height") if isinstance(size, dict) else None) or h
-    out = {
-        "input_size": [cfg.in_chans, h, w],
-        "mean": list(proc.get("image_mean", (0.5, 0.5, 0.5))),
-        "std": list(proc.get("image_std", (0.5, 0.5, 0.5))),
-        # PIL resample ids: 2 bilinear, 3 bicubic (the HF processors' convention)
-        "interpolation": {2: "bilinear", 3: "bicubic"}.get(proc.get("resample", 2), "bilinear"),
-        "crop_pct": min(h, w) / resize if proc.get("do_center_crop", False) else 1.0,
+        path = Path(cached) if isinstance(cached, str) else path
+    if path.is_file():
+        return processor_data_config(json.loads(path.read_text()), cfg, str(path))
+    proc, name = _default_processor(cfg)
+    config = processor_data_config(proc, cfg, name)
+    if source not in _said_default:
+        _said_default.add(source)
+        logger.warning("%s has no preprocessor_config.json: using %s's defaults at the model's input size %s "
+                       "(resize %s, %s, mean %s, std %s)", source, name, list(cfg.img_size), config["resize"],
+                       config["interpolation"], config["mean"], config["std"])
+    return config
+
+
+def processor_data_config(proc: dict[str, Any], cfg: HookedViTConfig, where: str = "the processor") -> dict[str, Any]:
+    """A transformers image-processor config as a data config `circuits.data.transform_for`
+    follows step by step, as the processor does them: resize (`size`: height / width, or the
+    shortest edge keeping the aspect ratio; `resample`), centre crop (`crop_size`, offsets
+    rounded down as transformers' `center_crop`), rescale and normalise. The rescale factor is
+    folded into mean / std (pixels in [0, 255]: ``(x * f - m) / s = (x / 255 - m / (255 f)) /
+    (s / (255 f))``), so every pipeline ends in the usual to-tensor + normalise. Keys that would
+    change the image in a way not followed here (padding, a longest edge, crop_pct) are refused."""
+    if proc.get("do_pad"):
+        raise UnsupportedModelError(f"{where}: do_pad=True (padding) is not followed by hooked-vit's preprocessing")
+    if proc.get("crop_pct") is not None:
+        raise UnsupportedModelError(f"{where}: crop_pct={proc['crop_pct']} is not followed by hooked-vit's preprocessing")
+    resize = None
+    if proc.get("do_resize", True):
+        size = proc.get("size")
+        if isinstance(size, int):
+            size = {"height": size, "width": size}
+        if not isinstance(size, dict) or set(k for k, v in size.items() if v is not None) not in _SIZE_KEYS:
+            raise UnsupportedModelError(f"{where}: size={size!r} is not followed (height and width, or shortest_edge)")
+        resize = {k: int(v) for k, v in size.items() if v is not None}
+    crop = None
+    if proc.get("do_center_crop", False):
+        crop_size = proc.get("crop_size")
+        crop_size = {"height": crop_size, "width": crop_size} if isinstance(crop_size, int) else crop_size
+        if not isinstance(crop_size, dict) or not {"height", "width"} <= set(crop_size):
+            raise UnsupportedModelError(f"{where}: crop_size={crop_size!r} is not followed (height and width)")
+        crop = [int(crop_size["height"]), int(crop_size["width"])]
+    final = crop or ([resize["height"], resize["width"]] if resize and "height" in resize else list(cfg.img_size))
+    factor = float(proc.get("rescale_factor", 1 / 255)) if proc.get("do_rescale", True) else 1.0
+    mean, std = ((proc.get("image_mean") or (0.5,) * 3), (proc.get("image_std") or (0.5,) * 3)) \
+        if proc.get("do_normalize", True) else ((0.0,) * 3, (1.0,) * 3)
+    k = 255 * factor
+    k = 1.0 if abs(k - 1) < 1e-9 else k  # the usual 1/255: mean / std as written
+    resample = int(proc.get("resample", 2))
+    if resample not in RESAMPLE:
+        raise UnsupportedModelError(f"{where}: resample={resample} is not a PIL resampling filter")
+    return {
+        "input_size": [cfg.in_chans, *final],
+        "mean": [float(m) / k for m in mean],
+        "std": [float(v) / k for v in std],
+        "interpolation": RESAMPLE[resample],
+        "resize": resize,  # None: no resize
+        "center_crop": crop is not None,  # offsets rounded down, as transformers' center_crop
     }
-    return out
+
+
+def _default_processor(cfg: HookedViTConfig) -> tuple[dict[str, Any], str]:
+    """The default config of transformers' image processor for this kind of model, with its
+    sizes scaled to the model's input size; ViTImageProcessor's when the kind is unknown."""
+    import transformers
+
+    name = {"CLIP": "CLIPImageProcessor", "Dino": "BitImageProcessor", "DeiT": "DeiTImageProcessor"}.get(
+        _family(cfg), "ViTImageProcessor")
+    proc = dict(getattr(transformers, name)().to_dict())
+    h, w = cfg.img_size
+    crop = proc.get("crop_size") if proc.get("do_center_crop") else None
+    ref = crop or proc["size"]
+    ref_h = ref.get("height") or ref.get("shortest_edge")
+    scale = h / ref_h
+    proc["size"] = {k: round(v * scale) for k, v in proc["size"].items()}
+    if crop:
+        proc["crop_size"] = {"height": h, "width": w}
+    elif "height" in proc["size"]:
+        proc["size"] = {"height": h, "width": w}
+    proc["resample"] = int(proc.get("resample", 2))
+    return proc, name
+
+
+def _family(cfg: HookedViTConfig) -> str:
+    """CLIP / Dino / DeiT / ViT from the config's shape (its class name is not kept)."""
+    if cfg.ln_pre:
+        return "CLIP"
+    if cfg.layer_scale:
+        return "Dino"
+    return "DeiT" if cfg.n_reg_tokens or cfg.distilled else "ViT"

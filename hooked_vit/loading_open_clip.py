@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
-from hooked_vit.loading import UnsupportedModelError, _act_name, _norm_eps, hooked_from_timm_state, processed
-from hooked_vit.model import HookedViT
+from hooked_vit.loading import Converted, UnsupportedModelError, _act_name, _norm_eps
 
 
 def _require_open_clip():
@@ -29,28 +28,17 @@ def _require_open_clip():
     return open_clip
 
 
-def from_open_clip(
-    model_or_name: Union[str, nn.Module],
-    device: Optional[Union[str, torch.device]] = None,
-    dtype: Optional[torch.dtype] = None,
-    fold_ln: bool = False,
-    center_writing_weights: bool = False,
-    fold_layer_scale: bool = False,
-    **create_kwargs: Any,
-) -> HookedViT:
-    """Build a HookedViT from an open_clip CLIP model, its `.visual` tower, or a name
-    "ARCH" / "ARCH:TAG" (e.g. "ViT-B-32:laion2b_s34b_b79k"; the tag's weights must be
-    cached or downloadable). Without a tag the weights are open_clip's random init.
-    fold_ln, center_writing_weights, fold_layer_scale: weight processing as in `from_timm`
-    (default off); `create_kwargs` go to `open_clip.create_model`."""
+def convert_open_clip(model_or_name: Union[str, nn.Module], **create_kwargs: Any) -> Converted:
+    """Config and weights of an open_clip CLIP model, its `.visual` tower, or a name "ARCH" /
+    "ARCH:TAG" (e.g. "ViT-B-32:laion2b_s34b_b79k"; the tag's weights must be cached or
+    downloadable, or the tag a local weights file). Without a tag the weights are open_clip's
+    random init. `create_kwargs` go to `open_clip.create_model`; `HookedViT.from_open_clip` builds."""
     visual = _visual_tower(model_or_name, **create_kwargs)
     cfg = config_from_open_clip(visual)
     if isinstance(model_or_name, str):
         cfg.model_name = f"open_clip:{model_or_name}"
-    model = processed(hooked_from_timm_state(cfg, open_clip_to_timm_state_dict(visual)), fold_ln,
-                      center_writing_weights, fold_layer_scale)
     first = next(visual.parameters())
-    return model.to(device=device or first.device, dtype=dtype or first.dtype).eval()
+    return Converted(cfg, open_clip_to_timm_state_dict(visual), first.device, first.dtype)
 
 
 def _visual_tower(model_or_name: Union[str, nn.Module], **create_kwargs: Any) -> nn.Module:

@@ -7,7 +7,8 @@ families is a flag in `HookedViTConfig`. See docs/hook_points.md for the hook ta
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Literal, Optional, Union
+import sys
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -20,9 +21,16 @@ from hooked_vit.block import TransformerBlock
 from hooked_vit.cache import ViTActivationCache
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.embed import Embed
-from hooked_vit.errors import UserError
+from hooked_vit import weight_processing
+from hooked_vit.errors import UnsupportedModelError, UserError
 from hooked_vit.layer_norm import LayerNorm
+from hooked_vit.loading import Converted, convert_timm, convert_timm_state_dict, timm_module, to_timm_state_dict
+from hooked_vit.loading_hf import convert_hf
+from hooked_vit.loading_open_clip import convert_open_clip
+from hooked_vit.specs import ModelSpec, convert as convert_spec
 from hooked_vit.saes import SAEHost
+from hooked_vit.transformer_lens_api import (ImageTokens, all_composition_scores, canonical_hook_name, class_id,
+                                             refuse_image_position_sweep)
 
 ReturnType = Literal["logits", "loss", "pooled", "resid", None]
 
@@ -64,12 +72,12 @@ class HookedViT(SAEHost, HookedRootModule):
         )
         self.hook_logits = HookPoint()
         self.setup()
-        self.cfg.device = str(self.embed.proj.weight.device)
+        self._sync_cfg()
 
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        x: Union[Float[Tensor, "b c h w"], Float[Tensor, "b p d_model"]],
+        x: Union[Float[Tensor, "b c h w"], Float[Tensor, "b p d_model"], ImageTokens],
         *,
         return_type: ReturnType = "logits",
         start_at_layer: Optional[int] = None,
@@ -81,8 +89,10 @@ class HookedViT(SAEHost, HookedRootModule):
         """Run the model.
 
         Args:
-            x: images [b, c, h, w]; or, with `start_at_layer`, the residual stream
-                [b, p, d_model] entering that block.
+            x: images [b, c, h, w] (or `model.to_tokens(images)`); or, with `start_at_layer`,
+                the residual stream [b, p, d_model] entering that block. A floating-point
+                input is cast to the model's dtype (`cfg.dtype`), as TransformerLens casts
+                a component's input to its parameters' dtype.
             return_type: "logits" [b, n_classes]; "loss" the mean cross-entropy against
                 `targets` (a scalar, so `run_with_cache(..., incl_bwd=True)` can backpropagate);
                 "pooled" the pre-logits representation; "resid" the residual stream after the
@@ -95,6 +105,9 @@ class HookedViT(SAEHost, HookedRootModule):
             key_mask: [b, p] bool, True where a token may be attended to (with start_at_layer).
         """
         _check_forward_options(return_type, targets)
+        x = x.images if isinstance(x, ImageTokens) else x
+        if x.is_floating_point() and x.dtype != self.cfg.dtype:
+            x = x.to(self.cfg.dtype)
         pool_mask = None
         if start_at_layer is None:
             resid = self.embed_images(x)
@@ -189,13 +202,41 @@ class HookedViT(SAEHost, HookedRootModule):
         w, b = (self.W_U, self.b_U) if unembed is None else unembed
         return F.linear(resid, w.T, b)  # one fused GEMM + bias
 
-    def tokens_to_residual_directions(self, class_ids: Union[int, Tensor]) -> Tensor:
-        """Unembedding directions of class ids ([d_model] or [*ids, d_model]).
+    def tokens_to_residual_directions(self, classes: Union[str, int, Sequence[Union[str, int]], Tensor]) -> Tensor:
+        """Unembedding directions of classes ([d_model], or [*classes, d_model] for a list or
+        tensor of them): class ids, or class names (`cfg.class_names` / `cfg.label_names`),
+        as TransformerLens's takes token ids or strings.
 
-        Lets `ActivationCache.logit_attrs(stack, tokens=class_ids)` attribute class logits.
+        Lets `ActivationCache.logit_attrs(stack, tokens=classes)` attribute class logits.
         """
         w = self.W_U
-        return w.T[torch.as_tensor(class_ids, device=w.device)]
+        return w.T[self.to_class_ids(classes).to(w.device)]
+
+    def to_class_ids(self, classes: Union[str, int, Sequence[Union[str, int]], Tensor]) -> Tensor:
+        """Class ids (a 0-d or 1-d tensor; a tensor input unchanged) from names or ids."""
+        if isinstance(classes, Tensor):
+            return classes
+        one = isinstance(classes, (str, int))
+        ids = [self.to_single_token(c) for c in ([classes] if one else classes)]
+        return torch.tensor(ids[0] if one else ids, dtype=torch.long)
+
+    def to_single_token(self, class_name: Union[str, int]) -> int:
+        """The class id of a class name or id (TransformerLens's `to_single_token`, for classes)."""
+        cfg = self.cfg
+        return class_id(class_name, cfg.class_names, cfg.label_names, cfg.n_classes)
+
+    def to_tokens(self, images: Float[Tensor, "b c h w"]) -> ImageTokens:
+        """Images as TransformerLens's patching functions expect tokens: an `ImageTokens`
+        whose `shape` is (batch, sequence length), so `transformer_lens.patching.get_act_patch_*`
+        sweeps every token position; the model runs it like the images."""
+        grid = self.embed.check_images(images)
+        return ImageTokens(images, self.cfg.n_prefix_tokens + grid[0] * grid[1])
+
+    def all_composition_scores(self, mode: Literal["Q", "K", "V"]) -> Float[Tensor, "l1 h1 l2 h2"]:
+        """Composition scores of every head into every later head, [n_layers, n_heads,
+        n_layers, n_heads] (zero where the second head is not in a later layer), as
+        TransformerLens's `all_composition_scores`; see `transformer_lens_api.all_composition_scores`."""
+        return all_composition_scores(self.W_Q, self.W_K, self.W_V, self.W_O, mode)
 
     def accumulated_bias(
         self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
@@ -227,34 +268,45 @@ class HookedViT(SAEHost, HookedRootModule):
     ) -> tuple[Tensor, Union[ActivationCache, dict[str, Tensor]]]:
         """As `HookedRootModule.run_with_cache`, wrapping the result in a `ViTActivationCache`
         (a TransformerLens `ActivationCache`)."""
-        self._check_names_filter(kwargs.get("names_filter"))
+        if "names_filter" in kwargs:
+            kwargs["names_filter"] = self._check_names_filter(kwargs["names_filter"])
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
         if return_cache_object:
             return out, ViTActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
         return out, cache_dict
 
+    def run_with_hooks(self, *model_args: Any, **kwargs: Any) -> Any:
+        """As `HookedRootModule.run_with_hooks`; refuses a `transformer_lens.patching`
+        position sweep over raw images (it would sweep the image width)."""
+        refuse_image_position_sweep(sys._getframe(1), model_args)
+        return super().run_with_hooks(*model_args, **kwargs)
+
     def hooks(self, fwd_hooks=(), bwd_hooks=(), *args: Any, **kwargs: Any):  # type: ignore[override]
-        for name, _ in list(fwd_hooks) + list(bwd_hooks):
-            self.check_hook_name(name)
-        return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
+        fwd_hooks = [(self.check_hook_name(name), fn) for name, fn in fwd_hooks]
+        bwd_hooks = [(self.check_hook_name(name), fn) for name, fn in bwd_hooks]
+        return super().hooks(fwd_hooks, bwd_hooks, *args, **kwargs)
 
     def add_hook(self, name, hook, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        self.check_hook_name(name)
-        super().add_hook(name, hook, *args, **kwargs)
+        super().add_hook(self.check_hook_name(name), hook, *args, **kwargs)
 
-    def check_hook_name(self, name: Union[str, Callable[[str], bool]]) -> None:
-        """Raise a KeyError with close matches if `name` is not a hook point (filters pass)."""
-        if isinstance(name, str) and name not in self.hook_dict:
+    def check_hook_name(self, name: Union[str, Callable[[str], bool]]) -> Union[str, Callable[[str], bool]]:
+        """The hook point `name` refers to (aliases resolved by `canonical_hook_name`); a
+        KeyError with close matches if there is none. Filters pass unchanged."""
+        if not isinstance(name, str):
+            return name
+        canonical = canonical_hook_name(name)
+        if canonical not in self.hook_dict:
             close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
             hint = f" Did you mean {close}?" if close else " See model.hook_dict.keys()."
             raise KeyError(f"unknown hook point {name!r}.{hint}")
+        return canonical
 
-    def _check_names_filter(self, names_filter: Any) -> None:
+    def _check_names_filter(self, names_filter: Any) -> Any:
         if isinstance(names_filter, str):
-            self.check_hook_name(names_filter)
-        elif isinstance(names_filter, (list, tuple)):
-            for name in names_filter:
-                self.check_hook_name(name)
+            return self.check_hook_name(names_filter)
+        if isinstance(names_filter, (list, tuple)):
+            return [self.check_hook_name(name) for name in names_filter]
+        return names_filter
 
     def set_use_attn_result(self, use: bool) -> None:
         """Compute per-head outputs at `blocks.{l}.attn.hook_result` (costs memory)."""
@@ -399,84 +451,121 @@ class HookedViT(SAEHost, HookedRootModule):
         return FactoredMatrix(self.W_V, self.W_O)
 
     # ------------------------------------------------------------------ loading
+    # Every loader converts its source to a `Converted` (config + timm-named weights);
+    # `from_converted` is the one place a HookedViT is built from one. Keyword arguments
+    # common to every loader: device, dtype (where and in which precision the model lives:
+    # the source's by default), fold_ln, center_writing_weights, fold_layer_scale (optional
+    # weight processing, default off, so the parameters are exactly the source's).
     @classmethod
-    def from_timm(cls, name_or_model: Union[str, nn.Module], **kwargs: Any) -> "HookedViT":
-        """Load a timm ViT; see `hooked_vit.loading.from_timm` for the arguments."""
-        from hooked_vit.loading import from_timm
+    def from_converted(cls, converted: Converted, device: Optional[Union[str, torch.device]] = None,
+                       dtype: Optional[torch.dtype] = None, fold_ln: bool = False,
+                       center_writing_weights: bool = False, fold_layer_scale: bool = False) -> "HookedViT":
+        """A HookedViT of `converted.cfg` holding its weights; a weight that does not map is
+        refused, never dropped."""
+        cfg = converted.cfg
+        with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the generator be
+            model = cls(cfg)
+        result = model.load_state_dict(convert_timm_state_dict(converted.timm_state, cfg), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise UnsupportedModelError(
+                f"weights of {cfg.model_name} did not map onto HookedViT: missing "
+                f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
+            )
+        if fold_ln or center_writing_weights or fold_layer_scale:
+            model.process_weights_(fold_ln, center_writing_weights, fold_layer_scale)
+        return model.to(device=device or converted.device, dtype=dtype or converted.dtype).eval()
 
-        return from_timm(name_or_model, **kwargs)
+    @classmethod
+    def from_timm(cls, name_or_model: Union[str, nn.Module], pretrained: bool = False,
+                  checkpoint_path: Optional[str] = None, **kwargs: Any) -> "HookedViT":
+        """Load a timm ViT: a model name (e.g. "vit_base_patch16_224.augreg2_in21k_ft_in1k";
+        `pretrained` lets timm fetch its weights) or a timm VisionTransformer instance (its
+        weights are copied); `checkpoint_path` a local .safetensors / .pth / .bin file with
+        timm-named weights. Other keywords: the common ones (above), the rest go to
+        `timm.create_model` (e.g. num_classes, img_size, dynamic_img_size)."""
+        build, timm_kwargs = _build_options(kwargs)
+        module = timm_module(name_or_model, pretrained, checkpoint_path, **timm_kwargs)
+        return cls.from_converted(convert_timm(module), **build)
 
     @classmethod
     def from_hf(cls, model_or_path: Any, **kwargs: Any) -> "HookedViT":
-        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision model; see `hooked_vit.loading_hf.from_hf`."""
-        from hooked_vit.loading_hf import from_hf
-
-        return from_hf(model_or_path, **kwargs)
+        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision model, a `save_pretrained` folder or
+        a cached hub id (`hooked_vit.loading_hf.convert_hf`); the rest of the keywords go to
+        the model class's `from_pretrained`."""
+        build, hf_kwargs = _build_options(kwargs)
+        return cls.from_converted(convert_hf(model_or_path, **hf_kwargs), **build)
 
     @classmethod
     def from_open_clip(cls, model_or_name: Any, **kwargs: Any) -> "HookedViT":
-        """Load an open_clip ViT image tower; see `hooked_vit.loading_open_clip.from_open_clip`."""
-        from hooked_vit.loading_open_clip import from_open_clip
-
-        return from_open_clip(model_or_name, **kwargs)
+        """Load an open_clip ViT image tower (`hooked_vit.loading_open_clip.convert_open_clip`);
+        the rest of the keywords go to `open_clip.create_model`."""
+        build, create_kwargs = _build_options(kwargs)
+        return cls.from_converted(convert_open_clip(model_or_name, **create_kwargs), **build)
 
     @classmethod
-    def from_pretrained(cls, spec: str, **kwargs: Any) -> "HookedViT":
-        """"timm:NAME", "hf:ID_OR_FOLDER", "open_clip:ARCH[:TAG]" or a bare timm name."""
-        from hooked_vit.pretrained import load_pretrained
-
-        return load_pretrained(spec, **kwargs)
+    def from_pretrained(cls, spec: Union[str, ModelSpec], **kwargs: Any) -> "HookedViT":
+        """"timm:NAME" or a bare timm name (pretrained weights unless pretrained=False or
+        random_weights=True), "hf:ID_OR_FOLDER", "open_clip:ARCH[:TAG_OR_FILE]", or a checkpoint
+        file with arch="timm name": the grammar of `hooked_vit.specs`, the command line's `--model`.
+        Keywords: the common ones (above), then `hooked_vit.specs.convert`'s (offline, seed,
+        arch, arch_kwargs, random_weights) and the loader's."""
+        build, rest = _build_options(kwargs)
+        return cls.from_converted(convert_spec(spec, **rest), **build)
 
     def process_weights_(
         self, fold_ln: bool = True, center_writing_weights: bool = True, fold_layer_scale: bool = True
     ) -> "HookedViT":
         """Fold LayerNorm / LayerScale and centre writing weights, in place; logits unchanged."""
-        from hooked_vit.weight_processing import process_weights_
-
-        process_weights_(self, fold_ln, center_writing_weights, fold_layer_scale)
+        weight_processing.process_weights_(self, fold_ln, center_writing_weights, fold_layer_scale)
         return self
 
     def fold_value_biases(self) -> "HookedViT":
         """Move b_V into b_O, in place (TransformerLens's fold_value_biases); logits unchanged."""
-        from hooked_vit.weight_processing import fold_value_biases_
-
-        fold_value_biases_(self)
+        weight_processing.fold_value_biases_(self)
         return self
 
     def center_unembed(self) -> "HookedViT":
         """Centre W_U and b_U over classes, in place; softmax and logit differences unchanged."""
-        from hooked_vit.weight_processing import center_unembed_
-
-        center_unembed_(self)
+        weight_processing.center_unembed_(self)
         return self
 
     def refactor_factored_attn_matrices(self) -> "HookedViT":
         """Balance each head's QK and OV factors by SVD, in place; logits unchanged."""
-        from hooked_vit.weight_processing import refactor_factored_attn_matrices_
-
-        refactor_factored_attn_matrices_(self)
+        weight_processing.refactor_factored_attn_matrices_(self)
         return self
 
     def to_timm_state_dict(self) -> dict[str, Tensor]:
         """The weights under timm's names (for the unprocessed model)."""
-        from hooked_vit.loading import to_timm_state_dict
-
         return to_timm_state_dict(self)
 
     def _apply(self, fn, *args: Any, **kwargs: Any):  # every .to() / .cuda() / .cpu() ends here
         out = super()._apply(fn, *args, **kwargs)
-        self.cfg.device = str(self.embed.proj.weight.device)
+        self._sync_cfg()
         return out
+
+    def _sync_cfg(self) -> None:
+        """cfg.device and cfg.dtype (TransformerLens reads them) follow the parameters."""
+        self.cfg.device = str(self.embed.proj.weight.device)
+        self.cfg.dtype = self.embed.proj.weight.dtype
 
     @property
     def device(self) -> torch.device:
         return self.embed.proj.weight.device
 
     def to_input(self, images: Float[Tensor, "b c h w"]) -> Float[Tensor, "b c h w"]:
-        """Images on the model's device and in its parameter dtype (a bf16 / fp16 model
-        refuses fp32 images, as timm's does)."""
+        """Images on the model's device and in its parameter dtype (`forward` casts the
+        dtype itself; this also moves them to the model's device)."""
         param = self.embed.proj.weight
         return images.to(param.device, param.dtype)
+
+
+BUILD_OPTIONS = ("device", "dtype", "fold_ln", "center_writing_weights", "fold_layer_scale")
+
+
+def _build_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split loader keywords into `from_converted`'s and the source loader's."""
+    return ({k: v for k, v in kwargs.items() if k in BUILD_OPTIONS},
+            {k: v for k, v in kwargs.items() if k not in BUILD_OPTIONS})
 
 
 def _flag(value: Any, name: str) -> bool:

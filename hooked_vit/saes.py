@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
@@ -44,7 +45,9 @@ def sae_hook_names(sae: nn.Module) -> tuple[str, str]:
 
 
 @contextmanager
-def _hooks_disabled(sae: nn.Module) -> Iterator[None]:
+def hooks_disabled(sae: nn.Module) -> Iterator[None]:
+    """Swap every HookPoint of `sae` (its ``hook_dict``) for an identity, as SAELens's
+    ``_disable_hooks`` does while computing the clean error term."""
     hooks = dict(getattr(sae, "hook_dict", {}))
     try:
         for name in hooks:
@@ -76,7 +79,7 @@ class SpliceHook(HookPoint):
         self.captured = x
         return x
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "... d_out"]) -> Float[Tensor, "... d_out"]:
         source = x if self.hook_in == self.hook_out else self.captured
         if source is None:
             raise UserError(f"the transcoder's input hook {self.hook_in} did not run before {self.hook_out} "
@@ -84,14 +87,16 @@ class SpliceHook(HookPoint):
         try:
             out = self._reconstruct(source)
             if self.use_error_term:
-                with torch.no_grad(), _hooks_disabled(self.sae):
-                    clean = self._reconstruct(source)
-                out = out + self.hook_sae_error(x.to(clean.dtype) - clean)
+                with torch.no_grad():  # no gradient through the error: only the dictionary path
+                    with hooks_disabled(self.sae):
+                        clean = self._reconstruct(source)
+                    error = self.hook_sae_error(x.to(clean.dtype) - clean)
+                out = out + error
             return self.hook_sae_output(out).to(x.dtype)
         finally:
             self.captured = None
 
-    def _reconstruct(self, source: Tensor) -> Tensor:
+    def _reconstruct(self, source: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
         out = self.sae.decode(self.sae.encode(source))
         w_skip = getattr(self.sae, "W_skip", None)  # skip transcoders (SAELens's SkipTranscoder layout)
         return out if w_skip is None else out + source.to(w_skip.dtype) @ w_skip.T

@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import einops
 import torch
 from torch import Tensor, nn
 from transformer_lens import FactoredMatrix
 
-from hooked_vit.model import HookedViT
+if TYPE_CHECKING:  # hooked_vit.model imports this module, never the other way round
+    from hooked_vit.model import HookedViT
 
 
 @torch.no_grad()

@@ -44,19 +44,26 @@ log = train_dictionary(sae, lambda epoch: store.batches(1024, seed=epoch),
 print(len(store), "rows stored; final", {k: round(v, 3) for k, v in log[-1].items()})"""),
     ("md", """## 2. Splice it in: features become hook points
 
-With the error term added back the logits are unchanged; `...hook_sae_acts` is cached like
-any activation and can be patched with `run_with_hooks`."""),
+With the error term added back the unedited logits are unchanged. As in SAELens, the error is
+computed from the *unedited* input without gradient, so editing the features at
+`...hook_sae_acts_post` changes the output (ablating every feature leaves
+`decode(0) + error`), and gradients past the splice flow through the dictionary only.
+`model.run_with_cache_with_saes(images, saes=[sae], use_error_term=True)` does the same in
+SAELens's words."""),
     ("code", """images = torch.stack([test[i]["image"] for i in range(8)])
 clean = model(images)
+zero_all = lambda a, hook: a * 0
 with spliced(model, sae, use_error=True):
     logits, cache = model.run_with_cache(images)
     print("max logit change with the error term:", float((logits - clean).abs().max()))
-    acts = cache[f"{HOOK}.hook_sae_acts"]
+    acts = cache[f"{HOOK}.hook_sae_acts_post"]
     print("feature activations", tuple(acts.shape), "L0 per token", float((acts > 0).sum(-1).float().mean()))
     top = int(acts[:, 0].mean(0).argmax())
-    ablated = model.run_with_hooks(images, fwd_hooks=[(f"{HOOK}.hook_sae_acts",
+    ablated = model.run_with_hooks(images, fwd_hooks=[(f"{HOOK}.hook_sae_acts_post",
                                                         lambda a, hook: a.index_fill(-1, torch.tensor([top]), 0))])
-    print(f"ablating feature {top} changes logits by", float((ablated - clean).abs().max()))"""),
+    print(f"ablating feature {top} changes logits by", float((ablated - clean).abs().max()))
+    none_left = model.run_with_hooks(images, fwd_hooks=[(f"{HOOK}.hook_sae_acts_post", zero_all)])
+    print("ablating every feature changes logits by", float((none_left - clean).abs().max()))"""),
     ("md", "## 3. Evaluation on held-out images"),
     ("code", """metrics = evaluate_dictionary(model, sae, test)
 {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}"""),

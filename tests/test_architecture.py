@@ -91,3 +91,51 @@ def test_tests_take_helpers_from_the_helpers_module():
     importers = [p.name for p in sorted((ROOT / "tests").glob("*.py"))
                  if any(under(i, "conftest", "tests.conftest") for i in imports_of(p))]
     assert importers == []
+
+
+def runtime_imports_of(path: Path) -> set[str]:
+    """`imports_of` without the `if TYPE_CHECKING:` blocks (annotations only, never executed)."""
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def _import_graph(package: str) -> dict[str, set[str]]:
+    mods = {module_name(p): runtime_imports_of(p) for p in sorted((ROOT / package).rglob("*.py"))}
+    return {m: {i for i in imps if i in mods} | {i.rsplit(".", 1)[0] for i in imps if i.rsplit(".", 1)[0] in mods}
+            for m, imps in mods.items()}
+
+
+def test_the_model_layer_has_no_import_cycles():
+    """model.py and its loaders do not import each other (not even inside functions): the
+    loaders convert, `HookedViT.from_converted` builds (docs/architecture.md)."""
+    graph = _import_graph("hooked_vit")
+    assert "hooked_vit.loading" in graph["hooked_vit.model"]  # the walk sees the imports
+    cycles = []
+    for start in graph:
+        seen, stack = set(), [start]
+        while stack:
+            for nxt in graph[stack.pop()] - {"hooked_vit"}:
+                if nxt == start:
+                    cycles.append(start)
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+    assert sorted(set(cycles)) == []
+
+
+def test_model_specs_are_resolved_in_the_model_layer_only():
+    """circuits.runs.sources adds the embedded models and hands every other spec to
+    `HookedViT.from_pretrained` (hooked_vit/specs.py): no timm or loader calls of its own."""
+    imports = imports_of(ROOT / "circuits" / "runs" / "sources.py")
+    assert not [i for i in imports if under(i, "timm", "hooked_vit.loading", "hooked_vit.loading_hf",
+                                            "hooked_vit.loading_open_clip", "open_clip", "transformers")]

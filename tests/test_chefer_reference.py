@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from circuits.explain import explain
-from hooked_vit import HookedViTConfig
-from hooked_vit.loading import hooked_from_timm_state
+from hooked_vit import HookedViT, HookedViTConfig
+from hooked_vit.loading import Converted
 
 FIXTURE = Path(__file__).parent / "fixtures" / "chefer" / "lrp_reference.safetensors"
 
@@ -28,7 +28,7 @@ def their_model(ref: dict, dtype: torch.dtype):
     mlp_ratio=4, qkv_bias=True, num_classes=10) as a HookedViT."""
     state = {k.removeprefix("weight."): v for k, v in ref.items() if k.startswith("weight.")}
     cfg = HookedViTConfig(d_model=24, n_layers=4, n_heads=3, d_mlp=96, n_classes=10, img_size=64, patch_size=16)
-    model = hooked_from_timm_state(cfg, state).eval()
+    model = HookedViT.from_converted(Converted(cfg, state)).eval()
     model.ln_final.eps = 1e-5  # their final norm is a default nn.LayerNorm; the blocks' have eps=1e-6
     return model.to(dtype)
 

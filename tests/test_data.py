@@ -144,10 +144,11 @@ def test_transform_for_models():
     import timm
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
     t = transform_for(model)
-    assert (t.img_size, t.crop_pct, t.mean) == ((224, 224), 0.9, (0.5, 0.5, 0.5))
+    assert (t.img_size, t.crop_pct, t.mean, t.patch_size) == ((224, 224), 0.9, (0.5, 0.5, 0.5), (16, 16))
     hooked_like = SimpleNamespace(cfg=SimpleNamespace(img_size=(48, 40), data_config={"crop_pct": 1.0}))
     t = transform_for(hooked_like)
     assert (t.img_size, t.scale_size, t.interpolation.value) == ((48, 40), (48, 40), "bicubic")
+    assert t.patch_size is None and transform_for({}, patch_size=8).patch_size == (8, 8)
 
 
 def test_denormalize_round_trip():
@@ -231,3 +232,21 @@ def test_array_dataset():
     assert torch.equal(ArrayDataset(floats, [0, 1])[1]["image"], torch.from_numpy(floats[1]))
     with pytest.raises(ValueError):
         ArrayDataset(floats.transpose(0, 2, 3, 1))
+
+
+def test_imagenet_s_items_carry_the_source_mask_under_each_patch(imagenet_s):
+    """With the patch size, the token flags come from the 24 x 32 source mask, not the resized one."""
+    from circuits.data.transforms import MaskSampling, batch_object_tokens
+
+    t = JointTransform((16, 16), crop_mode="squash", crop_pct=1.0, patch_size=4)
+    batch = next(iter(make_loader(ImageNetS(imagenet_s, transform=t), batch_size=2)))
+    assert batch["patch_mask"].shape == (2, 3, 4, 4) and batch["mask"].shape == (2, 16, 16)
+    # corner: source rows 0, 6, 12, 18 and columns 0, 8, 16, 24; the object is rows 0-5, columns 4-19
+    corner = np.zeros((4, 4), bool)
+    corner[0, 1:3] = True
+    assert batch_object_tokens(batch, 4, "corner").tolist() == [corner.ravel().tolist()] * 2
+    share = np.zeros((4, 4))
+    share[0] = [4 / 8, 1, 4 / 8, 0]  # source patch 6 x 8: columns 4-7, 8-15, 16-19 are object
+    np.testing.assert_allclose(batch["patch_mask"][0, 2].numpy(), share)
+    assert MaskSampling("majority").select(batch["patch_mask"]).sum() == 2 * 3
+    assert "patch_mask" not in ImageNetS(imagenet_s, transform=JointTransform((16, 16)))[0]  # no patch size

@@ -16,12 +16,13 @@ from circuits.runs.specs import parse_data_spec, parse_model_spec
 from circuits.runs.streaming import describe_dataset, model_fingerprint
 
 
-def test_model_specs_are_parsed_once_into_objects():
+def test_model_specs_are_parsed_once_into_objects(tmp_path):
     spec = parse_model_spec("embedded:spurious", random_weights=True)
     assert (spec.kind, spec.name, spec.label) == ("embedded", "spurious", "embedded:spurious (random weights)")
     assert parse_model_spec("embedded").name == "default"
-    ckpt = parse_model_spec("m.safetensors", "vit_tiny_patch16_224:depth=2,img_size=32,qkv_bias=false")
-    assert (ckpt.kind, ckpt.name, ckpt.path) == ("checkpoint", "vit_tiny_patch16_224", Path("m.safetensors"))
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    ckpt = parse_model_spec(str(tmp_path / "m.safetensors"), "vit_tiny_patch16_224:depth=2,img_size=32,qkv_bias=false")
+    assert (ckpt.kind, ckpt.name, ckpt.path) == ("checkpoint", "vit_tiny_patch16_224", tmp_path / "m.safetensors")
     assert ckpt.arch_kwargs == {"depth": 2, "img_size": 32, "qkv_bias": False}
     assert parse_model_spec("vit_base_patch16_224").kind == "timm"
 

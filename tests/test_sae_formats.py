@@ -146,10 +146,16 @@ def test_transcoders_keep_their_architecture_names(tmp_path):
         assert cfg["architecture"] == arch and cfg["d_out"] == 24 and cfg["apply_b_dec_to_input"] is False
         assert cfg["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
         assert (FIX / "ours" / case / "saelens_class.txt").read_text().strip().lower() == arch.replace("_", "")
-    tc = SparseDictionary(DictionaryConfig(16, 32, "topk", k=4, hook_name="a", hook_out="b", d_out=24))
-    save_saelens(tc, tmp_path)  # SAELens has no TopK transcoder: a name only hooked-vit reads
-    assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == "topk_transcoder"
-    assert load_saelens(tmp_path).cfg.is_transcoder
+    for skip, arch in ((False, "topk_transcoder"), (True, "topk_skip_transcoder")):
+        tc = SparseDictionary(DictionaryConfig(16, 32, "topk", k=4, hook_name="a", hook_out="b", d_out=24, skip=skip))
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.normal_()
+        save_saelens(tc, tmp_path / arch)  # SAELens has no TopK transcoder: a name only hooked-vit reads
+        assert json.loads((tmp_path / arch / "cfg.json").read_text())["architecture"] == arch
+        back, x = load_saelens(tmp_path / arch), torch.randn(3, 16)
+        assert back.cfg.is_transcoder and back.cfg.skip == skip
+        torch.testing.assert_close(back(x), tc(x))
 
 
 @pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale", "expected_average_only_in"])
@@ -176,3 +182,9 @@ def test_vit_prisma_normalize_activations(tmp_path, norm):
     want = undo(torch.relu((xn - t["b_dec"]) @ t["W_enc"] + t["b_enc"]) @ t["W_dec"] + t["b_dec"])
     sae = load_dictionary(tmp_path, scaling_factor=2.0 if norm == "expected_average_only_in" else None)
     torch.testing.assert_close(sae(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_and_normalized_dictionaries_are_not_trained():
+    for kw in (dict(architecture="gated"), dict(architecture="relu", normalize_activations="layer_norm")):
+        with pytest.raises(ValueError, match="not trained here"):
+            SparseDictionary(DictionaryConfig(8, 16, **kw)).train()

@@ -6,7 +6,8 @@ decoded by ``images.load_image`` (every Pillow mode to the right RGB), and ``tar
 the class an analysis measures (label / predicted / fixed). See docs/using_your_own_data.md.
 
 Items are dicts ``{"image": float32 [3, H, W], "label": int, "index": int, "path": str,
-"mask": bool [H, W] (masked datasets only)}``; unreadable files give ``None``, which
+"mask": bool [H, W] (masked datasets only)}``, and ``"patch_mask"`` (float64 [3, gh, gw], the
+source mask sampled under every patch) where the transform knows the patch size; unreadable files give ``None``, which
 ``collate_samples`` drops and reports under ``"skipped"`` (see ``circuits.data.samples``).
 """
 from .classes import ClassMap, ModelClasses, class_name, map_class_folders, read_labels_file
@@ -15,11 +16,11 @@ from .images import load_image
 from .imagenet_s import ImageNetS, load_synset_mapping
 from .samples import collate_samples, make_loader
 from .targets import NO_LABEL, TargetSpec, resolve_targets
-from .transforms import JointTransform, denormalize, mask_to_token_grid, transform_for
+from .transforms import JointTransform, batch_object_tokens, denormalize, mask_to_token_grid, transform_for
 
 __all__ = [
     "ImageNetS", "ImageFolderDataset", "ArrayDataset", "transform_for", "JointTransform",
-    "mask_to_token_grid", "denormalize", "collate_samples", "make_loader", "load_synset_mapping",
+    "mask_to_token_grid", "batch_object_tokens", "denormalize", "collate_samples", "make_loader", "load_synset_mapping",
     "load_image", "ModelClasses", "ClassMap", "map_class_folders", "read_labels_file", "class_name",
     "TargetSpec", "resolve_targets", "NO_LABEL",
 ]

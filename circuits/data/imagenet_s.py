@@ -85,7 +85,9 @@ class ImageNetS(SkippingDataset):
     """ImageNet-S split as ``circuits`` items (see module doc for layout and id conventions).
 
     Items: ``{"image": float32 [3, H, W], "label": int (ImageNet-1k index), "index": int,
-    "path": str, "mask": bool [H, W] (pixels of the image's own class), "has_mask": bool}``.
+    "path": str, "mask": bool [H, W] (pixels of the image's own class), "has_mask": bool}``, and
+    ``"patch_mask"`` (float64 [3, gh, gw], the source mask sampled under every patch:
+    ``JointTransform.patch_mask``) when the transform knows the model's patch size.
     ``require_masks=True`` lists only images that have a mask file (logging how many were left
     out); ``False`` lists all and gives images without a mask an all-False mask and
     ``has_mask=False``. Pass a ``JointTransform`` (``transform_for``) so masks follow the image.
@@ -199,5 +201,8 @@ class ImageNetS(SkippingDataset):
         if obj.shape != image.size[::-1]:  # keep alignment if a mask was saved at another size
             obj = np.asarray(Image.fromarray(obj.astype(np.uint8)).resize(image.size, Image.NEAREST)) != 0
         img_t, mask_t = apply_transform(self.transform, image, obj)
-        return {"image": img_t, "label": label, "index": index, "path": path, "mask": mask_t,
+        item = {"image": img_t, "label": label, "index": index, "path": path, "mask": mask_t,
                 "has_mask": bool(mask_path)}
+        if getattr(self.transform, "patch_size", None) is not None:  # token flags from the source mask
+            item["patch_mask"] = self.transform.patch_mask(obj)
+        return item

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as F
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from PIL import Image
 from torch import Tensor
 from timm.data.constants import (DEFAULT_CROP_MODE, DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN,
@@ -37,13 +37,18 @@ class JointTransform:
     array [h, w, 3] (resized by torch with antialiasing: close to, not bit-equal with, PIL).
     ``mask``: PIL image, array or tensor [h, w], non-zero = object; always resampled with PIL
     nearest neighbour (the same geometry, padding counts as background).
+    ``patch_size`` (optional): the model's patch size; with it, ``patch_mask(mask)`` samples the
+    *source* mask under every patch of the model input (see ``source_patch_mask``), and masked
+    datasets add it to their items as ``"patch_mask"``.
     """
 
     joint = True  # tells datasets to pass (image, mask) rather than image alone
 
     def __init__(self, img_size: tuple[int, int], interpolation: str = "bilinear",
                  mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
-                 crop_pct: float | None = None, crop_mode: str | None = None):
+                 crop_pct: float | None = None, crop_mode: str | None = None,
+                 patch_size: int | tuple[int, int] | None = None):
+        self.patch_size = None if patch_size is None else _pair(patch_size)
         self.img_size = (int(img_size[0]), int(img_size[1]))  # (H, W)
         self.crop_pct = crop_pct or DEFAULT_CROP_PCT  # timm treats 0 / None as the default
         self.crop_mode = crop_mode or "center"
@@ -55,7 +60,7 @@ class JointTransform:
         self.scale_size = tuple(math.floor(x / self.crop_pct) for x in self.img_size)
 
     def __repr__(self) -> str:
-        return (f"JointTransform(img_size={self.img_size}, scale_size={self.scale_size}, "
+        return (f"JointTransform(img_size={self.img_size}, scale_size={self.scale_size}, patch_size={self.patch_size}, "
                 f"interpolation={self.interpolation.value}, crop_mode={self.crop_mode}, "
                 f"mean={self.mean}, std={self.std})")
 
@@ -69,6 +74,29 @@ class JointTransform:
         ratios = (hw[0] / self.scale_size[0], hw[1] / self.scale_size[1])
         ratio = max(ratios) if self.crop_mode == "border" else min(ratios)
         return [round(x / ratio) for x in hw]
+
+    def source_axes(self, hw: tuple[int, int]) -> tuple["SourceAxis", "SourceAxis"]:
+        """How the model input's rows and columns map onto a source image of size ``hw`` = (h, w):
+        the size each axis is resized to and the crop offset (negative: padding), as the
+        resize and centre crop / pad of ``_geometry`` do (torchvision's integer sizes and offsets)."""
+        size = self._resize_size(hw)
+        if isinstance(size, int):  # torchvision: shorter edge -> size, longer edge truncated
+            short, long = sorted(hw)
+            new = (size, int(size * long / short))
+            resized = new if hw[0] <= hw[1] else new[::-1]
+        else:
+            resized = (int(size[0]), int(size[1]))
+        return tuple(SourceAxis(src, res, _crop_offset(res, crop), crop)
+                     for src, res, crop in zip(hw, resized, self.img_size))
+
+    def patch_mask(self, mask, patch_size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """Source mask [h, w] (PIL / array / tensor) -> float64 [3, gh, gw] samples of it under each
+        patch of the model input (``source_patch_mask``); ``patch_size`` defaults to the transform's."""
+        patch_size = patch_size or self.patch_size
+        if patch_size is None:
+            raise ValueError("patch_mask needs the model's patch size: transform_for(model) or patch_size=")
+        source = np.asarray(_mask_to_pil(mask)) != 0
+        return source_patch_mask(source, self.source_axes(source.shape), _pair(patch_size))
 
     def _geometry(self, img, interpolation: InterpolationMode, fill):
         """Resize then center-crop (``border``: crop or pad with ``fill``) a PIL image or tensor."""
@@ -129,24 +157,149 @@ def _center_crop_or_pad(img, size: tuple[int, int], fill):
     return F.crop(img, int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0)), ch, cw)
 
 
-def transform_for(data_config) -> JointTransform:
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
+
+
+def _crop_offset(resized: int, crop: int) -> int:
+    """Where a centre crop of ``crop`` starts in a resized axis of ``resized`` pixels; negative when
+    the axis is padded (torchvision ``center_crop`` / timm ``center_crop_or_pad``)."""
+    return int(round((resized - crop) / 2.0)) if resized >= crop else -((crop - resized) // 2)
+
+
+@dataclass(frozen=True)
+class SourceAxis:
+    """One axis of the model input on the source image: model coordinate y (pixel edges)
+    lies at source coordinate (y + offset) * source / resized."""
+
+    source: int  # source pixels
+    resized: int  # after the resize
+    offset: int  # crop start in the resized axis (negative: padding)
+    size: int  # model input pixels
+
+    def patches(self, patch: int) -> dict[str, np.ndarray]:
+        """Per patch i of this axis: the source pixel of its first edge (``corner``, read like
+        ``cv2.resize(..., INTER_NEAREST)``), of its centre (``center``), and the source pixels
+        whose centres lie under it (``lo`` .. ``hi`` - 1; at least the centre one)."""
+        g = self.size // patch
+        i = np.arange(g, dtype=np.int64)
+        # cv2 INTER_NEAREST reads floor(i * (1 / (g / S))) of a source of S pixels resized to g;
+        # here S is the source extent under the grid, which starts at `start`
+        extent = self.source * (g * patch) / self.resized
+        start = self.offset * self.source / self.resized
+        corner = np.floor(start + i * (1.0 / (g / extent))).astype(np.int64)
+        two_r = 2 * self.resized  # exact integer arithmetic below: edges at (i p + o) S / r
+        center = (((2 * i + 1) * patch + 2 * self.offset) * self.source) // two_r
+        edge = lambda k: -((two_r // 2 - 2 * (k * patch + self.offset) * self.source) // two_r)  # ceil(edge - 1/2)
+        lo, hi = edge(i), edge(i + 1)
+        empty = hi <= lo  # a patch narrower than one source pixel: its centre pixel
+        return {"corner": corner, "center": center,
+                "lo": np.where(empty, center, lo), "hi": np.where(empty, center + 1, hi)}
+
+
+def source_patch_mask(source: np.ndarray, axes: tuple[SourceAxis, SourceAxis],
+                      patch_size: tuple[int, int]) -> torch.Tensor:
+    """Samples of a source mask bool [h, w] under each patch of the model input:
+    float64 [3, gh, gw] = (corner pixel, centre pixel, share of object pixels).
+
+    ``axes`` map the model input onto the source (``JointTransform.source_axes``). corner: the
+    source pixel ``floor(y0 + i * (1 / (gh / E)))`` (E the source extent under the grid, y0 its
+    start): for a grid that covers the whole source (no crop) exactly what
+    ``cv2.resize(mask, (gw, gh), interpolation=cv2.INTER_NEAREST)`` reads, the reference
+    code's token sets (Vilas et al. 2023, ``src/vis.py``). centre: the source pixel under the
+    patch centre. share: object pixels among the source pixels whose centres lie under the
+    patch. Pixels outside the source (padding) are background.
+    """
+    rows, cols = (ax.patches(p) for ax, p in zip(axes, patch_size))
+    h, w = source.shape
+
+    def read(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        inside = ((r >= 0) & (r < h))[:, None] & ((c >= 0) & (c < w))[None, :]
+        return np.where(inside, source[np.clip(r, 0, h - 1)][:, np.clip(c, 0, w - 1)], False)
+
+    counts = np.zeros((h + 1, w + 1), np.int64)  # integral image: counts[y, x] = object pixels above-left
+    counts[1:, 1:] = source.astype(np.int64).cumsum(0).cumsum(1)
+    r0, r1 = (np.clip(rows[k], 0, h) for k in ("lo", "hi"))
+    c0, c1 = (np.clip(cols[k], 0, w) for k in ("lo", "hi"))
+    inside = counts[r1][:, c1] - counts[r0][:, c1] - counts[r1][:, c0] + counts[r0][:, c0]
+    area = (rows["hi"] - rows["lo"])[:, None] * (cols["hi"] - cols["lo"])[None, :]
+    share = inside / area  # float64, like mask_to_token_grid's majority share
+    return torch.from_numpy(np.stack([read(rows["corner"], cols["corner"]), read(rows["center"], cols["center"]),
+                                      share]).astype(np.float64))
+
+
+class ProcessorTransform(JointTransform):
+    """A transformers image processor's steps (``hooked_vit.loading_hf.processor_data_config``):
+    resize to ``resize`` (``{"height", "width"}``, or ``{"shortest_edge"}`` keeping the aspect
+    ratio, the long side truncated as transformers does; ``None``: no resize), then, if
+    ``center_crop``, a centre crop to ``img_size`` with the offsets rounded down (transformers'
+    ``center_crop``; timm / torchvision round half to even), then to tensor and normalise.
+    On a PIL image this is transformers' PIL backend (``ViTImageProcessorPil`` ...) op for op;
+    its torchvision backend resizes tensors, which differs from PIL by up to a few grey levels."""
+
+    def __init__(self, img_size: tuple[int, int], interpolation: str = "bilinear",
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+                 resize: dict[str, int] | None = None, center_crop: bool = False,
+                 patch_size: int | tuple[int, int] | None = None):
+        super().__init__(img_size, interpolation, mean, std, crop_pct=1.0, crop_mode="center", patch_size=patch_size)
+        self.resize, self.center_crop = resize, center_crop
+
+    def __repr__(self) -> str:
+        return (f"ProcessorTransform(img_size={self.img_size}, resize={self.resize}, center_crop={self.center_crop}, "
+                f"interpolation={self.interpolation.value}, mean={self.mean}, std={self.std})")
+
+    def _processor_size(self, h: int, w: int) -> list[int]:
+        if "shortest_edge" in self.resize:
+            short = self.resize["shortest_edge"]
+            if h <= w:
+                return [short, int(short * w / h)]
+            return [int(short * h / w), short]
+        return [self.resize["height"], self.resize["width"]]
+
+    def _geometry(self, img, interpolation: InterpolationMode, fill):
+        if self.resize is not None:
+            img = F.resize(img, self._processor_size(*F.get_dimensions(img)[1:]), interpolation, antialias=True)
+        if not self.center_crop:
+            return img
+        (h, w), (ch, cw) = F.get_dimensions(img)[1:], self.img_size
+        return F.crop(img, (h - ch) // 2, (w - cw) // 2, ch, cw)
+
+    def source_axes(self, hw: tuple[int, int]) -> tuple["SourceAxis", "SourceAxis"]:
+        """As ``JointTransform.source_axes``, for the processor's resize and crop (offsets rounded down)."""
+        resized = tuple(self._processor_size(*hw)) if self.resize is not None else tuple(hw)
+        return tuple(SourceAxis(src, res, (res - crop) // 2 if self.center_crop else 0, crop)
+                     for src, res, crop in zip(hw, resized, self.img_size))
+
+
+
+def transform_for(data_config, patch_size: int | tuple[int, int] | None = None) -> JointTransform:
     """The eval transform of a timm data config (``timm.data.resolve_data_config(model=m)``,
     ``HookedViT.cfg.data_config`` or a ``pretrained_cfg``). Keys used: input_size (C, H, W) or
     (H, W), interpolation, mean, std, crop_pct, crop_mode; missing ones take timm's defaults,
     other keys are ignored. Also accepts a ``HookedViT`` (its ``cfg.data_config``, but the
     size from ``cfg.img_size``: the size the model was built for) or a timm model
-    (``resolve_data_config(model=...)``, i.e. its ``pretrained_cfg``).
+    (``resolve_data_config(model=...)``, i.e. its ``pretrained_cfg``). ``patch_size``: the
+    model's (taken from a HookedViT or timm model when not given), for ``patch_mask``.
     """
     if hasattr(data_config, "cfg") and hasattr(data_config.cfg, "data_config"):  # HookedViT
         cfg = data_config.cfg
-        data_config = {**(cfg.data_config or {}), "input_size": (3, *cfg.img_size)}
+        patch_size = patch_size or getattr(cfg, "patch_size", None)
+        data_config = dict(cfg.data_config or {})
+        if "resize" not in data_config:  # a transformers processor's own sizes are kept as it gives them
+            data_config["input_size"] = (3, *cfg.img_size)
     elif hasattr(data_config, "pretrained_cfg"):  # timm model: what timm itself would resolve
         from timm.data import resolve_data_config
+        embed = getattr(data_config, "patch_embed", None)
+        patch_size = patch_size or getattr(embed, "patch_size", None)
         data_config = resolve_data_config(model=data_config)
+    if "resize" in data_config:  # a transformers processor's steps (hooked_vit.loading_hf)
+        return ProcessorTransform(tuple(data_config["input_size"])[-2:], data_config["interpolation"],
+                                  data_config["mean"], data_config["std"], data_config["resize"],
+                                  data_config.get("center_crop", False), patch_size=patch_size)
     cfg = {**DEFAULTS, **{k: v for k, v in data_config.items() if v is not None}}
     size = tuple(cfg["input_size"])[-2:]
     return JointTransform(size, cfg["interpolation"], cfg["mean"], cfg["std"], cfg["crop_pct"],
-                          cfg["crop_mode"])
+                          cfg["crop_mode"], patch_size=patch_size)
 
 
 MASK_SAMPLINGS = ("center", "corner", "majority")
@@ -156,12 +309,14 @@ MASK_SAMPLINGS = ("center", "corner", "majority")
 class MaskSampling:
     """How a patch's pixel mask becomes one object / context flag for its token.
 
-    center: the pixel at the patch centre (the default: the unbiased point sample of the
-      patch, not shifted towards its top-left); corner: the top-left pixel, what the
-      reference code's nearest resize of the mask to the token grid samples (Vilas et al.
-      2023, github.com/martinagvilas/vit-cls_emb ``src/vis.py``, ``cv2.resize(...,
-      INTER_NEAREST)`` picks source pixel ``floor(i * H / gh)``); majority: the share of
-      object pixels in the patch is >= ``threshold``.
+    Read on the source-resolution mask where the dataset gives it (``source_patch_mask``,
+    ``batch_object_tokens``), else on the mask aligned with the model input
+    (``mask_to_token_grid``). center: the pixel under the patch centre (the default: the
+    unbiased point sample of the patch, not shifted towards its top-left); corner: the pixel
+    at the patch's top-left edge, what the reference code's nearest resize of the mask to the
+    token grid samples (Vilas et al. 2023, github.com/martinagvilas/vit-cls_emb ``src/vis.py``,
+    ``cv2.resize(..., INTER_NEAREST)`` picks source pixel ``floor(i * (1 / (gh / H)))``);
+    majority: the share of object pixels in the patch is >= ``threshold``.
     Text form (CLI, settings): ``center``, ``corner``, ``majority`` or ``majority:0.25``.
     """
 
@@ -198,6 +353,14 @@ class MaskSampling:
     def __str__(self) -> str:
         return f"majority:{self.threshold:g}" if self.kind == "majority" else self.kind
 
+    def select(self, patch_mask: Float[Tensor, "*b 3 gh gw"]) -> Bool[Tensor, "b n_patches"]:
+        """Object tokens from ``source_patch_mask`` samples (corner, centre, share), row-major."""
+        patch_mask = torch.as_tensor(patch_mask)
+        patch_mask = patch_mask[None] if patch_mask.ndim == 3 else patch_mask
+        flags = {"corner": patch_mask[:, 0] > 0, "center": patch_mask[:, 1] > 0,
+                 "majority": patch_mask[:, 2] >= self.threshold}[self.kind]
+        return flags.reshape(flags.shape[0], -1)
+
 
 def mask_to_token_grid(mask: Bool[Tensor, "*b H W"], patch_size: int | tuple[int, int],
                        sampling: MaskSampling | str | None = None) -> Bool[Tensor, "b n_patches"]:
@@ -227,6 +390,24 @@ def mask_to_token_grid(mask: Bool[Tensor, "*b H W"], patch_size: int | tuple[int
     rows = torch.arange(gh, device=mask.device) * ph + offset[0]
     cols = torch.arange(gw, device=mask.device) * pw + offset[1]
     return mask[:, rows][:, :, cols].bool().reshape(mask.shape[0], gh * gw)
+
+
+def batch_object_tokens(batch: Mapping[str, Any], patch_size: int | tuple[int, int],
+                        sampling: MaskSampling | str | None = None) -> Bool[Tensor, "b n_patches"]:
+    """Which patch tokens of a batch are object tokens: from its ``"patch_mask"`` (the source mask
+    sampled under every patch: datasets whose ``JointTransform`` knows the patch size, e.g.
+    ImageNet-S through ``transform_for(model)``) when present, else from its pixel ``"mask"``
+    aligned with the model input (``mask_to_token_grid``; the same thing when the images are
+    not resized, as the synthetic data)."""
+    sampling = MaskSampling.parse(sampling)
+    if "patch_mask" not in batch:
+        return mask_to_token_grid(torch.as_tensor(batch["mask"]).bool(), patch_size, sampling)
+    patch_mask = torch.as_tensor(batch["patch_mask"])
+    grid = tuple(s // p for s, p in zip(torch.as_tensor(batch["mask"]).shape[-2:], _pair(patch_size)))
+    if tuple(patch_mask.shape[-2:]) != grid:
+        raise ValueError(f"the dataset's patch_mask has a {tuple(patch_mask.shape[-2:])} grid, the model a {grid} grid: "
+                         "build the dataset's transform with transform_for(model)")
+    return sampling.select(patch_mask)
 
 
 def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

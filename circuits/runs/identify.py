@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from circuits.data.classes import class_name
 from circuits.data.targets import TargetSpec, resolve_targets
-from circuits.data.transforms import MaskSampling, mask_to_token_grid
+from circuits.data.transforms import MaskSampling, batch_object_tokens
 from circuits.projection import DEFAULT_SITES, BatchProjection, check_sites, project_batch
 from circuits.identifiability import IdentifyResults
 from circuits.runs.context import start_run
@@ -103,7 +103,7 @@ def batch_tables(proj: BatchProjection, pending: PendingBatch, model: HookedViT,
     images.update({key: value.cpu().numpy() for key, value in pending.scalar_metadata().items()})
     image_table = pa.table(images)
     if "mask" in batch:
-        image_table = image_table.append_column("object_tokens", fixed_size_list(object_tokens(batch["mask"], model, sampling)))
+        image_table = image_table.append_column("object_tokens", fixed_size_list(object_tokens(batch, model, sampling)))
 
     site_col = np.repeat(np.array(proj.sites, dtype=object), n_layers)
     tokens = pa.table({
@@ -130,9 +130,10 @@ def class_name_columns(model: HookedViT, target: np.ndarray, pred: np.ndarray) -
     return {"target_name": [class_name(model, t) for t in target], "pred_name": [class_name(model, p) for p in pred]}
 
 
-def object_tokens(mask: torch.Tensor, model: HookedViT, sampling: MaskSampling | str | None = None) -> np.ndarray:
-    """Pixel masks [b, H, W] -> per-token object flags [b, P] (prefix tokens False)."""
-    grid = mask_to_token_grid(mask.bool(), model.cfg.patch_size, sampling)  # [b, n_patches]
+def object_tokens(batch: dict, model: HookedViT, sampling: MaskSampling | str | None = None) -> np.ndarray:
+    """A batch's masks -> per-token object flags [b, P] (prefix tokens False), from the source
+    mask where the dataset sampled it (`circuits.data.transforms.batch_object_tokens`)."""
+    grid = batch_object_tokens(batch, model.cfg.patch_size, sampling)  # [b, n_patches]
     prefix = torch.zeros(grid.shape[0], model.cfg.n_prefix_tokens, dtype=torch.bool)
     return torch.cat([prefix, grid.cpu()], 1).numpy()
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from circuits.data.transforms import MaskSampling, mask_to_token_grid
+from circuits.data.transforms import MaskSampling, batch_object_tokens
 from circuits.identifiability import (Convention, check_convention, per_image_identifiable_rate,
                                       removal_rates_original)
 from circuits.interventions import KINDS, perturbation_hooks
@@ -112,7 +112,7 @@ def token_removal_experiment(model: HookedViT, dataset, out_dir, removals: Seque
         with torch.no_grad():
             logits = model(images) if target.needs_logits else None
         targets = resolve_targets(target, labels, logits).to(model.device)
-        obj = mask_to_token_grid(batch["mask"].bool(), model.cfg.patch_size, sampling)
+        obj = batch_object_tokens(batch, model.cfg.patch_size, sampling)
         table = _batch_table(batch, removal_batch(model, images, obj, targets, removals), obj, targets,
                              model.cfg.n_prefix_tokens)
         pending.save({"removal": table})

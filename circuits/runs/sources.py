@@ -8,7 +8,6 @@ Add random_weights=True for the same architecture with freshly initialised weigh
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -22,94 +21,38 @@ from hooked_vit import HookedViT
 def load_model(spec: Union[str, ModelSpec], arch: Optional[str] = None, device: str = "cpu",
                random_weights: bool = False, seed: int = 0, dtype: Optional[torch.dtype] = None,
                source: Optional[torch.nn.Module] = None) -> HookedViT:
-    """A HookedViT from a model spec (see `circuits.runs.specs`). Never touches the network:
-    random weights build the architecture only, pretrained timm weights must be in the local cache.
+    """A HookedViT from a model spec (see `circuits.runs.specs`): the embedded models here,
+    every other spec by `HookedViT.from_pretrained` (`hooked_vit.specs`), offline: random
+    weights build the architecture only (seeded by `seed`, so resuming works), pretrained
+    timm / hub weights must be in the local cache.
     dtype: weights and activations (runs move images to it; see `circuits.runs.precision`).
     source: the hf / open_clip model the spec names, already loaded (e.g. for its text tower):
     the image tower is built from it instead of loading the weights again."""
     init_distributed()  # under torchrun, "cuda" is then this rank's LOCAL_RANK GPU
     if isinstance(spec, str):
         spec = parse_model_spec(spec, arch, random_weights)
+    torch.manual_seed(seed)  # a run starts from the same generator state every time, so resuming works
     if source is not None:
         if spec.kind not in ("hf", "open_clip"):
             raise ValueError(f"source= is the loaded hf / open_clip model of the spec, not of {spec.text}")
         build = HookedViT.from_hf if spec.kind == "hf" else HookedViT.from_open_clip
         model = build(source, device=device, dtype=dtype)
-    elif spec.kind in ("hf", "open_clip"):
-        from hooked_vit.pretrained import load_pretrained
-
-        model = load_pretrained(spec.text, device=device, dtype=dtype)
+    elif spec.kind == "embedded":
+        model = HookedViT.from_timm(_embedded_timm(spec, seed), device=device, dtype=dtype)
     else:
-        torch.manual_seed(seed)  # random weights are the same on every run, so resuming works
-        model = HookedViT.from_timm(_timm_model(spec), device=device, dtype=dtype)
+        model = HookedViT.from_pretrained(spec, offline=True, seed=seed, device=device, dtype=dtype)
     model.cfg.model_name = spec.label
     return model
 
 
-def _timm_model(spec: ModelSpec) -> torch.nn.Module:
-    import timm
+def _embedded_timm(spec: ModelSpec, seed: int) -> torch.nn.Module:
+    from circuits.embedded import load_embedded_timm
 
-    from hooked_vit.loading import load_checkpoint, load_timm_weights
-
-    if spec.kind == "embedded":
-        from circuits.embedded import load_embedded_timm
-
-        model = load_embedded_timm(spec.name)
-        if spec.random_weights:
-            model.init_weights()  # timm's init: norms at 1 and biases at 0, as a fresh network has
-        return model
-    _check_timm_name(spec.name)
-    if spec.kind == "checkpoint":
-        state = load_checkpoint(spec.path)
-        kwargs = dict(spec.arch_kwargs)
-        n_classes = _head_classes(state)
-        if n_classes and "num_classes" not in kwargs:
-            kwargs["num_classes"] = n_classes
-        model = timm.create_model(spec.name, pretrained=False, **kwargs)
-        if not spec.random_weights:
-            load_timm_weights(model, state, source=str(spec.path))
-        return model.eval()
+    model = load_embedded_timm(spec.name)
     if spec.random_weights:
-        return timm.create_model(spec.name, pretrained=False).eval()
-    return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay={"file": cached_timm_weights(spec.name)}).eval()
-
-
-def _check_timm_name(name: str) -> None:
-    import timm
-
-    if not timm.is_model(name.partition(".")[0]) and not timm.is_model(name):
-        raise ValueError(f"timm does not know the model {name!r} (see timm.list_models('vit_*'))")
-
-
-def cached_timm_weights(name: str) -> str:
-    """The local file of timm's pretrained weights for `name`, from the Hugging Face or torch hub
-    cache; raises at once (no download attempt) when they are not there."""
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    if cfg is None:
-        raise ValueError(f"timm has no pretrained weights registered for {name!r}")
-    candidates = []
-    if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo = cfg.hf_hub_id.split("@")[0]
-        for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin")):
-            candidates.append(try_to_load_from_cache(repo, filename))
-    if cfg.url:
-        candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name)
-    for found in candidates:
-        if isinstance(found, (str, Path)) and Path(found).is_file():
-            return str(found)
-    raise ValueError(
-        f"pretrained weights of timm model {name!r} are not in the local cache (hooked-vit does not download); "
-        f"pass a local checkpoint file as --model FILE --arch {name.partition('.')[0]}, use --random-weights, "
-        "or use 'embedded'")
-
-
-def _head_classes(state: dict) -> Optional[int]:
-    head = state.get("head.weight")
-    return int(head.shape[0]) if head is not None else None
+        torch.manual_seed(seed)  # the same random weights on every run, so resuming works
+        model.init_weights()  # timm's init: norms at 1 and biases at 0, as a fresh network has
+    return model
 
 
 def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[ModelSpec] = None,

@@ -1,13 +1,14 @@
 """Model and data specs, parsed once from their command-line strings into small objects.
 
-Models:
-  embedded | embedded:default | embedded:spurious   the project's own trained small ViTs
+Models: the grammar of `hooked_vit.specs` (one for `--model` and `HookedViT.from_pretrained`):
   <timm name> | timm:<timm name>                    timm's pretrained weights (needs them cached)
   hf:<hub id or local folder>                       a transformers ViT (`HookedViT.from_hf`)
-  open_clip:<arch>[:<tag>]                          an open_clip image tower
+  open_clip:<arch>[:<tag or weights file>]          an open_clip image tower
   <file.safetensors|.pth|.pt|.bin> with arch <timm name>[:key=value,...]
                                                     a local checkpoint of that architecture
                                                     (timm constructor overrides after the colon)
+plus the project's own models, which only `circuits` knows:
+  embedded | embedded:default | embedded:spurious   the project's own trained small ViTs
 Data:
   synthetic[:split[:n]]             the embedded synthetic dataset (default split test, n 512)
   <dir with LOC_synset_mapping.txt> ImageNet-S layout
@@ -16,32 +17,13 @@ Data:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from circuits.options import parse_named_options
-from hooked_vit.pretrained import PREFIXES, TIMM_OWN_PREFIXES
-
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model to build. kind: embedded (name = which), timm (name = timm model), hf / open_clip
-    (name = what follows the prefix, for `hooked_vit.pretrained.load_pretrained`), or checkpoint (path, with the timm architecture `arch` and its constructor overrides)."""
-
-    kind: Literal["embedded", "timm", "hf", "open_clip", "checkpoint"]
-    name: str
-    text: str  # as given, for run settings and messages
-    path: Optional[Path] = None
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    random_weights: bool = False
-
-    @property
-    def label(self) -> str:
-        """The name runs record (`cfg.model_name`)."""
-        return f"{self.text}{' (random weights)' if self.random_weights else ''}"
+from hooked_vit.specs import CHECKPOINT_SUFFIXES, ModelSpec  # noqa: F401  (re-exported)
+from hooked_vit.specs import parse_model_spec as parse_library_spec
 
 
 @dataclass(frozen=True)
@@ -60,27 +42,14 @@ class DataSpec:
 
 
 def parse_model_spec(text: str, arch: Optional[str] = None, random_weights: bool = False) -> ModelSpec:
-    """A ModelSpec from `--model` (and `--arch` for a checkpoint file); see the module doc."""
+    """A ModelSpec from `--model` (and `--arch NAME[:key=value,...]` for a checkpoint file):
+    "embedded[:which]" here, everything else by `hooked_vit.specs.parse_model_spec`."""
     if text == "embedded" or text.startswith("embedded:"):
+        if arch is not None:
+            raise ValueError("--arch names the architecture of a checkpoint file; the embedded models have their own")
         return ModelSpec("embedded", text.partition(":")[2] or "default", text, random_weights=random_weights)
-    path = Path(text)
-    if path.suffix in CHECKPOINT_SUFFIXES:
-        if arch is None:
-            raise ValueError(f"{text} is a checkpoint file: name its architecture with --arch <timm model name>")
-        name, kwargs = parse_named_options(arch, "--arch options")
-        return ModelSpec("checkpoint", name, text, path=path, arch_kwargs=kwargs, random_weights=random_weights)
-    source, sep, rest = text.partition(":")
-    if sep and source in PREFIXES:
-        if not rest:
-            raise ValueError(f"--model {text!r} names no model after {source + ':'!r}")
-        if source != "timm" and random_weights:
-            raise ValueError(f"--random-weights applies to embedded, timm and checkpoint models, not {source}: "
-                             "use the timm name of the architecture instead")
-        return ModelSpec(source, rest, text, random_weights=random_weights)
-    if sep and source not in TIMM_OWN_PREFIXES:  # timm's own name schemes pass through
-        raise ValueError(f"--model {text!r}: unknown source {source!r}; use embedded[:which], a timm name, "
-                         "timm:NAME, hf:ID_OR_FOLDER, open_clip:ARCH[:TAG] or a checkpoint file with --arch")
-    return ModelSpec("timm", text, text, random_weights=random_weights)
+    name, kwargs = parse_named_options(arch, "--arch options") if arch is not None else (None, {})
+    return parse_library_spec(text, name, kwargs, random_weights)
 
 
 def parse_data_spec(text: str) -> DataSpec:

@@ -29,7 +29,7 @@ from circuits.runs.results import RunStore
 
 log = logging.getLogger("circuits.runs.streaming")
 # Keys of a collated batch that are not per-image scalar metadata.
-STANDARD_KEYS = frozenset({"image", "label", "index", "path", "mask", "skipped", "has_mask"})
+STANDARD_KEYS = frozenset({"image", "label", "index", "path", "mask", "patch_mask", "skipped", "has_mask"})
 
 
 @dataclass

@@ -27,15 +27,16 @@ gradients flow through the dictionary path only (Marks et al. 2024, arXiv:2403.1
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
+
+from hooked_vit.saes import hooks_disabled
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")  # what train_dictionary trains
 READ_ONLY = ("gated",)  # read, spliced and written, not trained here
@@ -176,6 +177,14 @@ class SparseDictionary(HookedRootModule):
         self._norm: Optional[tuple[Tensor, Tensor]] = None  # run-time normalization of the last encode
         self.setup()
 
+    def train(self, mode: bool = True) -> "SparseDictionary":
+        """Training mode; refused for what the trainer does not implement (gated, run-time normalization)."""
+        if mode and (self.cfg.architecture in READ_ONLY or self.cfg.normalize_activations != "none"):
+            raise ValueError(f"a {self.cfg.architecture} dictionary with normalize_activations="
+                             f"{self.cfg.normalize_activations!r} is read, spliced and written, not trained here "
+                             f"(train one of {ARCHITECTURES} without normalization)")
+        return super().train(mode)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.W_enc.dtype
@@ -279,9 +288,11 @@ class SparseDictionary(HookedRootModule):
         if self.use_error_term:
             if self.cfg.is_transcoder:
                 raise ValueError("a transcoder's error term needs its target: splice it with HookedViT.add_sae")
-            with torch.no_grad(), hooks_disabled(self):
-                clean = self.decode(self.encode(x))
-            out = out + self.hook_sae_error(x.to(self.dtype) - clean)
+            with torch.no_grad():
+                with hooks_disabled(self):
+                    clean = self.decode(self.encode(x))
+                error = self.hook_sae_error(x.to(self.dtype) - clean)
+            out = out + error
         return self.hook_sae_output(out)
 
     @torch.no_grad()
@@ -297,23 +308,6 @@ class SparseDictionary(HookedRootModule):
             return
         w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
         self.W_dec.grad.sub_((self.W_dec.grad * w).sum(1, keepdim=True) * w)
-
-
-@contextmanager
-def hooks_disabled(sae: nn.Module) -> Iterator[None]:
-    """Swap every HookPoint of `sae` (its ``hook_dict``) for an identity while the clean error
-    term is computed, as SAELens's ``_disable_hooks``; works for SAELens's SAEs too."""
-    hooks = dict(getattr(sae, "hook_dict", {}))
-    try:
-        for name in hooks:
-            setattr(sae, name, _BLANK)
-        yield
-    finally:
-        for name, hook in hooks.items():
-            setattr(sae, name, hook)
-
-
-_BLANK = nn.Identity()
 
 
 def _topk(acts: Tensor, k: int) -> Tensor:

@@ -24,7 +24,7 @@ dictionary computes is read with its meaning or refused with a message naming it
 Written: the same layout, in the dictionary's dtype, SAELens's architecture names (BatchTopK
 as jumprelu with its threshold, as SAELens 6 saves it for inference; an untrained BatchTopK as
 topk with its k, never as a dense threshold 0). SAELens has no TopK transcoder: those are
-written as ``topk_transcoder``, which only hooked-vit reads. Our own fields go under
+written as ``topk_transcoder`` / ``topk_skip_transcoder``, which only hooked-vit reads. Our own fields go under
 "hooked_vit" and are ignored by SAELens.
 
 ViT-Prisma (github.com/soniajoseph/ViT-Prisma): ``config.json`` with d_in, d_sae or
@@ -54,7 +54,8 @@ _FROM_SAELENS = {"standard": ("relu", False, False), "topk": ("topk", False, Fal
                  "gated": ("gated", False, False), "batchtopk": ("batchtopk", False, False),
                  "matryoshka_batchtopk": ("batchtopk", False, False), "transcoder": ("relu", True, False),
                  "skip_transcoder": ("relu", True, True), "jumprelu_transcoder": ("jumprelu", True, False),
-                 "jumprelu_skip_transcoder": ("jumprelu", True, True), "topk_transcoder": ("topk", True, False)}
+                 "jumprelu_skip_transcoder": ("jumprelu", True, True),
+                 "topk_transcoder": ("topk", True, False), "topk_skip_transcoder": ("topk", True, True)}  # last two: ours
 
 
 def _hook_layer(hook: str) -> int:
@@ -68,11 +69,7 @@ def _saelens_architecture(c: DictionaryConfig, trained_threshold: bool) -> str:
         arch = "jumprelu" if trained_threshold else "topk"
     if not c.is_transcoder:
         return {"relu": "standard"}.get(arch, arch)
-    if arch == "topk":
-        if c.skip:
-            raise CheckpointError("a TopK skip transcoder has no SAELens architecture; save it without W_skip")
-        return "topk_transcoder"
-    base = "transcoder" if arch == "relu" else "jumprelu_transcoder"
+    base = {"relu": "transcoder", "jumprelu": "jumprelu_transcoder", "topk": "topk_transcoder"}[arch]
     return base.replace("transcoder", "skip_transcoder") if c.skip else base
 
 
@@ -170,8 +167,8 @@ def _normalization(mode, where: str, folder: Path, scaling_factor: Optional[floa
         scaling_factor = json.loads((folder / SCALER).read_text()).get("scaling_factor")
     if scaling_factor is None:
         raise CheckpointError(f"{where}: normalize_activations='expected_average_only_in' scales inputs by a factor "
-                              f"that is not in the folder ({SCALER}); pass scaling_factor= (SAELens's "
-                              "norm_scaling_factor) to load it")
+                              f"that is not in the folder: write {{\"scaling_factor\": s}} to {folder / SCALER} "
+                              "(s: SAELens's norm_scaling_factor of this release) or pass scaling_factor=s")
     return "none", float(scaling_factor)
 
 
