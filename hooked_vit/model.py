@@ -106,7 +106,7 @@ class HookedViT(SAEHost, HookedRootModule):
         """
         _check_forward_options(return_type, targets)
         x = x.images if isinstance(x, ImageTokens) else x
-        if x.is_floating_point() and x.dtype != self.cfg.dtype:
+        if torch.is_tensor(x) and x.is_floating_point() and x.dtype != self.cfg.dtype:
             x = x.to(self.cfg.dtype)
         pool_mask = None
         if start_at_layer is None:
@@ -268,12 +268,18 @@ class HookedViT(SAEHost, HookedRootModule):
     ) -> tuple[Tensor, Union[ActivationCache, dict[str, Tensor]]]:
         """As `HookedRootModule.run_with_cache`, wrapping the result in a `ViTActivationCache`
         (a TransformerLens `ActivationCache`)."""
-        if "names_filter" in kwargs:
-            kwargs["names_filter"] = self._check_names_filter(kwargs["names_filter"])
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
         if return_cache_object:
             return out, ViTActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
         return out, cache_dict
+
+    def get_caching_hooks(self, names_filter: Any = None, *args: Any, **kwargs: Any):  # type: ignore[override]
+        """As `HookedRootModule.get_caching_hooks` (which `run_with_cache` uses); hook names in
+        `names_filter` are checked and aliases resolved."""
+        return super().get_caching_hooks(self._check_names_filter(names_filter), *args, **kwargs)
+
+    def add_caching_hooks(self, names_filter: Any = None, *args: Any, **kwargs: Any):  # type: ignore[override]
+        return super().add_caching_hooks(self._check_names_filter(names_filter), *args, **kwargs)
 
     def run_with_hooks(self, *model_args: Any, **kwargs: Any) -> Any:
         """As `HookedRootModule.run_with_hooks`; refuses a `transformer_lens.patching`
@@ -489,7 +495,7 @@ class HookedViT(SAEHost, HookedRootModule):
 
     @classmethod
     def from_hf(cls, model_or_path: Any, **kwargs: Any) -> "HookedViT":
-        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision model, a `save_pretrained` folder or
+        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision/ViT-MSN/I-JEPA model, a `save_pretrained` folder or
         a cached hub id (`hooked_vit.loading_hf.convert_hf`); the rest of the keywords go to
         the model class's `from_pretrained`."""
         build, hf_kwargs = _build_options(kwargs)

@@ -119,7 +119,7 @@ def class_id(name_or_id: Union[str, int], class_names: Optional[Sequence[str]],
             return list(names).index(name_or_id)
     if class_names is None and label_names is None:
         raise UserError(f"class {name_or_id!r}: this model has no class names (cfg.class_names); pass class indices")
-    known = list(class_names or ()) + list(label_names or ())
+    known = list(dict.fromkeys([*(class_names or ()), *(label_names or ())]))
     close = difflib.get_close_matches(name_or_id, known, n=3)
     raise UserError(f"unknown class {name_or_id!r}" + (f"; did you mean {close}?" if close else "; see model.cfg.class_names"))
 

@@ -52,7 +52,10 @@ ACT_NAMES = {"resid_pre": None, "resid_mid": None, "resid_post": None, "attn_out
              "q": None, "k": None, "v": None, "z": None, "attn_scores": None, "pattern": None,
              "result": "use_attn_result", "q_input": "use_split_qkv_input", "k_input": "use_split_qkv_input",
              "v_input": "use_split_qkv_input", "attn_in": "use_attn_in", "mlp_in": "use_hook_mlp_in",
-             "pre": None, "post": None, "scale": None, "normalized": None}
+             "pre": None, "post": None, "scale": None, "normalized": None,
+             # get_act_name's aliases of the above
+             "attn": None, "attn_logits": None, "query": None, "key": None, "value": None,
+             "mlp_pre": None, "mlp_post": None}
 
 
 @pytest.mark.parametrize("short", sorted(ACT_NAMES))
@@ -82,6 +85,9 @@ def test_top_level_get_act_names_resolve(small):
     model, x, _ = small
     for short in ("embed", "pos_embed"):
         assert get_act_name(short) in model.hook_dict
+        noise = lambda a, hook: a + torch.randn(a.shape, generator=torch.Generator().manual_seed(0))  # noqa: E731
+        out = model.run_with_hooks(x, fwd_hooks=[(get_act_name(short), noise)])  # (a constant the norms would undo)
+        assert not torch.allclose(out, model(x), atol=1e-3)
     _, cache = model.run_with_cache(x)
     torch.testing.assert_close(cache["embed"] + cache["pos_embed"], cache["resid_pre", 0])
 
