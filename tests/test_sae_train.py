@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
-from circuits.sae.train import (LOG_TABLE, STATE_FILE, TrainConfig, _jumprelu_sparsity, _pre_act_loss, auxk_loss,
-                                train_dictionary)
+from circuits.sae.train import (DEFAULT_SPARSITY, LOG_TABLE, STATE_FILE, TrainConfig, _jumprelu_sparsity,
+                                _pre_act_loss, auxk_loss, train_dictionary)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "saelens_training" / "losses.safetensors"
 
@@ -133,7 +133,7 @@ def test_sparsity_weight_and_learning_rate_warm_up():
     default = train_dictionary(_sae("relu"), _batches(x), _cfg("relu", steps=2, checkpoint_every=0), progress=False)
     centred = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:256]]
     rms = math.sqrt(float((centred - centred.mean(0)).pow(2).sum(-1).mean()))
-    assert default[-1]["sparsity_coeff"] == pytest.approx(0.03 * rms, rel=1e-5)  # the scale-free default
+    assert default[-1]["sparsity_coeff"] == pytest.approx(DEFAULT_SPARSITY["relu"] * rms, rel=1e-5)  # scale-free
 
 
 def test_gradient_clipping_limits_the_update():
