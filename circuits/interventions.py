@@ -10,6 +10,14 @@ edited pattern is what multiplies the values. Rows are never renormalised.
     self_only: every perturbed query row becomes one-hot on the diagonal, so
                z[t] = v[t] and attn_out[t] = sum_h v_h[t] W_O[h] + b_O.
     no_cls:    perturbed query rows put zero weight on the class token.
+    no_cross_frame (video models, docs/video.md): perturbed query rows cannot attend to
+               patch tokens of other time positions (the prefix tokens stay readable, and
+               the class token's row is untouched, as for the other kinds). Unlike the two
+               above it edits the scores (`attn.hook_attn_scores`, those keys at -inf), so the
+               softmax renormalises over what is left: a post-softmax zeroing would still
+               let the other frames in through the softmax denominator. With divided
+               space-time attention the spatial attention is already within a frame, so the
+               temporal attention (`attn_time.hook_attn_scores`) attends to itself only.
 
 Which query rows are perturbed ("image tokens"): the patch tokens. The class token's own
 row is never touched. Register and distillation tokens are prefix tokens, not image
@@ -34,7 +42,8 @@ from torch import Tensor
 from hooked_vit import HookedViT, HookedViTConfig
 
 Hook = Callable[[Tensor, object], Tensor]
-KINDS = ("none", "self_only", "no_cls")
+KINDS = ("none", "self_only", "no_cls")  # every model (the perturb run's default set)
+VIDEO_KINDS = ("no_cross_frame",)  # video models only
 TokenSet = Union[Sequence[int], slice, Tensor, None]  # indices, a slice, or a bool mask [p] / [b, p]
 
 
@@ -86,6 +95,47 @@ def no_cls(model_or_cfg, *, perturb_prefix_queries: bool = False, keys: Literal[
     return hook
 
 
+def no_cross_frame(model_or_cfg, *, perturb_prefix_queries: bool = False,
+                   heads: Optional[Sequence[int]] = None) -> Hook:
+    """Hook for a video model's attn.hook_attn_scores (joint attention): perturbed query rows
+    cannot attend to patch tokens at another time position (scores at -inf). For divided
+    space-time attention the hook is for `attn_time.hook_attn_scores` (every token attends to
+    itself only); `perturbation_hooks(model, "no_cross_frame")` picks the site."""
+    cfg = _cfg(model_or_cfg)
+    if not cfg.is_video:
+        raise ValueError(f"no_cross_frame needs a video model (num_frames set); {cfg.model_name} reads images")
+    if cfg.attention_type == "divided_space_time":
+        return _time_self_only(heads)
+    n = cfg.n_prefix_tokens
+    time = torch.full((cfg.n_ctx,), -1, dtype=torch.long)  # -1: prefix tokens
+    time[n:] = torch.arange(cfg.n_time).repeat_interleave(cfg.n_patches_per_frame)
+
+    def hook(scores: Float[Tensor, "b h q k"], hook=None) -> Tensor:
+        p = scores.shape[-1]
+        if p != cfg.n_ctx:
+            raise ValueError(f"no_cross_frame needs the full token sequence ({cfg.n_ctx}), got {p} (token removal?)")
+        t = time.to(scores.device)
+        rows = perturbed_queries(cfg, p, perturb_prefix_queries, scores.device)
+        other = (t[:, None] != t[None, :]) & (t[None, :] >= 0)  # [q, k]: a patch key at another time
+        edges = _head_rows(rows, heads, scores)[..., None] & other
+        return scores.masked_fill(edges, float("-inf"))
+
+    return hook
+
+
+def _time_self_only(heads: Optional[Sequence[int]]) -> Hook:
+    """Hook for attn_time.hook_attn_scores [b, s, h, t, t]: every row (all are patch tokens)
+    keeps only its diagonal, so no token reads another time position."""
+
+    def hook(scores: Float[Tensor, "b s h q k"], hook=None) -> Tensor:
+        t = scores.shape[-1]
+        rows = torch.ones(t, dtype=torch.bool, device=scores.device)
+        off = ~torch.eye(t, dtype=torch.bool, device=scores.device)
+        return scores.masked_fill(_head_rows(rows, heads, scores)[..., None] & off, float("-inf"))
+
+    return hook
+
+
 def attention_edge_mask(query_tokens: TokenSet, key_tokens: TokenSet,
                         heads: Optional[Sequence[int]] = None) -> Hook:
     """Hook for attn.hook_pattern that zeroes the weights of chosen query -> key edges.
@@ -96,6 +146,9 @@ def attention_edge_mask(query_tokens: TokenSet, key_tokens: TokenSet,
     """
 
     def hook(pattern: Float[Tensor, "b h q k"], hook=None) -> Tensor:
+        if pattern.ndim != 4:
+            raise ValueError(f"attention_edge_mask edits joint attention patterns [b, h, q, k], got shape "
+                             f"{tuple(pattern.shape)} (grouped attention: divided space-time models)")
         b, _, p, _ = pattern.shape
         q = token_mask(query_tokens, b, p, pattern.device)  # [b, p]
         k = token_mask(key_tokens, b, p, pattern.device)
@@ -126,7 +179,7 @@ def token_mask(tokens: TokenSet, batch: int, n_tokens: int, device=None) -> Bool
 
 
 def _head_select(heads: Sequence[int], pattern: Tensor) -> Bool[Tensor, "h"]:
-    sel = torch.zeros(pattern.shape[1], dtype=torch.bool, device=pattern.device)
+    sel = torch.zeros(pattern.shape[-3], dtype=torch.bool, device=pattern.device)  # [b, (g,) h, q, k]
     sel[list(heads)] = True
     return sel
 
@@ -147,7 +200,10 @@ def perturbation_hook(model: HookedViT, kind: str, **options) -> Optional[Hook]:
         return self_only(model, **options)
     if kind == "no_cls":
         return no_cls(model, **options)
-    raise ValueError(f"unknown perturbation {kind!r}; choose one of {KINDS}")
+    if kind == "no_cross_frame":
+        options.pop("keys", None)
+        return no_cross_frame(model, **options)
+    raise ValueError(f"unknown perturbation {kind!r}; choose one of {KINDS + VIDEO_KINDS}")
 
 
 def perturbation_hooks(model: HookedViT, kind: Union[str, Hook], layers: Optional[Sequence[int]] = None,
@@ -163,7 +219,10 @@ def perturbation_hooks(model: HookedViT, kind: Union[str, Hook], layers: Optiona
         return []
     n = model.cfg.n_layers
     chosen = range(n) if layers is None else sorted({int(l) % n for l in layers})
-    return [(f"blocks.{l}.attn.hook_pattern", fn) for l in chosen]
+    site = "attn.hook_pattern"
+    if kind == "no_cross_frame":  # the scores; in a divided space-time model the temporal attention's
+        site = "attn_time.hook_attn_scores" if model.cfg.attention_type == "divided_space_time" else "attn.hook_attn_scores"
+    return [(f"blocks.{l}.{site}", fn) for l in chosen]
 
 
 def summarize_rates(df: pd.DataFrame) -> pd.DataFrame:

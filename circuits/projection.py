@@ -40,7 +40,7 @@ def check_sites(model: HookedViT, sites: Sequence[str]) -> list[str]:
         model.check_hook_name(f"blocks.0.{name}")
     shapes: dict[str, tuple[int, ...]] = {}
     record = lambda act, hook: shapes.__setitem__(hook.name, tuple(act.shape))  # noqa: E731
-    blank = torch.zeros(1, 3, *model.cfg.img_size, device=model.device, dtype=model.embed.proj.weight.dtype)
+    blank = torch.zeros(1, *model.cfg.input_shape, device=model.device, dtype=model.embed.proj.weight.dtype)
     with torch.no_grad():
         model.run_with_hooks(blank, fwd_hooks=[(f"blocks.0.{n}", record) for n in names])
     for site, name in zip(sites, names):

@@ -38,6 +38,11 @@ class Attention(nn.Module):
     The per-head input hooks (hook_q_input, hook_k_input, hook_v_input, hook_attn_in) are
     the block's, as in TransformerLens's `TransformerBlock`; see `TransformerBlock`.
 
+    Grouped attention (docs/video.md): given x [b, g, p, d_model] the module attends within
+    each of the g groups (TimeSformer's divided space-time attention); every hook then has
+    the group axis after the batch axis (hook_q [b, g, p, h, d_head], hook_pattern
+    [b, g, h, q, k]).
+
     When neither `hook_attn_scores` nor `hook_pattern` is hooked (and cfg.use_fused_attn),
     attention runs through `scaled_dot_product_attention`; otherwise the explicit path runs
     and edits returned by those hooks change the output.
@@ -67,27 +72,27 @@ class Attention(nn.Module):
         x: Union[Float[Tensor, "b p d_model"], HeadInputs],
         key_mask: Optional[Float[Tensor, "b k"]] = None,
     ) -> Float[Tensor, "b p d_model"]:
-        """`x`: the (normalised) input [b, p, d_model], or, with the block's per-head input
-        flags, the query, key and value inputs [b, p, h, d_model] of every head.
-        `key_mask` [b, k] (bool, True = attend) hides padded tokens."""
+        """`x`: the (normalised) input [b, p, d_model] (or [b, g, p, d_model] for grouped
+        attention), or, with the block's per-head input flags, the query, key and value inputs
+        [b, p, h, d_model] of every head. `key_mask` [b, k] (bool, True = attend) hides padded tokens."""
         if isinstance(x, tuple):
             q, k, v = self._per_head_qkv(x)
         else:
-            b, p, _ = x.shape
-            q, k, v = self.qkv(x).view(b, p, 3, self.cfg.n_heads, self.cfg.d_head).unbind(2)
-        b, p = q.shape[:2]
+            if key_mask is not None and x.ndim != 3:
+                raise ValueError("key_mask (token removal, padding) is not supported with grouped attention")
+            q, k, v = self.qkv(x).view(*x.shape[:-1], 3, self.cfg.n_heads, self.cfg.d_head).unbind(-3)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, p, d_head]
+        q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)  # [b, (g,) h, p, d_head]
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
             mask = None if key_mask is None else key_mask[:, None, None, :]
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             z = self._explicit(q, k, v, key_mask)
-        z = self.hook_z(z.transpose(1, 2))  # [b, p, h, d_head]
+        z = self.hook_z(z.transpose(-3, -2))  # [b, (g,) p, h, d_head]
         if self.cfg.use_attn_result:
-            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            result = self.hook_result(torch.einsum("...phd,hdm->...phm", z, self.W_O))
             return result.sum(-2) + self.b_O
-        out = self.proj(z.reshape(b, p, -1))
+        out = self.proj(z.flatten(-2))
         return out if self.ls_gamma is None else out * self.ls_gamma
 
     def _per_head_qkv(self, inputs: HeadInputs) -> tuple[Tensor, Tensor, Tensor]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import einops
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
@@ -30,6 +32,18 @@ class TransformerBlock(nn.Module):
     In both, resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_out: the
     sublayer hooks carry exactly what is added to the residual stream (LayerScale and the
     post-norm included). In a post-norm block `ln1`/`ln2` act on the sublayer outputs.
+
+    Divided space-time attention (cfg.attention_type="divided_space_time", TimeSformer:
+    Bertasius et al. 2021, "Is Space-Time Attention All You Need for Video Understanding?",
+    sec. 3): before `attn` a temporal attention `attn_time` (with its norm `ln_time`) lets each
+    patch token attend to the tokens at its own (row, col) in every frame:
+        attn_time_out = attn_time(ln_time(patches grouped by position)), 0 on prefix tokens
+        resid_time = resid_pre + attn_time_out
+        attn_out = attn(ln1(resid_time grouped by frame, prefix tokens in every frame)),
+                   the prefix tokens' outputs averaged over the frames
+        resid_mid = resid_time + attn_out
+    `attn_time`'s hooks are grouped [b, rows * cols, frames, ...], `attn`'s [b, frames,
+    prefix + rows * cols, ...] (see `Attention`).
     """
 
     def __init__(self, cfg: HookedViTConfig, layer: int):
@@ -45,6 +59,11 @@ class TransformerBlock(nn.Module):
         self.hook_q_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
         self.hook_k_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
         self.hook_v_input = HookPoint()  # [b, p, h, d_model], cfg.use_split_qkv_input
+        if cfg.attention_type == "divided_space_time":
+            self.ln_time = LayerNorm(cfg.d_model, cfg.eps)
+            self.attn_time = Attention(cfg)
+            self.hook_attn_time_out = HookPoint()  # [b, p, d_model], 0 on prefix tokens
+            self.hook_resid_time = HookPoint()  # [b, p, d_model]
         self.hook_attn_out = HookPoint()  # [b, p, d_model]
         self.hook_resid_mid = HookPoint()  # [b, p, d_model]
         self.hook_mlp_in = HookPoint()  # [b, p, d_model], cfg.use_hook_mlp_in
@@ -55,15 +74,24 @@ class TransformerBlock(nn.Module):
         self, resid_pre: Float[Tensor, "b p d_model"], key_mask: Optional[Tensor] = None
     ) -> Float[Tensor, "b p d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        post_norm = self.cfg.block_type == "post_norm"
-        attn_in = resid_pre
-        if self.cfg.use_split_qkv_input or self.cfg.use_attn_in:
-            attn_in = self._per_head_inputs(resid_pre, norm=None if post_norm else self.ln1)
-        elif not post_norm:
-            attn_in = self.ln1(resid_pre)
-        attn_out = self.attn(attn_in, key_mask)
-        if post_norm:
-            attn_out = self.ln1(attn_out)
+        if self.cfg.attention_type == "divided_space_time":
+            if key_mask is not None:
+                raise ValueError("token removal / key masks are not supported with divided space-time attention")
+            if self.cfg.use_split_qkv_input or self.cfg.use_attn_in:
+                raise ValueError("per-head attention inputs (use_split_qkv_input / use_attn_in) are not supported "
+                                 "with divided space-time attention; turn them off")
+            resid_time = self.hook_resid_time(resid_pre + self.hook_attn_time_out(self._time_attention(resid_pre)))
+            resid_pre, attn_out = resid_time, self._space_attention(resid_time)  # attn adds to resid_time
+        else:
+            post_norm = self.cfg.block_type == "post_norm"
+            attn_in = resid_pre
+            if self.cfg.use_split_qkv_input or self.cfg.use_attn_in:
+                attn_in = self._per_head_inputs(resid_pre, norm=None if post_norm else self.ln1)
+            elif not post_norm:
+                attn_in = self.ln1(resid_pre)
+            attn_out = self.attn(attn_in, key_mask)
+            if post_norm:
+                attn_out = self.ln1(attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
         # A copy, as in TransformerLens, so an edit of the MLP input leaves resid_mid alone.
         mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid
@@ -90,3 +118,18 @@ class TransformerBlock(nn.Module):
         if norm is None:
             return q_in, k_in, v_in
         return norm(q_in), norm(k_in), norm(v_in)
+
+    def _time_attention(self, resid: Float[Tensor, "b p d_model"]) -> Float[Tensor, "b p d_model"]:
+        """attn_time within each (row, col) across time; zero on the prefix tokens."""
+        n = self.cfg.n_prefix_tokens
+        groups = einops.rearrange(resid[:, n:], "b (t s) d -> b s t d", t=self.cfg.n_time)
+        out = einops.rearrange(self.attn_time(self.ln_time(groups)), "b s t d -> b (t s) d")
+        return torch.cat([out.new_zeros(out.shape[0], n, out.shape[-1]), out], dim=1)
+
+    def _space_attention(self, resid: Float[Tensor, "b p d_model"]) -> Float[Tensor, "b p d_model"]:
+        """attn within each frame, the prefix tokens in every frame, their outputs averaged."""
+        n, t = self.cfg.n_prefix_tokens, self.cfg.n_time
+        patches = einops.rearrange(resid[:, n:], "b (t s) d -> b t s d", t=t)
+        prefix = resid[:, None, :n].expand(-1, t, -1, -1)
+        out = self.attn(self.ln1(torch.cat([prefix, patches], dim=2)))  # [b, t, n + s, d]
+        return torch.cat([out[:, :, :n].mean(1), einops.rearrange(out[:, :, n:], "b t s d -> b (t s) d")], dim=1)

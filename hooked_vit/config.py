@@ -38,6 +38,23 @@ class HookedViTConfig:
     dynamic_img_size: bool = False  # position embedding resampled to the input grid
     patch_embed_bias: bool = True
     ln_pre: bool = False  # CLIP's norm_pre after the embedding
+    # Position embedding kind (with pos_embed=True): "learned" (one table over the sequence),
+    # "sincos" (VideoMAE's fixed 1D sin-cos table over the patch tokens, a buffer) or
+    # "space_time" (TimeSformer's learned spatial table over [prefix, one frame's patches]
+    # plus a learned table over time, added to the patch tokens).
+    pos_embed_type: Literal["learned", "sincos", "space_time"] = "learned"
+
+    # --- video: the token layout in time (docs/video.md) --------------------------------
+    # num_frames=None: an image model, inputs [b, c, h, w]. Otherwise inputs are clips
+    # [b, frames, c, h, w]; a Conv3d embeds tubelets of tubelet_size frames, and the patch
+    # tokens are in (time, row, col) order, time slowest.
+    num_frames: Optional[int] = None
+    tubelet_size: int = 1
+    # "joint": every token attends to every token. "divided_space_time" (TimeSformer): each
+    # block runs a temporal attention (attn_time, each patch over its own position in every
+    # frame) and then a spatial attention (attn, within a frame; prefix tokens take part in
+    # every frame and receive the mean over frames) before the MLP.
+    attention_type: Literal["joint", "divided_space_time"] = "joint"
 
     # --- blocks ----------------------------------------------------------------------------
     block_type: Literal["pre_norm", "post_norm"] = "pre_norm"
@@ -57,6 +74,7 @@ class HookedViTConfig:
     # "pooled": it acts on the pooled vector (timm's `fc_norm`, the GAP models); None: none.
     final_norm: Optional[Literal["token", "pooled"]] = "token"
     head_bias: bool = True
+    final_norm_eps: Optional[float] = None  # the final norm's own eps (VideoMAE's fc_norm); None: eps
     # CLIP's image projection (a bias-free Linear d_model -> d_image_embed on the pooled
     # vector, hook_image_embed); None: no projection.
     d_image_embed: Optional[int] = None
@@ -102,6 +120,7 @@ class HookedViTConfig:
             raise ValueError("use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); "
                              "turn one off")
         self._check_head()
+        self._check_video()
         for name in ("label_names", "class_names"):
             names = getattr(self, name)
             if names is not None:  # tuples (json gives lists), one per class
@@ -127,7 +146,48 @@ class HookedViTConfig:
                              f"{self.n_classes} must equal d_image_embed={self.d_image_embed} "
                              "(or set head_on_image_embed=True)")
 
+    def _check_video(self) -> None:
+        if self.num_frames is None:
+            if self.tubelet_size != 1 or self.attention_type != "joint" or self.pos_embed_type == "space_time":
+                raise ValueError("tubelet_size, attention_type='divided_space_time' and pos_embed_type='space_time' "
+                                 "describe video models: set num_frames")
+            return
+        if self.num_frames < 1 or self.tubelet_size < 1 or self.num_frames % self.tubelet_size:
+            raise ValueError(f"num_frames={self.num_frames} must be a positive multiple of "
+                             f"tubelet_size={self.tubelet_size}")
+        if self.dynamic_img_size:
+            raise ValueError("dynamic_img_size is not supported for video models (num_frames set); "
+                             "resize the frames to img_size")
+        if self.attention_type == "divided_space_time" and (self.distilled or self.block_type != "pre_norm"):
+            raise ValueError("attention_type='divided_space_time' needs pre-norm blocks and no distillation token")
+        if self.attention_type == "divided_space_time" and (self.use_split_qkv_input or self.use_attn_in):
+            raise ValueError("per-head attention inputs (use_split_qkv_input / use_attn_in) are not supported with "
+                             "attention_type='divided_space_time'; turn them off")
+        if self.pos_embed_type == "space_time" and self.no_embed_class:
+            raise ValueError("pos_embed_type='space_time' embeds the prefix positions; no_embed_class must be False")
+
     # ------------------------------------------------------------------------------------------
+    @property
+    def is_video(self) -> bool:
+        """Whether inputs are clips [b, frames, c, h, w] (num_frames set)."""
+        return self.num_frames is not None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input without the batch axis: (c, h, w), or (frames, c, h, w) for video."""
+        image = (self.in_chans, *self.img_size)
+        return image if self.num_frames is None else (self.num_frames, *image)
+
+    @property
+    def n_time(self) -> int:
+        """Token positions along time: num_frames // tubelet_size (1 for an image model)."""
+        return 1 if self.num_frames is None else self.num_frames // self.tubelet_size
+
+    @property
+    def n_patches_per_frame(self) -> int:
+        """Patch tokens at one time position (rows * cols)."""
+        return self.grid_size[0] * self.grid_size[1]
+
     @property
     def d_pooled(self) -> int:
         """Width of hook_pooled per read-out vector (2 * d_model for global_pool='token_avg')."""
@@ -152,7 +212,8 @@ class HookedViTConfig:
 
     @property
     def n_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
+        """Patch tokens of one input: time positions * rows * cols."""
+        return self.n_time * self.grid_size[0] * self.grid_size[1]
 
     @property
     def n_ctx(self) -> int:

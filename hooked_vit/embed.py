@@ -1,9 +1,14 @@
-"""Patch embedding, prefix tokens (class, registers, distillation) and position embedding."""
+"""Patch embedding, prefix tokens (class, registers, distillation) and position embedding.
+
+Video models (cfg.num_frames set, docs/video.md) embed tubelets of `tubelet_size` frames
+with a Conv3d; their patch tokens are in (time, row, col) order, time slowest.
+"""
 
 from __future__ import annotations
 
 from typing import Optional
 
+import einops
 import torch
 from jaxtyping import Float
 from timm.layers import resample_abs_pos_embed
@@ -25,16 +30,28 @@ class Embed(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.proj = nn.Conv2d(cfg.in_chans, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_embed_bias)
+        if cfg.is_video:
+            kernel = (cfg.tubelet_size, *cfg.patch_size)
+            self.proj = nn.Conv3d(cfg.in_chans, d, kernel, kernel, bias=cfg.patch_embed_bias)
+        else:
+            self.proj = nn.Conv2d(cfg.in_chans, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_embed_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.n_reg_tokens, d)) if cfg.n_reg_tokens else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
         n_pos = cfg.n_patches if cfg.no_embed_class else cfg.n_ctx
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d)) if cfg.pos_embed else None
+        kind = cfg.pos_embed_type if cfg.pos_embed else None
+        if kind == "space_time":  # TimeSformer: [prefix, one frame's patches] and time, learned
+            n_pos = cfg.n_patches_per_frame + cfg.n_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d)) if kind in ("learned", "space_time") else None
+        self.time_embed = nn.Parameter(torch.zeros(1, cfg.n_time, d)) if kind == "space_time" else None
+        # VideoMAE's fixed table: a buffer (not a parameter, not in the state dict).
+        self.register_buffer("pos_table", sincos_table(cfg.n_patches, d) if kind == "sincos" else None, persistent=False)
 
     def check_images(self, images: Tensor) -> tuple[int, int]:
-        """Validate an image batch; returns the token grid (rows, cols)."""
+        """Validate an image batch (a clip batch for video models); returns the token grid (rows, cols)."""
         cfg = self.cfg
+        if cfg.is_video:
+            return self._check_clips(images)
         if not torch.is_tensor(images) or images.ndim != 4:
             shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(
@@ -59,7 +76,21 @@ class Embed(nn.Module):
             )
         return h // ph, w // pw
 
+    def _check_clips(self, clips: Tensor) -> tuple[int, int]:
+        cfg = self.cfg
+        expected = (cfg.num_frames, cfg.in_chans, *cfg.img_size)
+        if not torch.is_tensor(clips) or clips.ndim != 5 or tuple(clips.shape[1:]) != expected:
+            shape = tuple(clips.shape) if torch.is_tensor(clips) else type(clips).__name__
+            raise ValueError(
+                f"expected clips as a [batch, frames, channels, height, width] tensor of shape [b, {', '.join(map(str, expected))}], "
+                f"got {shape}; sample {cfg.num_frames} frames per clip and resize them to the model's size "
+                "(circuits.data.video)"
+            )
+        return cfg.grid_size
+
     def tokens(self, images: Float[Tensor, "b c h w"]) -> Float[Tensor, "b p d_model"]:
+        if self.cfg.is_video:  # [b, t, c, h, w] -> Conv3d over [b, c, t, h, w], tokens (t, row, col)
+            images = einops.rearrange(images, "b t c h w -> b c t h w")
         patches = self.proj(images).flatten(2).transpose(1, 2)  # [b, n_patches, d]
         prefix = [t.expand(images.shape[0], -1, -1) for t in self.prefix_params()]
         return torch.cat(prefix + [patches], dim=1) if prefix else patches
@@ -68,9 +99,14 @@ class Embed(nn.Module):
         return [t for t in (self.cls_token, self.reg_token, self.dist_token) if t is not None]
 
     def positions(self, grid: tuple[int, int], batch: int) -> Optional[Float[Tensor, "b p d_model"]]:
+        cfg = self.cfg
+        if self.pos_table is not None:  # fixed sin-cos over the patch tokens
+            prefix = self.pos_table.new_zeros(1, cfg.n_prefix_tokens, cfg.d_model)
+            return torch.cat([prefix, self.pos_table], dim=1).expand(batch, -1, -1)
+        if self.time_embed is not None:
+            return self._space_time_positions().expand(batch, -1, -1)
         if self.pos_embed is None:
             return None
-        cfg = self.cfg
         pos = self.pos_embed
         if grid != cfg.grid_size:
             pos = resample_abs_pos_embed(
@@ -82,3 +118,21 @@ class Embed(nn.Module):
         if cfg.no_embed_class and cfg.n_prefix_tokens:
             pos = torch.cat([pos.new_zeros(1, cfg.n_prefix_tokens, cfg.d_model), pos], dim=1)
         return pos.expand(batch, -1, -1)
+
+    def _space_time_positions(self) -> Float[Tensor, "1 p d_model"]:
+        """TimeSformer: prefix rows of pos_embed; patch (t, s) gets pos_embed[prefix + s] + time_embed[t]."""
+        n_prefix = self.cfg.n_prefix_tokens
+        space = self.pos_embed[:, n_prefix:]  # [1, s, d]
+        patches = einops.rearrange(space[:, None] + self.time_embed[:, :, None], "1 t s d -> 1 (t s) d")
+        return torch.cat([self.pos_embed[:, :n_prefix], patches], dim=1)
+
+
+def sincos_table(n_positions: int, d_model: int) -> Float[Tensor, "1 n d_model"]:
+    """The fixed 1D sin-cos position table of "Attention Is All You Need" (Vaswani et al. 2017,
+    sec. 3.5) as VideoMAE uses it over its patch tokens: angle(pos, j) = pos / 10000^(2 floor(j/2) / d),
+    sin on even j, cos on odd j. Computed in float64, stored in float32."""
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    j = torch.arange(d_model, dtype=torch.float64)
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / d_model)
+    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float()[None]

@@ -10,7 +10,8 @@ Supported: `ViTForImageClassification` / `ViTModel` (without the tanh pooler),
 patch tokens: `global_pool="avg"`, which is also the headless model's pooled vector).
 Architectures are described in the transformers docs
 (https://huggingface.co/docs/transformers/model_doc/vit, .../deit, .../dinov2,
-.../dinov2_with_registers, .../clip, .../vit_msn, .../ijepa). Anything else is refused naming the feature.
+.../dinov2_with_registers, .../clip, .../vit_msn, .../ijepa). Video models (VideoMAE, ViViT,
+TimeSformer) are read by `hooked_vit.loading_video`. Anything else is refused naming the feature.
 
 The HF weights are rewritten to timm's layout (fused qkv, `norm1`/`norm2`, ...) and loaded
 through `hooked_vit.loading`'s timm-name mapping, so there is one definition of the
@@ -32,25 +33,9 @@ from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.loading import Converted, UnsupportedModelError
+from hooked_vit.hf_layers import _ACTS, _layer_weights
+from hooked_vit.loading_video import is_video_class, video_config_and_state
 
-# HF hidden_act -> HookedViTConfig.act_fn
-_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-         "quick_gelu": "quick_gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
-
-# Per-layer HF names (all checkpoint spellings seen in transformers 4.x/5.x) -> timm names.
-_LAYER_RENAMES = [
-    (r"^(layernorm_before|norm1|layer_norm1)\.", "norm1."),
-    (r"^(layernorm_after|norm2|layer_norm2)\.", "norm2."),
-    (r"^(attention\.)?(attention|self_attn)\.(q_proj|query)\.", "q."),
-    (r"^(attention\.)?(attention|self_attn)\.(k_proj|key)\.", "k."),
-    (r"^(attention\.)?(attention|self_attn)\.(v_proj|value)\.", "v."),
-    (r"^(attention\.(output\.dense|o_proj)|self_attn\.out_proj)\.", "attn.proj."),
-    (r"^(mlp\.fc1|intermediate\.dense)\.", "mlp.fc1."),
-    (r"^(mlp\.fc2|output\.dense)\.", "mlp.fc2."),
-    (r"^layer_scale1\.lambda1$", "ls1.gamma"),
-    (r"^layer_scale2\.lambda1$", "ls2.gamma"),
-]
-_LAYER_KEY = re.compile(r"^(?:encoder\.)?(?:layers?)\.(\d+)\.(.*)$")
 
 
 # ------------------------------------------------------------------ entry point
@@ -62,13 +47,17 @@ def convert_hf(model_or_path: Union[str, os.PathLike, nn.Module], **hf_kwargs: A
     hf_model, source = _resolve(model_or_path, **hf_kwargs)
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
-    cfg = config_from_hf(hf_model)
+    if is_video_class(type(hf_model).__name__):
+        cfg, timm_state = video_config_and_state(hf_model)
+    else:
+        cfg = config_from_hf(hf_model)
+        timm_state = hf_to_timm_state_dict(hf_model, cfg)
     # An instance loaded from a folder remembers it: its image processor config is there.
     source = source or _local_origin(hf_model)
     if source is not None:
         cfg.data_config = data_config_from_processor(source, cfg, hf_kwargs.get("cache_dir"), hf_kwargs.get("revision"))
     first = next(hf_model.parameters())
-    return Converted(cfg, hf_to_timm_state_dict(hf_model, cfg), first.device, first.dtype)
+    return Converted(cfg, timm_state, first.device, first.dtype)
 
 
 def _local_origin(hf_model: nn.Module) -> Optional[str]:
@@ -137,11 +126,12 @@ _REFUSED = {
     "Beit": "BEiT's relative position bias",
     "Data2VecVision": "Data2Vec-vision's relative position bias",
     "Swin": "Swin's shifted-window attention",
+    "VJEPA2": "V-JEPA 2's 3D rotary position embedding and predictor (not supported yet; docs/video.md)",
 }
 
 
 def _check_class_name(name: str) -> None:
-    if name in _SUPPORTED or name == "CLIPModel":  # CLIPModel: its image tower is loaded
+    if name in _SUPPORTED or name == "CLIPModel" or is_video_class(name):  # CLIPModel: its image tower is loaded
         return
     for key, feature in _REFUSED.items():
         if name.startswith(key):
@@ -312,30 +302,6 @@ def _embedding_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[s
     out["pos_embed"] = pos
     if cls is not None:
         out["cls_token"] = cls
-    return out
-
-
-def _layer_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    qkv: dict[tuple[int, str, str], Tensor] = {}
-    for key in [k for k in state if _LAYER_KEY.match(k)]:
-        layer, rest = _LAYER_KEY.match(key).groups()
-        for pattern, repl in _LAYER_RENAMES:
-            new, n = re.subn(pattern, repl, rest)
-            if n:
-                break
-        else:
-            continue  # left in `state`: reported as unsupported by the caller
-        value = state.pop(key)
-        if new[0] in "qkv" and new[1] == ".":
-            qkv[(int(layer), new[0], new[2:])] = value
-        else:
-            out[f"blocks.{layer}.{new}"] = value
-    for layer in range(cfg.n_layers):
-        for p in ("weight", "bias"):
-            parts = [qkv.get((layer, c, p)) for c in "qkv"]
-            if all(t is not None for t in parts):
-                out[f"blocks.{layer}.attn.qkv.{p}"] = torch.cat(parts, 0)
     return out
 
 

@@ -46,6 +46,11 @@ class HookedViT(SAEHost, HookedRootModule):
     hook_image_embed [b, d_image_embed] (only with an image projection, cfg.d_image_embed),
     hook_logits [b, n_classes]. Per block: see `TransformerBlock` and `Attention`.
 
+    Video models (cfg.num_frames set; docs/video.md) take clips [b, frames, c, h, w]; their
+    patch tokens are in (time, row, col) order (`hooked_vit.tokens`), and with
+    cfg.attention_type="divided_space_time" each block also has `ln_time`, `attn_time`,
+    `hook_attn_time_out` and `hook_resid_time` (see `TransformerBlock`).
+
     There is no dropout: the model always computes timm's eval-mode function. Sparse
     dictionaries splice in with SAELens's `add_sae` / `run_with_saes` / ... (hooked_vit/saes.py).
     """
@@ -58,7 +63,8 @@ class HookedViT(SAEHost, HookedRootModule):
         self.hook_pos_embed = HookPoint()
         self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.ln_pre else None
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
-        self.ln_final = LayerNorm(cfg.d_model, cfg.eps) if cfg.final_norm else None
+        final_eps = cfg.eps if cfg.final_norm_eps is None else cfg.final_norm_eps
+        self.ln_final = LayerNorm(cfg.d_model, final_eps) if cfg.final_norm else None
         self.hook_pooled = HookPoint()
         # CLIP's image projection; absent (no module, no hook call) for every other model.
         projected = cfg.d_image_embed is not None
@@ -138,6 +144,9 @@ class HookedViT(SAEHost, HookedRootModule):
 
     def _check_keep_mask(self, keep_mask: Tensor) -> None:
         cfg = self.cfg
+        if cfg.attention_type != "joint":
+            raise ValueError(f"keep_mask (token removal) is not supported with attention_type={cfg.attention_type!r}: "
+                             "a removed token would break the (time, row, col) grouping of the attention")
         n_read = 2 if cfg.distilled else 1
         if cfg.global_pool in ("token", "token_avg") and not bool(keep_mask[:, :n_read].all()):
             raise ValueError("keep_mask must keep the class (and distillation) token: the head reads it")
@@ -147,7 +156,8 @@ class HookedViT(SAEHost, HookedRootModule):
                 raise ValueError("keep_mask removes every pooled token of an image; keep at least one")
 
     def embed_images(self, images: Float[Tensor, "b c h w"]) -> Float[Tensor, "b p d_model"]:
-        """Patch + prefix tokens + position embedding (+ ln_pre): blocks.0.hook_resid_pre."""
+        """Patch + prefix tokens + position embedding (+ ln_pre): blocks.0.hook_resid_pre.
+        Video models take clips [b, frames, c, h, w]."""
         grid = self.embed.check_images(images)
         resid = self.hook_embed(self.embed.tokens(images))
         pos = self.embed.positions(grid, images.shape[0])
@@ -245,6 +255,11 @@ class HookedViT(SAEHost, HookedRootModule):
         stream before block `layer` (and that block's `b_O` with `mlp_input`), as
         TransformerLens's `accumulated_bias`, which `cache.get_full_resid_decomposition` reads.
         """
+        if self.cfg.attention_type != "joint":
+            raise ValueError(
+                "accumulated_bias is undefined with divided space-time attention: attn_time writes to the patch "
+                "tokens only, so its bias is not the same term at every position"
+            )
         if self.cfg.block_type == "post_norm":
             raise ValueError(
                 "accumulated_bias is undefined for post-norm blocks: ln1/ln2 normalise each sublayer's "
@@ -360,7 +375,13 @@ class HookedViT(SAEHost, HookedRootModule):
 
     @property
     def W_pos(self) -> Float[Tensor, "n_pos d_model"]:
-        """Learned position embeddings (patch rows only when cfg.no_embed_class)."""
+        """Position embeddings (patch rows only when cfg.no_embed_class): the learned table, the
+        fixed sin-cos one (pos_embed_type="sincos", patch rows), or for pos_embed_type="space_time"
+        the sum of the spatial and temporal tables at every position [n_ctx, d_model]."""
+        if self.embed.pos_table is not None:
+            return self.embed.pos_table[0]
+        if self.embed.time_embed is not None:
+            return self.embed._space_time_positions()[0]
         if self.embed.pos_embed is None:
             raise ValueError(f"{self.cfg.model_name} has no position embedding")
         return self.embed.pos_embed[0]
@@ -558,8 +579,8 @@ class HookedViT(SAEHost, HookedRootModule):
     def device(self) -> torch.device:
         return self.embed.proj.weight.device
 
-    def to_input(self, images: Float[Tensor, "b c h w"]) -> Float[Tensor, "b c h w"]:
-        """Images on the model's device and in its parameter dtype (`forward` casts the
+    def to_input(self, images: Tensor) -> Tensor:
+        """Images (clips for video models) on the model's device and in its parameter dtype (`forward` casts the
         dtype itself; this also moves them to the model's device)."""
         param = self.embed.proj.weight
         return images.to(param.device, param.dtype)

@@ -143,7 +143,7 @@ def convert(spec: Union[str, ModelSpec], *, offline: bool = False, seed: Optiona
         from hooked_vit.loading_hf import convert_hf
 
         if offline and not Path(spec.name).expanduser().is_dir():
-            _require_cached_hub_id(spec.name, loader_kwargs)
+            require_cached_hub_id(spec.name, loader_kwargs)
             loader_kwargs = {**loader_kwargs, "local_files_only": True}
         return convert_hf(str(Path(spec.name).expanduser()) if Path(spec.name).expanduser().is_dir() else spec.name,
                           **loader_kwargs)
@@ -226,8 +226,9 @@ def cached_timm_weights(name: str) -> str:
         "or use 'embedded'")
 
 
-def _require_cached_hub_id(repo: str, kwargs: dict[str, Any]) -> None:
+def require_cached_hub_id(repo: str, kwargs: Optional[dict[str, Any]] = None) -> None:
     """Refuse at once a hub id whose config is not in the local Hugging Face cache."""
+    kwargs = kwargs or {}
     from huggingface_hub import try_to_load_from_cache
 
     try:

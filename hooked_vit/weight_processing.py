@@ -59,6 +59,8 @@ def fold_layer_norm_(model: HookedViT) -> None:
         )
     for block in model.blocks:
         _fold_into(block.ln1, [block.attn.qkv])
+        if hasattr(block, "ln_time"):  # divided space-time attention
+            _fold_into(block.ln_time, [block.attn_time.qkv])
         _fold_into(block.ln2, [block.mlp.fc1])
     if model.ln_final is not None:
         # The final norm's reader: CLIP's image projection, else the head(s).
@@ -92,11 +94,13 @@ def center_writing_weights_(model: HookedViT) -> None:
     if cfg.layer_scale:
         raise ValueError("fold LayerScale first (fold_layer_scale=True)")
     embed = model.embed
-    for param in (*embed.prefix_params(), embed.pos_embed):
+    for param in (*embed.prefix_params(), embed.pos_embed, embed.time_embed, embed.pos_table):
         if param is not None:
             param.sub_(param.mean(-1, keepdim=True))
     _center_rows(embed.proj.weight, embed.proj.bias)
     for block in model.blocks:
+        if hasattr(block, "attn_time"):
+            _center_rows(block.attn_time.proj.weight, block.attn_time.proj.bias)
         _center_rows(block.attn.proj.weight, block.attn.proj.bias)
         _center_rows(block.mlp.fc2.weight, block.mlp.fc2.bias)
 

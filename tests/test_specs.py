@@ -74,8 +74,13 @@ def no_network(monkeypatch) -> list:
         attempts.append(address)
         raise OSError("network disabled in this test")
 
+    def create_connection(address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError("network disabled in this test")
+
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
     return attempts
 
 
@@ -103,3 +108,12 @@ def test_random_weights_are_seeded_without_touching_the_global_generator():
     assert torch.equal(torch.random.get_rng_state(), before)
     b = HookedViT.from_pretrained("vit_tiny_patch16_224", random_weights=True, seed=3, depth=1, img_size=32)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_cli_texts_refuse_an_uncached_hub_id_without_the_network(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
+    attempts = no_network(monkeypatch)
+    code = main(["identify", "--model", "hf:someone/clip", "--texts", "a cat,a dog", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and attempts == [] and "local Hugging Face cache" in err[0], (attempts, err)

@@ -133,8 +133,14 @@ def class_name_columns(model: HookedViT, target: np.ndarray, pred: np.ndarray) -
 def object_tokens(batch: dict, model: HookedViT, sampling: MaskSampling | str | None = None) -> np.ndarray:
     """A batch's masks -> per-token object flags [b, P] (prefix tokens False), from the source
     mask where the dataset sampled it (`circuits.data.transforms.batch_object_tokens`)."""
-    grid = batch_object_tokens(batch, model.cfg.patch_size, sampling)  # [b, n_patches]
-    prefix = torch.zeros(grid.shape[0], model.cfg.n_prefix_tokens, dtype=torch.bool)
+    cfg = model.cfg
+    if cfg.is_video:  # masks [b, frames, H, W]: a token is an object token if any frame of its tubelet is
+        masks = torch.as_tensor(batch["mask"]).bool()
+        per_frame = batch_object_tokens({"mask": masks.flatten(0, 1)}, cfg.patch_size, sampling)  # [b * frames, s]
+        grid = per_frame.view(masks.shape[0], cfg.n_time, cfg.tubelet_size, -1).any(2).flatten(1)  # [b, t * s]
+    else:
+        grid = batch_object_tokens(batch, cfg.patch_size, sampling)  # [b, n_patches]
+    prefix = torch.zeros(grid.shape[0], cfg.n_prefix_tokens, dtype=torch.bool)
     return torch.cat([prefix, grid.cpu()], 1).numpy()
 
 

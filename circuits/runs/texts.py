@@ -63,12 +63,17 @@ def _open_clip_encoder(spec: ModelSpec, device: str) -> tuple[Any, Any]:
 def _hf_encoder(spec: ModelSpec, device: str) -> tuple[Any, Any]:
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(spec.name)
+    from hooked_vit.specs import require_cached_hub_id
+
+    local = Path(spec.name).expanduser().is_dir()
+    if not local:  # a hub id: from the local cache only, refused at once otherwise
+        require_cached_hub_id(spec.name)
+    config = transformers.AutoConfig.from_pretrained(spec.name, local_files_only=True)
     if "CLIPModel" not in (config.architectures or []):
         raise ValueError(f"--model {spec.text} is a {config.architectures}, not a CLIPModel: it has no text tower")
-    model = transformers.CLIPModel.from_pretrained(spec.name).to(device).eval()
+    model = transformers.CLIPModel.from_pretrained(spec.name, local_files_only=True).to(device).eval()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(spec.name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(spec.name, local_files_only=True)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"--model {spec.text}: no tokenizer saved with the model "
                                 f"({str(err).splitlines()[0]}); save it there with tokenizer.save_pretrained") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import einops
 import numpy as np
 import pyarrow as pa
 import torch
@@ -18,7 +19,10 @@ from hooked_vit import HookedViT
 
 
 def thumbnail_table(model: HookedViT, images: torch.Tensor, index: np.ndarray) -> pa.Table:
-    """Preprocessed images [b, 3, H, W] back to uint8 RGB with the model's normalisation undone."""
+    """Preprocessed images [b, 3, H, W] back to uint8 RGB with the model's normalisation undone;
+    clips [b, T, 3, H, W] (video models) as a strip of their frames, left to right [b, 3, H, T * W]."""
+    if images.ndim == 5:
+        images = einops.rearrange(images, "b t c h w -> b c h (t w)")
     pixels = display_rgb(model, images)
     return pa.table({"index": np.asarray(index, dtype=np.int64), "height": np.full(len(index), pixels.shape[1]),
                      "width": np.full(len(index), pixels.shape[2]), "pixels": fixed_size_list(pixels)})

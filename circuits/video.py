@@ -1,0 +1,60 @@
+"""Analyses over space and time for video models (docs/video.md).
+
+A video HookedViT's patch tokens are in (time, row, col) order (`hooked_vit.tokens`), so
+every per-token result of the image analyses (logit lens, identifiability, perturbations)
+is already per space-time token; this module adds the per-time aggregates and the logit
+lens / identifiability of every space-time token in one call.
+
+- `per_time(values, model)`: [..., P] per token -> [..., T], the mean over each time
+  position's patch tokens (prefix tokens dropped).
+- `space_time_identifiability(model, clips, targets)`: class identifiability
+  1 - rank / n_classes (Vilas et al. 2023; `circuits.identifiability`) of every token at every
+  block output, with the class token's and per-time means.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from circuits.identifiability import identifiability
+from circuits.projection import project_batch
+from hooked_vit import HookedViT
+
+
+def _require_video(model: HookedViT) -> None:
+    if not model.cfg.is_video:
+        raise ValueError(f"{model.cfg.model_name} is an image model (num_frames not set); per-time results need "
+                         "a video model")
+
+
+def per_time(values: Float[Tensor, "... p"], model: HookedViT) -> Float[Tensor, "... t"]:
+    """Mean of per-token `values` over each time position's patch tokens: [..., n_time]."""
+    _require_video(model)
+    cfg = model.cfg
+    if values.shape[-1] != cfg.n_ctx:
+        raise ValueError(f"values have {values.shape[-1]} tokens, the model's sequence has {cfg.n_ctx}")
+    patches = values[..., cfg.n_prefix_tokens:]
+    return einops.reduce(patches, "... (t s) -> ... t", "mean", t=cfg.n_time)
+
+
+@torch.inference_mode()
+def space_time_identifiability(model: HookedViT, clips: Float[Tensor, "b t c h w"],
+                               targets: Optional[Int[Tensor, "b"]] = None,
+                               fwd_hooks: Sequence = ()) -> dict[str, Tensor]:
+    """Identifiability of the target class (default: the prediction) in every token's
+    residual stream after every block, through the model's own final norm and head.
+
+    Returns {"tokens": [b, L, P], "per_time": [b, L, T] (patch tokens), "cls": [b, L] (only
+    with a class token), "logits": [b, classes]}. `fwd_hooks` (e.g. attention perturbations)
+    stay active during the run."""
+    _require_video(model)
+    proj = project_batch(model, clips, targets, sites=("block",), k=1, fwd_hooks=fwd_hooks)
+    tokens = identifiability(proj.rank[:, 0].float(), model.cfg.n_classes)  # [b, L, P]
+    out = {"tokens": tokens, "per_time": per_time(tokens, model), "logits": proj.logits}
+    if model.cfg.class_token:
+        out["cls"] = tokens[..., 0]
+    return out
