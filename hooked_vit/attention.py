@@ -18,6 +18,8 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.hooks import is_hooked
+from hooked_vit.layer_norm import make_norm
+from hooked_vit.rope import apply_rope
 from hooked_vit.errors import UserError
 
 # Query, key and value inputs of every head, each [b, p, h, d_model].
@@ -59,9 +61,24 @@ class Attention(nn.Module):
         self.ls_gamma: Optional[nn.Parameter] = (
             nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
         )
+        self.q_norm = make_norm(cfg, cfg.d_head) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.d_head) if cfg.qk_norm else None
+        self.ln_z = make_norm(cfg, d_attn) if cfg.attn_norm else None
+        self.rel_pos_table: Optional[nn.Parameter] = None
+        self.hook_rel_pos_bias = None
+        if cfg.rel_pos_bias:  # BEiT: one learned bias per head and relative offset
+            from timm.models.beit import gen_relative_position_index
+
+            gh, gw = cfg.grid_size
+            self.rel_pos_table = nn.Parameter(torch.zeros((2 * gh - 1) * (2 * gw - 1) + 3, cfg.n_heads))
+            self.register_buffer("rel_pos_index", gen_relative_position_index(cfg.grid_size), persistent=False)
+            self.hook_rel_pos_bias = HookPoint()  # [1, h, q, k], added to the scores
         self.hook_q = HookPoint()  # [b, p, h, d_head]
         self.hook_k = HookPoint()  # [b, p, h, d_head]
         self.hook_v = HookPoint()  # [b, p, h, d_head]
+        # Only with RoPE (absent otherwise, so every hook point of a model fires):
+        self.hook_rot_q = HookPoint() if cfg.rope_type else None  # [b, p, h, d_head]
+        self.hook_rot_k = HookPoint() if cfg.rope_type else None  # [b, p, h, d_head]
         self.hook_attn_scores = HookPoint()  # [b, h, q, k]
         self.hook_pattern = HookPoint()  # [b, h, q, k]
         self.hook_z = HookPoint()  # [b, p, h, d_head]
@@ -72,10 +89,13 @@ class Attention(nn.Module):
         self,
         x: Union[Float[Tensor, "b p d_model"], HeadInputs],
         key_mask: Optional[Float[Tensor, "b k"]] = None,
+        rope: Optional[Tensor] = None,
     ) -> Float[Tensor, "b p d_model"]:
         """`x`: the (normalised) input [b, p, d_model] (or [b, g, p, d_model] for grouped
         attention), or, with the block's per-head input flags, the query, key and value inputs
-        [b, p, h, d_model] of every head. `key_mask` [b, k] (bool, True = attend) hides padded tokens."""
+        [b, p, h, d_model] of every head. `key_mask` [b, k] (bool, True = attend) hides padded
+        tokens. `rope` [b or 1, p, h or 1, 2 * d_head]: this block's rotary table (sin and cos;
+        identity rows for prefix tokens), see hooked_vit.rope."""
         if isinstance(x, tuple):
             q, k, v = self._per_head_qkv(x)
         else:
@@ -83,13 +103,23 @@ class Attention(nn.Module):
                 raise UserError("key_mask (token removal, padding) is not supported with grouped attention")
             q, k, v = self.qkv(x).view(*x.shape[:-1], 3, self.cfg.n_heads, self.cfg.d_head).unbind(-3)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = self.hook_rot_q(apply_rope(q, rope, self.cfg).type_as(v))
+            k = self.hook_rot_k(apply_rope(k, rope, self.cfg).type_as(v))
         q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)  # [b, (g,) h, p, d_head]
+        bias = None if self.rel_pos_table is None else self.hook_rel_pos_bias(self._rel_pos_bias(q.shape[-2]))
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
             mask = None if key_mask is None else key_mask[:, None, None, :]
+            if bias is not None:
+                mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            z = self._explicit(q, k, v, key_mask)
+            z = self._explicit(q, k, v, key_mask, bias)
         z = self.hook_z(z.transpose(-3, -2))  # [b, (g,) p, h, d_head]
+        if self.ln_z is not None:  # proj reads the normalised heads
+            z = self.ln_z(z.flatten(-2)).view(z.shape)
         if self.cfg.use_attn_result:
             result = self.hook_result(torch.einsum("...phd,hdm->...phm", z, self.W_O))
             return result.sum(-2) + self.b_O
@@ -103,9 +133,19 @@ class Attention(nn.Module):
         q, k, v = (torch.einsum("bphm,hme->bphe", i, w) + bias for i, (w, bias) in zip(inputs, weights))
         return q, k, v
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+    def _rel_pos_bias(self, n_tokens: int) -> Float[Tensor, "1 h q k"]:
+        n = self.rel_pos_index.shape[0]
+        if n_tokens != n:
+            raise UserError(f"a relative-position-bias model needs its full sequence of {n} tokens (got {n_tokens}): "
+                             "token removal and other grids are not supported for it")
+        return self.rel_pos_table[self.rel_pos_index.view(-1)].view(n, n, -1).permute(2, 0, 1)[None]
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                  bias: Optional[Tensor] = None) -> Tensor:
         # Scale q before the product, as timm's explicit path does, for matching rounding.
         scores = (q * self.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
         scores = self.hook_attn_scores(scores)

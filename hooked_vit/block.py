@@ -12,7 +12,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.attention import Attention, HeadInputs
 from hooked_vit.config import HookedViTConfig
-from hooked_vit.layer_norm import LayerNorm
+from hooked_vit.layer_norm import LayerNorm, make_norm
 from hooked_vit.mlp import MLP
 from hooked_vit.errors import UserError
 
@@ -51,9 +51,9 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer = layer
-        self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
+        self.ln1 = make_norm(cfg, cfg.d_model)
         self.attn = Attention(cfg)
-        self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
+        self.ln2 = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()  # [b, p, d_model]
         self.hook_attn_in = HookPoint()  # [b, p, h, d_model], cfg.use_attn_in
@@ -72,8 +72,10 @@ class TransformerBlock(nn.Module):
         self.hook_resid_post = HookPoint()  # [b, p, d_model]
 
     def forward(
-        self, resid_pre: Float[Tensor, "b p d_model"], key_mask: Optional[Tensor] = None
+        self, resid_pre: Float[Tensor, "b p d_model"], key_mask: Optional[Tensor] = None,
+        rope: Optional[Tensor] = None,
     ) -> Float[Tensor, "b p d_model"]:
+        """`rope`: this block's rotary table (hooked_vit.rope), None without RoPE."""
         resid_pre = self.hook_resid_pre(resid_pre)
         if self.cfg.attention_type == "divided_space_time":
             if key_mask is not None:
@@ -90,7 +92,7 @@ class TransformerBlock(nn.Module):
                 attn_in = self._per_head_inputs(resid_pre, norm=None if post_norm else self.ln1)
             elif not post_norm:
                 attn_in = self.ln1(resid_pre)
-            attn_out = self.attn(attn_in, key_mask)
+            attn_out = self.attn(attn_in, key_mask, rope=rope)
             if post_norm:
                 attn_out = self.ln1(attn_out)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))

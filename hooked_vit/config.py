@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Optional
-from hooked_vit.errors import UserError
 
 import torch
+from hooked_vit.errors import UserError
 
-ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
+ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "sigmoid")
+ROPE_TYPES = ("cat", "mixed", "dinov3")
 
 
 @dataclass
@@ -39,6 +40,17 @@ class HookedViTConfig:
     dynamic_img_size: bool = False  # position embedding resampled to the input grid
     patch_embed_bias: bool = True
     ln_pre: bool = False  # CLIP's norm_pre after the embedding
+    embed_norm: bool = False  # a norm on the patch embeddings (timm's embed_norm_layer, AIMv2)
+    # Rotary position embedding on q and k of the patch tokens (EVA02, DINOv3, PE, RoPE-ViT):
+    # one of ROPE_TYPES, built by hooked_vit.rope from `rope_options` (timm's constructor
+    # arguments); None: no RoPE. Can be combined with the learned pos_embed ("rope_ape").
+    rope_type: Optional[str] = None
+    rope_options: dict[str, Any] = field(default_factory=dict)
+    rope_rotate_half: bool = False  # rotate halves of each head, not interleaved pairs
+    # BEiT's relative position bias: a learned table [n_rel, n_heads] per block, indexed by
+    # each (query, key) pair's 2-D offset (class-token pairs have their own entries), added
+    # to the attention scores (attn.hook_rel_pos_bias).
+    rel_pos_bias: bool = False
     # Position embedding kind (with pos_embed=True): "learned" (one table over the sequence),
     # "sincos" (VideoMAE's fixed 1D sin-cos table over the patch tokens, a buffer) or
     # "space_time" (TimeSformer's learned spatial table over [prefix, one frame's patches]
@@ -63,13 +75,26 @@ class HookedViTConfig:
     proj_bias: bool = True
     mlp_bias: bool = True
     layer_scale: bool = False  # LayerScale gammas (ls1/ls2) on both sublayers
+    attn_only_layer_scale: bool = False  # with layer_scale: a gamma on the attention sublayer only
+    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"  # every norm of the model
+    # "mlp": fc1 -> act -> fc2. "glu": fc1 holds [gate; linear] (2 * d_mlp rows) and the hidden
+    # activation is act(gate) * linear (SwiGLU with act_fn="silu"; timm's GluMlp / SwiGLU).
+    mlp_type: Literal["mlp", "glu"] = "mlp"
+    mlp_norm: bool = False  # a norm over d_mlp before fc2 (timm's scale_mlp_norm / EVA02 sub-LN)
+    qk_norm: bool = False  # a norm over d_head on each head's q and k
+    attn_norm: bool = False  # a norm over n_heads * d_head on z before proj (scale_attn_norm)
     act_fn: str = "gelu"
     eps: float = 1e-6
 
     # --- head --------------------------------------------------------------------------------
     # "token_avg": [class token, mean of the patch tokens] concatenated, [b, 2 * d_model]
     # (transformers' Dinov2ForImageClassification; registers are not averaged).
-    global_pool: Literal["token", "avg", "max", "avgmax", "token_avg"] = "token"
+    # "map": attention pooling (a learned latent query attends over the tokens, then an MLP;
+    # SigLIP, PE), hooked_vit.attention_pool, with attn_pool_heads heads and attn_pool_d_mlp.
+    global_pool: Literal["token", "avg", "max", "avgmax", "token_avg", "map"] = "token"
+    attn_pool_heads: Optional[int] = None  # defaults to n_heads
+    attn_pool_d_mlp: Optional[int] = None  # defaults to d_mlp
+    attn_pool_act: str = "gelu"  # the attention pool's MLP activation
     pool_include_prefix: bool = False
     # "token": the final norm acts on every token before pooling (timm's `norm`);
     # "pooled": it acts on the pooled vector (timm's `fc_norm`, the GAP models); None: none.
@@ -111,8 +136,15 @@ class HookedViTConfig:
             if self.d_model % self.n_heads:
                 raise UserError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
             self.d_head = self.d_model // self.n_heads
-        if self.act_fn not in ACT_FNS:
-            raise UserError(f"act_fn={self.act_fn!r} is not supported; choose one of {ACT_FNS}")
+        if self.act_fn not in ACT_FNS or self.attn_pool_act not in ACT_FNS:
+            raise UserError(f"act_fn={self.act_fn!r} / attn_pool_act={self.attn_pool_act!r}: choose from {ACT_FNS}")
+        if self.rope_type is not None and self.rope_type not in ROPE_TYPES:
+            raise UserError(f"rope_type={self.rope_type!r} is not supported; choose one of {ROPE_TYPES} or None")
+        if self.attn_only_layer_scale and not self.layer_scale:
+            raise UserError("attn_only_layer_scale=True needs layer_scale=True")
+        if self.global_pool == "map":
+            self.attn_pool_heads = self.attn_pool_heads or self.n_heads
+            self.attn_pool_d_mlp = self.attn_pool_d_mlp or self.d_mlp
         if self.global_pool == "token" and not (self.class_token or self.distilled):
             raise UserError("global_pool='token' needs a class token")
         if self.distilled and self.n_reg_tokens:

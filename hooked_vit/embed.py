@@ -15,6 +15,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
+from hooked_vit.layer_norm import make_norm
 from hooked_vit.errors import UserError
 
 
@@ -36,6 +37,7 @@ class Embed(nn.Module):
             self.proj = nn.Conv3d(cfg.in_chans, d, kernel, kernel, bias=cfg.patch_embed_bias)
         else:
             self.proj = nn.Conv2d(cfg.in_chans, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_embed_bias)
+        self.norm = make_norm(cfg, d) if cfg.embed_norm else None  # hooks embed.norm.hook_*, [b, n_patches, d]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.n_reg_tokens, d)) if cfg.n_reg_tokens else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
@@ -93,6 +95,7 @@ class Embed(nn.Module):
         if self.cfg.is_video:  # [b, t, c, h, w] -> Conv3d over [b, c, t, h, w], tokens (t, row, col)
             images = einops.rearrange(images, "b t c h w -> b c t h w")
         patches = self.proj(images).flatten(2).transpose(1, 2)  # [b, n_patches, d]
+        patches = patches if self.norm is None else self.norm(patches)
         prefix = [t.expand(images.shape[0], -1, -1) for t in self.prefix_params()]
         return torch.cat(prefix + [patches], dim=1) if prefix else patches
 

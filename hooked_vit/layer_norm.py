@@ -76,3 +76,44 @@ class LayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.d_model}, eps={self.eps}, affine={self.weight is not None}"
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension (Zhang & Sennrich 2019; timm's `RmsNorm`):
+    x / sqrt(mean(x^2) + eps) * weight. No centring, no bias.
+
+    Hooks (TransformerLens's names):
+        hook_scale: [*batch, 1], sqrt(mean(x^2) + eps). Only computed when hooked; a returned
+            or edited scale replaces the real one.
+        hook_normalized: [*batch, d_model], the output (after the weight).
+    """
+
+    def __init__(self, d_model: int, eps: float, affine: bool = True):
+        super().__init__()
+        self.d_model = d_model
+        self.eps = eps
+        self.weight: Optional[nn.Parameter] = nn.Parameter(torch.ones(d_model)) if affine else None
+        self.bias = None  # for code that reads norm.bias (RMSNorm has none)
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
+        if not is_hooked(self.hook_scale):
+            return self.hook_normalized(self.functional(x))
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).pow(0.5))  # [*batch, 1]
+        normalized = x / scale
+        return self.hook_normalized(normalized if self.weight is None else normalized * self.weight)
+
+    def functional(self, x: Tensor) -> Tensor:
+        """The same map without firing hooks (timm's formula, for bit-level agreement)."""
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x if self.weight is None else x * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.d_model}, eps={self.eps}, affine={self.weight is not None}"
+
+
+def make_norm(cfg, d: int, eps: Optional[float] = None) -> nn.Module:
+    """The model's norm (cfg.norm_type) over a last dimension of size d (eps: cfg.eps)."""
+    eps = cfg.eps if eps is None else eps
+    return RMSNorm(d, eps) if cfg.norm_type == "rmsnorm" else LayerNorm(d, eps)

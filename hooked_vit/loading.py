@@ -24,94 +24,17 @@ if TYPE_CHECKING:  # hooked_vit.model imports this module, never the other way r
 
 # ------------------------------------------------------------------ config
 def config_from_timm(model: nn.Module) -> HookedViTConfig:
-    """Read a `HookedViTConfig` off a timm VisionTransformer, refusing what is unsupported."""
-    from timm.models.vision_transformer import VisionTransformer
+    """Read a `HookedViTConfig` off a timm VisionTransformer or Eva, refusing what is
+    unsupported (hooked_vit.timm_architectures reads the modules)."""
+    from hooked_vit.timm_architectures import architecture_options
 
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"unsupported feature: model class {type(model).__name__} (not a timm VisionTransformer; "
-            "HookedViT loads timm's vision_transformer / deit families)"
-        )
-    _check_supported(model)
-    block = model.blocks[0]
-    attn, mlp = block.attn, block.mlp
-    distilled = getattr(model, "dist_token", None) is not None
-    final_norm = _final_norm_kind(model)
+    options = architecture_options(model)
     return HookedViTConfig(
-        d_model=model.embed_dim,
-        n_layers=len(model.blocks),
-        n_heads=attn.num_heads,
-        d_head=attn.head_dim,
-        d_mlp=mlp.fc1.out_features,
-        n_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
-        img_size=tuple(model.patch_embed.img_size),
-        patch_size=tuple(model.patch_embed.patch_size),
-        in_chans=model.patch_embed.proj.in_channels,
-        class_token=model.cls_token is not None,
-        n_reg_tokens=model.num_reg_tokens,
-        distilled=distilled,
-        pos_embed=model.pos_embed is not None,
-        no_embed_class=model.no_embed_class,
-        dynamic_img_size=model.dynamic_img_size,
-        patch_embed_bias=model.patch_embed.proj.bias is not None,
-        ln_pre=not isinstance(model.norm_pre, nn.Identity),
-        block_type="post_norm" if type(block).__name__ == "ResPostBlock" else "pre_norm",
-        qkv_bias=attn.qkv.bias is not None,
-        proj_bias=attn.proj.bias is not None,
-        mlp_bias=mlp.fc1.bias is not None,
-        layer_scale=not isinstance(getattr(block, "ls1", nn.Identity()), nn.Identity),
-        act_fn=_act_name(mlp.act),
-        eps=_norm_eps(model),
-        global_pool="token" if distilled else model.global_pool,
-        pool_include_prefix=model.pool_include_prefix,
-        final_norm=final_norm,
-        head_bias=getattr(model.head, "bias", None) is not None,
+        **options,
         model_name=str(getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)),
         data_config=_data_config(model),
         **timm_class_metadata(model),
     )
-
-
-def _check_supported(model: nn.Module) -> None:
-    from timm.layers import Mlp, PatchEmbed
-    from timm.layers.attention import Attention as TimmAttention
-
-    def refuse(feature: str) -> None:
-        raise UnsupportedModelError(f"unsupported feature: {feature}")
-
-    if type(model.patch_embed) is not PatchEmbed:
-        refuse(f"patch embedding {type(model.patch_embed).__name__} (only timm's PatchEmbed)")
-    if not isinstance(model.patch_embed.norm, nn.Identity):
-        refuse("a norm inside the patch embedding (embed_norm_layer)")
-    if model.patch_embed.dynamic_img_pad:
-        refuse("dynamic_img_pad")
-    if getattr(model, "attn_pool", None) is not None:
-        refuse(f"attention pooling (global_pool={model.global_pool!r})")
-    if model.global_pool not in ("token", "avg", "max", "avgmax"):
-        refuse(f"global_pool={model.global_pool!r} (token, avg, max and avgmax are supported)")
-    if not isinstance(model.head, (nn.Linear, nn.Identity)):
-        refuse(f"classifier head {type(model.head).__name__} (a Linear or no head)")
-    for i, block in enumerate(model.blocks):
-        kind = type(block).__name__
-        if kind not in ("Block", "ResPostBlock"):
-            refuse(f"block type {kind} in block {i} (Block and ResPostBlock are supported)")
-        attn, mlp = block.attn, block.mlp
-        if type(attn) is not TimmAttention:
-            refuse(f"attention type {type(attn).__name__}")
-        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
-            refuse("qk_norm")
-        if not isinstance(attn.norm, nn.Identity):
-            refuse("scale_attn_norm (a norm inside attention)")
-        if getattr(attn, "gate", None) is not None:
-            refuse("gated attention")
-        if type(mlp) is not Mlp:
-            refuse(f"MLP type {type(mlp).__name__} (e.g. SwiGLU); only timm's Mlp is supported")
-        if not isinstance(mlp.norm, nn.Identity):
-            refuse("scale_mlp_norm (a norm inside the MLP)")
-    for name, module in model.named_modules():
-        if name.endswith(("norm1", "norm2", "norm_pre")) or name in ("norm", "fc_norm"):
-            if not isinstance(module, (nn.Identity, nn.LayerNorm)):
-                refuse(f"normalisation {type(module).__name__} at {name} (only LayerNorm)")
 
 
 def _final_norm_kind(model: nn.Module) -> Optional[str]:
@@ -373,6 +296,9 @@ def _refuse_build_options(timm_model: nn.Module, pretrained: bool, timm_kwargs: 
 
 
 def convert_timm(timm_model: nn.Module) -> Converted:
-    """A timm model's config and weights (`config_from_timm`, refusing the unsupported)."""
+    """A timm model's config and weights (`config_from_timm`, refusing the unsupported;
+    weights under VisionTransformer names, `timm_architectures.timm_state`)."""
+    from hooked_vit.timm_architectures import timm_state
+
     first = next(timm_model.parameters())
-    return Converted(config_from_timm(timm_model), timm_model.state_dict(), first.device, first.dtype)
+    return Converted(config_from_timm(timm_model), timm_state(timm_model), first.device, first.dtype)

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.config import HookedViTConfig
+from hooked_vit.layer_norm import make_norm
+from hooked_vit.errors import UserError
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -24,11 +26,18 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "quick_gelu": quick_gelu,
     "relu": F.relu,
     "silu": F.silu,
+    "sigmoid": torch.sigmoid,
 }
 
 
 class MLP(nn.Module):
     """Hooks: hook_pre [b, p, d_mlp] (fc1 output, the "keys"), hook_post [b, p, d_mlp].
+
+    A gated MLP (cfg.mlp_type="glu": SwiGLU, Shazeer 2020, arXiv:2002.05202) keeps both input
+    maps in one fc1 ([gate; linear], 2 * d_mlp outputs) and names its hooks as TransformerLens's
+    gated MLPs: hook_pre the gate pre-activation, hook_pre_linear the linear branch,
+    hook_post = act(hook_pre) * hook_pre_linear, all [b, p, d_mlp]. With cfg.mlp_norm a norm
+    over d_mlp (`ln`, hooks ln.hook_*) sits between hook_post and fc2.
 
     LayerScale (`ls_gamma`, timm's `ls2.gamma`) is applied inside, so `W_out`/`b_out` map
     hook_post to exactly what the sublayer writes to the residual stream.
@@ -37,27 +46,56 @@ class MLP(nn.Module):
     def __init__(self, cfg: HookedViTConfig):
         super().__init__()
         self.cfg = cfg
-        self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.gated = cfg.mlp_type == "glu"
+        self.fc1 = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_mlp, bias=cfg.mlp_bias)
+        self.ln = make_norm(cfg, cfg.d_mlp) if cfg.mlp_norm else None
         self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.ls_gamma: Optional[nn.Parameter] = (
-            nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
+            nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale and not cfg.attn_only_layer_scale else None
         )
         self.act = ACTIVATIONS[cfg.act_fn]
-        self.hook_pre = HookPoint()
-        self.hook_post = HookPoint()
+        self.hook_pre = HookPoint()  # [b, p, d_mlp]; the gate in a gated MLP
+        self.hook_pre_linear = HookPoint() if self.gated else None  # [b, p, d_mlp]; gated MLPs only
+        self.hook_post = HookPoint()  # [b, p, d_mlp]
 
     def forward(self, x: Float[Tensor, "b p d_model"]) -> Float[Tensor, "b p d_model"]:
-        post = self.hook_post(self.act(self.hook_pre(self.fc1(x))))
-        out = self.fc2(post)
+        hidden = self.fc1(x)
+        if self.gated:
+            gate, linear = hidden.chunk(2, dim=-1)
+            post = self.hook_post(self.act(self.hook_pre(gate)) * self.hook_pre_linear(linear))
+        else:
+            post = self.hook_post(self.act(self.hook_pre(hidden)))
+        out = self.fc2(post if self.ln is None else self.ln(post))
         return out if self.ls_gamma is None else out * self.ls_gamma
+
+    def _fc1_rows(self, i: int) -> tuple[Tensor, Tensor]:
+        d = self.cfg.d_mlp
+        w = self.fc1.weight[i * d : (i + 1) * d]
+        b = self.fc1.bias[i * d : (i + 1) * d] if self.fc1.bias is not None else w.new_zeros(d)
+        return w, b
 
     @property
     def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
-        return self.fc1.weight.T
+        """The map to hook_pre; in a gated MLP the linear branch (hook_pre_linear), as in
+        TransformerLens, whose W_gate is the gate."""
+        return self._fc1_rows(1 if self.gated else 0)[0].T
 
     @property
     def b_in(self) -> Float[Tensor, "d_mlp"]:
-        return self.fc1.bias if self.fc1.bias is not None else self.fc1.weight.new_zeros(self.cfg.d_mlp)
+        return self._fc1_rows(1 if self.gated else 0)[1]
+
+    @property
+    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
+        """Gated MLPs only: the map to the gate pre-activation (hook_pre)."""
+        if not self.gated:
+            raise UserError("W_gate exists only for gated MLPs (cfg.mlp_type='glu')")
+        return self._fc1_rows(0)[0].T
+
+    @property
+    def b_gate(self) -> Float[Tensor, "d_mlp"]:
+        if not self.gated:
+            raise UserError("b_gate exists only for gated MLPs (cfg.mlp_type='glu')")
+        return self._fc1_rows(0)[1]
 
     @property
     def W_out(self) -> Float[Tensor, "d_mlp d_model"]:

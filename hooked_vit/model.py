@@ -22,12 +22,14 @@ from hooked_vit.cache import ViTActivationCache
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.embed import Embed
 from hooked_vit import weight_processing
+from hooked_vit.attention_pool import AttentionPool
 from hooked_vit.errors import UnknownHookError, UnsupportedModelError, UserError
-from hooked_vit.layer_norm import LayerNorm
+from hooked_vit.layer_norm import make_norm
 from hooked_vit.layers import block_range
 from hooked_vit.loading import Converted, convert_timm, convert_timm_state_dict, timm_module, to_timm_state_dict
 from hooked_vit.loading_hf import convert_hf
 from hooked_vit.loading_open_clip import convert_open_clip
+from hooked_vit.rope import block_tables, build_rope
 from hooked_vit.specs import ModelSpec, convert as convert_spec
 from hooked_vit.saes import SAEHost
 from hooked_vit.transformer_lens_api import (ImageTokens, all_composition_scores, canonical_hook_name, class_id,
@@ -61,11 +63,13 @@ class HookedViT(SAEHost, HookedRootModule):
         self.cfg = cfg
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()
-        self.hook_pos_embed = HookPoint()
-        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.ln_pre else None
+        self.hook_pos_embed = HookPoint() if cfg.pos_embed else None  # absent without a learned position embedding
+        self.ln_pre = make_norm(cfg, cfg.d_model) if cfg.ln_pre else None
+        self.rope = build_rope(cfg)  # timm's rotary tables (cfg.rope_type), applied in attention
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
         final_eps = cfg.eps if cfg.final_norm_eps is None else cfg.final_norm_eps
-        self.ln_final = LayerNorm(cfg.d_model, final_eps) if cfg.final_norm else None
+        self.ln_final = make_norm(cfg, cfg.d_model, final_eps) if cfg.final_norm else None
+        self.attn_pool = AttentionPool(cfg) if cfg.global_pool == "map" else None
         self.hook_pooled = HookPoint()
         # CLIP's image projection; absent (no module, no hook call) for every other model.
         projected = cfg.d_image_embed is not None
@@ -92,6 +96,7 @@ class HookedViT(SAEHost, HookedRootModule):
         keep_mask: Optional[Tensor] = None,
         key_mask: Optional[Tensor] = None,
         targets: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
     ) -> Tensor:
         """Run the model.
 
@@ -110,13 +115,16 @@ class HookedViT(SAEHost, HookedRootModule):
                 sequence after the embedding (before the first block); kept tokens are moved
                 left, shorter rows padded and masked out of attention and pooling.
             key_mask: [b, p] bool, True where a token may be attended to (with start_at_layer).
+            positions: [b, p] each token's index in the full sequence, for RoPE models run
+                from start_at_layer on a shortened sequence (token removal sets it itself).
         """
         _check_forward_options(return_type, targets)
         x = x.images if isinstance(x, ImageTokens) else x
         if torch.is_tensor(x) and x.is_floating_point() and x.dtype != self.cfg.dtype:
             x = x.to(self.cfg.dtype)
-        pool_mask = None
+        pool_mask, grid = None, self.cfg.grid_size
         if start_at_layer is None:
+            grid = self.embed.check_images(x)
             resid = self.embed_images(x)
             if keep_mask is not None:
                 self._check_keep_mask(keep_mask)
@@ -128,8 +136,10 @@ class HookedViT(SAEHost, HookedRootModule):
             if keep_mask is not None:
                 raise UserError("keep_mask acts after the embedding; with start_at_layer pass key_mask instead")
             resid = x
+        tables = self.rope_tables(grid, positions, resid.shape[1])
         for i in block_range(start_at_layer, stop_at_layer, self.cfg.n_layers):
-            resid = self.blocks[i](resid, key_mask)
+            block = self.blocks[i]
+            resid = block(resid, key_mask, rope=None if tables is None else tables[block.layer])
         if stop_at_layer is not None or return_type == "resid":
             return resid
         pooled = self.hook_pooled(self.pool(resid, pool_mask))
@@ -141,6 +151,17 @@ class HookedViT(SAEHost, HookedRootModule):
                 raise UserError('return_type="loss" needs targets=[batch] class ids')
             return self.loss_fn(logits, targets)
         return logits if return_type == "logits" else None
+
+    def rope_tables(self, grid: tuple[int, int], positions: Optional[Tensor], n_tokens: int) -> Optional[list[Tensor]]:
+        """Each block's rotary table (hooked_vit.rope) for a patch grid, at `positions` [b, p]
+        of the full sequence when tokens were removed; None without RoPE."""
+        if self.rope is None:
+            return None
+        n_full = self.cfg.n_prefix_tokens + grid[0] * grid[1]
+        if positions is None and n_tokens != n_full:
+            raise UserError(f"a RoPE model needs each token's position: {n_tokens} tokens for a {grid[0]}x{grid[1]} "
+                             "grid; pass positions= (the tokens' indices in the full sequence)")
+        return block_tables(self.rope, grid, self.cfg.grid_size, self.cfg.n_prefix_tokens, self.cfg.n_layers, positions)
 
     def _check_keep_mask(self, keep_mask: Tensor) -> None:
         cfg = self.cfg
@@ -174,7 +195,10 @@ class HookedViT(SAEHost, HookedRootModule):
         cfg = self.cfg
         if cfg.final_norm == "token":
             resid = self.ln_final(resid)
-        if cfg.distilled:
+        if cfg.global_pool == "map":  # attention pooling over the patch (and, if set, prefix) tokens
+            first = 0 if cfg.pool_include_prefix else cfg.n_prefix_tokens
+            pooled = self.attn_pool(resid, pool_mask) if pool_mask is not None else self.attn_pool(resid[:, first:])
+        elif cfg.distilled:
             pooled = resid[:, 0:2]  # class and distillation tokens: [b, 2, d]
         elif cfg.global_pool == "token":
             pooled = resid[:, 0]
@@ -204,10 +228,19 @@ class HookedViT(SAEHost, HookedRootModule):
         logits = W_U^T final_norm(h) + b_U, with the final norm applied per token (timm's
         `norm`, or `fc_norm` for GAP models) and, for distilled models, the two heads
         averaged. Fires no hooks. For the class token at the last block of a class-token
-        model this equals the model's logits. unembed: (W_U, b_U) computed once by a caller
+        model this equals the model's logits. With an attention-pooling (MAP) head the vector
+        is read as the head reads a one-token sequence (pooling weight 1: value, proj and the
+        head's MLP), the head applied to the token alone; this is not the token's share of the
+        model's logits (which depends on the other tokens through the pooling weights). unembed: (W_U, b_U) computed once by a caller
         that projects many times (for CLIP, W_U is a product of the head and the projection).
         """
-        if self.ln_final is not None:
+        if self.attn_pool is not None:  # MAP head: the pooling head applied to the vector alone
+            if self.cfg.final_norm == "token":
+                resid = self.ln_final.functional(resid)
+            resid = self.attn_pool.single_token(resid)
+            if self.cfg.final_norm == "pooled":
+                resid = self.ln_final.functional(resid)
+        elif self.ln_final is not None:
             resid = self.ln_final.functional(resid)
         w, b = (self.W_U, self.b_U) if unembed is None else unembed
         return F.linear(resid, w.T, b)  # one fused GEMM + bias

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # hooked_vit.model imports this module, never the other way r
 def process_weights_(
     model: HookedViT, fold_ln: bool = True, center_writing_weights: bool = True, fold_layer_scale: bool = True
 ) -> None:
+    _check_architecture(model, fold_ln, center_writing_weights)
     if center_writing_weights and model.cfg.layer_scale and not fold_layer_scale:
         raise UserError("center_writing_weights with LayerScale needs fold_layer_scale=True")
     if fold_layer_scale:
@@ -35,6 +36,19 @@ def process_weights_(
         fold_layer_norm_(model)
     if center_writing_weights:
         center_writing_weights_(model)
+
+
+def _check_architecture(model: HookedViT, fold_ln: bool, center_writing_weights: bool) -> None:
+    """Refuse processing that would change the function of the newer architectures."""
+    cfg = model.cfg
+    if center_writing_weights and cfg.norm_type == "rmsnorm":
+        raise UserError("center_writing_weights is invalid with RMSNorm: it does not remove the mean, so the "
+                         "readers of the stream see a per-token constant")
+    if center_writing_weights and cfg.embed_norm:
+        raise UserError("center_writing_weights is invalid with a norm in the patch embedding (embed_norm): "
+                         "centring the projection changes what that norm computes")
+    if fold_ln and cfg.global_pool == "map" and cfg.final_norm == "pooled":
+        raise UserError("fold_ln with a MAP head and a pooled final norm is not supported")
 
 
 @torch.no_grad()
@@ -66,6 +80,8 @@ def fold_layer_norm_(model: HookedViT) -> None:
     if model.ln_final is not None:
         # The final norm's reader: CLIP's image projection, else the head(s).
         readers = [model.image_proj] if model.image_proj is not None else [model.head, model.head_dist]
+        if model.attn_pool is not None:  # the MAP head's keys and values read the normalised tokens
+            readers = [model.attn_pool.kv]
         # global_pool="token_avg" reads [ln(class), mean ln(patches)]: the affine map acts on both halves.
         _fold_into(model.ln_final, [h for h in readers if h is not None], repeat=model.cfg.d_pooled // model.cfg.d_model)
     model.cfg.normalization_type = "LNPre"
@@ -74,13 +90,15 @@ def fold_layer_norm_(model: HookedViT) -> None:
 def _fold_into(ln: nn.Module, readers: list[nn.Linear], repeat: int = 1) -> None:
     if ln.weight is None:
         return
-    weight, bias_in = ln.weight.repeat(repeat), ln.bias.repeat(repeat)
+    weight = ln.weight.repeat(repeat)
+    bias_in = None if ln.bias is None else ln.bias.repeat(repeat)  # RMSNorm has none
     for linear in readers:
-        bias = linear.weight @ bias_in
-        if linear.bias is None:
-            linear.bias = nn.Parameter(bias)
-        else:
-            linear.bias.add_(bias)
+        if bias_in is not None:
+            bias = linear.weight @ bias_in
+            if linear.bias is None:
+                linear.bias = nn.Parameter(bias)
+            else:
+                linear.bias.add_(bias)
         linear.weight.mul_(weight[None, :])
     ln.weight, ln.bias = None, None
 
@@ -128,6 +146,15 @@ def _set_qkv_(attn: nn.Module, i: int, weight: Tensor, bias: Tensor) -> None:
     attn.qkv.bias[i * d_attn : (i + 1) * d_attn] = bias.reshape(-1)
 
 
+def _require_bilinear_heads(model: HookedViT, what: str) -> None:
+    cfg = model.cfg
+    for flag, reason in (("attn_norm", "a norm over the heads' outputs (attn_norm) sits between z and W_O"),
+                         ("qk_norm", "q and k are normalised (qk_norm), so QK is not a bilinear form"),
+                         ("rope_type", "q and k are rotated by position (RoPE), so QK is not one bilinear form")):
+        if getattr(cfg, flag):
+            raise UserError(f"{what} is undefined here: {reason}")
+
+
 def _require_no_layer_scale(model: HookedViT, what: str) -> None:
     if model.cfg.layer_scale:
         raise UserError(f"{what} rewrites W_O; fold LayerScale into it first (model.process_weights_(fold_layer_scale=True))")
@@ -137,6 +164,8 @@ def _require_no_layer_scale(model: HookedViT, what: str) -> None:
 def fold_value_biases_(model: HookedViT) -> None:
     """Move b_V into b_O: every attention row sums to one, so each head adds b_V[h] @ W_O[h]
     whatever it attends to (also with a key mask, whose rows still sum to one)."""
+    if model.cfg.attn_norm:
+        raise UserError("fold_value_biases is undefined with attn_norm: a norm over the heads sits between z and W_O")
     for block in model.blocks:
         attn = block.attn
         b_v = attn.b_V.reshape(-1)  # [h * d_head], the order proj reads z in
@@ -168,6 +197,7 @@ def refactor_factored_attn_matrices_(model: HookedViT) -> None:
     """Re-factor each head's QK and OV circuits evenly by SVD (TransformerLens's
     refactor_factored_attn_matrices): W_Q W_K^T (with the biases as an extra input row)
     and W_V W_O are unchanged, so is the model; b_V is folded into b_O first."""
+    _require_bilinear_heads(model, "refactor_factored_attn_matrices")
     _require_no_layer_scale(model, "refactor_factored_attn_matrices")
     fold_value_biases_(model)
     for block in model.blocks:

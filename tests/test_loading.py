@@ -58,17 +58,21 @@ def test_missing_checkpoint_file_is_clear(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,feature", [
-    (dict(qk_norm=True), "qk_norm"),
-    (dict(global_pool="map"), "attention pooling"),
+    (dict(block_fn="ParallelThingsBlock"), "block type ParallelThingsBlock"),
+    (dict(global_pool=""), "global_pool=''"),
 ])
 def test_unsupported_features_are_named(kwargs, feature):
+    if kwargs.get("block_fn"):
+        import timm.models.vision_transformer as vt
+
+        kwargs = {**kwargs, "block_fn": getattr(vt, kwargs["block_fn"])}
     model = timm.create_model("vit_tiny_patch16_224", depth=1, embed_dim=32, num_heads=2, img_size=32, **kwargs)
     with pytest.raises(UnsupportedModelError, match=feature):
         HookedViT.from_timm(model)
 
 
 def test_non_vit_model_is_refused():
-    with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
+    with pytest.raises(UnsupportedModelError, match="unsupported feature: model class Linear"):
         HookedViT.from_timm(torch.nn.Linear(2, 2))
 
 

@@ -97,24 +97,21 @@ def check(name: str, module: str = "") -> ZooResult:
 
 
 def _flags(model) -> str:
-    """The HookedViTConfig fields that differ from the defaults (the documentation's options column)."""
-    from dataclasses import fields
+    """The HookedViTConfig fields that differ from their defaults (the documentation's options column)."""
+    from dataclasses import MISSING, fields
 
     from hooked_vit.config import HookedViTConfig
 
     skip = {"d_model", "n_layers", "n_heads", "d_mlp", "n_classes", "img_size", "patch_size", "d_head",
-            "model_name", "data_config", "label_names", "class_names", "device"}
+            "model_name", "data_config", "label_names", "class_names", "device", "rope_options",
+            "attn_pool_heads", "attn_pool_d_mlp", "in_chans"}
     out = []
     for f in fields(HookedViTConfig):
-        if f.name in skip or f.default is getattr(f, "MISSING", None):
+        if f.name in skip:
             continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
         value = getattr(model.cfg, f.name)
-        default = f.default if f.default_factory is getattr(f, "default_factory", None) else f.default
-        try:
-            same = value == default
-        except Exception:
-            same = False
-        if not same and not callable(default):
+        if value != default:
             out.append(f"{f.name}={value!r}")
     return ", ".join(out)
 

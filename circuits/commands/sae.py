@@ -33,7 +33,9 @@ def add_parser(sub) -> None:
                    help="steps over which the sparsity weight rises linearly from 0 (default 5%% of --steps)")
     t.add_argument("--jumprelu-sparsity", default="step", choices=["step", "tanh"],
                    help="jumprelu: L0 through the step function's straight-through estimator, or SAELens's tanh")
-    t.add_argument("--aux-coeff", type=float, default=1 / 32, help="topk / batchtopk: AuxK weight (Gao et al.)")
+    t.add_argument("--aux-coeff", type=float, default=1.0, help="topk / batchtopk: AuxK weight (SAELens; Gao et al.)")
+    t.add_argument("--dead-after-tokens", type=int, default=50_000,
+                   help="a feature silent for this many rows counts as dead (AuxK / resampling revive it)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
     t.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a checkpoint and the resumable trainer state every N steps (rerun to resume)")
@@ -65,7 +67,8 @@ def run_train(args: argparse.Namespace) -> int:
                     limit=args.limit, num_workers=args.workers, overwrite=args.overwrite,
                     device=str(model.cfg.device), activations=args.activations,
                     sparsity_warmup_steps=args.sparsity_warmup_steps, jumprelu_sparsity=args.jumprelu_sparsity,
-                    aux_coeff=args.aux_coeff, grad_clip=args.grad_clip)
+                    aux_coeff=args.aux_coeff, grad_clip=args.grad_clip,
+                    dead_after_tokens=args.dead_after_tokens)
     if init_distributed().is_main:
         print(f"dictionary in {out}")
     return 0

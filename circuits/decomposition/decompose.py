@@ -39,6 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_vit.errors import UnsupportedModelError
 from hooked_vit import HookedViT
 from hooked_vit.errors import UserError
 
@@ -260,6 +261,17 @@ def _check_supported(model: HookedViT, start_layer: int) -> None:
     if not 0 <= start_layer <= cfg.n_layers:
         raise UserError(f"start_layer={start_layer} is outside 0..{cfg.n_layers}")
     pool_weights(model, cfg.n_ctx)  # refuses max pooling
+    refusals = {
+        "global_pool": (cfg.global_pool == "map", "an attention-pooling (MAP) head weights the tokens by a softmax "
+                        "over them and adds an MLP, so the representation is not a sum of per-component terms"),
+        "norm_type": (cfg.norm_type == "rmsnorm", "the decomposition linearises LayerNorm (centring and a frozen "
+                      "scale) at every reader; RMSNorm models are not implemented"),
+        "attn_norm": (cfg.attn_norm, "a norm over the heads' outputs (scale_attn_norm) mixes the heads before W_O, "
+                      "so a head's output is not its own term"),
+    }
+    for flag, (refused, reason) in refusals.items():
+        if refused:
+            raise UnsupportedModelError(f"decomposition refused ({flag}): {reason}")
 
 
 @torch.no_grad()

@@ -41,16 +41,17 @@ import torch.distributed as tdist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuits.sae.dictionaries import SparseDictionary, _JumpStep, _topk
+from circuits.sae.dictionaries import ARCHITECTURES, SparseDictionary, _JumpStep
 from hooked_vit.errors import UserError
 
 Batches = Callable[[int], Iterable[dict[str, torch.Tensor]]]  # epoch -> batches {hook: [n, d]}
 
 # Default sparsity coefficient per architecture, before scaling by the data (see `sparsity_scale`):
 # ReLU's L1 weight times the RMS norm of the centred inputs, JumpReLU's L0 weight times their mean
-# squared norm. Chosen on the embedded default (blocks.4.hook_resid_post, 512 features, 1,500 steps
-# of 1,024 rows) to reach L0 about 20-30, like TopK's k=16 (docs/sparse_autoencoders.md, "Training").
-DEFAULT_SPARSITY = {"relu": 0.03, "jumprelu": 2e-3}
+# squared norm. Measured on the embedded default (blocks.4.hook_resid_post, 512 features, 300 steps
+# of 1,024 rows, docs/sparse_autoencoders.md "Training"): ReLU L0 39 (0.03: 78), JumpReLU L0 9.6
+# (2e-3: 9.2; its L0 is set more by the threshold dynamics than by this weight, not tuned further).
+DEFAULT_SPARSITY = {"relu": 0.1, "jumprelu": 7e-4}
 STATE_FILE = "trainer_state.pt"
 
 
@@ -92,7 +93,8 @@ class TrainConfig:
     jumprelu_sparsity: str = "step"  # step (L0 through the STE) | tanh (SAELens's tanh surrogate)
     jumprelu_tanh_scale: float = 4.0
     pre_act_coeff: float = 0.0  # jumprelu: pull dead features' pre-activations up to the threshold
-    aux_coeff: float = 1 / 32  # AuxK weight (Gao et al. 2024)
+    jumprelu_init_fire_rate: Optional[float] = 0.1  # initial thresholds: each feature's (1 - rate) quantile
+    aux_coeff: float = 1.0  # AuxK weight on the MSE's scale (SAELens; about Gao et al.'s 1/32 on normalised MSEs)
     dead_after_tokens: int = 50_000  # a feature silent for this many rows counts as dead
     resample_every: int = 500  # relu / jumprelu: resample dead features this often (0: never)
     checkpoint_every: int = 0  # 0: only at the end
@@ -107,6 +109,8 @@ class TrainConfig:
             raise UserError(f"jumprelu_sparsity must be step or tanh, got {self.jumprelu_sparsity!r}")
         if self.init_b_dec not in ("geometric_median", "mean", "zeros"):
             raise UserError(f"init_b_dec must be geometric_median, mean or zeros, got {self.init_b_dec!r}")
+        if self.jumprelu_init_fire_rate is not None and not 0 < self.jumprelu_init_fire_rate < 1:
+            raise UserError(f"jumprelu_init_fire_rate must be in (0, 1) or None, got {self.jumprelu_init_fire_rate}")
         if self.grad_clip < 0 or self.aux_coeff < 0 or self.pre_act_coeff < 0:
             raise UserError("grad_clip, aux_coeff and pre_act_coeff must be >= 0")
 
@@ -131,6 +135,8 @@ def training_losses(sae: SparseDictionary, x: Tensor, target: Tensor, dead: Opti
     z = sae.pre_acts(x)
     acts = sae.activate(z)
     recon = sae.decode(acts)
+    if sae.cfg.skip:  # a skip transcoder's linear path (SAELens's SkipTranscoder)
+        recon = recon + sae.skip_term(x)
     err = target - recon
     mse = err.pow(2).sum(-1).mean()
     arch = sae.cfg.architecture
@@ -262,6 +268,12 @@ def train_dictionary(sae: SparseDictionary, batches: Batches, cfg: TrainConfig, 
     layer passes ``init_distributed()``) rank r trains on slice r of each global batch.
     """
     d = dist if dist is not None else OneProcess()
+    if sae.cfg.architecture not in ARCHITECTURES:
+        raise UserError(f"{sae.cfg.architecture} dictionaries are read and spliced, not trained here; "
+                         f"train one of {ARCHITECTURES}")
+    if sae.cfg.normalize_activations != "none":
+        raise UserError(f"training with normalize_activations={sae.cfg.normalize_activations!r} is not supported; "
+                         "train with none (the default)")
     if d.world > 1 and sae.cfg.architecture == "batchtopk":
         raise UserError("batchtopk does not train data-parallel yet (its top-k is over the whole global batch); "
                          "run one process, or use topk")
@@ -276,6 +288,8 @@ def train_dictionary(sae: SparseDictionary, batches: Batches, cfg: TrainConfig, 
         first = stream.next()
         _, y0 = _io(sae, first, cfg.device)
         _init_b_dec(sae, y0, cfg.init_b_dec)
+        if sae.cfg.architecture == "jumprelu" and cfg.jumprelu_init_fire_rate is not None:
+            _init_threshold(sae, _io(sae, first, cfg.device)[0], cfg.jumprelu_init_fire_rate)
         base = DEFAULT_SPARSITY.get(sae.cfg.architecture, 0.0) * sparsity_scale(sae.cfg.architecture, y0) \
             if cfg.sparsity_coeff is None else cfg.sparsity_coeff
         since_fired = torch.zeros(sae.cfg.d_sae, device=cfg.device)
@@ -401,6 +415,17 @@ def _init_b_dec(sae: SparseDictionary, y: torch.Tensor, how: str) -> None:
         sae.b_dec.copy_(geometric_median(y.float()))
     elif how == "mean":
         sae.b_dec.copy_(y.float().mean(0))
+
+
+@torch.no_grad()
+def _init_threshold(sae: SparseDictionary, x: Tensor, rate: float) -> None:
+    """JumpReLU thresholds at each feature's (1 - rate) quantile of its pre-activations on the first
+    batch (floored at 1e-3), so training starts at L0 ~ rate * d_sae whatever the activations' scale.
+    The threshold is learned as log(theta), which Adam moves by about lr per step, i.e. by a factor
+    e^(lr * steps) at most: from a fixed 0.01 it cannot reach thresholds of order of the pre-activations
+    in a short run (the cause of L0 ~110 of 256 before), from the quantile it only has to fine-tune."""
+    q = torch.quantile(sae.pre_acts(x).float(), 1 - rate, dim=0)
+    sae.log_threshold.copy_(q.clamp_min(1e-3).log())
 
 
 @torch.no_grad()

@@ -1,0 +1,366 @@
+"""Reading a HookedViTConfig and weights off timm modules (never off model names).
+
+Two timm classes are read: `VisionTransformer` (and `VisionTransformerDistilled`) from
+timm.models.vision_transformer / deit, and `Eva` from timm.models.eva (EVA, EVA02, DINOv3,
+Perception Encoder, RoPE-ViT). Each module of the model is inspected; a feature HookedViT does
+not implement raises `UnsupportedModelError("unsupported feature: ...")` naming it.
+
+`timm_state(model)` gives the weights under timm VisionTransformer names (what
+`hooked_vit.loading.convert_timm_state_dict` maps), with EVA's separate q/k/v projections and
+biases fused into one qkv, gated-MLP halves in HookedViT's [gate; linear] order and the new
+sublayer norms under HookedViT names.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from hooked_vit.config import HookedViTConfig
+from hooked_vit.errors import UnsupportedModelError
+from hooked_vit.rope import build_rope, patch_table, rope_options_of, rope_type_of
+
+ACTS = {("GELU", "none"): "gelu", ("GELU", "tanh"): "gelu_tanh", ("GELUTanh", "none"): "gelu_tanh",
+        ("QuickGELU", "none"): "quick_gelu", ("ReLU", "none"): "relu", ("SiLU", "none"): "silu",
+        ("Sigmoid", "none"): "sigmoid"}
+
+
+def refuse(feature: str) -> None:
+    raise UnsupportedModelError(f"unsupported feature: {feature}")
+
+
+def is_identity(module: Optional[nn.Module]) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+# ------------------------------------------------------------------ norms, activations, MLPs
+def norm_kind(module: nn.Module, where: str) -> tuple[str, float, bool]:
+    """("layernorm" | "rmsnorm", eps, has_bias) of a norm module, refusing other norms."""
+    from timm.layers import RmsNorm
+
+    kind = type(module).__name__
+    if isinstance(module, nn.LayerNorm) and kind in ("LayerNorm",):
+        if module.weight is None:
+            refuse(f"a LayerNorm without affine parameters at {where}")
+        return "layernorm", float(module.eps), module.bias is not None
+    if type(module) is RmsNorm:
+        if module.weight is None:
+            refuse(f"an RmsNorm without a weight at {where}")
+        return "rmsnorm", float(module.eps), False
+    refuse(f"normalisation {kind} at {where} (LayerNorm and RmsNorm are supported)")
+    raise AssertionError
+
+
+def norms_of(model: nn.Module) -> tuple[str, float]:
+    """The one norm type and eps every norm of the model uses (refused if they differ)."""
+    from timm.layers import RmsNorm
+
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.LayerNorm, RmsNorm)) or (re.search(r"Norm(2d)?(Fp32)?$", type(m).__name__)
+                                                       and "Block" not in type(m).__name__):
+            kind, eps, has_bias = norm_kind(m, name)
+            if kind == "layernorm" and not has_bias:
+                refuse(f"a LayerNorm without bias at {name}")
+            found[name] = (kind, eps)
+    kinds = set(found.values())
+    if len(kinds) > 1:
+        refuse(f"norms of different kinds or eps {sorted(kinds)}")
+    return kinds.pop() if kinds else ("layernorm", 1e-6)
+
+
+def act_name(act: nn.Module) -> str:
+    key = (type(act).__name__, getattr(act, "approximate", "none"))
+    if key not in ACTS:
+        refuse(f"MLP activation {key[0]}")
+    return ACTS[key]
+
+
+def mlp_options(mlp: nn.Module, where: str) -> dict[str, Any]:
+    """mlp_type, d_mlp, act_fn, mlp_norm, mlp_bias of a timm Mlp / GluMlp / SwiGLU."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    if type(mlp) is Mlp:
+        if not isinstance(mlp.fc1, nn.Linear):
+            refuse(f"a convolutional MLP at {where}")
+        return dict(mlp_type="mlp", d_mlp=mlp.fc1.out_features, act_fn=act_name(mlp.act),
+                    mlp_norm=not is_identity(mlp.norm), mlp_bias=mlp.fc1.bias is not None)
+    if type(mlp) is GluMlp:
+        if not isinstance(mlp.fc1, nn.Linear):
+            refuse(f"a convolutional gated MLP at {where}")
+        return dict(mlp_type="glu", d_mlp=mlp.fc2.in_features, act_fn=act_name(mlp.act),
+                    mlp_norm=not is_identity(mlp.norm), mlp_bias=mlp.fc1.bias is not None)
+    if type(mlp) is SwiGLU:
+        return dict(mlp_type="glu", d_mlp=mlp.fc2.in_features, act_fn=act_name(mlp.act),
+                    mlp_norm=not is_identity(mlp.norm), mlp_bias=mlp.fc1_x.bias is not None)
+    refuse(f"MLP type {type(mlp).__name__} at {where} (Mlp, GluMlp and SwiGLU are supported)")
+    raise AssertionError
+
+
+def same_in_every_block(blocks: nn.ModuleList, read: Callable[[nn.Module, str], dict[str, Any]]) -> dict[str, Any]:
+    first = read(blocks[0], "blocks.0")
+    for i, block in enumerate(blocks):
+        if read(block, f"blocks.{i}") != first:
+            refuse(f"blocks with different options (block {i} differs from block 0)")
+    return first
+
+
+# ------------------------------------------------------------------ patch embedding, head
+def patch_embed_options(embed: nn.Module) -> dict[str, Any]:
+    from timm.layers import PatchEmbed
+
+    if type(embed) is not PatchEmbed:
+        refuse(f"patch embedding {type(embed).__name__} (only timm's PatchEmbed; e.g. a hybrid CNN stem)")
+    if embed.dynamic_img_pad:
+        refuse("dynamic_img_pad")
+    if not isinstance(embed.proj, nn.Conv2d) or embed.proj.kernel_size != embed.proj.stride:
+        refuse("a patch embedding whose kernel differs from its stride")
+    return dict(img_size=tuple(embed.img_size), patch_size=tuple(embed.patch_size),
+                in_chans=embed.proj.in_channels, patch_embed_bias=embed.proj.bias is not None,
+                embed_norm=not is_identity(embed.norm))
+
+
+def attn_pool_options(pool: nn.Module) -> dict[str, Any]:
+    from timm.layers import AttentionPoolLatent
+
+    if type(pool) is not AttentionPoolLatent:
+        refuse(f"attention pooling {type(pool).__name__} (only AttentionPoolLatent, global_pool='map')")
+    if pool.latent_len != 1 or pool.pool != "token":
+        refuse(f"attention pooling with {pool.latent_len} latents / pool_type={pool.pool!r} (one latent only)")
+    if pool.pos_embed is not None or not is_identity(pool.q_norm) or pool.mlp is None or is_identity(pool.norm):
+        refuse("attention pooling with a position embedding, qk_norm or no MLP")
+    if isinstance(pool.q, nn.Identity) or pool.q.bias is None or pool.kv.bias is None:
+        refuse("attention pooling without a biased query projection")
+    if pool.latent.shape[-1] != pool.kv.in_features or pool.proj.out_features != pool.kv.in_features:
+        refuse("attention pooling with a latent or output width other than the model's")
+    return dict(global_pool="map", attn_pool_heads=pool.num_heads, attn_pool_d_mlp=pool.mlp.fc1.out_features,
+                attn_pool_act=act_name(pool.mlp.act))
+
+
+def head_options(model: nn.Module) -> dict[str, Any]:
+    if not isinstance(model.head, (nn.Linear, nn.Identity)):
+        refuse(f"classifier head {type(model.head).__name__} (a Linear or no head)")
+    return dict(n_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
+                head_bias=getattr(model.head, "bias", None) is not None)
+
+
+def final_norm_of(model: nn.Module) -> Optional[str]:
+    norm, fc_norm = not is_identity(model.norm), not is_identity(getattr(model, "fc_norm", None))
+    if norm and fc_norm:
+        refuse("both a per-token final norm and a pooled norm (norm and fc_norm)")
+    return "token" if norm else "pooled" if fc_norm else None
+
+
+def pooling_options(model: nn.Module, include_prefix: bool) -> dict[str, Any]:
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        return {**attn_pool_options(pool), "pool_include_prefix": include_prefix}
+    if model.global_pool not in ("token", "avg", "max", "avgmax"):
+        refuse(f"global_pool={model.global_pool!r} (token, avg, max, avgmax and map are supported)")
+    return dict(global_pool=model.global_pool, pool_include_prefix=include_prefix)
+
+
+# ------------------------------------------------------------------ VisionTransformer
+def _vit_block(block: nn.Module, where: str) -> dict[str, Any]:
+    from timm.layers.attention import Attention as TimmAttention
+
+    kind = type(block).__name__
+    if kind not in ("Block", "ResPostBlock"):
+        refuse(f"block type {kind} (Block and ResPostBlock are supported)")
+    attn = block.attn
+    if type(attn) is not TimmAttention:
+        refuse(f"attention type {type(attn).__name__}")
+    if getattr(attn, "gate", None) is not None:
+        refuse("gated attention (a sigmoid gate on the attention output)")
+    ls = not is_identity(getattr(block, "ls1", None))
+    if ls != (not is_identity(getattr(block, "ls2", None))):
+        refuse("LayerScale on one sublayer only")
+    return dict(block_type="post_norm" if kind == "ResPostBlock" else "pre_norm", n_heads=attn.num_heads,
+                d_head=attn.head_dim, qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
+                qk_norm=not is_identity(attn.q_norm), attn_norm=not is_identity(attn.norm), layer_scale=ls,
+                **mlp_options(block.mlp, where))
+
+
+def vit_config(model: nn.Module) -> dict[str, Any]:
+    distilled = getattr(model, "dist_token", None) is not None
+    pooling = pooling_options(model, model.pool_include_prefix)
+    if distilled:
+        pooling["global_pool"] = "token"
+    return dict(
+        **patch_embed_options(model.patch_embed), **same_in_every_block(model.blocks, _vit_block),
+        **head_options(model), **pooling,
+        class_token=model.cls_token is not None, n_reg_tokens=model.num_reg_tokens, distilled=distilled,
+        pos_embed=model.pos_embed is not None, no_embed_class=model.no_embed_class,
+        dynamic_img_size=model.dynamic_img_size, ln_pre=not is_identity(model.norm_pre),
+        final_norm=final_norm_of(model),
+    )
+
+
+# ------------------------------------------------------------------ Eva
+def _eva_block(block: nn.Module, where: str) -> dict[str, Any]:
+    from timm.layers import AttentionRope
+    from timm.models.eva import EvaAttention
+
+    kind = type(block).__name__
+    if kind not in ("EvaBlock", "EvaBlockPostNorm"):
+        refuse(f"block type {kind}")
+    attn = block.attn
+    if type(attn) not in (EvaAttention, AttentionRope):
+        refuse(f"attention type {type(attn).__name__}")
+    if getattr(attn, "gate", None) is not None:
+        refuse("gated attention (a sigmoid gate on the attention output)")
+    if getattr(attn, "num_kv_groups", 1) != 1:
+        refuse("grouped-query attention (num_kv_heads)")
+    if attn.qkv is not None:
+        qkv_bias = attn.qkv.bias is not None or getattr(attn, "q_bias", None) is not None
+    else:
+        qkv_bias = attn.q_proj.bias is not None
+    gamma_1, gamma_2 = getattr(block, "gamma_1", None), getattr(block, "gamma_2", None)
+    if gamma_1 is None and gamma_2 is not None:
+        refuse("LayerScale on the MLP only")
+    return dict(block_type="post_norm" if kind == "EvaBlockPostNorm" else "pre_norm", n_heads=attn.num_heads,
+                d_head=attn.head_dim, qkv_bias=qkv_bias, proj_bias=attn.proj.bias is not None,
+                qk_norm=not is_identity(attn.q_norm), attn_norm=not is_identity(attn.norm),
+                layer_scale=gamma_1 is not None, attn_only_layer_scale=gamma_1 is not None and gamma_2 is None,
+                rope_rotate_half=bool(getattr(attn, "rotate_half", False)),
+                n_prefix_rope=attn.num_prefix_tokens, **mlp_options(block.mlp, where))
+
+
+def rope_options(model: nn.Module) -> dict[str, Any]:
+    rope = model.rope
+    if rope is None:
+        return {}
+    rope_type = rope_type_of(rope)
+    if rope_type is None:
+        refuse(f"rotary embedding {type(rope).__name__} (RotaryEmbeddingCat, Mixed and DinoV3 are supported)")
+    cfg = HookedViTConfig(d_model=1, n_layers=1, n_heads=1, d_mlp=1, n_classes=0, rope_type=rope_type,
+                          rope_options=rope_options_of(rope))
+    rebuilt = build_rope(cfg).to(next(iter(rope.parameters()), torch.zeros(())).device)
+    rebuilt.load_state_dict(rope.state_dict())
+    grid = tuple(model.patch_embed.grid_size)
+    if not torch.equal(patch_table(rebuilt, grid, grid), patch_table(rope, grid, grid)):
+        refuse(f"rotary embedding {type(rope).__name__} with options HookedViT could not read")
+    return dict(rope_type=rope_type, rope_options=cfg.rope_options)
+
+
+def eva_config(model: nn.Module) -> dict[str, Any]:
+    block = same_in_every_block(model.blocks, _eva_block)
+    if block.pop("n_prefix_rope") != model.num_prefix_tokens:
+        refuse("RoPE skipping a number of tokens other than the prefix tokens")
+    if model.rope is None:
+        block.pop("rope_rotate_half")
+    return dict(
+        **patch_embed_options(model.patch_embed), **block, **head_options(model),
+        **pooling_options(model, include_prefix=True if model.attn_pool is not None else False),
+        **rope_options(model),
+        class_token=model.cls_token is not None, n_reg_tokens=model.reg_token.shape[1] if model.reg_token is not None else 0,
+        pos_embed=model.pos_embed is not None, no_embed_class=model.no_embed_class,
+        dynamic_img_size=model.dynamic_img_size, ln_pre=not is_identity(model.norm_pre),
+        final_norm=final_norm_of(model),
+    )
+
+
+# ------------------------------------------------------------------ Beit
+def _beit_block(block: nn.Module, where: str) -> dict[str, Any]:
+    attn = block.attn
+    if type(block).__name__ != "Block" or type(attn).__name__ != "Attention":
+        refuse(f"block type {type(block).__name__}")
+    if attn.relative_position_bias_table is None:
+        refuse("BEiT attention without a relative position bias")
+    return dict(n_heads=attn.num_heads, d_head=attn.qkv.out_features // 3 // attn.num_heads,
+                qkv_bias=attn.q_bias is not None, proj_bias=attn.proj.bias is not None,
+                layer_scale=block.gamma_1 is not None, **mlp_options(block.mlp, where))
+
+
+def beit_config(model: nn.Module) -> dict[str, Any]:
+    if model.rel_pos_bias is not None:
+        refuse("a relative position bias shared by all blocks (use_shared_rel_pos_bias)")
+    if model.global_pool not in ("avg", "token"):
+        refuse(f"global_pool={model.global_pool!r}")
+    return dict(
+        **patch_embed_options(model.patch_embed), **same_in_every_block(model.blocks, _beit_block),
+        **head_options(model), global_pool=model.global_pool, rel_pos_bias=True, class_token=True,
+        pos_embed=model.pos_embed is not None, final_norm=final_norm_of(model),
+    )
+
+
+# ------------------------------------------------------------------ entry points
+def architecture_options(model: nn.Module) -> dict[str, Any]:
+    """HookedViTConfig fields of a timm model's architecture (sizes, tokens, blocks, head)."""
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        options = vit_config(model)
+    elif type(model) is Eva:
+        options = eva_config(model)
+    elif type(model).__name__ == "Beit":
+        options = beit_config(model)
+    else:
+        refuse(f"model class {type(model).__name__} (HookedViT reads timm's VisionTransformer, Eva and Beit)")
+    norm_type, eps = norms_of(model)
+    return dict(d_model=model.embed_dim, n_layers=len(model.blocks), norm_type=norm_type, eps=eps, **options)
+
+
+def timm_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model's weights under timm VisionTransformer names (see the module docstring)."""
+    out: dict[str, Tensor] = {}
+    state = model.state_dict()
+    for name, value in state.items():
+        if not name.endswith("relative_position_index"):  # BEiT's index buffer: rebuilt from the grid
+            out[name] = value
+    for i, block in enumerate(model.blocks):
+        p = f"blocks.{i}."
+        _attn_state(block.attn, p + "attn.", out)
+        _mlp_state(block.mlp, p + "mlp.", out)
+        _rename_prefix(out, p + "attn.relative_position_bias_table", p + "attn.rel_pos_table")
+        for old, new in (("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma")):
+            if p + old in out:
+                out[p + new] = out.pop(p + old)
+        for old, new in (("attn.norm.", "attn.ln_z."), ("mlp.norm.", "mlp.ln.")):
+            _rename_prefix(out, p + old, p + new)
+    _rename_prefix(out, "patch_embed.norm.", "embed.norm.")
+    _rename_prefix(out, "attn_pool.norm.", "attn_pool.ln.")
+    return out
+
+
+def _rename_prefix(state: dict[str, Tensor], old: str, new: str) -> None:
+    for key in [k for k in state if k.startswith(old)]:
+        state[new + key[len(old):]] = state.pop(key)
+
+
+def _attn_state(attn: nn.Module, p: str, out: dict[str, Tensor]) -> None:
+    """EVA's q_bias / v_bias (k has none) and separate q/k/v projections as one qkv Linear."""
+    if getattr(attn, "qkv", None) is not None:
+        q_bias = out.pop(p + "q_bias", None)
+        v_bias = out.pop(p + "v_bias", None)
+        if q_bias is not None:
+            out[p + "qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+        return
+    if getattr(attn, "q_proj", None) is None:
+        return
+    projs = [out.pop(p + f"{n}_proj.weight") for n in "qkv"]
+    out[p + "qkv.weight"] = torch.cat(projs)
+    biases = [out.pop(p + f"{n}_proj.bias", None) for n in "qkv"]
+    if any(b is not None for b in biases):
+        out[p + "qkv.bias"] = torch.cat([b if b is not None else torch.zeros_like(w[:, 0])
+                                         for b, w in zip(biases, projs)])
+
+
+def _mlp_state(mlp: nn.Module, p: str, out: dict[str, Tensor]) -> None:
+    """Gated MLPs' fc1 as [gate; linear] rows."""
+    kind = type(mlp).__name__
+    if kind == "SwiGLU":
+        for suffix in ("weight", "bias"):
+            g, x = out.pop(p + f"fc1_g.{suffix}", None), out.pop(p + f"fc1_x.{suffix}", None)
+            if g is not None:
+                out[p + f"fc1.{suffix}"] = torch.cat([g, x])
+    elif kind == "GluMlp" and mlp.gate_last:  # x1 * act(x2): the gate is the second half
+        for suffix in ("weight", "bias"):
+            w = out.get(p + f"fc1.{suffix}")
+            if w is not None:
+                a, b = w.chunk(2)
+                out[p + f"fc1.{suffix}"] = torch.cat([b, a])
