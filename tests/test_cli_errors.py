@@ -37,7 +37,7 @@ def flat_images(tmp_path):
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "x.safetensors", "--arch", "vit_no_such_arch"], "does not know the model"),
     (["--model", "x.safetensors", "--arch", "vit_tiny_patch16_224:depth"], "key=value"),
-    (["--model", "nosuchsource:thing"], "unknown source"),
+    (["--model", "nosuchsource:thing"], "unknown model source"),
     (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "nodevice"],
      "--device"),
     (["--sites", "attn.hook_pattern"], "cannot be projected"),
@@ -45,7 +45,9 @@ def flat_images(tmp_path):
     (["--sites", "hook_nothing"], "hook"),
     (["--target", "12345"], "outside the model's"),
 ])
-def test_user_errors_are_one_line_exit_2(argv, needle, tmp_path, capsys):
+def test_user_errors_are_one_line_exit_2(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.safetensors").write_bytes(b"")  # the file exists: the architecture is what is wrong
     assert main(["identify", "--out", str(tmp_path / "run"), "--limit", "2", *argv]) == 2
     assert needle in _error_line(capsys, "identify")
     assert not (tmp_path / "run" / "manifest.json").exists()  # refused before any run started
