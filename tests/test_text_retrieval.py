@@ -130,7 +130,7 @@ def test_textspan_run_writes_each_heads_texts(clip_and_tower, tmp_path):
         np.testing.assert_allclose(rows["explained_variance"], explained, rtol=1e-3, atol=1e-6)
     summary = json.loads((tmp_path / "span" / "summary.json").read_text())
     assert summary["n_images"] == 7 and len(summary["heads"]) == model.cfg.n_heads
-    with pytest.raises(ValueError, match="distinct blocks"):
+    with pytest.raises(ValueError, match=r"outside \[-2, 2\)"):
         textspan_run(model, data, tmp_path / "bad", texts, directions, layers=[5], progress=False)
     with pytest.raises(ValueError, match="width 24"):
         textspan_run(model, data, tmp_path / "bad", texts, directions[:, :4], progress=False)
