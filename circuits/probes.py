@@ -289,12 +289,14 @@ def probe_batch(model: HookedViT, probes: LinearProbes, images: Float[Tensor, "b
 
 
 # ------------------------------------------------------------------ data
-def dataset_labels(dataset: Dataset) -> np.ndarray:
-    """Labels of every item, without decoding images where the dataset allows it."""
+def dataset_labels(dataset: Dataset, decode: bool = True) -> Optional[np.ndarray]:
+    """Labels of every item, without decoding images where the dataset allows it; with
+    decode=False, None where it does not."""
     from circuits.data import ImageFolderDataset, ImageNetS
 
     if isinstance(dataset, Subset):
-        return dataset_labels(dataset.dataset)[list(dataset.indices)]
+        inner = dataset_labels(dataset.dataset, decode)
+        return None if inner is None else inner[list(dataset.indices)]
     if hasattr(dataset, "meta"):  # SyntheticShapes: (label, background) without rendering
         return np.array([dataset.meta(i)[0] for i in range(len(dataset))], dtype=np.int64)
     if isinstance(dataset, ImageNetS):
@@ -304,6 +306,8 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     for attr in ("labels", "targets"):
         if hasattr(dataset, attr):
             return np.asarray(getattr(dataset, attr), dtype=np.int64)
+    if not decode:
+        return None
     return np.array([item["label"] if item is not None else -1 for item in dataset], dtype=np.int64)
 
 
