@@ -13,10 +13,13 @@ and the predicted class is argmax(x W + b).
 Training data is never stored: `RidgeAccumulator` sums X^T X, X^T Y, sum(X), sum(Y) and n
 per (site, layer, position) inside the forward hooks, in float64, after subtracting a
 per-probe shift (the first batch's mean) so the centring subtracts no large numbers. Memory
-is 8 * sites * layers * positions * d_model^2 bytes whatever the number of training images:
-38 MB for the embedded model, but 11 GB per site for ViT-B/16 (197 tokens, d 768), where
-`layers=` restricts a run to some layers (0.9 GB per site and layer). The systems are solved
-by Cholesky (`spd_solve`), the batched LU solve hangs under 2 threads in this torch.
+does not depend on the number of training images; per (site, layer) it is
+positions * (d_model^2 + d_model * classes) * 8 bytes of statistics (float64 X^T X and X^T Y)
+plus positions * d_model * classes * 4 bytes of probes (float32 W); `probe_memory_bytes`
+is the whole peak. ViT-B/16 with 1000 classes: 197 tokens, d 768, 2.7 GB per site and layer,
+104 GB for the default 3 sites x 12 layers (ViT-B/32: 26 GB), so `train_probes` refuses up front when the
+estimate exceeds the available memory, and `layers=` / `sites=` restrict a run. The systems
+are solved by Cholesky (`spd_solve`), the batched LU solve hangs under 2 threads in this torch.
 """
 
 from __future__ import annotations
@@ -120,6 +123,46 @@ class RidgeAccumulator:
         return W, b
 
 
+# ------------------------------------------------------------------ memory
+def probe_memory_bytes(n_sites: int, n_layers: int, positions: int, d_model: int, n_classes: int) -> int:
+    """Peak bytes of `train_probes`: the float64 statistics X^T X [P, d, d] and X^T Y [P, d, c]
+    of every (site, layer), the float32 probes W [S, L, P, d, c], and one (site, layer)'s
+    float64 solve temporaries (S + alpha I, its Cholesky factor, the centred scatter [P, d, d];
+    the centred X^T Y and W [P, d, c]). Model and batch activations are not counted."""
+    groups, dd, dc = n_sites * n_layers, d_model * d_model, d_model * n_classes
+    return positions * (groups * (dd + dc) * 8 + groups * dc * 4 + (3 * dd + 2 * dc) * 8)
+
+
+def available_memory_bytes(device: Any = "cpu") -> int:
+    """Free memory where the statistics live: CUDA free memory, else the host's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # Linux without psutil
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def check_probe_memory(n_sites: int, n_layers: int, positions: int, d_model: int, n_classes: int,
+                       device: Any = "cpu") -> int:
+    """Refuse (one line, before any forward pass) when the probes would not fit in memory."""
+    need = probe_memory_bytes(n_sites, n_layers, positions, d_model, n_classes)
+    free = available_memory_bytes(device)
+    if need > free:
+        per = positions * (8 * d_model * d_model + 12 * d_model * n_classes)  # one more site or layer
+        raise UserError(
+            f"linear probes need about {need / 1e9:.1f} GB ({n_sites} sites x {n_layers} layers x {positions} "
+            f"positions x d_model {d_model} x {n_classes} classes, float64 statistics), more than the "
+            f"{free / 1e9:.1f} GB available; restrict the run with --layers / --sites (layers= / sites=), "
+            f"about {per / 1e9:.2f} GB per site and layer")
+    return need
+
+
 # ------------------------------------------------------------------ probes on a model
 @dataclass
 class LinearProbes:
@@ -172,6 +215,7 @@ def train_probes(
     cfg = model.cfg
     layers = tuple(layer_indices(layers, cfg.n_layers, "layers"))
     names = _hook_names(model, sites, layers)
+    check_probe_memory(len(sites), len(layers), cfg.n_ctx, cfg.d_model, cfg.n_classes, model.device)
     accumulators: dict[tuple[str, int], RidgeAccumulator] = {}
     n_train = 0
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples)
@@ -189,10 +233,26 @@ def train_probes(
         images = model.to_input(batch["image"])
         model.run_with_hooks(images, fwd_hooks=[(n, hook) for n in names], return_type=None)
         n_train += len(images)
-    solved = {key: acc.solve(alpha) for key, acc in accumulators.items()}
-    W = torch.stack([torch.stack([solved[s, l][0] for l in layers]) for s in sites]).float()
-    b = torch.stack([torch.stack([solved[s, l][1] for l in layers]) for s in sites]).float()
+    W, b = _solve_all(accumulators, sites, layers, alpha)
     return LinearProbes(tuple(sites), layers, W, b, alpha, n_train)
+
+
+def _solve_all(accumulators: dict[tuple[str, int], RidgeAccumulator], sites: Sequence[str],
+               layers: Sequence[int], alpha: float) -> tuple[Float[Tensor, "S L P d c"], Float[Tensor, "S L P c"]]:
+    """Solve one (site, layer) at a time into preallocated float32 probes, freeing its
+    statistics as it goes (the peak `probe_memory_bytes` counts)."""
+    if not accumulators:
+        raise UserError("no training data")
+    first = next(iter(accumulators.values()))
+    (P, d), c, device = first.sum_x.shape, first.sum_y.shape[0], first.sum_x.device
+    W = torch.empty(len(sites), len(layers), P, d, c, dtype=torch.float32, device=device)
+    b = torch.empty(len(sites), len(layers), P, c, dtype=torch.float32, device=device)
+    for i, site in enumerate(sites):
+        for j, layer in enumerate(layers):
+            w, bias = accumulators.pop((site, layer)).solve(alpha)
+            W[i, j], b[i, j] = w, bias
+            del w, bias
+    return W, b
 
 
 @dataclass
@@ -229,12 +289,14 @@ def probe_batch(model: HookedViT, probes: LinearProbes, images: Float[Tensor, "b
 
 
 # ------------------------------------------------------------------ data
-def dataset_labels(dataset: Dataset) -> np.ndarray:
-    """Labels of every item, without decoding images where the dataset allows it."""
+def dataset_labels(dataset: Dataset, decode: bool = True) -> Optional[np.ndarray]:
+    """Labels of every item, without decoding images where the dataset allows it; with
+    decode=False, None where it does not."""
     from circuits.data import ImageFolderDataset, ImageNetS
 
     if isinstance(dataset, Subset):
-        return dataset_labels(dataset.dataset)[list(dataset.indices)]
+        inner = dataset_labels(dataset.dataset, decode)
+        return None if inner is None else inner[list(dataset.indices)]
     if hasattr(dataset, "meta"):  # SyntheticShapes: (label, background) without rendering
         return np.array([dataset.meta(i)[0] for i in range(len(dataset))], dtype=np.int64)
     if isinstance(dataset, ImageNetS):
@@ -244,6 +306,8 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     for attr in ("labels", "targets"):
         if hasattr(dataset, attr):
             return np.asarray(getattr(dataset, attr), dtype=np.int64)
+    if not decode:
+        return None
     return np.array([item["label"] if item is not None else -1 for item in dataset], dtype=np.int64)
 
 

@@ -16,7 +16,7 @@ import torch
 from circuits.data import ArrayDataset
 from circuits.probes import (
     RidgeAccumulator, accuracy_by_layer, dataset_labels, per_class_indices, probe_batch, ridge_fit, signed_one_hot,
-    spd_solve, train_probes,
+    available_memory_bytes, probe_memory_bytes, spd_solve, train_probes,
 )
 from circuits.runs.probe import load_probe_results, run_probes
 from circuits.projection import SITES, class_rank, project_batch
@@ -188,3 +188,40 @@ def test_run_probes_on_disk(setup, tmp_path):
     assert first["projection_rank"] == pytest.approx(res.projection_rank[:, 0, 0, 0].mean())
     again = run_probes(model, data, data, str(tmp_path / "run"), per_class=1, batch_size=8, progress=False)
     assert again.done == store.done  # resumed: nothing left to do
+
+
+def test_probe_memory_estimate_counts_every_large_tensor():
+    """positions x d x classes float64 X^T Y and float32 W count, not only X^T X (issue 23 item 5)."""
+    P, d, c = 197, 768, 1000
+    per_group = P * (8 * d * d + 8 * d * c + 4 * d * c)
+    solve = P * (3 * d * d + 2 * d * c) * 8
+    assert probe_memory_bytes(3, 12, P, d, c) == 36 * per_group + solve
+    assert probe_memory_bytes(3, 12, P, d, c) > 100e9  # ViT-B/16 defaults: killed on a 24 GB machine
+
+
+def test_probe_refuses_up_front_when_estimate_exceeds_memory(monkeypatch):
+    """A 1000-class model (tiny width): with less memory available than the estimate, one
+    UserError before any forward pass, naming the estimate, the memory and --layers."""
+    import circuits.probes as probes_mod
+    from hooked_vit.errors import UserError
+
+    timm_model, size = make_timm("vit_tiny_patch16_224", seed=1, num_classes=1000)
+    model = HookedViT.from_timm(timm_model)
+    cfg = model.cfg
+    need = probe_memory_bytes(3, cfg.n_layers, cfg.n_ctx, cfg.d_model, 1000)
+    data = ArrayDataset(images(size, batch=4).numpy(), np.array([0, 1, 2, 3]))
+    forwards = []
+    monkeypatch.setattr(model, "run_with_hooks", lambda *a, **k: forwards.append(1))
+    monkeypatch.setattr(probes_mod, "available_memory_bytes", lambda device="cpu": need - 1)
+    with pytest.raises(UserError, match=r"need about .* GB .*1000 classes.* GB available.*--layers") as err:
+        train_probes(model, data, batch_size=4, progress=False)
+    assert "\n" not in str(err.value) and forwards == []
+    # Fewer layers fit: the estimate shrinks and the run goes ahead.
+    monkeypatch.undo()
+    monkeypatch.setattr(probes_mod, "available_memory_bytes", lambda device="cpu": need - 1)
+    probes = train_probes(model, data, layers=[0], batch_size=4, progress=False)
+    assert probes.W.shape == (3, 1, cfg.n_ctx, cfg.d_model, 1000)
+
+
+def test_available_memory_is_positive():
+    assert available_memory_bytes() > 0

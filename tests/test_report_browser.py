@@ -25,7 +25,8 @@ CATCH = ("<script>window.__hv=[];addEventListener('error',e=>__hv.push(String(e.
          "addEventListener('load',()=>setTimeout(()=>{const p=document.createElement('pre');p.id='hv-errors';"
          "p.textContent=JSON.stringify(__hv);document.body.appendChild(p)},500));</script>")
 SECTIONS = {"identify": ["identify"], "perturb": ["perturb"], "memories": ["memories", "probes"],
-            "decompose": ["decompose"], "explain": ["explain"]}
+            "decompose": ["decompose"], "explain": ["explain"], "circuit": ["circuit"], "sae": ["sae"],
+            "textspan": ["textspan"]}
 
 
 @pytest.fixture(scope="module")

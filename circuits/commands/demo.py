@@ -11,8 +11,12 @@ ORDER = 95
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded default",
-                       description="Every analysis on the embedded synthetic dataset and model, then a report. "
-                                   "No downloads; resumable.")
+                       description="Every analysis, small, on the embedded synthetic dataset and model, then a "
+                                   "report: identify, perturb, memories and probes, decompose, explain, circuit "
+                                   "(EAP, 20 edges, 64 images), sae (a 256-wide top-k SAE trained 300 steps, "
+                                   "evaluated, features studied) and textspan (the embedded model has no text "
+                                   "tower: its class names with their logit directions stand in for CLIP "
+                                   "prompts). No downloads; resumable.")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--n", type=positive_int, default=512, help="test images")
     p.add_argument("--batch-size", type=positive_int, default=64)

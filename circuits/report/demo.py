@@ -1,4 +1,5 @@
-"""`hooked-vit demo`: every analysis on the embedded default, then one HTML report.
+"""`hooked-vit demo`: every analysis (small: circuit, SAE and TextSpan included) on the embedded
+default, then one HTML report.
 
 No downloads: the synthetic dataset is generated, the model is the project's own. Each
 step below runs one analysis over the data (`circuits.runs`); runs are resumable, so an
@@ -21,6 +22,9 @@ from circuits.runs.decompose import decompose_run
 from circuits.runs.explain import benchmark
 from circuits.runs.identify import identify
 from circuits.runs.perturb import perturbation_experiment, token_removal_experiment
+from circuits.runs.circuit import circuit_run
+from circuits.runs.sae import eval_run, features_run, train_run
+from circuits.runs.textspan import textspan_run
 from circuits.runs.sources import load_dataset, load_model, synthetic_for
 from circuits.runs.specs import parse_model_spec
 from hooked_vit import HookedViT
@@ -28,6 +32,9 @@ from hooked_vit import HookedViT
 DEMO_LIMIT = 256  # images per perturbation run: the step stays well under 30 s on 2 cores
 DEMO_IMAGES = 128  # images of the explanation benchmark
 PROBE_PER_CLASS = 10
+CIRCUIT_BUDGET, CIRCUIT_IMAGES = 20, 64  # EAP edges kept; images scored
+SAE_TRAIN_IMAGES, SAE_WIDTH, SAE_STEPS, SAE_EVAL_IMAGES = 256, 256, 300, 128
+TEXTSPAN_IMAGES = 256
 
 
 @dataclass
@@ -89,9 +96,43 @@ def explain_step(ctx: DemoContext) -> None:
               limit=DEMO_IMAGES, sanity_images=16, overwrite=ctx.overwrite)
 
 
+def circuit_step(ctx: DemoContext) -> None:
+    """Edge attribution patching (EAP) with a small budget on a few images."""
+    circuit_run(ctx.trained, ctx.data, ctx.out / "circuit" / "trained", budget=CIRCUIT_BUDGET,
+                limit=min(CIRCUIT_IMAGES, len(ctx.data)), batch_size=min(ctx.batch_size, 32), overwrite=ctx.overwrite)
+
+
+def sae_step(ctx: DemoContext) -> None:
+    """A small top-k SAE on the middle residual stream, trained briefly on the synthetic train
+    split, then evaluated and its features studied on the test images."""
+    layer = ctx.trained.cfg.n_layers // 2
+    root = ctx.out / "sae"
+    train = synthetic_for("default", "train", SAE_TRAIN_IMAGES)
+    sae_dir = train_run(ctx.trained, train, root / "train", hook=f"blocks.{layer}.hook_resid_post", d_sae=SAE_WIDTH,
+                        k=8, steps=SAE_STEPS, train_batch=512, batch_size=ctx.batch_size, overwrite=ctx.overwrite,
+                        device=ctx.device, progress=False)
+    limit = min(SAE_EVAL_IMAGES, len(ctx.data))
+    eval_run(ctx.trained, sae_dir, ctx.data, root / "eval", batch_size=ctx.batch_size, limit=limit,
+             overwrite=ctx.overwrite)
+    features_run(ctx.trained, sae_dir, ctx.data, root / "features", batch_size=ctx.batch_size, limit=limit,
+                 overwrite=ctx.overwrite)
+
+
+def textspan_step(ctx: DemoContext) -> None:
+    """TextSpan (Gandelsman et al. 2024) on the classifier's last heads. The embedded default
+    has no text tower, so the pool of "texts" is its class names with their logit directions
+    (one-hot rows in the logit space the heads write to), not CLIP prompts."""
+    names = list(ctx.trained.cfg.class_names or [str(c) for c in range(ctx.trained.cfg.n_classes)])
+    directions = torch.eye(len(names))
+    textspan_run(ctx.trained, ctx.data, ctx.out / "textspan" / "trained (class directions)", names, directions,
+                 k=3, batch_size=ctx.batch_size, limit=min(TEXTSPAN_IMAGES, len(ctx.data)), overwrite=ctx.overwrite,
+                 progress=False, settings={"texts_from": "class names and logit directions (no text tower)"})
+
+
 STEPS: dict[str, Callable[[DemoContext], None]] = {
     "identify": identify_step, "perturb": perturb_step, "memories": memories_step,
-    "decompose": decompose_step, "explain": explain_step,
+    "decompose": decompose_step, "explain": explain_step, "circuit": circuit_step, "sae": sae_step,
+    "textspan": textspan_step,
 }
 
 

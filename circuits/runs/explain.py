@@ -19,7 +19,7 @@ it to summary.json, and the randomisation check (optional) to sanity.json.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Collection, Literal, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,7 +35,7 @@ from circuits.data.targets import TargetSpec, resolve_targets
 from circuits.runs.identify import class_name_columns
 from circuits.arrays import to_numpy
 from circuits.runs.context import start_run
-from circuits.runs.thumbnails import batch_thumbnails
+from circuits.runs.thumbnails import batch_thumbnails, thumbnail_indices
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
 from hooked_vit import HookedViT
 from hooked_vit.errors import UserError
@@ -67,7 +67,7 @@ def benchmark(
         target: the class explained (`circuits.data.targets`: "label", "predicted" or a class);
             accuracy in the perturbation test is always against the label.
         mode: perturbation by dropping tokens ("remove") or zeroing pixels ("zero").
-        thumbnails: keep the first N images (uint8) for the report's overlays.
+        thumbnails: keep N images spread over the classes (uint8) for the report's overlays.
         sanity_images: run the randomisation check on the first N images (0: skip).
     """
     _as_specs(methods)  # fail early on an unknown method
@@ -77,16 +77,17 @@ def benchmark(
                     mode=mode, target=str(target), grid=list(model.cfg.grid_size), n_classes=model.cfg.n_classes,
                     thumbnails=thumbnails, sanity_images=sanity_images)
     store = run.store
+    keep = thumbnail_indices(dataset, run.n if run.indices is None else run.indices, thumbnails)
     for batch in run.batches(batch_size):
         batch.save(benchmark_batch(model, batch.data, methods, fractions=fractions, mode=mode, target=target,
-                                   thumbnails=thumbnails))
+                                   thumbnails=keep))
     if sanity_images and not (store.root / "sanity.json").exists():
         store.write_json("sanity.json", sanity_rows(model, dataset, methods, sanity_images, progress))
     return run.finish(summarize_benchmark(store.root).to_dict(orient="records"))
 
 
 def benchmark_batch(model: HookedViT, batch: dict, methods: Sequence[str], *, fractions=FRACTIONS,
-                    mode="remove", target="label", thumbnails: int = 0) -> dict[str, pa.Table]:
+                    mode="remove", target="label", thumbnails: int | Collection[int] = 0) -> dict[str, pa.Table]:
     """The tables of one batch (see the module doc)."""
     images = model.to_input(batch["image"])
     labels = torch.as_tensor(batch["label"]).to(model.device)

@@ -26,7 +26,7 @@ from circuits.data.transforms import MaskSampling, batch_object_tokens
 from circuits.projection import DEFAULT_SITES, BatchProjection, check_sites, project_batch
 from circuits.identifiability import IdentifyResults
 from circuits.runs.context import start_run
-from circuits.runs.thumbnails import batch_thumbnails
+from circuits.runs.thumbnails import batch_thumbnails, thumbnail_indices
 from circuits.runs.results import RunStore, fixed_size_list, read_manifest, read_table, stack_column
 from circuits.runs.streaming import PendingBatch
 from hooked_vit import HookedViT
@@ -63,7 +63,7 @@ def identify(
         target: which class each image is measured against (`circuits.data.targets`): "label",
             "predicted" (the model's top-1 under `fwd_hooks`, for unlabeled images) or a class.
         settings: extra settings recorded in the manifest (and checked on resume).
-        thumbnails: keep the first N images (uint8, table "thumbnails") to draw maps over them.
+        thumbnails: keep N images spread over the classes (uint8, table "thumbnails") to draw maps over them.
         mask_sampling: how a patch's pixel mask becomes its object_tokens flag
             (`circuits.data.transforms.MaskSampling`: center (default), corner, majority[:t]).
     """
@@ -74,6 +74,7 @@ def identify(
                     progress=progress, settings=settings, sites=list(sites), k=k, n_classes=model.cfg.n_classes,
                     n_prefix_tokens=model.cfg.n_prefix_tokens, patch_size=list(model.cfg.patch_size),
                     target=str(target), mask_sampling=str(sampling))
+    keep = thumbnail_indices(dataset, run.n if run.indices is None else run.indices, thumbnails)
     for batch in run.batches(batch_size):
         images = run.images(batch)
         labels = torch.as_tensor(batch.data["label"])
@@ -81,7 +82,7 @@ def identify(
         targets = None if target.needs_logits else resolve_targets(target, labels)
         proj = project_batch(model, images, targets, sites=sites, k=k, fwd_hooks=fwd_hooks)
         tables = batch_tables(proj, batch, model, sampling)
-        batch.save({**tables, **batch_thumbnails(model, batch.data, thumbnails)})
+        batch.save({**tables, **batch_thumbnails(model, batch.data, keep)})
     return run.store
 
 

@@ -1,4 +1,4 @@
-"""Thumbnails: a run's first images kept as uint8 RGB (model normalisation undone), so the report
+"""Thumbnails: some of a run's images (spread over its classes, `thumbnail_indices`) kept as uint8 RGB (model normalisation undone), so the report
 and notebooks can draw token maps over the image they belong to.
 
 Table ``thumbnails``: index, height, width, pixels (uint8 RGB, flattened).
@@ -7,6 +7,7 @@ Table ``thumbnails``: index, height, width, pixels (uint8 RGB, flattened).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection, Sequence
 
 import einops
 import numpy as np
@@ -28,10 +29,31 @@ def thumbnail_table(model: HookedViT, images: torch.Tensor, index: np.ndarray) -
                      "width": np.full(len(index), pixels.shape[2]), "pixels": fixed_size_list(pixels)})
 
 
-def batch_thumbnails(model: HookedViT, batch: dict, keep_first: int) -> dict[str, pa.Table]:
-    """``{"thumbnails": table}`` for the batch's images with index < keep_first, else ``{}``."""
+def thumbnail_indices(dataset, items: int | Sequence[int], n: int) -> set[int] | int:
+    """The run's images to keep thumbnails of: `n` spread over the classes (round-robin, each
+    class's first images in run order), so a report over an ImageFolder sorted by class does
+    not show one class only; where labels cannot be read without decoding, the first `n` (an int)."""
+    from circuits.probes import dataset_labels
+
+    items = list(range(items)) if isinstance(items, int) else list(items)
+    labels = dataset_labels(dataset, decode=False) if n > 0 else None
+    if labels is None or len(labels) < (max(items) + 1 if items else 0):
+        return n
+    by_class: dict[int, list[int]] = {}
+    for i in items:
+        by_class.setdefault(int(labels[i]), []).append(i)
+    queues, chosen = list(by_class.values()), []
+    for rank in range(max((len(q) for q in queues), default=0)):
+        chosen += [q[rank] for q in queues if rank < len(q)]
+        if len(chosen) >= n:
+            break
+    return set(chosen[:n])
+
+
+def batch_thumbnails(model: HookedViT, batch: dict, keep: int | Collection[int]) -> dict[str, pa.Table]:
+    """``{"thumbnails": table}`` for the batch's images in `keep` (an int: index < keep), else ``{}``."""
     index = np.asarray(batch["index"], dtype=np.int64)
-    keep = index < keep_first
+    keep = index < keep if isinstance(keep, int) else np.isin(index, np.fromiter(keep, dtype=np.int64))
     if not keep.any():
         return {}
     return {"thumbnails": thumbnail_table(model, batch["image"][torch.from_numpy(keep)], index[keep])}
