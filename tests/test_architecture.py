@@ -19,9 +19,15 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(path: Path) -> set[str]:
+def imports_of(path: Path, runtime_only: bool = False) -> set[str]:
+    """Modules a file imports; `runtime_only`: leaving out `if TYPE_CHECKING:` blocks."""
+    tree = ast.parse(path.read_text(), str(path))
+    if runtime_only:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                node.body = []
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -93,24 +99,8 @@ def test_tests_take_helpers_from_the_helpers_module():
     assert importers == []
 
 
-def runtime_imports_of(path: Path) -> set[str]:
-    """`imports_of` without the `if TYPE_CHECKING:` blocks (annotations only, never executed)."""
-    tree = ast.parse(path.read_text(), str(path))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            node.body = []
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return names
-
-
 def _import_graph(package: str) -> dict[str, set[str]]:
-    mods = {module_name(p): runtime_imports_of(p) for p in sorted((ROOT / package).rglob("*.py"))}
+    mods = {module_name(p): imports_of(p, runtime_only=True) for p in sorted((ROOT / package).rglob("*.py"))}
     return {m: {i for i in imps if i in mods} | {i.rsplit(".", 1)[0] for i in imps if i.rsplit(".", 1)[0] in mods}
             for m, imps in mods.items()}
 
