@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.circuit_discovery.graph import check_pair, differentiable, targets
+from circuits.circuit_discovery.graph import check_pair, differentiable, require_joint_attention, targets
 from circuits.circuit_discovery.metrics import resolve_metric
 from circuits.patching import Metric, _act_name, _attn_result
 from hooked_vit import HookedViT
@@ -57,6 +57,7 @@ def attribution_patch(
     in every pass (e.g. a planted edit)."""
     fn = resolve_metric(metric, needs_grad=True)
     check_pair(clean_images, corrupted_images)
+    require_joint_attention(model, "attribution patching")
     names = {s: _names(model, s) for s in sites}
     fixed = {n for ns in names.values() for n in ns if _qk_side(n)} if qk_fix else set()
     if qk_fix and not fixed:
