@@ -1,113 +1,27 @@
-"""The shipped embedded video models (circuits/embedded/video_models.py, docs/video.md) and
-the must-show figures of issue 26 on them, each on a few dozen held-out clips:
+"""The embedded video models' recipe and circuit discovery on video models
+(circuits/embedded/video_models.py, docs/video.md):
 
-- they load exactly (safetensors + JSON config) and reach their recorded accuracy;
-- identifiability (circuits.video.space_time_identifiability) rises over the blocks;
-- no cross-frame attention drops the motion model's accuracy far more than the static
-  control's;
-- an EAP circuit with few edges recovers most of the motion logit difference (clean clips
-  against the same clips played backwards, which reverses every direction);
-plus circuit discovery on video models: the space-time graph, blur on clips, divided
-space-time attention refused.
+- the training augmentations relabel motion consistently (checked on the shapes' masks);
+- the architecture has no class token and one-frame tubelets, and the untrained model
+  starts as the recipe says;
+- EAP's graph on a joint-attention video model is the image graph over the space-time tokens
+  (patching every edge with the clean values gives the clean logits); divided space-time
+  attention is refused in one line; `blur` corrupts clips frame by frame.
+
+No trained weights are shipped yet (docs/video.md, "Not done yet"), so the must-show figures
+of issue 26 on trained models are not tested here.
 """
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 from circuits.circuit_discovery import ViTGraph, corrupt, edge_attribution, faithfulness, prune
-from circuits.embedded.synthetic_video import MOTION_CLASSES, SHAPE_CLASSES, MovingShapes
-from circuits.embedded.video_models import (NUM_FRAMES, VIDEO_NAMES, WEIGHTS_DIR, accuracy, augment,
-                                            embedded_video_info, load_embedded_video, _materialize, _normalise)
-from circuits.interventions import perturbation_hooks
-from circuits.video import space_time_identifiability
+from circuits.embedded.synthetic_video import MOTION_CLASSES, MovingShapes
+from circuits.embedded.video_models import NUM_FRAMES, augment, new_video_model, video_config
 from helpers import randomize_
 from hooked_vit import HookedViT, HookedViTConfig
-
-N_CLIPS = 64
-
-
-@pytest.fixture(scope="module")
-def models():
-    return {name: load_embedded_video(name) for name in VIDEO_NAMES}
-
-
-@pytest.fixture(scope="module")
-def data():
-    """Held-out (test split) uint8 clips and labels per task."""
-    return {task: _materialize(MovingShapes(N_CLIPS, split="test", task=task, num_frames=NUM_FRAMES))
-            for task in ("motion", "shape")}
-
-
-def test_shipped_weights_are_small_and_load_strictly(models):
-    for name, model in models.items():
-        assert (WEIGHTS_DIR / f"{name}.safetensors").stat().st_size < 1_000_000
-        info = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
-        assert info["config"]["model_name"] == f"embedded:{name}" and model.cfg.num_frames == NUM_FRAMES
-        assert model.cfg.tubelet_size == 1 and not model.cfg.class_token  # motion must cross tokens
-        assert info["metrics"]["recipe"]["seed"] == 0 and info["metrics"]["val_accuracy"] >= 0.9
-    assert models["video_motion"].cfg.class_names == MOTION_CLASSES
-    assert models["video_shape"].cfg.class_names == SHAPE_CLASSES
-
-
-def test_shipped_models_reach_their_accuracy_on_held_out_clips(models, data):
-    for name, task in VIDEO_NAMES.items():
-        x, y = data[task]
-        acc = accuracy(models[name], x, y)
-        assert acc >= 0.85, (name, acc)
-        assert abs(acc - embedded_video_info(name)["val_accuracy"]) < 0.12  # the recorded figure holds up
-
-
-def test_identifiability_rises_over_layers(models, data):
-    """Must show (a): the mean identifiability of the true direction in the patch tokens after
-    each block rises, from near chance after block 0 (one frame tells nothing) to high."""
-    x, y = data["motion"]
-    ident = space_time_identifiability(models["video_motion"], _normalise(x), y)
-    per_block = ident["tokens"].mean((0, 2))  # [L]
-    assert ident["per_time"].shape == (N_CLIPS, 3, NUM_FRAMES)
-    assert torch.all(per_block[1:] > per_block[:-1]), per_block
-    assert per_block[-1] - per_block[0] > 0.2, per_block
-
-
-def test_no_cross_frame_attention_breaks_motion_not_the_static_control(models, data):
-    """Must show (b): with every block's patch tokens kept to their own frame, the motion
-    model falls towards chance (1/4) and the static control keeps its accuracy."""
-    drops = {}
-    for name, task in VIDEO_NAMES.items():
-        model = models[name]
-        x, y = data[task]
-        clean = accuracy(model, x, y)
-        cut = accuracy(model, x, y, fwd_hooks=perturbation_hooks(model, "no_cross_frame"))
-        drops[task] = clean - cut
-    assert drops["motion"] > 0.4, drops
-    assert drops["shape"] < 0.15, drops
-    assert drops["motion"] > drops["shape"] + 0.3, drops
-
-
-def test_eap_circuit_recovers_the_motion_logit_difference_with_few_edges(models, data):
-    """Must show (c): EAP on the motion model, clean clips against the same clips reversed in
-    time (each direction becomes its opposite, every frame's content stays), the logit
-    difference between the clean and the reversed direction: the top 20 edges of the graph
-    recover most of it, and many fewer edges than the graph has."""
-    model = models["video_motion"]
-    x, y = data["motion"]
-    clean = _normalise(x[:48])
-    reversed_ = clean.flip(1)
-    opposite = torch.tensor([1, 0, 3, 2])[y[:48]]
-    scores = edge_attribution(model, clean, reversed_, "logit_diff", clean_targets=y[:48], corrupted_targets=opposite)
-    total = int(scores.mask.sum())
-    circuit = prune(scores, budget=20)
-    faith = faithfulness(model, circuit, clean, reversed_, "logit_diff", clean_targets=y[:48],
-                         corrupted_targets=opposite)
-    assert faith.clean > 1.0 > faith.corrupted  # the reversed clips flip the model's answer
-    assert circuit.n_edges == 20 and total > 10 * circuit.n_edges
-    assert faith.recovered > 0.7, faith
-    empty = faithfulness(model, prune(scores, budget=0), clean, reversed_, "logit_diff", clean_targets=y[:48],
-                         corrupted_targets=opposite)
-    assert abs(empty.recovered) < 0.05  # no edge: the corrupted run (the measure can fail)
 
 
 def test_circuit_graph_of_a_video_model_is_over_its_space_time_tokens():
@@ -164,3 +78,35 @@ def test_augmentations_relabel_motion_consistently():
     assert seen == set(range(4))
     same, labels = augment(masks, y, "shape", torch.Generator().manual_seed(0))
     assert torch.equal(labels, y)  # the static control's labels never change
+
+
+def test_architecture_makes_motion_cross_tokens_in_attention():
+    """One frame per token and no class token (the logits are the mean of per-token
+    readouts), so information crosses frames only in attention between patch tokens, the
+    route `no_cross_frame` cuts; the untrained model starts with small random tables."""
+    for task, n in (("motion", 4), ("shape", 4)):
+        cfg = video_config(task)
+        assert cfg.tubelet_size == 1 and cfg.n_time == NUM_FRAMES and not cfg.class_token
+        assert cfg.global_pool == "avg" and cfg.pos_embed_type == "space_time" and cfg.n_classes == n
+    a, b = new_video_model("motion", seed=0), new_video_model("motion", seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # seeded
+    assert 0.01 < float(a.embed.pos_embed.std()) < 0.03 and 0.01 < float(a.embed.time_embed.std()) < 0.03
+    with pytest.raises(ValueError, match="task must be one of"):
+        video_config("colour")
+
+
+def test_eap_on_a_video_model_end_to_end():
+    """EAP scores every edge of a video model's graph against time-reversed clips; the whole
+    graph recovers all of the logit difference and the empty circuit none of it."""
+    cfg = HookedViTConfig(d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_classes=4, img_size=16, patch_size=8,
+                          num_frames=4, class_token=False, global_pool="avg", pos_embed_type="space_time")
+    model = randomize_(HookedViT(cfg), seed=1, std=0.3).eval()
+    clean = torch.randn(6, 4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    reversed_ = clean.flip(1)
+    t = {"clean_targets": torch.tensor([0, 1, 2, 3, 0, 1]), "corrupted_targets": torch.tensor([1, 0, 3, 2, 1, 0])}
+    scores = edge_attribution(model, clean, reversed_, "logit_diff", **t)
+    assert scores.scores.shape == scores.mask.shape and torch.isfinite(scores.scores).all()
+    assert scores.scores[scores.mask].abs().sum() > 0
+    full = faithfulness(model, prune(scores, budget=int(scores.mask.sum())), clean, reversed_, "logit_diff", **t)
+    empty = faithfulness(model, prune(scores, budget=0), clean, reversed_, "logit_diff", **t)
+    assert abs(full.recovered - 1) < 1e-4 and abs(empty.recovered) < 1e-4

@@ -1,6 +1,5 @@
 """`hooked-vit demo`: every analysis (small: circuit, SAE and TextSpan included) on the embedded
-default, the embedded video models on moving-shapes clips (identify, no cross-frame
-attention), then one HTML report.
+default, then one HTML report.
 
 No downloads: the synthetic dataset is generated, the model is the project's own. Each
 step below runs one analysis over the data (`circuits.runs`); runs are resumable, so an
@@ -36,7 +35,6 @@ PROBE_PER_CLASS = 10
 CIRCUIT_BUDGET, CIRCUIT_IMAGES = 20, 64  # EAP edges kept; images scored
 SAE_TRAIN_IMAGES, SAE_WIDTH, SAE_STEPS, SAE_EVAL_IMAGES = 256, 256, 300, 128
 TEXTSPAN_IMAGES = 256
-DEMO_CLIPS = 128  # moving-shapes clips per video run
 
 
 @dataclass
@@ -131,28 +129,10 @@ def textspan_step(ctx: DemoContext) -> None:
                  progress=False, settings={"texts_from": "class names and logit directions (no text tower)"})
 
 
-def video_step(ctx: DemoContext) -> None:
-    """The embedded video models (docs/video.md) on moving-shapes clips: identify (space-time
-    identifiability) on the motion model, and the no-cross-frame attention perturbation on the
-    motion model and on its static control."""
-    from circuits.embedded.synthetic_video import MovingShapes
-    from circuits.embedded.video_models import NUM_FRAMES, VIDEO_NAMES, load_embedded_video
-
-    root = ctx.out / "video"
-    for name, task in VIDEO_NAMES.items():
-        model = load_embedded_video(name).to(ctx.device)
-        clips = MovingShapes(min(DEMO_CLIPS, len(ctx.data)), split="test", task=task, num_frames=NUM_FRAMES)
-        if task == "motion":
-            identify(model, clips, str(root / "identify" / name), batch_size=ctx.batch_size, overwrite=ctx.overwrite,
-                     progress=False)
-        perturbation_experiment(model, clips, root / "perturb" / name, kinds=("none", "no_cross_frame"),
-                                batch_size=ctx.batch_size, overwrite=ctx.overwrite, progress=False)
-
-
 STEPS: dict[str, Callable[[DemoContext], None]] = {
     "identify": identify_step, "perturb": perturb_step, "memories": memories_step,
     "decompose": decompose_step, "explain": explain_step, "circuit": circuit_step, "sae": sae_step,
-    "textspan": textspan_step, "video": video_step,
+    "textspan": textspan_step,
 }
 
 
