@@ -37,7 +37,7 @@ TASKS: dict[str, tuple[str, ...]] = {"motion": MOTION_CLASSES, "shape": SHAPE_CL
 # (dx, dy) per motion class, pixels per frame before the speed factor
 _DIRECTIONS = {0: (1.0, 0.0), 1: (-1.0, 0.0), 2: (0.0, 1.0), 3: (0.0, -1.0)}
 _HALF_SIZE = (4.0, 6.0)  # object half-size range at 32 px
-_SPEED = (3.0, 5.0)  # pixels per frame at 32 px (a 16 px patch: the shape crosses patches within a clip)
+_SPEED = (1.5, 2.5)  # pixels per frame at 32 px
 
 
 def render_clip(rng: np.random.Generator, task: str, num_frames: int = 8,
