@@ -157,7 +157,7 @@ class HookedViT(SAEHost, HookedRootModule):
         of the full sequence when tokens were removed; None without RoPE."""
         if self.rope is None:
             return None
-        n_full = self.cfg.n_prefix_tokens + grid[0] * grid[1]
+        n_full = self.cfg.n_prefix_tokens + self.cfg.n_time * grid[0] * grid[1]
         if positions is None and n_tokens != n_full:
             raise UserError(f"a RoPE model needs each token's position: {n_tokens} tokens for a {grid[0]}x{grid[1]} "
                              "grid; pass positions= (the tokens' indices in the full sequence)")
