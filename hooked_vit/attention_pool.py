@@ -65,7 +65,8 @@ class AttentionPool(nn.Module):
         self.ln = make_norm(cfg, d)
         mlp_cfg = replace(cfg, d_mlp=cfg.attn_pool_d_mlp, mlp_type="mlp", mlp_norm=False, layer_scale=False,
                           attn_only_layer_scale=False, act_fn=cfg.attn_pool_act, global_pool="token",
-                          class_token=True, distilled=False, d_image_embed=None, head_on_image_embed=False)
+                          class_token=True, distilled=False, d_image_embed=None, head_on_image_embed=False,
+                          **_NO_PROBE)
         self.mlp = MLP(mlp_cfg)
         self.hook_q = HookPoint()  # [b, 1, h, d_head]
         self.hook_k = HookPoint()  # [b, p, h, d_head]
@@ -135,6 +136,8 @@ class AttentionPool(nn.Module):
         return self.proj.bias if self.proj is not None else self.q.weight.new_zeros(self.cfg.d_model)
 
 
+# The sub-configs of the head's MLP and blocks are not themselves attention-pooling models.
+_NO_PROBE = dict(attn_pool_layers=0, attn_pool_kv_norm=False, attn_pool_residual=False, attn_pool_proj=True)
 # Run-time switches the pooling blocks read from the model's config at every forward.
 _SWITCHES = ("use_attn_result", "use_fused_attn", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")
 
@@ -147,7 +150,7 @@ def _block_cfg(cfg: HookedViTConfig) -> HookedViTConfig:
                    tubelet_size=1, pos_embed_type="learned", block_type="pre_norm", layer_scale=False,
                    attn_only_layer_scale=False, qk_norm=False, attn_norm=False, mlp_type="mlp", mlp_norm=False,
                    qkv_bias=True, proj_bias=True, mlp_bias=True, global_pool="token", class_token=True,
-                   n_reg_tokens=0, distilled=False, d_image_embed=None, head_on_image_embed=False, attn_pool_layers=0)
+                   n_reg_tokens=0, distilled=False, d_image_embed=None, head_on_image_embed=False, **_NO_PROBE)
 
 
 def _sync_switches(block_cfg: HookedViTConfig, cfg: HookedViTConfig) -> None:

@@ -155,6 +155,10 @@ class HookedViTConfig:
             raise UserError("rope_type='3d' takes no rope_options (its table follows from d_head and the token grid)")
         if self.attn_pool_layers < 0:
             raise UserError(f"attn_pool_layers={self.attn_pool_layers} must be >= 0")
+        probe = self.attn_pool_layers or self.attn_pool_kv_norm or self.attn_pool_residual or not self.attn_pool_proj
+        if probe and self.global_pool != "map":
+            raise UserError("attn_pool_layers / attn_pool_kv_norm / attn_pool_residual / attn_pool_proj=False are "
+                             f"options of the attention-pooling head: set global_pool='map' (got {self.global_pool!r})")
         if self.attn_only_layer_scale and not self.layer_scale:
             raise UserError("attn_only_layer_scale=True needs layer_scale=True")
         if self.global_pool == "map":

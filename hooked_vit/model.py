@@ -229,8 +229,8 @@ class HookedViT(SAEHost, HookedRootModule):
         `norm`, or `fc_norm` for GAP models) and, for distilled models, the two heads
         averaged. Fires no hooks. For the class token at the last block of a class-token
         model this equals the model's logits. With an attention-pooling (MAP) head the vector
-        is read as the head reads a one-token sequence (pooling weight 1: value, proj and the
-        head's MLP), the head applied to the token alone; this is not the token's share of the
+        is read as the head reads a one-token sequence (every attention weight 1: the probe's
+        blocks where present, value, proj and the head's MLP), the head applied to the token alone; this is not the token's share of the
         model's logits (which depends on the other tokens through the pooling weights). unembed: (W_U, b_U) computed once by a caller
         that projects many times (for CLIP, W_U is a product of the head and the projection).
         """

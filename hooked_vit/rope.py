@@ -59,32 +59,40 @@ def build_rope(cfg) -> Optional[nn.Module]:
 
 
 class Rope3D(nn.Module):
-    """V-JEPA 2's rotary table over (time, row, col) (module docstring). No parameters; the
-    table is a function of the config's token grid, so `get_embed` takes no other shape."""
+    """V-JEPA 2's rotary table over (time, row, col) (module docstring). No parameters: the
+    table follows from the config's token grid, kept as a non-persistent buffer so that it
+    moves with the model (`.to(device)`), as timm's rotary tables do."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
+        self.grid = tuple(cfg.grid_size)
+        self.register_buffer("table", rope_3d_table(cfg), persistent=False)
 
     def get_embed(self, shape: Optional[list[int]] = None) -> Float[Tensor, "n two_e"]:
         """[n_patches, 2 * d_head]: sin then cos of every patch token's angle per dimension."""
-        from hooked_vit.errors import UserError
-        from hooked_vit.tokens import token_coords
+        if shape is not None and tuple(shape) != self.grid:
+            from hooked_vit.errors import UserError
 
-        cfg = self.cfg
-        if shape is not None and tuple(shape) != tuple(cfg.grid_size):
-            raise UserError(f"rope_type='3d' builds its table for the configured grid {cfg.grid_size}, not {tuple(shape)}")
-        coords = torch.tensor([c for c in token_coords(cfg) if c is not None], dtype=torch.float32)  # [n, 3]
-        e = cfg.d_head
-        a = 2 * ((e // 3) // 2)
-        omega = torch.arange(a // 2, dtype=torch.float32) / (a / 2.0)
-        omega = 1.0 / 10000**omega  # [a/2], as the reference computes it (float32)
-        angles = (coords[:, :, None] * omega).repeat(1, 1, 2).flatten(1)  # [n, 3a]: per axis [w, w]
-        sin, cos = angles.sin(), angles.cos()
-        rest = e - 3 * a  # dimensions left unrotated: sin 0, cos 1
-        sin = torch.cat([sin, sin.new_zeros(len(coords), rest)], 1)
-        cos = torch.cat([cos, cos.new_ones(len(coords), rest)], 1)
-        return torch.cat([sin, cos], 1)
+            raise UserError(f"rope_type='3d' has its table for the configured grid {self.grid}, not {tuple(shape)}")
+        return self.table
+
+
+def rope_3d_table(cfg) -> Float[Tensor, "n two_e"]:
+    """V-JEPA 2's table for cfg's patch tokens (module docstring), computed in float32 as the
+    reference computes it: [n_patches, 2 * d_head], sin then cos."""
+    from hooked_vit.tokens import token_coords
+
+    coords = torch.tensor([c for c in token_coords(cfg) if c is not None], dtype=torch.float32)  # [n, 3]
+    e = cfg.d_head
+    a = 2 * ((e // 3) // 2)
+    omega = torch.arange(a // 2, dtype=torch.float32) / (a / 2.0)
+    omega = 1.0 / 10000**omega  # [a/2]
+    angles = (coords[:, :, None] * omega).repeat(1, 1, 2).flatten(1)  # [n, 3a]: per axis [w, w]
+    sin, cos = angles.sin(), angles.cos()
+    rest = e - 3 * a  # dimensions left unrotated: sin 0, cos 1
+    sin = torch.cat([sin, sin.new_zeros(len(coords), rest)], 1)
+    cos = torch.cat([cos, cos.new_ones(len(coords), rest)], 1)
+    return torch.cat([sin, cos], 1)
 
 
 def rope_type_of(module: nn.Module) -> Optional[str]:

@@ -115,6 +115,8 @@ def test_rope_table_layout():
         assert torch.allclose(sin[:, axis * a + 2], torch.sin(coords[:, axis]))  # repeated, not interleaved
         assert torch.allclose(sin[:, axis * a + 1], torch.sin(coords[:, axis] / 100.0))  # omega_1 = 10000^-1/2
     assert bool((sin[:, 3 * a:] == 0).all()) and bool((cos[:, 3 * a:] == 1).all())  # the unrotated rest
+    model.to(torch.float64)  # the table is a buffer: it moves with the model, as timm's rotary tables do
+    assert model.rope.table.dtype == torch.float64 and "rope.table" not in model.state_dict()
     with pytest.raises(UserError, match="rope_options"):
         HookedViTConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=8, n_classes=0, class_token=False, global_pool="avg",
                         rope_type="3d", rope_options={"dim": 4})
@@ -175,3 +177,44 @@ def test_weight_processing():
         assert rel_err(model(clips()), ref.mean(1)) < RTOL
     with pytest.raises(UserError, match="attentive probe"):
         HookedViT.from_hf(make_hf(), fold_ln=True)
+    hf = make_hf()
+    ref, _ = reference(hf, clips())
+    with torch.no_grad():  # centring the encoder's writes: the final norm's output, so the probe's input, is unchanged
+        assert rel_err(HookedViT.from_hf(hf, center_writing_weights=True)(clips()), ref) < RTOL
+    with pytest.raises(UserError, match="global_pool='map'"):
+        HookedViTConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=8, n_classes=2, attn_pool_layers=1)
+
+
+def test_token_removal_matches_the_masked_encoder():
+    """keep_mask keeps each token's own 3D rotation: transformers' layers run on the kept tokens
+    with their original indices as position ids (`position_mask`, the V-JEPA masked encoder),
+    then the probe on them; rows keep different numbers of tokens (padding masked in the probe)."""
+    hf, x = make_hf(), clips()
+    model = HookedViT.from_hf(hf)
+    g = torch.Generator().manual_seed(3)
+    kept = [torch.randperm(32, generator=g)[:n].sort().values for n in (20, 11)]
+    mask = torch.zeros(2, 32, dtype=torch.bool)
+    for row, ids in enumerate(kept):
+        mask[row, ids] = True
+    with torch.no_grad():
+        out = model(x, keep_mask=mask)
+        for row, ids in enumerate(kept):
+            h = hf.vjepa2.encoder.embeddings(x[row:row + 1])[:, ids]
+            for layer in hf.vjepa2.encoder.layer:
+                h = layer(h, ids[None])[0]
+            ref = hf.classifier(hf.pooler(hf.vjepa2.encoder.layernorm(h)))
+            assert rel_err(out[row:row + 1], ref) < RTOL, f"row {row}"
+
+
+@pytest.mark.gpu
+def test_cuda_matches_transformers():
+    hf = make_hf().cuda()
+    model = HookedViT.from_hf(hf)
+    x = clips().cuda()
+    with torch.no_grad():
+        ref = hf(pixel_values_videos=x).logits
+        fused = model(x)
+        explicit = model.run_with_hooks(x, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda a, hook: a)])
+    assert model.rope.table.is_cuda
+    for out in (fused, explicit):
+        assert rel_err(out, ref) < 1e-4  # TF32 may be on
