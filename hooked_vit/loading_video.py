@@ -34,9 +34,8 @@ HookedViT's video tokens are always (time, row, col), time slowest.
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -182,7 +181,7 @@ def _joint_weights(state: dict[str, Tensor], cfg: HookedViTConfig, videomae: boo
 
 
 def _vjepa2_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, Tensor]:
-    """The encoder's weights; the predictor's are dropped (module docstring), said once."""
+    """The encoder's weights; the predictor's are dropped (module docstring), said on one log line."""
     predictor = [k for k in state if k.startswith("predictor.")]
     if predictor:
         n = sum(state.pop(k).numel() for k in predictor)

@@ -91,6 +91,24 @@ def test_loads_from_a_saved_folder(tmp_path, caplog):
         assert rel_err(model(clips()), ref) < RTOL
 
 
+def test_loads_a_folder_without_predictor_weights_but_not_one_without_the_probe(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hooked_vit.loading import UnsupportedModelError
+
+    hf = make_hf()
+    ref, _ = reference(hf, clips())
+    for name, dropped in (("no_predictor", ".predictor."), ("no_probe", "pooler.")):
+        hf.save_pretrained(tmp_path / name)
+        weights = tmp_path / name / "model.safetensors"
+        state = load_file(weights)
+        save_file({k: v for k, v in state.items() if dropped not in k}, weights, metadata={"format": "pt"})
+    with torch.no_grad():
+        assert rel_err(HookedViT.from_hf(str(tmp_path / "no_predictor"))(clips()), ref) < RTOL
+    with pytest.raises(UnsupportedModelError, match="lacks weights.*pooler"):  # the probe would be random
+        HookedViT.from_hf(str(tmp_path / "no_probe"))
+
+
 def test_randomisation_reaches_every_loaded_parameter():
     hf = make_hf()
     constant = [n for n, p in hf.named_parameters() if bool((p == p.flatten()[0]).all())]
