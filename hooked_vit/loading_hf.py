@@ -323,6 +323,8 @@ def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Opt
     (`processor_data_config`); without one, the defaults of transformers' processor class for
     the model type at the model's input size, said once per model."""
     path = Path(source) / "preprocessor_config.json"
+    if not path.is_file() and (Path(source) / "video_preprocessor_config.json").is_file():  # a video processor's (V-JEPA 2)
+        path = Path(source) / "video_preprocessor_config.json"
     if not path.is_file() and not Path(source).is_dir():  # a hub id: only what is already cached, never a download
         from huggingface_hub import try_to_load_from_cache
 
@@ -391,8 +393,8 @@ def _default_processor(cfg: HookedViTConfig) -> tuple[dict[str, Any], str]:
     sizes scaled to the model's input size; ViTImageProcessor's when the kind is unknown."""
     import transformers
 
-    name = {"CLIP": "CLIPImageProcessor", "Dino": "BitImageProcessor", "DeiT": "DeiTImageProcessor"}.get(
-        _family(cfg), "ViTImageProcessor")
+    name = {"CLIP": "CLIPImageProcessor", "Dino": "BitImageProcessor", "DeiT": "DeiTImageProcessor",
+            "VJEPA2": "VJEPA2VideoProcessor"}.get(_family(cfg), "ViTImageProcessor")
     proc = dict(getattr(transformers, name)().to_dict())
     h, w = cfg.img_size
     crop = proc.get("crop_size") if proc.get("do_center_crop") else None
@@ -409,7 +411,9 @@ def _default_processor(cfg: HookedViTConfig) -> tuple[dict[str, Any], str]:
 
 
 def _family(cfg: HookedViTConfig) -> str:
-    """CLIP / Dino / DeiT / ViT from the config's shape (its class name is not kept)."""
+    """CLIP / Dino / DeiT / ViT / VJEPA2 from the config's shape (its class name is not kept)."""
+    if cfg.rope_type == "3d":
+        return "VJEPA2"
     if cfg.ln_pre:
         return "CLIP"
     if cfg.layer_scale:

@@ -87,8 +87,22 @@ def test_loads_from_a_saved_folder(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="hooked_vit"):
         model = HookedViT.from_hf(str(tmp_path))
     assert "predictor" in caplog.text and "not loaded" in caplog.text  # said, not silent
+    # no preprocessor_config.json: VJEPA2VideoProcessor's defaults at the model's size (said too)
+    assert "VJEPA2VideoProcessor" in caplog.text
+    data = model.cfg.data_config
+    assert data["mean"] == pytest.approx([0.485, 0.456, 0.406]) and data["input_size"] == [3, SIZE, SIZE]
+    assert data["resize"] == {"shortest_edge": int(SIZE * 256 / 224)} and data["center_crop"]
     with torch.no_grad():
         assert rel_err(model(clips()), ref) < RTOL
+
+
+def test_reads_the_video_processor_of_a_folder(tmp_path):
+    hf = make_hf("VJEPA2Model")
+    hf.save_pretrained(tmp_path)
+    T.VJEPA2VideoProcessor(crop_size=SIZE, image_mean=[0.1, 0.2, 0.3]).save_pretrained(tmp_path)
+    assert (tmp_path / "video_preprocessor_config.json").is_file()
+    data = HookedViT.from_hf(str(tmp_path)).cfg.data_config
+    assert data["mean"] == pytest.approx([0.1, 0.2, 0.3]) and data["input_size"] == [3, SIZE, SIZE]
 
 
 def test_loads_a_folder_without_predictor_weights_but_not_one_without_the_probe(tmp_path):
