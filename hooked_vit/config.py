@@ -15,7 +15,7 @@ import torch
 from hooked_vit.errors import UserError
 
 ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "sigmoid")
-ROPE_TYPES = ("cat", "mixed", "dinov3")
+ROPE_TYPES = ("cat", "mixed", "dinov3", "3d")
 
 
 @dataclass
@@ -43,7 +43,8 @@ class HookedViTConfig:
     embed_norm: bool = False  # a norm on the patch embeddings (timm's embed_norm_layer, AIMv2)
     # Rotary position embedding on q and k of the patch tokens (EVA02, DINOv3, PE, RoPE-ViT):
     # one of ROPE_TYPES, built by hooked_vit.rope from `rope_options` (timm's constructor
-    # arguments); None: no RoPE. Can be combined with the learned pos_embed ("rope_ape").
+    # arguments; "3d" is V-JEPA 2's rotation over (time, row, col), built by hooked_vit.rope
+    # itself, without options); None: no RoPE. Can be combined with the learned pos_embed ("rope_ape").
     rope_type: Optional[str] = None
     rope_options: dict[str, Any] = field(default_factory=dict)
     rope_rotate_half: bool = False  # rotate halves of each head, not interleaved pairs
@@ -95,6 +96,16 @@ class HookedViTConfig:
     attn_pool_heads: Optional[int] = None  # defaults to n_heads
     attn_pool_d_mlp: Optional[int] = None  # defaults to d_mlp
     attn_pool_act: str = "gelu"  # the attention pool's MLP activation
+    # V-JEPA 2's attentive probe (VJEPA2AttentivePooler) as options of the same head:
+    # attn_pool_layers pre-norm self-attention blocks over the pooled tokens before the latent
+    # query reads them (`attn_pool.blocks.N`, TransformerBlocks with attn_pool_heads heads and
+    # attn_pool_d_mlp); attn_pool_kv_norm a norm on the tokens before k and v (`attn_pool.ln_kv`);
+    # attn_pool_residual adds the latent to the attention output (a pre-norm cross-attention
+    # block); attn_pool_proj=False: no output projection (z is the attention output).
+    attn_pool_layers: int = 0
+    attn_pool_kv_norm: bool = False
+    attn_pool_residual: bool = False
+    attn_pool_proj: bool = True
     pool_include_prefix: bool = False
     # "token": the final norm acts on every token before pooling (timm's `norm`);
     # "pooled": it acts on the pooled vector (timm's `fc_norm`, the GAP models); None: none.
@@ -140,6 +151,14 @@ class HookedViTConfig:
             raise UserError(f"act_fn={self.act_fn!r} / attn_pool_act={self.attn_pool_act!r}: choose from {ACT_FNS}")
         if self.rope_type is not None and self.rope_type not in ROPE_TYPES:
             raise UserError(f"rope_type={self.rope_type!r} is not supported; choose one of {ROPE_TYPES} or None")
+        if self.rope_type == "3d" and self.rope_options:
+            raise UserError("rope_type='3d' takes no rope_options (its table follows from d_head and the token grid)")
+        if self.attn_pool_layers < 0:
+            raise UserError(f"attn_pool_layers={self.attn_pool_layers} must be >= 0")
+        probe = self.attn_pool_layers or self.attn_pool_kv_norm or self.attn_pool_residual or not self.attn_pool_proj
+        if probe and self.global_pool != "map":
+            raise UserError("attn_pool_layers / attn_pool_kv_norm / attn_pool_residual / attn_pool_proj=False are "
+                             f"options of the attention-pooling head: set global_pool='map' (got {self.global_pool!r})")
         if self.attn_only_layer_scale and not self.layer_scale:
             raise UserError("attn_only_layer_scale=True needs layer_scale=True")
         if self.global_pool == "map":

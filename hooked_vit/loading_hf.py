@@ -11,7 +11,7 @@ patch tokens: `global_pool="avg"`, which is also the headless model's pooled vec
 Architectures are described in the transformers docs
 (https://huggingface.co/docs/transformers/model_doc/vit, .../deit, .../dinov2,
 .../dinov2_with_registers, .../clip, .../vit_msn, .../ijepa). Video models (VideoMAE, ViViT,
-TimeSformer) are read by `hooked_vit.loading_video`. Anything else is refused naming the feature.
+TimeSformer, V-JEPA 2) are read by `hooked_vit.loading_video`. Anything else is refused naming the feature.
 
 The HF weights are rewritten to timm's layout (fused qkv, `norm1`/`norm2`, ...) and loaded
 through `hooked_vit.loading`'s timm-name mapping, so there is one definition of the
@@ -90,10 +90,14 @@ def _resolve(model_or_path: Any, **hf_kwargs: Any) -> tuple[nn.Module, Optional[
     _check_class_name(arch)
     with _quiet_transformers():
         model, info = cls.from_pretrained(source, output_loading_info=True, **hf_kwargs)
-    missing = [k for k in info["missing_keys"] if not re.search(r"(^|\.)pooler\.", k)]
+    # What HookedViT does not load may be absent: a tanh pooler (then none was trained), V-JEPA 2's
+    # predictor (not part of the encoder; its "pooler" is the classifier's attentive probe, loaded).
+    vjepa2 = arch.startswith("VJEPA2")
+    unused = r"(^|\.)predictor\." if vjepa2 else r"(^|\.)pooler\."
+    missing = [k for k in info["missing_keys"] if not re.search(unused, k)]
     if missing:
         raise UnsupportedModelError(f"{source}: the checkpoint lacks weights {sorted(missing)[:10]} (they would be random)")
-    if len(missing) < len(info["missing_keys"]):  # saved without a pooler: none was trained
+    if not vjepa2 and len(missing) < len(info["missing_keys"]):  # saved without a pooler: none was trained
         _backbone(model).pooler = None
     return model.eval(), source
 
@@ -126,7 +130,6 @@ _REFUSED = {
     "Beit": "BEiT's relative position bias",
     "Data2VecVision": "Data2Vec-vision's relative position bias",
     "Swin": "Swin's shifted-window attention",
-    "VJEPA2": "V-JEPA 2's 3D rotary position embedding and predictor (not supported yet; docs/video.md)",
 }
 
 
@@ -320,6 +323,8 @@ def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Opt
     (`processor_data_config`); without one, the defaults of transformers' processor class for
     the model type at the model's input size, said once per model."""
     path = Path(source) / "preprocessor_config.json"
+    if not path.is_file() and (Path(source) / "video_preprocessor_config.json").is_file():  # a video processor's (V-JEPA 2)
+        path = Path(source) / "video_preprocessor_config.json"
     if not path.is_file() and not Path(source).is_dir():  # a hub id: only what is already cached, never a download
         from huggingface_hub import try_to_load_from_cache
 
@@ -388,8 +393,8 @@ def _default_processor(cfg: HookedViTConfig) -> tuple[dict[str, Any], str]:
     sizes scaled to the model's input size; ViTImageProcessor's when the kind is unknown."""
     import transformers
 
-    name = {"CLIP": "CLIPImageProcessor", "Dino": "BitImageProcessor", "DeiT": "DeiTImageProcessor"}.get(
-        _family(cfg), "ViTImageProcessor")
+    name = {"CLIP": "CLIPImageProcessor", "Dino": "BitImageProcessor", "DeiT": "DeiTImageProcessor",
+            "VJEPA2": "VJEPA2VideoProcessor"}.get(_family(cfg), "ViTImageProcessor")
     proc = dict(getattr(transformers, name)().to_dict())
     h, w = cfg.img_size
     crop = proc.get("crop_size") if proc.get("do_center_crop") else None
@@ -406,7 +411,9 @@ def _default_processor(cfg: HookedViTConfig) -> tuple[dict[str, Any], str]:
 
 
 def _family(cfg: HookedViTConfig) -> str:
-    """CLIP / Dino / DeiT / ViT from the config's shape (its class name is not kept)."""
+    """CLIP / Dino / DeiT / ViT / VJEPA2 from the config's shape (its class name is not kept)."""
+    if cfg.rope_type == "3d":
+        return "VJEPA2"
     if cfg.ln_pre:
         return "CLIP"
     if cfg.layer_scale:

@@ -157,7 +157,7 @@ class HookedViT(SAEHost, HookedRootModule):
         of the full sequence when tokens were removed; None without RoPE."""
         if self.rope is None:
             return None
-        n_full = self.cfg.n_prefix_tokens + grid[0] * grid[1]
+        n_full = self.cfg.n_prefix_tokens + self.cfg.n_time * grid[0] * grid[1]
         if positions is None and n_tokens != n_full:
             raise UserError(f"a RoPE model needs each token's position: {n_tokens} tokens for a {grid[0]}x{grid[1]} "
                              "grid; pass positions= (the tokens' indices in the full sequence)")
@@ -229,8 +229,8 @@ class HookedViT(SAEHost, HookedRootModule):
         `norm`, or `fc_norm` for GAP models) and, for distilled models, the two heads
         averaged. Fires no hooks. For the class token at the last block of a class-token
         model this equals the model's logits. With an attention-pooling (MAP) head the vector
-        is read as the head reads a one-token sequence (pooling weight 1: value, proj and the
-        head's MLP), the head applied to the token alone; this is not the token's share of the
+        is read as the head reads a one-token sequence (every attention weight 1: the probe's
+        blocks where present, value, proj and the head's MLP), the head applied to the token alone; this is not the token's share of the
         model's logits (which depends on the other tokens through the pooling weights). unembed: (W_U, b_U) computed once by a caller
         that projects many times (for CLIP, W_U is a product of the head and the projection).
         """
