@@ -1,0 +1,200 @@
+"""The image analyses on video models (issue 26, item 3; docs/video.md "Analyses"): token
+removal by frame or tube, patching with video corruptions, explanation maps as space-time
+volumes, decomposition, SAEs on clips, and the refusals where an analysis does not fit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from circuits.video import freeze_frames, shuffle_frames
+from helpers import randomize_
+from hooked_vit import HookedViT, HookedViTConfig
+from hooked_vit.tokens import token_index, token_labels
+from test_video_analyses import clips, small_video
+
+
+def video_model(attention_type: str = "joint", pool: str = "token", tubelet: int = 1, seed: int = 0) -> HookedViT:
+    """4 frames of 2 x 2 patches; joint (ViViT-style) or divided (TimeSformer-style) attention."""
+    divided = attention_type == "divided_space_time"
+    cfg = HookedViTConfig(d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_classes=5, img_size=16, patch_size=8,
+                          num_frames=4, tubelet_size=tubelet, attention_type=attention_type,
+                          pos_embed_type="space_time" if divided else "learned",
+                          class_token=pool == "token", global_pool=pool,
+                          final_norm="pooled" if pool == "avg" else "token")
+    return randomize_(HookedViT(cfg), seed=seed, std=0.3).eval()
+
+
+# ----------------------------------------------------------------------------- token removal
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_frame_removal_equals_the_model_on_the_kept_frames(pool):
+    """Removing time positions 1 and 3 equals a 2-frame model, given the kept frames and the
+    kept rows of the position table (the tokens physically dropped, positions kept right)."""
+    from circuits.token_removal import frame_keep_mask
+
+    model = video_model(pool=pool)
+    x = clips()
+    keep = frame_keep_mask(model, [1, 3], batch=2)
+    n = model.cfg.n_prefix_tokens
+    assert keep[0].tolist() == [True] * n + [t in (0, 2) for t in range(4) for _ in range(4)]
+    short = HookedViT(dataclasses.replace(model.cfg, num_frames=2)).eval()
+    state = model.state_dict()
+    state["embed.pos_embed"] = state["embed.pos_embed"][:, keep[0]]
+    short.load_state_dict(state)
+    with torch.no_grad():
+        removed, expected, whole = model(x, keep_mask=keep), short(x[:, [0, 2]]), model(x)
+    torch.testing.assert_close(removed, expected, atol=1e-5, rtol=1e-5)
+    assert (removed - whole).abs().max() > 1e-3  # the removal changed the output
+
+
+def test_tube_removal_equals_running_only_the_kept_tokens():
+    from circuits.token_removal import tube_keep_mask
+
+    model = video_model()
+    x = clips()
+    keep = tube_keep_mask(model, [(0, 1)], batch=2)
+    gone = [token_index(model, t, 0, 1) for t in range(4)]
+    assert (~keep[0]).nonzero()[:, 0].tolist() == gone
+    with torch.no_grad():
+        resid = model.embed_images(x)[:, keep[0]]  # the embedded tokens, the tube dropped
+        expected = model.unembed(model.pool(model(resid, start_at_layer=0, return_type="resid")))
+        torch.testing.assert_close(model(x, keep_mask=keep), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_frame_and_tube_removal_refusals():
+    from circuits.token_removal import frame_keep_mask, tube_keep_mask
+
+    with pytest.raises(ValueError, match="divided_space_time"):
+        frame_keep_mask(video_model("divided_space_time"), [0])
+    with pytest.raises(ValueError, match="image model"):
+        tube_keep_mask(HookedViT(HookedViTConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=8, n_classes=2)), [(0, 0)])
+    model = video_model(pool="avg")
+    with pytest.raises(ValueError, match="outside"):
+        frame_keep_mask(model, [4])
+    with pytest.raises(ValueError, match="no patch token"):
+        tube_keep_mask(model, [(r, c) for r in range(2) for c in range(2)])
+
+
+# ----------------------------------------------------------------------------- corruptions + patching
+def test_video_corruptions():
+    x = clips()
+    shuffled = shuffle_frames(x, seed=3)
+    order = [next(j for j in range(4) if torch.equal(shuffled[:, i], x[:, j])) for i in range(4)]
+    assert sorted(order) == [0, 1, 2, 3] and order != [0, 1, 2, 3]
+    assert torch.equal(shuffle_frames(x, seed=3), shuffled)
+    assert all(not torch.equal(shuffle_frames(x, seed=s), x) for s in range(20))  # never the identity
+    frozen = freeze_frames(x, frame=2)
+    assert all(torch.equal(frozen[:, i], x[:, 2]) for i in range(4))
+    assert torch.equal(freeze_frames(x, -1)[:, 0], x[:, 3])
+    with pytest.raises(ValueError, match="frames"):
+        shuffle_frames(x[:, :1])
+    with pytest.raises(ValueError, match="outside"):
+        freeze_frames(x, frame=4)
+    with pytest.raises(ValueError, match="clips must be"):
+        freeze_frames(x[0])
+
+
+@pytest.mark.parametrize("attention_type", ["joint", "divided_space_time"])
+@pytest.mark.parametrize("corruption", ["second_clip", "shuffle", "freeze"])
+def test_activation_patching_with_video_corruptions_names_tokens_in_time(attention_type, corruption):
+    from circuits.patching import patch_activations
+
+    model = video_model(attention_type)
+    clean = clips(seed=1)
+    corrupted = {"second_clip": clips(seed=2), "shuffle": shuffle_frames(clean, 1),
+                 "freeze": freeze_frames(clean)}[corruption]
+    grid = patch_activations(model, clean, corrupted, "resid_pre", layers=[0], metric="target_logit")
+    everything = patch_activations(model, clean, corrupted, "resid_pre", layers=[0], positions="all",
+                                   metric="target_logit")
+    torch.testing.assert_close(everything.values[0, 0], everything.clean, atol=1e-4, rtol=1e-4)
+    assert (grid.clean - grid.corrupted).abs().max() > 1e-3
+    assert grid.labels == token_labels(model) and grid.values.shape == (1, model.cfg.n_ctx, 2)
+    frame = grid.to_frame()
+    pos = token_index(model, 3, 1, 0)
+    assert set(frame.loc[frame["pos"] == pos, "token"]) == {"t3 patch (1, 0)"}
+    assert set(everything.to_frame()["token"]) == {"all"}
+
+
+def test_head_patching_sites_are_refused_on_divided_attention():
+    from circuits.circuit_discovery.attribution_patching import attribution_patch
+    from circuits.circuit_discovery.path_patching import path_patch
+    from circuits.patching import patch_activations
+
+    model = video_model("divided_space_time")
+    x, y = clips(seed=1), clips(seed=2)
+    for site in ("z", "pattern"):
+        with pytest.raises(ValueError, match="grouped"):
+            patch_activations(model, x, y, site)
+    with pytest.raises(ValueError, match="grouped"):
+        attribution_patch(model, x, y, sites=("z",))
+    with pytest.raises(ValueError, match="qk_fix"):
+        attribution_patch(model, x, y, sites=("blocks.0.attn.hook_q",), qk_fix=True)
+    with pytest.raises(ValueError, match="divided space-time"):
+        path_patch(model, x, y, "L0H0")
+
+
+@pytest.mark.parametrize("attention_type", ["joint", "divided_space_time"])
+def test_attribution_patching_on_clips_is_exact_where_linear_and_names_tokens(attention_type):
+    """With the final norm's scale frozen the logits are affine in the last resid_post: AtP of
+    a last-block position equals patching it (clean frame-shuffled into corrupted)."""
+    from circuits.circuit_discovery.attribution_patching import attribution_patch, scores_frame
+    from circuits.patching import patch_activations
+
+    model = video_model(attention_type, pool="avg")
+    clean, corrupted = clips(seed=1), shuffle_frames(clips(seed=1), 2)
+    frozen = [("ln_final.hook_scale", lambda x, hook: torch.full_like(x, 2.0))]
+    scores = attribution_patch(model, clean, corrupted, "target_logit", sites=("resid_post",), fwd_hooks=frozen)
+    assert scores["resid_post"].shape == (2, model.cfg.n_ctx)
+    with model.hooks(fwd_hooks=frozen):
+        grid = patch_activations(model, clean, corrupted, "resid_post", layers=[1], metric="target_logit")
+    effect = (grid.values[0] - grid.corrupted).mean(-1)
+    assert effect.abs().max() > 1e-3
+    torch.testing.assert_close(scores["resid_post"][1], effect, atol=1e-4, rtol=1e-4)
+    table = scores_frame(scores, model)
+    assert table.loc[table["pos"] == token_index(model, 2, 0, 1), "token"].unique().tolist() == ["t2 patch (0, 1)"]
+
+
+def test_path_patching_on_clips_every_path_equals_patching_the_sender():
+    from circuits.circuit_discovery.path_patching import path_patch
+    from circuits.patching import patch_activations
+
+    model = video_model()
+    clean, corrupted = clips(seed=1), freeze_frames(clips(seed=1))
+    full = patch_activations(model, clean, corrupted, "z", layers=[0], positions="all", heads=[2],
+                             metric="target_logit")
+    expected = full.values[0, 0, 0] - full.corrupted
+    assert expected.abs().max() > 1e-4
+    torch.testing.assert_close(path_patch(model, clean, corrupted, "L0H2", "all", "target_logit"), expected, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- explanation maps
+def test_explanation_maps_are_space_time_volumes():
+    from circuits.explain import explain, perturbation_curve, upsample
+
+    model = video_model(tubelet=2)  # 2 time positions of 2 x 2 patches, each over 2 frames
+    x = clips()
+    vol = explain("attention", model, x)
+    assert vol.shape == (2, 2, 2, 2)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x)
+    row = cache["blocks.1.attn.hook_pattern"][:, :, 0, 1:].mean(1)  # the class token's row, heads averaged
+    for t, r, c in [(0, 0, 1), (1, 1, 0), (1, 1, 1)]:
+        torch.testing.assert_close(vol[:, t, r, c], row[:, token_index(model, t, r, c) - 1])
+    for method in ("rollout", "gae", "gradcam", "class_embedding", "tokentm", "transformer_attribution", "random"):
+        assert explain(method, model, x).shape == (2, 2, 2, 2), method
+    pix = upsample(vol, 16, frames_per_time=2)
+    assert pix.shape == (2, 4, 16, 16) and torch.equal(pix[:, 0], pix[:, 1]) and not torch.equal(pix[:, 1], pix[:, 2])
+    assert float(pix.amax()) == pytest.approx(1.0) and float(pix.amin()) == pytest.approx(0.0)
+    correct = perturbation_curve(model, x, model(x).argmax(-1), vol, fractions=(0.0, 0.5))
+    assert correct.shape == (2, 2) and bool(correct[:, 0].all())
+    with pytest.raises(ValueError, match="mode='remove'"):
+        perturbation_curve(model, x, torch.zeros(2, dtype=torch.long), vol, mode="zero")
+
+
+def test_explanation_maps_refuse_divided_attention():
+    from circuits.explain import explain
+
+    with pytest.raises(ValueError, match="divided space-time"):
+        explain("rollout", video_model("divided_space_time"), clips())
