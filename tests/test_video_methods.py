@@ -198,3 +198,69 @@ def test_explanation_maps_refuse_divided_attention():
 
     with pytest.raises(ValueError, match="divided space-time"):
         explain("rollout", video_model("divided_space_time"), clips())
+
+
+# ----------------------------------------------------------------------------- decomposition
+@pytest.mark.parametrize("attention_type,pool", [("joint", "token"), ("joint", "avg"),
+                                                 ("divided_space_time", "token"), ("divided_space_time", "avg")])
+def test_decomposition_of_video_models_is_exact(attention_type, pool):
+    """The components (divided: the temporal heads as extra per-head components) sum to the
+    representation; the temporal heads write to patch tokens only, so a class-token readout
+    gets nothing from them directly and a mean-pooled one does."""
+    from circuits.decomposition import decompose
+
+    model = video_model(attention_type, pool=pool)
+    dec = decompose(model, clips())
+    torch.testing.assert_close(dec.total(), dec.representation, atol=1e-5, rtol=1e-5)
+    time_heads = dec.index("time_head")
+    if attention_type == "joint":
+        assert time_heads == []
+        return
+    assert [dec.components[i].name for i in time_heads[:2]] == ["L0H0.time", "L0H1.time"]
+    assert len(time_heads) == model.cfg.n_layers * model.cfg.n_heads and len(dec.index("attn_time.b_O")) == 2
+    size = dec.terms[:, time_heads].abs().max()
+    assert (size == 0) if pool == "token" else (size > 1e-3)
+    stacked, groups = dec.sublayer_terms()
+    assert groups[:4] == ["embed", "L0.attn_time", "L0.attn", "L0.mlp"]
+    torch.testing.assert_close(stacked.sum(1), dec.representation, atol=1e-5, rtol=1e-5)
+    for mode in ("split", "reference"):
+        other = decompose(model, clips(), biases=mode)
+        torch.testing.assert_close(other.total(), other.representation, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention_type", ["joint", "divided_space_time"])
+def test_per_time_terms_split_each_component_by_the_read_tokens_time(attention_type):
+    """A mean-pooled model with a per-token final norm: time position t's share, summed over
+    components, is the mean over all tokens of LN_f(resid) - b restricted to t's tokens."""
+    from circuits.decomposition import per_time_terms
+
+    model = video_model(attention_type, pool="avg")
+    model.cfg.final_norm = "token"  # the same parameters read per token
+    x = clips()
+    split = per_time_terms(model, x)
+    assert split.groups == ["t0", "t1", "t2", "t3"] and split.terms.shape[:2] == (2, 4)
+    dec = split.decomposition
+    bias = dec.index("ln_final.b")
+    torch.testing.assert_close(split.terms.sum(1).sum(1) + dec.terms[:, bias].sum(1), dec.representation,
+                               atol=1e-5, rtol=1e-5)
+    assert bool((split.terms[:, :, bias] == 0).all())
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x)
+    normed = model.ln_final(cache["blocks.1.hook_resid_post"]) - model.ln_final.bias  # [b, p, d]
+    for t in range(4):
+        own = normed[:, 4 * t:4 * (t + 1)].sum(1) / model.cfg.n_ctx
+        torch.testing.assert_close(split.terms[:, t].sum(1)[:, 0], own, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="image model"):
+        per_time_terms(HookedViT(HookedViTConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=8, n_classes=2)),
+                       torch.zeros(1, 3, 224, 224))
+
+
+def test_per_time_terms_has_a_prefix_group_with_a_class_token():
+    from circuits.decomposition import per_time_terms, token_terms
+
+    model = video_model("divided_space_time")
+    split = per_time_terms(model, clips())
+    assert split.groups == ["prefix", "t0", "t1", "t2", "t3"]
+    assert split.terms[:, 1:].abs().max() == 0  # the class token reads only itself
+    with pytest.raises(ValueError, match="divided"):
+        next(token_terms(model, clips(), split.decomposition))
