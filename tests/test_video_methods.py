@@ -264,3 +264,71 @@ def test_per_time_terms_has_a_prefix_group_with_a_class_token():
     assert split.terms[:, 1:].abs().max() == 0  # the class token reads only itself
     with pytest.raises(ValueError, match="divided"):
         next(token_terms(model, clips(), split.decomposition))
+
+
+# ----------------------------------------------------------------------------- SAEs on clips
+def test_divided_attentions_grouped_norm_hooks_are_laid_onto_the_tokens():
+    from circuits.sae.activations import hook_activations, token_activations, token_positions
+
+    model = video_model("divided_space_time")
+    x = clips()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x)
+    block = model.blocks[0]
+    every = token_positions(model, "all")
+    space = token_activations(model, "blocks.0.ln1.hook_normalized", cache["blocks.0.ln1.hook_normalized"], every)
+    expected = block.ln1(cache["blocks.0.hook_resid_time"])
+    torch.testing.assert_close(space, expected, atol=1e-5, rtol=1e-5)  # the prefix token's copies are one vector
+    patches = token_positions(model, "patch")
+    time = token_activations(model, "blocks.0.ln_time.hook_normalized", cache["blocks.0.ln_time.hook_normalized"],
+                             patches)
+    expected = block.ln_time(cache["blocks.0.hook_resid_pre"][:, patches])
+    torch.testing.assert_close(time, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="tokens='patch'"):
+        hook_activations(model, x, ["blocks.0.ln_time.hook_normalized"], tokens="all")
+    with pytest.raises(ValueError, match="per-token hooks"):
+        hook_activations(model, x, ["blocks.0.attn_time.hook_z"])
+    rows, token = hook_activations(model, x, ["blocks.0.ln_time.hook_normalized"], tokens="patch")
+    assert rows["blocks.0.ln_time.hook_normalized"].shape == (2 * 16, 32) and token[:16].tolist() == patches.tolist()
+
+
+@pytest.mark.parametrize("attention_type,hook", [("joint", "blocks.1.hook_resid_post"),
+                                                 ("divided_space_time", "blocks.1.ln_time.hook_normalized")])
+def test_sae_trains_evaluates_and_studies_features_on_clips(attention_type, hook):
+    """A dictionary trains on streamed clip activations, splices back exactly with its error
+    term, and its top-activating tokens are named in time, thumbnails showing their frame."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from circuits.embedded.synthetic_video import MovingShapes
+    from circuits.plot import display_rgb
+    from circuits.sae.activations import stream_activations
+    from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
+    from circuits.sae.evaluate import evaluate_dictionary
+    from circuits.sae.features import feature_thumbnails, study_features
+    from circuits.sae.train import TrainConfig, train_dictionary
+
+    model = video_model(attention_type, tubelet=2)
+    data = MovingShapes(6, num_frames=4, img_size=16)
+    sae = SparseDictionary(DictionaryConfig(32, 48, "topk", k=4, hook_name=hook, tokens="patch"), seed=1)
+    log = train_dictionary(sae, lambda epoch: stream_activations(model, data, [hook], 8, tokens="patch", image_batch=3,
+                                                                 seed=epoch),
+                           TrainConfig(steps=4, warmup_steps=1), progress=False)
+    assert len(log) == 4 and all(np.isfinite(row["loss"]) for row in log)
+    metrics = evaluate_dictionary(model, sae, data, batch_size=3, progress=False)
+    assert metrics["max_logit_change_with_error"] < 1e-4
+    result = study_features(model, sae, data, batch_size=3, top_k=2, attributes=("label",))
+    labels = token_labels(model)
+    feature = int(np.argmax(result["top_values"][:, 0]))
+    tok = int(result["top_tokens"][feature, 0])
+    assert result["top_token_labels"][feature, 0] == labels[tok] and labels[tok].startswith("t")
+    (first, *_) = feature_thumbnails(model, data, result, [feature], max_px=16)[feature]
+    assert first["token_label"] == labels[tok]
+    t, r, c = (tok - 1) // 4, ((tok - 1) % 4) // 2, (tok - 1) % 2
+    frame = data[first["image"]]["image"][2 * t]  # the first frame of the token's tubelet
+    png = np.asarray(Image.open(io.BytesIO(base64.b64decode(first["png"]))))
+    np.testing.assert_array_equal(png, display_rgb(model, frame[None])[0])
+    assert first["box"] == [8 * c, 8 * r, 8, 8]
