@@ -332,3 +332,28 @@ def test_sae_trains_evaluates_and_studies_features_on_clips(attention_type, hook
     png = np.asarray(Image.open(io.BytesIO(base64.b64decode(first["png"]))))
     np.testing.assert_array_equal(png, display_rgb(model, frame[None])[0])
     assert first["box"] == [8 * c, 8 * r, 8, 8]
+
+
+# ----------------------------------------------------------------------------- token maps of one image grid
+def test_token_maps_are_laid_on_the_space_time_grid_or_refused():
+    from circuits.decomposition import decompose, token_heatmaps
+    from circuits.decomposition.scoring import patch_grid
+    from circuits.runs.explain import benchmark_batch
+
+    model = video_model(tubelet=2)  # 2 time positions of 2 x 2 patches
+    heat = torch.arange(model.cfg.n_ctx, dtype=torch.float32)[None]
+    grid = patch_grid(heat, model)
+    assert grid.shape == (1, 2, 2, 2)
+    assert all(grid[0, t, r, c] == token_index(model, t, r, c) for t in range(2) for r in range(2) for c in range(2))
+    with pytest.raises(ValueError, match="patch tokens"):
+        patch_grid(heat[:, :-1], model)
+    x = clips()
+    dec = decompose(model, x)
+    direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    maps = patch_grid(token_heatmaps(model, x, dec, direction), model)
+    assert maps.shape == (2, 2, model.cfg.n_heads, 2, 2, 2)  # [b, layers, heads, T, rows, cols]
+    heads = dec.terms[:, dec.index("head")].reshape(2, 2, model.cfg.n_heads, -1) @ direction
+    prefix = token_heatmaps(model, x, dec, direction)[..., 0]
+    torch.testing.assert_close(maps.flatten(-3).sum(-1) + prefix, heads, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="video model"):
+        benchmark_batch(model, {"image": x, "label": torch.zeros(2, dtype=torch.long), "index": [0, 1]}, ["rollout"])
