@@ -220,6 +220,13 @@ def test_decomposition_of_video_models_is_exact(attention_type, pool):
     assert len(time_heads) == model.cfg.n_layers * model.cfg.n_heads and len(dec.index("attn_time.b_O")) == 2
     size = dec.terms[:, time_heads].abs().max()
     assert (size == 0) if pool == "token" else (size > 1e-3)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clips())
+    for layer in range(2):  # each attention's heads + bias: what its output hook adds, read out
+        for kinds, hook in ((("time_head", "attn_time.b_O"), "hook_attn_time_out"), (("head", "b_O"), "hook_attn_out")):
+            idx = [i for i, c in enumerate(dec.components) if c.kind in kinds and c.layer == layer]
+            expected = dec.readout.stream(cache[f"blocks.{layer}.{hook}"])
+            torch.testing.assert_close(dec.terms[:, idx].sum(1), expected, atol=1e-5, rtol=1e-5)
     stacked, groups = dec.sublayer_terms()
     assert groups[:4] == ["embed", "L0.attn_time", "L0.attn", "L0.mlp"]
     torch.testing.assert_close(stacked.sum(1), dec.representation, atol=1e-5, rtol=1e-5)
