@@ -299,6 +299,29 @@ def test_divided_attentions_grouped_norm_hooks_are_laid_onto_the_tokens():
     assert rows["blocks.0.ln_time.hook_normalized"].shape == (2 * 16, 32) and token[:16].tolist() == patches.tolist()
 
 
+def test_activation_store_on_clips_writes_space_time_token_rows(tmp_path):
+    from circuits.embedded.synthetic_video import MovingShapes
+    from circuits.runs.activation_store import build_activation_store
+    from circuits.sae.activations import token_activations, token_positions
+
+    model = video_model("divided_space_time")
+    data = MovingShapes(4, num_frames=4, img_size=16)
+    hook = "blocks.0.ln_time.hook_normalized"
+    store = build_activation_store(model, data, tmp_path, [hook], tokens="patch", batch_size=2, progress=False)
+    rows = {hook: [], "token": [], "image_index": []}
+    for batch in store.batches(64, seed=0, hooks=list(rows)):
+        for key in rows:
+            rows[key].append(batch[key])
+    rows = {k: torch.cat(v) for k, v in rows.items()}
+    assert rows[hook].shape == (4 * 16, 32) and sorted(set(rows["token"].tolist())) == list(range(1, 17))
+    clip = torch.stack([data[i]["image"] for i in range(4)])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clip)
+    every = token_activations(model, hook, cache[hook], token_positions(model, "patch"))  # [4, 16, d]
+    i, t = int(rows["image_index"][5]), int(rows["token"][5])
+    torch.testing.assert_close(rows[hook][5], every[i, t - 1], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("attention_type,hook", [("joint", "blocks.1.hook_resid_post"),
                                                  ("divided_space_time", "blocks.1.ln_time.hook_normalized")])
 def test_sae_trains_evaluates_and_studies_features_on_clips(attention_type, hook):
