@@ -274,10 +274,11 @@ def test_per_time_terms_has_a_prefix_group_with_a_class_token():
 
 
 # ----------------------------------------------------------------------------- SAEs on clips
-def test_divided_attentions_grouped_norm_hooks_are_laid_onto_the_tokens():
+@pytest.mark.parametrize("pool", ["token", "avg"])  # avg: no prefix, so both groupings are [b, 4, 4, d]
+def test_divided_attentions_grouped_norm_hooks_are_laid_onto_the_tokens(pool):
     from circuits.sae.activations import hook_activations, token_activations, token_positions
 
-    model = video_model("divided_space_time")
+    model = video_model("divided_space_time", pool=pool)
     x = clips()
     with torch.no_grad():
         _, cache = model.run_with_cache(x)
@@ -291,12 +292,14 @@ def test_divided_attentions_grouped_norm_hooks_are_laid_onto_the_tokens():
                              patches)
     expected = block.ln_time(cache["blocks.0.hook_resid_pre"][:, patches])
     torch.testing.assert_close(time, expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="tokens='patch'"):
-        hook_activations(model, x, ["blocks.0.ln_time.hook_normalized"], tokens="all")
+    if pool == "token":
+        with pytest.raises(ValueError, match="tokens='patch'"):
+            hook_activations(model, x, ["blocks.0.ln_time.hook_normalized"], tokens="all")
     with pytest.raises(ValueError, match="per-token hooks"):
         hook_activations(model, x, ["blocks.0.attn_time.hook_z"])
     rows, token = hook_activations(model, x, ["blocks.0.ln_time.hook_normalized"], tokens="patch")
     assert rows["blocks.0.ln_time.hook_normalized"].shape == (2 * 16, 32) and token[:16].tolist() == patches.tolist()
+    torch.testing.assert_close(rows["blocks.0.ln_time.hook_normalized"][:16], time[0], atol=0, rtol=0)
 
 
 def test_activation_store_on_clips_writes_space_time_token_rows(tmp_path):

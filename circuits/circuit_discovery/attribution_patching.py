@@ -29,19 +29,18 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from circuits.arrays import to_numpy
 from circuits.circuit_discovery.graph import check_pair, differentiable, targets
 from circuits.circuit_discovery.metrics import resolve_metric
-import pandas as pd
-
-from circuits.arrays import to_numpy
 from circuits.patching import Metric, _act_name, _attn_result, check_grouped_sites
-from hooked_vit.tokens import token_labels
 from hooked_vit import HookedViT
 from hooked_vit.errors import UserError
+from hooked_vit.tokens import token_labels
 
 DEFAULT_SITES = ("resid_pre", "z", "mlp_out")
 QK_SITES = ("q", "k")

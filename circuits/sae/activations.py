@@ -76,9 +76,10 @@ def token_activations(model, hook: str, acts: Tensor, positions: Tensor) -> Floa
     n, t = cfg.n_prefix_tokens, cfg.n_time
     s = cfg.grid_size[0] * cfg.grid_size[1]
     if acts.ndim == 4 and cfg.attention_type == "divided_space_time":
-        if acts.shape[1:3] == (t, n + s):  # spatial attention's groups: one frame each, prefix tokens in every frame
+        temporal = ".ln_time." in hook or ".attn_time." in hook  # by name: (t, n + s) and (s, t) may coincide
+        if not temporal and acts.shape[1:3] == (t, n + s):  # spatial groups: one frame each, prefix tokens in every frame
             acts = torch.cat([acts[:, 0, :n], einops.rearrange(acts[:, :, n:], "b t s d -> b (t s) d")], 1)
-        elif acts.shape[1:3] == (s, t):  # temporal attention's groups: one (row, col) each, patch tokens only
+        elif temporal and acts.shape[1:3] == (s, t):  # temporal groups: one (row, col) each, patch tokens only
             if bool((positions < n).any()):
                 raise UserError(f"{hook} holds patch tokens only (the temporal attention skips the prefix tokens); "
                                  "use tokens='patch'")
