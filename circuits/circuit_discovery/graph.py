@@ -39,6 +39,10 @@ class ViTGraph:
             raise UserError("edge-level circuit discovery needs pre-norm blocks (post-norm norms sit on the residual stream)")
         if model.cfg.attn_only:
             raise UserError("attn_only models are not supported by the circuit graph")
+        if model.cfg.attention_type == "divided_space_time":
+            raise UserError("the circuit graph (path patching, edge attribution) has no node for divided space-time "
+                             "attention's temporal heads and its per-head inputs are off there; use a joint-attention "
+                             "video model")
         return cls(model.cfg.n_layers, model.cfg.n_heads)
 
     # ---- nodes, in the order they run

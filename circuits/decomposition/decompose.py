@@ -24,6 +24,13 @@ norms are linearised in the same way with their own per-token statistics (read f
 `ln1/ln2.hook_scale`), so head and MLP terms stay exact there too and the sublayer norm
 biases are components.
 
+Divided space-time attention (TimeSformer; docs/video.md): each block's temporal attention
+is one more set of per-head components ("time_head", named L{l}H{h}.time, and its bias
+"attn_time.b_O", which writes to the patch tokens only); the spatial attention's grouped
+z [b, T, prefix + rows*cols, h, e] is laid back onto the token sequence (a prefix token's
+output is the mean over the frames, as the block computes it). `per_time_terms` splits every
+component by the time position of the token the representation reads it from.
+
 Heads can be split further by source token: head h of layer l contributes
 sum_q u[r, q] A[h, q, k] v_k W_O[h] through source token k (`token_terms`). Those are
 produced layer by layer and head chunk by head chunk, so memory stays bounded.
@@ -34,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal, Optional, Sequence
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -45,7 +53,7 @@ from hooked_vit.errors import UserError
 
 BiasMode = Literal["separate", "split", "reference"]
 BIAS_MODES = ("separate", "split", "reference")
-BIAS_KINDS = ("b_O", "ln1.b", "b_out", "ln2.b", "ln_final.b", "b_U")
+BIAS_KINDS = ("b_O", "ln1.b", "b_out", "ln2.b", "ln_final.b", "b_U", "attn_time.b_O")
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,8 @@ class Component:
     kind: "embed" (stream at layer 0: patch + prefix + position embedding, after CLIP's
     ln_pre), "resid_in" (stream entering a later start layer), "head", "mlp", or a bias:
     "b_O", "b_out", "ln1.b" / "ln2.b" (post-norm sublayer norm biases), "ln_final.b",
-    "b_U" (head bias, logits only).
+    "b_U" (head bias, logits only); divided space-time models also "time_head" (a temporal
+    attention head) and "attn_time.b_O".
     """
 
     kind: str
@@ -66,6 +75,8 @@ class Component:
     def name(self) -> str:
         if self.kind == "head":
             return f"L{self.layer}H{self.head}"
+        if self.kind == "time_head":
+            return f"L{self.layer}H{self.head}.time"
         if self.layer is None:
             return self.kind
         return f"L{self.layer}.{self.kind}"
@@ -211,12 +222,15 @@ class Decomposition:
         return torch.cat([logits, b_U], 1), [*self.components, Component("b_U")]
 
     def sublayer_terms(self) -> tuple[Float[Tensor, "b S r d"], list[str]]:
-        """Terms grouped by sublayer: the stream in, then attn_l (heads, b_O, ln1.b) and
-        mlp_l (mlp, b_out, ln2.b) per layer, then the final norm bias."""
+        """Terms grouped by sublayer: the stream in, then [attn_time_l (temporal heads, their
+        b_O) on divided space-time models], attn_l (heads, b_O, ln1.b) and mlp_l (mlp, b_out,
+        ln2.b) per layer, then the final norm bias."""
         groups: dict[str, list[int]] = {}
         for i, c in enumerate(self.components):
             if c.layer is None:
                 key = c.kind
+            elif c.kind in ("time_head", "attn_time.b_O"):
+                key = f"L{c.layer}.attn_time"
             else:
                 key = f"L{c.layer}.{'attn' if c.kind in ('head', 'b_O', 'ln1.b') else 'mlp'}"
             groups.setdefault(key, []).append(i)
@@ -251,6 +265,8 @@ def _cache_names(model: HookedViT, start_layer: int) -> list[str]:
         names.append("ln_final.hook_scale")
     for layer in range(start_layer, cfg.n_layers):
         names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
+        if cfg.attention_type == "divided_space_time":
+            names.append(f"blocks.{layer}.attn_time.hook_z")
         if cfg.block_type == "post_norm":
             names += [f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale"]
     return names
@@ -266,6 +282,8 @@ def _check_supported(model: HookedViT, start_layer: int) -> None:
                         "over them and adds an MLP, so the representation is not a sum of per-component terms"),
         "norm_type": (cfg.norm_type == "rmsnorm", "the decomposition linearises LayerNorm (centring and a frozen "
                       "scale) at every reader; RMSNorm models are not implemented"),
+        "attention_type": (cfg.attention_type == "divided_space_time" and cfg.block_type == "post_norm",
+                           "divided space-time attention is decomposed for pre-norm blocks only"),
         "attn_norm": (cfg.attn_norm, "a norm over the heads' outputs (scale_attn_norm) mixes the heads before W_O, "
                       "so a head's output is not its own term"),
     }
@@ -306,17 +324,69 @@ def decompose(
     if biases == "reference" and model.cfg.block_type == "post_norm":
         raise UserError("biases='reference' follows vit-decompose, which has no post-norm blocks; use 'separate' "
                          "or 'split'")
+    return _from_cache(model, _decomposition_cache(model, images, start_layer, fwd_hooks), start_layer, biases)
+
+
+def _decomposition_cache(model: HookedViT, images: Tensor, start_layer: int, fwd_hooks: Sequence) -> dict[str, Tensor]:
     names = _cache_names(model, start_layer)
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         _, cache = model.run_with_cache(images, names_filter=lambda n: n in names, return_cache_object=False,
                                         return_type="logits" if model.has_unembed else "pooled")
-    return _from_cache(model, cache, start_layer, biases)
+    return cache
 
 
-def _from_cache(model: HookedViT, cache: dict[str, Tensor], start_layer: int, biases: BiasMode) -> Decomposition:
+@dataclass
+class TimeTerms:
+    """Components split by the time position of the token the representation reads them from.
+
+    terms[b, g, C, r, d]: component C's contribution through the tokens of group g (groups:
+    "prefix" when the model has prefix tokens, then "t0", "t1", ...). Summed over g they are
+    `decomposition.terms`, except the final norm's bias, a constant of no token (zero in
+    every group)."""
+
+    terms: Float[Tensor, "b g C r d"]
+    groups: list[str]
+    decomposition: Decomposition
+
+    @property
+    def components(self) -> list[Component]:
+        return self.decomposition.components
+
+
+@torch.no_grad()
+def per_time_terms(model: HookedViT, clips: Float[Tensor, "b t c h w"], *, start_layer: int = 0,
+                   fwd_hooks: Sequence = ()) -> TimeTerms:
+    """`decompose` (biases "separate") with every component split by the time position of
+    the read-out token (video models; one forward pass). The read-out is linear in its
+    per-token weights, so restricting them to one time position's tokens gives that
+    position's share of every component."""
+    from hooked_vit.tokens import token_coords
+
+    cfg = model.cfg
+    if not cfg.is_video:
+        raise UserError(f"{cfg.model_name} is an image model (num_frames not set); per-time terms need a video model")
+    _check_supported(model, start_layer)
+    cache = _decomposition_cache(model, clips, start_layer, fwd_hooks)
+    dec = _from_cache(model, cache, start_layer, "separate")
+    coords = token_coords(model)
+    groups = (["prefix"] if cfg.n_prefix_tokens else []) + [f"t{t}" for t in range(cfg.n_time)]
+    ref = dec.terms
+    masks = [torch.tensor([(c is None) if g == "prefix" else (c is not None and c[0] == int(g[1:])) for c in coords],
+                          device=ref.device, dtype=ref.dtype) for g in groups]
+    terms = torch.stack([_from_cache(model, cache, start_layer, "separate", mask).terms for mask in masks], 1)
+    return TimeTerms(terms, groups, dec)
+
+
+def _from_cache(model: HookedViT, cache: dict[str, Tensor], start_layer: int, biases: BiasMode,
+                position_mask: Optional[Tensor] = None) -> Decomposition:
+    """position_mask [p]: read the representation from those tokens only (`per_time_terms`);
+    the final norm's bias, a constant of no token, is then zero."""
     cfg = model.cfg
     resid_in = cache[f"blocks.{start_layer}.hook_resid_pre"]
     readout = make_readout(model, cache, resid_in.shape[1])
+    if position_mask is not None:
+        bias = None if readout.final_bias is None else torch.zeros_like(readout.final_bias)
+        readout = replace(readout, weights=readout.weights * position_mask, final_bias=bias)
     if biases == "reference":  # vit-decompose scales components without centring them
         readout = replace(readout, final_center=False)
     comps = [Component("embed" if start_layer == 0 else "resid_in")]
@@ -347,11 +417,21 @@ def _layer_terms(model: HookedViT, readout: Readout, cache: dict[str, Tensor], l
     sub1 = (lambda x: _sub_norm(model, layer, 1, x)) if post else (lambda x: x)
     sub2 = (lambda x: _sub_norm(model, layer, 2, x)) if post else (lambda x: x)
 
-    z = cache[f"blocks.{layer}.attn.hook_z"]  # [b, p, h, e]
+    out, comps = [], []
+    divided = model.cfg.attention_type == "divided_space_time"
+    if divided:  # the temporal attention first: it writes to the patch tokens only (pre-norm blocks)
+        z_time = _time_z_per_token(model, cache[f"blocks.{layer}.attn_time.hook_z"])  # [b, p, h, e]
+        n = model.cfg.n_prefix_tokens
+        heads = torch.einsum("brp,bphe,hed->bhrd", u, z_time, block.attn_time.W_O)
+        out += [readout.final(heads), readout.final(block.attn_time.b_O * u[..., n:].sum(-1)[..., None])[:, None]]
+        comps += [Component("time_head", layer, h) for h in range(model.cfg.n_heads)] + [Component("attn_time.b_O", layer)]
+    z = cache[f"blocks.{layer}.attn.hook_z"]  # [b, p, h, e]; divided: [b, t, prefix + s, h, e]
+    if divided:
+        z = _space_z_per_token(model, z)
     # Read out z before W_O: [b, r, h, e] instead of [b, p, h, d].
     heads = torch.einsum("brp,bphe,hed->bhrd", u1, z, block.attn.W_O)
-    out = [readout.final(sub1(heads)), readout.final(sub1(block.attn.b_O * U1))[:, None]]
-    comps = [Component("head", layer, h) for h in range(model.cfg.n_heads)] + [Component("b_O", layer)]
+    out += [readout.final(sub1(heads)), readout.final(sub1(block.attn.b_O * U1))[:, None]]
+    comps += [Component("head", layer, h) for h in range(model.cfg.n_heads)] + [Component("b_O", layer)]
     if post and block.ln1.bias is not None:
         out.append(readout.final(block.ln1.bias * U)[:, None])
         comps.append(Component("ln1.b", layer))
@@ -372,6 +452,22 @@ def _layer_terms(model: HookedViT, readout: Readout, cache: dict[str, Tensor], l
     return torch.cat(out, 1), comps
 
 
+def _space_z_per_token(model: HookedViT, z: Float[Tensor, "b t g h e"]) -> Float[Tensor, "b p h e"]:
+    """Divided attention's spatial z (grouped by frame, prefix tokens in every frame) on the
+    token sequence: a prefix token's z is its mean over the frames (its output is that mean,
+    and W_O is linear), a patch token's is its own frame's."""
+    n = model.cfg.n_prefix_tokens
+    return torch.cat([z[:, :, :n].mean(1), einops.rearrange(z[:, :, n:], "b t s h e -> b (t s) h e")], 1)
+
+
+def _time_z_per_token(model: HookedViT, z: Float[Tensor, "b s t h e"]) -> Float[Tensor, "b p h e"]:
+    """Divided attention's temporal z (grouped by (row, col)) on the token sequence; zero on
+    the prefix tokens (the temporal attention does not write to them)."""
+    n = model.cfg.n_prefix_tokens
+    patches = einops.rearrange(z, "b s t h e -> b (t s) h e")
+    return torch.cat([patches.new_zeros(patches.shape[0], n, *patches.shape[2:]), patches], 1)
+
+
 def split_biases(dec: Decomposition) -> Decomposition:
     """Spread the sum of the bias terms evenly over the other components (the reference
     convention): each non-bias term gets bias_total / n. The sum is unchanged."""
@@ -388,7 +484,7 @@ def split_biases(dec: Decomposition) -> Decomposition:
 def split_reference(dec: Decomposition) -> Decomposition:
     """vit-decompose's placement of the biases (its linear_decompose: a linear layer's bias
     is divided evenly over the components entering it, a LayerNorm's constant likewise):
-    each layer's b_O evenly over its heads, b_out into its MLP term, and the final norm's
+    each layer's b_O evenly over its heads (attn_time.b_O over its temporal heads), b_out into its MLP term, and the final norm's
     constant rep - sum(uncentred terms) evenly over all components. `dec` must have been
     built with an uncentred readout (`decompose(..., biases="reference")` does that)."""
     comps, terms = dec.components, dec.terms
@@ -396,6 +492,9 @@ def split_reference(dec: Decomposition) -> Decomposition:
     for i, c in enumerate(comps):
         if c.kind == "b_O":
             heads = [j for j, h in enumerate(comps) if h.kind == "head" and h.layer == c.layer]
+            out[:, heads] += terms[:, i : i + 1] / len(heads)
+        elif c.kind == "attn_time.b_O":
+            heads = [j for j, h in enumerate(comps) if h.kind == "time_head" and h.layer == c.layer]
             out[:, heads] += terms[:, i : i + 1] / len(heads)
         elif c.kind == "b_out":
             (mlp,) = [j for j, m in enumerate(comps) if m.kind == "mlp" and m.layer == c.layer]
@@ -437,6 +536,10 @@ def token_terms(
     "separate"; with "split" the spread bias share is not in the token terms).
     """
     cfg = model.cfg
+    if cfg.attention_type == "divided_space_time":
+        raise UserError("token_terms splits heads by source token through the joint [b, h, q, k] pattern; divided "
+                         "space-time attention's two grouped patterns per block are not split (use decompose / "
+                         "per_time_terms)")
     layers = list(range(dec.start_layer, cfg.n_layers)) if layers is None else list(layers)
     if any(l < dec.start_layer or l >= cfg.n_layers for l in layers):
         raise UserError(f"layers {layers} must lie in {dec.start_layer}..{cfg.n_layers - 1}")

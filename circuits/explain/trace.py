@@ -26,6 +26,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooked_vit.errors import UserError
+
 from hooked_vit import HookedViT, HookedViTConfig
 
 
@@ -104,6 +106,10 @@ def trace(
         act_names: extra hook points to keep (e.g. "blocks.0.hook_resid_pre").
         fwd_hooks: further (name, fn) hooks active during the pass (interventions).
     """
+    if model.cfg.attention_type == "divided_space_time":
+        raise UserError("explanation maps read every block's joint attention pattern [b, h, p, p]; divided space-time "
+                         "attention has a temporal and a spatial pattern per block, grouped by (row, col) and by frame, "
+                         "which these methods are not defined for: use a joint-attention video model")
     captured: dict[str, Tensor] = {}
 
     def keep(act: Tensor, hook) -> Optional[Tensor]:
