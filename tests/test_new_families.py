@@ -16,6 +16,8 @@ SIGLIP = "vit_base_patch16_siglip_224"  # MAP head
 EVA02 = "eva02_base_patch14_224"  # RoPE (cat), SwiGLU, sub-LN in the MLP, avg pool
 DINOV3 = "vit_small_plus_patch16_dinov3"  # RoPE (dinov3), 4 registers, LayerScale, SwiGLU
 BEIT = "beitv2_base_patch16_224"  # relative position bias, LayerScale, q/v biases
+AIMV2 = "aimv2_large_patch14_224"  # RMSNorm, a norm in the patch embedding, SwiGLU
+BEIT3 = "beit3_base_patch16_224"  # a norm inside attention (scale_attn_norm)
 NAMES = (SIGLIP, EVA02, DINOV3, BEIT)
 TOL = 1e-5
 
@@ -169,22 +171,90 @@ def test_patching_runs_and_clean_patch_restores(name):
     assert torch.isfinite(torch.as_tensor(grid.values if hasattr(grid, "values") else grid.scores)).all()
 
 
-@pytest.mark.parametrize("name", (EVA02, DINOV3, BEIT))
+@pytest.mark.parametrize("name", (SIGLIP, EVA02, DINOV3, BEIT, AIMV2))
 def test_decomposition_exact(name):
-    from circuits.decomposition.decompose import decompose
+    """Components sum to the model's own pooled representation (= timm's pre-logits) and their
+    logits to the logits, for MAP heads (SigLIP) and RMSNorm (AIMv2) too."""
+    from circuits.decomposition.decompose import decompose, token_terms
 
-    _, model, x = built(name)
+    timm_model, model, x = built(name)
     dec = decompose(model, x)
+    with torch.no_grad():
+        pre_logits = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
+    assert rel(dec.representation[:, 0], pre_logits) < TOL
     assert ((dec.total() - dec.representation).norm() / dec.representation.norm()) < TOL
     logit_terms, _ = dec.logit_terms(model)
     assert rel(logit_terms.sum(1), dec.logits) < 1e-4
+    (chunk,) = token_terms(model, x, dec, layers=[1])  # [b, r, h, k, d] sums over k to the head terms
+    assert rel(chunk.terms.sum(3).transpose(1, 2), dec.terms[:, dec.index("head", 1)]) < TOL
 
 
-def test_decomposition_refuses_map_with_reason():
+def test_map_decomposition_flows_through_the_pooling_weights():
+    """MAP head: the stream components and the constants sum to the pooling attention's output,
+    the head's MLP is one component (its real output); a zeroed head has a zero term."""
     from circuits.decomposition.decompose import decompose
 
     _, model, x = built(SIGLIP)
-    with pytest.raises(UnsupportedModelError, match="attention-pooling"):
+    dec = decompose(model, x)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names_filter=lambda n: n.startswith("attn_pool.hook"))
+    mlp = dec.index("attn_pool.mlp")
+    assert dec.names[-3:] == ["ln_final.b", "attn_pool.b", "attn_pool.mlp"]
+    assert rel(dec.terms[:, mlp].sum(1)[:, 0], cache["attn_pool.hook_mlp_out"]) < TOL
+    rest = [i for i in range(len(dec.components)) if i not in mlp]
+    assert rel(dec.terms[:, rest].sum(1)[:, 0], cache["attn_pool.hook_attn_out"]) < TOL
+
+    def zero_head(z, hook):
+        z[:, :, 2] = 0
+        return z
+
+    cut = decompose(model, x, fwd_hooks=[("blocks.1.attn.hook_z", zero_head)])
+    assert float(cut.terms[:, cut.names.index("L1H2")].abs().max()) == 0.0
+    assert ((cut.total() - cut.representation).norm() / cut.representation.norm()) < TOL
+    # The pooling weights matter: uniform ones (a GAP-style reading) give another representation.
+    uniform = decompose(model, x, fwd_hooks=[("attn_pool.hook_pattern", lambda p, hook: torch.full_like(
+        p, 1 / p.shape[-1]))])
+    assert rel(uniform.representation, dec.representation) > 1e-3
+
+
+@pytest.mark.parametrize("name", (SIGLIP, AIMV2))
+def test_decomposition_exact_after_folding(name):
+    import copy
+
+    from circuits.decomposition.decompose import decompose
+
+    _, model, x = built(name)
+    folded = copy.deepcopy(model).process_weights_(fold_ln=True, center_writing_weights=False,
+                                                   fold_layer_scale=True)
+    dec = decompose(folded, x)
+    assert ((dec.total() - dec.representation).norm() / dec.representation.norm()) < TOL
+
+
+def test_rmsnorm_decomposition_does_not_centre():
+    """RMSNorm is linearised without centring: a LayerNorm-style centred read-out misses."""
+    from dataclasses import replace
+
+    from circuits.decomposition.decompose import _from_cache, _cache_names
+
+    _, model, x = built(AIMV2)
+    names = _cache_names(model, 0)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names_filter=lambda n: n in names, return_cache_object=False)
+    dec = _from_cache(model, cache, 0, "separate")
+    assert not dec.readout.final_center
+    centred = replace(dec.readout, final_center=True)
+    with torch.no_grad():
+            wrong = centred.stream(cache["blocks.0.hook_resid_pre"]) + sum(
+            centred.stream(cache[f"blocks.{l}.hook_mlp_out"]) for l in range(2))
+    right = dec.terms[:, [0, *dec.index("mlp"), *dec.index("b_out")]].sum(1)
+    assert rel(wrong, right) > 1e-3
+
+
+def test_decomposition_refuses_attn_norm_with_reason():
+    from circuits.decomposition.decompose import decompose
+
+    _, model, x = built(BEIT3)
+    with pytest.raises(UnsupportedModelError, match="attn_norm"):
         decompose(model, x)
 
 
@@ -195,9 +265,6 @@ def test_memories_run(name):
     _, model, _ = built(name)
     table = class_value_agreement(model)
     assert len(table) > 0
-
-
-AIMV2 = "aimv2_large_patch14_224"  # RMSNorm, a norm in the patch embedding, SwiGLU
 
 
 @pytest.mark.parametrize("name,center", [(SIGLIP, True), (AIMV2, False), (DINOV3, True), (EVA02, True)])
