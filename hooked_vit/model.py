@@ -451,7 +451,9 @@ class HookedViT(SAEHost, HookedRootModule):
         if not self.has_unembed:
             raise UserError(
                 f"{self.cfg.model_name} has no classifier head (num_classes=0): there is no class "
-                "embedding space to project onto; load it with num_classes=N and a fine-tuned head"
+                "embedding space to project onto (logit lens, class targets, class metrics); give it a "
+                "classifier head (num_classes=N; on the command line --arch NAME:num_classes=N with a "
+                "checkpoint file or --random-weights) or use a CLIP model with text classes (--texts a,b,c)"
             )
 
     @property
