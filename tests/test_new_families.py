@@ -19,6 +19,7 @@ BEIT = "beitv2_base_patch16_224"  # relative position bias, LayerScale, q/v bias
 AIMV2 = "aimv2_large_patch14_224"  # RMSNorm, a norm in the patch embedding, SwiGLU
 BEIT3 = "beit3_base_patch16_224"  # a norm inside attention (scale_attn_norm)
 NAMES = (SIGLIP, EVA02, DINOV3, BEIT)
+ALL = (*NAMES, AIMV2)
 TOL = 1e-5
 
 _CACHE: dict[str, tuple] = {}
@@ -54,10 +55,12 @@ NEW_HOOKS = {
             "blocks.0.mlp.hook_pre_linear": None, "blocks.0.mlp.ln.hook_normalized": None},
     DINOV3: {"blocks.0.attn.hook_rot_q": (2, 17, 4, 16), "blocks.0.mlp.hook_pre": None},
     BEIT: {"blocks.0.attn.hook_rel_pos_bias": (1, 4, 13, 13)},
+    AIMV2: {"embed.norm.hook_scale": (2, 12, 1), "blocks.0.ln1.hook_scale": (2, 12, 1),
+            "blocks.0.mlp.hook_pre_linear": (2, 12, 176), "ln_final.hook_normalized": (2, 12, 64)},
 }
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_new_hooks_fire_with_shapes_and_edits_flow(name):
     _, model, x = built(name)
     with torch.no_grad():
@@ -72,7 +75,7 @@ def test_new_hooks_fire_with_shapes_and_edits_flow(name):
         assert not torch.allclose(edited, clean), f"an edit at {hook} did not reach the logits"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_backward_hooks_fire_on_new_hooks(name):
     _, model, x = built(name)
     seen = []
@@ -83,7 +86,7 @@ def test_backward_hooks_fire_on_new_hooks(name):
     assert set(seen) == set(NEW_HOOKS[name])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_fused_and_explicit_attention_match_timm(name):
     timm_model, model, x = built(name)
     with torch.no_grad():
@@ -145,7 +148,7 @@ def test_map_logit_lens_is_the_head_on_the_token_alone():
     assert rel(lens[:, 5], alone) < TOL
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_identifiability_and_perturbations_run(name):
     from circuits.interventions import perturbation_hooks
     from circuits.token_removal import last_block_ranks
@@ -161,7 +164,7 @@ def test_identifiability_and_perturbations_run(name):
             assert torch.isfinite(perturbed).all() and not torch.allclose(perturbed, clean)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_patching_runs_and_clean_patch_restores(name):
     from circuits.patching import patch_activations
 
@@ -258,7 +261,7 @@ def test_decomposition_refuses_attn_norm_with_reason():
         decompose(model, x)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_memories_run(name):
     from circuits.memories import class_value_agreement
 
@@ -292,3 +295,89 @@ def test_relative_position_bias_refuses_token_removal():
     keep[:, 3] = False
     with pytest.raises(ValueError, match="relative-position-bias"):
         model(x, keep_mask=keep)
+
+
+# ----------------------------------------------------------------------------- every analysis
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_explanation_maps_run(name):
+    """Every explanation method gives a finite map over the image tokens, or refuses with its
+    reason (Chefer's transformer attribution is defined for class-token read-outs)."""
+    from circuits.explain import METHODS, explain_many
+    from hooked_vit.errors import UserError
+
+    _, model, x = built(name)
+    refused = {}
+    for method in METHODS:
+        try:
+            rel_map = explain_many(model, x, torch.tensor([1, 2]), [method])[method]
+        except UserError as err:
+            refused[method] = str(err)
+            continue
+        assert rel_map.shape == (2, model.cfg.n_patches) and torch.isfinite(rel_map).all(), method
+    class_token_readout = model.cfg.global_pool == "token"
+    assert set(refused) == (set() if class_token_readout else {"transformer_attribution"}), refused
+    assert all("use gae" in reason for reason in refused.values())
+
+
+def test_map_explanations_read_the_pooling_weights():
+    """With a MAP head the "CLS row" is each image's pooling weights (heads averaged), so raw
+    attention is the pooling-weighted row of the last block, not a uniform (GAP) reading."""
+    from circuits.explain import readout_weights, trace
+
+    _, model, x = built(SIGLIP)
+    t = trace(model, x)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names_filter="attn_pool.hook_pattern")
+    assert t.readout.shape == (2, model.cfg.n_ctx)
+    assert rel(t.readout, cache["attn_pool.hook_pattern"][:, :, 0].mean(1)) < TOL
+    last = t.patterns[-1].detach()
+    uniform = torch.einsum("q,bhqk->bhk", readout_weights(model.cfg, model.cfg.n_ctx), last)
+    assert rel(t.read_row(last), uniform) > 1e-3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_probes_run(name):
+    from circuits.probes import probe_batch, train_probes
+
+    _, model, x = built(name)
+    labels = torch.tensor([1, 2])
+    data = [{"image": x[i], "label": int(labels[i]), "index": i} for i in range(2)]
+    probes = train_probes(model, data, layers=[1], batch_size=2, progress=False)
+    result = probe_batch(model, probes, x, labels)
+    assert result.probe_rank.shape[0] == 2 and int(result.probe_rank.min()) >= 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_circuit_discovery_full_and_empty_circuits(name):
+    """EAP runs, and the full / empty circuits reproduce the clean / corrupted runs exactly."""
+    from circuits.circuit_discovery import Circuit, ViTGraph, edge_attribution, faithfulness
+
+    _, model, x = built(name)
+    clean, corrupted = x, x.flip(0) * 0.5
+    scores = edge_attribution(model, clean, corrupted, clean_targets=torch.tensor([1, 2]),
+                              corrupted_targets=torch.tensor([2, 1]))
+    assert torch.isfinite(scores.scores).all()
+    graph = ViTGraph.of(model)
+    full = faithfulness(model, Circuit(graph, graph.edge_mask()), clean, corrupted)
+    empty = faithfulness(model, Circuit(graph, torch.zeros_like(graph.edge_mask())), clean, corrupted)
+    assert full.recovered == pytest.approx(1.0, abs=1e-3) and empty.recovered == pytest.approx(0.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sae_splices_with_error_term(name):
+    """A dictionary spliced into the residual stream with SAELens's error term leaves the
+    logits unchanged; its features are cached per token."""
+    from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
+    from circuits.sae.splice import spliced
+
+    _, model, x = built(name)
+    hook = "blocks.1.hook_resid_post"
+    sae = SparseDictionary(DictionaryConfig(model.cfg.d_model, 96, "topk", k=5, hook_name=hook), seed=2)
+    with torch.no_grad():
+        ref = model(x)
+        with spliced(model, sae, use_error=True):
+            logits, cache = model.run_with_cache(x)
+    assert rel(logits, ref) < TOL
+    assert cache[f"{hook}.hook_sae_acts_post"].shape == (2, model.cfg.n_ctx, 96)
