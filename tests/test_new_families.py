@@ -381,3 +381,22 @@ def test_sae_splices_with_error_term(name):
             logits, cache = model.run_with_cache(x)
     assert rel(logits, ref) < TOL
     assert cache[f"{hook}.hook_sae_acts_post"].shape == (2, model.cfg.n_ctx, 96)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unhooked_forward_uses_fused_attention(name, monkeypatch):
+    """No hooks: every block (and a MAP head's pooling attention) runs SDPA, on the RoPE, MAP,
+    GLU, RMSNorm and relative-position-bias paths alike; a cached pattern takes the explicit
+    path in that block only."""
+    import torch.nn.functional as F
+
+    _, model, x = built(name)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = model.cfg.n_layers + (model.attn_pool is not None)
+    with torch.no_grad():
+        model(x)
+        assert len(calls) == fused
+        model.run_with_cache(x, names_filter="blocks.0.attn.hook_pattern")
+    assert len(calls) == 2 * fused - 1
