@@ -596,9 +596,11 @@ class HookedViT(SAEHost, HookedRootModule):
         weight_processing.refactor_factored_attn_matrices_(self)
         return self
 
-    def to_timm_state_dict(self) -> dict[str, Tensor]:
-        """The weights under timm's names (for the unprocessed model)."""
-        return to_timm_state_dict(self)
+    def to_timm_state_dict(self, like: Optional[nn.Module] = None) -> dict[str, Tensor]:
+        """The weights under timm's names (for the unprocessed model); like: a timm model of the
+        architecture whose layout to write (needed for Eva / Beit and gated MLPs;
+        `hooked_vit.loading.to_timm_state_dict`)."""
+        return to_timm_state_dict(self, like)
 
     def _apply(self, fn, *args: Any, **kwargs: Any):  # every .to() / .cuda() / .cpu() ends here
         out = super()._apply(fn, *args, **kwargs)

@@ -400,3 +400,26 @@ def test_unhooked_forward_uses_fused_attention(name, monkeypatch):
         assert len(calls) == fused
         model.run_with_cache(x, names_filter="blocks.0.attn.hook_pattern")
     assert len(calls) == 2 * fused - 1
+
+
+@pytest.mark.parametrize("name", (*ALL, BEIT3, "vit_pe_core_base_patch16_224", "vit_small_patch16_rope_mixed_224",
+                                  "vit_base_patch16_dinov3"))
+def test_timm_state_dict_round_trip(name):
+    """to_timm_state_dict(like=<timm model>) writes timm's own layout (EVA's q/k/v, SwiGLU
+    halves, BEiT's names): a fresh timm model loads it strictly and reproduces the original."""
+    timm_model, model, x = built(name) if name in ALL or name == BEIT3 else (*_build(name),)
+    fresh, _ = zoo.small_variant(name, seed=99)
+    fresh.load_state_dict(model.to_timm_state_dict(like=fresh))  # strict
+    with torch.no_grad():
+        assert rel(fresh(x), timm_model(x)) < 1e-6
+
+
+def _build(name):
+    timm_model, size = zoo.small_variant(name)
+    return timm_model, HookedViT.from_timm(timm_model), torch.randn(2, 3, *size)
+
+
+def test_timm_state_dict_without_layout_refused_for_eva():
+    _, model, _ = built(EVA02)
+    with pytest.raises(ValueError, match="like="):
+        model.to_timm_state_dict()
