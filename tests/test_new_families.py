@@ -423,3 +423,40 @@ def test_timm_state_dict_without_layout_refused_for_eva():
     _, model, _ = built(EVA02)
     with pytest.raises(ValueError, match="like="):
         model.to_timm_state_dict()
+
+
+class _KeepTokens(torch.nn.Module):
+    """timm VisionTransformer's patch_drop slot keeping chosen patches (a tensor out)."""
+
+    def __init__(self, keep: torch.Tensor, n_prefix: int):
+        super().__init__()
+        self.inner = _KeepIndices(keep, n_prefix)
+
+    def forward(self, x):
+        return self.inner(x)[0]
+
+
+@pytest.mark.parametrize("name", (SIGLIP, AIMV2))
+def test_token_removal_matches_timm_on_the_kept_tokens(name):
+    """keep_mask on a MAP head (pooling over the kept tokens only) and on RMSNorm / embed-norm
+    models equals timm run on the kept tokens (its patch-drop slot); rows keeping different
+    numbers of tokens (padded, masked) equal each image run alone."""
+    timm_model, model, x = built(name)
+    n_prefix, n_patches = model.cfg.n_prefix_tokens, model.cfg.n_patches
+    keep_idx = torch.tensor([[0, 2, 3, 7, 11], [1, 4, 5, 6, 10]])
+    keep = torch.zeros(2, n_prefix + n_patches, dtype=torch.bool)
+    keep[:, :n_prefix] = True
+    keep.scatter_(1, keep_idx + n_prefix, True)
+    timm_model.patch_drop = _KeepTokens(keep_idx, n_prefix)
+    try:
+        with torch.no_grad():
+            ref = timm_model(x)
+    finally:
+        timm_model.patch_drop = torch.nn.Identity()
+    with torch.no_grad():
+        assert rel(model(x, keep_mask=keep), ref) < TOL
+        ragged = keep.clone()
+        ragged[1, n_prefix + 4] = False  # the second image keeps one token fewer
+        both = model(x, keep_mask=ragged)
+        alone = torch.cat([model(x[i:i + 1], keep_mask=ragged[i:i + 1]) for i in range(2)])
+    assert rel(both, alone) < TOL
