@@ -196,6 +196,7 @@ def test_map_decomposition_flows_through_the_pooling_weights():
     """MAP head: the stream components and the constants sum to the pooling attention's output,
     the head's MLP is one component (its real output); a zeroed head has a zero term."""
     from circuits.decomposition.decompose import decompose
+    from hooked_vit.errors import UserError
 
     _, model, x = built(SIGLIP)
     dec = decompose(model, x)
@@ -214,6 +215,11 @@ def test_map_decomposition_flows_through_the_pooling_weights():
     cut = decompose(model, x, fwd_hooks=[("blocks.1.attn.hook_z", zero_head)])
     assert float(cut.terms[:, cut.names.index("L1H2")].abs().max()) == 0.0
     assert ((cut.total() - cut.representation).norm() / cut.representation.norm()) < TOL
+    for kwargs in ({"biases": "split"}, {"start_layer": 1}):
+        other = decompose(model, x, **kwargs)
+        assert ((other.total() - other.representation).norm() / other.representation.norm()) < TOL, kwargs
+    with pytest.raises(UserError, match="attention-pooling"):
+        decompose(model, x, biases="reference")
     # The pooling weights matter: uniform ones (a GAP-style reading) give another representation.
     uniform = decompose(model, x, fwd_hooks=[("attn_pool.hook_pattern", lambda p, hook: torch.full_like(
         p, 1 / p.shape[-1]))])
