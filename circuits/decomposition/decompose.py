@@ -36,10 +36,11 @@ flows through the pooling weights. The head's own MLP, a nonlinear function of t
 pooled vector, is one further component `attn_pool.mlp`, its real output on the actual
 pooled input (as an MLP's output is one term of the stream). The constants are
 `ln_final.b` (the final norm's bias through the values) and `attn_pool.b` (b_V W_O + b_O).
-This follows the paper's own treatment of every nonlinearity, frozen at the image's values
-(Balasubramanian et al. 2024, sec. 3: "we linearise ... the final LayerNorm"; Gandelsman
-et al. 2024 read CLIP's attention-pooled towers the same way: the pooling weights fixed, the
-pooled output a sum over heads and tokens).
+This extends the paper's treatment of the final LayerNorm (frozen at the image's own
+statistics; Balasubramanian et al. 2024) to the pooling softmax, frozen at the image's own
+pooling weights, as the direct-path decompositions of class-token ViTs freeze every
+attention pattern (Gandelsman et al. 2024). We found no published decomposition of a MAP
+head; this is our choice, documented in docs/decomposition.md.
 
 Heads can be split further by source token: head h of layer l contributes
 sum_q u[r, q] A[h, q, k] v_k W_O[h] through source token k (`token_terms`). Those are
