@@ -18,6 +18,7 @@ DINOV3 = "vit_small_plus_patch16_dinov3"  # RoPE (dinov3), 4 registers, LayerSca
 BEIT = "beitv2_base_patch16_224"  # relative position bias, LayerScale, q/v biases
 AIMV2 = "aimv2_large_patch14_224"  # RMSNorm, a norm in the patch embedding, SwiGLU
 BEIT3 = "beit3_base_patch16_224"  # a norm inside attention (scale_attn_norm)
+PE = "vit_pe_core_base_patch16_224"  # MAP head over the class token too, RoPE + APE, ln_pre
 NAMES = (SIGLIP, EVA02, DINOV3, BEIT)
 ALL = (*NAMES, AIMV2)
 TOL = 1e-5
@@ -174,7 +175,7 @@ def test_patching_runs_and_clean_patch_restores(name):
     assert torch.isfinite(torch.as_tensor(grid.values if hasattr(grid, "values") else grid.scores)).all()
 
 
-@pytest.mark.parametrize("name", (SIGLIP, EVA02, DINOV3, BEIT, AIMV2))
+@pytest.mark.parametrize("name", (SIGLIP, EVA02, DINOV3, BEIT, AIMV2, PE))
 def test_decomposition_exact(name):
     """Components sum to the model's own pooled representation (= timm's pre-logits) and their
     logits to the logits, for MAP heads (SigLIP) and RMSNorm (AIMv2) too."""
@@ -408,21 +409,15 @@ def test_unhooked_forward_uses_fused_attention(name, monkeypatch):
     assert len(calls) == 2 * fused - 1
 
 
-@pytest.mark.parametrize("name", (*ALL, BEIT3, "vit_pe_core_base_patch16_224", "vit_small_patch16_rope_mixed_224",
-                                  "vit_base_patch16_dinov3"))
+@pytest.mark.parametrize("name", (*ALL, BEIT3, PE, "vit_small_patch16_rope_mixed_224", "vit_base_patch16_dinov3"))
 def test_timm_state_dict_round_trip(name):
     """to_timm_state_dict(like=<timm model>) writes timm's own layout (EVA's q/k/v, SwiGLU
     halves, BEiT's names): a fresh timm model loads it strictly and reproduces the original."""
-    timm_model, model, x = built(name) if name in ALL or name == BEIT3 else (*_build(name),)
+    timm_model, model, x = built(name)
     fresh, _ = zoo.small_variant(name, seed=99)
     fresh.load_state_dict(model.to_timm_state_dict(like=fresh))  # strict
     with torch.no_grad():
         assert rel(fresh(x), timm_model(x)) < 1e-6
-
-
-def _build(name):
-    timm_model, size = zoo.small_variant(name)
-    return timm_model, HookedViT.from_timm(timm_model), torch.randn(2, 3, *size)
 
 
 def test_timm_state_dict_without_layout_refused_for_eva():
