@@ -125,6 +125,16 @@ class AttentionPool(nn.Module):
         return out + self.mlp.fc2(self.mlp.act(self.mlp.fc1(self.ln.functional(out))))
 
     @property
+    def W_V(self) -> Float[Tensor, "h d_model d_head"]:
+        """The pooling heads' value maps (the second half of `kv`)."""
+        return einops.rearrange(self.kv.weight[self.cfg.d_model:], "(h e) m -> h m e", h=self.n_heads)
+
+    @property
+    def b_V(self) -> Optional[Float[Tensor, "h d_head"]]:
+        bias = self.kv.bias
+        return None if bias is None else einops.rearrange(bias[self.cfg.d_model:], "(h e) -> h e", h=self.n_heads)
+
+    @property
     def W_O(self) -> Float[Tensor, "h d_head d_model"]:
         """z -> attention output per head (the identity's blocks without a projection)."""
         w = self.proj.weight if self.proj is not None else torch.eye(self.cfg.d_model, device=self.q.weight.device,

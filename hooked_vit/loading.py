@@ -134,10 +134,21 @@ def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: HookedViTConfig)
     return {timm_to_hooked_name(k, cfg): v for k, v in state_dict.items()}
 
 
-def to_timm_state_dict(model: HookedViT) -> dict[str, Tensor]:
-    """Inverse of `convert_timm_state_dict` for an unprocessed model."""
+def to_timm_state_dict(model: HookedViT, like: Optional[nn.Module] = None) -> dict[str, Tensor]:
+    """Inverse of `convert_timm_state_dict` for an unprocessed model: the weights under timm's
+    names. `like`: a timm model of the architecture (any weights) whose layout to write (EVA's
+    q/k/v projections or q_bias / v_bias, SwiGLU halves, BEiT's gamma / relative-position
+    names, its index buffers); needed for Eva / Beit models and gated MLPs, whose layout
+    depends on timm's module options. Without it, VisionTransformer's layout."""
+    from hooked_vit.timm_architectures import timm_layout, timm_norm_names
+
     if model.cfg.normalization_type != "LN":
         raise UserError("to_timm_state_dict needs unprocessed weights (fold_ln changes the parameterisation)")
+    cfg = model.cfg
+    if like is None and (cfg.rope_type is not None or cfg.rel_pos_bias or cfg.mlp_type != "mlp"):
+        raise UserError(f"to_timm_state_dict of {cfg.model_name}: the timm layout of RoPE (Eva), relative-position "
+                        "(Beit) and gated-MLP weights depends on timm's module options; pass like=<a timm model of "
+                        "the architecture> (e.g. timm.create_model(name, pretrained=False))")
     final = "norm." if model.cfg.final_norm == "token" else "fc_norm."
     inverse = [
         (r"^embed\.proj\.", "patch_embed.proj."),
@@ -156,7 +167,9 @@ def to_timm_state_dict(model: HookedViT) -> dict[str, Tensor]:
             if n:
                 break
         out[name] = value
-    return out
+    if like is not None:
+        return timm_layout(out, like)
+    return timm_norm_names(out)
 
 
 # ------------------------------------------------------------------ checkpoints

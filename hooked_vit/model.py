@@ -451,7 +451,9 @@ class HookedViT(SAEHost, HookedRootModule):
         if not self.has_unembed:
             raise UserError(
                 f"{self.cfg.model_name} has no classifier head (num_classes=0): there is no class "
-                "embedding space to project onto; load it with num_classes=N and a fine-tuned head"
+                "embedding space to project onto (logit lens, class targets, class metrics); give it a "
+                "classifier head (num_classes=N; on the command line --arch NAME:num_classes=N with a "
+                "checkpoint file or --random-weights) or use a CLIP model with text classes (--texts a,b,c)"
             )
 
     @property
@@ -594,9 +596,11 @@ class HookedViT(SAEHost, HookedRootModule):
         weight_processing.refactor_factored_attn_matrices_(self)
         return self
 
-    def to_timm_state_dict(self) -> dict[str, Tensor]:
-        """The weights under timm's names (for the unprocessed model)."""
-        return to_timm_state_dict(self)
+    def to_timm_state_dict(self, like: Optional[nn.Module] = None) -> dict[str, Tensor]:
+        """The weights under timm's names (for the unprocessed model); like: a timm model of the
+        architecture whose layout to write (needed for Eva / Beit and gated MLPs;
+        `hooked_vit.loading.to_timm_state_dict`)."""
+        return to_timm_state_dict(self, like)
 
     def _apply(self, fn, *args: Any, **kwargs: Any):  # every .to() / .cuda() / .cpu() ends here
         out = super()._apply(fn, *args, **kwargs)

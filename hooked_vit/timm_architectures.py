@@ -364,3 +364,72 @@ def _mlp_state(mlp: nn.Module, p: str, out: dict[str, Tensor]) -> None:
             if w is not None:
                 a, b = w.chunk(2)
                 out[p + f"fc1.{suffix}"] = torch.cat([b, a])
+
+
+def timm_layout(state: dict[str, Tensor], like: nn.Module) -> dict[str, Tensor]:
+    """Inverse of `timm_state`: weights under VisionTransformer names (with HookedViT's fused
+    qkv, [gate; linear] fc1 and sublayer-norm names) in the layout of the timm module `like`
+    (its own q/k/v projections or q_bias / v_bias, SwiGLU halves, BEiT's gamma_1 / gamma_2 and
+    relative_position_bias_table); `like`'s buffers (BEiT's relative_position_index, RoPE
+    tables) are taken from it. Exact: `like.load_state_dict(result)` is strict."""
+    out = dict(state)
+    target = like.state_dict()
+    for i, block in enumerate(like.blocks):
+        p = f"blocks.{i}."
+        _attn_layout(block.attn, p + "attn.", out, target)
+        _mlp_layout(block.mlp, p + "mlp.", out)
+        _rename_prefix(out, p + "attn.rel_pos_table", p + "attn.relative_position_bias_table")
+        for new, old in (("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma")):
+            if p + new in target and p + old in out:
+                out[p + new] = out.pop(p + old)
+    out = timm_norm_names(out)
+    params = {name for name, _ in like.named_parameters()}
+    for name, value in target.items():  # buffers HookedViT rebuilds (index tables, RoPE caches)
+        if name not in out and name not in params:
+            out[name] = value
+    return out
+
+
+def timm_norm_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """HookedViT's names of the extra norms back to timm's: embed.norm -> patch_embed.norm,
+    attn_pool.ln -> attn_pool.norm, blocks.i.attn.ln_z / mlp.ln -> attn.norm / mlp.norm."""
+    renames = [(r"^embed\.norm\.", "patch_embed.norm."), (r"^attn_pool\.ln\.", "attn_pool.norm."),
+               (r"^(blocks\.\d+)\.attn\.ln_z\.", r"\1.attn.norm."), (r"^(blocks\.\d+)\.mlp\.ln\.", r"\1.mlp.norm.")]
+    out = {}
+    for name, value in state.items():
+        for pattern, repl in renames:
+            name, n = re.subn(pattern, repl, name)
+            if n:
+                break
+        out[name] = value
+    return out
+
+
+def _attn_layout(attn: nn.Module, p: str, out: dict[str, Tensor], target: dict[str, Tensor]) -> None:
+    """HookedViT's fused qkv back into EVA's q/k/v projections or q_bias / v_bias."""
+    if getattr(attn, "q_proj", None) is not None:
+        for n, w in zip("qkv", out.pop(p + "qkv.weight").chunk(3)):
+            out[p + f"{n}_proj.weight"] = w
+        bias = out.pop(p + "qkv.bias", None)
+        if bias is not None:
+            for n, b in zip("qkv", bias.chunk(3)):
+                if p + f"{n}_proj.bias" in target:
+                    out[p + f"{n}_proj.bias"] = b
+        return
+    if p + "q_bias" in target and p + "qkv.bias" in out:
+        q, _, v = out.pop(p + "qkv.bias").chunk(3)  # the key bias is EVA's / BEiT's fixed zero
+        out[p + "q_bias"], out[p + "v_bias"] = q, v
+
+
+def _mlp_layout(mlp: nn.Module, p: str, out: dict[str, Tensor]) -> None:
+    kind = type(mlp).__name__
+    for suffix in ("weight", "bias"):
+        w = out.get(p + f"fc1.{suffix}")
+        if w is None:
+            continue
+        if kind == "SwiGLU":
+            g, x = out.pop(p + f"fc1.{suffix}").chunk(2)
+            out[p + f"fc1_g.{suffix}"], out[p + f"fc1_x.{suffix}"] = g, x
+        elif kind == "GluMlp" and mlp.gate_last:
+            a, b = w.chunk(2)
+            out[p + f"fc1.{suffix}"] = torch.cat([b, a])

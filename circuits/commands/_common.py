@@ -41,7 +41,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "open_clip:ARCH[:TAG], or a checkpoint file (with --arch)")
     p.add_argument("--arch", default=None,
                    help="timm architecture of a checkpoint file, with optional constructor overrides: "
-                        "vit_base_patch16_224 or vit_tiny_patch16_224:depth=6,img_size=64")
+                        "vit_base_patch16_224 or vit_tiny_patch16_224:depth=6,img_size=64; with --random-weights "
+                        "on a timm name, that model's overrides (e.g. NAME:num_classes=10 gives a headless "
+                        "tower a random classifier head)")
     p.add_argument("--random-weights", action="store_true",
                    help="the same architecture, freshly initialised (never touches the network)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps; auto: cuda when available")

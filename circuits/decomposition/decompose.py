@@ -31,6 +31,24 @@ z [b, T, prefix + rows*cols, h, e] is laid back onto the token sequence (a prefi
 output is the mean over the frames, as the block computes it). `per_time_terms` splits every
 component by the time position of the token the representation reads it from.
 
+RMSNorm models (AIMv2): the same linearisation without centring and without a bias,
+c -> w * c / rms(x), rms(x) = sqrt(mean(x^2) + eps) read from `hook_scale`.
+
+Attention-pooling (MAP) heads (SigLIP, Perception Encoder): the pooled vector is
+attn_out + mlp(ln(attn_out)) with attn_out = sum_h sum_k A[h, k] LN_f(resid_k) W_V[h] W_O[h]
++ b_V W_O + b_O. With the pooling weights A (softmax over the tokens, `attn_pool.hook_pattern`)
+frozen at their real values, attn_out is linear in the stream like a class-token read-out
+(one read-out row per pooling head, then that head's OV map): every stream component's share
+flows through the pooling weights. The head's own MLP, a nonlinear function of the whole
+pooled vector, is one further component `attn_pool.mlp`, its real output on the actual
+pooled input (as an MLP's output is one term of the stream). The constants are
+`ln_final.b` (the final norm's bias through the values) and `attn_pool.b` (b_V W_O + b_O).
+This extends the paper's treatment of the final LayerNorm (frozen at the image's own
+statistics; Balasubramanian et al. 2024) to the pooling softmax, frozen at the image's own
+pooling weights, as the direct-path decompositions of class-token ViTs freeze every
+attention pattern (Gandelsman et al. 2024). We found no published decomposition of a MAP
+head; this is our choice, documented in docs/decomposition.md.
+
 Heads can be split further by source token: head h of layer l contributes
 sum_q u[r, q] A[h, q, k] v_k W_O[h] through source token k (`token_terms`). Those are
 produced layer by layer and head chunk by head chunk, so memory stays bounded.
@@ -53,7 +71,7 @@ from hooked_vit.errors import UserError
 
 BiasMode = Literal["separate", "split", "reference"]
 BIAS_MODES = ("separate", "split", "reference")
-BIAS_KINDS = ("b_O", "ln1.b", "b_out", "ln2.b", "ln_final.b", "b_U", "attn_time.b_O")
+BIAS_KINDS = ("b_O", "ln1.b", "b_out", "ln2.b", "ln_final.b", "attn_pool.b", "b_U", "attn_time.b_O")
 
 
 @dataclass(frozen=True)
@@ -63,8 +81,9 @@ class Component:
     kind: "embed" (stream at layer 0: patch + prefix + position embedding, after CLIP's
     ln_pre), "resid_in" (stream entering a later start layer), "head", "mlp", or a bias:
     "b_O", "b_out", "ln1.b" / "ln2.b" (post-norm sublayer norm biases), "ln_final.b",
-    "b_U" (head bias, logits only); divided space-time models also "time_head" (a temporal
-    attention head) and "attn_time.b_O".
+    "attn_pool.b" (MAP head: b_V W_O + b_O), "b_U" (head bias, logits only); for a MAP
+    head "attn_pool.mlp" (the head's MLP on the actual pooled vector); divided space-time
+    models also "time_head" (a temporal attention head) and "attn_time.b_O".
     """
 
     kind: str
@@ -94,18 +113,23 @@ class Component:
 class Readout:
     """The linear map from the residual stream to the representation, for one batch.
 
-    weights: u [b, r, p], query weights with the final norm's 1/sigma folded in.
+    weights: u [b, R, p], query weights with the final norm's 1/sigma folded in; R = r, or
+        for a MAP head one row per pooling head (its pooling weights).
     final_weight / final_center: F(x) = final_weight * (x - mean(x)) (centring only when the
-        model has a final norm; no weight after `fold_ln`).
+        model has a final LayerNorm, not for RMSNorm; no weight after `fold_ln`).
     final_bias: the final norm's bias [d] (a component), or None.
     sub_scales: post-norm blocks only: (layer, 1 | 2) -> sigma [b, p] of ln1 / ln2.
+    pool_W_V / pool_W_O: MAP head only: the pooling heads' value [h, d, e] and output
+        [h, e, d] maps; `read` sends the R = h rows through them and sums to one row.
     """
 
-    weights: Float[Tensor, "b r p"]
+    weights: Float[Tensor, "b R p"]
     final_center: bool
     final_weight: Optional[Tensor]
     final_bias: Optional[Tensor]
     sub_scales: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    pool_W_V: Optional[Tensor] = None
+    pool_W_O: Optional[Tensor] = None
 
     def final(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         """F: the linearised final norm without its bias (identity without a final norm)."""
@@ -113,9 +137,19 @@ class Readout:
             x = x - x.mean(-1, keepdim=True)
         return x if self.final_weight is None else x * self.final_weight
 
+    def read(self, x: Float[Tensor, "... R d"], row_dim: int = -2) -> Float[Tensor, "... r d"]:
+        """F, then (MAP head) each pooling head's OV map summed over the heads: read-out rows
+        [..., R, d] (rows at `row_dim`) to representation rows [..., r, d]."""
+        x = self.final(x)
+        if self.pool_W_V is None:
+            return x
+        x = x.movedim(row_dim, -2)
+        pooled = torch.einsum("...hd,hde,hem->...m", x, self.pool_W_V, self.pool_W_O)[..., None, :]
+        return pooled.movedim(-2, row_dim)
+
     def stream(self, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b r d"]:
         """What a residual-stream vector field contributes to the representation."""
-        return self.final(torch.einsum("brp,bpd->brd", self.weights, x))
+        return self.read(torch.einsum("bRp,bpd->bRd", self.weights, x))
 
     def sublayer_weights(self, layer: int, which: int) -> Float[Tensor, "b r p"]:
         """Query weights for what enters a post-norm sublayer norm (u / sigma_sub), else u."""
@@ -126,7 +160,8 @@ class Readout:
 def _sub_norm(model: HookedViT, layer: int, which: int, x: Tensor) -> Tensor:
     """The linearised post-norm sublayer norm without bias: w * (x - mean(x)) (x already / sigma)."""
     norm = model.blocks[layer].ln1 if which == 1 else model.blocks[layer].ln2
-    x = x - x.mean(-1, keepdim=True)
+    if model.cfg.norm_type == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
     return x if norm.weight is None else x * norm.weight
 
 
@@ -154,9 +189,15 @@ def make_readout(model: HookedViT, cache: dict[str, Tensor], n_tokens: int) -> R
     """The batch's readout from the cached norm scales (see `Readout`)."""
     cfg = model.cfg
     ref = cache["hook_pooled"]
-    pool = pool_weights(model, n_tokens, ref.device, ref.dtype)  # [r, p]
     b = ref.shape[0]
-    weights = pool.expand(b, -1, -1)
+    pool_maps = {}
+    if cfg.global_pool == "map":  # each pooling head's weights over the tokens: [b, h, p]
+        pattern = cache["attn_pool.hook_pattern"][:, :, 0]  # [b, h, p_pooled]
+        weights = pattern.new_zeros(b, pattern.shape[1], n_tokens)
+        weights[..., n_tokens - pattern.shape[-1]:] = pattern  # the pooled tokens are the last ones
+        pool_maps = dict(pool_W_V=model.attn_pool.W_V, pool_W_O=model.attn_pool.W_O)
+    else:
+        weights = pool_weights(model, n_tokens, ref.device, ref.dtype).expand(b, -1, -1)  # [b, r, p]
     if cfg.final_norm == "token":
         weights = weights / cache["ln_final.hook_scale"][..., 0][:, None, :]  # per-token sigma
     elif cfg.final_norm == "pooled":
@@ -169,7 +210,8 @@ def make_readout(model: HookedViT, cache: dict[str, Tensor], n_tokens: int) -> R
                 key = f"blocks.{layer}.ln{which}.hook_scale"
                 if key in cache:
                     sub[(layer, which)] = cache[key][..., 0]
-    return Readout(weights, model.ln_final is not None, w, bias, sub)
+    centre = model.ln_final is not None and cfg.norm_type == "layernorm"  # RMSNorm does not centre
+    return Readout(weights, centre, w, bias, sub, **pool_maps)
 
 
 # ----------------------------------------------------------------------------- decomposition
@@ -263,6 +305,8 @@ def _cache_names(model: HookedViT, start_layer: int) -> list[str]:
         names.append("hook_logits")
     if cfg.final_norm:
         names.append("ln_final.hook_scale")
+    if cfg.global_pool == "map":
+        names += ["attn_pool.hook_pattern", "attn_pool.hook_mlp_out"]
     for layer in range(start_layer, cfg.n_layers):
         names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
         if cfg.attention_type == "divided_space_time":
@@ -278,10 +322,9 @@ def _check_supported(model: HookedViT, start_layer: int) -> None:
         raise UserError(f"start_layer={start_layer} is outside 0..{cfg.n_layers}")
     pool_weights(model, cfg.n_ctx)  # refuses max pooling
     refusals = {
-        "global_pool": (cfg.global_pool == "map", "an attention-pooling (MAP) head weights the tokens by a softmax "
-                        "over them and adds an MLP, so the representation is not a sum of per-component terms"),
-        "norm_type": (cfg.norm_type == "rmsnorm", "the decomposition linearises LayerNorm (centring and a frozen "
-                      "scale) at every reader; RMSNorm models are not implemented"),
+        "final_norm": (cfg.global_pool == "map" and cfg.final_norm == "pooled", "a norm after an attention-pooling "
+                       "head would need the head's MLP linearised too; only a per-token final norm (or none) is "
+                       "decomposed with a MAP head"),
         "attention_type": (cfg.attention_type == "divided_space_time" and cfg.block_type == "post_norm",
                            "divided space-time attention is decomposed for pre-norm blocks only"),
         "attn_norm": (cfg.attn_norm, "a norm over the heads' outputs (scale_attn_norm) mixes the heads before W_O, "
@@ -324,6 +367,9 @@ def decompose(
     if biases == "reference" and model.cfg.block_type == "post_norm":
         raise UserError("biases='reference' follows vit-decompose, which has no post-norm blocks; use 'separate' "
                          "or 'split'")
+    if biases == "reference" and model.cfg.global_pool == "map":
+        raise UserError("biases='reference' follows vit-decompose, which has no attention-pooling head; use "
+                         "'separate' or 'split'")
     return _from_cache(model, _decomposition_cache(model, images, start_layer, fwd_hooks), start_layer, biases)
 
 
@@ -365,6 +411,9 @@ def per_time_terms(model: HookedViT, clips: Float[Tensor, "b t c h w"], *, start
     cfg = model.cfg
     if not cfg.is_video:
         raise UserError(f"{cfg.model_name} is an image model (num_frames not set); per-time terms need a video model")
+    if cfg.global_pool == "map":  # the pooling head's MLP term is a function of all the tokens at once
+        raise UserError("per-time terms are refused with an attention-pooling head (e.g. V-JEPA 2's probe): its MLP "
+                         "term depends on every time position at once; use decompose() for the whole clip")
     _check_supported(model, start_layer)
     cache = _decomposition_cache(model, clips, start_layer, fwd_hooks)
     dec = _from_cache(model, cache, start_layer, "separate")
@@ -395,15 +444,27 @@ def _from_cache(model: HookedViT, cache: dict[str, Tensor], start_layer: int, bi
         layer_terms, layer_comps = _layer_terms(model, readout, cache, layer)
         terms.append(layer_terms)
         comps += layer_comps
-    if readout.final_bias is not None:
+    if readout.final_bias is not None:  # the pooling weights of each read-out row sum to 1
         comps.append(Component("ln_final.b"))
-        terms.append(readout.final_bias.expand_as(terms[0]).clone())
+        rows = readout.final_bias.expand(resid_in.shape[0], readout.weights.shape[1], -1)
+        terms.append(_unfinal(readout, rows)[:, None])
+    if cfg.global_pool == "map":
+        pool = model.attn_pool
+        comps += [Component("attn_pool.b"), Component("attn_pool.mlp")]
+        constant = pool.b_O if pool.b_V is None else pool.b_O + torch.einsum("he,hem->m", pool.b_V, pool.W_O)
+        b = resid_in.shape[0]
+        terms += [constant.expand(b, 1, 1, -1).clone(), cache["attn_pool.hook_mlp_out"][:, None, None]]
     pooled = cache["hook_pooled"]
     rep = pooled.reshape(pooled.shape[0], -1, cfg.d_model)  # [b, r, d]; token_avg's [b, 2d] as two rows
     dec = Decomposition(torch.cat(terms, 1), comps, rep, cache.get("hook_logits"), readout, start_layer)
     if biases == "reference":
         return split_reference(dec)
     return split_biases(dec) if biases == "split" else dec
+
+
+def _unfinal(readout: Readout, rows: Tensor) -> Tensor:
+    """Rows already in the final norm's output space (its bias) through the rest of the read-out."""
+    return replace(readout, final_center=False, final_weight=None).read(rows)
 
 
 def _layer_terms(model: HookedViT, readout: Readout, cache: dict[str, Tensor], layer: int
@@ -423,17 +484,17 @@ def _layer_terms(model: HookedViT, readout: Readout, cache: dict[str, Tensor], l
         z_time = _time_z_per_token(model, cache[f"blocks.{layer}.attn_time.hook_z"])  # [b, p, h, e]
         n = model.cfg.n_prefix_tokens
         heads = torch.einsum("brp,bphe,hed->bhrd", u, z_time, block.attn_time.W_O)
-        out += [readout.final(heads), readout.final(block.attn_time.b_O * u[..., n:].sum(-1)[..., None])[:, None]]
+        out += [readout.read(heads), readout.read(block.attn_time.b_O * u[..., n:].sum(-1)[..., None])[:, None]]
         comps += [Component("time_head", layer, h) for h in range(model.cfg.n_heads)] + [Component("attn_time.b_O", layer)]
     z = cache[f"blocks.{layer}.attn.hook_z"]  # [b, p, h, e]; divided: [b, t, prefix + s, h, e]
     if divided:
         z = _space_z_per_token(model, z)
     # Read out z before W_O: [b, r, h, e] instead of [b, p, h, d].
     heads = torch.einsum("brp,bphe,hed->bhrd", u1, z, block.attn.W_O)
-    out += [readout.final(sub1(heads)), readout.final(sub1(block.attn.b_O * U1))[:, None]]
+    out += [readout.read(sub1(heads)), readout.read(sub1(block.attn.b_O * U1))[:, None]]
     comps += [Component("head", layer, h) for h in range(model.cfg.n_heads)] + [Component("b_O", layer)]
     if post and block.ln1.bias is not None:
-        out.append(readout.final(block.ln1.bias * U)[:, None])
+        out.append(readout.read(block.ln1.bias * U)[:, None])
         comps.append(Component("ln1.b", layer))
 
     mlp_out = cache[f"blocks.{layer}.hook_mlp_out"]  # what the block adds: exact
@@ -444,10 +505,10 @@ def _layer_terms(model: HookedViT, readout: Readout, cache: dict[str, Tensor], l
         mlp = torch.einsum("brp,bpd->brd", u, mlp_out) - b2 * U - _sub_norm(model, layer, 2, b_out) * U2
     else:
         mlp = torch.einsum("brp,bpd->brd", u, mlp_out) - b_out * U
-    out += [readout.final(mlp)[:, None], readout.final(sub2(b_out * U2))[:, None]]
+    out += [readout.read(mlp)[:, None], readout.read(sub2(b_out * U2))[:, None]]
     comps += [Component("mlp", layer), Component("b_out", layer)]
     if post and block.ln2.bias is not None:
-        out.append(readout.final(block.ln2.bias * U)[:, None])
+        out.append(readout.read(block.ln2.bias * U)[:, None])
         comps.append(Component("ln2.b", layer))
     return torch.cat(out, 1), comps
 
@@ -549,7 +610,7 @@ def token_terms(
 
     def pattern_hook(pattern: Tensor, hook) -> None:
         layer = hook.layer()
-        rows[layer] = torch.einsum("brq,bhqk->brhk", readout.sublayer_weights(layer, 1), pattern)
+        rows[layer] = torch.einsum("bRq,bhqk->bRhk", readout.sublayer_weights(layer, 1), pattern)
 
     def value_hook(v: Tensor, hook) -> None:
         values[hook.layer()] = v
@@ -568,7 +629,7 @@ def token_terms(
             terms = rows[layer][:, :, hs, :, None] * vo[:, None]  # [b, r, h, k, d]
             if post:
                 terms = _sub_norm(model, layer, 1, terms)
-            yield TokenTerms(layer, hs, readout.final(terms))
+            yield TokenTerms(layer, hs, readout.read(terms, row_dim=1))
         del values[layer], rows[layer]
 
 

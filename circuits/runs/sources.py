@@ -71,11 +71,14 @@ def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[
     if spec.is_synthetic:
         if labels is not None:
             raise UserError("--labels maps image folders to classes; the synthetic dataset has its own labels")
-        if model.cfg.img_size != (32, 32) and not model.cfg.dynamic_img_size:
-            raise UserError(f"the synthetic dataset has 32x32 images; {model.cfg.model_name} expects "
-                             f"{model.cfg.img_size}")
+        # Rendered at the model's own (square) input size: 32 px for the embedded models, 224 px
+        # for a ViT-B/16 (the shapes scale with the image).
+        height, width = model.cfg.img_size
+        if height != width and not model.cfg.dynamic_img_size:
+            raise UserError(f"the synthetic dataset has square images; {model.cfg.model_name} expects "
+                             f"{height}x{width}: use an image folder")
         return synthetic_for(source.name if source is not None and source.kind == "embedded" else None,
-                             spec.split, spec.n)
+                             spec.split, spec.n, img_size=max(height, width))
     from circuits.data import ImageFolderDataset, ImageNetS, transform_for
 
     transform = transform_for(model)  # timm's eval preprocessing, at the model's input size
@@ -86,11 +89,12 @@ def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[
     return ImageFolderDataset(spec.root, transform, labels=labels, classes=model)
 
 
-def synthetic_for(which: Optional[str], split: str = "test", n: int = 512) -> Dataset:
+def synthetic_for(which: Optional[str], split: str = "test", n: int = 512, img_size: int = 32) -> Dataset:
     """The synthetic split, normalised, as embedded model `which` is evaluated on it (its
-    recorded seed and difficulty: "spurious" uses the "hard" variant); None: the plain one."""
+    recorded seed and difficulty: "spurious" uses the "hard" variant); None: the plain one,
+    rendered at img_size pixels."""
     from circuits.embedded import SyntheticShapes, embedded_info, normalize
 
     params = embedded_info(which).get("test_dataset", {}) if which is not None else {}
     return SyntheticShapes(n, seed=params.get("seed", 0), split=split, spurious_corr=None,
-                           difficulty=params.get("difficulty", "normal"), transform=normalize)
+                           difficulty=params.get("difficulty", "normal"), transform=normalize, img_size=img_size)
