@@ -135,13 +135,11 @@ def _video_dataset(spec: DataSpec, model: HookedViT, labels: Optional[str], num_
         size = tuple(cfg.img_size)
         if size[0] != size[1]:
             raise UserError(f"moving_shapes renders square frames; {cfg.model_name} expects {size}")
-        from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        from torchvision.transforms import Normalize
+        from circuits.data.transforms import normalizer_for
 
-        dc = cfg.data_config or {}  # the model's own normalisation (the embedded video models': the embedded one)
-        normalise = Normalize(dc.get("mean", IMAGENET_DEFAULT_MEAN), dc.get("std", IMAGENET_DEFAULT_STD))
+        # the model's own normalisation (the embedded video models': the embedded one)
         return MovingShapes(spec.n, split=spec.split, task=spec.task, num_frames=cfg.num_frames, img_size=size[0],
-                            transform=normalise)
+                            transform=normalizer_for(model))
     from circuits.data import transform_for
     from circuits.data.video import VideoFolderDataset
 
