@@ -144,7 +144,8 @@ def test_perturb_no_cross_frame_changes_the_ranks_of_a_video_run(tmp_path, capsy
 
 @pytest.mark.parametrize("argv, message", [
     (["explain", *VIDEO, "--data", "moving_shapes:test:4"], "`hooked-vit explain` does not run on video yet"),
-    (["sae", "train", *VIDEO, "--data", "moving_shapes:test:4"], "does not run on video yet"),
+    (["sae", "features", *VIDEO, "--data", "moving_shapes:test:4", "--sae", "none"],
+     "`hooked-vit sae features` does not run on video yet"),
     (["identify", "--data", "moving_shapes:test:4"], "is an image model"),
     (["identify", *VIDEO, "--data", "synthetic:test:4"], "holds images and embedded:video_motion"),
     (["identify", *VIDEO, "--data", "moving_shapes:test:4", "--num-frames", "8"], "reads exactly 4 frames"),
@@ -156,6 +157,18 @@ def test_what_does_not_run_on_video_is_refused_in_one_line(argv, message, tmp_pa
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_sae_train_and_eval_on_video_activations(tmp_path, capsys):
+    from circuits.runs.results import read_manifest as manifest_of
+
+    data = ["--data", "moving_shapes:train:8", "--batch-size", "4"]
+    assert main(["sae", "train", *VIDEO, *data, "--hook", "blocks.1.hook_resid_post", "--d-sae", "32", "--k", "4",
+                 "--steps", "20", "--train-batch", "64", "--out", str(tmp_path / "sae")]) == 0
+    store = manifest_of(tmp_path / "sae" / "activations")
+    assert store["done"] == list(range(8))  # every clip's 65 space-time tokens stored
+    assert main(["sae", "eval", *VIDEO, *data, "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "eval")]) == 0
+    assert "explained variance" in capsys.readouterr().out
 
 
 def test_embedded_video_model_without_shipped_weights(tmp_path, capsys):

@@ -50,7 +50,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 # The commands that run on video models (`add_video_args`); every other one refuses them in one line.
-VIDEO_COMMANDS = ("identify", "perturb")
+VIDEO_COMMANDS = ("identify", "perturb", "sae train", "sae eval")
 
 
 def add_run_args(p: argparse.ArgumentParser, target: bool = True, video: bool = False) -> None:
@@ -201,7 +201,7 @@ def require_video_command(args: argparse.Namespace, what: str) -> None:
     from hooked_vit.errors import UserError
 
     if not getattr(args, "video", False):
-        command = getattr(args, "command", None) or "this command"
+        command = " ".join(c for c in (getattr(args, "command", None), getattr(args, "sae_command", None)) if c)
         raise UserError(f"{what} `hooked-vit {command}` does not run on video yet; video runs: "
                          f"{', '.join(VIDEO_COMMANDS)} (docs/video.md)")
 
