@@ -130,6 +130,17 @@ def test_undecodable_video_is_reported_on_one_line_and_the_run_goes_on(video_fol
     assert len(read_table(tmp_path / "pt" / "attention" / "no_cross_frame", "images")) == 3
 
 
+def test_limit_on_a_video_folder_spreads_over_the_classes(video_folder, tmp_path, capsys):
+    from circuits.data.video import VideoFolderDataset
+
+    out = tmp_path / "run"
+    assert main(["identify", *VIDEO, "--data", str(video_folder), "--out", str(out), "--limit", "2"]) == 0
+    manifest = read_manifest(out)
+    labels = [s[1] for s in VideoFolderDataset(video_folder, 4).samples]  # left, left, right, up
+    chosen = manifest["done"]
+    assert manifest["settings"]["limit_sample"] and len(chosen) == 2 and len({labels[i] for i in chosen}) == 2
+
+
 def test_perturb_no_cross_frame_changes_the_ranks_of_a_video_run(tmp_path, capsys):
     out = tmp_path / "pt"
     assert main(["perturb", *VIDEO, "--data", "moving_shapes:test:4", "--out", str(out),

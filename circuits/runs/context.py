@@ -37,8 +37,9 @@ LIMIT_SAMPLE = "stratified by class, seed 0"  # how --limit picks files, recorde
 
 def _is_file_dataset(dataset: Dataset) -> bool:
     from circuits.data import ImageFolderDataset, ImageNetS
+    from circuits.data.video import VideoFolderDataset
 
-    return isinstance(dataset, (ImageFolderDataset, ImageNetS))
+    return isinstance(dataset, (ImageFolderDataset, ImageNetS, VideoFolderDataset))
 
 
 def limited_sample(dataset: Dataset, n: int) -> list[int]:
