@@ -191,3 +191,22 @@ def test_embedded_video_model_without_shipped_weights(tmp_path, capsys):
         assert code == 0
     else:
         assert code == 2 and "add --random-weights" in capsys.readouterr().err
+
+
+def test_a_transformers_videomae_folder_runs_identify_and_perturb(tmp_path, capsys):
+    """A model without class token (mean pooling): the attention table's query is the centre
+    patch of the middle time position, and no_cls (nothing to cut) is left out of the default kinds."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=4)
+    transformers.VideoMAEForVideoClassification(cfg).save_pretrained(tmp_path / "videomae")
+    model = ["--model", f"hf:{tmp_path / 'videomae'}", "--data", "moving_shapes:test:4"]
+    assert main(["identify", *model, "--out", str(tmp_path / "id")]) == 0
+    assert read_table(tmp_path / "id", "attention")["query"].unique().tolist() == [(1 * 4 + 2) * 4 + 2]  # t1 (2, 2)
+    assert main(["perturb", *model, "--out", str(tmp_path / "pt")]) == 0
+    assert "no_cls: " in capsys.readouterr().out and not (tmp_path / "pt" / "attention" / "no_cls").exists()
+    assert main(["perturb", *model, "--out", str(tmp_path / "pt2"), "--kinds", "no_cls"]) == 2
+    assert "no_cls has no key to cut" in capsys.readouterr().err

@@ -18,10 +18,10 @@ def add_parser(sub) -> None:
     add_run_args(p, video=True)
     add_video_args(p)
     add_mask_sampling_arg(p)
-    p.add_argument("--kinds", nargs="*", default=["self_only", "no_cls"],
-                   choices=["self_only", "no_cls", "no_cross_frame"],
-                   help="attention perturbations (none to skip); the unperturbed run is added. no_cross_frame "
-                        "(video models): patch queries cannot attend to patches of other time positions")
+    p.add_argument("--kinds", nargs="*", default=None, choices=["self_only", "no_cls", "no_cross_frame"],
+                   help="attention perturbations (none to skip; default self_only no_cls, without no_cls on a "
+                        "model with no prefix tokens); the unperturbed run is added. no_cross_frame (video "
+                        "models): patch queries cannot attend to patches of other time positions")
     p.add_argument("--layers", nargs="+", type=int, default=None, help="blocks to perturb (default all)")
     p.add_argument("--perturb-prefix-queries", action="store_true",
                    help="also perturb register / distillation query rows (default: patch tokens only)")
@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
     model, dataset, _ = load_inputs(args)
     args.removal = removals(args.removal, model)
+    if args.kinds is None:
+        args.kinds = ["self_only", "no_cls"] if model.cfg.n_prefix_tokens else ["self_only"]
+        if not model.cfg.n_prefix_tokens:
+            print(f"no_cls: {model.cfg.model_name} has no class token or registers to cut, skipped")
     if args.layers is not None:
         args.layers = layer_indices(args.layers, model.cfg.n_layers, "--layers")
     if args.removal:
