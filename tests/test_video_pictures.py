@@ -106,3 +106,20 @@ def test_report_draws_video_runs_over_their_frames(tmp_path):
                  "no_cross_frame"):
         assert text in page, text
     assert "2 of 6 clips, one row each" in page
+
+
+def test_report_of_a_divided_space_time_run_says_it_has_no_attention_table(tmp_path):
+    from circuits.embedded.synthetic_video import MovingShapes
+    from circuits.report import build_report
+    from circuits.runs.identify import identify
+    from helpers import randomize_
+    from hooked_vit import HookedViT, HookedViTConfig
+
+    cfg = HookedViTConfig(d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_classes=4, img_size=32, patch_size=8,
+                          num_frames=4, tubelet_size=2, attention_type="divided_space_time",
+                          pos_embed_type="space_time")
+    model = randomize_(HookedViT(cfg), std=0.2).eval()
+    identify(model, MovingShapes(4, num_frames=4), tmp_path / "id", progress=False)
+    assert not (tmp_path / "id" / "attention").exists()
+    page = build_report([tmp_path], tmp_path / "report.html", progress=False).read_text()
+    assert "No attention across frames" in page and "identifiability per time position" in page
