@@ -60,16 +60,18 @@ def test_video_run_killed_with_kill_9_resumes_to_the_uninterrupted_results(tmp_p
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "killed.log", "wb")  # a file, not a pipe: a full pipe would block the run
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "video_cli_driver.py"), "0.25", *args,
-                             "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--out", str(killed)], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     manifest = killed / "manifest.json"
     while not (manifest.exists() and read_manifest(killed)["done"]):  # the first batch is on disk
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
         assert time.monotonic() < deadline, "the run wrote no batch in time"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    log.close()
     assert proc.returncode == -signal.SIGKILL
     done_before = read_manifest(killed)["done"]
     assert 0 < len(done_before) < 12  # killed mid-run
