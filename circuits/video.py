@@ -70,8 +70,16 @@ def per_time(values: Float[Tensor, "... p"], model: HookedViT) -> Float[Tensor, 
     cfg = model.cfg
     if values.shape[-1] != cfg.n_ctx:
         raise UserError(f"values have {values.shape[-1]} tokens, the model's sequence has {cfg.n_ctx}")
-    patches = values[..., cfg.n_prefix_tokens:]
-    return einops.reduce(patches, "... (t s) -> ... t", "mean", t=cfg.n_time)
+    return time_means(values, cfg.n_prefix_tokens, cfg.n_time)
+
+
+def time_means(values: Float[Tensor, "... p"], n_prefix: int, n_time: int) -> Float[Tensor, "... t"]:
+    """`per_time` from the layout alone (a run's labels.json): the mean of each time position's
+    patch tokens, the first `n_prefix` tokens dropped; numpy arrays or tensors."""
+    patches = values[..., n_prefix:]
+    if patches.shape[-1] % n_time:
+        raise UserError(f"{patches.shape[-1]} patch tokens do not split into {n_time} time positions")
+    return einops.reduce(patches, "... (t s) -> ... t", "mean", t=n_time)
 
 
 @torch.inference_mode()

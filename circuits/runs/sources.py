@@ -38,6 +38,8 @@ def load_model(spec: Union[str, ModelSpec], arch: Optional[str] = None, device: 
             raise UserError(f"source= is the loaded hf / open_clip model of the spec, not of {spec.text}")
         build = HookedViT.from_hf if spec.kind == "hf" else HookedViT.from_open_clip
         model = build(source, device=device, dtype=dtype)
+    elif spec.kind == "embedded" and spec.name.startswith("video_"):
+        model = _embedded_video(spec, seed).to(device=device, dtype=dtype)
     elif spec.kind == "embedded":
         model = HookedViT.from_timm(_embedded_timm(spec, seed), device=device, dtype=dtype)
     else:
@@ -56,8 +58,29 @@ def _embedded_timm(spec: ModelSpec, seed: int) -> torch.nn.Module:
     return model
 
 
+def _embedded_video(spec: ModelSpec, seed: int) -> HookedViT:
+    """embedded:video_motion / embedded:video_shape (`circuits.embedded.video_models`): the
+    shipped weights, or with random weights the architecture freshly initialised (seeded)."""
+    from circuits.embedded.video_models import VIDEO_NAMES, WEIGHTS_DIR, load_embedded_video, video_config
+
+    if spec.name not in VIDEO_NAMES:
+        raise UserError(f"unknown embedded video model {spec.text!r}; choose one of "
+                         f"{', '.join('embedded:' + n for n in sorted(VIDEO_NAMES))}")
+    if not spec.random_weights:
+        if not (WEIGHTS_DIR / f"{spec.name}.safetensors").exists():
+            raise UserError(f"{spec.text} has no trained weights in this installation (docs/video.md); add "
+                             "--random-weights for the architecture with fresh weights")
+        return load_embedded_video(spec.name)
+    torch.manual_seed(seed)  # the same random weights on every run, so resuming works
+    model = HookedViT(video_config(VIDEO_NAMES[spec.name]))
+    with torch.no_grad():  # learned tables small and random, as the training starts (video_models.train_video)
+        model.embed.pos_embed.normal_(0, 0.02)
+        model.embed.cls_token.normal_(0, 0.02)
+    return model.eval()
+
+
 def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[ModelSpec] = None,
-                 labels: Optional[str] = None) -> Dataset:
+                 labels: Optional[str] = None, num_frames: Optional[int] = None) -> Dataset:
     """A dataset of sample dicts preprocessed for `model`, labels in the model's class ids
     (class folders mapped by `circuits.data.classes.map_class_folders`).
 
@@ -65,9 +88,14 @@ def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[
 
     source: the model's spec; synthetic data for an embedded model uses the difficulty that
     model was trained on (its weights' notes), "normal" for any other model.
+
+    A video model (cfg.num_frames set) reads clips: `moving_shapes[_static]` or a video folder
+    (`VideoFolderDataset`, `num_frames` per clip: the model's by default).
     """
     if isinstance(spec, str):
         spec = parse_data_spec(spec)
+    if model.cfg.is_video or spec.is_video:
+        return _video_dataset(spec, model, labels, num_frames)
     if spec.is_synthetic:
         if labels is not None:
             raise UserError("--labels maps image folders to classes; the synthetic dataset has its own labels")
@@ -87,6 +115,38 @@ def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[
             raise UserError("--labels applies to image folders; ImageNet-S names its classes in LOC_synset_mapping.txt")
         return ImageNetS(spec.root, transform, classes=model)
     return ImageFolderDataset(spec.root, transform, labels=labels, classes=model)
+
+
+def _video_dataset(spec: DataSpec, model: HookedViT, labels: Optional[str], num_frames: Optional[int]) -> Dataset:
+    """Clips for a video model: the embedded moving shapes or a video folder; image data and
+    image models refused."""
+    cfg = model.cfg
+    if not cfg.is_video:
+        raise UserError(f"--data {spec.text} holds video clips and {cfg.model_name} is an image model; use a video "
+                         "model (e.g. --model embedded:video_motion) or image data")
+    if num_frames is not None and num_frames != cfg.num_frames:
+        raise UserError(f"--num-frames {num_frames}: {cfg.model_name} reads exactly {cfg.num_frames} frames per clip "
+                         "(its position table); leave --num-frames out or give that number")
+    if spec.kind in ("synthetic", "imagenet_s"):
+        raise UserError(f"--data {spec.text} holds images and {cfg.model_name} is a video model; use moving_shapes, "
+                         "moving_shapes_static or a folder of video clips")
+    if spec.is_video:
+        from circuits.embedded.synthetic_video import MovingShapes
+
+        if labels is not None:
+            raise UserError("--labels maps clip folders to classes; moving_shapes has its own labels")
+        size = tuple(cfg.img_size)
+        if size[0] != size[1]:
+            raise UserError(f"moving_shapes renders square frames; {cfg.model_name} expects {size}")
+        from circuits.data.transforms import normalizer_for
+
+        # the model's own normalisation (the embedded video models': the embedded one)
+        return MovingShapes(spec.n, split=spec.split, task=spec.task, num_frames=cfg.num_frames, img_size=size[0],
+                            transform=normalizer_for(model))
+    from circuits.data import transform_for
+    from circuits.data.video import VideoFolderDataset
+
+    return VideoFolderDataset(spec.root, cfg.num_frames, transform_for(model), labels=labels, classes=model)
 
 
 def synthetic_for(which: Optional[str], split: str = "test", n: int = 512, img_size: int = 32) -> Dataset:
