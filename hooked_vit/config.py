@@ -95,6 +95,10 @@ class HookedViTConfig:
     attn_pool_heads: Optional[int] = None  # defaults to n_heads
     attn_pool_d_mlp: Optional[int] = None  # defaults to d_mlp
     attn_pool_act: str = "gelu"  # the attention pool's MLP activation
+    # AIMv2's pooling head (transformers' Aimv2AttentionPoolingHead): the latent is the query
+    # itself (no q projection) and the attention output is the pooled vector (no norm + MLP).
+    attn_pool_q_proj: bool = True
+    attn_pool_mlp: bool = True
     pool_include_prefix: bool = False
     # "token": the final norm acts on every token before pooling (timm's `norm`);
     # "pooled": it acts on the pooled vector (timm's `fc_norm`, the GAP models); None: none.

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.loading import Converted, UnsupportedModelError
 from hooked_vit.hf_layers import _ACTS, _layer_weights
+from hooked_vit.loading_hf_families import FAMILY_CLASSES, family_config_and_state, is_family_class
 from hooked_vit.loading_video import is_video_class, video_config_and_state
 
 
@@ -49,6 +50,8 @@ def convert_hf(model_or_path: Union[str, os.PathLike, nn.Module], **hf_kwargs: A
         hf_model = clip_vision_with_projection(hf_model)
     if is_video_class(type(hf_model).__name__):
         cfg, timm_state = video_config_and_state(hf_model)
+    elif is_family_class(type(hf_model).__name__):  # BEiT, Data2Vec-vision, DINOv3, AIMv2
+        cfg, timm_state = family_config_and_state(hf_model, hf_class_metadata)
     else:
         cfg = config_from_hf(hf_model)
         timm_state = hf_to_timm_state_dict(hf_model, cfg)
@@ -120,11 +123,12 @@ _SUPPORTED = {
     "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
     "CLIPVisionModelWithProjection",
     "ViTMSNModel", "ViTMSNForImageClassification", "IJepaModel", "IJepaForImageClassification",
+    *FAMILY_CLASSES,
 }
 _REFUSED = {
     "Siglip": "SigLIP's attention-pooling head (MAP)",
-    "Beit": "BEiT's relative position bias",
-    "Data2VecVision": "Data2Vec-vision's relative position bias",
+    "Beit": "BEiT's heads other than image classification (masked image modelling, segmentation, backbone)",
+    "Data2VecVision": "Data2Vec-vision's heads other than image classification (segmentation)",
     "Swin": "Swin's shifted-window attention",
     "VJEPA2": "V-JEPA 2's 3D rotary position embedding and predictor (not supported yet; docs/video.md)",
 }
