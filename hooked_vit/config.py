@@ -9,7 +9,7 @@ TransformerLens field names (`n_layers`, `d_model`, `n_heads`, `d_head`, `d_mlp`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from hooked_vit.errors import UserError
@@ -131,6 +131,12 @@ class HookedViTConfig:
     # "n01443537") and human descriptions ("goldfish, Carassius auratus"), one per class.
     label_names: Optional[tuple[str, ...]] = None
     class_names: Optional[tuple[str, ...]] = None
+    # The VLM read-out of this tower (hooked_vit.vlm.vision_features): LLaVA's
+    # vision_feature_layer (an index into [embeddings, block 0, ..., block L-1] outputs, or a
+    # list of them, concatenated) and vision_feature_select_strategy ("default" drops token 0,
+    # "full" keeps all); None: not loaded from a VLM (vision_features defaults to -2, "default").
+    vision_feature_layer: Optional[Union[int, list[int]]] = None
+    vision_feature_select_strategy: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.img_size = _pair(self.img_size)

@@ -46,6 +46,10 @@ def convert_hf(model_or_path: Union[str, os.PathLike, nn.Module], **hf_kwargs: A
     transformers does not wait on it). `hf_kwargs` go to the model class's `from_pretrained`
     (e.g. cache_dir, revision, torch_dtype); `HookedViT.from_hf` builds."""
     hf_model, source = _resolve(model_or_path, **hf_kwargs)
+    vlm_options = {}
+    source = source or _local_origin(hf_model)  # before a VLM is replaced by its tower
+    if type(hf_model).__name__ in LLAVA_CLASSES:  # its vision tower, and how LLaVA reads it (hooked_vit.vlm)
+        hf_model, vlm_options = llava_vision_tower(hf_model)
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
     if is_video_class(type(hf_model).__name__):
@@ -55,6 +59,8 @@ def convert_hf(model_or_path: Union[str, os.PathLike, nn.Module], **hf_kwargs: A
     else:
         cfg = config_from_hf(hf_model)
         timm_state = hf_to_timm_state_dict(hf_model, cfg)
+    for key, value in vlm_options.items():
+        setattr(cfg, key, value)
     # An instance loaded from a folder remembers it: its image processor config is there.
     source = source or _local_origin(hf_model)
     if source is not None:
@@ -135,7 +141,8 @@ _REFUSED = {
 
 
 def _check_class_name(name: str) -> None:
-    if name in _SUPPORTED or name == "CLIPModel" or is_video_class(name):  # CLIPModel: its image tower is loaded
+    # CLIPModel: its image tower is loaded; a LLaVA model: its vision tower
+    if name in _SUPPORTED or name == "CLIPModel" or name in LLAVA_CLASSES or is_video_class(name):
         return
     for key, feature in _REFUSED.items():
         if name.startswith(key):
@@ -221,6 +228,24 @@ def _imagenet_wnids(names: tuple[str, ...]) -> Optional[tuple[str, ...]]:
     info = ImageNetInfo(subset)
     same = sum(a.strip().lower() == b.strip().lower() for a, b in zip(names, info.label_descriptions()))
     return tuple(info.label_names()) if same >= 0.95 * len(names) else None
+
+
+LLAVA_CLASSES = ("LlavaForConditionalGeneration", "LlavaModel")
+
+
+def llava_vision_tower(llava: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """The vision tower of a transformers LLaVA model and its read-out
+    (`cfg.vision_feature_layer` / `vision_feature_select_strategy`, used by
+    `HookedViT.vision_features`) with the LLaVA model's name as `cfg.model_name`; the
+    projector and language model are not loaded."""
+    from hooked_vit.vlm import llava_feature_options
+
+    tower = getattr(getattr(llava, "model", llava), "vision_tower", None)
+    if tower is None:
+        raise UnsupportedModelError(f"{type(llava).__name__} has no vision_tower to load")
+    options = llava_feature_options(llava.config)
+    options["model_name"] = getattr(llava.config, "_name_or_path", "") or type(llava).__name__
+    return tower, options
 
 
 def clip_vision_with_projection(clip: nn.Module) -> nn.Module:

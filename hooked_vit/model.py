@@ -32,6 +32,7 @@ from hooked_vit.loading_open_clip import convert_open_clip
 from hooked_vit.rope import block_tables, build_rope
 from hooked_vit.specs import ModelSpec, convert as convert_spec
 from hooked_vit.saes import SAEHost
+from hooked_vit.vlm import Layer, vision_features
 from hooked_vit.transformer_lens_api import (ImageTokens, all_composition_scores, canonical_hook_name, class_id,
                                              refuse_image_position_sweep)
 
@@ -151,6 +152,13 @@ class HookedViT(SAEHost, HookedRootModule):
                 raise UserError('return_type="loss" needs targets=[batch] class ids')
             return self.loss_fn(logits, targets)
         return logits if return_type == "logits" else None
+
+    def vision_features(self, images: Float[Tensor, "b c h w"], layer: Optional[Layer] = None,
+                        strategy: Optional[str] = None) -> Float[Tensor, "b p d"]:
+        """What a LLaVA-style VLM's projector reads off this tower: the hidden state of `layer`
+        (default: cfg.vision_feature_layer, else -2, the penultimate block's output; a list
+        concatenates) with `strategy` "default" (token 0 dropped) or "full". See hooked_vit.vlm."""
+        return vision_features(self, images, layer, strategy)
 
     def rope_tables(self, grid: tuple[int, int], positions: Optional[Tensor], n_tokens: int) -> Optional[list[Tensor]]:
         """Each block's rotary table (hooked_vit.rope) for a patch grid, at `positions` [b, p]
