@@ -108,6 +108,7 @@ class HookedViTConfig:
     # CLIP's image projection (a bias-free Linear d_model -> d_image_embed on the pooled
     # vector, hook_image_embed); None: no projection.
     d_image_embed: Optional[int] = None
+    image_proj_bias: bool = False  # a bias on that projection (open_clip's timm towers' head Linear, EVA02 CLIP)
     # With a projection: True when a classifier head (e.g. text class embeddings) reads the
     # image embedding; False when the logits are the image embedding (n_classes == d_image_embed).
     head_on_image_embed: bool = False
@@ -178,6 +179,8 @@ class HookedViTConfig:
                              "pool_include_prefix=False (the mean is over patch tokens only) and a per-token "
                              "final norm (final_norm='token' or None)")
         if self.d_image_embed is None:
+            if self.image_proj_bias:
+                raise UserError("image_proj_bias=True needs an image projection (d_image_embed)")
             if self.head_on_image_embed:
                 raise UserError("head_on_image_embed=True needs an image projection (d_image_embed)")
             return

@@ -74,7 +74,7 @@ class HookedViT(SAEHost, HookedRootModule):
         self.hook_pooled = HookPoint()
         # CLIP's image projection; absent (no module, no hook call) for every other model.
         projected = cfg.d_image_embed is not None
-        self.image_proj = nn.Linear(cfg.d_model, cfg.d_image_embed, bias=False) if projected else None
+        self.image_proj = nn.Linear(cfg.d_model, cfg.d_image_embed, bias=cfg.image_proj_bias) if projected else None
         self.hook_image_embed = HookPoint() if projected else None
         has_head = cfg.has_head_module  # headless towers (DINOv2, CLIP features) return features
         d_head_in = cfg.d_image_embed if projected else cfg.d_pooled
