@@ -417,7 +417,8 @@ def _default_processor(cfg: HookedViTConfig) -> tuple[dict[str, Any], str]:
     sizes scaled to the model's input size; ViTImageProcessor's when the kind is unknown."""
     import transformers
 
-    name = {"CLIP": "CLIPImageProcessor", "Dino": "BitImageProcessor", "DeiT": "DeiTImageProcessor"}.get(
+    name = {"CLIP": "CLIPImageProcessor", "Dino": "BitImageProcessor", "DeiT": "DeiTImageProcessor",
+            "Beit": "BeitImageProcessor", "DINOv3": "DINOv3ViTImageProcessor", "Aimv2": "CLIPImageProcessor"}.get(
         _family(cfg), "ViTImageProcessor")
     proc = dict(getattr(transformers, name)().to_dict())
     h, w = cfg.img_size
@@ -435,7 +436,14 @@ def _default_processor(cfg: HookedViTConfig) -> tuple[dict[str, Any], str]:
 
 
 def _family(cfg: HookedViTConfig) -> str:
-    """CLIP / Dino / DeiT / ViT from the config's shape (its class name is not kept)."""
+    """CLIP / Dino / DeiT / ViT (and the loading_hf_families: Beit, DINOv3, Aimv2) from the
+    config's shape (its class name is not kept)."""
+    if cfg.rope_type == "dinov3":
+        return "DINOv3"
+    if cfg.norm_type == "rmsnorm":
+        return "Aimv2"
+    if cfg.rel_pos_bias or (cfg.class_token and cfg.global_pool == "avg" and cfg.final_norm == "pooled"):
+        return "Beit"  # BEiT and Data2Vec-vision (BeitImageProcessor)
     if cfg.ln_pre:
         return "CLIP"
     if cfg.layer_scale:

@@ -150,12 +150,17 @@ def test_aimv2_pool_hooks_and_logit_lens_single_token():
         torch.testing.assert_close(model.attn_pool.single_token(tok), model.attn_pool.proj(v))
 
 
-def test_processor_is_read_from_the_folder(tmp_path):
-    make("beit-cls-relpos").save_pretrained(tmp_path)
-    T.BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False, image_mean=[0.1, 0.2, 0.3],
-                         image_std=[0.4, 0.5, 0.6]).save_pretrained(tmp_path)
+@pytest.mark.parametrize("key, processor", [("beit-cls-relpos", "BeitImageProcessor"),
+                                            ("dinov3", "DINOv3ViTImageProcessor"), ("aimv2-head", "CLIPImageProcessor")])
+def test_processor_is_read_from_the_folder(key, processor, tmp_path):
+    make(key).save_pretrained(tmp_path)
+    default = HookedViT.from_hf(str(tmp_path)).cfg.data_config  # no preprocessor_config.json: the family's defaults
+    proc = getattr(T, processor)()
+    assert default["mean"] == pytest.approx(list(proc.image_mean)) and default["input_size"] == [3, 32, 32]
+    getattr(T, processor)(size={"height": 32, "width": 32}, do_center_crop=False, image_mean=[0.1, 0.2, 0.3],
+                          image_std=[0.4, 0.5, 0.6]).save_pretrained(tmp_path)
     cfg = HookedViT.from_hf(str(tmp_path)).cfg.data_config
-    assert cfg["mean"] == [0.1, 0.2, 0.3] and cfg["input_size"] == [3, 32, 32]
+    assert cfg["mean"] == [0.1, 0.2, 0.3] and cfg["std"] == [0.4, 0.5, 0.6] and cfg["input_size"] == [3, 32, 32]
 
 
 def test_class_names_from_id2label():
