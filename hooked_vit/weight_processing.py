@@ -83,7 +83,9 @@ def fold_layer_norm_(model: HookedViT) -> None:
         if model.attn_pool is not None:  # the MAP head's keys and values read the normalised tokens
             readers = [model.attn_pool.kv]
         # global_pool="token_avg" reads [ln(class), mean ln(patches)]: the affine map acts on both halves.
-        _fold_into(model.ln_final, [h for h in readers if h is not None], repeat=model.cfg.d_pooled // model.cfg.d_model)
+        readers = [h for h in readers if h is not None]
+        if readers:  # a headless model's output is the normed vector itself: its affine map stays
+            _fold_into(model.ln_final, readers, repeat=model.cfg.d_pooled // model.cfg.d_model)
     model.cfg.normalization_type = "LNPre"
 
 

@@ -176,3 +176,19 @@ def test_refusals_name_the_feature():
     seg = T.BeitForMaskedImageModeling(T.BeitConfig(**SMALL))
     with pytest.raises(UnsupportedModelError, match="masked image modelling"):
         HookedViT.from_hf(seg)
+
+
+@pytest.mark.parametrize("key", ["beit-cls-relpos", "beit-cls-both-token", "dinov3", "dinov3-swiglu", "aimv2-head"])
+def test_weight_processing_keeps_the_output_and_backward_hooks_fire(key):
+    hf = make(key)
+    x = images(32)
+    ref, _ = reference(hf, x)
+    rms = key.startswith("aimv2")  # centring is refused with RMSNorm (it removes no mean)
+    model = HookedViT.from_hf(hf).process_weights_(fold_ln=True, center_writing_weights=not rms, fold_layer_scale=True)
+    with torch.no_grad():
+        assert rel_err(model(x), ref) < 1e-4  # a headless model keeps its final norm's affine map
+    fired = []
+    model.add_hook("blocks.0.hook_attn_out", lambda grad, hook: fired.append(grad.shape), dir="bwd")
+    model(x.clone().requires_grad_(True)).sum().backward()
+    model.reset_hooks()
+    assert fired == [(2, model.cfg.n_ctx, 48)]
