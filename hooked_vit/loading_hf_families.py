@@ -20,7 +20,8 @@ second model class), exactly.
   `rotate_half=True`, `cfg.rope_type="dinov3"`; training-only coordinate augmentation is not
   part of the eval function), LayerScale, separate q / k / v biases (a missing one is zero),
   the plain or gated (`use_gated_mlp`, `mlp_type="glu"`) MLP; the output is the normed class
-  token (`pooler_output`).
+  token (`pooler_output`). With no position table it takes any image size the patch divides
+  (`dynamic_img_size=True`), as transformers does.
 - `Aimv2VisionModel` (.../aimv2): RMSNorm everywhere (`norm_type="rmsnorm"`) including one on
   the patch embeddings (`embed_norm`), a learned position embedding over the patches (no class
   token), SwiGLU MLPs, and with `use_head` its attention-pooling head (`global_pool="map"` with
@@ -200,6 +201,9 @@ def _dinov3(hf_model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
         _gated_mlp(state, p + "mlp.", f"blocks.{i}.mlp.", out, gated=bool(c.use_gated_mlp))
     head_dim = c.hidden_size // c.num_attention_heads
     options = dict(
+        # No position table: like transformers, any image size whose sides the patch divides
+        # (the RoPE grid follows the image).
+        dynamic_img_size=True,
         class_token=True, n_reg_tokens=n_reg, pos_embed=False, qkv_bias=qkv_bias, proj_bias=bool(c.proj_bias),
         mlp_bias=bool(c.mlp_bias), mlp_type="glu" if c.use_gated_mlp else "mlp", layer_scale=True,
         eps=c.layer_norm_eps, final_norm="token", global_pool="token",

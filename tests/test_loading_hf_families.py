@@ -136,6 +136,14 @@ def test_dinov3_rope_hooks_fire_and_registers_are_not_rotated():
     assert rel_err(rot[:, n_prefix:], q[:, n_prefix:]) > 1e-2
 
 
+def test_dinov3_takes_other_image_sizes_as_transformers_does():
+    hf = make("dinov3")
+    model = HookedViT.from_hf(hf)
+    x = torch.randn(2, 3, 48, 24, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert rel_err(model(x), hf(pixel_values=x).pooler_output) < RTOL
+
+
 def test_aimv2_pool_hooks_and_logit_lens_single_token():
     model = HookedViT.from_hf(make("aimv2-head"))
     x = images(32)
