@@ -200,3 +200,18 @@ def test_weight_processing_keeps_the_output_and_backward_hooks_fire(key):
     model(x.clone().requires_grad_(True)).sum().backward()
     model.reset_hooks()
     assert fired == [(2, model.cfg.n_ctx, 48)]
+
+
+@pytest.mark.parametrize("key", ["beit-cls-both-token", "data2vec-cls", "dinov3-swiglu", "aimv2-head"])
+def test_every_hook_fires_and_an_edit_at_each_reaches_the_output(key):
+    model = HookedViT.from_hf(make(key))
+    x = images(32)
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(x)
+    optional = ("hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in", "hook_mlp_in", "hook_result")
+    assert set(cache.keys()) == {n for n in model.hook_dict if not n.endswith(optional)} | (
+        {"attn_pool.hook_result"} if model.attn_pool is not None else set())
+    for hook in cache.keys():  # not a multiple of the tensor: a norm would undo a scaling of its input
+        with torch.no_grad():
+            edited = model.run_with_hooks(x, fwd_hooks=[(hook, lambda t, hook: t * 1.5 + 0.1 * t.flip(-1))])
+        assert not torch.allclose(edited, clean), f"an edit at {hook} did not reach the output"
