@@ -147,6 +147,11 @@ def _check_class_name(name: str) -> None:
     for key, feature in _REFUSED.items():
         if name.startswith(key):
             raise UnsupportedModelError(f"unsupported feature in {name}: {feature}")
+    if name.endswith("ForConditionalGeneration"):  # another VLM: its tower may still be readable
+        raise UnsupportedModelError(
+            f"{name}: of the vision-language models only LLaVA's (LlavaForConditionalGeneration) tower is read with "
+            "its feature layer; pass the VLM's vision tower module instead (e.g. HookedViT.from_hf(vlm.model."
+            "vision_tower)) and choose layer= / strategy= in model.vision_features")
     raise UnsupportedModelError(f"{name} is not a supported transformers vision model; supported: {sorted(_SUPPORTED)}")
 
 

@@ -94,6 +94,11 @@ def test_hidden_state_index_names_the_hook_and_edits_flow():
 
 
 def test_refusals():
+    from hooked_vit.errors import UnsupportedModelError
+    from hooked_vit.loading_hf import _check_class_name
+
+    with pytest.raises(UnsupportedModelError, match="pass the VLM's vision tower module"):
+        _check_class_name("PaliGemmaForConditionalGeneration")
     model = HookedViT.from_hf(make_llava())
     with pytest.raises(UserError, match="out of range"):
         model.vision_features(images(32), layer=4)
