@@ -16,7 +16,8 @@ output, cfg.attn_pool_proj=False no output projection:
 Hooks (b = batch, p = pooled token, h = head):
     blocks.N.*: as the model's blocks, [b, p, ...] over the pooled tokens
     ln_kv.hook_*: [b, p, d_model] (with attn_pool_kv_norm)
-    hook_q: [b, 1, h, d_head], the latent's query
+    hook_q: [b, 1, h, d_head], the latent's query (the latent itself with
+        cfg.attn_pool_q_proj=False, AIMv2)
     hook_k, hook_v: [b, p, h, d_head]
     hook_attn_scores: [b, h, 1, p], scaled dot products, masked keys at -inf
     hook_pattern: [b, h, 1, p], the pooling weights over the tokens
@@ -27,6 +28,8 @@ Hooks (b = batch, p = pooled token, h = head):
     ln.hook_*, mlp.hook_pre / hook_post: the MLP's norm and hidden layer
     hook_mlp_out: [b, d_model]; the pooled vector is hook_attn_out + hook_mlp_out (plus the
         latent with attn_pool_residual)
+    With cfg.attn_pool_mlp=False (AIMv2) there is no norm, MLP nor hook_mlp_out: the pooled
+    vector is hook_attn_out (plus the latent with attn_pool_residual).
 """
 
 from __future__ import annotations
@@ -56,18 +59,18 @@ class AttentionPool(nn.Module):
         self.n_heads = cfg.attn_pool_heads
         self.d_head = d // self.n_heads
         self.latent = nn.Parameter(torch.zeros(1, 1, d))
-        self.q = nn.Linear(d, d)
+        self.q = nn.Linear(d, d) if cfg.attn_pool_q_proj else None
         self.kv = nn.Linear(d, 2 * d)
         self.proj = nn.Linear(d, d) if cfg.attn_pool_proj else None
         block_cfg = _block_cfg(cfg) if cfg.attn_pool_layers else None
         self.blocks = nn.ModuleList([TransformerBlock(block_cfg, i) for i in range(cfg.attn_pool_layers)])
         self.ln_kv = make_norm(cfg, d) if cfg.attn_pool_kv_norm else None
-        self.ln = make_norm(cfg, d)
+        self.ln = make_norm(cfg, d) if cfg.attn_pool_mlp else None
         mlp_cfg = replace(cfg, d_mlp=cfg.attn_pool_d_mlp, mlp_type="mlp", mlp_norm=False, layer_scale=False,
                           attn_only_layer_scale=False, act_fn=cfg.attn_pool_act, global_pool="token",
                           class_token=True, distilled=False, d_image_embed=None, head_on_image_embed=False,
                           **_NO_PROBE)
-        self.mlp = MLP(mlp_cfg)
+        self.mlp = MLP(mlp_cfg) if cfg.attn_pool_mlp else None
         self.hook_q = HookPoint()  # [b, 1, h, d_head]
         self.hook_k = HookPoint()  # [b, p, h, d_head]
         self.hook_v = HookPoint()  # [b, p, h, d_head]
@@ -76,7 +79,7 @@ class AttentionPool(nn.Module):
         self.hook_z = HookPoint()  # [b, 1, h, d_head]
         self.hook_result = HookPoint()  # [b, h, d_model]
         self.hook_attn_out = HookPoint()  # [b, d_model]
-        self.hook_mlp_out = HookPoint()  # [b, d_model]
+        self.hook_mlp_out = HookPoint() if cfg.attn_pool_mlp else None  # [b, d_model]
 
     def forward(self, x: Float[Tensor, "b p d_model"], key_mask: Optional[Tensor] = None) -> Float[Tensor, "b d_model"]:
         """Pool tokens x [b, p, d] (key_mask [b, p], True = pooled) into one vector [b, d]."""
@@ -85,7 +88,8 @@ class AttentionPool(nn.Module):
             x = block(x, key_mask)
         kv_in = x if self.ln_kv is None else self.ln_kv(x)
         b, p, d = x.shape
-        q = self.hook_q(self.q(self.latent.expand(b, -1, -1)).view(b, 1, self.n_heads, self.d_head))
+        latent = self.latent.expand(b, -1, -1)
+        q = self.hook_q((latent if self.q is None else self.q(latent)).view(b, 1, self.n_heads, self.d_head))
         k, v = self.kv(kv_in).view(b, p, 2, self.n_heads, self.d_head).unbind(2)
         k, v = self.hook_k(k), self.hook_v(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, h, *, d_head]
@@ -106,6 +110,8 @@ class AttentionPool(nn.Module):
             attn_out = z.reshape(b, d) if self.proj is None else self.proj(z.reshape(b, d))
         attn_out = self.hook_attn_out(attn_out)
         resid = attn_out + self.latent[0, 0] if self.cfg.attn_pool_residual else attn_out
+        if self.mlp is None:
+            return resid
         return resid + self.hook_mlp_out(self.mlp(self.ln(resid)))
 
     def single_token(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -119,9 +125,11 @@ class AttentionPool(nn.Module):
             x = x + attn.proj(F.linear(block.ln1.functional(x), attn.qkv.weight[2 * d_attn:], bias))
             x = x + block.mlp.fc2(block.mlp.act(block.mlp.fc1(block.ln2.functional(x))))
         kv_in = x if self.ln_kv is None else self.ln_kv.functional(x)
-        out = F.linear(kv_in, self.kv.weight[d:], self.kv.bias[d:])
+        out = F.linear(kv_in, self.kv.weight[d:], None if self.kv.bias is None else self.kv.bias[d:])
         out = out if self.proj is None else self.proj(out)
         out = out + self.latent[0, 0] if self.cfg.attn_pool_residual else out
+        if self.mlp is None:
+            return out
         return out + self.mlp.fc2(self.mlp.act(self.mlp.fc1(self.ln.functional(out))))
 
     @property
@@ -137,13 +145,13 @@ class AttentionPool(nn.Module):
     @property
     def W_O(self) -> Float[Tensor, "h d_head d_model"]:
         """z -> attention output per head (the identity's blocks without a projection)."""
-        w = self.proj.weight if self.proj is not None else torch.eye(self.cfg.d_model, device=self.q.weight.device,
-                                                                       dtype=self.q.weight.dtype)
+        w = self.proj.weight if self.proj is not None else torch.eye(self.cfg.d_model, device=self.kv.weight.device,
+                                                                       dtype=self.kv.weight.dtype)
         return einops.rearrange(w, "m (h e) -> h e m", h=self.n_heads)
 
     @property
     def b_O(self) -> Float[Tensor, "d_model"]:
-        return self.proj.bias if self.proj is not None else self.q.weight.new_zeros(self.cfg.d_model)
+        return self.proj.bias if self.proj is not None else self.kv.weight.new_zeros(self.cfg.d_model)
 
 
 # The sub-configs of the head's MLP and blocks are not themselves attention-pooling models.

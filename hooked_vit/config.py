@@ -9,7 +9,7 @@ TransformerLens field names (`n_layers`, `d_model`, `n_heads`, `d_head`, `d_mlp`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from hooked_vit.errors import UserError
@@ -106,6 +106,10 @@ class HookedViTConfig:
     attn_pool_kv_norm: bool = False
     attn_pool_residual: bool = False
     attn_pool_proj: bool = True
+    # AIMv2's pooling head (transformers' Aimv2AttentionPoolingHead): the latent is the query
+    # itself (no q projection) and the attention output is the pooled vector (no norm + MLP).
+    attn_pool_q_proj: bool = True
+    attn_pool_mlp: bool = True
     pool_include_prefix: bool = False
     # "token": the final norm acts on every token before pooling (timm's `norm`);
     # "pooled": it acts on the pooled vector (timm's `fc_norm`, the GAP models); None: none.
@@ -115,6 +119,7 @@ class HookedViTConfig:
     # CLIP's image projection (a bias-free Linear d_model -> d_image_embed on the pooled
     # vector, hook_image_embed); None: no projection.
     d_image_embed: Optional[int] = None
+    image_proj_bias: bool = False  # a bias on that projection (open_clip's timm towers' head Linear, EVA02 CLIP)
     # With a projection: True when a classifier head (e.g. text class embeddings) reads the
     # image embedding; False when the logits are the image embedding (n_classes == d_image_embed).
     head_on_image_embed: bool = False
@@ -138,6 +143,12 @@ class HookedViTConfig:
     # "n01443537") and human descriptions ("goldfish, Carassius auratus"), one per class.
     label_names: Optional[tuple[str, ...]] = None
     class_names: Optional[tuple[str, ...]] = None
+    # The VLM read-out of this tower (hooked_vit.vlm.vision_features): LLaVA's
+    # vision_feature_layer (an index into [embeddings, block 0, ..., block L-1] outputs, or a
+    # list of them, concatenated) and vision_feature_select_strategy ("default" drops token 0,
+    # "full" keeps all); None: not loaded from a VLM (vision_features defaults to -2, "default").
+    vision_feature_layer: Optional[Union[int, list[int]]] = None
+    vision_feature_select_strategy: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.img_size = _pair(self.img_size)
@@ -187,6 +198,8 @@ class HookedViTConfig:
                              "pool_include_prefix=False (the mean is over patch tokens only) and a per-token "
                              "final norm (final_norm='token' or None)")
         if self.d_image_embed is None:
+            if self.image_proj_bias:
+                raise UserError("image_proj_bias=True needs an image projection (d_image_embed)")
             if self.head_on_image_embed:
                 raise UserError("head_on_image_embed=True needs an image projection (d_image_embed)")
             return

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.loading import Converted, UnsupportedModelError
 from hooked_vit.hf_layers import _ACTS, _layer_weights
+from hooked_vit.loading_hf_families import FAMILY_CLASSES, family_config_and_state, is_family_class
 from hooked_vit.loading_video import is_video_class, video_config_and_state
 
 
@@ -45,13 +46,21 @@ def convert_hf(model_or_path: Union[str, os.PathLike, nn.Module], **hf_kwargs: A
     transformers does not wait on it). `hf_kwargs` go to the model class's `from_pretrained`
     (e.g. cache_dir, revision, torch_dtype); `HookedViT.from_hf` builds."""
     hf_model, source = _resolve(model_or_path, **hf_kwargs)
+    vlm_options = {}
+    source = source or _local_origin(hf_model)  # before a VLM is replaced by its tower
+    if type(hf_model).__name__ in LLAVA_CLASSES:  # its vision tower, and how LLaVA reads it (hooked_vit.vlm)
+        hf_model, vlm_options = llava_vision_tower(hf_model)
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
     if is_video_class(type(hf_model).__name__):
         cfg, timm_state = video_config_and_state(hf_model)
+    elif is_family_class(type(hf_model).__name__):  # BEiT, Data2Vec-vision, DINOv3, AIMv2
+        cfg, timm_state = family_config_and_state(hf_model, hf_class_metadata)
     else:
         cfg = config_from_hf(hf_model)
         timm_state = hf_to_timm_state_dict(hf_model, cfg)
+    for key, value in vlm_options.items():
+        setattr(cfg, key, value)
     # An instance loaded from a folder remembers it: its image processor config is there.
     source = source or _local_origin(hf_model)
     if source is not None:
@@ -124,21 +133,28 @@ _SUPPORTED = {
     "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
     "CLIPVisionModelWithProjection",
     "ViTMSNModel", "ViTMSNForImageClassification", "IJepaModel", "IJepaForImageClassification",
+    *FAMILY_CLASSES,
 }
 _REFUSED = {
     "Siglip": "SigLIP's attention-pooling head (MAP)",
-    "Beit": "BEiT's relative position bias",
-    "Data2VecVision": "Data2Vec-vision's relative position bias",
+    "Beit": "BEiT's heads other than image classification (masked image modelling, segmentation, backbone)",
+    "Data2VecVision": "Data2Vec-vision's heads other than image classification (segmentation)",
     "Swin": "Swin's shifted-window attention",
 }
 
 
 def _check_class_name(name: str) -> None:
-    if name in _SUPPORTED or name == "CLIPModel" or is_video_class(name):  # CLIPModel: its image tower is loaded
+    # CLIPModel: its image tower is loaded; a LLaVA model: its vision tower
+    if name in _SUPPORTED or name == "CLIPModel" or name in LLAVA_CLASSES or is_video_class(name):
         return
     for key, feature in _REFUSED.items():
         if name.startswith(key):
             raise UnsupportedModelError(f"unsupported feature in {name}: {feature}")
+    if name.endswith("ForConditionalGeneration"):  # another VLM: its tower may still be readable
+        raise UnsupportedModelError(
+            f"{name}: of the vision-language models only LLaVA's (LlavaForConditionalGeneration) tower is read with "
+            "its feature layer; pass the VLM's vision tower module instead (e.g. HookedViT.from_hf(vlm.model."
+            "vision_tower)) and choose layer= / strategy= in model.vision_features")
     raise UnsupportedModelError(f"{name} is not a supported transformers vision model; supported: {sorted(_SUPPORTED)}")
 
 
@@ -220,6 +236,24 @@ def _imagenet_wnids(names: tuple[str, ...]) -> Optional[tuple[str, ...]]:
     info = ImageNetInfo(subset)
     same = sum(a.strip().lower() == b.strip().lower() for a, b in zip(names, info.label_descriptions()))
     return tuple(info.label_names()) if same >= 0.95 * len(names) else None
+
+
+LLAVA_CLASSES = ("LlavaForConditionalGeneration", "LlavaModel")
+
+
+def llava_vision_tower(llava: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """The vision tower of a transformers LLaVA model and its read-out
+    (`cfg.vision_feature_layer` / `vision_feature_select_strategy`, used by
+    `HookedViT.vision_features`) with the LLaVA model's name as `cfg.model_name`; the
+    projector and language model are not loaded."""
+    from hooked_vit.vlm import llava_feature_options
+
+    tower = getattr(getattr(llava, "model", llava), "vision_tower", None)
+    if tower is None:
+        raise UnsupportedModelError(f"{type(llava).__name__} has no vision_tower to load")
+    options = llava_feature_options(llava.config)
+    options["model_name"] = getattr(llava.config, "_name_or_path", "") or type(llava).__name__
+    return tower, options
 
 
 def clip_vision_with_projection(clip: nn.Module) -> nn.Module:
@@ -394,7 +428,8 @@ def _default_processor(cfg: HookedViTConfig) -> tuple[dict[str, Any], str]:
     import transformers
 
     name = {"CLIP": "CLIPImageProcessor", "Dino": "BitImageProcessor", "DeiT": "DeiTImageProcessor",
-            "VJEPA2": "VJEPA2VideoProcessor"}.get(_family(cfg), "ViTImageProcessor")
+            "VJEPA2": "VJEPA2VideoProcessor", "Beit": "BeitImageProcessor", "DINOv3": "DINOv3ViTImageProcessor",
+            "Aimv2": "CLIPImageProcessor"}.get(_family(cfg), "ViTImageProcessor")
     proc = dict(getattr(transformers, name)().to_dict())
     h, w = cfg.img_size
     crop = proc.get("crop_size") if proc.get("do_center_crop") else None
@@ -411,9 +446,16 @@ def _default_processor(cfg: HookedViTConfig) -> tuple[dict[str, Any], str]:
 
 
 def _family(cfg: HookedViTConfig) -> str:
-    """CLIP / Dino / DeiT / ViT / VJEPA2 from the config's shape (its class name is not kept)."""
+    """CLIP / Dino / DeiT / ViT / VJEPA2 (and the loading_hf_families: Beit, DINOv3, Aimv2) from
+    the config's shape (its class name is not kept)."""
     if cfg.rope_type == "3d":
         return "VJEPA2"
+    if cfg.rope_type == "dinov3":
+        return "DINOv3"
+    if cfg.norm_type == "rmsnorm":
+        return "Aimv2"
+    if cfg.rel_pos_bias or (cfg.class_token and cfg.global_pool == "avg" and cfg.final_norm == "pooled"):
+        return "Beit"  # BEiT and Data2Vec-vision (BeitImageProcessor)
     if cfg.ln_pre:
         return "CLIP"
     if cfg.layer_scale:

@@ -32,6 +32,7 @@ from hooked_vit.loading_open_clip import convert_open_clip
 from hooked_vit.rope import block_tables, build_rope
 from hooked_vit.specs import ModelSpec, convert as convert_spec
 from hooked_vit.saes import SAEHost
+from hooked_vit.vlm import Layer, vision_features
 from hooked_vit.transformer_lens_api import (ImageTokens, all_composition_scores, canonical_hook_name, class_id,
                                              refuse_image_position_sweep)
 
@@ -73,7 +74,7 @@ class HookedViT(SAEHost, HookedRootModule):
         self.hook_pooled = HookPoint()
         # CLIP's image projection; absent (no module, no hook call) for every other model.
         projected = cfg.d_image_embed is not None
-        self.image_proj = nn.Linear(cfg.d_model, cfg.d_image_embed, bias=False) if projected else None
+        self.image_proj = nn.Linear(cfg.d_model, cfg.d_image_embed, bias=cfg.image_proj_bias) if projected else None
         self.hook_image_embed = HookPoint() if projected else None
         has_head = cfg.has_head_module  # headless towers (DINOv2, CLIP features) return features
         d_head_in = cfg.d_image_embed if projected else cfg.d_pooled
@@ -151,6 +152,13 @@ class HookedViT(SAEHost, HookedRootModule):
                 raise UserError('return_type="loss" needs targets=[batch] class ids')
             return self.loss_fn(logits, targets)
         return logits if return_type == "logits" else None
+
+    def vision_features(self, images: Float[Tensor, "b c h w"], layer: Optional[Layer] = None,
+                        strategy: Optional[str] = None) -> Float[Tensor, "b p d"]:
+        """What a LLaVA-style VLM's projector reads off this tower: the hidden state of `layer`
+        (default: cfg.vision_feature_layer, else -2, the penultimate block's output; a list
+        concatenates) with `strategy` "default" (token 0 dropped) or "full". See hooked_vit.vlm."""
+        return vision_features(self, images, layer, strategy)
 
     def rope_tables(self, grid: tuple[int, int], positions: Optional[Tensor], n_tokens: int) -> Optional[list[Tensor]]:
         """Each block's rotary table (hooked_vit.rope) for a patch grid, at `positions` [b, p]
