@@ -306,7 +306,7 @@ def _cache_names(model: HookedViT, start_layer: int) -> list[str]:
     if cfg.final_norm:
         names.append("ln_final.hook_scale")
     if cfg.global_pool == "map":
-        names += ["attn_pool.hook_pattern", "attn_pool.hook_mlp_out"]
+        names += ["attn_pool.hook_pattern"] + (["attn_pool.hook_mlp_out"] if cfg.attn_pool_mlp else [])
     for layer in range(start_layer, cfg.n_layers):
         names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
         if cfg.attention_type == "divided_space_time":
@@ -327,6 +327,9 @@ def _check_supported(model: HookedViT, start_layer: int) -> None:
                        "decomposed with a MAP head"),
         "attention_type": (cfg.attention_type == "divided_space_time" and cfg.block_type == "post_norm",
                            "divided space-time attention is decomposed for pre-norm blocks only"),
+        "attn_pool_layers": (cfg.global_pool == "map" and (cfg.attn_pool_layers > 0 or cfg.attn_pool_kv_norm),
+                             "an attentive probe with its own self-attention blocks or a norm before its keys and "
+                             "values (V-JEPA 2's) is nonlinear in the tokens before the pooling weights apply"),
         "attn_norm": (cfg.attn_norm, "a norm over the heads' outputs (scale_attn_norm) mixes the heads before W_O, "
                       "so a head's output is not its own term"),
     }
@@ -450,10 +453,15 @@ def _from_cache(model: HookedViT, cache: dict[str, Tensor], start_layer: int, bi
         terms.append(_unfinal(readout, rows)[:, None])
     if cfg.global_pool == "map":
         pool = model.attn_pool
-        comps += [Component("attn_pool.b"), Component("attn_pool.mlp")]
         constant = pool.b_O if pool.b_V is None else pool.b_O + torch.einsum("he,hem->m", pool.b_V, pool.W_O)
+        if cfg.attn_pool_residual:  # the latent added to the attention output: a constant too
+            constant = constant + pool.latent[0, 0]
         b = resid_in.shape[0]
-        terms += [constant.expand(b, 1, 1, -1).clone(), cache["attn_pool.hook_mlp_out"][:, None, None]]
+        comps.append(Component("attn_pool.b"))
+        terms.append(constant.expand(b, 1, 1, -1).clone())
+        if cfg.attn_pool_mlp:  # AIMv2's head has no MLP: the pooled vector is the attention output
+            comps.append(Component("attn_pool.mlp"))
+            terms.append(cache["attn_pool.hook_mlp_out"][:, None, None])
     pooled = cache["hook_pooled"]
     rep = pooled.reshape(pooled.shape[0], -1, cfg.d_model)  # [b, r, d]; token_avg's [b, 2d] as two rows
     dec = Decomposition(torch.cat(terms, 1), comps, rep, cache.get("hook_logits"), readout, start_layer)
