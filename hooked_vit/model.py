@@ -29,6 +29,7 @@ from hooked_vit.layers import block_range
 from hooked_vit.loading import Converted, convert_timm, convert_timm_state_dict, timm_module, to_timm_state_dict
 from hooked_vit.loading_hf import convert_hf
 from hooked_vit.loading_open_clip import convert_open_clip
+from hooked_vit.naflex import NaFlexInputs, naflex_inputs
 from hooked_vit.rope import block_tables, build_rope
 from hooked_vit.specs import ModelSpec, convert as convert_spec
 from hooked_vit.saes import SAEHost
@@ -97,6 +98,8 @@ class HookedViT(SAEHost, HookedRootModule):
         key_mask: Optional[Tensor] = None,
         targets: Optional[Tensor] = None,
         positions: Optional[Tensor] = None,
+        patch_coord: Optional[Tensor] = None,
+        patch_valid: Optional[Tensor] = None,
     ) -> Tensor:
         """Run the model.
 
@@ -117,13 +120,39 @@ class HookedViT(SAEHost, HookedRootModule):
             key_mask: [b, p] bool, True where a token may be attended to (with start_at_layer).
             positions: [b, p] each token's index in the full sequence, for RoPE models run
                 from start_at_layer on a shortened sequence (token removal sets it itself).
+            patch_coord, patch_valid: NaFlex inputs (hooked_vit.naflex; variable resolution and
+                aspect ratio): x is then patches [b, n, patch_dim], patch_coord [b, n, 2] each
+                patch's (row, col) and patch_valid [b, n] the real patches; or x is a dict with
+                the keys "patches", "patch_coord", "patch_valid", as timm's NaFlexVit takes them.
+                Padding is masked out of attention and pooling (embed.hook_patch_mask [b, p]).
         """
         _check_forward_options(return_type, targets)
         x = x.images if isinstance(x, ImageTokens) else x
+        naflex = naflex_inputs(x, patch_coord, patch_valid)
+        if naflex is not None:
+            if start_at_layer is not None:
+                raise UserError("NaFlex inputs (patch_coord / patch_valid) are embedded at the start; with "
+                                 "start_at_layer pass the residual stream and key_mask instead")
+            if not self.cfg.naflex:
+                raise UserError(f"{self.cfg.model_name} does not take NaFlex inputs (patch_coord / patch_valid): "
+                                 "give images [b, c, h, w], or build the config with naflex=True")
+            x = naflex.patches
         if torch.is_tensor(x) and x.is_floating_point() and x.dtype != self.cfg.dtype:
             x = x.to(self.cfg.dtype)
         pool_mask, grid = None, self.cfg.grid_size
-        if start_at_layer is None:
+        if naflex is not None:
+            resid, patch_mask = self.embed_naflex(naflex._replace(patches=x))
+            first_pooled = 0 if self.cfg.pool_include_prefix else self.cfg.n_prefix_tokens
+            if keep_mask is not None:
+                self._check_keep_mask(keep_mask)
+                resid, key_mask, positions = compact_tokens(resid, keep_mask.to(patch_mask.device) & patch_mask)
+                pool_mask = key_mask & (positions >= first_pooled)
+            else:
+                key_mask = patch_mask
+                pool_mask = patch_mask.clone()
+                pool_mask[:, :first_pooled] = False
+            start_at_layer = 0
+        elif start_at_layer is None:
             grid = self.embed.check_images(x)
             resid = self.embed_images(x)
             if keep_mask is not None:
@@ -185,6 +214,18 @@ class HookedViT(SAEHost, HookedRootModule):
         if pos is not None:
             resid = resid + self.hook_pos_embed(pos)
         return resid if self.ln_pre is None else self.ln_pre(resid)
+
+    def embed_naflex(self, inputs: NaFlexInputs) -> tuple[Float[Tensor, "b p d_model"], Tensor]:
+        """NaFlex patches as blocks.0.hook_resid_pre (patch embedding, prefix tokens, each image's
+        resampled positions, ln_pre) and the mask of real tokens [b, p] (embed.hook_patch_mask)."""
+        resid = self.hook_embed(self.embed.naflex_tokens(inputs))
+        pos = self.embed.naflex_positions(inputs)
+        if pos is not None:
+            resid = resid + self.hook_pos_embed(pos)
+        resid = resid if self.ln_pre is None else self.ln_pre(resid)
+        prefix = inputs.patch_valid.new_ones(resid.shape[0], self.cfg.n_prefix_tokens)
+        mask = self.embed.hook_patch_mask(torch.cat([prefix, inputs.patch_valid], dim=1))
+        return resid, mask.to(torch.bool)
 
     def pool(self, resid: Float[Tensor, "b p d_model"], pool_mask: Optional[Tensor] = None) -> Tensor:
         """Final norm and pooling: the pre-logits representation.
