@@ -21,6 +21,7 @@ HookedViT parameter names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -34,7 +35,8 @@ from torch import Tensor, nn
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.loading import Converted, UnsupportedModelError
 from hooked_vit.hf_layers import _ACTS, _layer_weights
-from hooked_vit.loading_hf_siglip import SIGLIP_CLASSES, check_siglip_class, is_siglip, siglip_config, siglip_state
+from hooked_vit.loading_hf_siglip import (FULL_MODELS, SIGLIP_CLASSES, check_siglip_class, is_siglip, siglip_config,
+                                          siglip_state, siglip_vision_tower)
 from hooked_vit.loading_video import is_video_class, video_config_and_state
 
 
@@ -48,10 +50,13 @@ def convert_hf(model_or_path: Union[str, os.PathLike, nn.Module], **hf_kwargs: A
     hf_model, source = _resolve(model_or_path, **hf_kwargs)
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
+    if type(hf_model).__name__ in FULL_MODELS:  # SiglipModel / Siglip2Model: the image tower
+        hf_model = siglip_vision_tower(hf_model)
     if is_video_class(type(hf_model).__name__):
         cfg, timm_state = video_config_and_state(hf_model)
     elif is_siglip(type(hf_model).__name__):  # SigLIP / SigLIP 2: hooked_vit.loading_hf_siglip
         cfg = siglip_config(hf_model)
+        cfg = dataclasses.replace(cfg, **hf_class_metadata(hf_model.config, cfg.n_classes))
         timm_state = siglip_state(hf_model, cfg)
     else:
         cfg = config_from_hf(hf_model)

@@ -14,7 +14,12 @@ the config's pos_embed_* fields), so HookedViT takes them as NaFlex inputs
 `...ForImageClassification` reads the mean of the final-normed patch tokens (of the valid ones
 for SigLIP 2; `global_pool="avg"`); its vision tower's attention-pooling head is not used
 (its weights are dropped). `...VisionModel`'s output is the pooled vector (the MAP head).
-The full `SiglipModel` / `Siglip2Model` is refused: see `_REFUSE_FULL`.
+The full `SiglipModel` / `Siglip2Model` loads as its image tower (`siglip_vision_tower`); its
+text tower gives text classes through `hooked_vit.text_classes` (`get_text_features`) as for
+CLIP: the head `scale * E` on the pooled image embedding. SigLIP's own logits are
+`logit_scale.exp() * cos(image, text) + logit_bias`; the per-image normalisation (not linear)
+and the bias (the same for every class) are left out, which changes neither the ranking of
+the classes nor softmax differences between them (per image, up to the positive norm).
 """
 
 from __future__ import annotations
@@ -31,10 +36,7 @@ from hooked_vit.hf_layers import _ACTS, _layer_weights
 
 SIGLIP_CLASSES = ("SiglipVisionModel", "SiglipForImageClassification", "Siglip2VisionModel",
                   "Siglip2ForImageClassification")
-_REFUSE_FULL = ("the text class space of SigLIP is a sigmoid of scaled cosine similarities "
-                "(logit_scale * cos(image, text) + logit_bias), and HookedViT's text classes "
-                "(hooked_vit.text_classes) are CLIP's linear head on the image projection; load the image tower "
-                "with Siglip{v}VisionModel (its pooler_output is the image embedding)")
+FULL_MODELS = ("SiglipModel", "Siglip2Model")  # loaded as their image tower (siglip_vision_tower)
 
 
 def is_siglip(name: str) -> bool:
@@ -42,10 +44,21 @@ def is_siglip(name: str) -> bool:
 
 
 def check_siglip_class(name: str) -> None:
-    if name in ("SiglipModel", "Siglip2Model"):
-        raise UnsupportedModelError(f"unsupported feature in {name}: " + _REFUSE_FULL.format(v="2" if "2" in name else ""))
-    if name not in SIGLIP_CLASSES:
+    if name not in SIGLIP_CLASSES and name not in FULL_MODELS:
         raise UnsupportedModelError(f"{name} is not a supported SigLIP class; supported: {list(SIGLIP_CLASSES)}")
+
+
+def siglip_vision_tower(full: nn.Module) -> nn.Module:
+    """The image tower of a full SiglipModel / Siglip2Model as a Siglip(2)VisionModel (same weights)."""
+    import transformers
+
+    kind = type(full).__name__
+    tower_cls = getattr(transformers, kind.replace("Model", "VisionModel"))
+    vision = _tower(full)
+    tower = tower_cls(full.config.vision_config)
+    _tower(tower).load_state_dict(vision.state_dict())
+    first = next(full.parameters())
+    return tower.to(device=first.device, dtype=first.dtype).eval()
 
 
 def _tower(hf_model: nn.Module) -> nn.Module:
@@ -80,8 +93,6 @@ def siglip_config(hf_model: nn.Module) -> HookedViTConfig:
                       pos_embed_antialias=True, pos_embed_align_corners=False)
     else:
         common = dict(img_size=c.image_size)
-    from hooked_vit.loading_hf import hf_class_metadata
-
     act = _ACTS[c.hidden_act]
     return HookedViTConfig(
         d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
@@ -90,8 +101,8 @@ def siglip_config(hf_model: nn.Module) -> HookedViTConfig:
         global_pool="avg" if classify else "map", attn_pool_heads=c.num_attention_heads,
         attn_pool_d_mlp=c.intermediate_size, attn_pool_act=act,
         model_name=getattr(hf_model.config, "_name_or_path", "") or kind,
-        **common, **hf_class_metadata(hf_model.config, n_classes),
-    )
+        **common,
+    )  # class names: hooked_vit.loading_hf adds them (hf_class_metadata)
 
 
 def siglip_state(hf_model: nn.Module, cfg: HookedViTConfig) -> dict[str, Tensor]:

@@ -299,12 +299,8 @@ def architecture_options(model: nn.Module) -> dict[str, Any]:
         options = eva_config(model)
     elif type(model).__name__ == "Beit":
         options = beit_config(model)
-    elif type(model).__name__ == "NaFlexVit":
-        from hooked_vit.timm_naflex import naflex_config
-
-        options = naflex_config(model)
     else:
-        refuse(f"model class {type(model).__name__} (HookedViT reads timm's VisionTransformer, Eva, Beit and NaFlexVit)")
+        refuse(f"model class {type(model).__name__} (HookedViT reads timm's VisionTransformer, Eva and Beit)")
     norm_type, eps = norms_of(model)
     return dict(d_model=model.embed_dim, n_layers=len(model.blocks), norm_type=norm_type, eps=eps, **options)
 
@@ -326,10 +322,6 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
                 out[p + new] = out.pop(p + old)
         for old, new in (("attn.norm.", "attn.ln_z."), ("mlp.norm.", "mlp.ln.")):
             _rename_prefix(out, p + old, p + new)
-    if type(model).__name__ == "NaFlexVit":
-        from hooked_vit.timm_naflex import naflex_state
-
-        naflex_state(model, out)
     _rename_prefix(out, "patch_embed.norm.", "embed.norm.")
     _rename_prefix(out, "attn_pool.norm.", "attn_pool.ln.")
     return out

@@ -16,16 +16,30 @@ from typing import Any
 import einops
 from torch import Tensor, nn
 
-from hooked_vit.timm_architectures import (final_norm_of, head_options, is_identity, pooling_options, refuse,
-                                           same_in_every_block, _vit_block)
+from hooked_vit.timm_architectures import (final_norm_of, head_options, is_identity, norms_of, pooling_options,
+                                           refuse, same_in_every_block, timm_state, _vit_block)
 
 
 def is_naflex(model: nn.Module) -> bool:
     return type(model).__name__ == "NaFlexVit"
 
 
+def naflex_architecture_options(model: nn.Module) -> dict[str, Any]:
+    """HookedViTConfig fields of a timm NaFlexVit (as `timm_architectures.architecture_options`)."""
+    norm_type, eps = norms_of(model)
+    return dict(d_model=model.embed_dim, n_layers=len(model.blocks), norm_type=norm_type, eps=eps,
+                **naflex_config(model))
+
+
+def naflex_timm_state(model: nn.Module) -> dict[str, Tensor]:
+    """The weights under timm VisionTransformer names (as `timm_architectures.timm_state`)."""
+    state = timm_state(model)
+    naflex_state(model, state)
+    return state
+
+
 def naflex_config(model: nn.Module) -> dict[str, Any]:
-    """HookedViTConfig fields of a timm NaFlexVit."""
+    """The NaFlexVit-specific HookedViTConfig fields (embedding, positions, blocks, head)."""
     e = model.embeds
     if e.norm_input is not None:
         refuse("a norm on the flattened input patches (NaFlexVit input_norm_layer)")
@@ -70,8 +84,8 @@ def naflex_state(model: nn.Module, state: dict[str, Tensor]) -> None:
             value = einops.rearrange(value, layout, ph=e.patch_size[0], pw=e.patch_size[1])
         if name == "pos_embed":
             value = value.flatten(1, 2)
-        if name.startswith(("proj.", "norm.")):
+        if name.startswith("proj."):
             name = "patch_embed." + name
-        elif name in ("pos_embed_y", "pos_embed_x"):
-            name = "embed." + name
+        elif name.startswith("norm.") or name in ("pos_embed_y", "pos_embed_x"):
+            name = "embed." + name  # HookedViT's names (no timm VisionTransformer counterpart)
         state[name] = value

@@ -1,7 +1,8 @@
 """transformers' SigLIP and SigLIP 2 (hooked_vit.loading_hf_siglip), small configs with every
 parameter randomised: exact within 1e-5 on the fused and explicit paths; SigLIP 2 with NaFlex
 inputs of two aspect ratios in one padded batch, through its own processor and as plain images;
-its per-image position resize equal to transformers'; the full two-tower models refused."""
+its per-image position resize equal to transformers'; the full two-tower models as image tower
+plus text classes."""
 
 from __future__ import annotations
 
@@ -112,13 +113,45 @@ def test_siglip2_position_resize_equals_transformers(shape):
     assert float((ours - ref[0, :n]).abs().max()) < 1e-6
 
 
+def char_tokenizer(texts):
+    """Token ids [n, 16] from characters (offline; any fixed map serves equivalence)."""
+    ids = torch.zeros(len(texts), 16, dtype=torch.long)
+    for i, t in enumerate(texts):
+        codes = [ord(c) % 49 + 1 for c in t][:16]
+        ids[i, : len(codes)] = torch.tensor(codes)
+    return ids
+
+
 @pytest.mark.parametrize("cls", ["SiglipModel", "Siglip2Model"])
-def test_full_siglip_models_refused_with_reason(cls):
-    config = (transformers.Siglip2Config if "2" in cls else transformers.SiglipConfig)(
-        vision_config=dict(**SMALL, **({"num_patches": 16} if "2" in cls else {"image_size": 32})),
-        text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, vocab_size=50))
-    with pytest.raises(UnsupportedModelError, match="sigmoid of scaled cosine"):
-        HookedViT.from_hf(getattr(transformers, cls)(config).eval())
+def test_full_siglip_models_image_tower_and_text_classes(cls):
+    """The full model loads as its image tower (= get_image_features); its text tower's classes
+    installed with scale = logit_scale.exp() give SigLIP's logits up to the per-image norm and the bias."""
+    from hooked_vit.text_classes import install_text_classes, text_class_embeddings
+
+    v2 = "2" in cls
+    config = (transformers.Siglip2Config if v2 else transformers.SiglipConfig)(
+        vision_config=dict(**SMALL, **({"num_patches": 16} if v2 else {"image_size": 32})),
+        text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=50, max_position_embeddings=16))
+    full = randomize_(getattr(transformers, cls)(config).eval(), seed=7)
+    model = HookedViT.from_hf(full)
+    names = ["cat", "dog", "bird"]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        if v2:
+            batch = pad_batch(list(x), (8, 8))
+            image_inputs = dict(pixel_values=batch.patches, pixel_attention_mask=batch.patch_valid.long(),
+                                spatial_shapes=torch.tensor([[4, 4], [4, 4]]))
+        else:
+            image_inputs = dict(pixel_values=x)
+        feats = full.get_image_features(**image_inputs)
+        feats = feats if torch.is_tensor(feats) else feats.pooler_output
+        assert rel_err(model(x), feats) < 1e-5
+        install_text_classes(model, text_class_embeddings(full, names, ("{}",), char_tokenizer),
+                             scale=float(full.logit_scale.exp()), class_names=names)
+        ref = full(input_ids=char_tokenizer(names), **image_inputs).logits_per_image
+        ours = model(x) / feats.norm(dim=-1, keepdim=True) + full.logit_bias
+    assert model.cfg.class_names == tuple(names) and rel_err(ours, ref) < 1e-5
 
 
 def test_siglip2_folder_with_processor(tmp_path):

@@ -117,3 +117,15 @@ def test_plain_vit_refuses_naflex_inputs_and_has_no_mask_hook():
     assert "embed.hook_patch_mask" not in model.hook_dict
     with pytest.raises(UserError, match="naflex=True"):
         model(batch._asdict())
+
+
+def test_weight_processing_keeps_naflex_logits():
+    """fold_ln + centring (factorized tables included) + LayerScale folding leave NaFlex outputs unchanged."""
+    timm_model, _ = zoo.small_variant("naflexvit_base_patch16_parfac_gap")
+    _, batch = two_aspect_ratios()
+    with torch.no_grad():
+        ref = timm_model(batch._asdict())
+        model = HookedViT.from_timm(timm_model, fold_ln=True, center_writing_weights=True, fold_layer_scale=True)
+        out = model(batch._asdict())
+    assert model.embed.pos_embed_y.mean(-1).abs().max() < 1e-6
+    assert rel_err(out, ref) < 1e-5
