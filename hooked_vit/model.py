@@ -89,7 +89,7 @@ class HookedViT(SAEHost, HookedRootModule):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        x: Union[Float[Tensor, "b c h w"], Float[Tensor, "b p d_model"], ImageTokens],
+        x: Union[Float[Tensor, "b c h w"], Float[Tensor, "b p d_model"], ImageTokens, dict[str, Tensor]],
         *,
         return_type: ReturnType = "logits",
         start_at_layer: Optional[int] = None,
@@ -451,11 +451,14 @@ class HookedViT(SAEHost, HookedRootModule):
     def W_pos(self) -> Float[Tensor, "n_pos d_model"]:
         """Position embeddings (patch rows only when cfg.no_embed_class): the learned table, the
         fixed sin-cos one (pos_embed_type="sincos", patch rows), or for pos_embed_type="space_time"
-        the sum of the spatial and temporal tables at every position [n_ctx, d_model]."""
+        the sum of the spatial and temporal tables at every position [n_ctx, d_model]; for
+        pos_embed_type="factorized" the row + column sums over the table's grid [gh * gw, d_model]."""
         if self.embed.pos_table is not None:
             return self.embed.pos_table[0]
         if self.embed.time_embed is not None:
             return self.embed._space_time_positions()[0]
+        if self.embed.pos_embed_y is not None:  # factorized (NaFlexVit): row + column at every patch of its grid
+            return self.embed.patch_positions(self.cfg.pos_grid)[0]
         if self.embed.pos_embed is None:
             raise UserError(f"{self.cfg.model_name} has no position embedding")
         return self.embed.pos_embed[0]
@@ -590,7 +593,7 @@ class HookedViT(SAEHost, HookedRootModule):
 
     @classmethod
     def from_hf(cls, model_or_path: Any, **kwargs: Any) -> "HookedViT":
-        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision/ViT-MSN/I-JEPA model, a `save_pretrained` folder or
+        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision/ViT-MSN/I-JEPA/SigLIP/SigLIP 2 model, a `save_pretrained` folder or
         a cached hub id (`hooked_vit.loading_hf.convert_hf`); the rest of the keywords go to
         the model class's `from_pretrained`."""
         build, hf_kwargs = _build_options(kwargs)

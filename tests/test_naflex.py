@@ -129,3 +129,11 @@ def test_weight_processing_keeps_naflex_logits():
         out = model(batch._asdict())
     assert model.embed.pos_embed_y.mean(-1).abs().max() < 1e-6
     assert rel_err(out, ref) < 1e-5
+
+
+def test_w_pos_of_grid_and_factorized_tables():
+    for name, n in (("naflexvit_base_patch16_gap", 256), ("naflexvit_base_patch16_parfac_gap", 256)):
+        model = HookedViT.from_timm(zoo.small_variant(name)[0])
+        assert model.W_pos.shape == (n, model.cfg.d_model)
+    e = model.embed
+    assert torch.equal(model.W_pos[17], e.pos_embed_y[0, 1] + e.pos_embed_x[0, 1])  # row 1, col 1 of 16x16
