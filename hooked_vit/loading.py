@@ -303,5 +303,6 @@ def convert_timm(timm_model: nn.Module) -> Converted:
     from hooked_vit.timm_naflex import is_naflex, naflex_timm_state
 
     first = next(timm_model.parameters())
+    cfg = config_from_timm(timm_model)  # refuses the unsupported before any weight is read
     state = naflex_timm_state(timm_model) if is_naflex(timm_model) else timm_state(timm_model)
-    return Converted(config_from_timm(timm_model), state, first.device, first.dtype)
+    return Converted(cfg, state, first.device, first.dtype)
