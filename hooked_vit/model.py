@@ -151,6 +151,9 @@ class HookedViT(SAEHost, HookedRootModule):
                 key_mask = patch_mask
                 pool_mask = patch_mask.clone()
                 pool_mask[:, :first_pooled] = False
+            if self.cfg.global_pool != "token" and not bool(pool_mask.any(1).all()):
+                raise UserError("an image has no real token left to pool (patch_valid / keep_mask / an edited "
+                                 "embed.hook_patch_mask removes them all); keep at least one")
             start_at_layer = 0
         elif start_at_layer is None:
             grid = self.embed.check_images(x)

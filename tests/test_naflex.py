@@ -137,3 +137,20 @@ def test_w_pos_of_grid_and_factorized_tables():
         assert model.W_pos.shape == (n, model.cfg.d_model)
     e = model.embed
     assert torch.equal(model.W_pos[17], e.pos_embed_y[0, 1] + e.pos_embed_x[0, 1])  # row 1, col 1 of 16x16
+
+
+def test_nothing_left_to_pool_is_refused():
+    model = HookedViT.from_timm(zoo.small_variant("naflexvit_base_patch16_gap")[0])
+    _, batch = two_aspect_ratios()
+    keep = torch.ones(2, model.cfg.n_prefix_tokens + 14, dtype=torch.bool)
+    keep[1, model.cfg.n_prefix_tokens:] = False  # image 1 keeps its registers only
+    with pytest.raises(UserError, match="removes every pooled token"):
+        model(batch._asdict(), keep_mask=keep)
+
+    def drop_image_1(m, hook):
+        m = m.clone()
+        m[1, model.cfg.n_prefix_tokens:] = False
+        return m
+
+    with pytest.raises(UserError, match="no real token left to pool"):
+        model.run_with_hooks(batch._asdict(), fwd_hooks=[("embed.hook_patch_mask", drop_image_1)])
