@@ -13,7 +13,6 @@ import transformers
 
 from helpers import randomize_
 from hooked_vit import HookedViT
-from hooked_vit.errors import UnsupportedModelError
 from hooked_vit.naflex import from_spatial_shapes, pad_batch, patchify, resample_table
 
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
@@ -25,7 +24,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def explicit(model):
-    hooks = [h for h in EXPLICIT]
+    hooks = list(EXPLICIT)
     if "attn_pool.hook_pattern" in model.hook_dict:
         hooks.append(("attn_pool.hook_pattern", lambda t, hook: t))
     return model.hooks(hooks)
