@@ -56,7 +56,27 @@ class HookedViTConfig:
     # "sincos" (VideoMAE's fixed 1D sin-cos table over the patch tokens, a buffer) or
     # "space_time" (TimeSformer's learned spatial table over [prefix, one frame's patches]
     # plus a learned table over time, added to the patch tokens).
-    pos_embed_type: Literal["learned", "sincos", "space_time"] = "learned"
+    # "factorized" (NaFlexVit's): learned row and column tables [gh, d] and [gw, d] summed at
+    # each patch (pos_embed_y[row] + pos_embed_x[col]), patch tokens only.
+    pos_embed_type: Literal["learned", "sincos", "space_time", "factorized"] = "learned"
+    # The learned (or factorized) table's patch grid when it is not img_size // patch_size
+    # (NaFlexVit keeps a 16x16 table for every input size; needs no_embed_class); None: grid_size.
+    pos_embed_grid: Optional[tuple[int, int]] = None
+    # How a learned table is resampled to another patch grid (timm's NaFlexEmbeds options; the
+    # defaults are timm's resample_abs_pos_embed): F.interpolate mode, antialias, align_corners,
+    # and "aspect-ratio preserving" (resample to a square of the longer side, keep the top-left).
+    pos_embed_interp: Literal["bicubic", "bilinear"] = "bicubic"
+    pos_embed_antialias: bool = True
+    pos_embed_align_corners: bool = False
+    pos_embed_ar_preserving: bool = False
+    # NaFlex inputs (hooked_vit.naflex: patches, patch coordinates, valid mask; any resolution
+    # and aspect ratio in one padded batch) are accepted, besides images; adds
+    # embed.hook_patch_mask. timm's NaFlexVit and transformers' SigLIP 2 set it.
+    naflex: bool = False
+    # Layout of one flattened patch in NaFlex patch inputs ([b, n, patch_dim], hooked_vit.naflex):
+    # "hwc" (timm NaFlexVit and transformers' SigLIP 2: channel fastest) or "chw"; the patch
+    # embedding itself is always the Conv2d `embed.proj`, read as a Linear over that layout.
+    patch_layout: Literal["chw", "hwc"] = "hwc"
 
     # --- video: the token layout in time (docs/video.md) --------------------------------
     # num_frames=None: an image model, inputs [b, c, h, w]. Otherwise inputs are clips
@@ -175,6 +195,7 @@ class HookedViTConfig:
         if self.global_pool == "map":
             self.attn_pool_heads = self.attn_pool_heads or self.n_heads
             self.attn_pool_d_mlp = self.attn_pool_d_mlp or self.d_mlp
+        self._check_positions()
         if self.global_pool == "token" and not (self.class_token or self.distilled):
             raise UserError("global_pool='token' needs a class token")
         if self.distilled and self.n_reg_tokens:
@@ -210,6 +231,24 @@ class HookedViTConfig:
             raise UserError(f"without a head on the image embedding the logits are the embedding: n_classes="
                              f"{self.n_classes} must equal d_image_embed={self.d_image_embed} "
                              "(or set head_on_image_embed=True)")
+
+    def _check_positions(self) -> None:
+        if self.pos_embed_grid is not None:
+            self.pos_embed_grid = _pair(self.pos_embed_grid)
+            if self.pos_embed_type not in ("learned", "factorized") or not self.no_embed_class:
+                raise UserError("pos_embed_grid (a position table on its own patch grid) needs pos_embed_type "
+                                 "'learned' or 'factorized' and no_embed_class=True (a table over patch tokens only)")
+        if self.naflex and (self.is_video or self.rope_type is not None or self.rel_pos_bias):
+            raise UserError("naflex=True (NaFlex patch inputs) is supported for image models without RoPE or a "
+                             "relative position bias")
+        if self.pos_embed_type == "factorized" and (not self.no_embed_class or self.is_video):
+            raise UserError("pos_embed_type='factorized' is a table over image patch tokens: set no_embed_class=True "
+                             "(and no num_frames)")
+
+    @property
+    def pos_grid(self) -> tuple[int, int]:
+        """The patch grid of the learned position table (pos_embed_grid, else grid_size)."""
+        return self.pos_embed_grid or self.grid_size
 
     def _check_video(self) -> None:
         if self.num_frames is None:

@@ -27,8 +27,9 @@ def config_from_timm(model: nn.Module) -> HookedViTConfig:
     """Read a `HookedViTConfig` off a timm VisionTransformer or Eva, refusing what is
     unsupported (hooked_vit.timm_architectures reads the modules)."""
     from hooked_vit.timm_architectures import architecture_options
+    from hooked_vit.timm_naflex import is_naflex, naflex_architecture_options
 
-    options = architecture_options(model)
+    options = naflex_architecture_options(model) if is_naflex(model) else architecture_options(model)
     return HookedViTConfig(
         **options,
         model_name=str(getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)),
@@ -312,6 +313,9 @@ def convert_timm(timm_model: nn.Module) -> Converted:
     """A timm model's config and weights (`config_from_timm`, refusing the unsupported;
     weights under VisionTransformer names, `timm_architectures.timm_state`)."""
     from hooked_vit.timm_architectures import timm_state
+    from hooked_vit.timm_naflex import is_naflex, naflex_timm_state
 
     first = next(timm_model.parameters())
-    return Converted(config_from_timm(timm_model), timm_state(timm_model), first.device, first.dtype)
+    cfg = config_from_timm(timm_model)  # refuses the unsupported before any weight is read
+    state = naflex_timm_state(timm_model) if is_naflex(timm_model) else timm_state(timm_model)
+    return Converted(cfg, state, first.device, first.dtype)

@@ -21,6 +21,7 @@ HookedViT parameter names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -35,6 +36,8 @@ from hooked_vit.config import HookedViTConfig
 from hooked_vit.loading import Converted, UnsupportedModelError
 from hooked_vit.hf_layers import _ACTS, _layer_weights
 from hooked_vit.loading_hf_families import FAMILY_CLASSES, family_config_and_state, is_family_class
+from hooked_vit.loading_hf_siglip import (FULL_MODELS, SIGLIP_CLASSES, check_siglip_class, is_siglip, siglip_config,
+                                          siglip_state, siglip_vision_tower)
 from hooked_vit.loading_video import is_video_class, video_config_and_state
 
 
@@ -52,10 +55,16 @@ def convert_hf(model_or_path: Union[str, os.PathLike, nn.Module], **hf_kwargs: A
         hf_model, vlm_options = llava_vision_tower(hf_model)
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
+    if type(hf_model).__name__ in FULL_MODELS:  # SiglipModel / Siglip2Model: the image tower
+        hf_model = siglip_vision_tower(hf_model)
     if is_video_class(type(hf_model).__name__):
         cfg, timm_state = video_config_and_state(hf_model)
     elif is_family_class(type(hf_model).__name__):  # BEiT, Data2Vec-vision, DINOv3, AIMv2
         cfg, timm_state = family_config_and_state(hf_model, hf_class_metadata)
+    elif is_siglip(type(hf_model).__name__):  # SigLIP / SigLIP 2: hooked_vit.loading_hf_siglip
+        cfg = siglip_config(hf_model)
+        cfg = dataclasses.replace(cfg, **hf_class_metadata(hf_model.config, cfg.n_classes))
+        timm_state = siglip_state(hf_model, cfg)
     else:
         cfg = config_from_hf(hf_model)
         timm_state = hf_to_timm_state_dict(hf_model, cfg)
@@ -134,9 +143,9 @@ _SUPPORTED = {
     "CLIPVisionModelWithProjection",
     "ViTMSNModel", "ViTMSNForImageClassification", "IJepaModel", "IJepaForImageClassification",
     *FAMILY_CLASSES,
+    *SIGLIP_CLASSES,
 }
 _REFUSED = {
-    "Siglip": "SigLIP's attention-pooling head (MAP)",
     "Beit": "BEiT's heads other than image classification (masked image modelling, segmentation, backbone)",
     "Data2VecVision": "Data2Vec-vision's heads other than image classification (segmentation)",
     "Swin": "Swin's shifted-window attention",
@@ -147,6 +156,8 @@ def _check_class_name(name: str) -> None:
     # CLIPModel: its image tower is loaded; a LLaVA model: its vision tower
     if name in _SUPPORTED or name == "CLIPModel" or name in LLAVA_CLASSES or is_video_class(name):
         return
+    if is_siglip(name):
+        check_siglip_class(name)
     for key, feature in _REFUSED.items():
         if name.startswith(key):
             raise UnsupportedModelError(f"unsupported feature in {name}: {feature}")
@@ -365,7 +376,10 @@ def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Opt
         cached = try_to_load_from_cache(source, "preprocessor_config.json", cache_dir=cache_dir, revision=revision)
         path = Path(cached) if isinstance(cached, str) else path
     if path.is_file():
-        return processor_data_config(json.loads(path.read_text()), cfg, str(path))
+        proc = json.loads(path.read_text())
+        if cfg.naflex and "max_num_patches" in proc:  # SigLIP 2's NaFlex processor: see siglip2_data_config
+            proc = siglip2_data_config(proc, cfg)
+        return processor_data_config(proc, cfg, str(path))
     proc, name = _default_processor(cfg)
     config = processor_data_config(proc, cfg, name)
     if source not in _said_default:
@@ -374,6 +388,15 @@ def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Opt
                        "(resize %s, %s, mean %s, std %s)", source, name, list(cfg.img_size), config["resize"],
                        config["interpolation"], config["mean"], config["std"])
     return config
+
+
+def siglip2_data_config(proc: dict[str, Any], cfg: HookedViTConfig) -> dict[str, Any]:
+    """SigLIP 2's processor resizes each image, keeping its aspect ratio, to at most
+    `max_num_patches` patches (NaFlex inputs, which HookedViT takes as they are). The image
+    pipelines of hooked-vit (circuits) give one size: the model's img_size (its position
+    table's grid), with the processor's resampling, rescale and normalisation."""
+    h, w = cfg.img_size
+    return {**proc, "size": {"height": h, "width": w}, "do_center_crop": False, "max_num_patches": None}
 
 
 def processor_data_config(proc: dict[str, Any], cfg: HookedViTConfig, where: str = "the processor") -> dict[str, Any]:

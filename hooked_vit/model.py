@@ -29,6 +29,7 @@ from hooked_vit.layers import block_range
 from hooked_vit.loading import Converted, convert_timm, convert_timm_state_dict, timm_module, to_timm_state_dict
 from hooked_vit.loading_hf import convert_hf
 from hooked_vit.loading_open_clip import convert_open_clip
+from hooked_vit.naflex import NaFlexInputs, naflex_inputs
 from hooked_vit.rope import block_tables, build_rope
 from hooked_vit.specs import ModelSpec, convert as convert_spec
 from hooked_vit.saes import SAEHost
@@ -89,7 +90,7 @@ class HookedViT(SAEHost, HookedRootModule):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        x: Union[Float[Tensor, "b c h w"], Float[Tensor, "b p d_model"], ImageTokens],
+        x: Union[Float[Tensor, "b c h w"], Float[Tensor, "b p d_model"], ImageTokens, dict[str, Tensor]],
         *,
         return_type: ReturnType = "logits",
         start_at_layer: Optional[int] = None,
@@ -98,6 +99,8 @@ class HookedViT(SAEHost, HookedRootModule):
         key_mask: Optional[Tensor] = None,
         targets: Optional[Tensor] = None,
         positions: Optional[Tensor] = None,
+        patch_coord: Optional[Tensor] = None,
+        patch_valid: Optional[Tensor] = None,
     ) -> Tensor:
         """Run the model.
 
@@ -118,13 +121,42 @@ class HookedViT(SAEHost, HookedRootModule):
             key_mask: [b, p] bool, True where a token may be attended to (with start_at_layer).
             positions: [b, p] each token's index in the full sequence, for RoPE models run
                 from start_at_layer on a shortened sequence (token removal sets it itself).
+            patch_coord, patch_valid: NaFlex inputs (hooked_vit.naflex; variable resolution and
+                aspect ratio): x is then patches [b, n, patch_dim], patch_coord [b, n, 2] each
+                patch's (row, col) and patch_valid [b, n] the real patches; or x is a dict with
+                the keys "patches", "patch_coord", "patch_valid", as timm's NaFlexVit takes them.
+                Padding is masked out of attention and pooling (embed.hook_patch_mask [b, p]).
         """
         _check_forward_options(return_type, targets)
         x = x.images if isinstance(x, ImageTokens) else x
+        naflex = naflex_inputs(x, patch_coord, patch_valid)
+        if naflex is not None:
+            if start_at_layer is not None:
+                raise UserError("NaFlex inputs (patch_coord / patch_valid) are embedded at the start; with "
+                                 "start_at_layer pass the residual stream and key_mask instead")
+            if not self.cfg.naflex:
+                raise UserError(f"{self.cfg.model_name} does not take NaFlex inputs (patch_coord / patch_valid): "
+                                 "give images [b, c, h, w], or build the config with naflex=True")
+            x = naflex.patches
         if torch.is_tensor(x) and x.is_floating_point() and x.dtype != self.cfg.dtype:
             x = x.to(self.cfg.dtype)
         pool_mask, grid = None, self.cfg.grid_size
-        if start_at_layer is None:
+        if naflex is not None:
+            resid, patch_mask = self.embed_naflex(naflex._replace(patches=x))
+            first_pooled = 0 if self.cfg.pool_include_prefix else self.cfg.n_prefix_tokens
+            if keep_mask is not None:
+                self._check_keep_mask(keep_mask)
+                resid, key_mask, positions = compact_tokens(resid, keep_mask.to(patch_mask.device) & patch_mask)
+                pool_mask = key_mask & (positions >= first_pooled)
+            else:
+                key_mask = patch_mask
+                pool_mask = patch_mask.clone()
+                pool_mask[:, :first_pooled] = False
+            if self.cfg.global_pool != "token" and not bool(pool_mask.any(1).all()):
+                raise UserError("an image has no real token left to pool (patch_valid / keep_mask / an edited "
+                                 "embed.hook_patch_mask removes them all); keep at least one")
+            start_at_layer = 0
+        elif start_at_layer is None:
             grid = self.embed.check_images(x)
             resid = self.embed_images(x)
             if keep_mask is not None:
@@ -193,6 +225,18 @@ class HookedViT(SAEHost, HookedRootModule):
         if pos is not None:
             resid = resid + self.hook_pos_embed(pos)
         return resid if self.ln_pre is None else self.ln_pre(resid)
+
+    def embed_naflex(self, inputs: NaFlexInputs) -> tuple[Float[Tensor, "b p d_model"], Tensor]:
+        """NaFlex patches as blocks.0.hook_resid_pre (patch embedding, prefix tokens, each image's
+        resampled positions, ln_pre) and the mask of real tokens [b, p] (embed.hook_patch_mask)."""
+        resid = self.hook_embed(self.embed.naflex_tokens(inputs))
+        pos = self.embed.naflex_positions(inputs)
+        if pos is not None:
+            resid = resid + self.hook_pos_embed(pos)
+        resid = resid if self.ln_pre is None else self.ln_pre(resid)
+        prefix = inputs.patch_valid.new_ones(resid.shape[0], self.cfg.n_prefix_tokens)
+        mask = self.embed.hook_patch_mask(torch.cat([prefix, inputs.patch_valid], dim=1))
+        return resid, mask.to(torch.bool)
 
     def pool(self, resid: Float[Tensor, "b p d_model"], pool_mask: Optional[Tensor] = None) -> Tensor:
         """Final norm and pooling: the pre-logits representation.
@@ -418,11 +462,14 @@ class HookedViT(SAEHost, HookedRootModule):
     def W_pos(self) -> Float[Tensor, "n_pos d_model"]:
         """Position embeddings (patch rows only when cfg.no_embed_class): the learned table, the
         fixed sin-cos one (pos_embed_type="sincos", patch rows), or for pos_embed_type="space_time"
-        the sum of the spatial and temporal tables at every position [n_ctx, d_model]."""
+        the sum of the spatial and temporal tables at every position [n_ctx, d_model]; for
+        pos_embed_type="factorized" the row + column sums over the table's grid [gh * gw, d_model]."""
         if self.embed.pos_table is not None:
             return self.embed.pos_table[0]
         if self.embed.time_embed is not None:
             return self.embed._space_time_positions()[0]
+        if self.embed.pos_embed_y is not None:  # factorized (NaFlexVit): row + column at every patch of its grid
+            return self.embed.patch_positions(self.cfg.pos_grid)[0]
         if self.embed.pos_embed is None:
             raise UserError(f"{self.cfg.model_name} has no position embedding")
         return self.embed.pos_embed[0]
@@ -559,7 +606,7 @@ class HookedViT(SAEHost, HookedRootModule):
 
     @classmethod
     def from_hf(cls, model_or_path: Any, **kwargs: Any) -> "HookedViT":
-        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision/ViT-MSN/I-JEPA model, a `save_pretrained` folder or
+        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision/ViT-MSN/I-JEPA/SigLIP/SigLIP 2 model, a `save_pretrained` folder or
         a cached hub id (`hooked_vit.loading_hf.convert_hf`); the rest of the keywords go to
         the model class's `from_pretrained`."""
         build, hf_kwargs = _build_options(kwargs)

@@ -123,7 +123,10 @@ def center_writing_weights_(model: HookedViT) -> None:
     if cfg.layer_scale:
         raise UserError("fold LayerScale first (fold_layer_scale=True)")
     embed = model.embed
-    for param in (*embed.prefix_params(), embed.pos_embed, embed.time_embed, embed.pos_table):
+    # Resampling a table to another grid (dynamic size, NaFlex) mixes rows with weights that sum
+    # to 1, so centred rows stay centred; factorized row + column tables are centred each.
+    for param in (*embed.prefix_params(), embed.pos_embed, embed.time_embed, embed.pos_table, embed.pos_embed_y,
+                  embed.pos_embed_x):
         if param is not None:
             param.sub_(param.mean(-1, keepdim=True))
     _center_rows(embed.proj.weight, embed.proj.bias)
