@@ -51,6 +51,13 @@ class HookedViTConfig:
     # each (query, key) pair's 2-D offset (class-token pairs have their own entries), added
     # to the attention scores (attn.hook_rel_pos_bias).
     rel_pos_bias: bool = False
+    # Where that bias comes from: "table" (BEiT; timm's RelPosBias: one learned entry per
+    # offset, with a class token three more for the class-token pairs) or "log_mlp" (timm's
+    # RelPosMlp, Swin-V2's log-spaced coordinates in timm's "cr" mode: an MLP 2 -> rel_pos_mlp_dim
+    # -> n_heads with ReLU on sign(d) * log(1 + |d|) of each (row, col) offset d; pairs with
+    # a prefix token get 0).
+    rel_pos_type: Literal["table", "log_mlp"] = "table"
+    rel_pos_mlp_dim: Optional[int] = None
     # Position embedding kind (with pos_embed=True): "learned" (one table over the sequence),
     # "sincos" (VideoMAE's fixed 1D sin-cos table over the patch tokens, a buffer) or
     # "space_time" (TimeSformer's learned spatial table over [prefix, one frame's patches]
@@ -140,6 +147,8 @@ class HookedViTConfig:
             raise UserError(f"act_fn={self.act_fn!r} / attn_pool_act={self.attn_pool_act!r}: choose from {ACT_FNS}")
         if self.rope_type is not None and self.rope_type not in ROPE_TYPES:
             raise UserError(f"rope_type={self.rope_type!r} is not supported; choose one of {ROPE_TYPES} or None")
+        if self.rel_pos_bias:
+            self._check_rel_pos()
         if self.attn_only_layer_scale and not self.layer_scale:
             raise UserError("attn_only_layer_scale=True needs layer_scale=True")
         if self.global_pool == "map":
@@ -160,6 +169,15 @@ class HookedViTConfig:
                 setattr(self, name, tuple(str(n) for n in names))
                 if len(names) != self.n_classes:
                     raise UserError(f"{name} has {len(names)} entries for n_classes={self.n_classes}")
+
+    def _check_rel_pos(self) -> None:
+        if self.n_prefix_tokens != int(self.class_token):
+            raise UserError("a relative position bias is defined for a class token and patch tokens only: "
+                             "no register or distillation tokens")
+        if self.rel_pos_type == "log_mlp" and not self.rel_pos_mlp_dim:
+            raise UserError("rel_pos_type='log_mlp' needs rel_pos_mlp_dim (the bias MLP's hidden width)")
+        if self.rel_pos_type not in ("table", "log_mlp"):
+            raise UserError(f"rel_pos_type={self.rel_pos_type!r}: choose 'table' or 'log_mlp'")
 
     def _check_head(self) -> None:
         if self.global_pool == "token_avg" and (not self.class_token or self.distilled or self.pool_include_prefix

@@ -212,8 +212,6 @@ def _eva_block(block: nn.Module, where: str) -> dict[str, Any]:
         refuse(f"attention type {type(attn).__name__}")
     if getattr(attn, "gate", None) is not None:
         refuse("gated attention (a sigmoid gate on the attention output)")
-    if getattr(attn, "num_kv_groups", 1) != 1:
-        refuse("grouped-query attention (num_kv_heads)")
     if attn.qkv is not None:
         qkv_bias = attn.qkv.bias is not None or getattr(attn, "q_bias", None) is not None
     else:
@@ -287,6 +285,52 @@ def beit_config(model: nn.Module) -> dict[str, Any]:
     )
 
 
+# ------------------------------------------------------------------ VisionTransformerRelPos
+def _rel_pos_options(rel_pos: nn.Module, where: str) -> dict[str, Any]:
+    from timm.layers import Mlp, RelPosBias, RelPosMlp
+
+    if type(rel_pos) is RelPosBias:
+        return dict(rel_pos_type="table")
+    if type(rel_pos) is RelPosMlp:
+        if rel_pos.mode == "swin" or rel_pos.bias_gain is not None or not is_identity(rel_pos.bias_act):
+            refuse(f"RelPosMlp in Swin-V2 mode (sigmoid, gain 16) at {where}")
+        mlp = rel_pos.mlp
+        if type(mlp) is not Mlp or type(mlp.act) is not nn.ReLU or not is_identity(mlp.norm) \
+                or mlp.fc1.bias is None or mlp.fc2.bias is None:
+            refuse(f"a relative-position MLP other than Linear-ReLU-Linear at {where}")
+        return dict(rel_pos_type="log_mlp", rel_pos_mlp_dim=mlp.fc1.out_features)
+    refuse(f"relative position module {type(rel_pos).__name__} at {where} (RelPosBias and RelPosMlp are supported)")
+    raise AssertionError
+
+
+def _relpos_block(block: nn.Module, where: str) -> dict[str, Any]:
+    kind = type(block).__name__
+    if kind not in ("RelPosBlock", "ResPostRelPosBlock"):
+        refuse(f"block type {kind} (RelPosBlock and ResPostRelPosBlock are supported)")
+    attn = block.attn
+    if type(attn).__name__ != "RelPosAttention":
+        refuse(f"attention type {type(attn).__name__}")
+    if attn.rel_pos is None:
+        refuse("a relative position bias shared by all blocks (shared_rel_pos)")
+    ls = not is_identity(getattr(block, "ls1", None))
+    return dict(block_type="post_norm" if kind == "ResPostRelPosBlock" else "pre_norm", n_heads=attn.num_heads,
+                d_head=attn.head_dim, qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
+                qk_norm=not is_identity(attn.q_norm), layer_scale=ls, **_rel_pos_options(attn.rel_pos, where),
+                **mlp_options(block.mlp, where))
+
+
+def relpos_config(model: nn.Module) -> dict[str, Any]:
+    if model.shared_rel_pos is not None:
+        refuse("a relative position bias shared by all blocks (shared_rel_pos)")
+    if model.global_pool not in ("avg", "token"):
+        refuse(f"global_pool={model.global_pool!r} (avg and token are supported)")
+    return dict(
+        **patch_embed_options(model.patch_embed), **same_in_every_block(model.blocks, _relpos_block),
+        **head_options(model), global_pool=model.global_pool, rel_pos_bias=True,
+        class_token=model.cls_token is not None, pos_embed=False, final_norm=final_norm_of(model),
+    )
+
+
 # ------------------------------------------------------------------ entry points
 def architecture_options(model: nn.Module) -> dict[str, Any]:
     """HookedViTConfig fields of a timm model's architecture (sizes, tokens, blocks, head)."""
@@ -299,8 +343,11 @@ def architecture_options(model: nn.Module) -> dict[str, Any]:
         options = eva_config(model)
     elif type(model).__name__ == "Beit":
         options = beit_config(model)
+    elif type(model).__name__ == "VisionTransformerRelPos":
+        options = relpos_config(model)
     else:
-        refuse(f"model class {type(model).__name__} (HookedViT reads timm's VisionTransformer, Eva and Beit)")
+        refuse(f"model class {type(model).__name__} (HookedViT reads timm's VisionTransformer, Eva, Beit and "
+               "VisionTransformerRelPos)")
     norm_type, eps = norms_of(model)
     return dict(d_model=model.embed_dim, n_layers=len(model.blocks), norm_type=norm_type, eps=eps, **options)
 
@@ -317,6 +364,8 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
         _attn_state(block.attn, p + "attn.", out)
         _mlp_state(block.mlp, p + "mlp.", out)
         _rename_prefix(out, p + "attn.relative_position_bias_table", p + "attn.rel_pos_table")
+        _rename_prefix(out, p + "attn.rel_pos.relative_position_bias_table", p + "attn.rel_pos_table")
+        _rename_prefix(out, p + "attn.rel_pos.mlp.", p + "attn.rel_pos_mlp.")
         for old, new in (("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma")):
             if p + old in out:
                 out[p + new] = out.pop(p + old)
@@ -342,12 +391,23 @@ def _attn_state(attn: nn.Module, p: str, out: dict[str, Tensor]) -> None:
         return
     if getattr(attn, "q_proj", None) is None:
         return
-    projs = [out.pop(p + f"{n}_proj.weight") for n in "qkv"]
+    groups = getattr(attn, "num_kv_groups", 1)  # grouped-query attention: kv heads expanded per query head
+    projs = [_expand_kv(out.pop(p + f"{n}_proj.weight"), groups if n != "q" else 1, attn.head_dim) for n in "qkv"]
     out[p + "qkv.weight"] = torch.cat(projs)
     biases = [out.pop(p + f"{n}_proj.bias", None) for n in "qkv"]
+    biases = [b if b is None or n == "q" else _expand_kv(b, groups, attn.head_dim) for b, n in zip(biases, "qkv")]
     if any(b is not None for b in biases):
         out[p + "qkv.bias"] = torch.cat([b if b is not None else torch.zeros_like(w[:, 0])
                                          for b, w in zip(biases, projs)])
+
+
+def _expand_kv(w: Tensor, groups: int, d_head: int) -> Tensor:
+    """A k or v projection's rows [kv_heads * d_head, ...] repeated so query head h reads kv
+    head h // groups (timm's repeat_interleave): exact, since k_norm and RoPE act per head."""
+    if groups == 1:
+        return w
+    heads = w.reshape(-1, d_head, *w.shape[1:])
+    return heads.repeat_interleave(groups, dim=0).reshape(-1, *w.shape[1:])
 
 
 def _mlp_state(mlp: nn.Module, p: str, out: dict[str, Tensor]) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from helpers import randomize_
 
-MODULES = ("vision_transformer", "eva", "naflexvit", "vision_transformer_relpos", "beit")
+MODULES = ("vision_transformer", "eva", "naflexvit", "vision_transformer_relpos", "beit", "vision_transformer_hybrid", "deit")
 SMALL = dict(depth=2, embed_dim=64, num_heads=4, num_classes=10)
 RTOL = 1e-5
 
