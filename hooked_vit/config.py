@@ -41,6 +41,13 @@ class HookedViTConfig:
     patch_embed_bias: bool = True
     ln_pre: bool = False  # CLIP's norm_pre after the embedding
     embed_norm: bool = False  # a norm on the patch embeddings (timm's embed_norm_layer, AIMv2)
+    # A hybrid CNN stem (timm's HybridEmbed: R50+ViT, R26+ViT, ...): a CNN backbone (the timm
+    # module itself, not re-implemented) maps the image to a feature map with d_backbone
+    # channels (embed.hook_backbone_out), then embed.proj (kernel = stride =
+    # backbone_patch_size feature cells) makes the tokens. patch_size is then the pixels per
+    # token (the backbone's stride times backbone_patch_size). None: a plain patch embedding.
+    d_backbone: Optional[int] = None
+    backbone_patch_size: tuple[int, int] = (1, 1)
     # Rotary position embedding on q and k of the patch tokens (EVA02, DINOv3, PE, RoPE-ViT):
     # one of ROPE_TYPES, built by hooked_vit.rope from `rope_options` (timm's constructor
     # arguments); None: no RoPE. Can be combined with the learned pos_embed ("rope_ape").
@@ -139,6 +146,7 @@ class HookedViTConfig:
         self.img_size = _pair(self.img_size)
         self.dtype = _dtype(self.dtype)
         self.patch_size = _pair(self.patch_size)
+        self.backbone_patch_size = _pair(self.backbone_patch_size)
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 raise UserError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
@@ -149,6 +157,8 @@ class HookedViTConfig:
             raise UserError(f"rope_type={self.rope_type!r} is not supported; choose one of {ROPE_TYPES} or None")
         if self.rel_pos_bias:
             self._check_rel_pos()
+        if self.d_backbone is not None and (self.is_video or self.embed_norm):
+            raise UserError("a hybrid CNN stem (d_backbone) is supported for image models without embed_norm")
         if self.attn_only_layer_scale and not self.layer_scale:
             raise UserError("attn_only_layer_scale=True needs layer_scale=True")
         if self.global_pool == "map":

@@ -6,6 +6,7 @@ families is a flag in `HookedViTConfig`. See docs/hook_points.md for the hook ta
 
 from __future__ import annotations
 
+import copy
 import difflib
 import sys
 from typing import Any, Callable, Literal, Optional, Sequence, Union
@@ -58,10 +59,12 @@ class HookedViT(SAEHost, HookedRootModule):
     dictionaries splice in with SAELens's `add_sae` / `run_with_saes` / ... (hooked_vit/saes.py).
     """
 
-    def __init__(self, cfg: HookedViTConfig):
+    def __init__(self, cfg: HookedViTConfig, backbone: Optional[nn.Module] = None):
+        """`backbone`: a hybrid stem's CNN module (cfg.d_backbone set), e.g. timm's
+        `patch_embed.backbone`; the model owns it as `embed.backbone`."""
         super().__init__()
         self.cfg = cfg
-        self.embed = Embed(cfg)
+        self.embed = Embed(cfg, backbone)
         self.hook_embed = HookPoint()
         self.hook_pos_embed = HookPoint() if cfg.pos_embed else None  # absent without a learned position embedding
         self.ln_pre = make_norm(cfg, cfg.d_model) if cfg.ln_pre else None
@@ -398,7 +401,8 @@ class HookedViT(SAEHost, HookedRootModule):
     # ------------------------------------------------------------------ weights
     @property
     def W_E(self) -> Float[Tensor, "patch_dim d_model"]:
-        """Patch embedding as a matrix over flattened (channel, row, col) patches."""
+        """Patch embedding as a matrix over flattened (channel, row, col) patches (with a hybrid
+        CNN stem, patches of the backbone's feature map: d_backbone channels)."""
         return self.embed.proj.weight.flatten(1).T
 
     @property
@@ -524,7 +528,8 @@ class HookedViT(SAEHost, HookedRootModule):
         refused, never dropped."""
         cfg = converted.cfg
         with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the generator be
-            model = cls(cfg)
+            backbone = None if converted.backbone is None else copy.deepcopy(converted.backbone)
+            model = cls(cfg, backbone)
         result = model.load_state_dict(convert_timm_state_dict(converted.timm_state, cfg), strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise UnsupportedModelError(

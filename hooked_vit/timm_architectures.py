@@ -60,6 +60,8 @@ def norms_of(model: nn.Module) -> tuple[str, float]:
 
     found = {}
     for name, m in model.named_modules():
+        if name.startswith("patch_embed.backbone."):  # a hybrid stem's CNN runs as its own timm module
+            continue
         if isinstance(m, (nn.LayerNorm, RmsNorm)) or (re.search(r"Norm(2d)?(Fp32)?$", type(m).__name__)
                                                        and "Block" not in type(m).__name__):
             kind, eps, has_bias = norm_kind(m, name)
@@ -109,11 +111,43 @@ def same_in_every_block(blocks: nn.ModuleList, read: Callable[[nn.Module, str], 
 
 
 # ------------------------------------------------------------------ patch embedding, head
-def patch_embed_options(embed: nn.Module) -> dict[str, Any]:
-    from timm.layers import PatchEmbed
+def hybrid_embed_options(embed: nn.Module) -> dict[str, Any]:
+    """A HybridEmbed: its CNN backbone is kept as a module (hybrid_backbone); the options
+    describe the projection of its last feature map."""
+    if embed.dynamic_img_pad or not embed.flatten:
+        refuse("a hybrid CNN stem with dynamic_img_pad or without flattening")
+    if isinstance(embed.proj, nn.Identity) and tuple(embed.patch_size) == (1, 1):  # proj=False: timm_state
+        ratio = tuple(embed.feature_ratio)  # gives an identity 1x1 projection (exact)
+        return dict(img_size=tuple(embed.img_size), patch_size=ratio, in_chans=embed.in_chans,
+                    patch_embed_bias=False, d_backbone=embed.feature_dim)
+    if not isinstance(embed.proj, nn.Conv2d) or embed.proj.kernel_size != embed.proj.stride \
+            or tuple(embed.proj.kernel_size) != tuple(embed.patch_size) or embed.proj.padding != (0, 0):
+        refuse("a hybrid CNN stem without its Conv2d projection (proj=False) or with kernel != stride")
+    ratio, patch = tuple(embed.feature_ratio), tuple(embed.patch_size)
+    img = tuple(embed.img_size)
+    if any(i != f * r for i, f, r in zip(img, embed.feature_size, ratio)):
+        refuse(f"a hybrid CNN stem whose feature map {tuple(embed.feature_size)} is not the image {img} over a "
+               "whole stride")
+    return dict(img_size=img, patch_size=(ratio[0] * patch[0], ratio[1] * patch[1]), in_chans=embed.in_chans,
+                patch_embed_bias=embed.proj.bias is not None, d_backbone=embed.proj.in_channels,
+                backbone_patch_size=patch)
 
+
+def hybrid_backbone(model: nn.Module) -> Optional[nn.Module]:
+    """A HybridEmbed's CNN backbone (run by HookedViT as the timm module it is); None otherwise."""
+    from timm.layers import HybridEmbed
+
+    embed = getattr(model, "patch_embed", None)
+    return embed.backbone if type(embed) is HybridEmbed else None
+
+
+def patch_embed_options(embed: nn.Module) -> dict[str, Any]:
+    from timm.layers import HybridEmbed, PatchEmbed
+
+    if type(embed) is HybridEmbed:
+        return hybrid_embed_options(embed)
     if type(embed) is not PatchEmbed:
-        refuse(f"patch embedding {type(embed).__name__} (only timm's PatchEmbed; e.g. a hybrid CNN stem)")
+        refuse(f"patch embedding {type(embed).__name__} (timm's PatchEmbed and HybridEmbed are supported)")
     if embed.dynamic_img_pad:
         refuse("dynamic_img_pad")
     if not isinstance(embed.proj, nn.Conv2d) or embed.proj.kernel_size != embed.proj.stride:
@@ -372,6 +406,10 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
         for old, new in (("attn.norm.", "attn.ln_z."), ("mlp.norm.", "mlp.ln.")):
             _rename_prefix(out, p + old, p + new)
     _rename_prefix(out, "patch_embed.norm.", "embed.norm.")
+    embed = getattr(model, "patch_embed", None)
+    if hybrid_backbone(model) is not None and isinstance(embed.proj, nn.Identity):  # proj=False
+        first = next(model.parameters())
+        out["patch_embed.proj.weight"] = torch.eye(embed.feature_dim, device=first.device, dtype=first.dtype)[..., None, None]
     _rename_prefix(out, "attn_pool.norm.", "attn_pool.ln.")
     return out
 

@@ -39,8 +39,10 @@ def zoo_names() -> list[tuple[str, str]]:
 
 
 def _patch_size(model: torch.nn.Module) -> tuple[int, int]:
+    """Pixels per token (a hybrid CNN stem: its feature stride times the patch size)."""
     embed = getattr(model, "patch_embed", None) or getattr(model, "embeds")  # NaFlexVit: embeds
-    return tuple(embed.patch_size)
+    ratio = getattr(embed, "feature_ratio", (1, 1))
+    return tuple(int(r) * p for r, p in zip(ratio, embed.patch_size))
 
 
 def _create(name: str, **kwargs) -> torch.nn.Module:
@@ -49,6 +51,9 @@ def _create(name: str, **kwargs) -> torch.nn.Module:
     try:
         return timm.create_model(name, pretrained=False, **{**SMALL, **kwargs})
     except AssertionError as err:
+        if "feature dim" in str(err):  # a hybrid stem without projection: the width is the CNN's
+            width = int(str(err).split("(")[1].split()[0])
+            return timm.create_model(name, pretrained=False, **{**SMALL, "embed_dim": width, **kwargs})
         if "num_kv_heads" in str(err):
             return timm.create_model(name, pretrained=False, **{**SMALL, "num_kv_heads": 2, **kwargs})
         return timm.create_model(name, pretrained=False, **{**SMALL, "embed_dim": 96, **kwargs})
