@@ -85,6 +85,10 @@ class HookedViTConfig:
 
     # --- blocks ----------------------------------------------------------------------------
     block_type: Literal["pre_norm", "post_norm"] = "pre_norm"
+    # Attention and MLP read the same resid_pre and are added together (TransformerLens's
+    # field; timm's ParallelScalingBlock, ViT-22B): resid_post = resid_pre + attn_out + mlp_out,
+    # no hook_resid_mid; ln2 holds a copy of the block's one norm (as TransformerLens loads GPT-J).
+    parallel_attn_mlp: bool = False
     qkv_bias: bool = True
     proj_bias: bool = True
     mlp_bias: bool = True
@@ -157,6 +161,8 @@ class HookedViTConfig:
             raise UserError(f"rope_type={self.rope_type!r} is not supported; choose one of {ROPE_TYPES} or None")
         if self.rel_pos_bias:
             self._check_rel_pos()
+        if self.parallel_attn_mlp and (self.block_type != "pre_norm" or self.attention_type != "joint"):
+            raise UserError("parallel_attn_mlp needs pre-norm blocks with joint attention")
         if self.d_backbone is not None and (self.is_video or self.embed_norm):
             raise UserError("a hybrid CNN stem (d_backbone) is supported for image models without embed_norm")
         if self.attn_only_layer_scale and not self.layer_scale:

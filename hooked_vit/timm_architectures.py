@@ -198,12 +198,33 @@ def pooling_options(model: nn.Module, include_prefix: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ VisionTransformer
+def _parallel_scaling_block(block: nn.Module, where: str) -> dict[str, Any]:
+    """timm's ParallelScalingBlock (ViT-22B): one norm, a fused in-projection [fc1; q; k; v],
+    attention and MLP added to the residual together (parallel_attn_mlp)."""
+    out_proj = block.out_proj if block.out_proj is not None else block.attn_out_proj
+    d_model = block.in_proj.in_features
+    if block.in_split[1:] != [d_model] * 3:
+        refuse(f"a ParallelScalingBlock whose attention width differs from the model's at {where}")
+    return dict(block_type="pre_norm", parallel_attn_mlp=True, n_heads=block.num_heads, d_head=block.head_dim,
+                qkv_bias=block.in_proj.bias is not None, proj_bias=out_proj.bias is not None,
+                qk_norm=not is_identity(block.q_norm), attn_norm=False, layer_scale=not is_identity(block.ls),
+                mlp_type="mlp", d_mlp=block.in_split[0], act_fn=act_name(block.mlp_act), mlp_norm=False,
+                mlp_bias=True)
+
+
 def _vit_block(block: nn.Module, where: str) -> dict[str, Any]:
     from timm.layers.attention import Attention as TimmAttention
 
     kind = type(block).__name__
+    if kind == "ParallelScalingBlock":
+        return _parallel_scaling_block(block, where)
+    if kind == "ParallelThingsBlock":
+        refuse("block type ParallelThingsBlock (several attention and MLP branches per block, each with its own "
+               "norm; parallel_attn_mlp covers one of each)")
+    if kind == "DiffParallelScalingBlock":
+        refuse("block type DiffParallelScalingBlock (differential attention, DiffAttention)")
     if kind not in ("Block", "ResPostBlock"):
-        refuse(f"block type {kind} (Block and ResPostBlock are supported)")
+        refuse(f"block type {kind} (Block, ResPostBlock and ParallelScalingBlock are supported)")
     attn = block.attn
     if type(attn) is not TimmAttention:
         refuse(f"attention type {type(attn).__name__}")
@@ -395,6 +416,9 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
             out[name] = value
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}."
+        if type(block).__name__ == "ParallelScalingBlock":
+            _parallel_state(block, p, out)
+            continue
         _attn_state(block.attn, p + "attn.", out)
         _mlp_state(block.mlp, p + "mlp.", out)
         _rename_prefix(out, p + "attn.relative_position_bias_table", p + "attn.rel_pos_table")
@@ -412,6 +436,41 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
         out["patch_embed.proj.weight"] = torch.eye(embed.feature_dim, device=first.device, dtype=first.dtype)[..., None, None]
     _rename_prefix(out, "attn_pool.norm.", "attn_pool.ln.")
     return out
+
+
+def _parallel_state(block: nn.Module, p: str, out: dict[str, Tensor]) -> None:
+    """A ParallelScalingBlock under a pre-norm block's names: in_norm as norm1 and (a copy) norm2,
+    in_proj split into mlp.fc1 and attn.qkv, the output projection(s) as attn.proj and
+    mlp.fc2 (a fused out_proj split by columns, its bias on attn.proj), ls as ls1 and ls2."""
+    d_mlp = block.in_split[0]
+    for suffix in ("weight", "bias"):
+        norm = out.pop(p + f"in_norm.{suffix}", None)
+        if norm is not None:
+            out[p + f"norm1.{suffix}"], out[p + f"norm2.{suffix}"] = norm, norm.clone()
+    w = out.pop(p + "in_proj.weight")
+    out[p + "mlp.fc1.weight"], out[p + "attn.qkv.weight"] = w[:d_mlp], w[d_mlp:]
+    b = out.pop(p + "in_proj.bias", None)
+    if b is not None:
+        out[p + "mlp.fc1.bias"], out[p + "attn.qkv.bias"] = b[:d_mlp], b[d_mlp:]
+    else:
+        out[p + "mlp.fc1.bias"] = out.pop(p + "mlp_bias")
+    if block.out_proj is not None:
+        w = out.pop(p + "out_proj.weight")
+        d_attn = w.shape[1] - d_mlp
+        out[p + "attn.proj.weight"], out[p + "mlp.fc2.weight"] = w[:, :d_attn], w[:, d_attn:]
+        b = out.pop(p + "out_proj.bias", None)
+        if b is not None:
+            out[p + "attn.proj.bias"] = b
+    else:
+        _rename_prefix(out, p + "attn_out_proj.", p + "attn.proj.")
+        _rename_prefix(out, p + "mlp_out_proj.", p + "mlp.fc2.")
+    if p + "mlp.fc2.bias" not in out:  # HookedViT's MLP has both biases or neither: a zero fc2 bias
+        out[p + "mlp.fc2.bias"] = out[p + "mlp.fc2.weight"].new_zeros(out[p + "mlp.fc2.weight"].shape[0])
+    for n in ("q_norm.", "k_norm."):
+        _rename_prefix(out, p + n, p + "attn." + n)
+    gamma = out.pop(p + "ls.gamma", None)
+    if gamma is not None:
+        out[p + "ls1.gamma"], out[p + "ls2.gamma"] = gamma, gamma.clone()
 
 
 def _rename_prefix(state: dict[str, Tensor], old: str, new: str) -> None:
