@@ -54,10 +54,12 @@ def render_table(results) -> str:
         r = rows.get(module, {})
         lines.append(f"| `{module}` | {r.get('names', 0)} | {r.get('exact', 0)} | {r.get('refused', 0)} "
                      f"| {r.get('unbuildable', 0)} |")
-    lines += ["", "| timm name | module | status | options (HookedViTConfig) / reason |", "|---|---|---|---|"]
+    lines += ["", "| timm name | module | status | options (HookedViTConfig) / reason | hook points beyond a plain ViT |",
+              "|---|---|---|---|---|"]
     for r in results:
         detail = r.detail.replace("|", "/")
-        lines.append(f"| `{r.name}` | {r.module} | {r.status} | {detail} |")
+        hooks = ", ".join(f"`{h}`" for h in r.hooks.split(", ")) if r.hooks else ""
+        lines.append(f"| `{r.name}` | {r.module} | {r.status} | {detail} | {hooks} |")
     return "\n".join(lines + ["", END])
 
 

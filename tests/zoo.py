@@ -31,6 +31,7 @@ class ZooResult:
     status: str  # "exact", "refused", "different", "unbuildable"
     detail: str = ""  # the refusal message, the error, or the hooked flags
     err: float = 0.0
+    hooks: str = ""  # hook points beyond a plain ViT's (blocks.L. for every block), exact names only
 
 
 def zoo_names() -> list[tuple[str, str]]:
@@ -98,7 +99,30 @@ def check(name: str, module: str = "") -> ZooResult:
     err = max(rel_err(fused, ref), rel_err(explicit, ref))
     if fused.shape != ref.shape or not err < RTOL:
         return ZooResult(name, module, "different", f"rel err {err:.2e}", err)
-    return ZooResult(name, module, "exact", _flags(model), err)
+    return ZooResult(name, module, "exact", _flags(model), err, ", ".join(extra_hooks(model)))
+
+
+def _per_layer(name: str) -> str:
+    import re
+
+    return re.sub(r"^blocks\.\d+\.", "blocks.L.", name)
+
+
+@functools.lru_cache(maxsize=None)
+def _standard_hooks() -> frozenset:
+    """The hook points of a plain ViT (class token, learned positions, LayerNorm, MLP, token pooling)."""
+    from hooked_vit import HookedViT
+    from hooked_vit.config import HookedViTConfig
+
+    cfg = HookedViTConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=8, n_classes=2, img_size=4, patch_size=2)
+    return frozenset(_per_layer(n) for n in HookedViT(cfg).hook_dict)
+
+
+def extra_hooks(model) -> list[str]:
+    """The model's hook points that a plain ViT lacks, then "no NAME" for a plain ViT's that
+    it lacks (e.g. a parallel block's resid_mid): the documentation's hook points column."""
+    own = {_per_layer(n) for n in model.hook_dict}
+    return sorted(own - _standard_hooks()) + [f"no {n}" for n in sorted(_standard_hooks() - own)]
 
 
 def _flags(model) -> str:
