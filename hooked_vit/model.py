@@ -352,6 +352,10 @@ class HookedViT(SAEHost, HookedRootModule):
         if not isinstance(name, str):
             return name
         canonical = canonical_hook_name(name)
+        if canonical not in self.hook_dict and self.cfg.parallel_attn_mlp and canonical.endswith(".hook_resid_mid"):
+            raise UnknownHookError(f"no hook point {name!r}: this model's blocks are parallel (parallel_attn_mlp: "
+                                   "attention and MLP both read resid_pre), so there is no resid_mid; a method that "
+                                   "needs the stream between the sublayers does not apply to it")
         if canonical not in self.hook_dict:
             close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
             hint = f" Did you mean {close}?" if close else " See model.hook_dict.keys()."

@@ -365,22 +365,24 @@ def _relpos_block(block: nn.Module, where: str) -> dict[str, Any]:
     attn = block.attn
     if type(attn).__name__ != "RelPosAttention":
         refuse(f"attention type {type(attn).__name__}")
-    if attn.rel_pos is None:
-        refuse("a relative position bias shared by all blocks (shared_rel_pos)")
+    if attn.rel_pos is None:  # shared_rel_pos: the model's one module (relpos_config reads it)
+        rel_pos = {}
+    else:
+        rel_pos = _rel_pos_options(attn.rel_pos, where)
     ls = not is_identity(getattr(block, "ls1", None))
     return dict(block_type="post_norm" if kind == "ResPostRelPosBlock" else "pre_norm", n_heads=attn.num_heads,
                 d_head=attn.head_dim, qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
-                qk_norm=not is_identity(attn.q_norm), layer_scale=ls, **_rel_pos_options(attn.rel_pos, where),
-                **mlp_options(block.mlp, where))
+                qk_norm=not is_identity(attn.q_norm), layer_scale=ls, **rel_pos, **mlp_options(block.mlp, where))
 
 
 def relpos_config(model: nn.Module) -> dict[str, Any]:
-    if model.shared_rel_pos is not None:
-        refuse("a relative position bias shared by all blocks (shared_rel_pos)")
     if model.global_pool not in ("avg", "token"):
         refuse(f"global_pool={model.global_pool!r} (avg and token are supported)")
+    blocks = same_in_every_block(model.blocks, _relpos_block)
+    if model.shared_rel_pos is not None:  # one module for every block: each block gets a copy (timm_state)
+        blocks.update(_rel_pos_options(model.shared_rel_pos, "shared_rel_pos"))
     return dict(
-        **patch_embed_options(model.patch_embed), **same_in_every_block(model.blocks, _relpos_block),
+        **patch_embed_options(model.patch_embed), **blocks,
         **head_options(model), global_pool=model.global_pool, rel_pos_bias=True,
         class_token=model.cls_token is not None, pos_embed=False, final_norm=final_norm_of(model),
     )
@@ -429,6 +431,14 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
                 out[p + new] = out.pop(p + old)
         for old, new in (("attn.norm.", "attn.ln_z."), ("mlp.norm.", "mlp.ln.")):
             _rename_prefix(out, p + old, p + new)
+    shared = [k for k in out if k.startswith("shared_rel_pos.")]  # VisionTransformerRelPos(shared_rel_pos=True)
+    for key in shared:
+        value = out.pop(key)
+        for i in range(len(model.blocks)):
+            out[f"blocks.{i}.attn.rel_pos." + key.removeprefix("shared_rel_pos.")] = value.clone()
+    for i in range(len(model.blocks) if shared else 0):
+        _rename_prefix(out, f"blocks.{i}.attn.rel_pos.relative_position_bias_table", f"blocks.{i}.attn.rel_pos_table")
+        _rename_prefix(out, f"blocks.{i}.attn.rel_pos.mlp.", f"blocks.{i}.attn.rel_pos_mlp.")
     _rename_prefix(out, "patch_embed.norm.", "embed.norm.")
     embed = getattr(model, "patch_embed", None)
     if hybrid_backbone(model) is not None and isinstance(embed.proj, nn.Identity):  # proj=False

@@ -35,6 +35,7 @@ FAMILIES = {
                          ["blocks.0.attn.hook_rel_pos_bias"]),
     "relpos_table_gap": ("vit_relpos_small_patch16_224", dict(img_size=(64, 48), rel_pos_type="bias"),
                          ["blocks.0.attn.hook_rel_pos_bias"]),
+    "relpos_shared": ("vit_srelpos_small_patch16_224", dict(img_size=(64, 48)), ["blocks.1.attn.hook_rel_pos_bias"]),
     "relpos_post_norm": ("vit_relpos_small_patch16_rpn_224", dict(img_size=(64, 48)),
                          ["blocks.0.attn.hook_rel_pos_bias"]),
     "parallel": ("vit_base_patch16_xp_224", dict(img_size=(64, 48)), ["blocks.0.hook_mlp_out"]),
@@ -93,11 +94,12 @@ def test_family_hooks_are_live(name):
 
 
 def test_rel_pos_bias_hook_is_what_timm_adds():
-    for name in ("relpos_mlp", "relpos_mlp_cls", "relpos_table_cls", "relpos_table_gap"):
+    for name in ("relpos_mlp", "relpos_mlp_cls", "relpos_table_cls", "relpos_table_gap", "relpos_shared"):
         timm_model, model, x = built(name)
         _, cache = model.run_with_cache(x, names_filter=lambda n: n.endswith("hook_rel_pos_bias"))
         for layer, block in enumerate(timm_model.blocks):
-            ref = block.attn.rel_pos.get_bias()  # [1, h, q, k]
+            rel_pos = block.attn.rel_pos or timm_model.shared_rel_pos  # shared: one module, a copy per block
+            ref = rel_pos.get_bias()  # [1, h, q, k]
             assert torch.allclose(cache[f"blocks.{layer}.attn.hook_rel_pos_bias"], ref, atol=1e-6), (name, layer)
         n_prefix = model.cfg.n_prefix_tokens
         if name == "relpos_mlp_cls":  # the MLP bias leaves class-token pairs at 0
