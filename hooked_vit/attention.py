@@ -96,12 +96,15 @@ class Attention(nn.Module):
         x: Union[Float[Tensor, "b p d_model"], HeadInputs],
         key_mask: Optional[Float[Tensor, "b k"]] = None,
         rope: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
     ) -> Float[Tensor, "b p d_model"]:
         """`x`: the (normalised) input [b, p, d_model] (or [b, g, p, d_model] for grouped
         attention), or, with the block's per-head input flags, the query, key and value inputs
         [b, p, h, d_model] of every head. `key_mask` [b, k] (bool, True = attend) hides padded
         tokens. `rope` [b or 1, p, h or 1, 2 * d_head]: this block's rotary table (sin and cos;
-        identity rows for prefix tokens), see hooked_vit.rope."""
+        identity rows for prefix tokens), see hooked_vit.rope. `positions` [b, p]: each
+        token's index in the full sequence; with a relative position bias each kept pair keeps
+        its own offset's bias (hook_rel_pos_bias is then [b, h, q, k])."""
         if isinstance(x, tuple):
             q, k, v = self._per_head_qkv(x)
         else:
@@ -115,7 +118,7 @@ class Attention(nn.Module):
             q = self.hook_rot_q(apply_rope(q, rope, self.cfg).type_as(v))
             k = self.hook_rot_k(apply_rope(k, rope, self.cfg).type_as(v))
         q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)  # [b, (g,) h, p, d_head]
-        bias = None if self.hook_rel_pos_bias is None else self.hook_rel_pos_bias(self._rel_pos_bias(q.shape[-2]))
+        bias = None if self.hook_rel_pos_bias is None else self.hook_rel_pos_bias(self._rel_pos_bias(q.shape[-2], positions))
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
             mask = None if key_mask is None else key_mask[:, None, None, :]
             if bias is not None:
@@ -139,11 +142,21 @@ class Attention(nn.Module):
         q, k, v = (torch.einsum("bphm,hme->bphe", i, w) + bias for i, (w, bias) in zip(inputs, weights))
         return q, k, v
 
-    def _rel_pos_bias(self, n_tokens: int) -> Float[Tensor, "1 h q k"]:
-        n = self.cfg.n_prefix_tokens + self.cfg.n_patches
+    def _rel_pos_bias(self, n_tokens: int, positions: Optional[Tensor] = None) -> Float[Tensor, "1_or_b h q k"]:
+        """The bias [1, h, n, n] over the full sequence; with `positions` [b, p] (tokens removed)
+        the rows and columns of the kept tokens, [b, h, p, p]."""
+        full = self._full_rel_pos_bias()
+        if positions is not None:
+            rows, cols = positions[:, :, None], positions[:, None, :]
+            return full[0][:, rows, cols].transpose(0, 1)  # [h, b, p, p] -> [b, h, p, p]
+        n = full.shape[-1]
         if n_tokens != n:
-            raise UserError(f"a relative-position-bias model needs its full sequence of {n} tokens (got {n_tokens}): "
-                             "token removal and other grids are not supported for it")
+            raise UserError(f"a relative-position-bias model needs its full sequence of {n} tokens (got {n_tokens}) "
+                             "or each token's position (positions=): other grids are not supported for it")
+        return full
+
+    def _full_rel_pos_bias(self) -> Float[Tensor, "1 h n n"]:
+        n = self.cfg.n_prefix_tokens + self.cfg.n_patches
         if self.rel_pos_table is not None:
             return self.rel_pos_table[self.rel_pos_index.view(-1)].view(n, n, -1).permute(2, 0, 1)[None]
         n_prefix, n_patches = self.cfg.n_prefix_tokens, self.cfg.n_patches

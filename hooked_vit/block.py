@@ -78,9 +78,10 @@ class TransformerBlock(nn.Module):
 
     def forward(
         self, resid_pre: Float[Tensor, "b p d_model"], key_mask: Optional[Tensor] = None,
-        rope: Optional[Tensor] = None,
+        rope: Optional[Tensor] = None, positions: Optional[Tensor] = None,
     ) -> Float[Tensor, "b p d_model"]:
-        """`rope`: this block's rotary table (hooked_vit.rope), None without RoPE."""
+        """`rope`: this block's rotary table (hooked_vit.rope), None without RoPE. `positions`
+        [b, p]: each token's index in the full sequence (relative position bias after token removal)."""
         resid_pre = self.hook_resid_pre(resid_pre)
         if self.cfg.attention_type == "divided_space_time":
             if key_mask is not None:
@@ -97,7 +98,7 @@ class TransformerBlock(nn.Module):
                 attn_in = self._per_head_inputs(resid_pre, norm=None if post_norm else self.ln1)
             elif not post_norm:
                 attn_in = self.ln1(resid_pre)
-            attn_out = self.attn(attn_in, key_mask, rope=rope)
+            attn_out = self.attn(attn_in, key_mask, rope=rope, positions=positions)
             if post_norm:
                 attn_out = self.ln1(attn_out)
         if self.cfg.parallel_attn_mlp:  # x + attn(ln1(x)) + mlp(ln2(x)), ln2 a copy of ln1

@@ -118,8 +118,9 @@ class HookedViT(SAEHost, HookedRootModule):
                 sequence after the embedding (before the first block); kept tokens are moved
                 left, shorter rows padded and masked out of attention and pooling.
             key_mask: [b, p] bool, True where a token may be attended to (with start_at_layer).
-            positions: [b, p] each token's index in the full sequence, for RoPE models run
-                from start_at_layer on a shortened sequence (token removal sets it itself).
+            positions: [b, p] each token's index in the full sequence, for RoPE and
+                relative-position-bias models run from start_at_layer on a shortened sequence
+                (token removal sets it itself).
         """
         _check_forward_options(return_type, targets)
         x = x.images if isinstance(x, ImageTokens) else x
@@ -142,7 +143,8 @@ class HookedViT(SAEHost, HookedRootModule):
         tables = self.rope_tables(grid, positions, resid.shape[1])
         for i in block_range(start_at_layer, stop_at_layer, self.cfg.n_layers):
             block = self.blocks[i]
-            resid = block(resid, key_mask, rope=None if tables is None else tables[block.layer])
+            resid = block(resid, key_mask, rope=None if tables is None else tables[block.layer],
+                          positions=positions if self.cfg.rel_pos_bias else None)
         if stop_at_layer is not None or return_type == "resid":
             return resid
         pooled = self.hook_pooled(self.pool(resid, pool_mask))

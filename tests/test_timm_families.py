@@ -158,6 +158,39 @@ def test_decomposition_stays_exact(name):
     grouped, keys = dec.sublayer_terms()
     for layer in range(model.cfg.n_layers):
         for sub in ("attn", "mlp"):
-            expected = dec.readout.stream(cache[f"blocks.{layer}.hook_{sub}_out"])
+            expected = dec.readout.stream(cache[f"blocks.{layer}.hook_{sub}_out"]).detach()
             got = grouped[:, keys.index(f"L{layer}.{sub}")]
             assert float((got - expected).norm() / expected.norm()) < RTOL, (name, layer, sub)
+
+
+def removal_matches_masking(model, x, drop: int) -> float:
+    """Token removal (keep_mask without token `drop`) against the full sequence with that token
+    hidden from attention (a key mask): every kept token's stream must agree, which holds when
+    each kept pair keeps its own relative position bias."""
+    keep = torch.ones(x.shape[0], model.cfg.n_ctx, dtype=torch.bool)
+    keep[:, drop] = False
+    with torch.no_grad():
+        removed = model(x, keep_mask=keep, return_type="resid")
+        masked = model(model.embed_images(x), start_at_layer=0, key_mask=keep, return_type="resid")
+    return rel_err(removed, masked[:, keep[0]])
+
+
+@pytest.mark.parametrize("name", ["relpos_mlp", "relpos_mlp_cls", "relpos_table_cls", "relpos_post_norm"])
+def test_token_removal_keeps_each_pairs_relative_position_bias(name):
+    _, model, x = built(name)
+    assert removal_matches_masking(model, x, drop=model.cfg.n_prefix_tokens + 4) < RTOL
+    # The bias hook then holds the kept pairs' entries: [b, h, p, p].
+    keep = torch.ones(2, model.cfg.n_ctx, dtype=torch.bool)
+    keep[:, -1] = False
+    _, cache = model.run_with_cache(x, keep_mask=keep, names_filter="blocks.0.attn.hook_rel_pos_bias")
+    full = model.blocks[0].attn._full_rel_pos_bias()
+    assert torch.equal(cache["blocks.0.attn.hook_rel_pos_bias"], full[:, :, :-1, :-1].expand(2, -1, -1, -1))
+
+
+def test_parallel_models_refuse_resid_mid_by_name():
+    from circuits.patching import patch_activations
+
+    _, model, x = built("parallel_fused_out")
+    with pytest.raises(KeyError, match="parallel"):
+        patch_activations(model, x, x.flip(0), "resid_mid", layers=[1], clean_targets=torch.tensor([1, 2]),
+                          corrupted_targets=torch.tensor([2, 1]))
