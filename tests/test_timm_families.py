@@ -194,3 +194,24 @@ def test_parallel_models_refuse_resid_mid_by_name():
     with pytest.raises(KeyError, match="parallel"):
         patch_activations(model, x, x.flip(0), "resid_mid", layers=[1], clean_targets=torch.tensor([1, 2]),
                           corrupted_targets=torch.tensor([2, 1]))
+
+
+@pytest.mark.parametrize("name", ["parallel_fused_out", "relpos_mlp_cls", "hybrid", "gqa"])
+def test_explanation_maps_run_or_refuse_in_one_line(name):
+    """Every explanation method gives a finite token map, or refuses naming what is missing."""
+    from circuits.explain.methods import METHODS, explain
+    from hooked_vit.errors import UnknownHookError
+
+    _, model, x = built(name)
+    ran = []
+    for method in sorted(METHODS):
+        try:
+            relevance = explain(method, model, x)
+        except (UserError, UnknownHookError) as err:
+            assert "resid_mid" in str(err) or "use gae" in str(err), (method, err)
+            continue
+        assert relevance.shape == (2, model.cfg.n_patches) and torch.isfinite(relevance).all(), method
+        ran.append(method)
+    assert {"attention", "rollout", "gae", "gradcam"} <= set(ran)
+    if name in ("relpos_mlp_cls", "hybrid"):  # class-token pre-norm models with plain MLPs: every method
+        assert set(ran) == set(METHODS)
