@@ -237,7 +237,8 @@ def main() -> None:
     p.add_argument("--train-batch", type=int, default=1024)
     p.add_argument("--d-sae", type=int, default=512)
     p.add_argument("--k", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="the same for both trainers (default: hooked-vit's TopK default, 4e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=2000, help="training images (65 rows each)")
@@ -250,6 +251,9 @@ def main() -> None:
     if args.worker:
         return worker(*args.worker, args)
     sys.path.insert(0, str(ROOT))
+    from circuits.sae.train import default_lr
+
+    args.lr = default_lr("topk") if args.lr is None else args.lr
     torch.set_num_threads(args.threads)
     train, test = activations(args.images, args.test_images)
     ours = hooked_vit_topk(train, test, args)

@@ -13,6 +13,10 @@ def test_sae_cli_and_report(tmp_path):
     assert main(["sae", "train", "--out", str(sae), "--data", "synthetic:train:128", "--steps", "40",
                  "--d-sae", "64", "--k", "4", "--batch-size", "64", "--train-batch", "256"]) == 0
     assert (sae / "cfg.json").exists() and (sae / "sae_weights.safetensors").exists()
+    from circuits.sae.train import DEFAULT_LR
+
+    settings = json.loads((sae / "manifest.json").read_text())["settings"]
+    assert DEFAULT_LR["topk"] == 4e-3 and settings["lr"] == DEFAULT_LR["topk"], settings  # the per-architecture default
     assert main(["sae", "eval", "--sae", str(sae), "--out", str(ev), "--data", "synthetic:test:64"]) == 0
     metrics = json.loads((ev / "eval.json").read_text())
     assert metrics["l0"] <= 4 and abs(metrics["ce_spliced_with_error"] - metrics["ce_clean"]) < 1e-4

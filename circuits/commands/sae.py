@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     t.add_argument("--tokens", default="all", choices=["all", "cls", "patch"])
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--train-batch", type=int, default=1024, help="activation rows per step")
-    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: per architecture, 4e-3 for topk / batchtopk, 2e-3 otherwise)")
     t.add_argument("--sparsity-coeff", "--l1-coeff", dest="sparsity_coeff", type=float, default=None,
                    help="relu: L1 weight; jumprelu: L0 weight (default: per architecture, scaled by the activations' "
                         "norm to reach L0 ~20-30; see docs/sparse_autoencoders.md)")

@@ -15,13 +15,13 @@ from circuits.sae.dictionaries import DictionaryConfig, SparseDictionary
 from circuits.sae.evaluate import evaluate_dictionary
 from circuits.sae.features import study_features, summary_for_report
 from circuits.sae.formats import load_dictionary
-from circuits.sae.train import TrainConfig, train_dictionary
+from circuits.sae.train import TrainConfig, default_lr, train_dictionary
 from hooked_vit.errors import UserError
 
 
 def train_run(model, dataset, out: str | Path, *, hook: str, hook_out: Optional[str] = None, architecture: str = "topk",
               d_sae: int = 512, k: int = 16, tokens: str = "all", steps: int = 1500, train_batch: int = 1024,
-              lr: float = 2e-3, sparsity_coeff: Optional[float] = None, checkpoint_every: int = 0, seed: int = 0,
+              lr: Optional[float] = None, sparsity_coeff: Optional[float] = None, checkpoint_every: int = 0, seed: int = 0,
               batch_size: int = 64, limit: Optional[int] = None, num_workers: int = 0, overwrite: bool = False,
               device: str = "cpu", progress: bool = True, activations: Optional[str | Path] = None,
               **train_options) -> Path:
@@ -55,7 +55,7 @@ def train_run(model, dataset, out: str | Path, *, hook: str, hook_out: Optional[
     d_out = _width(store, hook_out) if hook_out else None
     cfg = DictionaryConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, k=k, hook_name=hook, hook_out=hook_out,
                            d_out=d_out, tokens=tokens, model_name=model.cfg.model_name)
-    train_cfg = TrainConfig(steps=steps, lr=lr, sparsity_coeff=sparsity_coeff, checkpoint_every=checkpoint_every,
+    train_cfg = TrainConfig(steps=steps, lr=default_lr(architecture) if lr is None else lr, sparsity_coeff=sparsity_coeff, checkpoint_every=checkpoint_every,
                             seed=seed, device=device, **{"warmup_steps": min(100, steps // 10), **train_options})
     run = start_run("sae_train", model, dataset, out, limit=limit, overwrite=overwrite, settings=cfg.to_dict(),
                     train_batch=train_batch, store=str(activations or ""),
