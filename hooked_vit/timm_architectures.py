@@ -212,6 +212,29 @@ def _parallel_scaling_block(block: nn.Module, where: str) -> dict[str, Any]:
                 mlp_bias=True)
 
 
+def _parallel_things_block(block: nn.Module, where: str) -> dict[str, Any]:
+    """timm's ParallelThingsBlock: x + sum_j attn_j(norm_j(x)), then + sum_j mlp_j(norm_j(.)).
+    Read as one pre-norm block whose attention has every branch's heads and whose MLP has
+    every branch's hidden units; each branch's norm affine and LayerScale are folded into its
+    projections (`_parallel_things_state`), so ln1 / ln2 normalise without weight and bias."""
+    from timm.layers import Mlp
+    from timm.layers.attention import Attention as TimmAttention
+
+    attns, mlps = [b.attn for b in block.attns], [f.mlp for f in block.ffns]
+    for attn in attns:
+        if type(attn) is not TimmAttention or not is_identity(attn.q_norm) or not is_identity(attn.norm) \
+                or getattr(attn, "gate", None) is not None:
+            refuse(f"a ParallelThingsBlock branch with {type(attn).__name__}, qk_norm, an attention norm or a gate "
+                   f"at {where}")
+    for mlp in mlps:
+        if type(mlp) is not Mlp or not is_identity(mlp.norm) or not isinstance(mlp.fc1, nn.Linear):
+            refuse(f"a ParallelThingsBlock branch with MLP {type(mlp).__name__} or an MLP norm at {where}")
+    return dict(block_type="pre_norm", n_heads=sum(a.num_heads for a in attns), d_head=attns[0].head_dim,
+                qkv_bias=True, proj_bias=True, qk_norm=False, attn_norm=False, layer_scale=False, mlp_type="mlp",
+                d_mlp=sum(m.fc1.out_features for m in mlps), act_fn=act_name(mlps[0].act), mlp_norm=False,
+                mlp_bias=True)
+
+
 def _vit_block(block: nn.Module, where: str) -> dict[str, Any]:
     from timm.layers.attention import Attention as TimmAttention
 
@@ -219,8 +242,7 @@ def _vit_block(block: nn.Module, where: str) -> dict[str, Any]:
     if kind == "ParallelScalingBlock":
         return _parallel_scaling_block(block, where)
     if kind == "ParallelThingsBlock":
-        refuse("block type ParallelThingsBlock (several attention and MLP branches per block, each with its own "
-               "norm; parallel_attn_mlp covers one of each)")
+        return _parallel_things_block(block, where)
     if kind == "DiffParallelScalingBlock":
         refuse("block type DiffParallelScalingBlock (differential attention, DiffAttention)")
     if kind not in ("Block", "ResPostBlock"):
@@ -421,6 +443,9 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
         if type(block).__name__ == "ParallelScalingBlock":
             _parallel_state(block, p, out)
             continue
+        if type(block).__name__ == "ParallelThingsBlock":
+            _parallel_things_state(block, p, out)
+            continue
         _attn_state(block.attn, p + "attn.", out)
         _mlp_state(block.mlp, p + "mlp.", out)
         _rename_prefix(out, p + "attn.relative_position_bias_table", p + "attn.rel_pos_table")
@@ -446,6 +471,43 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
         out["patch_embed.proj.weight"] = torch.eye(embed.feature_dim, device=first.device, dtype=first.dtype)[..., None, None]
     _rename_prefix(out, "attn_pool.norm.", "attn_pool.ln.")
     return out
+
+
+def _folded_branch(norm: nn.Module, first: nn.Linear, last: nn.Linear, ls: nn.Module) -> tuple[Tensor, ...]:
+    """One branch norm -> first ... last -> LayerScale with the norm's weight and bias folded
+    into `first` and the LayerScale into `last`: (first.weight, first.bias, last.weight, last.bias)."""
+    w = norm.weight.detach()
+    b = norm.bias.detach() if getattr(norm, "bias", None) is not None else torch.zeros_like(w)
+    W = first.weight.detach()
+    c = first.bias.detach() if first.bias is not None else W.new_zeros(W.shape[0])
+    g = ls.gamma.detach() if not is_identity(ls) else w.new_ones(last.out_features)
+    P = last.weight.detach()
+    pb = last.bias.detach() if last.bias is not None else P.new_zeros(P.shape[0])
+    return W * w, c + W @ b, g[:, None] * P, g * pb
+
+
+def _parallel_things_state(block: nn.Module, p: str, out: dict[str, Tensor]) -> None:
+    """A ParallelThingsBlock as one block (see `_parallel_things_block`): q, k and v rows of
+    every attention branch side by side (branch 0's heads first), the output projections'
+    columns likewise, their biases summed; the MLP branches concatenated the same way."""
+    for key in [k for k in out if k.startswith((p + "attns.", p + "ffns."))]:
+        del out[key]
+    attn = [_folded_branch(b.norm, b.attn.qkv, b.attn.proj, b.ls) for b in block.attns]
+    thirds = [(w.chunk(3), c.chunk(3)) for w, c, _, _ in attn]
+    out[p + "attn.qkv.weight"] = torch.cat([torch.cat([t[0][i] for t in thirds]) for i in range(3)])
+    out[p + "attn.qkv.bias"] = torch.cat([torch.cat([t[1][i] for t in thirds]) for i in range(3)])
+    out[p + "attn.proj.weight"] = torch.cat([a[2] for a in attn], dim=1)
+    out[p + "attn.proj.bias"] = torch.stack([a[3] for a in attn]).sum(0)
+    mlp = [_folded_branch(f.norm, f.mlp.fc1, f.mlp.fc2, f.ls) for f in block.ffns]
+    out[p + "mlp.fc1.weight"] = torch.cat([m[0] for m in mlp])
+    out[p + "mlp.fc1.bias"] = torch.cat([m[1] for m in mlp])
+    out[p + "mlp.fc2.weight"] = torch.cat([m[2] for m in mlp], dim=1)
+    out[p + "mlp.fc2.bias"] = torch.stack([m[3] for m in mlp]).sum(0)
+    norm = block.attns[0].norm
+    for n in ("norm1", "norm2"):  # the affine parts now live in the projections
+        out[p + f"{n}.weight"] = torch.ones_like(norm.weight.detach())
+        if getattr(norm, "bias", None) is not None:
+            out[p + f"{n}.bias"] = torch.zeros_like(norm.bias.detach())
 
 
 def _parallel_state(block: nn.Module, p: str, out: dict[str, Tensor]) -> None:

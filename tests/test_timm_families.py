@@ -42,6 +42,7 @@ FAMILIES = {
     "parallel_fused_out": ("vit_pwee_patch16_reg1_gap_256", dict(
         img_size=(64, 48), qkv_bias=False, block_fn=functools.partial(ParallelScalingBlock, fuse_out_proj=True)),
         ["blocks.1.hook_attn_out"]),
+    "parallel_things": ("vit_small_patch16_18x2_224", dict(img_size=(64, 48)), ["blocks.1.attn.hook_z"]),
     "gqa": ("vit_base_patch16_sapiens2", dict(img_size=(64, 48), num_kv_heads=2), ["blocks.0.attn.hook_v"]),
     "hybrid": ("vit_tiny_r_s16_p8_224", dict(img_size=(256, 128)), ["embed.hook_backbone_out"]),
 }
@@ -215,3 +216,25 @@ def test_explanation_maps_run_or_refuse_in_one_line(name):
     assert {"attention", "rollout", "gae", "gradcam"} <= set(ran)
     if name in ("relpos_mlp_cls", "hybrid"):  # class-token pre-norm models with plain MLPs: every method
         assert set(ran) == set(METHODS)
+
+
+def test_parallel_branches_are_one_block_with_every_branchs_heads_and_units():
+    """ParallelThingsBlock: attn_out is the sum of timm's attention branches (branch j's heads
+    at [j * h, (j + 1) * h)), mlp_out the sum of its MLP branches."""
+    timm_model, model, x = built("parallel_things")
+    block = timm_model.blocks[0]
+    assert model.cfg.n_heads == sum(b.attn.num_heads for b in block.attns)
+    _, cache = model.run_with_cache(x)
+    with torch.no_grad():
+        resid = cache["blocks.0.hook_resid_pre"]
+        attn_out = sum(branch(resid) for branch in block.attns)
+        mid = resid + attn_out
+        mlp_out = sum(branch(mid) for branch in block.ffns)
+        # branch 1's heads: its own pattern, from its own (affine) norm
+        a1 = block.attns[1]
+        h = a1.attn.num_heads
+        q, k, _ = a1.attn.qkv(a1.norm(resid)).view(*resid.shape[:2], 3, h, -1).unbind(2)
+        pattern = ((q.transpose(1, 2) * a1.attn.scale) @ k.permute(0, 2, 3, 1)).softmax(-1)
+    assert rel_err(cache["blocks.0.hook_attn_out"], attn_out) < RTOL
+    assert rel_err(cache["blocks.0.hook_mlp_out"], mlp_out) < RTOL
+    assert rel_err(cache["blocks.0.attn.hook_pattern"][:, h:], pattern) < RTOL
