@@ -248,6 +248,9 @@ def _vit_block(block: nn.Module, where: str) -> dict[str, Any]:
     if kind not in ("Block", "ResPostBlock"):
         refuse(f"block type {kind} (Block, ResPostBlock and ParallelScalingBlock are supported)")
     attn = block.attn
+    if type(attn).__name__ == "DiffAttention":
+        refuse("differential attention (DiffAttention: two softmax patterns per head subtracted with a learned "
+               "lambda, then a per-head RMS sub-norm; not implemented)")
     if type(attn) is not TimmAttention:
         refuse(f"attention type {type(attn).__name__}")
     if getattr(attn, "gate", None) is not None:
