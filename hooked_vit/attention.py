@@ -76,9 +76,10 @@ class Attention(nn.Module):
                 self.rel_pos_table = nn.Parameter(torch.zeros(n_rel, cfg.n_heads))
             else:  # timm RelPosMlp: an MLP of the log-spaced offset
                 self.rel_pos_mlp = RelPosMlp(cfg)
-            index = gen_relative_position_index(cfg.grid_size, class_token=cfg.class_token and cfg.rel_pos_type == "table")
+            table_cls = cfg.class_token and cfg.rel_pos_type == "table"  # the table's class-token entries
+            index = gen_relative_position_index(cfg.grid_size, class_token=table_cls)
             self.register_buffer("rel_pos_index", index, persistent=False)
-            self.hook_rel_pos_bias = HookPoint()  # [1, h, q, k], added to the scores
+            self.hook_rel_pos_bias = HookPoint()  # [1, h, q, k] ([b, h, q, k] after token removal), added to the scores
         self.hook_q = HookPoint()  # [b, p, h, d_head]
         self.hook_k = HookPoint()  # [b, p, h, d_head]
         self.hook_v = HookPoint()  # [b, p, h, d_head]
@@ -118,7 +119,9 @@ class Attention(nn.Module):
             q = self.hook_rot_q(apply_rope(q, rope, self.cfg).type_as(v))
             k = self.hook_rot_k(apply_rope(k, rope, self.cfg).type_as(v))
         q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)  # [b, (g,) h, p, d_head]
-        bias = None if self.hook_rel_pos_bias is None else self.hook_rel_pos_bias(self._rel_pos_bias(q.shape[-2], positions))
+        bias = None
+        if self.hook_rel_pos_bias is not None:
+            bias = self.hook_rel_pos_bias(self._rel_pos_bias(q.shape[-2], positions))
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
             mask = None if key_mask is None else key_mask[:, None, None, :]
             if bias is not None:

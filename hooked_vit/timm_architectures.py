@@ -471,7 +471,8 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
     embed = getattr(model, "patch_embed", None)
     if hybrid_backbone(model) is not None and isinstance(embed.proj, nn.Identity):  # proj=False
         first = next(model.parameters())
-        out["patch_embed.proj.weight"] = torch.eye(embed.feature_dim, device=first.device, dtype=first.dtype)[..., None, None]
+        eye = torch.eye(embed.feature_dim, device=first.device, dtype=first.dtype)
+        out["patch_embed.proj.weight"] = eye[..., None, None]
     _rename_prefix(out, "attn_pool.norm.", "attn_pool.ln.")
     return out
 
