@@ -263,7 +263,7 @@ def patch_activations(
     check_grouped_sites(model, sites)
     if clean_images.shape != corrupted_images.shape:
         raise UserError(f"clean {tuple(clean_images.shape)} and corrupted {tuple(corrupted_images.shape)} differ")
-    names = {_act_name(s, l) for s in sites for l in range(model.cfg.n_layers)}
+    names = {model.check_hook_name(_act_name(s, l)) for s in sites for l in range(model.cfg.n_layers)}
     with _attn_result(model, "result" in sites), torch.inference_mode():
         clean_logits, cache = model.run_with_cache(clean_images, names_filter=lambda n: n in names)
         corrupted_logits = model(corrupted_images)

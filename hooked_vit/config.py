@@ -41,6 +41,13 @@ class HookedViTConfig:
     patch_embed_bias: bool = True
     ln_pre: bool = False  # CLIP's norm_pre after the embedding
     embed_norm: bool = False  # a norm on the patch embeddings (timm's embed_norm_layer, AIMv2)
+    # A hybrid CNN stem (timm's HybridEmbed: R50+ViT, R26+ViT, ...): a CNN backbone (the timm
+    # module itself, not re-implemented) maps the image to a feature map with d_backbone
+    # channels (embed.hook_backbone_out), then embed.proj (kernel = stride =
+    # backbone_patch_size feature cells) makes the tokens. patch_size is then the pixels per
+    # token (the backbone's stride times backbone_patch_size). None: a plain patch embedding.
+    d_backbone: Optional[int] = None
+    backbone_patch_size: tuple[int, int] = (1, 1)
     # Rotary position embedding on q and k of the patch tokens (EVA02, DINOv3, PE, RoPE-ViT):
     # one of ROPE_TYPES, built by hooked_vit.rope from `rope_options` (timm's constructor
     # arguments; "3d" is V-JEPA 2's rotation over (time, row, col), built by hooked_vit.rope
@@ -52,6 +59,13 @@ class HookedViTConfig:
     # each (query, key) pair's 2-D offset (class-token pairs have their own entries), added
     # to the attention scores (attn.hook_rel_pos_bias).
     rel_pos_bias: bool = False
+    # Where that bias comes from: "table" (BEiT; timm's RelPosBias: one learned entry per
+    # offset, with a class token three more for the class-token pairs) or "log_mlp" (timm's
+    # RelPosMlp, Swin-V2's log-spaced coordinates in timm's "cr" mode: an MLP 2 -> rel_pos_mlp_dim
+    # -> n_heads with ReLU on sign(d) * log(1 + |d|) of each (row, col) offset d; pairs with
+    # a prefix token get 0).
+    rel_pos_type: Literal["table", "log_mlp"] = "table"
+    rel_pos_mlp_dim: Optional[int] = None
     # Position embedding kind (with pos_embed=True): "learned" (one table over the sequence),
     # "sincos" (VideoMAE's fixed 1D sin-cos table over the patch tokens, a buffer) or
     # "space_time" (TimeSformer's learned spatial table over [prefix, one frame's patches]
@@ -92,6 +106,10 @@ class HookedViTConfig:
 
     # --- blocks ----------------------------------------------------------------------------
     block_type: Literal["pre_norm", "post_norm"] = "pre_norm"
+    # Attention and MLP read the same resid_pre and are added together (TransformerLens's
+    # field; timm's ParallelScalingBlock, ViT-22B): resid_post = resid_pre + attn_out + mlp_out,
+    # no hook_resid_mid; ln2 holds a copy of the block's one norm (as TransformerLens loads GPT-J).
+    parallel_attn_mlp: bool = False
     qkv_bias: bool = True
     proj_bias: bool = True
     mlp_bias: bool = True
@@ -174,6 +192,7 @@ class HookedViTConfig:
         self.img_size = _pair(self.img_size)
         self.dtype = _dtype(self.dtype)
         self.patch_size = _pair(self.patch_size)
+        self.backbone_patch_size = _pair(self.backbone_patch_size)
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 raise UserError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
@@ -190,6 +209,12 @@ class HookedViTConfig:
         if probe and self.global_pool != "map":
             raise UserError("attn_pool_layers / attn_pool_kv_norm / attn_pool_residual / attn_pool_proj=False are "
                              f"options of the attention-pooling head: set global_pool='map' (got {self.global_pool!r})")
+        if self.rel_pos_bias:
+            self._check_rel_pos()
+        if self.parallel_attn_mlp and (self.block_type != "pre_norm" or self.attention_type != "joint"):
+            raise UserError("parallel_attn_mlp needs pre-norm blocks with joint attention")
+        if self.d_backbone is not None and (self.is_video or self.embed_norm):
+            raise UserError("a hybrid CNN stem (d_backbone) is supported for image models without embed_norm")
         if self.attn_only_layer_scale and not self.layer_scale:
             raise UserError("attn_only_layer_scale=True needs layer_scale=True")
         if self.global_pool == "map":
@@ -211,6 +236,15 @@ class HookedViTConfig:
                 setattr(self, name, tuple(str(n) for n in names))
                 if len(names) != self.n_classes:
                     raise UserError(f"{name} has {len(names)} entries for n_classes={self.n_classes}")
+
+    def _check_rel_pos(self) -> None:
+        if self.n_prefix_tokens != int(self.class_token):
+            raise UserError("a relative position bias is defined for a class token and patch tokens only: "
+                             "no register or distillation tokens")
+        if self.rel_pos_type == "log_mlp" and not self.rel_pos_mlp_dim:
+            raise UserError("rel_pos_type='log_mlp' needs rel_pos_mlp_dim (the bias MLP's hidden width)")
+        if self.rel_pos_type not in ("table", "log_mlp"):
+            raise UserError(f"rel_pos_type={self.rel_pos_type!r}: choose 'table' or 'log_mlp'")
 
     def _check_head(self) -> None:
         if self.global_pool == "token_avg" and (not self.class_token or self.distilled or self.pool_include_prefix

@@ -30,11 +30,20 @@ class Embed(nn.Module):
     `tokens + positions` equals timm's sum exactly.
     """
 
-    def __init__(self, cfg: HookedViTConfig):
+    def __init__(self, cfg: HookedViTConfig, backbone: Optional[nn.Module] = None):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        if cfg.is_video:
+        # A hybrid stem's CNN (cfg.d_backbone): the given module, run as it is.
+        self.backbone = backbone
+        self.hook_backbone_out = HookPoint() if cfg.d_backbone is not None else None  # [b, d_backbone, h, w]
+        if (backbone is None) != (cfg.d_backbone is None):
+            raise UserError("a hybrid CNN stem (cfg.d_backbone) needs its backbone module and only then: build "
+                             "the model with HookedViT.from_timm (or pass backbone= the timm CNN)")
+        if cfg.d_backbone is not None:  # the projection of the backbone's feature map
+            kernel = cfg.backbone_patch_size
+            self.proj = nn.Conv2d(cfg.d_backbone, d, kernel, kernel, bias=cfg.patch_embed_bias)
+        elif cfg.is_video:
             kernel = (cfg.tubelet_size, *cfg.patch_size)
             self.proj = nn.Conv3d(cfg.in_chans, d, kernel, kernel, bias=cfg.patch_embed_bias)
         else:
@@ -104,6 +113,10 @@ class Embed(nn.Module):
     def tokens(self, images: Float[Tensor, "b c h w"]) -> Float[Tensor, "b p d_model"]:
         if self.cfg.is_video:  # [b, t, c, h, w] -> Conv3d over [b, c, t, h, w], tokens (t, row, col)
             images = einops.rearrange(images, "b t c h w -> b c t h w")
+        if self.backbone is not None:
+            features = self.backbone(images)
+            features = features[-1] if isinstance(features, (list, tuple)) else features  # timm's HybridEmbed
+            images = self.hook_backbone_out(features)  # [b, d_backbone, h, w]
         patches = self.proj(images).flatten(2).transpose(1, 2)  # [b, n_patches, d]
         patches = patches if self.norm is None else self.norm(patches)
         prefix = [t.expand(images.shape[0], -1, -1) for t in self.prefix_params()]

@@ -99,7 +99,8 @@ def _data_config(model: nn.Module) -> dict[str, Any]:
         cfg = resolve_data_config({}, model=model)
         # The registered config names the pretrained size; a model built for another size
         # (img_size=...) must get images of its own size.
-        cfg["input_size"] = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+        in_chans = getattr(model.patch_embed, "in_chans", None) or model.patch_embed.proj.in_channels
+        cfg["input_size"] = (in_chans, *model.patch_embed.img_size)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
     except Exception:  # a bare model without pretrained_cfg: fall back to timm defaults
         return {}
@@ -109,6 +110,7 @@ def _data_config(model: nn.Module) -> dict[str, Any]:
 # timm name -> HookedViT name (regexes applied in order).
 _RENAMES = [
     (r"^patch_embed\.proj\.", "embed.proj."),
+    (r"^patch_embed\.backbone\.", "embed.backbone."),
     (r"^(cls_token|reg_token|dist_token|pos_embed)$", r"embed.\1"),
     (r"^norm_pre\.", "ln_pre."),
     (r"^(norm|fc_norm)\.", "ln_final."),
@@ -153,6 +155,7 @@ def to_timm_state_dict(model: HookedViT, like: Optional[nn.Module] = None) -> di
     final = "norm." if model.cfg.final_norm == "token" else "fc_norm."
     inverse = [
         (r"^embed\.proj\.", "patch_embed.proj."),
+        (r"^embed\.backbone\.", "patch_embed.backbone."),
         (r"^embed\.(cls_token|reg_token|dist_token|pos_embed)$", r"\1"),
         (r"^ln_pre\.", "norm_pre."),
         (r"^ln_final\.", final),
@@ -237,6 +240,7 @@ class Converted(NamedTuple):
     timm_state: dict[str, Tensor]
     device: Optional[torch.device] = None
     dtype: Optional[torch.dtype] = None
+    backbone: Optional[nn.Module] = None  # a hybrid stem's CNN (cfg.d_backbone), copied into the model
 
 
 def timm_module(
@@ -315,7 +319,9 @@ def convert_timm(timm_model: nn.Module) -> Converted:
     from hooked_vit.timm_architectures import timm_state
     from hooked_vit.timm_naflex import is_naflex, naflex_timm_state
 
+    from hooked_vit.timm_architectures import hybrid_backbone
+
     first = next(timm_model.parameters())
     cfg = config_from_timm(timm_model)  # refuses the unsupported before any weight is read
     state = naflex_timm_state(timm_model) if is_naflex(timm_model) else timm_state(timm_model)
-    return Converted(cfg, state, first.device, first.dtype)
+    return Converted(cfg, state, first.device, first.dtype, hybrid_backbone(timm_model))

@@ -6,6 +6,7 @@ families is a flag in `HookedViTConfig`. See docs/hook_points.md for the hook ta
 
 from __future__ import annotations
 
+import copy
 import difflib
 import sys
 from typing import Any, Callable, Literal, Optional, Sequence, Union
@@ -60,10 +61,12 @@ class HookedViT(SAEHost, HookedRootModule):
     dictionaries splice in with SAELens's `add_sae` / `run_with_saes` / ... (hooked_vit/saes.py).
     """
 
-    def __init__(self, cfg: HookedViTConfig):
+    def __init__(self, cfg: HookedViTConfig, backbone: Optional[nn.Module] = None):
+        """`backbone`: a hybrid stem's CNN module (cfg.d_backbone set), e.g. timm's
+        `patch_embed.backbone`; the model owns it as `embed.backbone`."""
         super().__init__()
         self.cfg = cfg
-        self.embed = Embed(cfg)
+        self.embed = Embed(cfg, backbone)
         self.hook_embed = HookPoint()
         self.hook_pos_embed = HookPoint() if cfg.pos_embed else None  # absent without a learned position embedding
         self.ln_pre = make_norm(cfg, cfg.d_model) if cfg.ln_pre else None
@@ -119,8 +122,9 @@ class HookedViT(SAEHost, HookedRootModule):
                 sequence after the embedding (before the first block); kept tokens are moved
                 left, shorter rows padded and masked out of attention and pooling.
             key_mask: [b, p] bool, True where a token may be attended to (with start_at_layer).
-            positions: [b, p] each token's index in the full sequence, for RoPE models run
-                from start_at_layer on a shortened sequence (token removal sets it itself).
+            positions: [b, p] each token's index in the full sequence, for RoPE and
+                relative-position-bias models run from start_at_layer on a shortened sequence
+                (token removal sets it itself).
             patch_coord, patch_valid: NaFlex inputs (hooked_vit.naflex; variable resolution and
                 aspect ratio): x is then patches [b, n, patch_dim], patch_coord [b, n, 2] each
                 patch's (row, col) and patch_valid [b, n] the real patches; or x is a dict with
@@ -172,7 +176,8 @@ class HookedViT(SAEHost, HookedRootModule):
         tables = self.rope_tables(grid, positions, resid.shape[1])
         for i in block_range(start_at_layer, stop_at_layer, self.cfg.n_layers):
             block = self.blocks[i]
-            resid = block(resid, key_mask, rope=None if tables is None else tables[block.layer])
+            resid = block(resid, key_mask, rope=None if tables is None else tables[block.layer],
+                          positions=positions if self.cfg.rel_pos_bias else None)
         if stop_at_layer is not None or return_type == "resid":
             return resid
         pooled = self.hook_pooled(self.pool(resid, pool_mask))
@@ -401,6 +406,10 @@ class HookedViT(SAEHost, HookedRootModule):
         if not isinstance(name, str):
             return name
         canonical = canonical_hook_name(name)
+        if canonical not in self.hook_dict and self.cfg.parallel_attn_mlp and canonical.endswith(".hook_resid_mid"):
+            raise UnknownHookError(f"no hook point {name!r}: this model's blocks are parallel (parallel_attn_mlp: "
+                                   "attention and MLP both read resid_pre), so there is no resid_mid; a method that "
+                                   "needs the stream between the sublayers does not apply to it")
         if canonical not in self.hook_dict:
             close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
             hint = f" Did you mean {close}?" if close else " See model.hook_dict.keys()."
@@ -450,7 +459,8 @@ class HookedViT(SAEHost, HookedRootModule):
     # ------------------------------------------------------------------ weights
     @property
     def W_E(self) -> Float[Tensor, "patch_dim d_model"]:
-        """Patch embedding as a matrix over flattened (channel, row, col) patches."""
+        """Patch embedding as a matrix over flattened (channel, row, col) patches (with a hybrid
+        CNN stem, patches of the backbone's feature map: d_backbone channels)."""
         return self.embed.proj.weight.flatten(1).T
 
     @property
@@ -581,7 +591,8 @@ class HookedViT(SAEHost, HookedRootModule):
         refused, never dropped."""
         cfg = converted.cfg
         with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the generator be
-            model = cls(cfg)
+            backbone = None if converted.backbone is None else copy.deepcopy(converted.backbone)
+            model = cls(cfg, backbone)
         result = model.load_state_dict(convert_timm_state_dict(converted.timm_state, cfg), strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise UnsupportedModelError(
