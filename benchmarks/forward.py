@@ -27,7 +27,11 @@ computations.
 Random weights are used (``pretrained=False``): timing does not depend on the values.
 
     python benchmarks/forward.py                      # ViT-B/16 and B/32, batch 8
+    python benchmarks/forward.py --families           # SigLIP-B/16, EVA02-B/14, DINOv3-B/16 (issue 24)
     python benchmarks/forward.py --models vit_small_patch16_224 --repeats 5 --json out.json
+
+Each model ends with one summary line: hooked / timm and cache_all / timm (ratio of medians;
+paired median in brackets), the figures the issue-24 bar (1.05x) is about.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from circuits.runs.precision import DTYPES  # noqa: E402  (after the path is set
 
 RESID_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 CONTENDERS = ("timm", "hooked", "cache_resid", "cache_all")
+# The newer families of issue 24: MAP head; RoPE + SwiGLU + sub-LN; RoPE + registers + LayerScale.
+FAMILY_MODELS = ("vit_base_patch16_siglip_224", "eva02_base_patch14_224", "vit_base_patch16_dinov3")
 DESCRIPTIONS = {
     "timm": "timm forward",
     "hooked": "HookedViT forward, no hooks",
@@ -129,13 +135,15 @@ def loadavg() -> Optional[list[float]]:
 # ------------------------------------------------------------------------------ benchmark
 
 
-def build(model_name: str, device: torch.device, seed: int, batch_size: int, dtype: str = "fp32"):
+def build(model_name: str, device: torch.device, seed: int, batch_size: int, dtype: str = "fp32",
+          depth: Optional[int] = None):
     import timm
 
     from hooked_vit import HookedViT
 
     torch.manual_seed(seed)
-    timm_model = timm.create_model(model_name, pretrained=False).eval()
+    overrides = {} if depth is None else {"depth": depth}
+    timm_model = timm.create_model(model_name, pretrained=False, **overrides).eval()
     hooked = HookedViT.from_timm(timm_model).eval()
     timm_model.to(device, DTYPES[dtype])  # both models in the same dtype: ratios compare like with like
     hooked.to(device, DTYPES[dtype])
@@ -159,7 +167,7 @@ def logits_of(out: Any) -> torch.Tensor:
 
 
 def bench_model(model_name: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    timm_model, hooked, x = build(model_name, device, args.seed, args.batch_size, args.dtype)
+    timm_model, hooked, x = build(model_name, device, args.seed, args.batch_size, args.dtype, args.depth)
     fns = make_contenders(timm_model, hooked, x)
     record: dict[str, Any] = {
         "model": model_name,
@@ -300,6 +308,13 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary_line(rec: dict[str, Any]) -> str:
+    """hooked / timm and cache_all / timm of one model: ratio of medians (paired median)."""
+    c = rec["contenders"]
+    part = lambda name: f"{c[name]['ratio_vs_timm']:.3f} (paired {c[name]['paired_ratio_median']:.3f})"
+    return f"  {rec['model']} on {rec['device']}: hooked/timm {part('hooked')}, cache_all/timm {part('cache_all')}"
+
+
 # ------------------------------------------------------------------------------ main
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -308,7 +323,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--models", nargs="+", default=["vit_base_patch16_224", "vit_base_patch32_224"],
                    help="timm model names (random weights)")
+    p.add_argument("--families", action="store_true",
+                   help="benchmark the newer families instead of --models: " + ", ".join(FAMILY_MODELS))
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--depth", type=int, default=None,
+                   help="build the models with this many blocks (a quick check of the script; timings are "
+                        "quoted at the registered depth)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds; each runs every contender once")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
     p.add_argument("--device", choices=["cpu", "cuda", "all"],
@@ -348,10 +368,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"batch {args.batch_size}, {args.warmup} warmup + {args.repeats} timed interleaved rounds", flush=True)
 
     records = []
+    models = list(FAMILY_MODELS) if args.families else args.models
     for dev in devices:
-        for model_name in args.models:
+        for model_name in models:
             t0 = time.perf_counter()
             records.append(bench_model(model_name, torch.device(dev), args))
+            print(summary_line(records[-1]), flush=True)
             print(f"  done in {time.perf_counter() - t0:.0f}s, loadavg {loadavg()}", flush=True)
 
     print()

@@ -86,6 +86,9 @@ def no_cls(model_or_cfg, *, perturb_prefix_queries: bool = False, keys: Literal[
     if keys not in ("class", "prefix"):
         raise UserError(f"keys must be 'class' or 'prefix', got {keys!r}")
     n_keys = 1 if keys == "class" else cfg.n_prefix_tokens
+    if n_keys == 0:
+        raise UserError(f"{cfg.model_name} has no prefix tokens (class token, registers): no_cls has no key to cut; "
+                         "leave it out")
 
     def hook(pattern: Float[Tensor, "b h q k"], hook=None) -> Tensor:
         p = pattern.shape[-1]

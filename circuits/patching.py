@@ -16,6 +16,13 @@ this module supplies what images need:
   IOI demo: 0 = corrupted run, 1 = clean run), target logit, rank, identifiability.
 
 Index value -1 (`ALL`) patches every position / every head at once.
+
+Video models (docs/video.md): positions run over the space-time tokens, and a grid's
+`labels` / `to_frame()["token"]` name them in time ("t3 patch (2, 5)",
+`hooked_vit.tokens.token_labels`). Corruptions over time: a second clip,
+`circuits.video.shuffle_frames` or `circuits.video.freeze_frames`. With divided space-time
+attention only the per-token sites (resid_pre/mid/post, attn_out, mlp_out) are swept: the
+head sites' hooks are grouped by frame and by (row, col) there, not [b, p, h, e].
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from circuits.projection import class_rank
 from hooked_vit import HookedViT
 from hooked_vit.errors import UserError
 from hooked_vit.layers import checked_index, layer_indices
+from hooked_vit.tokens import token_labels
 
 ALL = -1
 VECTOR_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")  # [b, p, d]
@@ -92,6 +100,15 @@ def _pattern_setter(act: Tensor, index: Sequence[int], clean: Tensor) -> Tensor:
     p, h = _sel(index[1]), _sel(index[2])
     act[:, h, p] = clean[:, h, p]
     return act
+
+
+def check_grouped_sites(model: HookedViT, sites: Sequence[str]) -> None:
+    """Refuse head sites on divided space-time models (their attention hooks are grouped)."""
+    grouped = [s for s in sites if s in HEAD_SITES]
+    if grouped and model.cfg.attention_type == "divided_space_time":
+        raise UserError(f"sites {grouped} are not swept with divided space-time attention: its attention hooks are "
+                         "grouped by frame / (row, col), not [batch, tokens, heads, ...]; use resid_pre/mid/post, "
+                         "attn_out or mlp_out")
 
 
 def _setter(site: str):
@@ -152,6 +169,7 @@ def act_patch(model: HookedViT, corrupted_images: Tensor, clean_cache, metric: C
     Returns what `transformer_lens.patching.generic_activation_patch` returns for an
     `index_df`: a flat tensor over its rows (or a `PatchingResult` with reduce="none").
     """
+    check_grouped_sites(model, [site])
     if index_df is None:
         n_tokens = _n_tokens(clean_cache[_act_name(site, 0)], site)
         index_df = index_frame(model, site, n_tokens, **axes)
@@ -186,6 +204,7 @@ class PatchingGrid:
     values: Tensor  # [*axes, batch]
     clean: Tensor  # [batch], metric on the clean run
     corrupted: Tensor  # [batch], metric on the corrupted run
+    labels: Optional[list[str]] = None  # the name of every sequence position (hooked_vit.tokens.token_labels)
 
     def mean(self, normalize: bool = False) -> Tensor:
         """Mean over images; normalize: (patched - corrupted) / (clean - corrupted) on the
@@ -197,10 +216,13 @@ class PatchingGrid:
         return (mean - corrupted) / (clean - corrupted)
 
     def to_frame(self) -> pd.DataFrame:
-        """Long format: one row per cell and image (site, metric, layer, pos, [head], image, value)."""
+        """Long format: one row per cell and image (site, metric, layer, pos, [head], image, value),
+        with the position's name in "token" ("all" for all positions at once)."""
         grid = list(itertools.product(*(self.coords[a] for a in self.axes), range(self.values.shape[-1])))
         df = pd.DataFrame(grid, columns=[*self.axes, "image"])
         df["value"] = to_numpy(self.values.reshape(-1))
+        if self.labels is not None and "pos" in self.axes:
+            df["token"] = [("all" if p == ALL else self.labels[p]) for p in df["pos"]]
         return df.assign(site=self.site, metric=self.metric)
 
 
@@ -238,9 +260,10 @@ def patch_activations(
     sites = [sites] if single else list(sites)
     for site in sites:
         _setter(site)
+    check_grouped_sites(model, sites)
     if clean_images.shape != corrupted_images.shape:
         raise UserError(f"clean {tuple(clean_images.shape)} and corrupted {tuple(corrupted_images.shape)} differ")
-    names = {_act_name(s, l) for s in sites for l in range(model.cfg.n_layers)}
+    names = {model.check_hook_name(_act_name(s, l)) for s in sites for l in range(model.cfg.n_layers)}
     with _attn_result(model, "result" in sites), torch.inference_mode():
         clean_logits, cache = model.run_with_cache(clean_images, names_filter=lambda n: n in names)
         corrupted_logits = model(corrupted_images)
@@ -256,7 +279,8 @@ def patch_activations(
         coords = {c: list(dict.fromkeys(index_df[c].tolist())) for c in index_df.columns}
         shape = [len(v) for v in coords.values()]
         grids[site] = PatchingGrid(site, name, tuple(coords), coords, res.values.reshape(*shape, -1).cpu(),
-                                   batch_metric(clean_logits).cpu(), batch_metric(corrupted_logits).cpu())
+                                   batch_metric(clean_logits).cpu(), batch_metric(corrupted_logits).cpu(),
+                                   token_labels(model) if n_tokens == model.cfg.n_ctx else None)
     return grids[sites[0]] if single else grids
 
 

@@ -211,6 +211,124 @@ def attention_view(pattern: Float[np.ndarray, "heads query key"], query: int, im
     return fig
 
 
+# ------------------------------------------------------------------ video: maps over a clip's frames
+def split_frames(frames, n: int, num_frames: Optional[int] = None) -> list[np.ndarray]:
+    """A clip's frames as a list of ``n`` uint8 RGB images, one per time position: ``frames`` is
+    [F, H, W, 3] or a strip of F frames left to right [H, F * W, 3] (a video run's thumbnail;
+    ``num_frames`` = F, by default width // height: square frames). With F > n (tubelets) time
+    position t shows the first frame of its tubelet, frame t * F // n."""
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        h, w, _ = frames.shape
+        count = int(num_frames) if num_frames is not None else max(w // h, 1)
+        if w % count:
+            raise UserError(f"a strip of width {w} does not hold {count} equal frames; give num_frames")
+        frames = np.stack(np.split(frames, count, axis=1))
+    if frames.ndim != 4 or frames.shape[0] % n:
+        raise UserError(f"frames must be [F, H, W, 3] or a strip [H, F * W, 3] with F a multiple of the {n} time "
+                         f"positions, got {list(frames.shape)}")
+    step = frames.shape[0] // n
+    return [frames[t * step] for t in range(n)]
+
+
+def frame_strip(values: Float[np.ndarray, "... time rows cols"], frames=None, *, title: str,
+                time_names: Optional[Sequence[str]] = None, clip_names: Optional[Sequence[str]] = None,
+                zmin=None, zmax=None, colorscale="Viridis", colorbar_title: str = "",
+                outlines: Optional[np.ndarray] = None, symmetric: bool = False, cell: int = 160,
+                opacity: float = 0.6, num_frames: Optional[int] = None) -> go.Figure:
+    """Token maps of a clip over its time positions: one row of panels (small multiples), each
+    map over its frame, one shared colour scale; several clips [n, T, rows, cols] give one row each.
+
+    values: per patch token [T, rows, cols] (or [n, T, rows, cols]); a video model's patch
+    tokens reshape to it as ``values[n_prefix:].reshape(T, rows, cols)`` (time slowest).
+    frames: per clip [F, H, W, 3] uint8, or the strip [H, F * W, 3] a video run keeps
+    (`split_frames`: time position t over frame t * F // T, ``num_frames`` = F for a strip of
+    frames that are not square); a list with one per clip.
+    outlines: per patch flags of the same shape as ``values`` (e.g. object tokens).
+    """
+    values = np.asarray(values)
+    if values.ndim == 3:
+        values, frames = values[None], None if frames is None else [frames]
+        outlines = None if outlines is None else np.asarray(outlines)[None]
+    if values.ndim != 4:
+        raise UserError(f"values must be [time, rows, cols] or [clips, time, rows, cols], got {list(values.shape)}")
+    n, t, rows, cols = values.shape
+    if frames is not None and len(frames) != n:
+        raise UserError(f"{n} clips need {n} frame sets, got {len(frames)}")
+    names = list(time_names or [f"t{i}" for i in range(t)])
+    clips = list(clip_names or ([""] * n))
+    if len(names) != t or len(clips) != n:
+        raise UserError(f"{t} time positions and {n} clips need as many names (got {len(names)}, {len(clips)})")
+    images = None if frames is None else [img for clip in frames for img in split_frames(clip, t, num_frames)]
+    titles = [f"{c} · {name}" if c else name for c in clips for name in names]
+    flat = [values[i, j].ravel() for i in range(n) for j in range(t)]
+    lines = None if outlines is None else [np.asarray(outlines)[i, j].ravel() for i in range(n) for j in range(t)]
+    return token_maps(flat, images, titles=titles, title=title, grid=(rows, cols), zmin=zmin, zmax=zmax,
+                      colorscale=colorscale, colorbar_title=colorbar_title, outlines=lines, cols=t, cell=cell,
+                      opacity=opacity, symmetric=symmetric)
+
+
+def attention_across_frames(pattern: Float[np.ndarray, "heads query key"] | Float[np.ndarray, "key"], query: int,
+                            frames=None, *, n_prefix: int, n_time: int, grid: tuple[int, int],
+                            head: Optional[int] = None, labels: Optional[Sequence[str]] = None, title: str = "",
+                            num_frames: Optional[int] = None) -> go.Figure:
+    """Attention of one query token over every frame's patches (a joint space-time model), one
+    panel per time position with the share of attention each frame gets in its title.
+
+    pattern: one clip's attention of one layer (``blocks.{l}.attn.hook_pattern[i]``, [heads,
+    P, P]), or the query's row [P] already taken (one head or the head mean; a video identify
+    run's attention table). A divided space-time model attends within a frame in ``attn`` and
+    over time in ``attn_time`` (docs/video.md); its grouped patterns are not this layout and are refused.
+    """
+    pattern = np.asarray(pattern)
+    rows, cols = int(grid[0]), int(grid[1])
+    size = n_prefix + n_time * rows * cols
+    if not ((pattern.ndim == 3 and pattern.shape[1:] == (size, size)) or pattern.shape == (size,)):
+        raise UserError(f"pattern must be one clip's joint attention [heads, {size}, {size}] or one query's row "
+                         f"[{size}] ({n_prefix} prefix + {n_time} x {rows} x {cols} patch tokens), got "
+                         f"{list(pattern.shape)}; a divided space-time model's patterns are grouped by frame / position")
+    if not 0 <= query < size:
+        raise UserError(f"query {query} is outside the {size} tokens")
+    if pattern.ndim == 1:
+        if head is not None:
+            raise UserError("head selects a head of a [heads, query, key] pattern; this is one query's row")
+        row, who = pattern, "one row"
+    else:
+        if head is not None and not 0 <= head < pattern.shape[0]:
+            raise UserError(f"head {head} is outside the {pattern.shape[0]} heads")
+        row = pattern[:, query].mean(0) if head is None else pattern[head, query]
+        who = "mean over heads" if head is None else f"head {head}"
+    per_time = row[n_prefix:].reshape(n_time, rows, cols)
+    names = list(labels) if labels is not None else [str(i) for i in range(size)]
+    prefix = ", ".join(f"{names[i]} {row[i]:.2f}" for i in range(n_prefix))
+    title = title or f"Attention of {names[query]} across the frames ({who})"
+    shares = per_time.reshape(n_time, -1).sum(1)
+    return frame_strip(per_time, frames, title=f"{title}<br><sup>on prefix tokens: {prefix or 'none'}</sup>",
+                       time_names=[f"t{t}: {shares[t]:.2f}" for t in range(n_time)], zmin=0,
+                       zmax=float(per_time.max()) or 1.0, colorscale="Inferno", colorbar_title="attention",
+                       num_frames=num_frames)
+
+
+def per_time_curves(values: Float[np.ndarray, "layers time"], *, title: str, yaxis_title: str = "mean identifiability",
+                    layer_names: Optional[Sequence] = None, chance: Optional[float] = None,
+                    yaxis_range=None) -> go.Figure:
+    """Per-frame curves: a value per time position (e.g. identifiability of its patch tokens,
+    `circuits.video.per_time`) over the layers, one line per time position, early frames light."""
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise UserError(f"values must be [layers, time], got {list(values.shape)}")
+    layers, t = values.shape
+    x = list(layer_names) if layer_names is not None else list(range(layers))
+    if len(x) != layers:
+        raise UserError(f"{layers} layers need {layers} layer names, got {len(x)}")
+    from plotly.colors import sample_colorscale
+
+    shades = sample_colorscale("Viridis", [0.85 * i / max(t - 1, 1) for i in range(t)])
+    curves = {f"t{i}": (x, values[:, i]) for i in range(t)}
+    return layer_curves(curves, title=title, xaxis_title="block", yaxis_title=yaxis_title, chance=chance,
+                        colors={name: shades[i] for i, name in enumerate(curves)}, yaxis_range=yaxis_range)
+
+
 # ------------------------------------------------------------------ logit lens
 def logit_lens_grid(score: Float[np.ndarray, "layers tokens"], top_class: Int[np.ndarray, "layers tokens"], *,
                     token_names: Sequence[str], classes=None, title: str, colorbar_title: str = "identifiability",

@@ -293,6 +293,7 @@ def dataset_labels(dataset: Dataset, decode: bool = True) -> Optional[np.ndarray
     """Labels of every item, without decoding images where the dataset allows it; with
     decode=False, None where it does not."""
     from circuits.data import ImageFolderDataset, ImageNetS
+    from circuits.data.video import VideoFolderDataset
 
     if isinstance(dataset, Subset):
         inner = dataset_labels(dataset.dataset, decode)
@@ -301,7 +302,7 @@ def dataset_labels(dataset: Dataset, decode: bool = True) -> Optional[np.ndarray
         return np.array([dataset.meta(i)[0] for i in range(len(dataset))], dtype=np.int64)
     if isinstance(dataset, ImageNetS):
         return np.array([s[2] for s in dataset.samples], dtype=np.int64)
-    if isinstance(dataset, ImageFolderDataset):
+    if isinstance(dataset, (ImageFolderDataset, VideoFolderDataset)):  # (path, label) per file or clip
         return np.array([s[1] for s in dataset.samples], dtype=np.int64)
     for attr in ("labels", "targets"):
         if hasattr(dataset, attr):

@@ -13,6 +13,13 @@ block output is 0, next to the same share for the same tokens in the unperturbed
 (object tokens when the context is removed, background tokens when the object is).
 Prefix tokens (class, registers, distillation) are always kept: the head reads them.
 An image whose removal would leave no patch token is kept whole and marked `valid=False`.
+
+Video models (docs/video.md): `frame_keep_mask` removes every token of chosen time positions,
+`tube_keep_mask` a tube (the tokens at chosen (row, col) cells in every time position). The
+tokens are removed after the position embedding, so the kept ones keep their own positions:
+on joint attention this is the model run on the kept tokens alone. Divided space-time
+attention is refused: its temporal and spatial attentions group the tokens into fixed
+(rows * cols) x time blocks, which `keep_mask`'s padded rows do not keep.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from circuits.projection import class_rank
 from hooked_vit import HookedViT
 from hooked_vit.model import compact_tokens
 from hooked_vit.errors import UserError
+from hooked_vit.tokens import frame_token_mask, token_coords
 
 REMOVALS = ("context", "class_label")
 Removal = Literal["context", "class_label"]
@@ -43,6 +51,46 @@ def keep_mask_for(object_tokens: Bool[Tensor, "b n_patches"], removal: Removal,
     patches = object_tokens if removal == "context" else ~object_tokens
     prefix = torch.ones(object_tokens.shape[0], n_prefix, dtype=torch.bool, device=object_tokens.device)
     return torch.cat([prefix, patches], 1)
+
+
+def _video_removal(model: HookedViT) -> None:
+    cfg = model.cfg
+    if not cfg.is_video:
+        raise UserError(f"{cfg.model_name} is an image model (num_frames not set); frame and tube removal need a "
+                         "video model (use keep_mask_for for object / context tokens)")
+    if cfg.attention_type != "joint":
+        raise UserError(f"token removal is not supported with attention_type={cfg.attention_type!r}: the temporal and "
+                         "spatial attentions group tokens by (row, col) and by frame in fixed sizes; use a joint-attention "
+                         "model, or hide tokens from attention instead (circuits.interventions.attention_edge_mask)")
+
+
+def frame_keep_mask(model: HookedViT, times: Sequence[int], batch: int = 1) -> Bool[Tensor, "b n_ctx"]:
+    """Keep-mask [batch, n_ctx] that removes every patch token at the time positions `times`
+    (tubelet indices, `hooked_vit.tokens.token_frames`); prefix tokens are kept."""
+    _video_removal(model)
+    times = [int(t) for t in times]
+    bad = [t for t in times if not 0 <= t < model.cfg.n_time]
+    if bad or not times:
+        raise UserError(f"time positions {bad or times} are outside [0, {model.cfg.n_time}) (choose at least one)")
+    if len(set(times)) == model.cfg.n_time and model.cfg.global_pool != "token":
+        raise UserError("removing every time position leaves no patch token to pool; keep at least one")
+    keep = ~torch.tensor(frame_token_mask(model, times))
+    return keep[None].expand(batch, -1).clone()
+
+
+def tube_keep_mask(model: HookedViT, cells: Sequence[tuple[int, int]], batch: int = 1) -> Bool[Tensor, "b n_ctx"]:
+    """Keep-mask [batch, n_ctx] that removes the tubes at the (row, col) `cells`: those
+    patch tokens at every time position; prefix tokens are kept."""
+    _video_removal(model)
+    rows, cols = model.cfg.grid_size
+    cells = {(int(r), int(c)) for r, c in cells}
+    bad = sorted(rc for rc in cells if not (0 <= rc[0] < rows and 0 <= rc[1] < cols))
+    if bad or not cells:
+        raise UserError(f"cells {bad or sorted(cells)} are outside the {rows}x{cols} token grid (choose at least one)")
+    if len(cells) == rows * cols and model.cfg.global_pool != "token":
+        raise UserError("removing every tube leaves no patch token to pool; keep at least one")
+    keep = torch.tensor([c is None or (c[1], c[2]) not in cells for c in token_coords(model)])
+    return keep[None].expand(batch, -1).clone()
 
 
 def kept_tokens_mask(object_tokens: Bool[Tensor, "b n_patches"], removal: Removal) -> Bool[Tensor, "b n_patches"]:

@@ -10,6 +10,10 @@ lens / identifiability of every space-time token in one call.
 - `space_time_identifiability(model, clips, targets)`: class identifiability
   1 - rank / n_classes (Vilas et al. 2023; `circuits.identifiability`) of every token at every
   block output, with the class token's and per-time means.
+- Corruptions for patching over time (the corrupted run of `circuits.patching` /
+  `circuits.circuit_discovery`): `shuffle_frames(clips, seed)` (the frames in a random
+  order other than their own: same content, no motion order) and `freeze_frames(clips,
+  frame)` (one frame repeated: same appearance, no motion). A second clip is the third.
 """
 from __future__ import annotations
 
@@ -32,14 +36,50 @@ def _require_video(model: HookedViT) -> None:
                          "a video model")
 
 
+def _check_clips(clips: Tensor) -> None:
+    if clips.ndim != 5:
+        raise UserError(f"clips must be [batch, frames, channels, height, width], got shape {tuple(clips.shape)}")
+
+
+def shuffle_frames(clips: Float[Tensor, "b t c h w"], seed: int = 0) -> Float[Tensor, "b t c h w"]:
+    """The clips with their frames in a random order (one permutation for the batch, seeded),
+    never the identity: each clip keeps its frames' content and loses their order."""
+    _check_clips(clips)
+    t = clips.shape[1]
+    if t < 2:
+        raise UserError(f"shuffle_frames needs at least 2 frames, the clips have {t}")
+    gen = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(t, generator=gen)
+    if torch.equal(order, torch.arange(t)):  # the identity is no corruption: move every frame by one
+        order = order.roll(1)
+    return clips[:, order.to(clips.device)]
+
+
+def freeze_frames(clips: Float[Tensor, "b t c h w"], frame: int = 0) -> Float[Tensor, "b t c h w"]:
+    """The clips with frame `frame` repeated over time (a still clip: its appearance, no motion)."""
+    _check_clips(clips)
+    t = clips.shape[1]
+    if not -t <= frame < t:
+        raise UserError(f"frame {frame} is outside the clips' {t} frames")
+    return clips[:, frame:frame + 1 if frame != -1 else None].expand_as(clips).clone()
+
+
 def per_time(values: Float[Tensor, "... p"], model: HookedViT) -> Float[Tensor, "... t"]:
     """Mean of per-token `values` over each time position's patch tokens: [..., n_time]."""
     _require_video(model)
     cfg = model.cfg
     if values.shape[-1] != cfg.n_ctx:
         raise UserError(f"values have {values.shape[-1]} tokens, the model's sequence has {cfg.n_ctx}")
-    patches = values[..., cfg.n_prefix_tokens:]
-    return einops.reduce(patches, "... (t s) -> ... t", "mean", t=cfg.n_time)
+    return time_means(values, cfg.n_prefix_tokens, cfg.n_time)
+
+
+def time_means(values: Float[Tensor, "... p"], n_prefix: int, n_time: int) -> Float[Tensor, "... t"]:
+    """`per_time` from the layout alone (a run's labels.json): the mean of each time position's
+    patch tokens, the first `n_prefix` tokens dropped; numpy arrays or tensors."""
+    patches = values[..., n_prefix:]
+    if patches.shape[-1] % n_time:
+        raise UserError(f"{patches.shape[-1]} patch tokens do not split into {n_time} time positions")
+    return einops.reduce(patches, "... (t s) -> ... t", "mean", t=n_time)
 
 
 @torch.inference_mode()

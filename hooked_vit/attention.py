@@ -65,14 +65,21 @@ class Attention(nn.Module):
         self.k_norm = make_norm(cfg, cfg.d_head) if cfg.qk_norm else None
         self.ln_z = make_norm(cfg, d_attn) if cfg.attn_norm else None
         self.rel_pos_table: Optional[nn.Parameter] = None
+        self.rel_pos_mlp: Optional[RelPosMlp] = None
         self.hook_rel_pos_bias = None
-        if cfg.rel_pos_bias:  # BEiT: one learned bias per head and relative offset
-            from timm.models.beit import gen_relative_position_index
+        if cfg.rel_pos_bias:  # one bias per head and (query, key) pair, from the pair's 2-D offset
+            from timm.layers import gen_relative_position_index
 
             gh, gw = cfg.grid_size
-            self.rel_pos_table = nn.Parameter(torch.zeros((2 * gh - 1) * (2 * gw - 1) + 3, cfg.n_heads))
-            self.register_buffer("rel_pos_index", gen_relative_position_index(cfg.grid_size), persistent=False)
-            self.hook_rel_pos_bias = HookPoint()  # [1, h, q, k], added to the scores
+            if cfg.rel_pos_type == "table":  # BEiT / timm RelPosBias: a learned entry per offset
+                n_rel = (2 * gh - 1) * (2 * gw - 1) + 3 * int(cfg.class_token)
+                self.rel_pos_table = nn.Parameter(torch.zeros(n_rel, cfg.n_heads))
+            else:  # timm RelPosMlp: an MLP of the log-spaced offset
+                self.rel_pos_mlp = RelPosMlp(cfg)
+            table_cls = cfg.class_token and cfg.rel_pos_type == "table"  # the table's class-token entries
+            index = gen_relative_position_index(cfg.grid_size, class_token=table_cls)
+            self.register_buffer("rel_pos_index", index, persistent=False)
+            self.hook_rel_pos_bias = HookPoint()  # [1, h, q, k] ([b, h, q, k] after token removal), added to the scores
         self.hook_q = HookPoint()  # [b, p, h, d_head]
         self.hook_k = HookPoint()  # [b, p, h, d_head]
         self.hook_v = HookPoint()  # [b, p, h, d_head]
@@ -90,12 +97,15 @@ class Attention(nn.Module):
         x: Union[Float[Tensor, "b p d_model"], HeadInputs],
         key_mask: Optional[Float[Tensor, "b k"]] = None,
         rope: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
     ) -> Float[Tensor, "b p d_model"]:
         """`x`: the (normalised) input [b, p, d_model] (or [b, g, p, d_model] for grouped
         attention), or, with the block's per-head input flags, the query, key and value inputs
         [b, p, h, d_model] of every head. `key_mask` [b, k] (bool, True = attend) hides padded
         tokens. `rope` [b or 1, p, h or 1, 2 * d_head]: this block's rotary table (sin and cos;
-        identity rows for prefix tokens), see hooked_vit.rope."""
+        identity rows for prefix tokens), see hooked_vit.rope. `positions` [b, p]: each
+        token's index in the full sequence; with a relative position bias each kept pair keeps
+        its own offset's bias (hook_rel_pos_bias is then [b, h, q, k])."""
         if isinstance(x, tuple):
             q, k, v = self._per_head_qkv(x)
         else:
@@ -109,7 +119,9 @@ class Attention(nn.Module):
             q = self.hook_rot_q(apply_rope(q, rope, self.cfg).type_as(v))
             k = self.hook_rot_k(apply_rope(k, rope, self.cfg).type_as(v))
         q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)  # [b, (g,) h, p, d_head]
-        bias = None if self.rel_pos_table is None else self.hook_rel_pos_bias(self._rel_pos_bias(q.shape[-2]))
+        bias = None
+        if self.hook_rel_pos_bias is not None:
+            bias = self.hook_rel_pos_bias(self._rel_pos_bias(q.shape[-2], positions))
         if self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
             mask = None if key_mask is None else key_mask[:, None, None, :]
             if bias is not None:
@@ -133,12 +145,27 @@ class Attention(nn.Module):
         q, k, v = (torch.einsum("bphm,hme->bphe", i, w) + bias for i, (w, bias) in zip(inputs, weights))
         return q, k, v
 
-    def _rel_pos_bias(self, n_tokens: int) -> Float[Tensor, "1 h q k"]:
-        n = self.rel_pos_index.shape[0]
+    def _rel_pos_bias(self, n_tokens: int, positions: Optional[Tensor] = None) -> Float[Tensor, "1_or_b h q k"]:
+        """The bias [1, h, n, n] over the full sequence; with `positions` [b, p] (tokens removed)
+        the rows and columns of the kept tokens, [b, h, p, p]."""
+        full = self._full_rel_pos_bias()
+        if positions is not None:
+            rows, cols = positions[:, :, None], positions[:, None, :]
+            return full[0][:, rows, cols].transpose(0, 1)  # [h, b, p, p] -> [b, h, p, p]
+        n = full.shape[-1]
         if n_tokens != n:
-            raise UserError(f"a relative-position-bias model needs its full sequence of {n} tokens (got {n_tokens}): "
-                             "token removal and other grids are not supported for it")
-        return self.rel_pos_table[self.rel_pos_index.view(-1)].view(n, n, -1).permute(2, 0, 1)[None]
+            raise UserError(f"a relative-position-bias model needs its full sequence of {n} tokens (got {n_tokens}) "
+                             "or each token's position (positions=): other grids are not supported for it")
+        return full
+
+    def _full_rel_pos_bias(self) -> Float[Tensor, "1 h n n"]:
+        n = self.cfg.n_prefix_tokens + self.cfg.n_patches
+        if self.rel_pos_table is not None:
+            return self.rel_pos_table[self.rel_pos_index.view(-1)].view(n, n, -1).permute(2, 0, 1)[None]
+        n_prefix, n_patches = self.cfg.n_prefix_tokens, self.cfg.n_patches
+        per_offset = self.rel_pos_mlp(self.rel_pos_mlp.coords).flatten(0, 1)  # [offsets, h]
+        bias = per_offset[self.rel_pos_index.view(-1)].view(n_patches, n_patches, -1).permute(2, 0, 1)
+        return F.pad(bias, [n_prefix, 0, n_prefix, 0])[None]  # prefix-token pairs: 0
 
     def _explicit(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                   bias: Optional[Tensor] = None) -> Tensor:
@@ -198,3 +225,21 @@ class Attention(nn.Module):
     def b_O(self) -> Float[Tensor, "d_model"]:
         b = self.proj.bias if self.proj.bias is not None else self.proj.weight.new_zeros(self.cfg.d_model)
         return b if self.ls_gamma is None else b * self.ls_gamma
+
+
+class RelPosMlp(nn.Module):
+    """timm's RelPosMlp ("cr" mode, Swin-V2's continuous position bias without its sigmoid):
+    bias[h, offset] = fc2(relu(fc1(c)))[h] on the log-spaced offset c = sign(d) * log(1 + |d|)
+    of each (row, col) offset d; `coords` [2 * gh - 1, 2 * gw - 1, 2] is a buffer."""
+
+    def __init__(self, cfg: HookedViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(2, cfg.rel_pos_mlp_dim)
+        self.fc2 = nn.Linear(cfg.rel_pos_mlp_dim, cfg.n_heads)
+        gh, gw = cfg.grid_size
+        offsets = torch.stack(torch.meshgrid(torch.arange(1 - gh, gh), torch.arange(1 - gw, gw), indexing="ij"), -1)
+        coords = torch.sign(offsets) * torch.log(1.0 + offsets.abs().float())
+        self.register_buffer("coords", coords.float(), persistent=False)
+
+    def forward(self, coords: Float[Tensor, "... 2"]) -> Float[Tensor, "... h"]:
+        return self.fc2(F.relu(self.fc1(coords)))

@@ -30,7 +30,11 @@ class TransformerBlock(nn.Module):
     pre_norm:  attn_out = attn(ln1(resid_pre));  mlp_out = mlp(ln2(resid_mid))
     post_norm: attn_out = ln1(attn(resid_pre));  mlp_out = ln2(mlp(resid_mid))
 
-    In both, resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_out: the
+    parallel (cfg.parallel_attn_mlp, pre-norm): attn_out = attn(ln1(resid_pre));
+               mlp_out = mlp(ln2(resid_pre)); resid_post = resid_pre + attn_out + mlp_out,
+               and there is no resid_mid (hook_resid_mid is absent).
+
+    Otherwise resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_out: the
     sublayer hooks carry exactly what is added to the residual stream (LayerScale and the
     post-norm included). In a post-norm block `ln1`/`ln2` act on the sublayer outputs.
 
@@ -66,16 +70,18 @@ class TransformerBlock(nn.Module):
             self.hook_attn_time_out = HookPoint()  # [b, p, d_model], 0 on prefix tokens
             self.hook_resid_time = HookPoint()  # [b, p, d_model]
         self.hook_attn_out = HookPoint()  # [b, p, d_model]
-        self.hook_resid_mid = HookPoint()  # [b, p, d_model]
+        # Absent in a parallel block (cfg.parallel_attn_mlp): both sublayers read resid_pre.
+        self.hook_resid_mid = None if cfg.parallel_attn_mlp else HookPoint()  # [b, p, d_model]
         self.hook_mlp_in = HookPoint()  # [b, p, d_model], cfg.use_hook_mlp_in
         self.hook_mlp_out = HookPoint()  # [b, p, d_model]
         self.hook_resid_post = HookPoint()  # [b, p, d_model]
 
     def forward(
         self, resid_pre: Float[Tensor, "b p d_model"], key_mask: Optional[Tensor] = None,
-        rope: Optional[Tensor] = None,
+        rope: Optional[Tensor] = None, positions: Optional[Tensor] = None,
     ) -> Float[Tensor, "b p d_model"]:
-        """`rope`: this block's rotary table (hooked_vit.rope), None without RoPE."""
+        """`rope`: this block's rotary table (hooked_vit.rope), None without RoPE. `positions`
+        [b, p]: each token's index in the full sequence (relative position bias after token removal)."""
         resid_pre = self.hook_resid_pre(resid_pre)
         if self.cfg.attention_type == "divided_space_time":
             if key_mask is not None:
@@ -92,9 +98,14 @@ class TransformerBlock(nn.Module):
                 attn_in = self._per_head_inputs(resid_pre, norm=None if post_norm else self.ln1)
             elif not post_norm:
                 attn_in = self.ln1(resid_pre)
-            attn_out = self.attn(attn_in, key_mask, rope=rope)
+            attn_out = self.attn(attn_in, key_mask, rope=rope, positions=positions)
             if post_norm:
                 attn_out = self.ln1(attn_out)
+        if self.cfg.parallel_attn_mlp:  # x + attn(ln1(x)) + mlp(ln2(x)), ln2 a copy of ln1
+            attn_out = self.hook_attn_out(attn_out)
+            mlp_in = self.hook_mlp_in(resid_pre.clone()) if self.cfg.use_hook_mlp_in else resid_pre
+            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
+            return self.hook_resid_post(resid_pre + attn_out + mlp_out)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
         # A copy, as in TransformerLens, so an edit of the MLP input leaves resid_mid alone.
         mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.cfg.use_hook_mlp_in else resid_mid

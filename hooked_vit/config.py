@@ -9,13 +9,13 @@ TransformerLens field names (`n_layers`, `d_model`, `n_heads`, `d_head`, `d_mlp`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from hooked_vit.errors import UserError
 
 ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "sigmoid")
-ROPE_TYPES = ("cat", "mixed", "dinov3")
+ROPE_TYPES = ("cat", "mixed", "dinov3", "3d")
 
 
 @dataclass
@@ -41,9 +41,17 @@ class HookedViTConfig:
     patch_embed_bias: bool = True
     ln_pre: bool = False  # CLIP's norm_pre after the embedding
     embed_norm: bool = False  # a norm on the patch embeddings (timm's embed_norm_layer, AIMv2)
+    # A hybrid CNN stem (timm's HybridEmbed: R50+ViT, R26+ViT, ...): a CNN backbone (the timm
+    # module itself, not re-implemented) maps the image to a feature map with d_backbone
+    # channels (embed.hook_backbone_out), then embed.proj (kernel = stride =
+    # backbone_patch_size feature cells) makes the tokens. patch_size is then the pixels per
+    # token (the backbone's stride times backbone_patch_size). None: a plain patch embedding.
+    d_backbone: Optional[int] = None
+    backbone_patch_size: tuple[int, int] = (1, 1)
     # Rotary position embedding on q and k of the patch tokens (EVA02, DINOv3, PE, RoPE-ViT):
     # one of ROPE_TYPES, built by hooked_vit.rope from `rope_options` (timm's constructor
-    # arguments); None: no RoPE. Can be combined with the learned pos_embed ("rope_ape").
+    # arguments; "3d" is V-JEPA 2's rotation over (time, row, col), built by hooked_vit.rope
+    # itself, without options); None: no RoPE. Can be combined with the learned pos_embed ("rope_ape").
     rope_type: Optional[str] = None
     rope_options: dict[str, Any] = field(default_factory=dict)
     rope_rotate_half: bool = False  # rotate halves of each head, not interleaved pairs
@@ -51,11 +59,38 @@ class HookedViTConfig:
     # each (query, key) pair's 2-D offset (class-token pairs have their own entries), added
     # to the attention scores (attn.hook_rel_pos_bias).
     rel_pos_bias: bool = False
+    # Where that bias comes from: "table" (BEiT; timm's RelPosBias: one learned entry per
+    # offset, with a class token three more for the class-token pairs) or "log_mlp" (timm's
+    # RelPosMlp, Swin-V2's log-spaced coordinates in timm's "cr" mode: an MLP 2 -> rel_pos_mlp_dim
+    # -> n_heads with ReLU on sign(d) * log(1 + |d|) of each (row, col) offset d; pairs with
+    # a prefix token get 0).
+    rel_pos_type: Literal["table", "log_mlp"] = "table"
+    rel_pos_mlp_dim: Optional[int] = None
     # Position embedding kind (with pos_embed=True): "learned" (one table over the sequence),
     # "sincos" (VideoMAE's fixed 1D sin-cos table over the patch tokens, a buffer) or
     # "space_time" (TimeSformer's learned spatial table over [prefix, one frame's patches]
     # plus a learned table over time, added to the patch tokens).
-    pos_embed_type: Literal["learned", "sincos", "space_time"] = "learned"
+    # "factorized" (NaFlexVit's): learned row and column tables [gh, d] and [gw, d] summed at
+    # each patch (pos_embed_y[row] + pos_embed_x[col]), patch tokens only.
+    pos_embed_type: Literal["learned", "sincos", "space_time", "factorized"] = "learned"
+    # The learned (or factorized) table's patch grid when it is not img_size // patch_size
+    # (NaFlexVit keeps a 16x16 table for every input size; needs no_embed_class); None: grid_size.
+    pos_embed_grid: Optional[tuple[int, int]] = None
+    # How a learned table is resampled to another patch grid (timm's NaFlexEmbeds options; the
+    # defaults are timm's resample_abs_pos_embed): F.interpolate mode, antialias, align_corners,
+    # and "aspect-ratio preserving" (resample to a square of the longer side, keep the top-left).
+    pos_embed_interp: Literal["bicubic", "bilinear"] = "bicubic"
+    pos_embed_antialias: bool = True
+    pos_embed_align_corners: bool = False
+    pos_embed_ar_preserving: bool = False
+    # NaFlex inputs (hooked_vit.naflex: patches, patch coordinates, valid mask; any resolution
+    # and aspect ratio in one padded batch) are accepted, besides images; adds
+    # embed.hook_patch_mask. timm's NaFlexVit and transformers' SigLIP 2 set it.
+    naflex: bool = False
+    # Layout of one flattened patch in NaFlex patch inputs ([b, n, patch_dim], hooked_vit.naflex):
+    # "hwc" (timm NaFlexVit and transformers' SigLIP 2: channel fastest) or "chw"; the patch
+    # embedding itself is always the Conv2d `embed.proj`, read as a Linear over that layout.
+    patch_layout: Literal["chw", "hwc"] = "hwc"
 
     # --- video: the token layout in time (docs/video.md) --------------------------------
     # num_frames=None: an image model, inputs [b, c, h, w]. Otherwise inputs are clips
@@ -71,6 +106,10 @@ class HookedViTConfig:
 
     # --- blocks ----------------------------------------------------------------------------
     block_type: Literal["pre_norm", "post_norm"] = "pre_norm"
+    # Attention and MLP read the same resid_pre and are added together (TransformerLens's
+    # field; timm's ParallelScalingBlock, ViT-22B): resid_post = resid_pre + attn_out + mlp_out,
+    # no hook_resid_mid; ln2 holds a copy of the block's one norm (as TransformerLens loads GPT-J).
+    parallel_attn_mlp: bool = False
     qkv_bias: bool = True
     proj_bias: bool = True
     mlp_bias: bool = True
@@ -95,6 +134,20 @@ class HookedViTConfig:
     attn_pool_heads: Optional[int] = None  # defaults to n_heads
     attn_pool_d_mlp: Optional[int] = None  # defaults to d_mlp
     attn_pool_act: str = "gelu"  # the attention pool's MLP activation
+    # V-JEPA 2's attentive probe (VJEPA2AttentivePooler) as options of the same head:
+    # attn_pool_layers pre-norm self-attention blocks over the pooled tokens before the latent
+    # query reads them (`attn_pool.blocks.N`, TransformerBlocks with attn_pool_heads heads and
+    # attn_pool_d_mlp); attn_pool_kv_norm a norm on the tokens before k and v (`attn_pool.ln_kv`);
+    # attn_pool_residual adds the latent to the attention output (a pre-norm cross-attention
+    # block); attn_pool_proj=False: no output projection (z is the attention output).
+    attn_pool_layers: int = 0
+    attn_pool_kv_norm: bool = False
+    attn_pool_residual: bool = False
+    attn_pool_proj: bool = True
+    # AIMv2's pooling head (transformers' Aimv2AttentionPoolingHead): the latent is the query
+    # itself (no q projection) and the attention output is the pooled vector (no norm + MLP).
+    attn_pool_q_proj: bool = True
+    attn_pool_mlp: bool = True
     pool_include_prefix: bool = False
     # "token": the final norm acts on every token before pooling (timm's `norm`);
     # "pooled": it acts on the pooled vector (timm's `fc_norm`, the GAP models); None: none.
@@ -104,6 +157,7 @@ class HookedViTConfig:
     # CLIP's image projection (a bias-free Linear d_model -> d_image_embed on the pooled
     # vector, hook_image_embed); None: no projection.
     d_image_embed: Optional[int] = None
+    image_proj_bias: bool = False  # a bias on that projection (open_clip's timm towers' head Linear, EVA02 CLIP)
     # With a projection: True when a classifier head (e.g. text class embeddings) reads the
     # image embedding; False when the logits are the image embedding (n_classes == d_image_embed).
     head_on_image_embed: bool = False
@@ -127,11 +181,18 @@ class HookedViTConfig:
     # "n01443537") and human descriptions ("goldfish, Carassius auratus"), one per class.
     label_names: Optional[tuple[str, ...]] = None
     class_names: Optional[tuple[str, ...]] = None
+    # The VLM read-out of this tower (hooked_vit.vlm.vision_features): LLaVA's
+    # vision_feature_layer (an index into [embeddings, block 0, ..., block L-1] outputs, or a
+    # list of them, concatenated) and vision_feature_select_strategy ("default" drops token 0,
+    # "full" keeps all); None: not loaded from a VLM (vision_features defaults to -2, "default").
+    vision_feature_layer: Optional[Union[int, list[int]]] = None
+    vision_feature_select_strategy: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.img_size = _pair(self.img_size)
         self.dtype = _dtype(self.dtype)
         self.patch_size = _pair(self.patch_size)
+        self.backbone_patch_size = _pair(self.backbone_patch_size)
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 raise UserError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
@@ -140,11 +201,26 @@ class HookedViTConfig:
             raise UserError(f"act_fn={self.act_fn!r} / attn_pool_act={self.attn_pool_act!r}: choose from {ACT_FNS}")
         if self.rope_type is not None and self.rope_type not in ROPE_TYPES:
             raise UserError(f"rope_type={self.rope_type!r} is not supported; choose one of {ROPE_TYPES} or None")
+        if self.rope_type == "3d" and self.rope_options:
+            raise UserError("rope_type='3d' takes no rope_options (its table follows from d_head and the token grid)")
+        if self.attn_pool_layers < 0:
+            raise UserError(f"attn_pool_layers={self.attn_pool_layers} must be >= 0")
+        probe = self.attn_pool_layers or self.attn_pool_kv_norm or self.attn_pool_residual or not self.attn_pool_proj
+        if probe and self.global_pool != "map":
+            raise UserError("attn_pool_layers / attn_pool_kv_norm / attn_pool_residual / attn_pool_proj=False are "
+                             f"options of the attention-pooling head: set global_pool='map' (got {self.global_pool!r})")
+        if self.rel_pos_bias:
+            self._check_rel_pos()
+        if self.parallel_attn_mlp and (self.block_type != "pre_norm" or self.attention_type != "joint"):
+            raise UserError("parallel_attn_mlp needs pre-norm blocks with joint attention")
+        if self.d_backbone is not None and (self.is_video or self.embed_norm):
+            raise UserError("a hybrid CNN stem (d_backbone) is supported for image models without embed_norm")
         if self.attn_only_layer_scale and not self.layer_scale:
             raise UserError("attn_only_layer_scale=True needs layer_scale=True")
         if self.global_pool == "map":
             self.attn_pool_heads = self.attn_pool_heads or self.n_heads
             self.attn_pool_d_mlp = self.attn_pool_d_mlp or self.d_mlp
+        self._check_positions()
         if self.global_pool == "token" and not (self.class_token or self.distilled):
             raise UserError("global_pool='token' needs a class token")
         if self.distilled and self.n_reg_tokens:
@@ -161,6 +237,15 @@ class HookedViTConfig:
                 if len(names) != self.n_classes:
                     raise UserError(f"{name} has {len(names)} entries for n_classes={self.n_classes}")
 
+    def _check_rel_pos(self) -> None:
+        if self.n_prefix_tokens != int(self.class_token):
+            raise UserError("a relative position bias is defined for a class token and patch tokens only: "
+                             "no register or distillation tokens")
+        if self.rel_pos_type == "log_mlp" and not self.rel_pos_mlp_dim:
+            raise UserError("rel_pos_type='log_mlp' needs rel_pos_mlp_dim (the bias MLP's hidden width)")
+        if self.rel_pos_type not in ("table", "log_mlp"):
+            raise UserError(f"rel_pos_type={self.rel_pos_type!r}: choose 'table' or 'log_mlp'")
+
     def _check_head(self) -> None:
         if self.global_pool == "token_avg" and (not self.class_token or self.distilled or self.pool_include_prefix
                                                 or self.final_norm == "pooled"):
@@ -168,6 +253,8 @@ class HookedViTConfig:
                              "pool_include_prefix=False (the mean is over patch tokens only) and a per-token "
                              "final norm (final_norm='token' or None)")
         if self.d_image_embed is None:
+            if self.image_proj_bias:
+                raise UserError("image_proj_bias=True needs an image projection (d_image_embed)")
             if self.head_on_image_embed:
                 raise UserError("head_on_image_embed=True needs an image projection (d_image_embed)")
             return
@@ -178,6 +265,24 @@ class HookedViTConfig:
             raise UserError(f"without a head on the image embedding the logits are the embedding: n_classes="
                              f"{self.n_classes} must equal d_image_embed={self.d_image_embed} "
                              "(or set head_on_image_embed=True)")
+
+    def _check_positions(self) -> None:
+        if self.pos_embed_grid is not None:
+            self.pos_embed_grid = _pair(self.pos_embed_grid)
+            if self.pos_embed_type not in ("learned", "factorized") or not self.no_embed_class:
+                raise UserError("pos_embed_grid (a position table on its own patch grid) needs pos_embed_type "
+                                 "'learned' or 'factorized' and no_embed_class=True (a table over patch tokens only)")
+        if self.naflex and (self.is_video or self.rope_type is not None or self.rel_pos_bias):
+            raise UserError("naflex=True (NaFlex patch inputs) is supported for image models without RoPE or a "
+                             "relative position bias")
+        if self.pos_embed_type == "factorized" and (not self.no_embed_class or self.is_video):
+            raise UserError("pos_embed_type='factorized' is a table over image patch tokens: set no_embed_class=True "
+                             "(and no num_frames)")
+
+    @property
+    def pos_grid(self) -> tuple[int, int]:
+        """The patch grid of the learned position table (pos_embed_grid, else grid_size)."""
+        return self.pos_embed_grid or self.grid_size
 
     def _check_video(self) -> None:
         if self.num_frames is None:

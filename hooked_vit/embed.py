@@ -10,13 +10,15 @@ from typing import Optional
 
 import einops
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
-from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.layer_norm import make_norm
 from hooked_vit.errors import UserError
+from hooked_vit.naflex import NaFlexInputs, factorized_table, resample_table
 
 
 class Embed(nn.Module):
@@ -28,11 +30,20 @@ class Embed(nn.Module):
     `tokens + positions` equals timm's sum exactly.
     """
 
-    def __init__(self, cfg: HookedViTConfig):
+    def __init__(self, cfg: HookedViTConfig, backbone: Optional[nn.Module] = None):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        if cfg.is_video:
+        # A hybrid stem's CNN (cfg.d_backbone): the given module, run as it is.
+        self.backbone = backbone
+        self.hook_backbone_out = HookPoint() if cfg.d_backbone is not None else None  # [b, d_backbone, h, w]
+        if (backbone is None) != (cfg.d_backbone is None):
+            raise UserError("a hybrid CNN stem (cfg.d_backbone) needs its backbone module and only then: build "
+                             "the model with HookedViT.from_timm (or pass backbone= the timm CNN)")
+        if cfg.d_backbone is not None:  # the projection of the backbone's feature map
+            kernel = cfg.backbone_patch_size
+            self.proj = nn.Conv2d(cfg.d_backbone, d, kernel, kernel, bias=cfg.patch_embed_bias)
+        elif cfg.is_video:
             kernel = (cfg.tubelet_size, *cfg.patch_size)
             self.proj = nn.Conv3d(cfg.in_chans, d, kernel, kernel, bias=cfg.patch_embed_bias)
         else:
@@ -42,11 +53,19 @@ class Embed(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.n_reg_tokens, d)) if cfg.n_reg_tokens else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
         n_pos = cfg.n_patches if cfg.no_embed_class else cfg.n_ctx
+        if cfg.pos_embed_grid is not None:  # a table on its own grid (NaFlexVit), resampled to each input
+            n_pos = cfg.pos_grid[0] * cfg.pos_grid[1]
         kind = cfg.pos_embed_type if cfg.pos_embed else None
         if kind == "space_time":  # TimeSformer: [prefix, one frame's patches] and time, learned
             n_pos = cfg.n_patches_per_frame + cfg.n_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d)) if kind in ("learned", "space_time") else None
         self.time_embed = nn.Parameter(torch.zeros(1, cfg.n_time, d)) if kind == "space_time" else None
+        factorized = kind == "factorized"  # NaFlexVit: a row table and a column table
+        self.pos_embed_y = nn.Parameter(torch.zeros(1, cfg.pos_grid[0], d)) if factorized else None
+        self.pos_embed_x = nn.Parameter(torch.zeros(1, cfg.pos_grid[1], d)) if factorized else None
+        # NaFlex inputs only: which tokens are real (prefix tokens and valid patches) [b, p] bool;
+        # an edit changes what attention and pooling read (hooked_vit.naflex).
+        self.hook_patch_mask = HookPoint() if cfg.naflex else None  # [b, p], with cfg.naflex
         # VideoMAE's fixed table: a buffer (not a parameter, not in the state dict).
         self.register_buffer("pos_table", sincos_table(cfg.n_patches, d) if kind == "sincos" else None, persistent=False)
 
@@ -94,10 +113,51 @@ class Embed(nn.Module):
     def tokens(self, images: Float[Tensor, "b c h w"]) -> Float[Tensor, "b p d_model"]:
         if self.cfg.is_video:  # [b, t, c, h, w] -> Conv3d over [b, c, t, h, w], tokens (t, row, col)
             images = einops.rearrange(images, "b t c h w -> b c t h w")
+        if self.backbone is not None:
+            features = self.backbone(images)
+            features = features[-1] if isinstance(features, (list, tuple)) else features  # timm's HybridEmbed
+            images = self.hook_backbone_out(features)  # [b, d_backbone, h, w]
         patches = self.proj(images).flatten(2).transpose(1, 2)  # [b, n_patches, d]
         patches = patches if self.norm is None else self.norm(patches)
         prefix = [t.expand(images.shape[0], -1, -1) for t in self.prefix_params()]
         return torch.cat(prefix + [patches], dim=1) if prefix else patches
+
+    def naflex_tokens(self, inputs: NaFlexInputs) -> Float[Tensor, "b p d_model"]:
+        """NaFlex patches [b, n, patch_dim] through the patch embedding (the Conv2d read as a
+        Linear over cfg.patch_layout), the embedding norm and the prefix tokens."""
+        patches = inputs.patches
+        if patches.shape[-1] != self.proj.weight[0].numel():
+            raise UserError(f"NaFlex patches have {patches.shape[-1]} values each; this model's patches have "
+                             f"{self.proj.weight[0].numel()} (channels x {self.cfg.patch_size[0]} x {self.cfg.patch_size[1]})")
+        layout = "d c ph pw -> d (ph pw c)" if self.cfg.patch_layout == "hwc" else "d c ph pw -> d (c ph pw)"
+        x = F.linear(patches, einops.rearrange(self.proj.weight, layout), self.proj.bias)  # [b, n, d]
+        x = x if self.norm is None else self.norm(x)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in self.prefix_params()]
+        return torch.cat(prefix + [x], dim=1) if prefix else x
+
+    def naflex_positions(self, inputs: NaFlexInputs) -> Optional[Float[Tensor, "b p d_model"]]:
+        """Each image's position table resampled to its own grid, at its first rows * cols
+        patch positions (zero on padding and on the prefix tokens)."""
+        cfg = self.cfg
+        if not cfg.pos_embed:
+            return None
+        b, n = inputs.patch_valid.shape
+        out = self.proj.weight.new_zeros(b, cfg.n_prefix_tokens + n, cfg.d_model)
+        tables: dict[tuple[int, int], Tensor] = {}
+        for i, grid in enumerate(inputs.grids):
+            if grid not in tables:
+                tables[grid] = self.patch_positions(grid)[0]
+            m = grid[0] * grid[1]
+            out[i, cfg.n_prefix_tokens : cfg.n_prefix_tokens + m] = tables[grid]
+        return out
+
+    def patch_positions(self, grid: tuple[int, int]) -> Float[Tensor, "1 n d_model"]:
+        """The learned or factorized position table over the patch tokens of a grid."""
+        cfg = self.cfg
+        if self.pos_embed_y is not None:
+            return factorized_table(self.pos_embed_y, self.pos_embed_x, grid, cfg)
+        n_prefix = 0 if cfg.no_embed_class else cfg.n_prefix_tokens
+        return resample_table(self.pos_embed[:, n_prefix:], cfg.pos_grid, grid, cfg)
 
     def prefix_params(self) -> list[Tensor]:
         return [t for t in (self.cls_token, self.reg_token, self.dist_token) if t is not None]
@@ -109,16 +169,13 @@ class Embed(nn.Module):
             return torch.cat([prefix, self.pos_table], dim=1).expand(batch, -1, -1)
         if self.time_embed is not None:
             return self._space_time_positions().expand(batch, -1, -1)
-        if self.pos_embed is None:
+        if self.pos_embed is None and self.pos_embed_y is None:
             return None
         pos = self.pos_embed
-        if grid != cfg.grid_size:
-            pos = resample_abs_pos_embed(
-                pos,
-                new_size=list(grid),
-                old_size=list(cfg.grid_size),
-                num_prefix_tokens=0 if cfg.no_embed_class else cfg.n_prefix_tokens,
-            )
+        if grid != cfg.pos_grid or self.pos_embed_y is not None:
+            pos = self.patch_positions(grid)
+            if not cfg.no_embed_class:
+                pos = torch.cat([self.pos_embed[:, : cfg.n_prefix_tokens], pos], dim=1)
         if cfg.no_embed_class and cfg.n_prefix_tokens:
             pos = torch.cat([pos.new_zeros(1, cfg.n_prefix_tokens, cfg.d_model), pos], dim=1)
         return pos.expand(batch, -1, -1)

@@ -22,7 +22,7 @@ _LAYER_RENAMES = [
     (r"^(attention\.)?(attention|self_attn)\.(q_proj|query)\.", "q."),
     (r"^(attention\.)?(attention|self_attn)\.(k_proj|key)\.", "k."),
     (r"^(attention\.)?(attention|self_attn)\.(v_proj|value)\.", "v."),
-    (r"^(attention\.(output\.dense|o_proj)|self_attn\.out_proj)\.", "attn.proj."),
+    (r"^(attention\.(output\.dense|o_proj|proj)|self_attn\.out_proj)\.", "attn.proj."),
     (r"^(mlp\.fc1|intermediate\.dense)\.", "mlp.fc1."),
     (r"^(mlp\.fc2|output\.dense)\.", "mlp.fc2."),
     (r"^layer_scale1\.lambda1$", "ls1.gamma"),
@@ -31,7 +31,10 @@ _LAYER_RENAMES = [
 _LAYER_KEY = re.compile(r"^(?:encoder\.)?(?:layers?)\.(\d+)\.(.*)$")
 
 
-def _layer_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, Tensor]:
+def _layer_weights(state: dict[str, Tensor], cfg: HookedViTConfig | None = None,
+                   n_layers: int | None = None) -> dict[str, Tensor]:
+    """Per-layer weights `[encoder.]layer.N.*` (popped from `state`) under timm's block names,
+    for cfg.n_layers layers (or `n_layers`)."""
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[int, str, str], Tensor] = {}
     for key in [k for k in state if _LAYER_KEY.match(k)]:
@@ -47,7 +50,7 @@ def _layer_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, 
             qkv[(int(layer), new[0], new[2:])] = value
         else:
             out[f"blocks.{layer}.{new}"] = value
-    for layer in range(cfg.n_layers):
+    for layer in range(cfg.n_layers if n_layers is None else n_layers):
         for p in ("weight", "bias"):
             parts = [qkv.get((layer, c, p)) for c in "qkv"]
             if all(t is not None for t in parts):

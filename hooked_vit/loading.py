@@ -27,8 +27,9 @@ def config_from_timm(model: nn.Module) -> HookedViTConfig:
     """Read a `HookedViTConfig` off a timm VisionTransformer or Eva, refusing what is
     unsupported (hooked_vit.timm_architectures reads the modules)."""
     from hooked_vit.timm_architectures import architecture_options
+    from hooked_vit.timm_naflex import is_naflex, naflex_architecture_options
 
-    options = architecture_options(model)
+    options = naflex_architecture_options(model) if is_naflex(model) else architecture_options(model)
     return HookedViTConfig(
         **options,
         model_name=str(getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)),
@@ -98,7 +99,8 @@ def _data_config(model: nn.Module) -> dict[str, Any]:
         cfg = resolve_data_config({}, model=model)
         # The registered config names the pretrained size; a model built for another size
         # (img_size=...) must get images of its own size.
-        cfg["input_size"] = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+        in_chans = getattr(model.patch_embed, "in_chans", None) or model.patch_embed.proj.in_channels
+        cfg["input_size"] = (in_chans, *model.patch_embed.img_size)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
     except Exception:  # a bare model without pretrained_cfg: fall back to timm defaults
         return {}
@@ -108,6 +110,7 @@ def _data_config(model: nn.Module) -> dict[str, Any]:
 # timm name -> HookedViT name (regexes applied in order).
 _RENAMES = [
     (r"^patch_embed\.proj\.", "embed.proj."),
+    (r"^patch_embed\.backbone\.", "embed.backbone."),
     (r"^(cls_token|reg_token|dist_token|pos_embed)$", r"embed.\1"),
     (r"^norm_pre\.", "ln_pre."),
     (r"^(norm|fc_norm)\.", "ln_final."),
@@ -134,13 +137,25 @@ def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: HookedViTConfig)
     return {timm_to_hooked_name(k, cfg): v for k, v in state_dict.items()}
 
 
-def to_timm_state_dict(model: HookedViT) -> dict[str, Tensor]:
-    """Inverse of `convert_timm_state_dict` for an unprocessed model."""
+def to_timm_state_dict(model: HookedViT, like: Optional[nn.Module] = None) -> dict[str, Tensor]:
+    """Inverse of `convert_timm_state_dict` for an unprocessed model: the weights under timm's
+    names. `like`: a timm model of the architecture (any weights) whose layout to write (EVA's
+    q/k/v projections or q_bias / v_bias, SwiGLU halves, BEiT's gamma / relative-position
+    names, its index buffers); needed for Eva / Beit models and gated MLPs, whose layout
+    depends on timm's module options. Without it, VisionTransformer's layout."""
+    from hooked_vit.timm_architectures import timm_layout, timm_norm_names
+
     if model.cfg.normalization_type != "LN":
         raise UserError("to_timm_state_dict needs unprocessed weights (fold_ln changes the parameterisation)")
+    cfg = model.cfg
+    if like is None and (cfg.rope_type is not None or cfg.rel_pos_bias or cfg.mlp_type != "mlp"):
+        raise UserError(f"to_timm_state_dict of {cfg.model_name}: the timm layout of RoPE (Eva), relative-position "
+                        "(Beit) and gated-MLP weights depends on timm's module options; pass like=<a timm model of "
+                        "the architecture> (e.g. timm.create_model(name, pretrained=False))")
     final = "norm." if model.cfg.final_norm == "token" else "fc_norm."
     inverse = [
         (r"^embed\.proj\.", "patch_embed.proj."),
+        (r"^embed\.backbone\.", "patch_embed.backbone."),
         (r"^embed\.(cls_token|reg_token|dist_token|pos_embed)$", r"\1"),
         (r"^ln_pre\.", "norm_pre."),
         (r"^ln_final\.", final),
@@ -156,7 +171,9 @@ def to_timm_state_dict(model: HookedViT) -> dict[str, Tensor]:
             if n:
                 break
         out[name] = value
-    return out
+    if like is not None:
+        return timm_layout(out, like)
+    return timm_norm_names(out)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -223,6 +240,7 @@ class Converted(NamedTuple):
     timm_state: dict[str, Tensor]
     device: Optional[torch.device] = None
     dtype: Optional[torch.dtype] = None
+    backbone: Optional[nn.Module] = None  # a hybrid stem's CNN (cfg.d_backbone), copied into the model
 
 
 def timm_module(
@@ -299,6 +317,11 @@ def convert_timm(timm_model: nn.Module) -> Converted:
     """A timm model's config and weights (`config_from_timm`, refusing the unsupported;
     weights under VisionTransformer names, `timm_architectures.timm_state`)."""
     from hooked_vit.timm_architectures import timm_state
+    from hooked_vit.timm_naflex import is_naflex, naflex_timm_state
+
+    from hooked_vit.timm_architectures import hybrid_backbone
 
     first = next(timm_model.parameters())
-    return Converted(config_from_timm(timm_model), timm_state(timm_model), first.device, first.dtype)
+    cfg = config_from_timm(timm_model)  # refuses the unsupported before any weight is read
+    state = naflex_timm_state(timm_model) if is_naflex(timm_model) else timm_state(timm_model)
+    return Converted(cfg, state, first.device, first.dtype, hybrid_backbone(timm_model))

@@ -11,7 +11,7 @@ patch tokens: `global_pool="avg"`, which is also the headless model's pooled vec
 Architectures are described in the transformers docs
 (https://huggingface.co/docs/transformers/model_doc/vit, .../deit, .../dinov2,
 .../dinov2_with_registers, .../clip, .../vit_msn, .../ijepa). Video models (VideoMAE, ViViT,
-TimeSformer) are read by `hooked_vit.loading_video`. Anything else is refused naming the feature.
+TimeSformer, V-JEPA 2) are read by `hooked_vit.loading_video`. Anything else is refused naming the feature.
 
 The HF weights are rewritten to timm's layout (fused qkv, `norm1`/`norm2`, ...) and loaded
 through `hooked_vit.loading`'s timm-name mapping, so there is one definition of the
@@ -21,6 +21,7 @@ HookedViT parameter names.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -34,6 +35,9 @@ from torch import Tensor, nn
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.loading import Converted, UnsupportedModelError
 from hooked_vit.hf_layers import _ACTS, _layer_weights
+from hooked_vit.loading_hf_families import FAMILY_CLASSES, family_config_and_state, is_family_class
+from hooked_vit.loading_hf_siglip import (FULL_MODELS, SIGLIP_CLASSES, check_siglip_class, is_siglip, siglip_config,
+                                          siglip_state, siglip_vision_tower)
 from hooked_vit.loading_video import is_video_class, video_config_and_state
 
 
@@ -45,13 +49,27 @@ def convert_hf(model_or_path: Union[str, os.PathLike, nn.Module], **hf_kwargs: A
     transformers does not wait on it). `hf_kwargs` go to the model class's `from_pretrained`
     (e.g. cache_dir, revision, torch_dtype); `HookedViT.from_hf` builds."""
     hf_model, source = _resolve(model_or_path, **hf_kwargs)
+    vlm_options = {}
+    source = source or _local_origin(hf_model)  # before a VLM is replaced by its tower
+    if type(hf_model).__name__ in LLAVA_CLASSES:  # its vision tower, and how LLaVA reads it (hooked_vit.vlm)
+        hf_model, vlm_options = llava_vision_tower(hf_model)
     if type(hf_model).__name__ == "CLIPModel":
         hf_model = clip_vision_with_projection(hf_model)
+    if type(hf_model).__name__ in FULL_MODELS:  # SiglipModel / Siglip2Model: the image tower
+        hf_model = siglip_vision_tower(hf_model)
     if is_video_class(type(hf_model).__name__):
         cfg, timm_state = video_config_and_state(hf_model)
+    elif is_family_class(type(hf_model).__name__):  # BEiT, Data2Vec-vision, DINOv3, AIMv2
+        cfg, timm_state = family_config_and_state(hf_model, hf_class_metadata)
+    elif is_siglip(type(hf_model).__name__):  # SigLIP / SigLIP 2: hooked_vit.loading_hf_siglip
+        cfg = siglip_config(hf_model)
+        cfg = dataclasses.replace(cfg, **hf_class_metadata(hf_model.config, cfg.n_classes))
+        timm_state = siglip_state(hf_model, cfg)
     else:
         cfg = config_from_hf(hf_model)
         timm_state = hf_to_timm_state_dict(hf_model, cfg)
+    for key, value in vlm_options.items():
+        setattr(cfg, key, value)
     # An instance loaded from a folder remembers it: its image processor config is there.
     source = source or _local_origin(hf_model)
     if source is not None:
@@ -90,10 +108,14 @@ def _resolve(model_or_path: Any, **hf_kwargs: Any) -> tuple[nn.Module, Optional[
     _check_class_name(arch)
     with _quiet_transformers():
         model, info = cls.from_pretrained(source, output_loading_info=True, **hf_kwargs)
-    missing = [k for k in info["missing_keys"] if not re.search(r"(^|\.)pooler\.", k)]
+    # What HookedViT does not load may be absent: a tanh pooler (then none was trained), V-JEPA 2's
+    # predictor (not part of the encoder; its "pooler" is the classifier's attentive probe, loaded).
+    vjepa2 = arch.startswith("VJEPA2")
+    unused = r"(^|\.)predictor\." if vjepa2 else r"(^|\.)pooler\."
+    missing = [k for k in info["missing_keys"] if not re.search(unused, k)]
     if missing:
         raise UnsupportedModelError(f"{source}: the checkpoint lacks weights {sorted(missing)[:10]} (they would be random)")
-    if len(missing) < len(info["missing_keys"]):  # saved without a pooler: none was trained
+    if not vjepa2 and len(missing) < len(info["missing_keys"]):  # saved without a pooler: none was trained
         _backbone(model).pooler = None
     return model.eval(), source
 
@@ -120,22 +142,30 @@ _SUPPORTED = {
     "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "CLIPVisionModel",
     "CLIPVisionModelWithProjection",
     "ViTMSNModel", "ViTMSNForImageClassification", "IJepaModel", "IJepaForImageClassification",
+    *FAMILY_CLASSES,
+    *SIGLIP_CLASSES,
 }
 _REFUSED = {
-    "Siglip": "SigLIP's attention-pooling head (MAP)",
-    "Beit": "BEiT's relative position bias",
-    "Data2VecVision": "Data2Vec-vision's relative position bias",
+    "Beit": "BEiT's heads other than image classification (masked image modelling, segmentation, backbone)",
+    "Data2VecVision": "Data2Vec-vision's heads other than image classification (segmentation)",
     "Swin": "Swin's shifted-window attention",
-    "VJEPA2": "V-JEPA 2's 3D rotary position embedding and predictor (not supported yet; docs/video.md)",
 }
 
 
 def _check_class_name(name: str) -> None:
-    if name in _SUPPORTED or name == "CLIPModel" or is_video_class(name):  # CLIPModel: its image tower is loaded
+    # CLIPModel: its image tower is loaded; a LLaVA model: its vision tower
+    if name in _SUPPORTED or name == "CLIPModel" or name in LLAVA_CLASSES or is_video_class(name):
         return
+    if is_siglip(name):
+        check_siglip_class(name)
     for key, feature in _REFUSED.items():
         if name.startswith(key):
             raise UnsupportedModelError(f"unsupported feature in {name}: {feature}")
+    if name.endswith("ForConditionalGeneration"):  # another VLM: its tower may still be readable
+        raise UnsupportedModelError(
+            f"{name}: of the vision-language models only LLaVA's (LlavaForConditionalGeneration) tower is read with "
+            "its feature layer; pass the VLM's vision tower module instead (e.g. HookedViT.from_hf(vlm.model."
+            "vision_tower)) and choose layer= / strategy= in model.vision_features")
     raise UnsupportedModelError(f"{name} is not a supported transformers vision model; supported: {sorted(_SUPPORTED)}")
 
 
@@ -217,6 +247,24 @@ def _imagenet_wnids(names: tuple[str, ...]) -> Optional[tuple[str, ...]]:
     info = ImageNetInfo(subset)
     same = sum(a.strip().lower() == b.strip().lower() for a, b in zip(names, info.label_descriptions()))
     return tuple(info.label_names()) if same >= 0.95 * len(names) else None
+
+
+LLAVA_CLASSES = ("LlavaForConditionalGeneration", "LlavaModel")
+
+
+def llava_vision_tower(llava: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """The vision tower of a transformers LLaVA model and its read-out
+    (`cfg.vision_feature_layer` / `vision_feature_select_strategy`, used by
+    `HookedViT.vision_features`) with the LLaVA model's name as `cfg.model_name`; the
+    projector and language model are not loaded."""
+    from hooked_vit.vlm import llava_feature_options
+
+    tower = getattr(getattr(llava, "model", llava), "vision_tower", None)
+    if tower is None:
+        raise UnsupportedModelError(f"{type(llava).__name__} has no vision_tower to load")
+    options = llava_feature_options(llava.config)
+    options["model_name"] = getattr(llava.config, "_name_or_path", "") or type(llava).__name__
+    return tower, options
 
 
 def clip_vision_with_projection(clip: nn.Module) -> nn.Module:
@@ -320,13 +368,18 @@ def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Opt
     (`processor_data_config`); without one, the defaults of transformers' processor class for
     the model type at the model's input size, said once per model."""
     path = Path(source) / "preprocessor_config.json"
+    if not path.is_file() and (Path(source) / "video_preprocessor_config.json").is_file():  # a video processor's (V-JEPA 2)
+        path = Path(source) / "video_preprocessor_config.json"
     if not path.is_file() and not Path(source).is_dir():  # a hub id: only what is already cached, never a download
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(source, "preprocessor_config.json", cache_dir=cache_dir, revision=revision)
         path = Path(cached) if isinstance(cached, str) else path
     if path.is_file():
-        return processor_data_config(json.loads(path.read_text()), cfg, str(path))
+        proc = json.loads(path.read_text())
+        if cfg.naflex and "max_num_patches" in proc:  # SigLIP 2's NaFlex processor: see siglip2_data_config
+            proc = siglip2_data_config(proc, cfg)
+        return processor_data_config(proc, cfg, str(path))
     proc, name = _default_processor(cfg)
     config = processor_data_config(proc, cfg, name)
     if source not in _said_default:
@@ -335,6 +388,15 @@ def data_config_from_processor(source: str, cfg: HookedViTConfig, cache_dir: Opt
                        "(resize %s, %s, mean %s, std %s)", source, name, list(cfg.img_size), config["resize"],
                        config["interpolation"], config["mean"], config["std"])
     return config
+
+
+def siglip2_data_config(proc: dict[str, Any], cfg: HookedViTConfig) -> dict[str, Any]:
+    """SigLIP 2's processor resizes each image, keeping its aspect ratio, to at most
+    `max_num_patches` patches (NaFlex inputs, which HookedViT takes as they are). The image
+    pipelines of hooked-vit (circuits) give one size: the model's img_size (its position
+    table's grid), with the processor's resampling, rescale and normalisation."""
+    h, w = cfg.img_size
+    return {**proc, "size": {"height": h, "width": w}, "do_center_crop": False, "max_num_patches": None}
 
 
 def processor_data_config(proc: dict[str, Any], cfg: HookedViTConfig, where: str = "the processor") -> dict[str, Any]:
@@ -388,8 +450,9 @@ def _default_processor(cfg: HookedViTConfig) -> tuple[dict[str, Any], str]:
     sizes scaled to the model's input size; ViTImageProcessor's when the kind is unknown."""
     import transformers
 
-    name = {"CLIP": "CLIPImageProcessor", "Dino": "BitImageProcessor", "DeiT": "DeiTImageProcessor"}.get(
-        _family(cfg), "ViTImageProcessor")
+    name = {"CLIP": "CLIPImageProcessor", "Dino": "BitImageProcessor", "DeiT": "DeiTImageProcessor",
+            "VJEPA2": "VJEPA2VideoProcessor", "Beit": "BeitImageProcessor", "DINOv3": "DINOv3ViTImageProcessor",
+            "Aimv2": "CLIPImageProcessor"}.get(_family(cfg), "ViTImageProcessor")
     proc = dict(getattr(transformers, name)().to_dict())
     h, w = cfg.img_size
     crop = proc.get("crop_size") if proc.get("do_center_crop") else None
@@ -406,7 +469,16 @@ def _default_processor(cfg: HookedViTConfig) -> tuple[dict[str, Any], str]:
 
 
 def _family(cfg: HookedViTConfig) -> str:
-    """CLIP / Dino / DeiT / ViT from the config's shape (its class name is not kept)."""
+    """CLIP / Dino / DeiT / ViT / VJEPA2 (and the loading_hf_families: Beit, DINOv3, Aimv2) from
+    the config's shape (its class name is not kept)."""
+    if cfg.rope_type == "3d":
+        return "VJEPA2"
+    if cfg.rope_type == "dinov3":
+        return "DINOv3"
+    if cfg.norm_type == "rmsnorm":
+        return "Aimv2"
+    if cfg.rel_pos_bias or (cfg.class_token and cfg.global_pool == "avg" and cfg.final_norm == "pooled"):
+        return "Beit"  # BEiT and Data2Vec-vision (BeitImageProcessor)
     if cfg.ln_pre:
         return "CLIP"
     if cfg.layer_scale:

@@ -11,13 +11,14 @@ head of text class embeddings on the embedding, as zero-shot CLIP classifies.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from hooked_vit.config import HookedViTConfig
-from hooked_vit.loading import Converted, UnsupportedModelError, _act_name, _norm_eps
+from hooked_vit.loading import Converted, UnsupportedModelError, _act_name, _norm_eps, convert_timm
 
 
 def _require_open_clip():
@@ -32,13 +33,57 @@ def convert_open_clip(model_or_name: Union[str, nn.Module], **create_kwargs: Any
     """Config and weights of an open_clip CLIP model, its `.visual` tower, or a name "ARCH" /
     "ARCH:TAG" (e.g. "ViT-B-32:laion2b_s34b_b79k"; the tag's weights must be cached or
     downloadable, or the tag a local weights file). Without a tag the weights are open_clip's
-    random init. `create_kwargs` go to `open_clip.create_model`; `HookedViT.from_open_clip` builds."""
+    random init. `create_kwargs` go to `open_clip.create_model`; `HookedViT.from_open_clip` builds.
+    open_clip's own `VisionTransformer` and its timm-backed towers (`TimmModel`: SigLIP,
+    SigLIP 2, EVA02 CLIP, ...; `timm_tower_config_and_state`) are read."""
     visual = _visual_tower(model_or_name, **create_kwargs)
-    cfg = config_from_open_clip(visual)
+    if type(visual).__name__ == "TimmModel":
+        cfg, state = timm_tower_config_and_state(visual)
+    else:
+        cfg, state = config_from_open_clip(visual), open_clip_to_timm_state_dict(visual)
     if isinstance(model_or_name, str):
         cfg.model_name = f"open_clip:{model_or_name}"
     first = next(visual.parameters())
-    return Converted(cfg, open_clip_to_timm_state_dict(visual), first.device, first.dtype)
+    return Converted(cfg, state, first.device, first.dtype)
+
+
+# ------------------------------------------------------------------ timm-backed towers
+def timm_tower_config_and_state(visual: nn.Module) -> tuple[HookedViTConfig, dict[str, Tensor]]:
+    """An open_clip `TimmModel` (open_clip/timm_model.py): a timm trunk (read as
+    `HookedViT.from_timm` reads it, every architecture timm's loader accepts) and its image
+    projection: the trunk's own head Linear (`timm_proj` null: num_classes = embed_dim, with a
+    bias) or the adapter's `head.proj` Linear (`timm_proj: "linear"`), as `image_proj`
+    (`cfg.d_image_embed`, `hook_image_embed`); with `timm_proj: "none"` (SigLIP) the pooled
+    vector is the image embedding. `mlp` projections and attention-pool adapters are refused."""
+
+    trunk = visual.trunk
+    extra = [n for n, _ in visual.head.named_children()]
+    if any(n not in ("drop", "proj") for n in extra):
+        raise UnsupportedModelError(f"unsupported feature: open_clip timm adapter head layers {extra} "
+                                    "(only a linear projection, timm_proj='linear', or none)")
+    converted = convert_timm(trunk)
+    cfg, state = converted.cfg, dict(converted.timm_state)
+    proj = visual.head.proj if "proj" in extra else None
+    if proj is None and isinstance(getattr(trunk, "head", None), nn.Linear):  # the trunk's head projects
+        proj = trunk.head
+        state["image_proj.weight"] = state.pop("head.weight")
+        if "head.bias" in state:
+            state["image_proj.bias"] = state.pop("head.bias")
+    elif proj is not None:
+        if cfg.n_classes:
+            raise UnsupportedModelError("unsupported feature: an open_clip timm trunk with both a classifier "
+                                        "head and a projection")
+        state["image_proj.weight"] = proj.weight.detach()
+        if proj.bias is not None:
+            state["image_proj.bias"] = proj.bias.detach()
+    updates: dict[str, Any] = {}
+    if proj is not None:
+        updates = dict(d_image_embed=proj.out_features, n_classes=proj.out_features,
+                       image_proj_bias=proj.bias is not None, head_bias=False)
+    cfg = replace(cfg, **updates, label_names=None, class_names=None,  # embedding dimensions, not classes
+                  model_name=f"open_clip:TimmModel({type(trunk).__name__})",
+                  data_config=_data_config(visual, trunk.patch_embed.proj.in_channels))
+    return cfg, state
 
 
 def _visual_tower(model_or_name: Union[str, nn.Module], **create_kwargs: Any) -> nn.Module:
@@ -71,8 +116,8 @@ def config_from_open_clip(visual: nn.Module) -> HookedViTConfig:
 
     if type(visual) is not VisionTransformer:
         raise UnsupportedModelError(
-            f"{type(visual).__name__} is not open_clip's VisionTransformer (timm / ModifiedResNet "
-            "towers are not supported; load timm towers with HookedViT.from_timm)"
+            f"{type(visual).__name__} is not open_clip's VisionTransformer nor a timm-backed TimmModel "
+            "(ModifiedResNet towers are not supported)"
         )
     _check_supported(visual)
     blocks = visual.transformer.resblocks
@@ -99,7 +144,7 @@ def config_from_open_clip(visual: nn.Module) -> HookedViTConfig:
         final_norm="pooled" if visual.final_ln_after_pool else "token",
         head_bias=False,
         model_name=f"open_clip:{type(visual).__name__}",
-        data_config=_data_config(visual),
+        data_config=_data_config(visual, visual.conv1.in_channels),
     )
 
 
@@ -128,13 +173,13 @@ def _check_supported(visual: nn.Module) -> None:
                 refuse(f"normalisation {type(module).__name__} at {name} (only LayerNorm)")
 
 
-def _data_config(visual: nn.Module) -> dict[str, Any]:
+def _data_config(visual: nn.Module, in_chans: int) -> dict[str, Any]:
     """open_clip's eval preprocessing (`image_mean`/`image_std`, bicubic resize, centre crop)."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     mean = getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN
     std = getattr(visual, "image_std", None) or OPENAI_DATASET_STD
-    return {"input_size": [visual.conv1.in_channels, *visual.image_size], "mean": list(mean),
+    return {"input_size": [in_chans, *visual.image_size], "mean": list(mean),
             "std": list(std), "interpolation": "bicubic", "crop_pct": 1.0}
 
 

@@ -17,12 +17,24 @@ A video model is configuration of the one HookedViT (docs/video.md): `num_frames
   position tables (`pos_embed_type="space_time"`). The temporal attention's output Linear and
   the block's `temporal_dense` are one map, multiplied into `attn_time.proj`.
 
+- `VJEPA2Model`, `VJEPA2ForVideoClassification` (Assran et al. 2025, V-JEPA 2): tubelet
+  embedding, no class token and no position table: 3D RoPE over (time, row, col) in every
+  block (`rope_type="3d"`, hooked_vit.rope), a final per-token norm. `VJEPA2Model`'s pooled
+  vector is the mean of the normed tokens (transformers gives the tokens only). The classifier's
+  attentive probe (`VJEPA2AttentivePooler`: self-attention blocks, then a learned query's
+  cross-attention block) is the MAP head with V-JEPA 2's options (`global_pool="map"`,
+  `attn_pool_layers`, `attn_pool_kv_norm`, `attn_pool_residual`, `attn_pool_proj=False`).
+  The predictor (`VJEPA2Model.predictor`, the training objective's network that predicts masked
+  tokens' features from the context) is not part of the vision encoder and is not loaded: its
+  weights are left out, said on one log line.
+
 transformers orders TimeSformer's patch tokens space-major ((row, col), then time);
 HookedViT's video tokens are always (time, row, col), time slowest.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -34,9 +46,10 @@ from hooked_vit.hf_layers import _ACTS, _layer_weights
 
 VIDEO_CLASSES = (
     "VideoMAEModel", "VideoMAEForVideoClassification", "VivitModel", "VivitForVideoClassification",
-    "TimesformerModel", "TimesformerForVideoClassification",
+    "TimesformerModel", "TimesformerForVideoClassification", "VJEPA2Model", "VJEPA2ForVideoClassification",
 )
-_BACKBONES = ("videomae", "vivit", "timesformer")
+_BACKBONES = ("videomae", "vivit", "timesformer", "vjepa2")
+logger = logging.getLogger("hooked_vit")
 
 
 def is_video_class(name: str) -> bool:
@@ -55,7 +68,11 @@ def video_config_and_state(hf_model: nn.Module) -> tuple[HookedViTConfig, dict[s
         raise UnsupportedModelError(f"unsupported feature: {kind}'s tanh pooler; load it with add_pooling_layer=False")
     cfg = _config(hf_model, kind)
     state = {k: v.detach() for k, v in backbone.state_dict().items()}
-    if kind.startswith("Timesformer"):
+    if kind.startswith("VJEPA2"):
+        out = _vjepa2_weights(state, cfg)
+        if kind == "VJEPA2ForVideoClassification":
+            out.update(_vjepa2_probe_weights(hf_model.pooler))
+    elif kind.startswith("Timesformer"):
         out = _timesformer_weights(state, cfg)
     else:
         out = _joint_weights(state, cfg, videomae=kind.startswith("VideoMAE"))
@@ -71,6 +88,8 @@ def _config(hf_model: nn.Module, kind: str) -> HookedViTConfig:
     acts = {**_ACTS, "gelu_fast": "gelu_tanh"}  # gelu_fast is the tanh approximation
     if c.hidden_act not in acts:
         raise UnsupportedModelError(f"unsupported feature: activation {c.hidden_act!r}")
+    if kind.startswith("VJEPA2"):
+        return _vjepa2_config(hf_model, kind, acts[c.hidden_act])
     head = getattr(hf_model, "classifier", None)
     n_classes = head.out_features if isinstance(head, nn.Linear) else 0
     common = dict(
@@ -113,6 +132,29 @@ def _videomae_config(c: Any, kind: str, common: dict[str, Any]) -> HookedViTConf
     )
 
 
+def _vjepa2_config(hf_model: nn.Module, kind: str, act: str) -> HookedViTConfig:
+    """V-JEPA 2: frames_per_clip frames of crop_size pixels (transformers accepts other clip
+    lengths; HookedViT's token layout is fixed by num_frames: set config.frames_per_clip first)."""
+    c = hf_model.config
+    common = dict(
+        d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
+        d_mlp=int(c.hidden_size * c.mlp_ratio), img_size=c.crop_size, patch_size=c.patch_size, in_chans=c.in_chans,
+        num_frames=c.frames_per_clip, tubelet_size=c.tubelet_size, act_fn=act, eps=c.layer_norm_eps,
+        qkv_bias=c.qkv_bias, class_token=False, pos_embed=False, rope_type="3d", final_norm="token",
+        model_name=getattr(c, "_name_or_path", "") or kind,
+    )
+    if kind == "VJEPA2Model":
+        return HookedViTConfig(**common, n_classes=0, global_pool="avg")
+    pooler = hf_model.pooler
+    return HookedViTConfig(
+        **common, n_classes=hf_model.classifier.out_features, head_bias=hf_model.classifier.bias is not None,
+        global_pool="map", attn_pool_heads=pooler.cross_attention_layer.cross_attn.num_heads,
+        attn_pool_d_mlp=pooler.cross_attention_layer.mlp.fc1.out_features, attn_pool_act=act,
+        attn_pool_layers=len(pooler.self_attention_layers), attn_pool_kv_norm=True, attn_pool_residual=True,
+        attn_pool_proj=False,
+    )
+
+
 def _backbone(hf_model: nn.Module) -> nn.Module:
     for name in _BACKBONES:
         if hasattr(hf_model, name):
@@ -135,6 +177,46 @@ def _joint_weights(state: dict[str, Tensor], cfg: HookedViTConfig, videomae: boo
         out["pos_embed"] = state.pop("embeddings.position_embeddings")
     out.update(_layer_weights(state, cfg))
     out.update(_final_norm(state, "norm"))
+    return out
+
+
+def _vjepa2_weights(state: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, Tensor]:
+    """The encoder's weights; the predictor's are dropped (module docstring), said on one log line."""
+    predictor = [k for k in state if k.startswith("predictor.")]
+    if predictor:
+        n = sum(state.pop(k).numel() for k in predictor)
+        logger.info("V-JEPA 2: the predictor (%d tensors, %d parameters) is not loaded; HookedViT is the vision "
+                    "encoder (VJEPA2Model.get_vision_features)", len(predictor), n)
+    prefix = "encoder.embeddings.patch_embeddings.proj."
+    out = {f"patch_embed.proj.{p}": state.pop(prefix + p) for p in ("weight", "bias")}
+    out.update(_layer_weights(state, cfg))
+    out.update({f"norm.{p}": state.pop(f"encoder.layernorm.{p}") for p in ("weight", "bias")})
+    return out
+
+
+def _vjepa2_probe_weights(pooler: nn.Module) -> dict[str, Tensor]:
+    """VJEPA2AttentivePooler onto `attn_pool`: query_tokens -> latent, the cross-attention
+    layer's layer_norm1 -> ln_kv, q_proj -> q, [k_proj; v_proj] -> kv, layer_norm2 -> ln,
+    mlp -> mlp; each self-attention layer -> a TransformerBlock `blocks.N`."""
+    from hooked_vit.loading import timm_to_hooked_name
+
+    state = {k: v.detach() for k, v in pooler.state_dict().items()}
+    cross = "cross_attention_layer."
+    attn = cross + "cross_attn."
+    out = {"attn_pool.latent": state.pop("query_tokens")}
+    for p in ("weight", "bias"):
+        out[f"attn_pool.q.{p}"] = state.pop(f"{attn}q_proj.{p}")
+        out[f"attn_pool.kv.{p}"] = torch.cat([state.pop(f"{attn}k_proj.{p}"), state.pop(f"{attn}v_proj.{p}")])
+        out[f"attn_pool.ln_kv.{p}"] = state.pop(f"{cross}layer_norm1.{p}")
+        out[f"attn_pool.ln.{p}"] = state.pop(f"{cross}layer_norm2.{p}")
+        out[f"attn_pool.mlp.fc1.{p}"] = state.pop(f"{cross}mlp.fc1.{p}")
+        out[f"attn_pool.mlp.fc2.{p}"] = state.pop(f"{cross}mlp.fc2.{p}")
+    layers = {k.removeprefix("self_attention_"): state.pop(k) for k in list(state) if k.startswith("self_attention_layers.")}
+    n_layers = len(pooler.self_attention_layers)
+    out.update({f"attn_pool.{timm_to_hooked_name(k, None)}": v for k, v in _layer_weights(layers, n_layers=n_layers).items()})
+    leftover = sorted(state) + sorted(layers)
+    if leftover:
+        raise UnsupportedModelError(f"unsupported feature: attentive-probe weights HookedViT has no place for: {leftover[:10]}")
     return out
 
 

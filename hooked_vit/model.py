@@ -6,6 +6,7 @@ families is a flag in `HookedViTConfig`. See docs/hook_points.md for the hook ta
 
 from __future__ import annotations
 
+import copy
 import difflib
 import sys
 from typing import Any, Callable, Literal, Optional, Sequence, Union
@@ -29,9 +30,11 @@ from hooked_vit.layers import block_range
 from hooked_vit.loading import Converted, convert_timm, convert_timm_state_dict, timm_module, to_timm_state_dict
 from hooked_vit.loading_hf import convert_hf
 from hooked_vit.loading_open_clip import convert_open_clip
+from hooked_vit.naflex import NaFlexInputs, naflex_inputs
 from hooked_vit.rope import block_tables, build_rope
 from hooked_vit.specs import ModelSpec, convert as convert_spec
 from hooked_vit.saes import SAEHost
+from hooked_vit.vlm import Layer, vision_features
 from hooked_vit.transformer_lens_api import (ImageTokens, all_composition_scores, canonical_hook_name, class_id,
                                              refuse_image_position_sweep)
 
@@ -58,10 +61,12 @@ class HookedViT(SAEHost, HookedRootModule):
     dictionaries splice in with SAELens's `add_sae` / `run_with_saes` / ... (hooked_vit/saes.py).
     """
 
-    def __init__(self, cfg: HookedViTConfig):
+    def __init__(self, cfg: HookedViTConfig, backbone: Optional[nn.Module] = None):
+        """`backbone`: a hybrid stem's CNN module (cfg.d_backbone set), e.g. timm's
+        `patch_embed.backbone`; the model owns it as `embed.backbone`."""
         super().__init__()
         self.cfg = cfg
-        self.embed = Embed(cfg)
+        self.embed = Embed(cfg, backbone)
         self.hook_embed = HookPoint()
         self.hook_pos_embed = HookPoint() if cfg.pos_embed else None  # absent without a learned position embedding
         self.ln_pre = make_norm(cfg, cfg.d_model) if cfg.ln_pre else None
@@ -73,7 +78,7 @@ class HookedViT(SAEHost, HookedRootModule):
         self.hook_pooled = HookPoint()
         # CLIP's image projection; absent (no module, no hook call) for every other model.
         projected = cfg.d_image_embed is not None
-        self.image_proj = nn.Linear(cfg.d_model, cfg.d_image_embed, bias=False) if projected else None
+        self.image_proj = nn.Linear(cfg.d_model, cfg.d_image_embed, bias=cfg.image_proj_bias) if projected else None
         self.hook_image_embed = HookPoint() if projected else None
         has_head = cfg.has_head_module  # headless towers (DINOv2, CLIP features) return features
         d_head_in = cfg.d_image_embed if projected else cfg.d_pooled
@@ -88,7 +93,7 @@ class HookedViT(SAEHost, HookedRootModule):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        x: Union[Float[Tensor, "b c h w"], Float[Tensor, "b p d_model"], ImageTokens],
+        x: Union[Float[Tensor, "b c h w"], Float[Tensor, "b p d_model"], ImageTokens, dict[str, Tensor]],
         *,
         return_type: ReturnType = "logits",
         start_at_layer: Optional[int] = None,
@@ -97,6 +102,8 @@ class HookedViT(SAEHost, HookedRootModule):
         key_mask: Optional[Tensor] = None,
         targets: Optional[Tensor] = None,
         positions: Optional[Tensor] = None,
+        patch_coord: Optional[Tensor] = None,
+        patch_valid: Optional[Tensor] = None,
     ) -> Tensor:
         """Run the model.
 
@@ -115,15 +122,45 @@ class HookedViT(SAEHost, HookedRootModule):
                 sequence after the embedding (before the first block); kept tokens are moved
                 left, shorter rows padded and masked out of attention and pooling.
             key_mask: [b, p] bool, True where a token may be attended to (with start_at_layer).
-            positions: [b, p] each token's index in the full sequence, for RoPE models run
-                from start_at_layer on a shortened sequence (token removal sets it itself).
+            positions: [b, p] each token's index in the full sequence, for RoPE and
+                relative-position-bias models run from start_at_layer on a shortened sequence
+                (token removal sets it itself).
+            patch_coord, patch_valid: NaFlex inputs (hooked_vit.naflex; variable resolution and
+                aspect ratio): x is then patches [b, n, patch_dim], patch_coord [b, n, 2] each
+                patch's (row, col) and patch_valid [b, n] the real patches; or x is a dict with
+                the keys "patches", "patch_coord", "patch_valid", as timm's NaFlexVit takes them.
+                Padding is masked out of attention and pooling (embed.hook_patch_mask [b, p]).
         """
         _check_forward_options(return_type, targets)
         x = x.images if isinstance(x, ImageTokens) else x
+        naflex = naflex_inputs(x, patch_coord, patch_valid)
+        if naflex is not None:
+            if start_at_layer is not None:
+                raise UserError("NaFlex inputs (patch_coord / patch_valid) are embedded at the start; with "
+                                 "start_at_layer pass the residual stream and key_mask instead")
+            if not self.cfg.naflex:
+                raise UserError(f"{self.cfg.model_name} does not take NaFlex inputs (patch_coord / patch_valid): "
+                                 "give images [b, c, h, w], or build the config with naflex=True")
+            x = naflex.patches
         if torch.is_tensor(x) and x.is_floating_point() and x.dtype != self.cfg.dtype:
             x = x.to(self.cfg.dtype)
         pool_mask, grid = None, self.cfg.grid_size
-        if start_at_layer is None:
+        if naflex is not None:
+            resid, patch_mask = self.embed_naflex(naflex._replace(patches=x))
+            first_pooled = 0 if self.cfg.pool_include_prefix else self.cfg.n_prefix_tokens
+            if keep_mask is not None:
+                self._check_keep_mask(keep_mask)
+                resid, key_mask, positions = compact_tokens(resid, keep_mask.to(patch_mask.device) & patch_mask)
+                pool_mask = key_mask & (positions >= first_pooled)
+            else:
+                key_mask = patch_mask
+                pool_mask = patch_mask.clone()
+                pool_mask[:, :first_pooled] = False
+            if self.cfg.global_pool != "token" and not bool(pool_mask.any(1).all()):
+                raise UserError("an image has no real token left to pool (patch_valid / keep_mask / an edited "
+                                 "embed.hook_patch_mask removes them all); keep at least one")
+            start_at_layer = 0
+        elif start_at_layer is None:
             grid = self.embed.check_images(x)
             resid = self.embed_images(x)
             if keep_mask is not None:
@@ -139,7 +176,8 @@ class HookedViT(SAEHost, HookedRootModule):
         tables = self.rope_tables(grid, positions, resid.shape[1])
         for i in block_range(start_at_layer, stop_at_layer, self.cfg.n_layers):
             block = self.blocks[i]
-            resid = block(resid, key_mask, rope=None if tables is None else tables[block.layer])
+            resid = block(resid, key_mask, rope=None if tables is None else tables[block.layer],
+                          positions=positions if self.cfg.rel_pos_bias else None)
         if stop_at_layer is not None or return_type == "resid":
             return resid
         pooled = self.hook_pooled(self.pool(resid, pool_mask))
@@ -152,12 +190,19 @@ class HookedViT(SAEHost, HookedRootModule):
             return self.loss_fn(logits, targets)
         return logits if return_type == "logits" else None
 
+    def vision_features(self, images: Float[Tensor, "b c h w"], layer: Optional[Layer] = None,
+                        strategy: Optional[str] = None) -> Float[Tensor, "b p d"]:
+        """What a LLaVA-style VLM's projector reads off this tower: the hidden state of `layer`
+        (default: cfg.vision_feature_layer, else -2, the penultimate block's output; a list
+        concatenates) with `strategy` "default" (token 0 dropped) or "full". See hooked_vit.vlm."""
+        return vision_features(self, images, layer, strategy)
+
     def rope_tables(self, grid: tuple[int, int], positions: Optional[Tensor], n_tokens: int) -> Optional[list[Tensor]]:
         """Each block's rotary table (hooked_vit.rope) for a patch grid, at `positions` [b, p]
         of the full sequence when tokens were removed; None without RoPE."""
         if self.rope is None:
             return None
-        n_full = self.cfg.n_prefix_tokens + grid[0] * grid[1]
+        n_full = self.cfg.n_prefix_tokens + self.cfg.n_time * grid[0] * grid[1]
         if positions is None and n_tokens != n_full:
             raise UserError(f"a RoPE model needs each token's position: {n_tokens} tokens for a {grid[0]}x{grid[1]} "
                              "grid; pass positions= (the tokens' indices in the full sequence)")
@@ -185,6 +230,18 @@ class HookedViT(SAEHost, HookedRootModule):
         if pos is not None:
             resid = resid + self.hook_pos_embed(pos)
         return resid if self.ln_pre is None else self.ln_pre(resid)
+
+    def embed_naflex(self, inputs: NaFlexInputs) -> tuple[Float[Tensor, "b p d_model"], Tensor]:
+        """NaFlex patches as blocks.0.hook_resid_pre (patch embedding, prefix tokens, each image's
+        resampled positions, ln_pre) and the mask of real tokens [b, p] (embed.hook_patch_mask)."""
+        resid = self.hook_embed(self.embed.naflex_tokens(inputs))
+        pos = self.embed.naflex_positions(inputs)
+        if pos is not None:
+            resid = resid + self.hook_pos_embed(pos)
+        resid = resid if self.ln_pre is None else self.ln_pre(resid)
+        prefix = inputs.patch_valid.new_ones(resid.shape[0], self.cfg.n_prefix_tokens)
+        mask = self.embed.hook_patch_mask(torch.cat([prefix, inputs.patch_valid], dim=1))
+        return resid, mask.to(torch.bool)
 
     def pool(self, resid: Float[Tensor, "b p d_model"], pool_mask: Optional[Tensor] = None) -> Tensor:
         """Final norm and pooling: the pre-logits representation.
@@ -229,8 +286,8 @@ class HookedViT(SAEHost, HookedRootModule):
         `norm`, or `fc_norm` for GAP models) and, for distilled models, the two heads
         averaged. Fires no hooks. For the class token at the last block of a class-token
         model this equals the model's logits. With an attention-pooling (MAP) head the vector
-        is read as the head reads a one-token sequence (pooling weight 1: value, proj and the
-        head's MLP), the head applied to the token alone; this is not the token's share of the
+        is read as the head reads a one-token sequence (every attention weight 1: the probe's
+        blocks where present, value, proj and the head's MLP), the head applied to the token alone; this is not the token's share of the
         model's logits (which depends on the other tokens through the pooling weights). unembed: (W_U, b_U) computed once by a caller
         that projects many times (for CLIP, W_U is a product of the head and the projection).
         """
@@ -349,6 +406,10 @@ class HookedViT(SAEHost, HookedRootModule):
         if not isinstance(name, str):
             return name
         canonical = canonical_hook_name(name)
+        if canonical not in self.hook_dict and self.cfg.parallel_attn_mlp and canonical.endswith(".hook_resid_mid"):
+            raise UnknownHookError(f"no hook point {name!r}: this model's blocks are parallel (parallel_attn_mlp: "
+                                   "attention and MLP both read resid_pre), so there is no resid_mid; a method that "
+                                   "needs the stream between the sublayers does not apply to it")
         if canonical not in self.hook_dict:
             close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
             hint = f" Did you mean {close}?" if close else " See model.hook_dict.keys()."
@@ -398,7 +459,8 @@ class HookedViT(SAEHost, HookedRootModule):
     # ------------------------------------------------------------------ weights
     @property
     def W_E(self) -> Float[Tensor, "patch_dim d_model"]:
-        """Patch embedding as a matrix over flattened (channel, row, col) patches."""
+        """Patch embedding as a matrix over flattened (channel, row, col) patches (with a hybrid
+        CNN stem, patches of the backbone's feature map: d_backbone channels)."""
         return self.embed.proj.weight.flatten(1).T
 
     @property
@@ -410,11 +472,14 @@ class HookedViT(SAEHost, HookedRootModule):
     def W_pos(self) -> Float[Tensor, "n_pos d_model"]:
         """Position embeddings (patch rows only when cfg.no_embed_class): the learned table, the
         fixed sin-cos one (pos_embed_type="sincos", patch rows), or for pos_embed_type="space_time"
-        the sum of the spatial and temporal tables at every position [n_ctx, d_model]."""
+        the sum of the spatial and temporal tables at every position [n_ctx, d_model]; for
+        pos_embed_type="factorized" the row + column sums over the table's grid [gh * gw, d_model]."""
         if self.embed.pos_table is not None:
             return self.embed.pos_table[0]
         if self.embed.time_embed is not None:
             return self.embed._space_time_positions()[0]
+        if self.embed.pos_embed_y is not None:  # factorized (NaFlexVit): row + column at every patch of its grid
+            return self.embed.patch_positions(self.cfg.pos_grid)[0]
         if self.embed.pos_embed is None:
             raise UserError(f"{self.cfg.model_name} has no position embedding")
         return self.embed.pos_embed[0]
@@ -451,7 +516,9 @@ class HookedViT(SAEHost, HookedRootModule):
         if not self.has_unembed:
             raise UserError(
                 f"{self.cfg.model_name} has no classifier head (num_classes=0): there is no class "
-                "embedding space to project onto; load it with num_classes=N and a fine-tuned head"
+                "embedding space to project onto (logit lens, class targets, class metrics); give it a "
+                "classifier head (num_classes=N; on the command line --arch NAME:num_classes=N with a "
+                "checkpoint file or --random-weights) or use a CLIP model with text classes (--texts a,b,c)"
             )
 
     @property
@@ -524,7 +591,8 @@ class HookedViT(SAEHost, HookedRootModule):
         refused, never dropped."""
         cfg = converted.cfg
         with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the generator be
-            model = cls(cfg)
+            backbone = None if converted.backbone is None else copy.deepcopy(converted.backbone)
+            model = cls(cfg, backbone)
         result = model.load_state_dict(convert_timm_state_dict(converted.timm_state, cfg), strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise UnsupportedModelError(
@@ -549,7 +617,7 @@ class HookedViT(SAEHost, HookedRootModule):
 
     @classmethod
     def from_hf(cls, model_or_path: Any, **kwargs: Any) -> "HookedViT":
-        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision/ViT-MSN/I-JEPA model, a `save_pretrained` folder or
+        """Load a transformers ViT/DeiT/DINOv2/CLIP-vision/ViT-MSN/I-JEPA/SigLIP/SigLIP 2 model, a `save_pretrained` folder or
         a cached hub id (`hooked_vit.loading_hf.convert_hf`); the rest of the keywords go to
         the model class's `from_pretrained`."""
         build, hf_kwargs = _build_options(kwargs)
@@ -594,9 +662,11 @@ class HookedViT(SAEHost, HookedRootModule):
         weight_processing.refactor_factored_attn_matrices_(self)
         return self
 
-    def to_timm_state_dict(self) -> dict[str, Tensor]:
-        """The weights under timm's names (for the unprocessed model)."""
-        return to_timm_state_dict(self)
+    def to_timm_state_dict(self, like: Optional[nn.Module] = None) -> dict[str, Tensor]:
+        """The weights under timm's names (for the unprocessed model); like: a timm model of the
+        architecture whose layout to write (needed for Eva / Beit and gated MLPs;
+        `hooked_vit.loading.to_timm_state_dict`)."""
+        return to_timm_state_dict(self, like)
 
     def _apply(self, fn, *args: Any, **kwargs: Any):  # every .to() / .cuda() / .cpu() ends here
         out = super()._apply(fn, *args, **kwargs)

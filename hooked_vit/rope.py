@@ -11,6 +11,17 @@ A table has the layout [b or 1, p, h or 1, 2 * d_head] (sin then cos on the last
 over the whole token sequence: prefix tokens get identity rows (sin 0, cos 1), which leave
 them exactly unchanged, so the same code serves full sequences and token removal (rows
 gathered at each kept token's original position).
+
+`rope_type="3d"` (V-JEPA 2, Assran et al. 2025, arXiv:2506.09985; transformers'
+`VJEPA2RopeAttention`) has no timm module: `Rope3D` builds the table over (time, row, col)
+from `hooked_vit.tokens.token_coords`. Each head's d_head dimensions are split into three
+equal segments of a = 2 * ((d_head // 3) // 2) dimensions, rotated by the token's time, row and
+column index; the d_head - 3a dimensions left over are not rotated. In a segment, dimension j
+turns by the angle pos * omega[j mod a/2] with omega[i] = 10000^(-i / (a/2)) (the half-length
+sin/cos vectors are repeated, not interleaved), while the pairs rotated together are
+interleaved (2i, 2i + 1): timm's `apply_rot_embed_cat` without `half` computes exactly that from
+a per-dimension sin/cos table. (The two members of a pair turn by different angles, so this is
+not a norm-preserving rotation; it is the reference's function, reproduced as is.)
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ ROPE_CLASSES: dict[str, str] = {  # cfg.rope_type -> timm.layers class
     "mixed": "RotaryEmbeddingMixed",
     "dinov3": "RotaryEmbeddingDinoV3",
 }
+OWN_ROPE_TYPES = ("3d",)  # rope types hooked_vit builds itself (no timm module)
 # Training-only augmentation and device arguments: not part of the eval-mode function.
 _NOT_OPTIONS = {"device", "dtype", "shift_coords", "jitter_coords", "rescale_coords"}
 
@@ -41,7 +53,46 @@ def build_rope(cfg) -> Optional[nn.Module]:
     """timm's rotary module for cfg (None without RoPE)."""
     if cfg.rope_type is None:
         return None
+    if cfg.rope_type == "3d":
+        return Rope3D(cfg)
     return rope_class(cfg.rope_type)(**cfg.rope_options)
+
+
+class Rope3D(nn.Module):
+    """V-JEPA 2's rotary table over (time, row, col) (module docstring). No parameters: the
+    table follows from the config's token grid, kept as a non-persistent buffer so that it
+    moves with the model (`.to(device)`), as timm's rotary tables do."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.grid = tuple(cfg.grid_size)
+        self.register_buffer("table", rope_3d_table(cfg), persistent=False)
+
+    def get_embed(self, shape: Optional[list[int]] = None) -> Float[Tensor, "n two_e"]:
+        """[n_patches, 2 * d_head]: sin then cos of every patch token's angle per dimension."""
+        if shape is not None and tuple(shape) != self.grid:
+            from hooked_vit.errors import UserError
+
+            raise UserError(f"rope_type='3d' has its table for the configured grid {self.grid}, not {tuple(shape)}")
+        return self.table
+
+
+def rope_3d_table(cfg) -> Float[Tensor, "n two_e"]:
+    """V-JEPA 2's table for cfg's patch tokens (module docstring), computed in float32 as the
+    reference computes it: [n_patches, 2 * d_head], sin then cos."""
+    from hooked_vit.tokens import token_coords
+
+    coords = torch.tensor([c for c in token_coords(cfg) if c is not None], dtype=torch.float32)  # [n, 3]
+    e = cfg.d_head
+    a = 2 * ((e // 3) // 2)
+    omega = torch.arange(a // 2, dtype=torch.float32) / (a / 2.0)
+    omega = 1.0 / 10000**omega  # [a/2]
+    angles = (coords[:, :, None] * omega).repeat(1, 1, 2).flatten(1)  # [n, 3a]: per axis [w, w]
+    sin, cos = angles.sin(), angles.cos()
+    rest = e - 3 * a  # dimensions left unrotated: sin 0, cos 1
+    sin = torch.cat([sin, sin.new_zeros(len(coords), rest)], 1)
+    cos = torch.cat([cos, cos.new_ones(len(coords), rest)], 1)
+    return torch.cat([sin, cos], 1)
 
 
 def rope_type_of(module: nn.Module) -> Optional[str]:

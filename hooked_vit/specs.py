@@ -3,6 +3,8 @@
 
     NAME | timm:NAME                  a timm model: its pretrained weights, or with
                                       random_weights=True the architecture freshly initialised
+                                      (then arch="NAME:key=value,..." may override timm
+                                      constructor options, e.g. num_classes=10 or depth=2)
     hf:ID_OR_FOLDER                   a transformers vision model (`HookedViT.from_hf`)
     open_clip:ARCH[:TAG_OR_FILE]      an open_clip image tower; TAG a weights tag or a local
                                       weights file (no TAG: open_clip's random init)
@@ -53,7 +55,8 @@ class ModelSpec:
     @property
     def label(self) -> str:
         """The name runs record (`cfg.model_name`)."""
-        return f"{self.text}{' (random weights)' if self.random_weights else ''}"
+        options = ",".join(f"{k}={v}" for k, v in self.arch_kwargs.items()) if self.kind == "timm" else ""
+        return f"{self.text}{f' ({options})' if options else ''}{' (random weights)' if self.random_weights else ''}"
 
 
 def parse_model_spec(text: str, arch: Optional[str] = None, arch_kwargs: Optional[dict[str, Any]] = None,
@@ -85,9 +88,17 @@ def parse_model_spec(text: str, arch: Optional[str] = None, arch_kwargs: Optiona
         raise UserError(f"model {text!r}: unknown model source {source!r}; use {GRAMMAR}")
     else:
         spec = ModelSpec("timm", text, text, random_weights=random_weights)
-    if arch is not None or arch_kwargs:
-        raise UserError(f"--arch / arch= names the architecture of a checkpoint file; {text!r} is not one "
-                        "(give timm constructor options to from_pretrained as keywords)")
+    if (arch is not None or arch_kwargs) and spec.kind == "timm" and random_weights:
+        # A random-weight timm architecture with constructor overrides (a head of N classes, a
+        # smaller depth): the name must be the model's own.
+        if arch is not None and arch != spec.name.partition(".")[0] and arch != spec.name:
+            raise UserError(f"--arch {arch} with --random-weights overrides options of the model itself; name "
+                            f"{spec.name.partition('.')[0]} (e.g. --arch {spec.name.partition('.')[0]}:num_classes=10)")
+        spec = ModelSpec("timm", spec.name, text, arch_kwargs=dict(arch_kwargs or {}), random_weights=True)
+    elif arch is not None or arch_kwargs:
+        raise UserError(f"--arch / arch= names the architecture of a checkpoint file (or overrides options of a "
+                        f"--random-weights timm model); {text!r} is neither (give timm constructor options to "
+                        "from_pretrained as keywords)")
     _check_paths(spec)
     return spec
 
@@ -169,7 +180,7 @@ def _timm(spec: ModelSpec, offline: bool, seed: Optional[int], kwargs: dict[str,
         if kwargs.pop("pretrained", False) or kwargs.get("checkpoint_path"):
             raise UserError("random_weights=True builds fresh weights; it cannot also load pretrained or checkpoint weights")
         with _seeded(seed):
-            return timm_module(spec.name, pretrained=False, **kwargs).eval()
+            return timm_module(spec.name, pretrained=False, **{**spec.arch_kwargs, **kwargs}).eval()
     pretrained = kwargs.pop("pretrained", True)
     if offline and pretrained and kwargs.get("checkpoint_path") is None:
         _check_timm_name(spec.name)

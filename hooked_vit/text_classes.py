@@ -49,6 +49,10 @@ def encode_texts(clip_model: nn.Module, texts: Sequence[str], tokenizer: Optiona
             if type(getattr(clip_model, "text", None)).__name__ == "HFTextEncoder":
                 raise UserError("this open_clip model's text tower is a Hugging Face encoder, which the CLIP BPE "
                                  "tokenizer does not fit: pass tokenizer=open_clip.get_tokenizer(ARCH)")
+            vocab = getattr(clip_model, "vocab_size", None) or getattr(getattr(clip_model, "text", None), "vocab_size", None)
+            if vocab is not None and vocab != 49408:  # SigLIP's and other towers' own vocabularies
+                raise UserError(f"this open_clip model's text tower has a vocabulary of {vocab} tokens, not the CLIP "
+                                 "BPE tokenizer's 49408: pass tokenizer=open_clip.get_tokenizer(ARCH)")
             tokenizer = open_clip.tokenize
             context = getattr(clip_model, "context_length", 77)
             tokens = tokenizer(list(texts), context_length=context)

@@ -60,6 +60,8 @@ def norms_of(model: nn.Module) -> tuple[str, float]:
 
     found = {}
     for name, m in model.named_modules():
+        if name.startswith("patch_embed.backbone."):  # a hybrid stem's CNN runs as its own timm module
+            continue
         if isinstance(m, (nn.LayerNorm, RmsNorm)) or (re.search(r"Norm(2d)?(Fp32)?$", type(m).__name__)
                                                        and "Block" not in type(m).__name__):
             kind, eps, has_bias = norm_kind(m, name)
@@ -109,11 +111,43 @@ def same_in_every_block(blocks: nn.ModuleList, read: Callable[[nn.Module, str], 
 
 
 # ------------------------------------------------------------------ patch embedding, head
-def patch_embed_options(embed: nn.Module) -> dict[str, Any]:
-    from timm.layers import PatchEmbed
+def hybrid_embed_options(embed: nn.Module) -> dict[str, Any]:
+    """A HybridEmbed: its CNN backbone is kept as a module (hybrid_backbone); the options
+    describe the projection of its last feature map."""
+    if embed.dynamic_img_pad or not embed.flatten:
+        refuse("a hybrid CNN stem with dynamic_img_pad or without flattening")
+    if isinstance(embed.proj, nn.Identity) and tuple(embed.patch_size) == (1, 1):  # proj=False: timm_state
+        ratio = tuple(embed.feature_ratio)  # gives an identity 1x1 projection (exact)
+        return dict(img_size=tuple(embed.img_size), patch_size=ratio, in_chans=embed.in_chans,
+                    patch_embed_bias=False, d_backbone=embed.feature_dim)
+    if not isinstance(embed.proj, nn.Conv2d) or embed.proj.kernel_size != embed.proj.stride \
+            or tuple(embed.proj.kernel_size) != tuple(embed.patch_size) or embed.proj.padding != (0, 0):
+        refuse("a hybrid CNN stem without its Conv2d projection (proj=False) or with kernel != stride")
+    ratio, patch = tuple(embed.feature_ratio), tuple(embed.patch_size)
+    img = tuple(embed.img_size)
+    if any(i != f * r for i, f, r in zip(img, embed.feature_size, ratio)):
+        refuse(f"a hybrid CNN stem whose feature map {tuple(embed.feature_size)} is not the image {img} over a "
+               "whole stride")
+    return dict(img_size=img, patch_size=(ratio[0] * patch[0], ratio[1] * patch[1]), in_chans=embed.in_chans,
+                patch_embed_bias=embed.proj.bias is not None, d_backbone=embed.proj.in_channels,
+                backbone_patch_size=patch)
 
+
+def hybrid_backbone(model: nn.Module) -> Optional[nn.Module]:
+    """A HybridEmbed's CNN backbone (run by HookedViT as the timm module it is); None otherwise."""
+    from timm.layers import HybridEmbed
+
+    embed = getattr(model, "patch_embed", None)
+    return embed.backbone if type(embed) is HybridEmbed else None
+
+
+def patch_embed_options(embed: nn.Module) -> dict[str, Any]:
+    from timm.layers import HybridEmbed, PatchEmbed
+
+    if type(embed) is HybridEmbed:
+        return hybrid_embed_options(embed)
     if type(embed) is not PatchEmbed:
-        refuse(f"patch embedding {type(embed).__name__} (only timm's PatchEmbed; e.g. a hybrid CNN stem)")
+        refuse(f"patch embedding {type(embed).__name__} (timm's PatchEmbed and HybridEmbed are supported)")
     if embed.dynamic_img_pad:
         refuse("dynamic_img_pad")
     if not isinstance(embed.proj, nn.Conv2d) or embed.proj.kernel_size != embed.proj.stride:
@@ -164,13 +198,59 @@ def pooling_options(model: nn.Module, include_prefix: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ VisionTransformer
+def _parallel_scaling_block(block: nn.Module, where: str) -> dict[str, Any]:
+    """timm's ParallelScalingBlock (ViT-22B): one norm, a fused in-projection [fc1; q; k; v],
+    attention and MLP added to the residual together (parallel_attn_mlp)."""
+    out_proj = block.out_proj if block.out_proj is not None else block.attn_out_proj
+    d_model = block.in_proj.in_features
+    if block.in_split[1:] != [d_model] * 3:
+        refuse(f"a ParallelScalingBlock whose attention width differs from the model's at {where}")
+    return dict(block_type="pre_norm", parallel_attn_mlp=True, n_heads=block.num_heads, d_head=block.head_dim,
+                qkv_bias=block.in_proj.bias is not None, proj_bias=out_proj.bias is not None,
+                qk_norm=not is_identity(block.q_norm), attn_norm=False, layer_scale=not is_identity(block.ls),
+                mlp_type="mlp", d_mlp=block.in_split[0], act_fn=act_name(block.mlp_act), mlp_norm=False,
+                mlp_bias=True)
+
+
+def _parallel_things_block(block: nn.Module, where: str) -> dict[str, Any]:
+    """timm's ParallelThingsBlock: x + sum_j attn_j(norm_j(x)), then + sum_j mlp_j(norm_j(.)).
+    Read as one pre-norm block whose attention has every branch's heads and whose MLP has
+    every branch's hidden units; each branch's norm affine and LayerScale are folded into its
+    projections (`_parallel_things_state`), so ln1 / ln2 normalise without weight and bias."""
+    from timm.layers import Mlp
+    from timm.layers.attention import Attention as TimmAttention
+
+    attns, mlps = [b.attn for b in block.attns], [f.mlp for f in block.ffns]
+    for attn in attns:
+        if type(attn) is not TimmAttention or not is_identity(attn.q_norm) or not is_identity(attn.norm) \
+                or getattr(attn, "gate", None) is not None:
+            refuse(f"a ParallelThingsBlock branch with {type(attn).__name__}, qk_norm, an attention norm or a gate "
+                   f"at {where}")
+    for mlp in mlps:
+        if type(mlp) is not Mlp or not is_identity(mlp.norm) or not isinstance(mlp.fc1, nn.Linear):
+            refuse(f"a ParallelThingsBlock branch with MLP {type(mlp).__name__} or an MLP norm at {where}")
+    return dict(block_type="pre_norm", n_heads=sum(a.num_heads for a in attns), d_head=attns[0].head_dim,
+                qkv_bias=True, proj_bias=True, qk_norm=False, attn_norm=False, layer_scale=False, mlp_type="mlp",
+                d_mlp=sum(m.fc1.out_features for m in mlps), act_fn=act_name(mlps[0].act), mlp_norm=False,
+                mlp_bias=True)
+
+
 def _vit_block(block: nn.Module, where: str) -> dict[str, Any]:
     from timm.layers.attention import Attention as TimmAttention
 
     kind = type(block).__name__
+    if kind == "ParallelScalingBlock":
+        return _parallel_scaling_block(block, where)
+    if kind == "ParallelThingsBlock":
+        return _parallel_things_block(block, where)
+    if kind == "DiffParallelScalingBlock":
+        refuse("block type DiffParallelScalingBlock (differential attention, DiffAttention)")
     if kind not in ("Block", "ResPostBlock"):
-        refuse(f"block type {kind} (Block and ResPostBlock are supported)")
+        refuse(f"block type {kind} (Block, ResPostBlock and ParallelScalingBlock are supported)")
     attn = block.attn
+    if type(attn).__name__ == "DiffAttention":
+        refuse("differential attention (DiffAttention: two softmax patterns per head subtracted with a learned "
+               "lambda, then a per-head RMS sub-norm; not implemented)")
     if type(attn) is not TimmAttention:
         refuse(f"attention type {type(attn).__name__}")
     if getattr(attn, "gate", None) is not None:
@@ -212,8 +292,6 @@ def _eva_block(block: nn.Module, where: str) -> dict[str, Any]:
         refuse(f"attention type {type(attn).__name__}")
     if getattr(attn, "gate", None) is not None:
         refuse("gated attention (a sigmoid gate on the attention output)")
-    if getattr(attn, "num_kv_groups", 1) != 1:
-        refuse("grouped-query attention (num_kv_heads)")
     if attn.qkv is not None:
         qkv_bias = attn.qkv.bias is not None or getattr(attn, "q_bias", None) is not None
     else:
@@ -287,6 +365,54 @@ def beit_config(model: nn.Module) -> dict[str, Any]:
     )
 
 
+# ------------------------------------------------------------------ VisionTransformerRelPos
+def _rel_pos_options(rel_pos: nn.Module, where: str) -> dict[str, Any]:
+    from timm.layers import Mlp, RelPosBias, RelPosMlp
+
+    if type(rel_pos) is RelPosBias:
+        return dict(rel_pos_type="table")
+    if type(rel_pos) is RelPosMlp:
+        if rel_pos.mode == "swin" or rel_pos.bias_gain is not None or not is_identity(rel_pos.bias_act):
+            refuse(f"RelPosMlp in Swin-V2 mode (sigmoid, gain 16) at {where}")
+        mlp = rel_pos.mlp
+        if type(mlp) is not Mlp or type(mlp.act) is not nn.ReLU or not is_identity(mlp.norm) \
+                or mlp.fc1.bias is None or mlp.fc2.bias is None:
+            refuse(f"a relative-position MLP other than Linear-ReLU-Linear at {where}")
+        return dict(rel_pos_type="log_mlp", rel_pos_mlp_dim=mlp.fc1.out_features)
+    refuse(f"relative position module {type(rel_pos).__name__} at {where} (RelPosBias and RelPosMlp are supported)")
+    raise AssertionError
+
+
+def _relpos_block(block: nn.Module, where: str) -> dict[str, Any]:
+    kind = type(block).__name__
+    if kind not in ("RelPosBlock", "ResPostRelPosBlock"):
+        refuse(f"block type {kind} (RelPosBlock and ResPostRelPosBlock are supported)")
+    attn = block.attn
+    if type(attn).__name__ != "RelPosAttention":
+        refuse(f"attention type {type(attn).__name__}")
+    if attn.rel_pos is None:  # shared_rel_pos: the model's one module (relpos_config reads it)
+        rel_pos = {}
+    else:
+        rel_pos = _rel_pos_options(attn.rel_pos, where)
+    ls = not is_identity(getattr(block, "ls1", None))
+    return dict(block_type="post_norm" if kind == "ResPostRelPosBlock" else "pre_norm", n_heads=attn.num_heads,
+                d_head=attn.head_dim, qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
+                qk_norm=not is_identity(attn.q_norm), layer_scale=ls, **rel_pos, **mlp_options(block.mlp, where))
+
+
+def relpos_config(model: nn.Module) -> dict[str, Any]:
+    if model.global_pool not in ("avg", "token"):
+        refuse(f"global_pool={model.global_pool!r} (avg and token are supported)")
+    blocks = same_in_every_block(model.blocks, _relpos_block)
+    if model.shared_rel_pos is not None:  # one module for every block: each block gets a copy (timm_state)
+        blocks.update(_rel_pos_options(model.shared_rel_pos, "shared_rel_pos"))
+    return dict(
+        **patch_embed_options(model.patch_embed), **blocks,
+        **head_options(model), global_pool=model.global_pool, rel_pos_bias=True,
+        class_token=model.cls_token is not None, pos_embed=False, final_norm=final_norm_of(model),
+    )
+
+
 # ------------------------------------------------------------------ entry points
 def architecture_options(model: nn.Module) -> dict[str, Any]:
     """HookedViTConfig fields of a timm model's architecture (sizes, tokens, blocks, head)."""
@@ -299,8 +425,11 @@ def architecture_options(model: nn.Module) -> dict[str, Any]:
         options = eva_config(model)
     elif type(model).__name__ == "Beit":
         options = beit_config(model)
+    elif type(model).__name__ == "VisionTransformerRelPos":
+        options = relpos_config(model)
     else:
-        refuse(f"model class {type(model).__name__} (HookedViT reads timm's VisionTransformer, Eva and Beit)")
+        refuse(f"model class {type(model).__name__} (HookedViT reads timm's VisionTransformer, Eva, Beit and "
+               "VisionTransformerRelPos)")
     norm_type, eps = norms_of(model)
     return dict(d_model=model.embed_dim, n_layers=len(model.blocks), norm_type=norm_type, eps=eps, **options)
 
@@ -314,17 +443,110 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
             out[name] = value
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}."
+        if type(block).__name__ == "ParallelScalingBlock":
+            _parallel_state(block, p, out)
+            continue
+        if type(block).__name__ == "ParallelThingsBlock":
+            _parallel_things_state(block, p, out)
+            continue
         _attn_state(block.attn, p + "attn.", out)
         _mlp_state(block.mlp, p + "mlp.", out)
         _rename_prefix(out, p + "attn.relative_position_bias_table", p + "attn.rel_pos_table")
+        _rename_prefix(out, p + "attn.rel_pos.relative_position_bias_table", p + "attn.rel_pos_table")
+        _rename_prefix(out, p + "attn.rel_pos.mlp.", p + "attn.rel_pos_mlp.")
         for old, new in (("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma")):
             if p + old in out:
                 out[p + new] = out.pop(p + old)
         for old, new in (("attn.norm.", "attn.ln_z."), ("mlp.norm.", "mlp.ln.")):
             _rename_prefix(out, p + old, p + new)
+    shared = [k for k in out if k.startswith("shared_rel_pos.")]  # VisionTransformerRelPos(shared_rel_pos=True)
+    for key in shared:
+        value = out.pop(key)
+        for i in range(len(model.blocks)):
+            out[f"blocks.{i}.attn.rel_pos." + key.removeprefix("shared_rel_pos.")] = value.clone()
+    for i in range(len(model.blocks) if shared else 0):
+        _rename_prefix(out, f"blocks.{i}.attn.rel_pos.relative_position_bias_table", f"blocks.{i}.attn.rel_pos_table")
+        _rename_prefix(out, f"blocks.{i}.attn.rel_pos.mlp.", f"blocks.{i}.attn.rel_pos_mlp.")
     _rename_prefix(out, "patch_embed.norm.", "embed.norm.")
+    embed = getattr(model, "patch_embed", None)
+    if hybrid_backbone(model) is not None and isinstance(embed.proj, nn.Identity):  # proj=False
+        first = next(model.parameters())
+        eye = torch.eye(embed.feature_dim, device=first.device, dtype=first.dtype)
+        out["patch_embed.proj.weight"] = eye[..., None, None]
     _rename_prefix(out, "attn_pool.norm.", "attn_pool.ln.")
     return out
+
+
+def _folded_branch(norm: nn.Module, first: nn.Linear, last: nn.Linear, ls: nn.Module) -> tuple[Tensor, ...]:
+    """One branch norm -> first ... last -> LayerScale with the norm's weight and bias folded
+    into `first` and the LayerScale into `last`: (first.weight, first.bias, last.weight, last.bias)."""
+    w = norm.weight.detach()
+    b = norm.bias.detach() if getattr(norm, "bias", None) is not None else torch.zeros_like(w)
+    W = first.weight.detach()
+    c = first.bias.detach() if first.bias is not None else W.new_zeros(W.shape[0])
+    g = ls.gamma.detach() if not is_identity(ls) else w.new_ones(last.out_features)
+    P = last.weight.detach()
+    pb = last.bias.detach() if last.bias is not None else P.new_zeros(P.shape[0])
+    return W * w, c + W @ b, g[:, None] * P, g * pb
+
+
+def _parallel_things_state(block: nn.Module, p: str, out: dict[str, Tensor]) -> None:
+    """A ParallelThingsBlock as one block (see `_parallel_things_block`): q, k and v rows of
+    every attention branch side by side (branch 0's heads first), the output projections'
+    columns likewise, their biases summed; the MLP branches concatenated the same way."""
+    for key in [k for k in out if k.startswith((p + "attns.", p + "ffns."))]:
+        del out[key]
+    attn = [_folded_branch(b.norm, b.attn.qkv, b.attn.proj, b.ls) for b in block.attns]
+    thirds = [(w.chunk(3), c.chunk(3)) for w, c, _, _ in attn]
+    out[p + "attn.qkv.weight"] = torch.cat([torch.cat([t[0][i] for t in thirds]) for i in range(3)])
+    out[p + "attn.qkv.bias"] = torch.cat([torch.cat([t[1][i] for t in thirds]) for i in range(3)])
+    out[p + "attn.proj.weight"] = torch.cat([a[2] for a in attn], dim=1)
+    out[p + "attn.proj.bias"] = torch.stack([a[3] for a in attn]).sum(0)
+    mlp = [_folded_branch(f.norm, f.mlp.fc1, f.mlp.fc2, f.ls) for f in block.ffns]
+    out[p + "mlp.fc1.weight"] = torch.cat([m[0] for m in mlp])
+    out[p + "mlp.fc1.bias"] = torch.cat([m[1] for m in mlp])
+    out[p + "mlp.fc2.weight"] = torch.cat([m[2] for m in mlp], dim=1)
+    out[p + "mlp.fc2.bias"] = torch.stack([m[3] for m in mlp]).sum(0)
+    norm = block.attns[0].norm
+    for n in ("norm1", "norm2"):  # the affine parts now live in the projections
+        out[p + f"{n}.weight"] = torch.ones_like(norm.weight.detach())
+        if getattr(norm, "bias", None) is not None:
+            out[p + f"{n}.bias"] = torch.zeros_like(norm.bias.detach())
+
+
+def _parallel_state(block: nn.Module, p: str, out: dict[str, Tensor]) -> None:
+    """A ParallelScalingBlock under a pre-norm block's names: in_norm as norm1 and (a copy) norm2,
+    in_proj split into mlp.fc1 and attn.qkv, the output projection(s) as attn.proj and
+    mlp.fc2 (a fused out_proj split by columns, its bias on attn.proj), ls as ls1 and ls2."""
+    d_mlp = block.in_split[0]
+    for suffix in ("weight", "bias"):
+        norm = out.pop(p + f"in_norm.{suffix}", None)
+        if norm is not None:
+            out[p + f"norm1.{suffix}"], out[p + f"norm2.{suffix}"] = norm, norm.clone()
+    w = out.pop(p + "in_proj.weight")
+    out[p + "mlp.fc1.weight"], out[p + "attn.qkv.weight"] = w[:d_mlp], w[d_mlp:]
+    b = out.pop(p + "in_proj.bias", None)
+    if b is not None:
+        out[p + "mlp.fc1.bias"], out[p + "attn.qkv.bias"] = b[:d_mlp], b[d_mlp:]
+    else:
+        out[p + "mlp.fc1.bias"] = out.pop(p + "mlp_bias")
+    if block.out_proj is not None:
+        w = out.pop(p + "out_proj.weight")
+        d_attn = w.shape[1] - d_mlp
+        out[p + "attn.proj.weight"], out[p + "mlp.fc2.weight"] = w[:, :d_attn], w[:, d_attn:]
+        b = out.pop(p + "out_proj.bias", None)
+        if b is not None:
+            out[p + "attn.proj.bias"] = b
+    else:
+        _rename_prefix(out, p + "attn_out_proj.", p + "attn.proj.")
+        _rename_prefix(out, p + "mlp_out_proj.", p + "mlp.fc2.")
+    if p + "mlp.fc2.bias" not in out:  # HookedViT's MLP has both biases or neither: a zero fc2 bias
+        out[p + "mlp.fc2.bias"] = out[p + "mlp.fc2.weight"].new_zeros(out[p + "mlp.fc2.weight"].shape[0])
+    for n in ("q_norm.", "k_norm."):
+        _rename_prefix(out, p + n, p + "attn." + n)
+    gamma = out.pop(p + "ls.gamma", None)
+    if gamma is not None:
+        out[p + "ls1.gamma"], out[p + "ls2.gamma"] = gamma, gamma.clone()
 
 
 def _rename_prefix(state: dict[str, Tensor], old: str, new: str) -> None:
@@ -342,12 +564,23 @@ def _attn_state(attn: nn.Module, p: str, out: dict[str, Tensor]) -> None:
         return
     if getattr(attn, "q_proj", None) is None:
         return
-    projs = [out.pop(p + f"{n}_proj.weight") for n in "qkv"]
+    groups = getattr(attn, "num_kv_groups", 1)  # grouped-query attention: kv heads expanded per query head
+    projs = [_expand_kv(out.pop(p + f"{n}_proj.weight"), groups if n != "q" else 1, attn.head_dim) for n in "qkv"]
     out[p + "qkv.weight"] = torch.cat(projs)
     biases = [out.pop(p + f"{n}_proj.bias", None) for n in "qkv"]
+    biases = [b if b is None or n == "q" else _expand_kv(b, groups, attn.head_dim) for b, n in zip(biases, "qkv")]
     if any(b is not None for b in biases):
         out[p + "qkv.bias"] = torch.cat([b if b is not None else torch.zeros_like(w[:, 0])
                                          for b, w in zip(biases, projs)])
+
+
+def _expand_kv(w: Tensor, groups: int, d_head: int) -> Tensor:
+    """A k or v projection's rows [kv_heads * d_head, ...] repeated so query head h reads kv
+    head h // groups (timm's repeat_interleave): exact, since k_norm and RoPE act per head."""
+    if groups == 1:
+        return w
+    heads = w.reshape(-1, d_head, *w.shape[1:])
+    return heads.repeat_interleave(groups, dim=0).reshape(-1, *w.shape[1:])
 
 
 def _mlp_state(mlp: nn.Module, p: str, out: dict[str, Tensor]) -> None:
@@ -364,3 +597,72 @@ def _mlp_state(mlp: nn.Module, p: str, out: dict[str, Tensor]) -> None:
             if w is not None:
                 a, b = w.chunk(2)
                 out[p + f"fc1.{suffix}"] = torch.cat([b, a])
+
+
+def timm_layout(state: dict[str, Tensor], like: nn.Module) -> dict[str, Tensor]:
+    """Inverse of `timm_state`: weights under VisionTransformer names (with HookedViT's fused
+    qkv, [gate; linear] fc1 and sublayer-norm names) in the layout of the timm module `like`
+    (its own q/k/v projections or q_bias / v_bias, SwiGLU halves, BEiT's gamma_1 / gamma_2 and
+    relative_position_bias_table); `like`'s buffers (BEiT's relative_position_index, RoPE
+    tables) are taken from it. Exact: `like.load_state_dict(result)` is strict."""
+    out = dict(state)
+    target = like.state_dict()
+    for i, block in enumerate(like.blocks):
+        p = f"blocks.{i}."
+        _attn_layout(block.attn, p + "attn.", out, target)
+        _mlp_layout(block.mlp, p + "mlp.", out)
+        _rename_prefix(out, p + "attn.rel_pos_table", p + "attn.relative_position_bias_table")
+        for new, old in (("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma")):
+            if p + new in target and p + old in out:
+                out[p + new] = out.pop(p + old)
+    out = timm_norm_names(out)
+    params = {name for name, _ in like.named_parameters()}
+    for name, value in target.items():  # buffers HookedViT rebuilds (index tables, RoPE caches)
+        if name not in out and name not in params:
+            out[name] = value
+    return out
+
+
+def timm_norm_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """HookedViT's names of the extra norms back to timm's: embed.norm -> patch_embed.norm,
+    attn_pool.ln -> attn_pool.norm, blocks.i.attn.ln_z / mlp.ln -> attn.norm / mlp.norm."""
+    renames = [(r"^embed\.norm\.", "patch_embed.norm."), (r"^attn_pool\.ln\.", "attn_pool.norm."),
+               (r"^(blocks\.\d+)\.attn\.ln_z\.", r"\1.attn.norm."), (r"^(blocks\.\d+)\.mlp\.ln\.", r"\1.mlp.norm.")]
+    out = {}
+    for name, value in state.items():
+        for pattern, repl in renames:
+            name, n = re.subn(pattern, repl, name)
+            if n:
+                break
+        out[name] = value
+    return out
+
+
+def _attn_layout(attn: nn.Module, p: str, out: dict[str, Tensor], target: dict[str, Tensor]) -> None:
+    """HookedViT's fused qkv back into EVA's q/k/v projections or q_bias / v_bias."""
+    if getattr(attn, "q_proj", None) is not None:
+        for n, w in zip("qkv", out.pop(p + "qkv.weight").chunk(3)):
+            out[p + f"{n}_proj.weight"] = w
+        bias = out.pop(p + "qkv.bias", None)
+        if bias is not None:
+            for n, b in zip("qkv", bias.chunk(3)):
+                if p + f"{n}_proj.bias" in target:
+                    out[p + f"{n}_proj.bias"] = b
+        return
+    if p + "q_bias" in target and p + "qkv.bias" in out:
+        q, _, v = out.pop(p + "qkv.bias").chunk(3)  # the key bias is EVA's / BEiT's fixed zero
+        out[p + "q_bias"], out[p + "v_bias"] = q, v
+
+
+def _mlp_layout(mlp: nn.Module, p: str, out: dict[str, Tensor]) -> None:
+    kind = type(mlp).__name__
+    for suffix in ("weight", "bias"):
+        w = out.get(p + f"fc1.{suffix}")
+        if w is None:
+            continue
+        if kind == "SwiGLU":
+            g, x = out.pop(p + f"fc1.{suffix}").chunk(2)
+            out[p + f"fc1_g.{suffix}"], out[p + f"fc1_x.{suffix}"] = g, x
+        elif kind == "GluMlp" and mlp.gate_last:
+            a, b = w.chunk(2)
+            out[p + f"fc1.{suffix}"] = torch.cat([b, a])

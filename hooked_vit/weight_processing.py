@@ -72,6 +72,12 @@ def fold_layer_norm_(model: HookedViT) -> None:
             "fold_ln needs pre-norm blocks; this model's post-norm blocks (ResPostBlock) normalise "
             "the sublayer outputs, which no following linear map reads directly"
         )
+    cfg = model.cfg
+    if model.attn_pool is not None and (cfg.attn_pool_layers or cfg.attn_pool_kv_norm):
+        raise UserError(
+            "fold_ln: the final norm's output feeds an attentive probe (V-JEPA 2's: self-attention blocks and a "
+            "norm before the keys and values), not a linear map it could be folded into; load without fold_ln"
+        )
     for block in model.blocks:
         _fold_into(block.ln1, [block.attn.qkv])
         if hasattr(block, "ln_time"):  # divided space-time attention
@@ -83,7 +89,11 @@ def fold_layer_norm_(model: HookedViT) -> None:
         if model.attn_pool is not None:  # the MAP head's keys and values read the normalised tokens
             readers = [model.attn_pool.kv]
         # global_pool="token_avg" reads [ln(class), mean ln(patches)]: the affine map acts on both halves.
-        _fold_into(model.ln_final, [h for h in readers if h is not None], repeat=model.cfg.d_pooled // model.cfg.d_model)
+        # A headless model (features out, e.g. VJEPA2Model, Dinov2Model) has no reader: its final
+        # norm keeps its affine part, which is part of the features.
+        readers = [h for h in readers if h is not None]
+        if readers:
+            _fold_into(model.ln_final, readers, repeat=model.cfg.d_pooled // model.cfg.d_model)
     model.cfg.normalization_type = "LNPre"
 
 
@@ -113,7 +123,10 @@ def center_writing_weights_(model: HookedViT) -> None:
     if cfg.layer_scale:
         raise UserError("fold LayerScale first (fold_layer_scale=True)")
     embed = model.embed
-    for param in (*embed.prefix_params(), embed.pos_embed, embed.time_embed, embed.pos_table):
+    # Resampling a table to another grid (dynamic size, NaFlex) mixes rows with weights that sum
+    # to 1, so centred rows stay centred; factorized row + column tables are centred each.
+    for param in (*embed.prefix_params(), embed.pos_embed, embed.time_embed, embed.pos_table, embed.pos_embed_y,
+                  embed.pos_embed_x):
         if param is not None:
             param.sub_(param.mean(-1, keepdim=True))
     _center_rows(embed.proj.weight, embed.proj.bias)

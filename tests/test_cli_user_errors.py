@@ -127,10 +127,15 @@ def test_unknown_hook_is_a_user_error_and_a_key_error():
     assert isinstance(info.value, KeyError) and str(info.value).startswith("unknown hook point")
 
 
-def test_decompose_names_the_default_reference_not_the_data(tmp_path, capsys):
-    """A 48-pixel model with images of its own: the default --reference (synthetic, 32x32) does
-    not fit it, and the message says so instead of blaming "the synthetic dataset"."""
+def test_decompose_names_the_default_reference_not_the_data(tmp_path, capsys, monkeypatch):
+    """A 48-pixel model with images of its own and a default --reference that cannot be read
+    (the synthetic set now renders at any square size, so a broken default stands in): the
+    message names the option instead of blaming --data."""
     import timm
+
+    import circuits.commands.decompose as decompose_command
+
+    monkeypatch.setattr(decompose_command, "DEFAULT_REFERENCE", "synthetic:val:many")
     from safetensors.torch import save_file
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=48, num_classes=2)
@@ -143,7 +148,7 @@ def test_decompose_names_the_default_reference_not_the_data(tmp_path, capsys):
     assert main(["decompose", "--model", str(tmp_path / "m.safetensors"), "--arch", "vit_tiny_patch16_224:depth=1,img_size=48",
                  "--data", str(root), "--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "run")]) == 2
     line = _error_line(capsys, "decompose")
-    assert "--reference synthetic:val:512 (the default" in line and "pass --reference" in line
+    assert "--reference synthetic:val:many (the default" in line and "pass --reference" in line
 
 
 @pytest.fixture(scope="module")

@@ -158,3 +158,31 @@ def test_processed_weights_decompose_exactly():
     assert not any(c.kind == "ln_final.b" for c in dec.components)
     assert rel(dec.total(), dec.representation) < TOL
     assert rel(dec.logit_terms(model)[0].sum(1), dec.logits) < TOL
+
+
+@pytest.mark.parametrize("options", [dict(attn_pool_mlp=False, attn_pool_q_proj=False),  # AIMv2's head
+                                     dict(attn_pool_residual=True, attn_pool_proj=False)])
+def test_map_head_variants_decompose_exactly(options):
+    """AIMv2's pooling head (no MLP, no query projection) and a residual latent without
+    output projection: the components still sum to the pooled vector."""
+    from helpers import randomize_
+
+    from hooked_vit import HookedViT, HookedViTConfig
+
+    cfg = HookedViTConfig(d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_classes=5, img_size=16, patch_size=8,
+                          class_token=False, global_pool="map", **options)
+    model = randomize_(HookedViT(cfg).eval(), 3)
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    dec = decompose(model, images)
+    assert ("attn_pool.mlp" in [c.kind for c in dec.components]) == cfg.attn_pool_mlp
+    torch.testing.assert_close(dec.terms.sum(1), dec.representation, rtol=1e-5, atol=1e-5)
+
+
+def test_attentive_probe_with_blocks_is_refused():
+    from hooked_vit import HookedViT, HookedViTConfig
+    from hooked_vit.errors import UnsupportedModelError
+
+    cfg = HookedViTConfig(d_model=32, n_layers=1, n_heads=4, d_mlp=64, n_classes=5, img_size=16, patch_size=8,
+                          class_token=False, global_pool="map", attn_pool_layers=1)
+    with pytest.raises(UnsupportedModelError, match="attn_pool_layers"):
+        decompose(HookedViT(cfg).eval(), torch.randn(1, 3, 16, 16))

@@ -58,7 +58,7 @@ def test_missing_checkpoint_file_is_clear(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,feature", [
-    (dict(block_fn="ParallelThingsBlock"), "block type ParallelThingsBlock"),
+    (dict(block_fn="DiffParallelScalingBlock"), "block type DiffParallelScalingBlock"),
     (dict(global_pool=""), "global_pool=''"),
 ])
 def test_unsupported_features_are_named(kwargs, feature):

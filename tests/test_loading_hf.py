@@ -101,8 +101,8 @@ def test_preprocessing_from_image_processor(tmp_path):
 
 
 def test_refuses_unsupported_features():
-    beit = T.BeitModel(T.BeitConfig(**SMALL, intermediate_size=96))
-    with pytest.raises(UnsupportedModelError, match="relative position bias"):
+    beit = T.BeitForMaskedImageModeling(T.BeitConfig(**SMALL, intermediate_size=96))
+    with pytest.raises(UnsupportedModelError, match="masked image modelling"):
         HookedViT.from_hf(beit)
     pooled = T.ViTModel(T.ViTConfig(**SMALL, intermediate_size=96))  # tanh pooler by default
     with pytest.raises(UnsupportedModelError, match="add_pooling_layer=False"):

@@ -123,3 +123,92 @@ def test_projection_survives_weight_processing_and_is_absent_elsewhere():
     timm_model, size = make_timm("vit_base_patch16_clip_224")
     plain = HookedViT.from_timm(timm_model)
     assert plain.image_proj is None and "hook_image_embed" not in plain.hook_dict
+
+
+# ------------------------------------------------------------------ timm-backed towers (SigLIP, EVA CLIP)
+# open_clip's registered configs, with the timm trunk built small: open_clip's TimmModel calls
+# timm.create_model(name, num_classes=..., global_pool=...); the size overrides are added there,
+# so the tower is the registered timm architecture (its pooling, norms, RoPE, ...) at depth 2.
+TIMM_SMALL = dict(depth=2, embed_dim=48, num_heads=4, img_size=32)
+TIMM_ARCHS = {"ViT-B-16-SigLIP": 8, "ViT-B-16-SigLIP2": 8, "EVA02-B-16": 8}
+TEXT_SMALL = dict(width=32, heads=4, layers=1, context_length=16, vocab_size=40)
+
+
+def make_timm_clip(arch: str, monkeypatch, proj=None):
+    import timm
+
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: create(name, **{**kw, **TIMM_SMALL,
+                                                                                 "patch_size": TIMM_ARCHS[arch]}))
+    cfg = open_clip.get_model_config(arch)
+    vision = {**cfg["vision_cfg"], "image_size": 32}
+    if proj is not None:
+        vision["timm_proj"] = proj
+    text = {k: v for k, v in cfg["text_cfg"].items() if k not in ("hf_tokenizer_name", "tokenizer_kwargs")}
+    embed_dim = 48 if vision.get("timm_proj") == "none" else 24  # SigLIP: the pooled vector is the embedding
+    model = open_clip.CustomTextCLIP(embed_dim=embed_dim, vision_cfg=vision, text_cfg={**text, **TEXT_SMALL}).eval()
+    monkeypatch.setattr(timm, "create_model", create)
+    return randomize_(model, std=0.2)
+
+
+@pytest.mark.parametrize("arch", list(TIMM_ARCHS))
+@pytest.mark.parametrize("explicit", [False, True], ids=["fused", "explicit"])
+def test_timm_towers_match_open_clip(arch, explicit, monkeypatch):
+    clip = make_timm_clip(arch, monkeypatch)
+    assert type(clip.visual).__name__ == "TimmModel" and len(clip.visual.trunk.blocks) == 2
+    x = images(32)
+    blocks = []
+    handles = [b.register_forward_hook(lambda m, i, o: blocks.append(o)) for b in clip.visual.trunk.blocks]
+    with torch.no_grad():
+        ref = clip.encode_image(x)
+    for h in handles:
+        h.remove()
+    model = HookedViT.from_open_clip(clip)
+    siglip = "SigLIP" in arch
+    assert model.cfg.global_pool == ("map" if siglip else "token")
+    assert (model.image_proj is None) == siglip and (siglip or model.image_proj.bias is not None)
+    names = lambda n: n.endswith("resid_post") or (explicit and n.endswith("hook_pattern"))
+    with torch.no_grad():
+        out, cache = model.run_with_cache(x, names_filter=names)
+    assert ("blocks.0.attn.hook_pattern" in cache.keys()) == explicit
+    assert out.shape == ref.shape and rel_err(out, ref) < RTOL
+    for layer, block in enumerate(blocks):
+        assert rel_err(cache[f"blocks.{layer}.hook_resid_post"], block) < RTOL, f"block {layer}"
+
+
+def char_tokenizer(texts, context=16):
+    ids = torch.zeros(len(texts), context, dtype=torch.long)
+    for i, t in enumerate(texts):
+        codes = [1 + (ord(c) % 38) for c in t[: context - 1]] + [39]
+        ids[i, : len(codes)] = torch.tensor(codes)
+    return ids
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-16-SigLIP", "EVA02-B-16"])
+def test_timm_towers_text_classes(arch, monkeypatch):
+    from hooked_vit.text_classes import install_text_classes, text_class_embeddings
+
+    clip = make_timm_clip(arch, monkeypatch)
+    names = ["cat", "dog", "boat"]
+    emb = text_class_embeddings(clip, names, tokenizer=char_tokenizer)
+    model = install_text_classes(HookedViT.from_open_clip(clip), emb, scale=2.0, class_names=names)
+    x = images(32)
+    with torch.no_grad():
+        ref = 2.0 * clip.encode_image(x) @ emb.T
+        logits = model(x)
+    assert model.cfg.class_names == tuple(names) and rel_err(logits, ref) < RTOL
+    with torch.no_grad():  # the logit lens of the pooled vector is the model's logits
+        pooled = model(x, return_type="pooled")
+        lens = torch.nn.functional.linear(pooled, model.W_U.T, model.b_U)
+    assert rel_err(lens, logits) < RTOL
+    with pytest.raises(ValueError, match="tokenizer"):  # SigLIP's / a custom vocabulary: not CLIP's BPE
+        text_class_embeddings(clip, names)
+
+
+def test_timm_tower_linear_projection_and_refused_mlp(monkeypatch):
+    clip = make_timm_clip("ViT-B-16-SigLIP", monkeypatch, proj="linear")
+    with torch.no_grad():
+        assert rel_err(HookedViT.from_open_clip(clip)(images(32)), clip.encode_image(images(32))) < RTOL
+    mlp = make_timm_clip("ViT-B-16-SigLIP", monkeypatch, proj="mlp")
+    with pytest.raises(UnsupportedModelError, match="adapter head"):
+        HookedViT.from_open_clip(mlp)

@@ -43,9 +43,9 @@ def test_circuit_graph_of_a_video_model_is_over_its_space_time_tokens():
     divided = HookedViT(HookedViTConfig(d_model=32, n_layers=1, n_heads=4, d_mlp=64, n_classes=4, img_size=16,
                                         patch_size=8, num_frames=4, attention_type="divided_space_time",
                                         pos_embed_type="space_time"))
-    with pytest.raises(ValueError, match="joint attention only"):
+    with pytest.raises(ValueError, match="joint-attention video model"):
         ViTGraph.of(divided)
-    with pytest.raises(ValueError, match="joint attention only"):
+    with pytest.raises(ValueError, match="joint-attention video model"):
         edge_attribution(divided, x, y)
 
 

@@ -172,11 +172,6 @@ def test_refuses_unsupported_video_features():
     first_token = T.VideoMAEForVideoClassification(T.VideoMAEConfig(**SMALL, patch_size=PATCH, use_mean_pooling=False))
     with pytest.raises(UnsupportedModelError, match="use_mean_pooling=False"):
         HookedViT.from_hf(first_token)
-    vjepa = T.VJEPA2Model(T.VJEPA2Config(crop_size=32, frames_per_clip=4, hidden_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, pred_hidden_size=32, pred_num_hidden_layers=1,
-                                         pred_num_attention_heads=2))
-    with pytest.raises(UnsupportedModelError, match="V-JEPA 2"):
-        HookedViT.from_hf(vjepa)
     pooled = T.VivitModel(T.VivitConfig(**SMALL, tubelet_size=(2, PATCH, PATCH)))
     with pytest.raises(UnsupportedModelError, match="add_pooling_layer=False"):
         HookedViT.from_hf(pooled)

@@ -19,7 +19,7 @@ import torch
 
 from helpers import randomize_
 
-MODULES = ("vision_transformer", "eva", "naflexvit", "vision_transformer_relpos", "beit")
+MODULES = ("vision_transformer", "eva", "naflexvit", "vision_transformer_relpos", "beit", "vision_transformer_hybrid", "deit")
 SMALL = dict(depth=2, embed_dim=64, num_heads=4, num_classes=10)
 RTOL = 1e-5
 
@@ -31,6 +31,7 @@ class ZooResult:
     status: str  # "exact", "refused", "different", "unbuildable"
     detail: str = ""  # the refusal message, the error, or the hooked flags
     err: float = 0.0
+    hooks: str = ""  # hook points beyond a plain ViT's (blocks.L. for every block), exact names only
 
 
 def zoo_names() -> list[tuple[str, str]]:
@@ -39,8 +40,10 @@ def zoo_names() -> list[tuple[str, str]]:
 
 
 def _patch_size(model: torch.nn.Module) -> tuple[int, int]:
+    """Pixels per token (a hybrid CNN stem: its feature stride times the patch size)."""
     embed = getattr(model, "patch_embed", None) or getattr(model, "embeds")  # NaFlexVit: embeds
-    return tuple(embed.patch_size)
+    ratio = getattr(embed, "feature_ratio", (1, 1))
+    return tuple(int(r) * p for r, p in zip(ratio, embed.patch_size))
 
 
 def _create(name: str, **kwargs) -> torch.nn.Module:
@@ -49,6 +52,9 @@ def _create(name: str, **kwargs) -> torch.nn.Module:
     try:
         return timm.create_model(name, pretrained=False, **{**SMALL, **kwargs})
     except AssertionError as err:
+        if "feature dim" in str(err):  # a hybrid stem without projection: the width is the CNN's
+            width = int(str(err).split("(")[1].split()[0])
+            return timm.create_model(name, pretrained=False, **{**SMALL, "embed_dim": width, **kwargs})
         if "num_kv_heads" in str(err):
             return timm.create_model(name, pretrained=False, **{**SMALL, "num_kv_heads": 2, **kwargs})
         return timm.create_model(name, pretrained=False, **{**SMALL, "embed_dim": 96, **kwargs})
@@ -93,7 +99,30 @@ def check(name: str, module: str = "") -> ZooResult:
     err = max(rel_err(fused, ref), rel_err(explicit, ref))
     if fused.shape != ref.shape or not err < RTOL:
         return ZooResult(name, module, "different", f"rel err {err:.2e}", err)
-    return ZooResult(name, module, "exact", _flags(model), err)
+    return ZooResult(name, module, "exact", _flags(model), err, ", ".join(extra_hooks(model)))
+
+
+def _per_layer(name: str) -> str:
+    import re
+
+    return re.sub(r"^blocks\.\d+\.", "blocks.L.", name)
+
+
+@functools.lru_cache(maxsize=None)
+def _standard_hooks() -> frozenset:
+    """The hook points of a plain ViT (class token, learned positions, LayerNorm, MLP, token pooling)."""
+    from hooked_vit import HookedViT
+    from hooked_vit.config import HookedViTConfig
+
+    cfg = HookedViTConfig(d_model=8, n_layers=1, n_heads=2, d_mlp=8, n_classes=2, img_size=4, patch_size=2)
+    return frozenset(_per_layer(n) for n in HookedViT(cfg).hook_dict)
+
+
+def extra_hooks(model) -> list[str]:
+    """The model's hook points that a plain ViT lacks, then "no NAME" for a plain ViT's that
+    it lacks (e.g. a parallel block's resid_mid): the documentation's hook points column."""
+    own = {_per_layer(n) for n in model.hook_dict}
+    return sorted(own - _standard_hooks()) + [f"no {n}" for n in sorted(_standard_hooks() - own)]
 
 
 def _flags(model) -> str:

@@ -11,6 +11,11 @@ cell's feature dimension and averaged over images. It is the same convention (cl
 into corrupted) as `circuits.patching.patch_activations`, so the two compare cell for cell;
 where the metric is linear in the activation the estimate is exact.
 
+`scores_frame(scores, model)` lays the scores out as a table with each position's name
+(`hooked_vit.tokens.token_labels`: "t3 patch (2, 5)" on video models). On divided
+space-time models the short head-site names (z, q, k, v, result, pattern) and qk_fix are
+refused (those hooks are grouped by frame / (row, col)); full hook names are scored as they are.
+
 AtP*'s QK fix (Kramar et al. 2024, sec. 3.1.1), `qk_fix=True`: a query or key reaches the
 metric only through the attention pattern, and where the softmax saturates its gradient
 vanishes, so the linear estimate misses large effects. The fix recomputes the pattern
@@ -24,15 +29,18 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.circuit_discovery.graph import check_pair, differentiable, require_joint_attention, targets
+from circuits.arrays import to_numpy
+from circuits.circuit_discovery.graph import check_pair, differentiable, targets
 from circuits.circuit_discovery.metrics import resolve_metric
-from circuits.patching import Metric, _act_name, _attn_result
+from circuits.patching import Metric, _act_name, _attn_result, check_grouped_sites
 from hooked_vit import HookedViT
 from hooked_vit.errors import UserError
+from hooked_vit.tokens import token_labels
 
 DEFAULT_SITES = ("resid_pre", "z", "mlp_out")
 QK_SITES = ("q", "k")
@@ -57,7 +65,10 @@ def attribution_patch(
     in every pass (e.g. a planted edit)."""
     fn = resolve_metric(metric, needs_grad=True)
     check_pair(clean_images, corrupted_images)
-    require_joint_attention(model, "attribution patching")
+    check_grouped_sites(model, [s for s in sites if s not in model.hook_dict])
+    if qk_fix and model.cfg.attention_type == "divided_space_time":
+        raise UserError("qk_fix recomputes a [batch, heads, q, k] pattern; divided space-time attention's patterns "
+                         "are grouped by frame / (row, col): use qk_fix=False")
     names = {s: _names(model, s) for s in sites}
     fixed = {n for ns in names.values() for n in ns if _qk_side(n)} if qk_fix else set()
     if qk_fix and not fixed:
@@ -82,6 +93,23 @@ def attribution_patch(
                   _score(clean_cache[n], acts[n].detach(), grads.get(n)) for n in ns]
         out[site] = torch.stack(scores) if len(ns) > 1 or site != ns[0] else scores[0]
     return out
+
+
+def scores_frame(scores: dict[str, Tensor], model: HookedViT) -> pd.DataFrame:
+    """The scores of short-name sites ([layer, pos] or [layer, pos, head]) as one long table:
+    site, layer, pos, token (the position's name), [head], value."""
+    labels = token_labels(model)
+    frames = []
+    for site, values in scores.items():
+        if values.ndim not in (2, 3) or values.shape[0] != model.cfg.n_layers:
+            raise UserError(f"scores_frame takes short-name sites [layer, pos(, head)]; {site} is "
+                             f"{tuple(values.shape)}")
+        axes = ["layer", "pos", "head"][:values.ndim]
+        index = pd.MultiIndex.from_product([range(n) for n in values.shape], names=axes).to_frame(index=False)
+        index["value"] = to_numpy(values.reshape(-1).float())
+        index["token"] = [labels[p] if values.shape[1] == len(labels) else str(p) for p in index["pos"]]
+        frames.append(index.assign(site=site))
+    return pd.concat(frames, ignore_index=True)
 
 
 def _names(model: HookedViT, site: str) -> list[str]:

@@ -10,9 +10,6 @@ Readers (nodes that read it): every head's query, key and value input "L{l}H{h}.
 writer to every reader after it. Because the residual stream is the sum of the writers (plus
 constant biases), a reader's input with the edges from a set of writers patched is its input
 plus the sum over those writers of (source value - current value): `run_patched` does that.
-
-Video models with joint attention (docs/video.md) have the same graph: positions are their
-space-time tokens, in (time, row, col) order. Divided space-time attention is refused.
 """
 
 from __future__ import annotations
@@ -42,7 +39,10 @@ class ViTGraph:
             raise UserError("edge-level circuit discovery needs pre-norm blocks (post-norm norms sit on the residual stream)")
         if model.cfg.attn_only:
             raise UserError("attn_only models are not supported by the circuit graph")
-        require_joint_attention(model, "edge-level circuit discovery")
+        if model.cfg.attention_type == "divided_space_time":
+            raise UserError("the circuit graph (path patching, edge attribution) has no node for divided space-time "
+                             "attention's temporal heads and its per-head inputs are off there; use a joint-attention "
+                             "video model")
         return cls(model.cfg.n_layers, model.cfg.n_heads)
 
     # ---- nodes, in the order they run
@@ -127,16 +127,6 @@ def writer_values(model: HookedViT, cache) -> Float[Tensor, "w b p d"]:
         out += list(head_out(model, l, cache[f"blocks.{l}.attn.hook_z"]).unbind(2))
         out.append(cache[f"blocks.{l}.hook_mlp_out"])
     return torch.stack(out)
-
-
-def require_joint_attention(model: HookedViT, what: str) -> None:
-    """Refuse divided space-time attention: its temporal attention (`attn_time`) writes to the
-    residual stream too and its grouped hooks ([b, groups, ...]) are not nodes of this graph.
-    A joint-attention video model's graph is the image one over its space-time tokens."""
-    if model.cfg.attention_type != "joint":
-        raise UserError(f"{what} covers joint attention only; {model.cfg.model_name} has "
-                         f"attention_type={model.cfg.attention_type!r} (its temporal attention is not a node "
-                         "of the circuit graph); use a joint-attention model")
 
 
 def writer_hook_names(n_layers: int) -> list[str]:

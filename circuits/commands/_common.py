@@ -41,7 +41,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "open_clip:ARCH[:TAG], or a checkpoint file (with --arch)")
     p.add_argument("--arch", default=None,
                    help="timm architecture of a checkpoint file, with optional constructor overrides: "
-                        "vit_base_patch16_224 or vit_tiny_patch16_224:depth=6,img_size=64")
+                        "vit_base_patch16_224 or vit_tiny_patch16_224:depth=6,img_size=64; with --random-weights "
+                        "on a timm name, that model's overrides (e.g. NAME:num_classes=10 gives a headless "
+                        "tower a random classifier head)")
     p.add_argument("--random-weights", action="store_true",
                    help="the same architecture, freshly initialised (never touches the network)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps; auto: cuda when available")
@@ -49,9 +51,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (docs/scaling.md: measured deviation from fp32)")
 
 
-def add_run_args(p: argparse.ArgumentParser, target: bool = True) -> None:
+# The commands that run on video models (`add_video_args`); every other one refuses them in one line.
+VIDEO_COMMANDS = ("identify", "perturb", "sae train", "sae eval")
+
+
+def add_run_args(p: argparse.ArgumentParser, target: bool = True, video: bool = False) -> None:
+    """video: the command runs on video models too (`add_video_args`), so --data names clips."""
+    clips = (", moving_shapes[_static][:split[:n]] (video models) or a folder of video clips / frame folders"
+             if video else "")
     p.add_argument("--data", default="synthetic",
-                   help="synthetic[:split[:n]], an ImageNet-S root, or an ImageFolder directory")
+                   help=f"synthetic[:split[:n]], an ImageNet-S root, or an ImageFolder directory{clips}")
     p.add_argument("--labels", default=None,
                    help="JSON {folder: class id} or CSV rows folder,class_id: class folders -> the model's classes")
     if target:
@@ -65,6 +74,14 @@ def add_run_args(p: argparse.ArgumentParser, target: bool = True) -> None:
                         "recorded as limit_sample in the manifest)")
     p.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes (0: in the main process)")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+
+
+def add_video_args(p: argparse.ArgumentParser) -> None:
+    """--num-frames for commands that run on video models (VIDEO_COMMANDS; docs/video.md)."""
+    p.add_argument("--num-frames", type=positive_int, default=None,
+                   help="video models: frames sampled per clip (default: the model's num_frames, the only "
+                        "count its position table reads)")
+    p.set_defaults(video=True)
 
 
 def add_mask_sampling_arg(p: argparse.ArgumentParser) -> None:
@@ -149,6 +166,8 @@ def load_inputs(args: argparse.Namespace, data: str | None = None, source=None):
         check_out_dir(args.out)
     spec = parse_model_spec(args.model, args.arch, args.random_weights)
     data_spec = parse_data_spec(args.data if data is None else data)
+    if data_spec.is_video:
+        require_video_command(args, f"--data {data_spec.text} holds video clips:")
     if getattr(args, "mask_sampling", None) is not None:
         from circuits.data.transforms import MaskSampling
 
@@ -162,6 +181,8 @@ def load_inputs(args: argparse.Namespace, data: str | None = None, source=None):
 
         source, directions = text_directions(spec, texts, device)
     model = load_model(spec, device=device, dtype=parse_dtype(args.dtype), source=source)
+    if model.cfg.is_video:
+        require_video_command(args, f"{model.cfg.model_name} is a video model:")
     if getattr(args, "class_space", False):
         if texts:
             from hooked_vit.text_classes import install_text_classes
@@ -172,7 +193,19 @@ def load_inputs(args: argparse.Namespace, data: str | None = None, source=None):
         from circuits.data.targets import TargetSpec
 
         args.target = TargetSpec.of(args.target, model)
-    return model, load_dataset(data_spec, model, spec, labels=getattr(args, "labels", None)), spec
+    dataset = load_dataset(data_spec, model, spec, labels=getattr(args, "labels", None),
+                           num_frames=getattr(args, "num_frames", None))
+    return model, dataset, spec
+
+
+def require_video_command(args: argparse.Namespace, what: str) -> None:
+    """Refuse video models and clips in a command that does not run on them (not in VIDEO_COMMANDS)."""
+    from hooked_vit.errors import UserError
+
+    if not getattr(args, "video", False):
+        command = " ".join(c for c in (getattr(args, "command", None), getattr(args, "sae_command", None)) if c)
+        raise UserError(f"{what} `hooked-vit {command}` does not run on video yet; video runs: "
+                         f"{', '.join(VIDEO_COMMANDS)} (docs/video.md)")
 
 
 def class_texts(args: argparse.Namespace) -> list[str] | None:

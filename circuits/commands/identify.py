@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuits.commands._common import add_mask_sampling_arg, add_model_args, add_run_args, load_inputs, positive_int, run_options, say_done
+from circuits.commands._common import add_mask_sampling_arg, add_model_args, add_run_args, add_video_args, load_inputs, positive_int, run_options, say_done
 
 ORDER = 10
 
@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("identify", help="project every token onto the classes over a dataset",
                        description="Class identifiability (logit lens) over a dataset; results as parquet.")
     add_model_args(p)
-    add_run_args(p)
+    add_run_args(p, video=True)
+    add_video_args(p)
     add_mask_sampling_arg(p)
     p.add_argument("--sites", nargs="+", default=["block", "attn", "mlp"],
                    help="block, attn, mlp, or any per-block hook name")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from circuits.commands._common import add_model_args, add_run_args, load_inputs
+from circuits.commands._common import add_model_args, add_run_args, add_video_args, load_inputs
 
 ORDER = 60
 
@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
 
     t = cmds.add_parser("train", help="store activations of a hook and train a dictionary on them")
     add_model_args(t)
-    add_run_args(t, target=False)
+    add_run_args(t, target=False, video=True)
+    add_video_args(t)
     t.add_argument("--hook", default="blocks.4.hook_resid_post", help="hook point the dictionary reads")
     t.add_argument("--hook-out", default=None, help="transcoder: the hook it predicts (e.g. blocks.3.hook_mlp_out)")
     t.add_argument("--architecture", default="topk", choices=["relu", "topk", "batchtopk", "jumprelu"])
@@ -49,7 +50,9 @@ def add_parser(sub) -> None:
                            ("features", run_features, "top images, histograms, logit lens, ground-truth attributes")):
         e = cmds.add_parser(name, help=text)
         add_model_args(e)
-        add_run_args(e, target=False)
+        add_run_args(e, target=False, video=name == "eval")  # features draws images: not on video yet
+        if name == "eval":
+            add_video_args(e)
         e.add_argument("--sae", required=True, help="a dictionary folder (SAELens or ViT-Prisma format)")
         if name == "features":
             e.add_argument("--top-k", type=int, default=8)

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     texts = read_texts(args.texts, args.text_file)
     if not texts:
-        raise UserError("textspan needs prompts: --texts \"a,b\" or --text-file FILE")
+        raise UserError("textspan needs prompts for a CLIP model's text tower: --texts \"a,b\" or --text-file FILE")
     layers = None if args.layers is None else _layers(args.layers)
     model, dataset, _, directions = load_text_inputs(args, texts)
     if layers is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -409,6 +409,15 @@ def batch_object_tokens(batch: Mapping[str, Any], patch_size: int | tuple[int, i
         raise UserError(f"the dataset's patch_mask has a {tuple(patch_mask.shape[-2:])} grid, the model a {grid} grid: "
                          "build the dataset's transform with transform_for(model)")
     return sampling.select(patch_mask)
+
+
+def normalizer_for(model) -> Callable:
+    """The model's normalisation alone, for tensors already in [0, 1] ([..., 3, H, W], e.g. rendered
+    clips): ``Normalize`` with its data_config mean / std (timm's defaults where it has none)."""
+    from torchvision.transforms import Normalize
+
+    dc = getattr(getattr(model, "cfg", model), "data_config", None) or {}
+    return Normalize(dc.get("mean", DEFAULTS["mean"]), dc.get("std", DEFAULTS["std"]))
 
 
 def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -14,8 +14,8 @@ See docs/decomposition.md.
 
 from circuits.decomposition.align import ComponentMaps, fit_alignment, identity_maps
 from circuits.decomposition.decompose import (
-    Component, Decomposition, DecomposedSet, decompose, decompose_dataset, head_token_terms, split_biases, split_reference,
-    token_terms,
+    Component, Decomposition, DecomposedSet, TimeTerms, decompose, decompose_dataset, head_token_terms, per_time_terms,
+    split_biases, split_reference, token_terms,
 )
 from circuits.decomposition.scoring import (
     FeatureScorer, component_scores, feature_retrieval, image_retrieval, orthonormal_basis, token_heatmaps,
@@ -25,7 +25,7 @@ from circuits.decomposition.segmentation import class_direction, decomposition_s
 from circuits.decomposition.spurious import SpuriousRemoval, feature_basis, fit_removal, group_accuracy, mean_ablate
 
 __all__ = [
-    "Component", "Decomposition", "DecomposedSet", "decompose", "decompose_dataset", "head_token_terms",
+    "Component", "Decomposition", "DecomposedSet", "TimeTerms", "per_time_terms", "decompose", "decompose_dataset", "head_token_terms",
     "split_biases", "split_reference", "token_terms", "ComponentMaps", "fit_alignment", "identity_maps", "FeatureScorer",
     "component_scores", "feature_retrieval", "image_retrieval", "orthonormal_basis", "token_heatmaps",
     "top_components", "class_direction", "decomposition_segmentation", "SpuriousRemoval", "feature_basis", "fit_removal", "group_accuracy", "mean_ablate",

@@ -24,6 +24,31 @@ norms are linearised in the same way with their own per-token statistics (read f
 `ln1/ln2.hook_scale`), so head and MLP terms stay exact there too and the sublayer norm
 biases are components.
 
+Divided space-time attention (TimeSformer; docs/video.md): each block's temporal attention
+is one more set of per-head components ("time_head", named L{l}H{h}.time, and its bias
+"attn_time.b_O", which writes to the patch tokens only); the spatial attention's grouped
+z [b, T, prefix + rows*cols, h, e] is laid back onto the token sequence (a prefix token's
+output is the mean over the frames, as the block computes it). `per_time_terms` splits every
+component by the time position of the token the representation reads it from.
+
+RMSNorm models (AIMv2): the same linearisation without centring and without a bias,
+c -> w * c / rms(x), rms(x) = sqrt(mean(x^2) + eps) read from `hook_scale`.
+
+Attention-pooling (MAP) heads (SigLIP, Perception Encoder): the pooled vector is
+attn_out + mlp(ln(attn_out)) with attn_out = sum_h sum_k A[h, k] LN_f(resid_k) W_V[h] W_O[h]
++ b_V W_O + b_O. With the pooling weights A (softmax over the tokens, `attn_pool.hook_pattern`)
+frozen at their real values, attn_out is linear in the stream like a class-token read-out
+(one read-out row per pooling head, then that head's OV map): every stream component's share
+flows through the pooling weights. The head's own MLP, a nonlinear function of the whole
+pooled vector, is one further component `attn_pool.mlp`, its real output on the actual
+pooled input (as an MLP's output is one term of the stream). The constants are
+`ln_final.b` (the final norm's bias through the values) and `attn_pool.b` (b_V W_O + b_O).
+This extends the paper's treatment of the final LayerNorm (frozen at the image's own
+statistics; Balasubramanian et al. 2024) to the pooling softmax, frozen at the image's own
+pooling weights, as the direct-path decompositions of class-token ViTs freeze every
+attention pattern (Gandelsman et al. 2024). We found no published decomposition of a MAP
+head; this is our choice, documented in docs/decomposition.md.
+
 Heads can be split further by source token: head h of layer l contributes
 sum_q u[r, q] A[h, q, k] v_k W_O[h] through source token k (`token_terms`). Those are
 produced layer by layer and head chunk by head chunk, so memory stays bounded.
@@ -34,6 +59,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal, Optional, Sequence
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -45,7 +71,7 @@ from hooked_vit.errors import UserError
 
 BiasMode = Literal["separate", "split", "reference"]
 BIAS_MODES = ("separate", "split", "reference")
-BIAS_KINDS = ("b_O", "ln1.b", "b_out", "ln2.b", "ln_final.b", "b_U")
+BIAS_KINDS = ("b_O", "ln1.b", "b_out", "ln2.b", "ln_final.b", "attn_pool.b", "b_U", "attn_time.b_O")
 
 
 @dataclass(frozen=True)
@@ -55,7 +81,9 @@ class Component:
     kind: "embed" (stream at layer 0: patch + prefix + position embedding, after CLIP's
     ln_pre), "resid_in" (stream entering a later start layer), "head", "mlp", or a bias:
     "b_O", "b_out", "ln1.b" / "ln2.b" (post-norm sublayer norm biases), "ln_final.b",
-    "b_U" (head bias, logits only).
+    "attn_pool.b" (MAP head: b_V W_O + b_O), "b_U" (head bias, logits only); for a MAP
+    head "attn_pool.mlp" (the head's MLP on the actual pooled vector); divided space-time
+    models also "time_head" (a temporal attention head) and "attn_time.b_O".
     """
 
     kind: str
@@ -66,6 +94,8 @@ class Component:
     def name(self) -> str:
         if self.kind == "head":
             return f"L{self.layer}H{self.head}"
+        if self.kind == "time_head":
+            return f"L{self.layer}H{self.head}.time"
         if self.layer is None:
             return self.kind
         return f"L{self.layer}.{self.kind}"
@@ -83,18 +113,23 @@ class Component:
 class Readout:
     """The linear map from the residual stream to the representation, for one batch.
 
-    weights: u [b, r, p], query weights with the final norm's 1/sigma folded in.
+    weights: u [b, R, p], query weights with the final norm's 1/sigma folded in; R = r, or
+        for a MAP head one row per pooling head (its pooling weights).
     final_weight / final_center: F(x) = final_weight * (x - mean(x)) (centring only when the
-        model has a final norm; no weight after `fold_ln`).
+        model has a final LayerNorm, not for RMSNorm; no weight after `fold_ln`).
     final_bias: the final norm's bias [d] (a component), or None.
     sub_scales: post-norm blocks only: (layer, 1 | 2) -> sigma [b, p] of ln1 / ln2.
+    pool_W_V / pool_W_O: MAP head only: the pooling heads' value [h, d, e] and output
+        [h, e, d] maps; `read` sends the R = h rows through them and sums to one row.
     """
 
-    weights: Float[Tensor, "b r p"]
+    weights: Float[Tensor, "b R p"]
     final_center: bool
     final_weight: Optional[Tensor]
     final_bias: Optional[Tensor]
     sub_scales: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    pool_W_V: Optional[Tensor] = None
+    pool_W_O: Optional[Tensor] = None
 
     def final(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         """F: the linearised final norm without its bias (identity without a final norm)."""
@@ -102,9 +137,19 @@ class Readout:
             x = x - x.mean(-1, keepdim=True)
         return x if self.final_weight is None else x * self.final_weight
 
+    def read(self, x: Float[Tensor, "... R d"], row_dim: int = -2) -> Float[Tensor, "... r d"]:
+        """F, then (MAP head) each pooling head's OV map summed over the heads: read-out rows
+        [..., R, d] (rows at `row_dim`) to representation rows [..., r, d]."""
+        x = self.final(x)
+        if self.pool_W_V is None:
+            return x
+        x = x.movedim(row_dim, -2)
+        pooled = torch.einsum("...hd,hde,hem->...m", x, self.pool_W_V, self.pool_W_O)[..., None, :]
+        return pooled.movedim(-2, row_dim)
+
     def stream(self, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b r d"]:
         """What a residual-stream vector field contributes to the representation."""
-        return self.final(torch.einsum("brp,bpd->brd", self.weights, x))
+        return self.read(torch.einsum("bRp,bpd->bRd", self.weights, x))
 
     def sublayer_weights(self, layer: int, which: int) -> Float[Tensor, "b r p"]:
         """Query weights for what enters a post-norm sublayer norm (u / sigma_sub), else u."""
@@ -115,7 +160,8 @@ class Readout:
 def _sub_norm(model: HookedViT, layer: int, which: int, x: Tensor) -> Tensor:
     """The linearised post-norm sublayer norm without bias: w * (x - mean(x)) (x already / sigma)."""
     norm = model.blocks[layer].ln1 if which == 1 else model.blocks[layer].ln2
-    x = x - x.mean(-1, keepdim=True)
+    if model.cfg.norm_type == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
     return x if norm.weight is None else x * norm.weight
 
 
@@ -143,9 +189,15 @@ def make_readout(model: HookedViT, cache: dict[str, Tensor], n_tokens: int) -> R
     """The batch's readout from the cached norm scales (see `Readout`)."""
     cfg = model.cfg
     ref = cache["hook_pooled"]
-    pool = pool_weights(model, n_tokens, ref.device, ref.dtype)  # [r, p]
     b = ref.shape[0]
-    weights = pool.expand(b, -1, -1)
+    pool_maps = {}
+    if cfg.global_pool == "map":  # each pooling head's weights over the tokens: [b, h, p]
+        pattern = cache["attn_pool.hook_pattern"][:, :, 0]  # [b, h, p_pooled]
+        weights = pattern.new_zeros(b, pattern.shape[1], n_tokens)
+        weights[..., n_tokens - pattern.shape[-1]:] = pattern  # the pooled tokens are the last ones
+        pool_maps = dict(pool_W_V=model.attn_pool.W_V, pool_W_O=model.attn_pool.W_O)
+    else:
+        weights = pool_weights(model, n_tokens, ref.device, ref.dtype).expand(b, -1, -1)  # [b, r, p]
     if cfg.final_norm == "token":
         weights = weights / cache["ln_final.hook_scale"][..., 0][:, None, :]  # per-token sigma
     elif cfg.final_norm == "pooled":
@@ -158,7 +210,8 @@ def make_readout(model: HookedViT, cache: dict[str, Tensor], n_tokens: int) -> R
                 key = f"blocks.{layer}.ln{which}.hook_scale"
                 if key in cache:
                     sub[(layer, which)] = cache[key][..., 0]
-    return Readout(weights, model.ln_final is not None, w, bias, sub)
+    centre = model.ln_final is not None and cfg.norm_type == "layernorm"  # RMSNorm does not centre
+    return Readout(weights, centre, w, bias, sub, **pool_maps)
 
 
 # ----------------------------------------------------------------------------- decomposition
@@ -211,12 +264,15 @@ class Decomposition:
         return torch.cat([logits, b_U], 1), [*self.components, Component("b_U")]
 
     def sublayer_terms(self) -> tuple[Float[Tensor, "b S r d"], list[str]]:
-        """Terms grouped by sublayer: the stream in, then attn_l (heads, b_O, ln1.b) and
-        mlp_l (mlp, b_out, ln2.b) per layer, then the final norm bias."""
+        """Terms grouped by sublayer: the stream in, then [attn_time_l (temporal heads, their
+        b_O) on divided space-time models], attn_l (heads, b_O, ln1.b) and mlp_l (mlp, b_out,
+        ln2.b) per layer, then the final norm bias."""
         groups: dict[str, list[int]] = {}
         for i, c in enumerate(self.components):
             if c.layer is None:
                 key = c.kind
+            elif c.kind in ("time_head", "attn_time.b_O"):
+                key = f"L{c.layer}.attn_time"
             else:
                 key = f"L{c.layer}.{'attn' if c.kind in ('head', 'b_O', 'ln1.b') else 'mlp'}"
             groups.setdefault(key, []).append(i)
@@ -249,8 +305,12 @@ def _cache_names(model: HookedViT, start_layer: int) -> list[str]:
         names.append("hook_logits")
     if cfg.final_norm:
         names.append("ln_final.hook_scale")
+    if cfg.global_pool == "map":
+        names += ["attn_pool.hook_pattern"] + (["attn_pool.hook_mlp_out"] if cfg.attn_pool_mlp else [])
     for layer in range(start_layer, cfg.n_layers):
         names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
+        if cfg.attention_type == "divided_space_time":
+            names.append(f"blocks.{layer}.attn_time.hook_z")
         if cfg.block_type == "post_norm":
             names += [f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale"]
     return names
@@ -262,10 +322,14 @@ def _check_supported(model: HookedViT, start_layer: int) -> None:
         raise UserError(f"start_layer={start_layer} is outside 0..{cfg.n_layers}")
     pool_weights(model, cfg.n_ctx)  # refuses max pooling
     refusals = {
-        "global_pool": (cfg.global_pool == "map", "an attention-pooling (MAP) head weights the tokens by a softmax "
-                        "over them and adds an MLP, so the representation is not a sum of per-component terms"),
-        "norm_type": (cfg.norm_type == "rmsnorm", "the decomposition linearises LayerNorm (centring and a frozen "
-                      "scale) at every reader; RMSNorm models are not implemented"),
+        "final_norm": (cfg.global_pool == "map" and cfg.final_norm == "pooled", "a norm after an attention-pooling "
+                       "head would need the head's MLP linearised too; only a per-token final norm (or none) is "
+                       "decomposed with a MAP head"),
+        "attention_type": (cfg.attention_type == "divided_space_time" and cfg.block_type == "post_norm",
+                           "divided space-time attention is decomposed for pre-norm blocks only"),
+        "attn_pool_layers": (cfg.global_pool == "map" and (cfg.attn_pool_layers > 0 or cfg.attn_pool_kv_norm),
+                             "an attentive probe with its own self-attention blocks or a norm before its keys and "
+                             "values (V-JEPA 2's) is nonlinear in the tokens before the pooling weights apply"),
         "attn_norm": (cfg.attn_norm, "a norm over the heads' outputs (scale_attn_norm) mixes the heads before W_O, "
                       "so a head's output is not its own term"),
     }
@@ -306,17 +370,75 @@ def decompose(
     if biases == "reference" and model.cfg.block_type == "post_norm":
         raise UserError("biases='reference' follows vit-decompose, which has no post-norm blocks; use 'separate' "
                          "or 'split'")
+    if biases == "reference" and model.cfg.global_pool == "map":
+        raise UserError("biases='reference' follows vit-decompose, which has no attention-pooling head; use "
+                         "'separate' or 'split'")
+    return _from_cache(model, _decomposition_cache(model, images, start_layer, fwd_hooks), start_layer, biases)
+
+
+def _decomposition_cache(model: HookedViT, images: Tensor, start_layer: int, fwd_hooks: Sequence) -> dict[str, Tensor]:
     names = _cache_names(model, start_layer)
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         _, cache = model.run_with_cache(images, names_filter=lambda n: n in names, return_cache_object=False,
                                         return_type="logits" if model.has_unembed else "pooled")
-    return _from_cache(model, cache, start_layer, biases)
+    return cache
 
 
-def _from_cache(model: HookedViT, cache: dict[str, Tensor], start_layer: int, biases: BiasMode) -> Decomposition:
+@dataclass
+class TimeTerms:
+    """Components split by the time position of the token the representation reads them from.
+
+    terms[b, g, C, r, d]: component C's contribution through the tokens of group g (groups:
+    "prefix" when the model has prefix tokens, then "t0", "t1", ...). Summed over g they are
+    `decomposition.terms`, except the final norm's bias, a constant of no token (zero in
+    every group)."""
+
+    terms: Float[Tensor, "b g C r d"]
+    groups: list[str]
+    decomposition: Decomposition
+
+    @property
+    def components(self) -> list[Component]:
+        return self.decomposition.components
+
+
+@torch.no_grad()
+def per_time_terms(model: HookedViT, clips: Float[Tensor, "b t c h w"], *, start_layer: int = 0,
+                   fwd_hooks: Sequence = ()) -> TimeTerms:
+    """`decompose` (biases "separate") with every component split by the time position of
+    the read-out token (video models; one forward pass). The read-out is linear in its
+    per-token weights, so restricting them to one time position's tokens gives that
+    position's share of every component."""
+    from hooked_vit.tokens import token_coords
+
+    cfg = model.cfg
+    if not cfg.is_video:
+        raise UserError(f"{cfg.model_name} is an image model (num_frames not set); per-time terms need a video model")
+    if cfg.global_pool == "map":  # the pooling head's MLP term is a function of all the tokens at once
+        raise UserError("per-time terms are refused with an attention-pooling head (e.g. V-JEPA 2's probe): its MLP "
+                         "term depends on every time position at once; use decompose() for the whole clip")
+    _check_supported(model, start_layer)
+    cache = _decomposition_cache(model, clips, start_layer, fwd_hooks)
+    dec = _from_cache(model, cache, start_layer, "separate")
+    coords = token_coords(model)
+    groups = (["prefix"] if cfg.n_prefix_tokens else []) + [f"t{t}" for t in range(cfg.n_time)]
+    ref = dec.terms
+    masks = [torch.tensor([(c is None) if g == "prefix" else (c is not None and c[0] == int(g[1:])) for c in coords],
+                          device=ref.device, dtype=ref.dtype) for g in groups]
+    terms = torch.stack([_from_cache(model, cache, start_layer, "separate", mask).terms for mask in masks], 1)
+    return TimeTerms(terms, groups, dec)
+
+
+def _from_cache(model: HookedViT, cache: dict[str, Tensor], start_layer: int, biases: BiasMode,
+                position_mask: Optional[Tensor] = None) -> Decomposition:
+    """position_mask [p]: read the representation from those tokens only (`per_time_terms`);
+    the final norm's bias, a constant of no token, is then zero."""
     cfg = model.cfg
     resid_in = cache[f"blocks.{start_layer}.hook_resid_pre"]
     readout = make_readout(model, cache, resid_in.shape[1])
+    if position_mask is not None:
+        bias = None if readout.final_bias is None else torch.zeros_like(readout.final_bias)
+        readout = replace(readout, weights=readout.weights * position_mask, final_bias=bias)
     if biases == "reference":  # vit-decompose scales components without centring them
         readout = replace(readout, final_center=False)
     comps = [Component("embed" if start_layer == 0 else "resid_in")]
@@ -325,15 +447,32 @@ def _from_cache(model: HookedViT, cache: dict[str, Tensor], start_layer: int, bi
         layer_terms, layer_comps = _layer_terms(model, readout, cache, layer)
         terms.append(layer_terms)
         comps += layer_comps
-    if readout.final_bias is not None:
+    if readout.final_bias is not None:  # the pooling weights of each read-out row sum to 1
         comps.append(Component("ln_final.b"))
-        terms.append(readout.final_bias.expand_as(terms[0]).clone())
+        rows = readout.final_bias.expand(resid_in.shape[0], readout.weights.shape[1], -1)
+        terms.append(_unfinal(readout, rows)[:, None])
+    if cfg.global_pool == "map":
+        pool = model.attn_pool
+        constant = pool.b_O if pool.b_V is None else pool.b_O + torch.einsum("he,hem->m", pool.b_V, pool.W_O)
+        if cfg.attn_pool_residual:  # the latent added to the attention output: a constant too
+            constant = constant + pool.latent[0, 0]
+        b = resid_in.shape[0]
+        comps.append(Component("attn_pool.b"))
+        terms.append(constant.expand(b, 1, 1, -1).clone())
+        if cfg.attn_pool_mlp:  # AIMv2's head has no MLP: the pooled vector is the attention output
+            comps.append(Component("attn_pool.mlp"))
+            terms.append(cache["attn_pool.hook_mlp_out"][:, None, None])
     pooled = cache["hook_pooled"]
     rep = pooled.reshape(pooled.shape[0], -1, cfg.d_model)  # [b, r, d]; token_avg's [b, 2d] as two rows
     dec = Decomposition(torch.cat(terms, 1), comps, rep, cache.get("hook_logits"), readout, start_layer)
     if biases == "reference":
         return split_reference(dec)
     return split_biases(dec) if biases == "split" else dec
+
+
+def _unfinal(readout: Readout, rows: Tensor) -> Tensor:
+    """Rows already in the final norm's output space (its bias) through the rest of the read-out."""
+    return replace(readout, final_center=False, final_weight=None).read(rows)
 
 
 def _layer_terms(model: HookedViT, readout: Readout, cache: dict[str, Tensor], layer: int
@@ -347,13 +486,23 @@ def _layer_terms(model: HookedViT, readout: Readout, cache: dict[str, Tensor], l
     sub1 = (lambda x: _sub_norm(model, layer, 1, x)) if post else (lambda x: x)
     sub2 = (lambda x: _sub_norm(model, layer, 2, x)) if post else (lambda x: x)
 
-    z = cache[f"blocks.{layer}.attn.hook_z"]  # [b, p, h, e]
+    out, comps = [], []
+    divided = model.cfg.attention_type == "divided_space_time"
+    if divided:  # the temporal attention first: it writes to the patch tokens only (pre-norm blocks)
+        z_time = _time_z_per_token(model, cache[f"blocks.{layer}.attn_time.hook_z"])  # [b, p, h, e]
+        n = model.cfg.n_prefix_tokens
+        heads = torch.einsum("brp,bphe,hed->bhrd", u, z_time, block.attn_time.W_O)
+        out += [readout.read(heads), readout.read(block.attn_time.b_O * u[..., n:].sum(-1)[..., None])[:, None]]
+        comps += [Component("time_head", layer, h) for h in range(model.cfg.n_heads)] + [Component("attn_time.b_O", layer)]
+    z = cache[f"blocks.{layer}.attn.hook_z"]  # [b, p, h, e]; divided: [b, t, prefix + s, h, e]
+    if divided:
+        z = _space_z_per_token(model, z)
     # Read out z before W_O: [b, r, h, e] instead of [b, p, h, d].
     heads = torch.einsum("brp,bphe,hed->bhrd", u1, z, block.attn.W_O)
-    out = [readout.final(sub1(heads)), readout.final(sub1(block.attn.b_O * U1))[:, None]]
-    comps = [Component("head", layer, h) for h in range(model.cfg.n_heads)] + [Component("b_O", layer)]
+    out += [readout.read(sub1(heads)), readout.read(sub1(block.attn.b_O * U1))[:, None]]
+    comps += [Component("head", layer, h) for h in range(model.cfg.n_heads)] + [Component("b_O", layer)]
     if post and block.ln1.bias is not None:
-        out.append(readout.final(block.ln1.bias * U)[:, None])
+        out.append(readout.read(block.ln1.bias * U)[:, None])
         comps.append(Component("ln1.b", layer))
 
     mlp_out = cache[f"blocks.{layer}.hook_mlp_out"]  # what the block adds: exact
@@ -364,12 +513,28 @@ def _layer_terms(model: HookedViT, readout: Readout, cache: dict[str, Tensor], l
         mlp = torch.einsum("brp,bpd->brd", u, mlp_out) - b2 * U - _sub_norm(model, layer, 2, b_out) * U2
     else:
         mlp = torch.einsum("brp,bpd->brd", u, mlp_out) - b_out * U
-    out += [readout.final(mlp)[:, None], readout.final(sub2(b_out * U2))[:, None]]
+    out += [readout.read(mlp)[:, None], readout.read(sub2(b_out * U2))[:, None]]
     comps += [Component("mlp", layer), Component("b_out", layer)]
     if post and block.ln2.bias is not None:
-        out.append(readout.final(block.ln2.bias * U)[:, None])
+        out.append(readout.read(block.ln2.bias * U)[:, None])
         comps.append(Component("ln2.b", layer))
     return torch.cat(out, 1), comps
+
+
+def _space_z_per_token(model: HookedViT, z: Float[Tensor, "b t g h e"]) -> Float[Tensor, "b p h e"]:
+    """Divided attention's spatial z (grouped by frame, prefix tokens in every frame) on the
+    token sequence: a prefix token's z is its mean over the frames (its output is that mean,
+    and W_O is linear), a patch token's is its own frame's."""
+    n = model.cfg.n_prefix_tokens
+    return torch.cat([z[:, :, :n].mean(1), einops.rearrange(z[:, :, n:], "b t s h e -> b (t s) h e")], 1)
+
+
+def _time_z_per_token(model: HookedViT, z: Float[Tensor, "b s t h e"]) -> Float[Tensor, "b p h e"]:
+    """Divided attention's temporal z (grouped by (row, col)) on the token sequence; zero on
+    the prefix tokens (the temporal attention does not write to them)."""
+    n = model.cfg.n_prefix_tokens
+    patches = einops.rearrange(z, "b s t h e -> b (t s) h e")
+    return torch.cat([patches.new_zeros(patches.shape[0], n, *patches.shape[2:]), patches], 1)
 
 
 def split_biases(dec: Decomposition) -> Decomposition:
@@ -388,7 +553,7 @@ def split_biases(dec: Decomposition) -> Decomposition:
 def split_reference(dec: Decomposition) -> Decomposition:
     """vit-decompose's placement of the biases (its linear_decompose: a linear layer's bias
     is divided evenly over the components entering it, a LayerNorm's constant likewise):
-    each layer's b_O evenly over its heads, b_out into its MLP term, and the final norm's
+    each layer's b_O evenly over its heads (attn_time.b_O over its temporal heads), b_out into its MLP term, and the final norm's
     constant rep - sum(uncentred terms) evenly over all components. `dec` must have been
     built with an uncentred readout (`decompose(..., biases="reference")` does that)."""
     comps, terms = dec.components, dec.terms
@@ -396,6 +561,9 @@ def split_reference(dec: Decomposition) -> Decomposition:
     for i, c in enumerate(comps):
         if c.kind == "b_O":
             heads = [j for j, h in enumerate(comps) if h.kind == "head" and h.layer == c.layer]
+            out[:, heads] += terms[:, i : i + 1] / len(heads)
+        elif c.kind == "attn_time.b_O":
+            heads = [j for j, h in enumerate(comps) if h.kind == "time_head" and h.layer == c.layer]
             out[:, heads] += terms[:, i : i + 1] / len(heads)
         elif c.kind == "b_out":
             (mlp,) = [j for j, m in enumerate(comps) if m.kind == "mlp" and m.layer == c.layer]
@@ -437,6 +605,10 @@ def token_terms(
     "separate"; with "split" the spread bias share is not in the token terms).
     """
     cfg = model.cfg
+    if cfg.attention_type == "divided_space_time":
+        raise UserError("token_terms splits heads by source token through the joint [b, h, q, k] pattern; divided "
+                         "space-time attention's two grouped patterns per block are not split (use decompose / "
+                         "per_time_terms)")
     layers = list(range(dec.start_layer, cfg.n_layers)) if layers is None else list(layers)
     if any(l < dec.start_layer or l >= cfg.n_layers for l in layers):
         raise UserError(f"layers {layers} must lie in {dec.start_layer}..{cfg.n_layers - 1}")
@@ -446,7 +618,7 @@ def token_terms(
 
     def pattern_hook(pattern: Tensor, hook) -> None:
         layer = hook.layer()
-        rows[layer] = torch.einsum("brq,bhqk->brhk", readout.sublayer_weights(layer, 1), pattern)
+        rows[layer] = torch.einsum("bRq,bhqk->bRhk", readout.sublayer_weights(layer, 1), pattern)
 
     def value_hook(v: Tensor, hook) -> None:
         values[hook.layer()] = v
@@ -465,7 +637,7 @@ def token_terms(
             terms = rows[layer][:, :, hs, :, None] * vo[:, None]  # [b, r, h, k, d]
             if post:
                 terms = _sub_norm(model, layer, 1, terms)
-            yield TokenTerms(layer, hs, readout.final(terms))
+            yield TokenTerms(layer, hs, readout.read(terms, row_dim=1))
         del values[layer], rows[layer]
 
 

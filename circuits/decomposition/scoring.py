@@ -217,8 +217,15 @@ def token_heatmaps(
 
 
 def patch_grid(heat: Float[Tensor, "... k"], model) -> Float[Tensor, "... gh gw"]:
-    """Drop prefix tokens and lay the patch tokens on the image grid."""
+    """Drop prefix tokens and lay the patch tokens on the image grid; a video model's on its
+    space-time volume [..., T, gh, gw] (time positions, `hooked_vit.tokens`)."""
     patches = heat[..., model.cfg.n_prefix_tokens:]
     n = patches.shape[-1]
+    if model.cfg.is_video:
+        cfg = model.cfg
+        if n != cfg.n_patches:
+            raise UserError(f"the map has {n} patch tokens, the video model's {cfg.n_time}x{cfg.grid_size[0]}x"
+                             f"{cfg.grid_size[1]} differ")
+        return patches.reshape(*patches.shape[:-1], cfg.n_time, *cfg.grid_size)
     grid = model.cfg.grid_size if n == model.cfg.n_patches else None  # dynamic image size: a square grid
     return patches.reshape(*patches.shape[:-1], *token_grid(n, grid))

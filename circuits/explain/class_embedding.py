@@ -44,7 +44,7 @@ def class_embedding(trace: AttentionTrace, *, extra_softmax: bool = False,
     n = model.cfg.n_layers
     blocks = layer_indices(layers, n, "layers")
     for l, name in ((l, attn_out_names(n)[l]) for l in blocks):
-        readout = torch.einsum("q,bqd->bd", trace.readout.to(trace.acts[name].dtype), trace.acts[name])
+        readout = trace.read_tokens(trace.acts[name])
         logits = model.to_class_logits(readout)
         if extra_softmax:
             logits = logits.softmax(-1)

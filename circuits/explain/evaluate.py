@@ -127,6 +127,10 @@ def perturbation_curve(
     that remove no patch reuse it instead of running the model again.
     """
     cfg = model.cfg
+    if relevance.ndim == 4:  # a video model's volume [b, T, rows, cols]: tokens in (time, row, col) order
+        relevance = relevance.flatten(1)
+    if cfg.is_video and mode != "remove":
+        raise UserError(f"mode={mode!r} blanks pixels of one image grid; on video models use mode='remove'")
     images = images.to(model.device)
     labels = torch.as_tensor(labels, device=model.device)
     ranked = relevance_order(relevance.to(model.device), order, seed)
@@ -204,9 +208,10 @@ def cascading_randomization(
 
 
 def spearman(a: Float[Tensor, "b n"], b: Float[Tensor, "b n"]) -> np.ndarray:
-    """Rank correlation per row (average ranks for ties; nan for a constant row)."""
-    ra = rankdata(a.detach().float().cpu().numpy(), axis=1)
-    rb = rankdata(b.detach().float().cpu().numpy(), axis=1)
+    """Rank correlation per row (average ranks for ties; nan for a constant row); video
+    volumes [b, T, rows, cols] are compared over all their tokens."""
+    ra = rankdata(a.detach().flatten(1).float().cpu().numpy(), axis=1)
+    rb = rankdata(b.detach().flatten(1).float().cpu().numpy(), axis=1)
     ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
     denom = np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -4,6 +4,11 @@ A method maps an `AttentionTrace` (one forward pass) to a relevance per image to
 [b, n_patches] (prefix tokens dropped, row-major patch order as in the model). Several
 methods share one forward pass with `explain_many`. `upsample` turns token maps into
 pixel maps.
+
+Video models (docs/video.md): the maps are space-time volumes [b, T, rows, cols] (T time
+positions, `hooked_vit.tokens`), and `upsample(..., frames_per_time=tubelet_size)` turns
+them into [b, frames, H, W]. Divided space-time attention is refused by `trace`: every
+method reads the joint [b, h, p, p] pattern, which a divided model does not have.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -100,7 +106,18 @@ def explain_many(
     # Gradient methods differentiate the traced logits: that must work under a caller's
     # torch.set_grad_enabled(False) / no_grad (as in notebooks/00_hooks_tour).
     with torch.enable_grad():
-        return {label: METHODS[name].fn(tr, **opts) for label, (name, opts) in specs.items()}
+        maps = {label: METHODS[name].fn(tr, **opts) for label, (name, opts) in specs.items()}
+    return {label: as_volume(m, model) for label, m in maps.items()} if model.cfg.is_video else maps
+
+
+def as_volume(relevance: Float[Tensor, "b n_patches"], model: HookedViT) -> Float[Tensor, "b t rows cols"]:
+    """A video model's per-token map [b, n_patches] (time, row, col order) as [b, T, rows, cols]."""
+    cfg = model.cfg
+    rows, cols = cfg.grid_size
+    if relevance.shape[-1] != cfg.n_time * rows * cols:
+        raise UserError(f"the map has {relevance.shape[-1]} tokens, the model's {cfg.n_time}x{rows}x{cols} patch "
+                         "tokens differ")
+    return einops.rearrange(relevance, "b (t r c) -> b t r c", t=cfg.n_time, r=rows, c=cols)
 
 
 def explain(
@@ -121,23 +138,41 @@ def explain(
 
 
 def upsample(
-    relevance: Float[Tensor, "b n_patches"],
+    relevance: Union[Float[Tensor, "b n_patches"], Float[Tensor, "b t rows cols"]],
     img_size: Union[int, tuple[int, int]],
     grid: Optional[tuple[int, int]] = None,
     normalize: bool = True,
-) -> Float[Tensor, "b H W"]:
+    frames_per_time: int = 1,
+) -> Union[Float[Tensor, "b H W"], Float[Tensor, "b frames H W"]]:
     """Token map -> pixel map: bilinear interpolation, then min-max normalised per image.
 
     `grid` (rows, cols) defaults to a square grid. A constant map normalises to zeros.
+    A video volume [b, T, rows, cols] gives [b, T * frames_per_time, H, W] (each time
+    position's map over every frame of its tubelet: frames_per_time = cfg.tubelet_size),
+    normalised per clip.
     """
-    b, n = relevance.shape
-    grid = token_grid(n, grid)
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    maps = F.interpolate(relevance.float().reshape(b, 1, *grid), size=size, mode="bilinear", align_corners=False)[:, 0]
+    if relevance.ndim == 4:  # a video model's space-time volume
+        if frames_per_time < 1:
+            raise UserError(f"frames_per_time must be >= 1, got {frames_per_time}")
+        b, t = relevance.shape[:2]
+        maps = F.interpolate(relevance.float().flatten(0, 1)[:, None], size=size, mode="bilinear",
+                             align_corners=False).reshape(b, t, *size)
+        maps = maps.repeat_interleave(frames_per_time, 1)
+    elif relevance.ndim == 2:
+        if frames_per_time != 1:
+            raise UserError("frames_per_time applies to video volumes [b, T, rows, cols]")
+        b, n = relevance.shape
+        grid = token_grid(n, grid)
+        maps = F.interpolate(relevance.float().reshape(b, 1, *grid), size=size, mode="bilinear", align_corners=False)[:, 0]
+    else:
+        raise UserError(f"upsample takes token maps [b, n_patches] or video volumes [b, T, rows, cols], got "
+                         f"{tuple(relevance.shape)}")
     if not normalize:
         return maps
-    lo = maps.flatten(1).amin(1)[:, None, None]
-    hi = maps.flatten(1).amax(1)[:, None, None]
+    view = (-1,) + (1,) * (maps.ndim - 1)
+    lo = maps.flatten(1).amin(1).view(view)
+    hi = maps.flatten(1).amax(1).view(view)
     return (maps - lo) / (hi - lo).clamp(min=1e-12)
 
 

@@ -13,6 +13,10 @@ query tokens:
   tokens (image tokens, prefix tokens too with `pool_include_prefix`). For average
   pooling this is exact: the pooled vector is that weighted sum of the token vectors;
   for max pooling it is an approximation.
+- attention-pooling (MAP) heads (SigLIP, Perception Encoder): the pooling head's own
+  weights over the tokens for each image (`attn_pool.hook_pattern`, averaged over the
+  pooling heads), so the row is [b, p]: the pooled attention output is exactly that
+  weighted sum of the tokens' values (per head), as a class token's output is of its row.
 Register tokens get zero weight as queries; as keys they carry relevance like any
 token, but maps are returned over image (patch) tokens only.
 """
@@ -25,6 +29,8 @@ from typing import Optional, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from hooked_vit.errors import UserError
 
 from hooked_vit import HookedViT, HookedViTConfig
 
@@ -49,7 +55,8 @@ class AttentionTrace:
     Tensors keep their autograd graph (gradients are taken lazily and cached).
     patterns[l]: [b, h, p, p] post-softmax attention of block l;
     acts[name]: any captured hook activation;
-    readout: [p] query weights of the model's output ("CLS row", see module doc).
+    readout: [p] query weights of the model's output ("CLS row", see module doc); [b, p]
+        for a MAP head (each image's pooling weights).
     """
 
     model: HookedViT
@@ -57,7 +64,7 @@ class AttentionTrace:
     targets: Int[Tensor, "b"]
     patterns: list[Tensor]
     acts: dict[str, Tensor]
-    readout: Float[Tensor, "p"]
+    readout: Float[Tensor, "p"] | Float[Tensor, "b p"]
     _target_grads: Optional[list[Tensor]] = field(default=None, repr=False)
 
     @property
@@ -85,8 +92,16 @@ class AttentionTrace:
         return rel[:, self.n_prefix:].detach().float()
 
     def read_row(self, m: Float[Tensor, "... p p"]) -> Float[Tensor, "... p"]:
-        """The readout row of a token-to-token matrix: readout @ m."""
+        """The readout row of a token-to-token matrix [b, ..., p, p]: readout @ m."""
+        if self.readout.ndim == 2:  # per image (MAP head)
+            return torch.einsum("bq,b...qk->b...k", self.readout.to(m.dtype), m)
         return torch.einsum("q,...qk->...k", self.readout.to(m.dtype), m)
+
+    def read_tokens(self, x: Float[Tensor, "b p d"]) -> Float[Tensor, "b d"]:
+        """The readout of token vectors: sum_q readout[q] x[:, q]."""
+        if self.readout.ndim == 2:
+            return torch.einsum("bq,bqd->bd", self.readout.to(x.dtype), x)
+        return torch.einsum("q,bqd->bd", self.readout.to(x.dtype), x)
 
 
 def trace(
@@ -104,6 +119,10 @@ def trace(
         act_names: extra hook points to keep (e.g. "blocks.0.hook_resid_pre").
         fwd_hooks: further (name, fn) hooks active during the pass (interventions).
     """
+    if model.cfg.attention_type == "divided_space_time":
+        raise UserError("explanation maps read every block's joint attention pattern [b, h, p, p]; divided space-time "
+                         "attention has a temporal and a spatial pattern per block, grouped by (row, col) and by frame, "
+                         "which these methods are not defined for: use a joint-attention video model")
     captured: dict[str, Tensor] = {}
 
     def keep(act: Tensor, hook) -> Optional[Tensor]:
@@ -114,7 +133,8 @@ def trace(
         captured[hook.name] = act
         return None  # the activation flows on unchanged
 
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)] + list(act_names)
+    pool = ["attn_pool.hook_pattern"] if model.attn_pool is not None else []
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)] + pool + list(act_names)
     # Gradients must exist even when the caller froze the weights: the images require
     # grad, so every activation does; autograd.grad never touches parameter .grad.
     # The caller's hooks run first, so an edited pattern is what the methods see.
@@ -126,5 +146,10 @@ def trace(
     targets = torch.as_tensor(targets, device=logits.device).long().expand(logits.shape[0])
     patterns = [captured.pop(f"blocks.{l}.attn.hook_pattern") for l in range(model.cfg.n_layers)]
     n_tokens = patterns[0].shape[-1]
-    return AttentionTrace(model, logits, targets, patterns, captured,
-                          readout_weights(model.cfg, n_tokens, logits.device))
+    if pool:  # MAP head: each image's pooling weights over the pooled (last) tokens, heads averaged
+        weights = captured.pop(pool[0]).detach()[:, :, 0].mean(1)  # [b, p_pooled]
+        readout = weights.new_zeros(weights.shape[0], n_tokens)
+        readout[:, n_tokens - weights.shape[1]:] = weights
+    else:
+        readout = readout_weights(model.cfg, n_tokens, logits.device)
+    return AttentionTrace(model, logits, targets, patterns, captured, readout)

@@ -52,6 +52,11 @@ def supported(cfg: HookedViTConfig) -> bool:
 
 
 def check_supported(cfg: HookedViTConfig) -> None:
+    if supported(cfg) and (cfg.mlp_type != "mlp" or cfg.mlp_norm or cfg.parallel_attn_mlp):
+        raise UserError("transformer_attribution's relevance rules cover fc1 -> activation -> fc2 MLPs in sequential "
+                         f"blocks; this model has mlp_type={cfg.mlp_type!r}, mlp_norm={cfg.mlp_norm}, "
+                         f"parallel_attn_mlp={cfg.parallel_attn_mlp} (no rule for a gated MLP, its norm or a parallel "
+                         "block); use gae for this model")
     if not supported(cfg):
         raise UserError("transformer_attribution supports pre-norm class-token models (no distillation token), "
                          f"got block_type={cfg.block_type!r}, global_pool={cfg.global_pool!r}, "

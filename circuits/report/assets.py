@@ -22,6 +22,12 @@ class RunLabels:
     classes: ModelClasses
     tokens: Optional[list[str]] = None  # position names, cls first; None if unknown
     grid: Optional[tuple[int, int]] = None
+    num_frames: Optional[int] = None  # a video model's frames per clip (None: an image model)
+    n_time: Optional[int] = None  # its time positions (num_frames // tubelet_size)
+
+    @property
+    def is_video(self) -> bool:
+        return self.n_time is not None and self.grid is not None
 
     def cls(self, class_id: int) -> str:
         return class_label(self.classes, int(class_id))
@@ -43,4 +49,4 @@ def read_labels(run_dir: str | Path, n_classes: Optional[int] = None) -> RunLabe
     info = json.loads(path.read_text())
     names = {k: tuple(info[k]) if info.get(k) else None for k in ("label_names", "class_names")}
     return RunLabels(ModelClasses(info.get("n_classes", n_classes), **names), info.get("tokens"),
-                     tuple(info["grid"]) if info.get("grid") else None)
+                     tuple(info["grid"]) if info.get("grid") else None, info.get("num_frames"), info.get("n_time"))

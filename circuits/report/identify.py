@@ -45,7 +45,10 @@ def report_section(runs: dict[str, Path], images: int = 8) -> list[str]:
     for label, res in results.items():
         labels = read_labels(runs[label], res.n_classes)
         thumbs = read_thumbnails(runs[label])
-        out += _token_map_html(label, res, labels, thumbs, images)
+        if labels.is_video:  # pictures over the clip's frames (circuits.report.video)
+            out += _video_html(label, runs[label], res, labels, thumbs, images)
+        else:
+            out += _token_map_html(label, res, labels, thumbs, images)
         out.append(figure_html(_lens_figure(label, res, labels)))
         if "context_vs_object" in summaries[label]:
             c = summaries[label]["context_vs_object"]
@@ -150,6 +153,17 @@ def _sample(res, thumbs: dict, n: int) -> list[int]:
     candidates = [i for i in range(len(index)) if int(index[i]) in thumbs] or list(range(len(index)))
     labels = res.images["label"].to_numpy()[candidates]
     return sorted(candidates[j] for j in stratified_order(labels, seed=0)[:n])
+
+
+def _video_html(label: str, run: Path, res, labels, thumbs: dict, n: int) -> list[str]:
+    """A video run's pictures: per-frame curves, frame strips of sampled clips, attention across frames."""
+    from circuits.report import video
+
+    return [f"<h3>{html.escape(label)}: over the frames ({labels.n_time} time positions of "
+            f"{labels.grid[0]} x {labels.grid[1]} patches, {labels.num_frames} frames)</h3>",
+            *video.per_frame_html(label, res, labels),
+            *video.frame_strips_html(label, res, labels, thumbs, _sample(res, thumbs, n)),
+            *video.attention_html(label, run, res, labels, thumbs)]
 
 
 def _token_map_html(label: str, res, labels, thumbs: dict, n: int) -> list[str]:

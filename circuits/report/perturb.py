@@ -44,10 +44,11 @@ def _attention_section(runs: dict[str, Path]) -> list[str]:
         settings = read_manifest(run)["settings"]
         group = f"{Path(label).parent} ({settings['model']}, layers {settings['layers'] or 'all'})"
         groups.setdefault(group, {})[settings["perturbation"]] = run
-    rows, fig = [], go.Figure()
+    rows, fig, frames = [], go.Figure(), []
     order = {k: i for i, k in enumerate(PAPER_PERTURBATION)}
     for group, kinds in groups.items():
         kinds = dict(sorted(kinds.items(), key=lambda kv: order.get(kv[0], len(order))))
+        frames += _per_frame_html(group, kinds)
         summary = summarize_rates(perturbation_rates(kinds))
         fig.add_bar(x=summary["kind"], y=summary["identifiable_token_rate"], name=group)
         rows += [{"run": group, **r, "Vilas et al. B/32": PAPER_PERTURBATION.get(r["kind"], float("nan"))}
@@ -61,8 +62,28 @@ def _attention_section(runs: dict[str, Path]) -> list[str]:
             "image-token query attend only to itself; <b>no_cls</b> gives image-token queries zero weight on "
             "the class token. The class token's own row is untouched. If image tokens carry class "
             "information mostly through their own updates, self_only collapses the rate; if they do not "
-            "read it from the class token, no_cls leaves it almost unchanged.</p>",
-            figure_html(fig), table_html(rows, "Last-block identifiable-token rate per perturbation")]
+            "read it from the class token, no_cls leaves it almost unchanged. <b>no_cross_frame</b> (video "
+            "models) sets the attention scores of image-token queries on patch tokens of other time positions "
+            "to -inf, so the softmax renormalises over their own frame and the prefix tokens.</p>",
+            figure_html(fig), table_html(rows, "Last-block identifiable-token rate per perturbation"), *frames]
+
+
+def _per_frame_html(group: str, kinds: dict[str, Path]) -> list[str]:
+    """A video model's rates per time position and perturbation (none for image runs)."""
+    from circuits.report.assets import read_labels
+    from circuits.report.video import per_frame_rates
+
+    labels = read_labels(next(iter(kinds.values())))
+    if not labels.is_video:
+        return []
+    df = per_frame_rates(kinds, labels.n_time)
+    fig = go.Figure()
+    for kind, part in df.groupby("kind", sort=False):
+        fig.add_bar(x=part["time"], y=part["rate"].round(4), name=kind)
+    fig.update_layout(title=f"{group}: identifiable patch tokens at the last block per time position",
+                      xaxis_title="time position", yaxis_title="share of its patch tokens with rank 0",
+                      yaxis_range=[0, 1], barmode="group")
+    return [figure_html(fig)]
 
 
 def _removal_section(runs: dict[str, Path]) -> list[str]:

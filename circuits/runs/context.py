@@ -37,8 +37,9 @@ LIMIT_SAMPLE = "stratified by class, seed 0"  # how --limit picks files, recorde
 
 def _is_file_dataset(dataset: Dataset) -> bool:
     from circuits.data import ImageFolderDataset, ImageNetS
+    from circuits.data.video import VideoFolderDataset
 
-    return isinstance(dataset, (ImageFolderDataset, ImageNetS))
+    return isinstance(dataset, (ImageFolderDataset, ImageNetS, VideoFolderDataset))
 
 
 def limited_sample(dataset: Dataset, n: int) -> list[int]:
@@ -116,6 +117,11 @@ def start_run(analysis: str, model: HookedViT, dataset: Dataset, out_dir: str | 
 
 
 def run_labels(model: HookedViT) -> dict[str, Any]:
-    """The model's class names and token position names, as the report reads them (labels.json)."""
-    return {"label_names": model.cfg.label_names, "class_names": model.cfg.class_names,
-            "n_classes": model.cfg.n_classes, "grid": list(model.cfg.grid_size), "tokens": token_labels(model)}
+    """The model's class names and token position names, as the report reads them (labels.json);
+    a video model's time layout too (num_frames, n_time: the frames of its thumbnail strips)."""
+    cfg = model.cfg
+    labels = {"label_names": cfg.label_names, "class_names": cfg.class_names, "n_classes": cfg.n_classes,
+              "grid": list(cfg.grid_size), "tokens": token_labels(model)}
+    if cfg.is_video:
+        labels.update(num_frames=cfg.num_frames, n_time=cfg.n_time)
+    return labels

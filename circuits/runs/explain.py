@@ -89,6 +89,9 @@ def benchmark(
 def benchmark_batch(model: HookedViT, batch: dict, methods: Sequence[str], *, fractions=FRACTIONS,
                     mode="remove", target="label", thumbnails: int | Collection[int] = 0) -> dict[str, pa.Table]:
     """The tables of one batch (see the module doc)."""
+    if model.cfg.is_video:
+        raise UserError(f"the explanation benchmark run stores one image grid per map; {model.cfg.model_name} is a video "
+                         "model: use circuits.explain.explain (space-time volumes [b, T, rows, cols]) instead")
     images = model.to_input(batch["image"])
     labels = torch.as_tensor(batch["label"]).to(model.device)
     index = np.asarray(batch["index"], dtype=np.int64)

@@ -7,7 +7,11 @@
   (per token x k, flattened);
 - stream: one row per (index, layer): target logit of every token before the block
   (pre) and between its sublayers (mid), for the change rates;
-- thumbnails: the first images as uint8 RGB (``circuits.runs.thumbnails``).
+- thumbnails: the first images as uint8 RGB (``circuits.runs.thumbnails``);
+- attention (joint space-time video models): for the thumbnail clips, one row per (index,
+  layer): the head-mean attention of one query token (``query``: the class token, else the
+  centre patch of the middle time position) over every token, for the report's attention
+  across frames.
 """
 
 from __future__ import annotations
@@ -82,8 +86,45 @@ def identify(
         targets = None if target.needs_logits else resolve_targets(target, labels)
         proj = project_batch(model, images, targets, sites=sites, k=k, fwd_hooks=fwd_hooks)
         tables = batch_tables(proj, batch, model, sampling)
-        batch.save({**tables, **batch_thumbnails(model, batch.data, keep)})
+        thumbs = batch_thumbnails(model, batch.data, keep)
+        if thumbs and model.cfg.is_video and model.cfg.attention_type == "joint":
+            thumbs["attention"] = attention_table(model, images, batch.data, keep, fwd_hooks)
+        batch.save({**tables, **thumbs})
     return run.store
+
+
+def attention_query(model: HookedViT) -> int:
+    """The query token of a video run's attention table: the class token, else the centre patch
+    of the middle time position."""
+    from hooked_vit.tokens import token_index
+
+    cfg = model.cfg
+    if cfg.class_token:
+        return 0
+    rows, cols = cfg.grid_size
+    return token_index(model, cfg.n_time // 2, rows // 2, cols // 2)
+
+
+@torch.inference_mode()
+def attention_table(model: HookedViT, clips: torch.Tensor, batch: dict, keep, fwd_hooks: Sequence = ()) -> pa.Table:
+    """The attention table (module doc) of the batch's clips in `keep` (the thumbnail clips),
+    under the run's `fwd_hooks` (a perturbation shows in the pattern it changes)."""
+    index = np.asarray(batch["index"], dtype=np.int64)
+    kept = index < keep if isinstance(keep, int) else np.isin(index, np.fromiter(keep, dtype=np.int64))
+    query, rows = attention_query(model), {}
+
+    def grab(layer: int):
+        def hook(pattern, hook):  # [b, h, q, k] -> the query's row, mean over heads [b, k]
+            rows[layer] = pattern[:, :, query].float().mean(1).cpu()
+        return hook
+
+    grabs = [(f"blocks.{l}.attn.hook_pattern", grab(l)) for l in range(model.cfg.n_layers)]
+    model.run_with_hooks(clips[torch.from_numpy(kept).to(clips.device)], fwd_hooks=[*fwd_hooks, *grabs])
+    pattern = torch.stack([rows[l] for l in range(model.cfg.n_layers)], 1)  # [b, L, P]
+    b, n_layers, _ = pattern.shape
+    return pa.table({"index": np.repeat(index[kept], n_layers), "layer": np.tile(np.arange(n_layers, dtype=np.int16), b),
+                     "query": np.full(b * n_layers, query, dtype=np.int32),
+                     "pattern": fixed_size_list(pattern.reshape(b * n_layers, -1).numpy().astype(np.float32))})
 
 
 def batch_tables(proj: BatchProjection, pending: PendingBatch, model: HookedViT,

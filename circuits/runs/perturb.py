@@ -46,11 +46,12 @@ def perturbation_experiment(model: HookedViT, dataset, out_dir, kinds: Sequence[
     mask_sampling: the object_tokens flags of each run (`MaskSampling`), as in `identify`.
     """
     runs = {}
+    hooks_of = {kind: perturbation_hooks(model, kind, layers, **options) for kind in kinds}  # all refused before any runs
     for kind in kinds:
         settings = {"analysis": "attention_perturbation", "perturbation": kind,
                     "layers": None if layers is None else layer_indices(layers, model.cfg.n_layers, "layers"),
                     "options": dict(sorted(options.items()))}
-        hooks = perturbation_hooks(model, kind, layers, **options)
+        hooks = hooks_of[kind]
         run = Path(out_dir) / kind
         identify(model, dataset, str(run), sites=sites, k=k, batch_size=batch_size, limit=limit,
                  overwrite=overwrite, progress=progress, num_workers=num_workers, fwd_hooks=hooks,

@@ -47,6 +47,7 @@ def run_probes(
     layer: probe_rank and projection_rank per token); `probe_training.json`.
     """
     require_single_process("probes")
+    model.require_classes()  # each probe is compared with the projection onto the model's classes
     cfg = model.cfg
     layers = layer_indices(layers, cfg.n_layers, "layers")
     train_idx = per_class_indices(dataset_labels(train_dataset), per_class)

@@ -9,10 +9,14 @@ Models: the grammar of `hooked_vit.specs` (one for `--model` and `HookedViT.from
                                                     (timm constructor overrides after the colon)
 plus the project's own models, which only `circuits` knows:
   embedded | embedded:default | embedded:spurious   the project's own trained small ViTs
+  embedded:video_motion | embedded:video_shape      the small video models (docs/video.md)
 Data:
   synthetic[:split[:n]]             the embedded synthetic dataset (default split test, n 512)
+  moving_shapes[:split[:n]]         the embedded video clips, class = direction of motion (video models)
+  moving_shapes_static[:split[:n]]  the static control: class = shape, no motion (video models)
   <dir with LOC_synset_mapping.txt> ImageNet-S layout
-  <dir>                             an ImageFolder-style tree
+  <dir>                             an ImageFolder-style tree (image models) or a video folder
+                                    (video models: `circuits.data.video.VideoFolderDataset`)
 """
 
 from __future__ import annotations
@@ -29,17 +33,24 @@ from hooked_vit.errors import UserError
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Which dataset to read. kind: synthetic (split, n), imagenet_s or folder (root)."""
+    """Which dataset to read. kind: synthetic or moving_shapes (split, n; task), imagenet_s or
+    folder (root)."""
 
-    kind: Literal["synthetic", "imagenet_s", "folder"]
+    kind: Literal["synthetic", "moving_shapes", "imagenet_s", "folder"]
     text: str
     split: str = "test"
     n: int = 512
     root: Optional[Path] = None
+    task: str = "motion"  # moving_shapes: "motion" or the static control "shape"
 
     @property
     def is_synthetic(self) -> bool:
         return self.kind == "synthetic"
+
+    @property
+    def is_video(self) -> bool:
+        """The embedded video clips (a folder is read as video when the model is a video model)."""
+        return self.kind == "moving_shapes"
 
 
 def parse_model_spec(text: str, arch: Optional[str] = None, random_weights: bool = False) -> ModelSpec:
@@ -55,16 +66,19 @@ def parse_model_spec(text: str, arch: Optional[str] = None, random_weights: bool
 
 def parse_data_spec(text: str) -> DataSpec:
     """A DataSpec from `--data`; see the module doc. A directory must exist."""
-    if text == "synthetic" or text.startswith("synthetic:"):
-        parts = text.split(":")
-        split = parts[1] if len(parts) > 1 and parts[1] else "test"
-        try:
-            n = int(parts[2]) if len(parts) > 2 else 512
-        except ValueError:
-            raise UserError(f"synthetic data is synthetic[:split[:n]] with an integer n, got {text!r}") from None
-        return DataSpec("synthetic", text, split=split, n=n)
+    for name, kind, task in (("synthetic", "synthetic", "motion"), ("moving_shapes", "moving_shapes", "motion"),
+                             ("moving_shapes_static", "moving_shapes", "shape")):
+        if text == name or text.startswith(f"{name}:"):
+            parts = text.split(":")
+            split = parts[1] if len(parts) > 1 and parts[1] else "test"
+            try:
+                n = int(parts[2]) if len(parts) > 2 else 512
+            except ValueError:
+                raise UserError(f"{name} data is {name}[:split[:n]] with an integer n, got {text!r}") from None
+            return DataSpec(kind, text, split=split, n=n, task=task)
     root = Path(text)
     if not root.exists():
-        raise FileNotFoundError(f"data path {root} does not exist (use 'synthetic' for the embedded dataset)")
+        raise FileNotFoundError(f"data path {root} does not exist (use 'synthetic' for the embedded dataset, "
+                                "'moving_shapes' for the embedded video clips)")
     kind = "imagenet_s" if (root / "LOC_synset_mapping.txt").exists() else "folder"
     return DataSpec(kind, text, root=root)

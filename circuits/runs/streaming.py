@@ -106,7 +106,8 @@ def describe_dataset(dataset: Dataset) -> str:
     describe = getattr(dataset, "describe", None)
     if callable(describe):
         return str(describe())
-    attrs = {k: getattr(dataset, k) for k in ("seed", "split", "n", "spurious_corr", "difficulty") if hasattr(dataset, k)}
+    attrs = {k: getattr(dataset, k) for k in ("seed", "split", "n", "spurious_corr", "difficulty", "task", "num_frames")
+             if hasattr(dataset, k)}
     if hasattr(dataset, "samples") and hasattr(dataset, "root"):
         attrs["content"] = _files_digest(Path(dataset.root), dataset.samples)
     elif isinstance(getattr(dataset, "images", None), np.ndarray):

@@ -3,12 +3,20 @@
 What a sparse dictionary trains on: per-token rows of any hook point (all tokens, the class
 token or the patches). `circuits.runs.activation_store` writes the same rows to disk shards
 for whole datasets; `stream_activations` needs no disk (memory bounded by its buffer).
+
+Video models take clips [b, frames, c, h, w]; rows are space-time tokens (positions in
+(time, row, col) order, `hooked_vit.tokens`). On divided space-time models the grouped
+per-token hooks are laid back onto the token sequence (`token_activations`): the spatial
+norm's `blocks.L.ln1.hook_normalized` [b, T, prefix + rows*cols, d] (a prefix token's copies
+in every frame are one vector) and the temporal norm's `blocks.L.ln_time.hook_normalized`
+[b, rows*cols, T, d] (patch tokens only: tokens="patch"). Per-head grouped hooks are refused.
 """
 
 from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -61,6 +69,27 @@ def check_hooks(model, hooks: Sequence[str]) -> None:
                          "(e.g. blocks.2.hook_resid_post)")
 
 
+def token_activations(model, hook: str, acts: Tensor, positions: Tensor) -> Float[Tensor, "b k d"]:
+    """A hook's activation at token `positions` [k]: [b, k, d]. Per-token hooks [b, n_ctx, d]
+    directly; the grouped per-token hooks of divided space-time models on the token sequence."""
+    cfg = model.cfg
+    n, t = cfg.n_prefix_tokens, cfg.n_time
+    s = cfg.grid_size[0] * cfg.grid_size[1]
+    if acts.ndim == 4 and cfg.attention_type == "divided_space_time":
+        temporal = ".ln_time." in hook or ".attn_time." in hook  # by name: (t, n + s) and (s, t) may coincide
+        if not temporal and acts.shape[1:3] == (t, n + s):  # spatial groups: one frame each, prefix tokens in every frame
+            acts = torch.cat([acts[:, 0, :n], einops.rearrange(acts[:, :, n:], "b t s d -> b (t s) d")], 1)
+        elif temporal and acts.shape[1:3] == (s, t):  # temporal groups: one (row, col) each, patch tokens only
+            if bool((positions < n).any()):
+                raise UserError(f"{hook} holds patch tokens only (the temporal attention skips the prefix tokens); "
+                                 "use tokens='patch'")
+            acts = torch.cat([acts.new_zeros(acts.shape[0], n, acts.shape[-1]),
+                              einops.rearrange(acts, "b s t d -> b (t s) d")], 1)
+    if acts.ndim != 3 or acts.shape[1] != cfg.n_ctx:
+        raise UserError(f"{hook} is {tuple(acts.shape)}; the store takes per-token hooks [batch, tokens, d]")
+    return acts[:, positions]
+
+
 @torch.no_grad()
 def hook_activations(model, images: Tensor, hooks: Sequence[str], tokens: str = "all"
                      ) -> tuple[dict[str, Float[Tensor, "rows d"]], Tensor]:
@@ -69,10 +98,8 @@ def hook_activations(model, images: Tensor, hooks: Sequence[str], tokens: str = 
     _, cache = model.run_with_cache(images, names_filter=list(hooks), **stop_kwargs(model, hooks))
     out = {}
     for hook in hooks:
-        acts = cache[hook]
-        if acts.ndim != 3 or acts.shape[1] != model.cfg.n_ctx:
-            raise UserError(f"{hook} is {tuple(acts.shape)}; the store takes per-token hooks [batch, tokens, d]")
-        out[hook] = acts[:, positions].reshape(-1, acts.shape[-1]).float().cpu()
+        acts = token_activations(model, hook, cache[hook], positions)
+        out[hook] = acts.reshape(-1, acts.shape[-1]).float().cpu()
     return out, positions.repeat(images.shape[0]).cpu()
 
 

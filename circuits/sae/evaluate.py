@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from circuits.sae.activations import image_batches, token_positions
+from circuits.sae.activations import image_batches, token_activations, token_positions
 from circuits.sae.dictionaries import SparseDictionary
 from circuits.sae.splice import spliced
 from hooked_vit.errors import UserError
@@ -56,8 +56,8 @@ def evaluate_dictionary(model, sae: SparseDictionary, dataset: Dataset, *, batch
             continue
         images, labels = model.to_input(data["image"]), data["label"].to(device)
         logits, cache = model.run_with_cache(images, names_filter=list(filter(None, (cfg.hook_name, cfg.hook_out))))
-        x = cache[cfg.hook_name][:, positions].reshape(-1, cfg.d_in)
-        y = cache[target_hook][:, positions].reshape(-1, cfg.d_out)
+        x = token_activations(model, cfg.hook_name, cache[cfg.hook_name], positions).reshape(-1, cfg.d_in)
+        y = token_activations(model, target_hook, cache[target_hook], positions).reshape(-1, cfg.d_out)
         acts = sae.encode(x)
         err = y - sae.decode(acts)
         sse += float(err.pow(2).sum())

@@ -18,9 +18,10 @@ import torch
 from torch.utils.data import Dataset
 
 from circuits.arrays import to_numpy
-from circuits.sae.activations import image_batches, stop_kwargs, token_positions
+from circuits.sae.activations import image_batches, stop_kwargs, token_activations, token_positions
 from circuits.sae.dictionaries import SparseDictionary
 from hooked_vit.errors import UserError
+from hooked_vit.tokens import token_coords, token_frames, token_labels
 
 HIST_EDGES = np.concatenate([[0.0], np.logspace(-3, 3, 37)])  # fixed bins: no first pass needed
 
@@ -68,7 +69,7 @@ def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size
         images = model.to_input(data["image"])
         b = images.shape[0]
         _, cache = model.run_with_cache(images, names_filter=[cfg.hook_name], **stop)
-        acts = sae.encode(cache[cfg.hook_name][:, positions])  # [b, p, d_sae]
+        acts = sae.encode(token_activations(model, cfg.hook_name, cache[cfg.hook_name], positions))  # [b, p, d_sae]
         flat = acts.reshape(-1, cfg.d_sae)
         top.add(acts, data["index"].to(device), positions)
         nz = flat > 0
@@ -97,9 +98,16 @@ def study_features(model, sae: SparseDictionary, dataset: Dataset, *, batch_size
     return {"hook_name": cfg.hook_name, "n_images": n_images, "n_tokens": n_images * len(positions),
             "frequency": to_numpy(fired / (n_images * len(positions))),
             "top_values": to_numpy(top.values), "top_images": top.image.cpu().numpy(),
-            "top_tokens": top.token.cpu().numpy(), "histogram": hist.numpy(), "hist_edges": HIST_EDGES,
+            "top_tokens": top.token.cpu().numpy(), "top_token_labels": _token_names(model, top.token.cpu()),
+            "histogram": hist.numpy(), "hist_edges": HIST_EDGES,
             "logit_lens": lens, "correlations": correlations, "identified": identified,
             "identified_at": identified_at}
+
+
+def _token_names(model, tokens: torch.Tensor) -> np.ndarray:
+    """The name of every top token ("t3 patch (2, 5)" on video models; "" where none)."""
+    names = token_labels(model)
+    return np.array([[names[t] if t >= 0 else "" for t in row] for row in tokens.tolist()], dtype=object)
 
 
 def _point_biserial(s1, s2, n, count, sum_in):
@@ -154,13 +162,19 @@ def feature_thumbnails(model, dataset: Dataset, result: dict, features: Sequence
     from circuits.plot import display_rgb
 
     patch_size, n_prefix = model.cfg.patch_size, model.cfg.n_prefix_tokens
+    video = model.cfg.is_video
+    coords, names = (token_coords(model), token_labels(model)) if video else (None, None)
     out = {}
     for f in features:
         items = []
         for img_i, tok, val in zip(result["top_images"][f], result["top_tokens"][f], result["top_values"][f]):
             if img_i < 0 or not np.isfinite(val):
                 continue
-            rgb = display_rgb(model, dataset[int(img_i)]["image"][None])[0]  # [H, W, 3] uint8
+            item = dataset[int(img_i)]["image"]
+            if video:  # a clip [T, 3, H, W]: the first frame of the token's tubelet (the first frame for a prefix token)
+                time = coords[int(tok)][0] if coords[int(tok)] is not None else 0
+                item = item[token_frames(model, time)[0]]
+            rgb = display_rgb(model, item[None])[0]  # [H, W, 3] uint8
             h, w = rgb.shape[:2]
             pil = Image.fromarray(rgb)
             scale = min(1.0, max_px / max(h, w)) if max(h, w) > max_px else max(1, max_px // max(h, w))
@@ -170,10 +184,11 @@ def feature_thumbnails(model, dataset: Dataset, result: dict, features: Sequence
             box = None
             if tok >= n_prefix:  # a patch token: its box in the thumbnail's pixels
                 gw = w // patch_size[1]
-                r, c = divmod(int(tok) - n_prefix, gw)
+                r, c = divmod(int(tok) - n_prefix, gw) if not video else coords[int(tok)][1:]
                 box = [c * patch_size[1] * scale, r * patch_size[0] * scale, patch_size[1] * scale, patch_size[0] * scale]
             items.append({"image": int(img_i), "token": int(tok), "value": float(val), "box": box,
-                          "png": base64.b64encode(buf.getvalue()).decode()})
+                          "png": base64.b64encode(buf.getvalue()).decode(),
+                          **({"token_label": names[int(tok)]} if video else {})})
         out[int(f)] = items
     return out
 
