@@ -79,12 +79,12 @@ def test_space_time_identifiability_reads_the_models_logits():
 
 
 def test_embedded_video_training_saves_and_loads_exactly(tmp_path):
-    """The training script of the embedded video models (weights not shipped yet, docs/video.md):
+    """The training script of the embedded video models (docs/video.md):
     a few steps run, and a saved model loads back to the same function."""
     from circuits.embedded.synthetic_video import MovingShapes
     from circuits.embedded.video_models import load_embedded_video, save_video_model, train_video
 
-    model, metrics = train_video("motion", n_train=64, n_val=16, epochs=1, batch_size=32)
+    model, metrics = train_video("motion", n_train=64, n_val=16, steps=2, batch_size=32)
     assert 0.0 <= metrics["val_accuracy"] <= 1.0 and model.cfg.num_frames == 4
     save_video_model(model, metrics, "video_motion", tmp_path)
     loaded = load_embedded_video("video_motion", tmp_path)

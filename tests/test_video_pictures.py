@@ -95,10 +95,12 @@ def test_report_draws_video_runs_over_their_frames(tmp_path):
     identify(model, data, tmp_path / "id", batch_size=3, progress=False, thumbnails=4)
     perturbation_experiment(model, data, tmp_path / "pt", ["none", "no_cross_frame"], batch_size=6, progress=False)
     labels = read_labels(tmp_path / "id")
-    assert labels.is_video and (labels.num_frames, labels.n_time, labels.grid) == (4, 4, (4, 4))
+    cfg = model.cfg  # no class token: every token is a patch token (video_models.video_config)
+    assert labels.is_video and (labels.num_frames, labels.n_time, labels.grid) == (4, 4, cfg.grid_size)
     res = load_results(tmp_path / "id")
     per_frame = per_frame_identifiability(res, 4)
-    rank = res.rank[:, res.site("block"), :, 1:].reshape(6, 3, 4, 16)  # [clips, layers, time, patches]
+    rows, cols = cfg.grid_size
+    rank = res.rank[:, res.site("block"), :, cfg.n_prefix_tokens:].reshape(6, 3, 4, rows * cols)  # [clips, layers, time, patches]
     assert np.allclose(per_frame, (1 - rank / 4).mean((0, 3)))
     page = build_report([tmp_path], tmp_path / "report.html", images=2, progress=False).read_text()
     for text in ("identifiability per time position", "last-block identifiability over the frames",

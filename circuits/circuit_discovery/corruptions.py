@@ -7,11 +7,13 @@ replacement", over Gaussian noise; both are here).
 - "noise": additive Gaussian noise (Meng et al. 2022's corruption).
 - "mean": the batch-mean image for every image.
 - `swap_background`: the object on another image's background (needs the object masks).
+Clips [b, t, c, h, w] of a video model work with all four above (blur acts on each frame).
 Token removal and attention perturbation act inside the model: see `circuits.token_removal`.
 """
 
 from __future__ import annotations
 
+import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
@@ -35,8 +37,15 @@ def shuffle(images: Float[Tensor, "b c h w"], seed: int = 0) -> Tensor:
 
 
 def blur(images: Float[Tensor, "b c h w"], sigma: float = 2.0) -> Tensor:
+    """Gaussian blur of every image; clips [b, t, c, h, w] are blurred frame by frame."""
     if sigma <= 0:
         raise UserError(f"blur sigma must be > 0, got {sigma}")
+    if images.ndim == 5:
+        b = len(images)
+        return einops.rearrange(blur(einops.rearrange(images, "b t c h w -> (b t) c h w"), sigma),
+                                "(b t) c h w -> b t c h w", b=b)
+    if images.ndim != 4:
+        raise UserError(f"blur needs images [b, c, h, w] or clips [b, t, c, h, w], got shape {tuple(images.shape)}")
     r = max(1, int(3 * sigma))
     x = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
     k = torch.exp(-(x**2) / (2 * sigma**2))

@@ -61,7 +61,7 @@ def _embedded_timm(spec: ModelSpec, seed: int) -> torch.nn.Module:
 def _embedded_video(spec: ModelSpec, seed: int) -> HookedViT:
     """embedded:video_motion / embedded:video_shape (`circuits.embedded.video_models`): the
     shipped weights, or with random weights the architecture freshly initialised (seeded)."""
-    from circuits.embedded.video_models import VIDEO_NAMES, WEIGHTS_DIR, load_embedded_video, video_config
+    from circuits.embedded.video_models import VIDEO_NAMES, WEIGHTS_DIR, load_embedded_video, new_video_model
 
     if spec.name not in VIDEO_NAMES:
         raise UserError(f"unknown embedded video model {spec.text!r}; choose one of "
@@ -71,12 +71,8 @@ def _embedded_video(spec: ModelSpec, seed: int) -> HookedViT:
             raise UserError(f"{spec.text} has no trained weights in this installation (docs/video.md); add "
                              "--random-weights for the architecture with fresh weights")
         return load_embedded_video(spec.name)
-    torch.manual_seed(seed)  # the same random weights on every run, so resuming works
-    model = HookedViT(video_config(VIDEO_NAMES[spec.name]))
-    with torch.no_grad():  # learned tables small and random, as the training starts (video_models.train_video)
-        model.embed.pos_embed.normal_(0, 0.02)
-        model.embed.cls_token.normal_(0, 0.02)
-    return model.eval()
+    # the same random weights on every run (seeded), so resuming works; as training starts
+    return new_video_model(VIDEO_NAMES[spec.name], seed).eval()
 
 
 def load_dataset(spec: Union[str, DataSpec], model: HookedViT, source: Optional[ModelSpec] = None,
