@@ -96,3 +96,17 @@ def test_full_size_towers(name, command, tmp_path, capsys):
         argv[argv.index("--reference-limit") + 1] = "2"
     code, err = run_cli(argv, capsys)
     check(code, err, command, tmp_path, {"identify"})
+
+
+def test_decompose_heatmaps_with_a_one_background_reference(tmp_path, capsys):
+    """A reference of two images (here both with one background) holds one value of the spurious key, so no spurious direction:
+    the heatmaps say so and keep the core maps (this crashed with an IndexError)."""
+    import json
+
+    argv = command_line(SIGLIP, "decompose", tmp_path, SMALL)
+    argv[argv.index("--reference-limit") + 1] = "2"
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    heat = json.loads(next((tmp_path / "decompose").rglob("heatmaps.json")).read_text())
+    assert "single value of the spurious key" in heat["notes"][0]
+    assert heat["maps"] and {m["feature"] for m in heat["maps"]} == {"core"}

@@ -342,7 +342,10 @@ def heatmaps(model, dataset, fitted: Fitted, n: int, start_layer: int = 0, top: 
 
         out["images"] = display_rgb(model, batch["image"]).tolist()  # clamped, so no byte wraps around
     sets = []
-    if fitted.spurious_basis is not None:
+    if fitted.spurious_basis is not None and not len(fitted.spurious_basis):
+        # A reference holding one value of the spurious key spans no spurious direction.
+        out["notes"] = ["no spurious heatmaps: the reference set holds a single value of the spurious key"]
+    elif fitted.spurious_basis is not None:
         spur_heads = [i for i in fitted.order if i in heads][:top]
         direction = fitted.spurious_basis[0].to(images.device, images.dtype)
         # Orient the spurious direction so positive means "more like this image's own value".
