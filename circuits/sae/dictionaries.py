@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
@@ -251,12 +252,12 @@ class SparseDictionary(HookedRootModule):
         if arch in ("relu", "gated"):
             return torch.relu(z)
         if arch == "topk":
-            return _topk(torch.relu(z), self.cfg.k)
+            return _topk(z, self.cfg.k)
         if arch == "batchtopk":
             if self.training:
                 return self._batch_topk(torch.relu(z))
             if float(self.batch_threshold) < 0:  # never trained: fall back to per-row top-k
-                return _topk(torch.relu(z), self.cfg.k)
+                return _topk(z, self.cfg.k)
             return z * (z > self.batch_threshold.to(z.dtype))
         flat = z.reshape(-1, z.shape[-1])
         return _JumpReLU.apply(flat, self.threshold, self.cfg.jumprelu_bandwidth).reshape(z.shape)
@@ -311,6 +312,9 @@ class SparseDictionary(HookedRootModule):
         self.W_dec.grad.sub_((self.W_dec.grad * w).sum(1, keepdim=True) * w)
 
 
-def _topk(acts: Tensor, k: int) -> Tensor:
-    values, idx = acts.topk(k, dim=-1)
-    return torch.zeros_like(acts).scatter(-1, idx, values)
+def _topk(z: Tensor, k: int) -> Tensor:
+    """relu of the k largest pre-activations per row, zeros elsewhere. The same as top-k of
+    relu(z), but relu and its backward touch k values per row, not d_sae, and the zeros are
+    written in place (an out-of-place scatter copies the whole [n, d_sae] buffer once more)."""
+    values, idx = z.topk(k, dim=-1, sorted=False)
+    return z.new_zeros(z.shape).scatter_(-1, idx, values.relu())
