@@ -59,12 +59,14 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # [b, p, d_mlp]
 
     def forward(self, x: Float[Tensor, "b p d_model"]) -> Float[Tensor, "b p d_model"]:
-        hidden = self.fc1(x)
+        # fc1's output is not kept in a name: it is freed as soon as the activation has read it
+        # (as in timm), so the forward's peak memory is timm's.
         if self.gated:
-            gate, linear = hidden.chunk(2, dim=-1)
+            gate, linear = self.fc1(x).chunk(2, dim=-1)
             post = self.hook_post(self.act(self.hook_pre(gate)) * self.hook_pre_linear(linear))
+            del gate, linear
         else:
-            post = self.hook_post(self.act(self.hook_pre(hidden)))
+            post = self.hook_post(self.act(self.hook_pre(self.fc1(x))))
         out = self.fc2(post if self.ln is None else self.ln(post))
         return out if self.ls_gamma is None else out * self.ls_gamma
 
