@@ -230,6 +230,29 @@ def test_hooks_are_live(name, hook):
     assert grads, hook
 
 
+def test_head_results_read_the_sub_normalised_heads():
+    """hook_result (use_attn_result) and the cache's compute_head_results both apply W_O to
+    sub_norm(z) * (1 - lambda_init); with b_O they sum to hook_attn_out."""
+    _, model, x = built("dwee")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x)
+        model.set_use_attn_result(True)
+        try:
+            logits, live = model.run_with_cache(x, names_filter=lambda n: n.endswith("attn.hook_result"))
+        finally:
+            model.set_use_attn_result(False)
+    stacked = cache.stack_head_results()  # computed from the cache
+    for layer in range(model.cfg.n_layers):
+        result = cache[f"blocks.{layer}.attn.hook_result"]
+        assert rel_err(result, live[f"blocks.{layer}.attn.hook_result"]) < RTOL
+        total = result.sum(-2) + model.blocks[layer].attn.b_O.detach()
+        assert rel_err(total, cache[f"blocks.{layer}.hook_attn_out"]) < RTOL
+    assert stacked.shape[0] == model.cfg.n_layers * model.cfg.n_heads
+    _, partial = model.run_with_cache(x, names_filter=lambda n: n.endswith("hook_z"))
+    with pytest.raises(UserError, match="sub_norm.hook_normalized"):
+        partial.compute_head_results()
+
+
 # ------------------------------------------------------------------ analyses
 @pytest.mark.parametrize("name", ["dwee", "dpwee", "dwee_class_token", "dwee_dual_qk_scale_norm"])
 def test_decomposition_is_exact_through_the_sub_norm(name):
