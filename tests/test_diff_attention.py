@@ -73,6 +73,7 @@ def built(name: str):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max())
 
 
@@ -148,6 +149,31 @@ def test_other_models_build_no_differential_parts():
     assert attn.sub_norm is None and attn.hook_lambda is None and attn.hook_softmax_maps is None
     assert not any("lambda" in n or "sub_norm" in n or "softmax_maps" in n for n in model.hook_dict)
     assert not any("lambda" in n or "sub_norm" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("flag", ["use_split_qkv_input", "use_attn_in", "use_attn_result", "use_hook_mlp_in"])
+def test_optional_hook_flags_keep_timm_outputs(flag):
+    """Per-head inputs give each head's q, k (its two half-heads) and v from its own copy."""
+    timm_model, model, x = built("dwee")
+    setattr(model.cfg, flag, True)
+    try:
+        with torch.no_grad():
+            ref = timm_model(x)
+            fused = model(x)
+            explicit = model.run_with_hooks(x, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda t, hook: t)])
+    finally:
+        setattr(model.cfg, flag, False)
+    assert rel_err(fused, ref) < RTOL and rel_err(explicit, ref) < RTOL
+
+
+def test_timm_state_dict_round_trip():
+    """Block + DiffAttention weights back under timm's names: a fresh timm model loads them strictly."""
+    timm_model, model, x = built("dwee_dual_qk_scale_norm")
+    fresh = _dual_attention(timm.create_model(DWEE, pretrained=False, **SMALL, qk_norm=True, scale_attn_norm=True),
+                            qk_norm=True, scale_norm=True).eval()
+    fresh.load_state_dict(model.to_timm_state_dict())
+    with torch.no_grad():
+        assert rel_err(fresh(x), timm_model(x)) < RTOL
 
 
 # ------------------------------------------------------------------ hooks
@@ -245,7 +271,7 @@ def test_head_results_read_the_sub_normalised_heads():
     for layer in range(model.cfg.n_layers):
         result = cache[f"blocks.{layer}.attn.hook_result"]
         assert rel_err(result, live[f"blocks.{layer}.attn.hook_result"]) < RTOL
-        total = result.sum(-2) + model.blocks[layer].attn.b_O.detach()
+        total = result.sum(-2) + model.blocks[layer].attn.b_O
         assert rel_err(total, cache[f"blocks.{layer}.hook_attn_out"]) < RTOL
     assert stacked.shape[0] == model.cfg.n_layers * model.cfg.n_heads
     _, partial = model.run_with_cache(x, names_filter=lambda n: n.endswith("hook_z"))
