@@ -30,8 +30,9 @@ DIFF_SUB_NORM_EPS = 1e-5
 
 
 def diff_lambda_init(layer: int) -> float:
-    """Differential attention's lambda_init at block `layer` (0-based), 0.8 - 0.6 exp(-0.3 layer)
-    (Ye et al. 2024, "Differential Transformer", eq. 2's schedule; timm's set_lambda_init(depth))."""
+    """Differential attention's lambda_init at block `layer` (0-based), 0.8 - 0.6 exp(-0.3 layer):
+    the paper's per-layer schedule (Ye et al. 2024, "Differential Transformer", arXiv:2410.05258,
+    with its 1-based l - 1) as timm's set_lambda_init(depth) computes it."""
     return 0.8 - 0.6 * math.exp(-0.3 * layer)
 
 
@@ -72,8 +73,8 @@ class Attention(nn.Module):
             image's head)
         hook_pattern: [b, h, q, k], map1 - lambda * map2: the weights that multiply v
         hook_z: [b, p, h, d_head], pattern @ v, before sub_norm
-        sub_norm.hook_scale [b, p, h, 1], sub_norm.hook_normalized [b, p, h, d_head] (only
-            hook_scale's computation waits until it is hooked)
+        sub_norm.hook_scale [b, p, h, 1] (computed only when hooked), sub_norm.hook_normalized
+            [b, p, h, d_head]: the per-head RMSNorm that W_O reads (times 1 - lambda_init)
     The fused path (two SDPA calls, as timm) runs unless scores, maps or pattern are hooked.
     """
 
@@ -222,7 +223,7 @@ class Attention(nn.Module):
     # --- differential attention ---------------------------------------------------------
     def _init_differential(self, layer: int) -> None:
         """timm DiffAttention's parameters (float32, as timm makes them; the model's dtype
-        follows .to()) and its depth-dependent lambda_init (Ye et al. 2024, sec. 2.1)."""
+        follows .to()) and its depth-dependent lambda_init (Ye et al. 2024)."""
         d_half = self.d_qk
         if self.cfg.diff_dual_lambda:  # timm's simplified form: two scalars
             self.lambda_a = nn.Parameter(torch.zeros((), dtype=torch.float32))
