@@ -413,3 +413,34 @@ def test_conversion_refuses_a_lambda_init_off_timms_schedule():
     timm_model.blocks[1].attn.set_lambda_init(5)
     with pytest.raises(UnsupportedModelError, match="lambda_init"):
         HookedViT.from_timm(timm_model)
+
+
+# ------------------------------------------------------------------ the other analyses run
+@pytest.mark.parametrize("name", ["dwee", "dpwee"])
+def test_identifiability_patching_and_circuit_discovery_run(name):
+    """Analyses that read the stream, per-head results or per-head inputs: identifiability,
+    activation patching, AtP (the q site has the 2h half-heads), EAP whose full / empty
+    circuits reproduce the clean / corrupted runs."""
+    from circuits.circuit_discovery import Circuit, ViTGraph, edge_attribution, faithfulness
+    from circuits.circuit_discovery.attribution_patching import attribution_patch
+    from circuits.patching import patch_activations
+    from circuits.token_removal import last_block_ranks
+
+    _, model, x = built(name)
+    clean_t, corrupt_t = torch.tensor([1, 2]), torch.tensor([2, 1])
+    rank, _ = last_block_ranks(model, x, clean_t)
+    assert rank.shape == (2, model.cfg.n_ctx) and int(rank.min()) >= 0
+    grid = patch_activations(model, x, x.flip(0), "resid_pre", layers=[1], clean_targets=clean_t,
+                             corrupted_targets=corrupt_t)
+    assert torch.isfinite(torch.as_tensor(grid.values if hasattr(grid, "values") else grid.scores)).all()
+    atp = attribution_patch(model, x, x.flip(0), sites=["q", "z", "resid_pre"], clean_targets=clean_t,
+                            corrupted_targets=corrupt_t)
+    assert atp["q"].shape == (model.cfg.n_layers, model.cfg.n_ctx, 2 * model.cfg.n_heads)
+    assert atp["z"].shape == (model.cfg.n_layers, model.cfg.n_ctx, model.cfg.n_heads)
+    clean, corrupted = x, x.flip(0) * 0.5
+    scores = edge_attribution(model, clean, corrupted, clean_targets=clean_t, corrupted_targets=corrupt_t)
+    assert torch.isfinite(scores.scores).all()
+    graph = ViTGraph.of(model)
+    full = faithfulness(model, Circuit(graph, graph.edge_mask()), clean, corrupted)
+    empty = faithfulness(model, Circuit(graph, torch.zeros_like(graph.edge_mask())), clean, corrupted)
+    assert full.recovered == pytest.approx(1.0, abs=1e-3) and empty.recovered == pytest.approx(0.0, abs=1e-3)
