@@ -166,9 +166,9 @@ def _block_cfg(cfg: HookedViTConfig) -> HookedViTConfig:
     return replace(cfg, n_heads=cfg.attn_pool_heads, d_head=None, d_mlp=cfg.attn_pool_d_mlp, act_fn=cfg.attn_pool_act,
                    rope_type=None, rope_options={}, rel_pos_bias=False, attention_type="joint", num_frames=None,
                    tubelet_size=1, pos_embed_type="learned", block_type="pre_norm", layer_scale=False,
-                   attn_only_layer_scale=False, qk_norm=False, attn_norm=False, mlp_type="mlp", mlp_norm=False,
-                   qkv_bias=True, proj_bias=True, mlp_bias=True, global_pool="token", class_token=True,
-                   n_reg_tokens=0, distilled=False, d_image_embed=None, head_on_image_embed=False, **_NO_PROBE)
+                   attn_only_layer_scale=False, qk_norm=False, attn_norm=False, diff_attn=False,
+                   diff_dual_lambda=False, mlp_type="mlp", mlp_norm=False, qkv_bias=True, proj_bias=True,
+                   mlp_bias=True, global_pool="token", class_token=True, n_reg_tokens=0, distilled=False, d_image_embed=None, head_on_image_embed=False, **_NO_PROBE)
 
 
 def _sync_switches(block_cfg: HookedViTConfig, cfg: HookedViTConfig) -> None:

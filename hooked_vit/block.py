@@ -56,7 +56,7 @@ class TransformerBlock(nn.Module):
         self.cfg = cfg
         self.layer = layer
         self.ln1 = make_norm(cfg, cfg.d_model)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ln2 = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()  # [b, p, d_model]

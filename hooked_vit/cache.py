@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
+import torch
 from transformer_lens import ActivationCache
 
+from hooked_vit.errors import UserError
 from hooked_vit.transformer_lens_api import canonical_hook_name
 
 
@@ -24,6 +26,27 @@ class ViTActivationCache(ActivationCache):
 
     def __contains__(self, key: Any) -> bool:
         return (canonical_hook_name(key) if isinstance(key, str) else key) in self.cache_dict
+
+    def _ensure_head_results(self) -> bool:
+        """TransformerLens's per-head results from hook_z; with differential attention W_O reads
+        each head's sub-normalised output sub_norm(z) * (1 - lambda_init) (its
+        `attn.sub_norm.hook_normalized`), so the results are computed from that instead."""
+        if not self.model.cfg.diff_attn:
+            return super()._ensure_head_results()
+        all_cached = True
+        for layer in range(self.model.cfg.n_layers):
+            key = f"blocks.{layer}.attn.hook_result"
+            if key in self.cache_dict:
+                continue
+            all_cached = False
+            normed = f"blocks.{layer}.attn.sub_norm.hook_normalized"
+            if normed not in self.cache_dict:
+                raise UserError(f"per-head results of differential attention need {normed} in the cache (W_O reads "
+                                "each head's sub-normalised z, not hook_z); cache it or set use_attn_result")
+            attn = self.model.blocks[layer].attn
+            self.cache_dict[key] = torch.einsum("...hd,hdm->...hm", self.cache_dict[normed] * (1 - attn.lambda_init),
+                                                attn.W_O)
+        return all_cached
 
     def logit_lens(self, **kwargs: Any) -> NoReturn:
         raise NotImplementedError(

@@ -122,6 +122,16 @@ class HookedViTConfig:
     mlp_norm: bool = False  # a norm over d_mlp before fc2 (timm's scale_mlp_norm / EVA02 sub-LN)
     qk_norm: bool = False  # a norm over d_head on each head's q and k
     attn_norm: bool = False  # a norm over n_heads * d_head on z before proj (scale_attn_norm)
+    # Differential attention (Ye et al. 2024, "Differential Transformer", arXiv:2410.05258; timm's
+    # DiffAttention / DiffParallelScalingBlock): each head's q and k are split into two half-heads
+    # of d_head // 2 (hook_q / hook_k [b, p, 2 * n_heads, d_head // 2]), giving two softmax maps;
+    # the head attends with map1 - lambda * map2 to its values of width d_head, then a per-head
+    # RMSNorm (attn.sub_norm, eps 1e-5) and a factor (1 - lambda_init), with per-layer
+    # lambda_init = 0.8 - 0.6 * exp(-0.3 * layer). lambda = exp(lambda_q1 . lambda_k1)
+    # - exp(lambda_q2 . lambda_k2) + lambda_init (the paper's vectors of d_head // 2), or with
+    # diff_dual_lambda exp(lambda_a) - exp(lambda_b) (two scalars).
+    diff_attn: bool = False
+    diff_dual_lambda: bool = False
     act_fn: str = "gelu"
     eps: float = 1e-6
 
@@ -213,6 +223,7 @@ class HookedViTConfig:
             self._check_rel_pos()
         if self.parallel_attn_mlp and (self.block_type != "pre_norm" or self.attention_type != "joint"):
             raise UserError("parallel_attn_mlp needs pre-norm blocks with joint attention")
+        self._check_diff_attn()
         if self.d_backbone is not None and (self.is_video or self.embed_norm):
             raise UserError("a hybrid CNN stem (d_backbone) is supported for image models without embed_norm")
         if self.attn_only_layer_scale and not self.layer_scale:
@@ -236,6 +247,17 @@ class HookedViTConfig:
                 setattr(self, name, tuple(str(n) for n in names))
                 if len(names) != self.n_classes:
                     raise UserError(f"{name} has {len(names)} entries for n_classes={self.n_classes}")
+
+    def _check_diff_attn(self) -> None:
+        if self.diff_dual_lambda and not self.diff_attn:
+            raise UserError("diff_dual_lambda=True is an option of differential attention: set diff_attn=True")
+        if not self.diff_attn:
+            return
+        if self.d_head % 2:
+            raise UserError(f"differential attention splits each head in two: d_head={self.d_head} must be even")
+        if self.rope_type is not None or self.rel_pos_bias or self.attention_type != "joint":
+            raise UserError("differential attention (diff_attn) is supported with joint attention without RoPE or "
+                             "a relative position bias")
 
     def _check_rel_pos(self) -> None:
         if self.n_prefix_tokens != int(self.class_token):

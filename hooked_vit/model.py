@@ -336,7 +336,17 @@ class HookedViT(SAEHost, HookedRootModule):
         """Composition scores of every head into every later head, [n_layers, n_heads,
         n_layers, n_heads] (zero where the second head is not in a later layer), as
         TransformerLens's `all_composition_scores`; see `transformer_lens_api.all_composition_scores`."""
+        self._refuse_differential("all_composition_scores")
         return all_composition_scores(self.W_Q, self.W_K, self.W_V, self.W_O, mode)
+
+    def _refuse_differential(self, what: str) -> None:
+        """The TransformerLens circuit views assume one softmax over q.k and v -> z -> W_O linear."""
+        if self.cfg.diff_attn:
+            raise UserError(
+                f"{what} is undefined with differential attention (diff_attn): a head's pattern is softmax(q1.k1) "
+                "- lambda * softmax(q2.k2), not one bilinear form W_Q W_K^T, and its z passes a per-head RMS "
+                "sub-norm before W_O, so W_V W_O is not its value-to-output map"
+            )
 
     def accumulated_bias(
         self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
@@ -570,11 +580,13 @@ class HookedViT(SAEHost, HookedRootModule):
     @property
     def QK(self) -> FactoredMatrix:
         """Each head's bilinear form W_Q W_K^T: [n_layers, n_heads, d_model, d_model]."""
+        self._refuse_differential("QK")
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
     @property
     def OV(self) -> FactoredMatrix:
         """Each head's map W_V W_O from its input to its output: [n_layers, n_heads, d_model, d_model]."""
+        self._refuse_differential("OV")
         return FactoredMatrix(self.W_V, self.W_O)
 
     # ------------------------------------------------------------------ loading

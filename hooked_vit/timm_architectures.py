@@ -62,6 +62,8 @@ def norms_of(model: nn.Module) -> tuple[str, float]:
     for name, m in model.named_modules():
         if name.startswith("patch_embed.backbone."):  # a hybrid stem's CNN runs as its own timm module
             continue
+        if name.endswith(".sub_norm"):  # differential attention's own RmsNorm, read by _diff_options
+            continue
         if isinstance(m, (nn.LayerNorm, RmsNorm)) or (re.search(r"Norm(2d)?(Fp32)?$", type(m).__name__)
                                                        and "Block" not in type(m).__name__):
             kind, eps, has_bias = norm_kind(m, name)
@@ -198,14 +200,38 @@ def pooling_options(model: nn.Module, include_prefix: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ VisionTransformer
+def _diff_options(module: nn.Module, layer: int, where: str) -> dict[str, Any]:
+    """Differential attention (timm's DiffAttention, or the attention of a DiffParallelScalingBlock):
+    its lambda parameterisation, checking the parts HookedViT fixes (an RmsNorm sub-norm of eps
+    1e-5 over 2 * head_dim, timm's per-depth lambda_init)."""
+    from timm.layers import RmsNorm
+
+    from hooked_vit.attention import DIFF_SUB_NORM_EPS, diff_lambda_init
+
+    sub = module.sub_norm
+    if type(sub) is not RmsNorm or sub.weight is None or float(sub.eps) != DIFF_SUB_NORM_EPS \
+            or tuple(sub.normalized_shape) != (2 * module.head_dim,):
+        refuse(f"a differential-attention sub-norm other than RmsNorm(2 * head_dim, eps=1e-5) at {where}")
+    if abs(module.lambda_init - diff_lambda_init(layer)) > 1e-12:
+        refuse(f"a differential-attention lambda_init {module.lambda_init} other than timm's schedule for depth "
+               f"{layer} at {where}")
+    return dict(diff_attn=True, diff_dual_lambda=bool(module.dual_lambda))
+
+
 def _parallel_scaling_block(block: nn.Module, where: str) -> dict[str, Any]:
     """timm's ParallelScalingBlock (ViT-22B): one norm, a fused in-projection [fc1; q; k; v],
-    attention and MLP added to the residual together (parallel_attn_mlp)."""
+    attention and MLP added to the residual together (parallel_attn_mlp). A
+    DiffParallelScalingBlock is the same block with differential attention (diff_attn):
+    its head_dim is the half-head, its output projection always fused."""
     out_proj = block.out_proj if block.out_proj is not None else block.attn_out_proj
     d_model = block.in_proj.in_features
     if block.in_split[1:] != [d_model] * 3:
         refuse(f"a ParallelScalingBlock whose attention width differs from the model's at {where}")
-    return dict(block_type="pre_norm", parallel_attn_mlp=True, n_heads=block.num_heads, d_head=block.head_dim,
+    diff = {}
+    if type(block).__name__ == "DiffParallelScalingBlock":
+        diff = _diff_options(block, _layer_of(where), where)
+    d_head = 2 * block.head_dim if diff else block.head_dim
+    return dict(**diff, block_type="pre_norm", parallel_attn_mlp=True, n_heads=block.num_heads, d_head=d_head,
                 qkv_bias=block.in_proj.bias is not None, proj_bias=out_proj.bias is not None,
                 qk_norm=not is_identity(block.q_norm), attn_norm=False, layer_scale=not is_identity(block.ls),
                 mlp_type="mlp", d_mlp=block.in_split[0], act_fn=act_name(block.mlp_act), mlp_norm=False,
@@ -236,32 +262,37 @@ def _parallel_things_block(block: nn.Module, where: str) -> dict[str, Any]:
 
 
 def _vit_block(block: nn.Module, where: str) -> dict[str, Any]:
+    from timm.layers import DiffAttention
     from timm.layers.attention import Attention as TimmAttention
 
     kind = type(block).__name__
-    if kind == "ParallelScalingBlock":
+    if kind in ("ParallelScalingBlock", "DiffParallelScalingBlock"):
         return _parallel_scaling_block(block, where)
     if kind == "ParallelThingsBlock":
         return _parallel_things_block(block, where)
-    if kind == "DiffParallelScalingBlock":
-        refuse("block type DiffParallelScalingBlock (differential attention, DiffAttention)")
     if kind not in ("Block", "ResPostBlock"):
-        refuse(f"block type {kind} (Block, ResPostBlock and ParallelScalingBlock are supported)")
+        refuse(f"block type {kind} (Block, ResPostBlock, ParallelScalingBlock, DiffParallelScalingBlock and "
+               "ParallelThingsBlock are supported)")
     attn = block.attn
-    if type(attn).__name__ == "DiffAttention":
-        refuse("differential attention (DiffAttention: two softmax patterns per head subtracted with a learned "
-               "lambda, then a per-head RMS sub-norm; not implemented)")
-    if type(attn) is not TimmAttention:
+    diff = {}
+    if type(attn) is DiffAttention:
+        diff = _diff_options(attn, _layer_of(where), where)
+    elif type(attn) is not TimmAttention:
         refuse(f"attention type {type(attn).__name__}")
     if getattr(attn, "gate", None) is not None:
         refuse("gated attention (a sigmoid gate on the attention output)")
     ls = not is_identity(getattr(block, "ls1", None))
     if ls != (not is_identity(getattr(block, "ls2", None))):
         refuse("LayerScale on one sublayer only")
-    return dict(block_type="post_norm" if kind == "ResPostBlock" else "pre_norm", n_heads=attn.num_heads,
-                d_head=attn.head_dim, qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
-                qk_norm=not is_identity(attn.q_norm), attn_norm=not is_identity(attn.norm), layer_scale=ls,
-                **mlp_options(block.mlp, where))
+    return dict(**diff, block_type="post_norm" if kind == "ResPostBlock" else "pre_norm", n_heads=attn.num_heads,
+                d_head=2 * attn.head_dim if diff else attn.head_dim, qkv_bias=attn.qkv.bias is not None,
+                proj_bias=attn.proj.bias is not None, qk_norm=not is_identity(attn.q_norm),
+                attn_norm=not is_identity(attn.norm), layer_scale=ls, **mlp_options(block.mlp, where))
+
+
+def _layer_of(where: str) -> int:
+    """The block index of "blocks.N" (differential attention's lambda_init depends on it)."""
+    return int(where.rsplit(".", 1)[-1])
 
 
 def vit_config(model: nn.Module) -> dict[str, Any]:
@@ -443,7 +474,7 @@ def timm_state(model: nn.Module) -> dict[str, Tensor]:
             out[name] = value
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}."
-        if type(block).__name__ == "ParallelScalingBlock":
+        if type(block).__name__ in ("ParallelScalingBlock", "DiffParallelScalingBlock"):
             _parallel_state(block, p, out)
             continue
         if type(block).__name__ == "ParallelThingsBlock":
@@ -542,7 +573,7 @@ def _parallel_state(block: nn.Module, p: str, out: dict[str, Tensor]) -> None:
         _rename_prefix(out, p + "mlp_out_proj.", p + "mlp.fc2.")
     if p + "mlp.fc2.bias" not in out:  # HookedViT's MLP has both biases or neither: a zero fc2 bias
         out[p + "mlp.fc2.bias"] = out[p + "mlp.fc2.weight"].new_zeros(out[p + "mlp.fc2.weight"].shape[0])
-    for n in ("q_norm.", "k_norm."):
+    for n in ("q_norm.", "k_norm.", "sub_norm.", "lambda_"):  # lambda_ / sub_norm.: DiffParallelScalingBlock
         _rename_prefix(out, p + n, p + "attn." + n)
     gamma = out.pop(p + "ls.gamma", None)
     if gamma is not None:

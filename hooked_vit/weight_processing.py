@@ -162,6 +162,8 @@ def _set_qkv_(attn: nn.Module, i: int, weight: Tensor, bias: Tensor) -> None:
 def _require_bilinear_heads(model: HookedViT, what: str) -> None:
     cfg = model.cfg
     for flag, reason in (("attn_norm", "a norm over the heads' outputs (attn_norm) sits between z and W_O"),
+                         ("diff_attn", "differential attention's pattern is a difference of two softmax maps of "
+                          "half-heads and its z passes a per-head RMS sub-norm (no one QK or OV per head)"),
                          ("qk_norm", "q and k are normalised (qk_norm), so QK is not a bilinear form"),
                          ("rope_type", "q and k are rotated by position (RoPE), so QK is not one bilinear form")):
         if getattr(cfg, flag):
@@ -179,6 +181,9 @@ def fold_value_biases_(model: HookedViT) -> None:
     whatever it attends to (also with a key mask, whose rows still sum to one)."""
     if model.cfg.attn_norm:
         raise UserError("fold_value_biases is undefined with attn_norm: a norm over the heads sits between z and W_O")
+    if model.cfg.diff_attn:
+        raise UserError("fold_value_biases is undefined with differential attention (diff_attn): a pattern row "
+                        "sums to 1 - lambda, not 1, and z passes a per-head RMS sub-norm before W_O")
     for block in model.blocks:
         attn = block.attn
         b_v = attn.b_V.reshape(-1)  # [h * d_head], the order proj reads z in

@@ -69,6 +69,10 @@ def attribution_patch(
     if qk_fix and model.cfg.attention_type == "divided_space_time":
         raise UserError("qk_fix recomputes a [batch, heads, q, k] pattern; divided space-time attention's patterns "
                          "are grouped by frame / (row, col): use qk_fix=False")
+    if qk_fix and model.cfg.diff_attn:
+        raise UserError("qk_fix recomputes one softmax pattern per head from q and k; differential attention "
+                         "(diff_attn) has two half-head softmax maps per head, subtracted with a learned lambda: "
+                         "use qk_fix=False")
     names = {s: _names(model, s) for s in sites}
     fixed = {n for ns in names.values() for n in ns if _qk_side(n)} if qk_fix else set()
     if qk_fix and not fixed:

@@ -49,6 +49,12 @@ pooling weights, as the direct-path decompositions of class-token ViTs freeze ev
 attention pattern (Gandelsman et al. 2024). We found no published decomposition of a MAP
 head; this is our choice, documented in docs/decomposition.md.
 
+Differential attention (cfg.diff_attn; Ye et al. 2024, arXiv:2410.05258): W_O reads each
+head's z through its own RMS sub-norm, sub_norm(z_h) * (1 - lambda_init), so a head's term is
+that normalised output (`attn.sub_norm.hook_normalized`) through W_O[h]: heads stay separate
+terms and the sum stays exact. Split by source token (`token_terms`), the sub-norm's scale is
+held at each query's real value, as the final norm's is.
+
 Heads can be split further by source token: head h of layer l contributes
 sum_q u[r, q] A[h, q, k] v_k W_O[h] through source token k (`token_terms`). Those are
 produced layer by layer and head chunk by head chunk, so memory stays bounded.
@@ -308,7 +314,9 @@ def _cache_names(model: HookedViT, start_layer: int) -> list[str]:
     if cfg.global_pool == "map":
         names += ["attn_pool.hook_pattern"] + (["attn_pool.hook_mlp_out"] if cfg.attn_pool_mlp else [])
     for layer in range(start_layer, cfg.n_layers):
-        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
+        # Differential attention: W_O reads each head's sub-normalised z (a per-head RMSNorm keeps heads apart).
+        z_name = "attn.sub_norm.hook_normalized" if cfg.diff_attn else "attn.hook_z"
+        names += [f"blocks.{layer}.{z_name}", f"blocks.{layer}.hook_mlp_out"]
         if cfg.attention_type == "divided_space_time":
             names.append(f"blocks.{layer}.attn_time.hook_z")
         if cfg.block_type == "post_norm":
@@ -494,7 +502,10 @@ def _layer_terms(model: HookedViT, readout: Readout, cache: dict[str, Tensor], l
         heads = torch.einsum("brp,bphe,hed->bhrd", u, z_time, block.attn_time.W_O)
         out += [readout.read(heads), readout.read(block.attn_time.b_O * u[..., n:].sum(-1)[..., None])[:, None]]
         comps += [Component("time_head", layer, h) for h in range(model.cfg.n_heads)] + [Component("attn_time.b_O", layer)]
-    z = cache[f"blocks.{layer}.attn.hook_z"]  # [b, p, h, e]; divided: [b, t, prefix + s, h, e]
+    if model.cfg.diff_attn:  # what W_O reads: sub_norm(z) * (1 - lambda_init), each head on its own
+        z = cache[f"blocks.{layer}.attn.sub_norm.hook_normalized"] * (1 - block.attn.lambda_init)
+    else:
+        z = cache[f"blocks.{layer}.attn.hook_z"]  # [b, p, h, e]; divided: [b, t, prefix + s, h, e]
     if divided:
         z = _space_z_per_token(model, z)
     # Read out z before W_O: [b, r, h, e] instead of [b, p, h, d].
@@ -603,6 +614,11 @@ def token_terms(
     weights `dec.readout` fix), so only [b, r, h, k] per layer is kept. Each yielded chunk is
     [b, r, heads_per_chunk, k, d]; summing over k gives the head terms of `dec` (biases
     "separate"; with "split" the spread bias share is not in the token terms).
+
+    Differential attention (cfg.diff_attn): the pattern is map1 - lambda * map2 (what multiplies
+    v), and each query's per-head RMS sub-norm scale s = rms(z) is held at its value in this pass
+    (as the decomposition holds the final norm's scale), so the head's output is linear in the
+    values: term(k) = sum_q u[q] A[q, k] / s[q] * v_k * sub_norm.w * (1 - lambda_init) W_O.
     """
     cfg = model.cfg
     if cfg.attention_type == "divided_space_time":
@@ -618,6 +634,8 @@ def token_terms(
 
     def pattern_hook(pattern: Tensor, hook) -> None:
         layer = hook.layer()
+        if cfg.diff_attn:  # hook_v fired first: the sub-norm's scale of each query's z, held fixed
+            pattern = pattern / _diff_sub_scale(model, layer, pattern, values[layer])[..., None]
         rows[layer] = torch.einsum("bRq,bhqk->bRhk", readout.sublayer_weights(layer, 1), pattern)
 
     def value_hook(v: Tensor, hook) -> None:
@@ -631,6 +649,9 @@ def token_terms(
     post = cfg.block_type == "post_norm"
     for layer in layers:
         W_O = model.blocks[layer].attn.W_O  # [h, e, d]
+        if cfg.diff_attn:  # the sub-norm's weight and (1 - lambda_init) act on each head's z before W_O
+            attn = model.blocks[layer].attn
+            W_O = W_O * (attn.sub_norm.weight * (1 - attn.lambda_init))[None, :, None]
         for start in range(0, cfg.n_heads, chunk):
             hs = list(range(start, min(start + chunk, cfg.n_heads)))
             vo = torch.einsum("bkhe,hed->bhkd", values[layer][:, :, hs], W_O[hs])  # [b, h, k, d]
@@ -639,6 +660,13 @@ def token_terms(
                 terms = _sub_norm(model, layer, 1, terms)
             yield TokenTerms(layer, hs, readout.read(terms, row_dim=1))
         del values[layer], rows[layer]
+
+
+def _diff_sub_scale(model: HookedViT, layer: int, pattern: Float[Tensor, "b h q k"],
+                    v: Float[Tensor, "b k h e"]) -> Float[Tensor, "b h q"]:
+    """sqrt(mean(z^2) + eps) of z = pattern @ v: differential attention's sub-norm scale."""
+    z = torch.einsum("bhqk,bkhe->bhqe", pattern, v)
+    return (z.pow(2).mean(-1) + model.blocks[layer].attn.sub_norm.eps).sqrt()
 
 
 def head_token_terms(model: HookedViT, images: Tensor, dec: Decomposition, layer: int) -> Float[Tensor, "b h r k d"]:

@@ -90,6 +90,31 @@ def _as_specs(methods: MethodSpec) -> dict[str, tuple[str, dict[str, Any]]]:
     return {spec: parse_method(spec) for spec in methods}
 
 
+# Methods whose definition assumes softmax attention (rows of non-negative weights summing to one)
+# or a value-to-output map W_V W_O: refused for differential attention (cfg.diff_attn), whose
+# pattern map1 - lambda * map2 has negative weights and rows summing to 1 - lambda, and whose
+# z passes a per-head RMS sub-norm before W_O. gae, gradcam and raw attention read the pattern
+# that multiplies v (and its gradient), which is defined as it is.
+DIFF_ATTN_REFUSALS = {
+    "rollout": "attention rollout multiplies row-normalised patterns as distributions over tokens; a differential "
+               "pattern (map1 - lambda * map2) has negative weights and rows summing to 1 - lambda",
+    "tokentm": "TokenTM weighs each token by what it writes alone, v W_O + b_O; differential attention's per-head "
+               "RMS sub-norm sits between the values and W_O, so that is not what a token writes",
+    "transformer_attribution": "its relevance rules propagate through one softmax pattern and a linear value-to-"
+                               "output map; differential attention has two softmax maps per head and a per-head "
+                               "RMS sub-norm",
+}
+
+
+def _refuse_for_model(model: HookedViT, names: Sequence[str]) -> None:
+    if not model.cfg.diff_attn:
+        return
+    for name in names:
+        if name in DIFF_ATTN_REFUSALS:
+            raise UserError(f"{name} is refused for differential attention (diff_attn): "
+                             f"{DIFF_ATTN_REFUSALS[name]}; use gae, gradcam or attention")
+
+
 def explain_many(
     model: HookedViT,
     images: Float[Tensor, "b c h w"],
@@ -101,6 +126,7 @@ def explain_many(
     """Several methods from one forward pass. `methods`: names, "name:key=value" specs,
     or {label: options} with a method name (or spec) as label. targets None = predicted."""
     specs = _as_specs(methods)
+    _refuse_for_model(model, [name for name, _ in specs.values()])
     names = sorted({n for name, opts in specs.values() for n in METHODS[name].act_names(model.cfg, **opts)})
     tr = trace(model, images, targets, act_names=names, fwd_hooks=fwd_hooks)
     # Gradient methods differentiate the traced logits: that must work under a caller's
