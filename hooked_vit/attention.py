@@ -147,7 +147,7 @@ class Attention(nn.Module):
             if key_mask is not None and x.ndim != 3:
                 raise UserError("key_mask (token removal, padding) is not supported with grouped attention")
             q, k, v = self.qkv(x).view(*x.shape[:-1], 3, self.cfg.n_heads, self.cfg.d_head).unbind(-3)
-        if self.sub_norm is not None:  # differential attention: head i's q, k as half-heads 2i, 2i + 1
+        if self.cfg.diff_attn:  # head i's q, k as half-heads 2i, 2i + 1
             q, k = q.reshape(*q.shape[:-2], -1, self.d_qk), k.reshape(*k.shape[:-2], -1, self.d_qk)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.q_norm is not None:
@@ -159,7 +159,7 @@ class Attention(nn.Module):
         bias = None
         if self.hook_rel_pos_bias is not None:
             bias = self.hook_rel_pos_bias(self._rel_pos_bias(q.shape[-2], positions))
-        if self.sub_norm is not None:
+        if self.cfg.diff_attn:
             z = self._differential(q, k, v, key_mask)
         elif self.cfg.use_fused_attn and not (is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern)):
             mask = None if key_mask is None else key_mask[:, None, None, :]
@@ -169,7 +169,7 @@ class Attention(nn.Module):
         else:
             z = self._explicit(q, k, v, key_mask, bias)
         z = self.hook_z(z.transpose(-3, -2))  # [b, (g,) p, h, d_head]
-        if self.sub_norm is not None:  # differential attention: each head's output normalised, then scaled
+        if self.cfg.diff_attn:  # each head's output normalised, then scaled
             z = self.sub_norm(z) * (1 - self.lambda_init)
         if self.ln_z is not None:  # proj reads the normalised heads
             z = self.ln_z(z.flatten(-2)).view(z.shape)

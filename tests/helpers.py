@@ -77,3 +77,24 @@ def save_hf_clip_folder(folder, projection_dim: int = 24):
     randomize_(T.CLIPModel(config).eval(), std=0.2).save_pretrained(folder)
     T.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
     return folder
+
+
+class KeepPatches(torch.nn.Module):
+    """timm's patch-dropout slot with chosen patches kept (`keep` [b, k], patch indices) instead of
+    random ones; `with_indices` returns (tokens, keep) as eva's PatchDropoutWithIndices does."""
+
+    def __init__(self, keep: torch.Tensor, n_prefix: int, with_indices: bool = False):
+        super().__init__()
+        self.keep, self.n_prefix, self.with_indices = keep, n_prefix, with_indices
+
+    def forward(self, x):
+        prefix, patches = x[:, : self.n_prefix], x[:, self.n_prefix:]
+        kept = torch.cat([prefix, torch.gather(patches, 1, self.keep[..., None].expand(-1, -1, x.shape[-1]))], 1)
+        return (kept, self.keep) if self.with_indices else kept
+
+
+def keep_mask_of(keep: torch.Tensor, n_prefix: int, n_ctx: int) -> torch.Tensor:
+    """HookedViT's keep_mask [b, n_ctx] for the prefix tokens and the patches `keep` [b, k]."""
+    mask = torch.zeros(len(keep), n_ctx, dtype=torch.bool)
+    mask[:, :n_prefix] = True
+    return mask.scatter_(1, keep + n_prefix, True)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import DiffAttention
 from timm.models.vision_transformer import DiffParallelScalingBlock
 
-from helpers import randomize_
+from helpers import KeepPatches, keep_mask_of, randomize_
 from hooked_vit import HookedViT
 from hooked_vit.attention import diff_lambda_init
 from hooked_vit.config import HookedViTConfig
@@ -316,17 +316,10 @@ def test_token_removal_matches_timm_on_the_kept_tokens():
     timm_model, model, x = built("dwee")
     n_prefix = model.cfg.n_prefix_tokens
     keep_idx = torch.tensor([[0, 2, 3, 7, 11], [1, 4, 5, 6, 10]])
-    keep = torch.zeros(2, model.cfg.n_ctx, dtype=torch.bool)
-    keep[:, :n_prefix] = True
-    keep.scatter_(1, keep_idx + n_prefix, True)
-
-    class Kept(torch.nn.Module):
-        def forward(self, t):
-            kept = torch.gather(t[:, n_prefix:], 1, keep_idx[..., None].expand(-1, -1, t.shape[-1]))
-            return torch.cat([t[:, :n_prefix], kept], 1)
+    keep = keep_mask_of(keep_idx, n_prefix, model.cfg.n_ctx)
 
     original = timm_model.patch_drop
-    timm_model.patch_drop = Kept()
+    timm_model.patch_drop = KeepPatches(keep_idx, n_prefix)
     try:
         with torch.no_grad():
             ref = timm_model(x)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import zoo
+from helpers import KeepPatches, keep_mask_of
 from hooked_vit import HookedViT
 from hooked_vit.errors import UnsupportedModelError
 
@@ -98,19 +99,6 @@ def test_fused_and_explicit_attention_match_timm(name):
     assert rel(logits, ref) < TOL and len(cache.keys()) >= model.cfg.n_layers
 
 
-class _KeepIndices(torch.nn.Module):
-    """timm's PatchDropoutWithIndices with chosen patches kept instead of random ones."""
-
-    def __init__(self, keep: torch.Tensor, n_prefix: int):
-        super().__init__()
-        self.keep, self.n_prefix = keep, n_prefix
-
-    def forward(self, x):
-        prefix, patches = x[:, : self.n_prefix], x[:, self.n_prefix:]
-        kept = torch.gather(patches, 1, self.keep[..., None].expand(-1, -1, x.shape[-1]))
-        return torch.cat([prefix, kept], 1), self.keep
-
-
 @pytest.mark.parametrize("name", (EVA02, DINOV3))
 def test_token_removal_rope_positions_follow_kept_tokens(name):
     """keep_mask removes tokens and each kept patch keeps its own rotary position: equal to
@@ -118,10 +106,8 @@ def test_token_removal_rope_positions_follow_kept_tokens(name):
     timm_model, model, x = built(name)
     n_prefix, n_patches = model.cfg.n_prefix_tokens, model.cfg.n_patches
     keep_idx = torch.tensor([[0, 2, 3, 7, 11], [1, 4, 5, 6, 10]])
-    keep_mask = torch.zeros(2, n_prefix + n_patches, dtype=torch.bool)
-    keep_mask[:, :n_prefix] = True
-    keep_mask.scatter_(1, keep_idx + n_prefix, True)
-    timm_model.patch_drop = _KeepIndices(keep_idx, n_prefix)
+    keep_mask = keep_mask_of(keep_idx, n_prefix, n_prefix + n_patches)
+    timm_model.patch_drop = KeepPatches(keep_idx, n_prefix, with_indices=True)
     try:
         with torch.no_grad():
             ref = timm_model(x)
@@ -431,7 +417,7 @@ class _KeepTokens(torch.nn.Module):
 
     def __init__(self, keep: torch.Tensor, n_prefix: int):
         super().__init__()
-        self.inner = _KeepIndices(keep, n_prefix)
+        self.inner = KeepPatches(keep, n_prefix, with_indices=True)
 
     def forward(self, x):
         return self.inner(x)[0]

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
