@@ -184,15 +184,16 @@ def test_sae_train_and_eval_on_video_activations(tmp_path, capsys):
     assert "explained variance" in capsys.readouterr().out
 
 
-def test_embedded_video_model_without_shipped_weights(tmp_path, capsys):
-    from circuits.embedded.video_models import WEIGHTS_DIR
+def test_embedded_video_model_runs_with_its_shipped_weights(tmp_path, capsys, monkeypatch):
+    """The shipped weights load by name; an installation without them says what to do in one line."""
+    import circuits.embedded.video_models as video_models
 
+    assert main(["identify", "--model", "embedded:video_motion", "--data", "moving_shapes:test:2",
+                 "--out", str(tmp_path / "out")]) == 0
+    monkeypatch.setattr(video_models, "WEIGHTS_DIR", tmp_path / "no_weights")
     code = main(["identify", "--model", "embedded:video_motion", "--data", "moving_shapes:test:2",
-                 "--out", str(tmp_path / "out")])
-    if (WEIGHTS_DIR / "video_motion.safetensors").exists():  # shipped: the trained model runs
-        assert code == 0
-    else:
-        assert code == 2 and "add --random-weights" in capsys.readouterr().err
+                 "--out", str(tmp_path / "out2")])
+    assert code == 2 and "add --random-weights" in capsys.readouterr().err
 
 
 def test_a_transformers_videomae_folder_runs_identify_and_perturb(tmp_path, capsys):

@@ -16,7 +16,9 @@ def add_parser(sub) -> None:
                                    "(EAP, 20 edges, 64 images), sae (a 256-wide top-k SAE trained 300 steps, "
                                    "evaluated, features studied) and textspan (the embedded model has no text "
                                    "tower: its class names with their logit directions stand in for CLIP "
-                                   "prompts). No downloads; resumable.")
+                                   "prompts), and video (the embedded video models on moving-shapes clips: space-time "
+                                   "identifiability, no cross-frame attention on the motion model and its static "
+                                   "control). No downloads; resumable.")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--n", type=positive_int, default=512, help="test images")
     p.add_argument("--batch-size", type=positive_int, default=64)

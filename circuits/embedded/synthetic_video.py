@@ -37,7 +37,10 @@ TASKS: dict[str, tuple[str, ...]] = {"motion": MOTION_CLASSES, "shape": SHAPE_CL
 # (dx, dy) per motion class, pixels per frame before the speed factor
 _DIRECTIONS = {0: (1.0, 0.0), 1: (-1.0, 0.0), 2: (0.0, 1.0), 3: (0.0, -1.0)}
 _HALF_SIZE = (4.0, 6.0)  # object half-size range at 32 px
-_SPEED = (1.5, 2.5)  # pixels per frame at 32 px
+# pixels per frame at 32 px: half to three quarters of the embedded video models' 8 px patch,
+# so a step moves the shape's edges across patches; under half the 32 px torus, so a step is
+# never read the other way round
+_SPEED = (4.0, 6.0)
 
 
 def render_clip(rng: np.random.Generator, task: str, num_frames: int = 8,

@@ -1,12 +1,14 @@
 """Small video HookedViTs trained on the embedded moving-shapes clips (docs/video.md).
 
 Two models of one architecture (`video_config`): 4 frames of 32x32, one-frame tubelets
-(each token sees one frame, so motion can only be read across tokens), a factorised
-position table (a learned spatial table shared by the frames plus a learned time table,
-`pos_embed_type="space_time"`), joint space-time attention, no class
-token: the logits are the mean over the tokens of head(norm(token)) (`global_pool="avg"`,
-a per-token final norm), so every token's logit-lens reading is its exact share of the
-logits, and whatever crosses frames crosses them in attention between patch tokens:
+(each token sees one frame, so motion can only be read across tokens), 4x4 patches of 8 px
+per frame, joint space-time attention with V-JEPA 2's 3D rotary embedding and no absolute
+position table (`rope_type="3d"`, `pos_embed=False`: queries and keys are turned by each
+token's (time, row, col), so an attention score depends on the offset in time and space
+between two tokens, what a motion detector compares), and no class token: the logits are the
+mean over the tokens of head(norm(token)) (`global_pool="avg"`, a per-token final norm), so
+every token's logit-lens reading is its exact share of the logits, and whatever crosses frames
+crosses them in attention between patch tokens:
 
 * ``video_motion``: trained on ``MovingShapes(task="motion")``, the direction of motion.
   On the torus no single frame tells it and a sum of per-frame features cannot tell it
@@ -14,10 +16,11 @@ logits, and whatever crosses frames crosses them in attention between patch toke
 * ``video_shape``: the static control, trained on ``MovingShapes(task="shape")``.
 
 They are HookedViTs (no external reference model): a JSON file (the ``HookedViTConfig``, the
-recipe, seed and measured figures) and safetensors weights, written under
-``circuits/embedded/weights`` by ``python -m circuits.embedded.video_models``. No weights are
-shipped yet: 3000 steps of ``RECIPE`` (about 90 s of CPU per model) left the motion model at
-chance and the static control at 0.51 (docs/video.md records the figures).
+recipe, seed and measured figures) and safetensors weights under ``circuits/embedded/weights``,
+written by ``python -m circuits.embedded.video_models`` (about 9 minutes per model on one CPU
+thread). Why RoPE: with learned absolute tables (a spatial table shared by the frames plus a
+time table) every recipe tried learned the axis of the motion but never its sign within 10,000
+steps; with the rotary embedding the same recipe reaches 0.96 (docs/video.md has the search).
 
 Recipe: a cached uint8 tensor of rendered clips, random batches, AdamW with linear warm-up
 and cosine decay, gradient clipping, and label-aware augmentation (a horizontal flip swaps
@@ -47,7 +50,8 @@ from hooked_vit.errors import UserError
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 VIDEO_NAMES: dict[str, str] = {"video_motion": "motion", "video_shape": "shape"}
 NUM_FRAMES = 4
-RECIPE: dict = {"n_train": 3000, "n_val": 500, "steps": 3000, "batch_size": 32, "lr": 3e-3, "warmup": 100,
+N_HEADS = 2
+RECIPE: dict = {"n_train": 40000, "n_val": 1000, "steps": 4000, "batch_size": 64, "lr": 2e-3, "warmup": 200,
                 "weight_decay": 0.05, "clip_grad": 1.0, "augment": True, "seed": 0, "threads": 1}
 
 
@@ -57,23 +61,17 @@ def video_config(task: str) -> HookedViTConfig:
         raise UserError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     names = TASKS[task]
     return HookedViTConfig(
-        d_model=64, n_layers=3, n_heads=4, d_mlp=128, n_classes=len(names), img_size=32, patch_size=16,
-        num_frames=NUM_FRAMES, tubelet_size=1, class_token=False, global_pool="avg", pos_embed_type="space_time",
+        d_model=96, n_layers=3, n_heads=N_HEADS, d_head=16, d_mlp=128, n_classes=len(names), img_size=32, patch_size=8,
+        num_frames=NUM_FRAMES, tubelet_size=1, class_token=False, global_pool="avg", pos_embed=False, rope_type="3d",
         model_name=f"embedded:video_{task}", label_names=names, class_names=names,
         data_config={"input_size": [3, 32, 32], "mean": list(MEAN), "std": list(STD), "num_frames": NUM_FRAMES},
     )
 
 
 def new_video_model(task: str, seed: int = 0) -> HookedViT:
-    """The untrained architecture for `task`, as training starts (seeded): the learned spatial
-    and time tables start small and random (normal, std 0.02, as timm's ViTs), so the patch
-    content, not the position, dominates the first residual stream."""
+    """The untrained architecture for `task`, as training starts (seeded)."""
     torch.manual_seed(seed)
-    model = HookedViT(video_config(task))
-    with torch.no_grad():
-        model.embed.pos_embed.normal_(0, 0.02)
-        model.embed.time_embed.normal_(0, 0.02)
-    return model
+    return HookedViT(video_config(task))
 
 
 def _materialize(ds: MovingShapes) -> tuple[UInt8[Tensor, "n t 3 h w"], Int[Tensor, "n"]]:

@@ -1,5 +1,6 @@
 """`hooked-vit demo`: every analysis (small: circuit, SAE and TextSpan included) on the embedded
-default, then one HTML report.
+default, the embedded video models on moving-shapes clips (identify, no cross-frame
+attention), then one HTML report.
 
 No downloads: the synthetic dataset is generated, the model is the project's own. Each
 step below runs one analysis over the data (`circuits.runs`); runs are resumable, so an
@@ -35,6 +36,7 @@ PROBE_PER_CLASS = 10
 CIRCUIT_BUDGET, CIRCUIT_IMAGES = 20, 64  # EAP edges kept; images scored
 SAE_TRAIN_IMAGES, SAE_WIDTH, SAE_STEPS, SAE_EVAL_IMAGES = 256, 256, 300, 128
 TEXTSPAN_IMAGES = 256
+DEMO_CLIPS = 128  # moving-shapes clips per video run
 
 
 @dataclass
@@ -129,10 +131,28 @@ def textspan_step(ctx: DemoContext) -> None:
                  progress=False, settings={"texts_from": "class names and logit directions (no text tower)"})
 
 
+def video_step(ctx: DemoContext) -> None:
+    """The embedded video models (docs/video.md) on moving-shapes clips of the test split:
+    identify (space-time identifiability) on the motion model, and no cross-frame attention
+    on the motion model and on its static control."""
+    from circuits.embedded.video_models import VIDEO_NAMES
+
+    root = ctx.out / "video"
+    for name, task in VIDEO_NAMES.items():
+        model = load_model(f"embedded:{name}", device=ctx.device)
+        clips = load_dataset(f"{'moving_shapes' if task == 'motion' else 'moving_shapes_static'}:test:"
+                             f"{min(DEMO_CLIPS, len(ctx.data))}", model)
+        if task == "motion":
+            identify(model, clips, str(root / "identify" / name), batch_size=ctx.batch_size, overwrite=ctx.overwrite,
+                     progress=False)
+        perturbation_experiment(model, clips, root / "perturb" / name, kinds=("none", "no_cross_frame"),
+                                batch_size=ctx.batch_size, overwrite=ctx.overwrite, progress=False)
+
+
 STEPS: dict[str, Callable[[DemoContext], None]] = {
     "identify": identify_step, "perturb": perturb_step, "memories": memories_step,
     "decompose": decompose_step, "explain": explain_step, "circuit": circuit_step, "sae": sae_step,
-    "textspan": textspan_step,
+    "textspan": textspan_step, "video": video_step,
 }
 
 
