@@ -17,10 +17,11 @@ crosses them in attention between patch tokens:
 
 They are HookedViTs (no external reference model): a JSON file (the ``HookedViTConfig``, the
 recipe, seed and measured figures) and safetensors weights under ``circuits/embedded/weights``,
-written by ``python -m circuits.embedded.video_models`` (about 9 minutes per model on one CPU
+written by ``python -m circuits.embedded.video_models`` (about 6 minutes per model on one CPU
 thread). Why RoPE: with learned absolute tables (a spatial table shared by the frames plus a
 time table) every recipe tried learned the axis of the motion but never its sign within 10,000
-steps; with the rotary embedding the same recipe reaches 0.96 (docs/video.md has the search).
+steps; with the rotary embedding the shipped seed reaches 0.997 (seed 2: 0.966; seed 1 stays
+at the axis; docs/video.md has the search).
 
 Recipe: a cached uint8 tensor of rendered clips, random batches, AdamW with linear warm-up
 and cosine decay, gradient clipping, and label-aware augmentation (a horizontal flip swaps
