@@ -8,4 +8,5 @@ METHOD_NAMES = ("attention", "rollout", "gae", "gradcam", "class_embedding", "to
 DEFAULT_METHODS = ("attention", "rollout", "gae", "gradcam", "class_embedding", "tokentm", "random")
 
 CIRCUIT_METRICS = ('logit_diff', 'target_logit', 'rank', 'identifiability', 'cross_entropy')
-CIRCUIT_CORRUPTIONS = ('shuffle', 'blur', 'noise', 'mean')
+CIRCUIT_CORRUPTIONS = ('shuffle', 'blur', 'noise', 'mean', 'reverse_frames', 'shuffle_frames', 'freeze_frames')
+CLIP_CORRUPTIONS = ('reverse_frames', 'shuffle_frames', 'freeze_frames')  # clips only (video models)

@@ -11,9 +11,10 @@ lens / identifiability of every space-time token in one call.
   1 - rank / n_classes (Vilas et al. 2023; `circuits.identifiability`) of every token at every
   block output, with the class token's and per-time means.
 - Corruptions for patching over time (the corrupted run of `circuits.patching` /
-  `circuits.circuit_discovery`): `shuffle_frames(clips, seed)` (the frames in a random
+  `circuits.circuit_discovery`): `reverse_frames(clips)` (the clip played backwards: same
+  frames, every motion reversed), `shuffle_frames(clips, seed)` (the frames in a random
   order other than their own: same content, no motion order) and `freeze_frames(clips,
-  frame)` (one frame repeated: same appearance, no motion). A second clip is the third.
+  frame)` (one frame repeated: same appearance, no motion). A second clip is the fourth.
 """
 from __future__ import annotations
 
@@ -39,6 +40,15 @@ def _require_video(model: HookedViT) -> None:
 def _check_clips(clips: Tensor) -> None:
     if clips.ndim != 5:
         raise UserError(f"clips must be [batch, frames, channels, height, width], got shape {tuple(clips.shape)}")
+
+
+def reverse_frames(clips: Float[Tensor, "b t c h w"]) -> Float[Tensor, "b t c h w"]:
+    """The clips played backwards: every frame's content kept, every motion reversed (on the
+    embedded moving shapes, each direction becomes its opposite)."""
+    _check_clips(clips)
+    if clips.shape[1] < 2:
+        raise UserError(f"reverse_frames needs at least 2 frames, the clips have {clips.shape[1]}")
+    return clips.flip(1)
 
 
 def shuffle_frames(clips: Float[Tensor, "b t c h w"], seed: int = 0) -> Float[Tensor, "b t c h w"]:

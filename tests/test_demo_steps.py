@@ -32,9 +32,10 @@ def test_demo_steps_cover_circuit_sae_and_textspan(tmp_path):
 
 
 def test_demo_video_step_runs_the_shipped_video_models(tmp_path):
-    """The demo covers video offline: identify on the motion model, no cross-frame attention on
-    it and on the static control; the report draws the frames; the motion model loses its
-    accuracy without cross-frame attention, the control does not."""
+    """The demo covers video offline: identify and a motion circuit on the motion model, no
+    cross-frame attention on it and on the static control; the report draws them; the motion
+    model loses its accuracy without cross-frame attention, the control does not; the circuit
+    recovers most of the motion logit difference."""
     import pandas as pd
 
     torch.manual_seed(0)
@@ -44,13 +45,17 @@ def test_demo_video_step_runs_the_shipped_video_models(tmp_path):
                       batch_size=32)
     STEPS["video"](ctx)
     runs = sorted(str(p.parent.relative_to(tmp_path)) for p in Path(tmp_path).rglob("manifest.json"))
-    assert runs == ["video/identify/video_motion", *(f"video/perturb/{m}/{k}" for m in ("video_motion", "video_shape")
-                                                     for k in ("no_cross_frame", "none"))]
+    assert runs == ["video/circuit/video_motion", "video/identify/video_motion",
+                    *(f"video/perturb/{m}/{k}" for m in ("video_motion", "video_shape") for k in ("no_cross_frame", "none"))]
+    import json
+
+    summary = json.loads((tmp_path / "video/circuit/video_motion/summary.json").read_text())
+    assert summary["n_images"] == 32 and summary["n_edges_kept"] == 20 and summary["faithfulness"] > 0.6, summary
     acc = {}
-    for run in runs[1:]:
+    for run in runs[2:]:
         table = pd.read_parquet(tmp_path / run / "images")
         acc[run.split("/", 2)[2]] = float(table["correct"].mean())
     assert acc["video_motion/none"] > 0.9 and acc["video_motion/no_cross_frame"] < 0.45, acc
     assert acc["video_shape/none"] - acc["video_shape/no_cross_frame"] < 0.15, acc
     html = build_report([tmp_path], tmp_path / "report.html").read_text()
-    assert "video_motion" in html and "no_cross_frame" in html
+    assert "video_motion" in html and "no_cross_frame" in html and "reverse_frames" in html

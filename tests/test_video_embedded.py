@@ -137,6 +137,18 @@ def test_circuit_graph_of_a_video_model_is_over_its_space_time_tokens():
         edge_attribution(divided, x, y)
 
 
+def test_clip_corruptions_act_on_time_and_refuse_images():
+    gen = torch.Generator().manual_seed(0)
+    clips = torch.randn(2, 4, 3, 16, 16, generator=gen)
+    assert torch.equal(corrupt(clips, "reverse_frames")[:, 0], clips[:, 3])
+    assert torch.equal(corrupt(clips, "freeze_frames")[:, 3], clips[:, 0])
+    shuffled = corrupt(clips, "shuffle_frames")
+    assert not torch.equal(shuffled, clips) and torch.equal(shuffled.sort(1).values, clips.sort(1).values)
+    for name in ("reverse_frames", "shuffle_frames", "freeze_frames"):
+        with pytest.raises(ValueError, match="acts on the frames of clips"):
+            corrupt(clips[:, 0], name)
+
+
 def test_blur_corrupts_clips_frame_by_frame():
     gen = torch.Generator().manual_seed(0)
     clips = torch.randn(2, 3, 3, 16, 16, generator=gen)

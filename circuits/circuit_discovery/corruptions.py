@@ -7,7 +7,9 @@ replacement", over Gaussian noise; both are here).
 - "noise": additive Gaussian noise (Meng et al. 2022's corruption).
 - "mean": the batch-mean image for every image.
 - `swap_background`: the object on another image's background (needs the object masks).
-Clips [b, t, c, h, w] of a video model work with all four above (blur acts on each frame).
+Clips [b, t, c, h, w] of a video model work with all four above (blur acts on each frame),
+and three act on their time axis only (`circuits.video`): "reverse_frames" (played
+backwards), "shuffle_frames" (the frames out of order), "freeze_frames" (the first frame held).
 Token removal and attention perturbation act inside the model: see `circuits.token_removal`.
 """
 
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuits.method_names import CIRCUIT_CORRUPTIONS
+from circuits.method_names import CIRCUIT_CORRUPTIONS, CLIP_CORRUPTIONS
+from circuits.video import freeze_frames, reverse_frames, shuffle_frames
 from hooked_vit.errors import UserError
 
 
@@ -74,7 +77,8 @@ def swap_background(images: Float[Tensor, "b c h w"], masks: Bool[Tensor, "b h w
     return torch.where(masks[:, None].to(images.device), images, donors)
 
 
-CORRUPTIONS = {"shuffle": shuffle, "blur": blur, "noise": noise, "mean": mean}
+CORRUPTIONS = {"shuffle": shuffle, "blur": blur, "noise": noise, "mean": mean, "reverse_frames": reverse_frames,
+               "shuffle_frames": shuffle_frames, "freeze_frames": freeze_frames}
 assert tuple(CORRUPTIONS) == CIRCUIT_CORRUPTIONS, "circuits.method_names must list the corruptions, in order"
 
 
@@ -82,4 +86,7 @@ def corrupt(images: Float[Tensor, "b c h w"], name: str, **kwargs) -> Tensor:
     """The corrupted images for `images` by corruption `name` (see the module docstring)."""
     if name not in CORRUPTIONS:
         raise UserError(f"unknown corruption {name!r}; choose from {sorted(CORRUPTIONS)}")
+    if name in CLIP_CORRUPTIONS and images.ndim != 5:
+        raise UserError(f"the {name!r} corruption acts on the frames of clips [b, t, c, h, w] (video models); "
+                         f"these inputs have shape {tuple(images.shape)}: use shuffle, blur, noise or mean")
     return CORRUPTIONS[name](images, **kwargs)

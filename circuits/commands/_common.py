@@ -52,7 +52,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 # The commands that run on video models (`add_video_args`); every other one refuses them in one line.
-VIDEO_COMMANDS = ("identify", "perturb", "sae train", "sae eval")
+VIDEO_COMMANDS = ("identify", "perturb", "circuit", "sae train", "sae eval")
 
 
 def add_run_args(p: argparse.ArgumentParser, target: bool = True, video: bool = False) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from circuits.commands._common import add_class_text_args, add_model_args, load_inputs, positive_int
+from circuits.commands._common import add_class_text_args, add_model_args, add_video_args, load_inputs, positive_int
 
 ORDER = 60
 
@@ -18,11 +18,15 @@ def add_parser(sub) -> None:
                                    "the --budget highest-|score| edges (or grown greedily from the logits) and the share of the "
                                    "metric it recovers.")
     add_model_args(p)
-    p.add_argument("--data", default="synthetic", help="synthetic[:split[:n]], an ImageNet-S root, or an ImageFolder")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic[:split[:n]], an ImageNet-S root, or an ImageFolder; with a video model "
+                        "moving_shapes[_static][:split[:n]] or a folder of video clips / frame folders")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", default="eap", choices=["eap", "eap-ig"])
     p.add_argument("--metric", default="logit_diff", choices=sorted(set(CIRCUIT_METRICS) - {"rank", "identifiability"}))
-    p.add_argument("--corruption", default="shuffle", choices=sorted(CIRCUIT_CORRUPTIONS))
+    p.add_argument("--corruption", default="shuffle", choices=sorted(CIRCUIT_CORRUPTIONS),
+                   help="the corrupted run: another image of the batch (shuffle), blur, noise, the batch mean; "
+                        "for clips also reverse_frames (played backwards), shuffle_frames, freeze_frames")
     p.add_argument("--budget", type=positive_int, default=20, help="edges kept in the circuit")
     p.add_argument("--greedy", action="store_true",
                    help="grow the circuit from the logits (every kept edge on a path to them) instead of top-|score|")
@@ -31,6 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=positive_int, default=64, help="only the first N images")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     add_class_text_args(p)
+    add_video_args(p)
     p.set_defaults(run=run)
 
 

@@ -17,8 +17,8 @@ def add_parser(sub) -> None:
                                    "evaluated, features studied) and textspan (the embedded model has no text "
                                    "tower: its class names with their logit directions stand in for CLIP "
                                    "prompts), and video (the embedded video models on moving-shapes clips: space-time "
-                                   "identifiability, no cross-frame attention on the motion model and its static "
-                                   "control). No downloads; resumable.")
+                                   "identifiability, a motion circuit, no cross-frame attention on the motion model "
+                                   "and its static control). No downloads; resumable.")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--n", type=positive_int, default=512, help="test images")
     p.add_argument("--batch-size", type=positive_int, default=64)

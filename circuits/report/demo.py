@@ -1,6 +1,6 @@
 """`hooked-vit demo`: every analysis (small: circuit, SAE and TextSpan included) on the embedded
-default, the embedded video models on moving-shapes clips (identify, no cross-frame
-attention), then one HTML report.
+default, the embedded video models on moving-shapes clips (identify, a motion circuit, no
+cross-frame attention), then one HTML report.
 
 No downloads: the synthetic dataset is generated, the model is the project's own. Each
 step below runs one analysis over the data (`circuits.runs`); runs are resumable, so an
@@ -37,6 +37,7 @@ CIRCUIT_BUDGET, CIRCUIT_IMAGES = 20, 64  # EAP edges kept; images scored
 SAE_TRAIN_IMAGES, SAE_WIDTH, SAE_STEPS, SAE_EVAL_IMAGES = 256, 256, 300, 128
 TEXTSPAN_IMAGES = 256
 DEMO_CLIPS = 128  # moving-shapes clips per video run
+VIDEO_CIRCUIT_CLIPS = 48  # clips scored by the video circuit run
 
 
 @dataclass
@@ -133,8 +134,9 @@ def textspan_step(ctx: DemoContext) -> None:
 
 def video_step(ctx: DemoContext) -> None:
     """The embedded video models (docs/video.md) on moving-shapes clips of the test split:
-    identify (space-time identifiability) on the motion model, and no cross-frame attention
-    on the motion model and on its static control."""
+    identify (space-time identifiability) and a motion circuit (EAP-IG against the clips
+    played backwards, 20 edges grown from the logits) on the motion model, and no cross-frame
+    attention on the motion model and on its static control."""
     from circuits.embedded.video_models import VIDEO_NAMES
 
     root = ctx.out / "video"
@@ -145,6 +147,9 @@ def video_step(ctx: DemoContext) -> None:
         if task == "motion":
             identify(model, clips, str(root / "identify" / name), batch_size=ctx.batch_size, overwrite=ctx.overwrite,
                      progress=False)
+            circuit_run(model, clips, root / "circuit" / name, method="eap-ig", corruption="reverse_frames",
+                        budget=CIRCUIT_BUDGET, greedy=True, limit=min(VIDEO_CIRCUIT_CLIPS, len(clips)),
+                        batch_size=min(ctx.batch_size, 24), overwrite=ctx.overwrite)
         perturbation_experiment(model, clips, root / "perturb" / name, kinds=("none", "no_cross_frame"),
                                 batch_size=ctx.batch_size, overwrite=ctx.overwrite, progress=False)
 

@@ -8,7 +8,9 @@ and its faithfulness, written to `out_dir`:
     manifest.json         the run's settings (as every run has), so the report finds it
 
 Rerunning with the same settings returns the finished run's summary; other settings are refused
-unless overwrite=True. Runs in one pass over all images: not resumable mid-run.
+unless overwrite=True. Runs in one pass over all images: not resumable mid-run. Video models
+(joint attention) run the same over their space-time tokens, with the clip corruptions of
+`circuits.circuit_discovery.corruptions` (reverse_frames, shuffle_frames, freeze_frames).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from tqdm.auto import tqdm
 from circuits.circuit_discovery.attribution_patching import attribution_patch
 from circuits.circuit_discovery.corruptions import CORRUPTIONS, corrupt
 from circuits.circuit_discovery.eap import EdgeScores, edge_attribution, faithfulness, prune
+from circuits.circuit_discovery.graph import ViTGraph
+from circuits.method_names import CLIP_CORRUPTIONS
 from circuits.files import atomic_write_bytes
 from circuits.runs.context import start_run
 from circuits.runs.distributed import require_single_process
@@ -42,6 +46,10 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
     require_single_process("circuit")
     if corruption not in CORRUPTIONS:
         raise UserError(f"unknown corruption {corruption!r}; choose from {sorted(CORRUPTIONS)}")
+    if corruption in CLIP_CORRUPTIONS and not model.cfg.is_video:
+        raise UserError(f"--corruption {corruption} acts on the frames of clips; {model.cfg.model_name} is an image "
+                         "model: use shuffle, blur, noise or mean")
+    ViTGraph.of(model)  # a model the graph refuses (divided space-time attention) is refused before the run starts
     run = start_run("circuit", model, dataset, out_dir, limit=limit, overwrite=overwrite, progress=progress,
                     method=method, metric=str(metric), corruption=corruption, budget=budget, ig_steps=ig_steps,
                     batch_size=batch_size, greedy=greedy)
