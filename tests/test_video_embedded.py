@@ -6,7 +6,8 @@ discovery on video models:
 - identifiability (circuits.video.space_time_identifiability) rises over the blocks;
 - no cross-frame attention drops the motion model to chance and leaves the static control;
 - an EAP-IG circuit with a fifth of the edges recovers most of the motion logit difference
-  (clean clips against the same clips played backwards, which reverses every direction);
+  (clean clips against the same clips played backwards, which reverses every direction),
+  through one head per block;
 - the training augmentations relabel motion consistently (checked on the shapes' masks);
 - EAP's graph on a joint-attention video model is the image graph over the space-time tokens;
   divided space-time attention is refused in one line; `blur` corrupts clips frame by frame.
@@ -22,7 +23,7 @@ import torch
 
 from circuits.circuit_discovery import ViTGraph, corrupt, edge_attribution, faithfulness, prune
 from circuits.embedded.synthetic_video import MOTION_CLASSES, SHAPE_CLASSES, MovingShapes
-from circuits.embedded.video_models import (NUM_FRAMES, VIDEO_NAMES, WEIGHTS_DIR, _materialize, _normalise, accuracy,
+from circuits.embedded.video_models import (NUM_FRAMES, RECIPE, SEEDS, VIDEO_NAMES, WEIGHTS_DIR, _materialize, _normalise, accuracy,
                                             augment, embedded_video_info, load_embedded_video, new_video_model,
                                             video_config)
 from circuits.interventions import perturbation_hooks
@@ -51,9 +52,10 @@ def test_shipped_weights_are_small_and_load_strictly(models):
         assert (WEIGHTS_DIR / f"{name}.safetensors").stat().st_size < 1_000_000
         info = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
         assert info["config"]["model_name"] == f"embedded:{name}" and model.cfg.num_frames == NUM_FRAMES
-        recipe = dataclasses.replace(video_config(VIDEO_NAMES[name]), device=model.cfg.device)
-        assert model.cfg == recipe  # the architecture the recipe trains
-        assert info["metrics"]["recipe"]["seed"] == 0 and info["metrics"]["val_accuracy"] >= 0.9
+        architecture = dataclasses.replace(video_config(VIDEO_NAMES[name]), device=model.cfg.device)
+        assert model.cfg == architecture  # the architecture the recipe trains
+        recipe = {**RECIPE, "seed": SEEDS[VIDEO_NAMES[name]]}  # what `python -m circuits.embedded.video_models` trains
+        assert info["metrics"]["recipe"] == recipe and info["metrics"]["val_accuracy"] >= 0.9
     assert models["video_motion"].cfg.class_names == MOTION_CLASSES
     assert models["video_shape"].cfg.class_names == SHAPE_CLASSES
 
@@ -67,14 +69,14 @@ def test_shipped_models_reach_their_accuracy_on_held_out_clips(models, data):
 
 
 def test_identifiability_rises_over_layers(models, data):
-    """Must show (a): the mean identifiability of the true direction in the patch tokens is
-    highest after the last block, far above where it starts after block 0."""
+    """Must show (a): the mean identifiability of the true direction in the patch tokens rises
+    block by block, from near chance (0.625) after block 0 to high after the last."""
     x, y = data["motion"]
     ident = space_time_identifiability(models["video_motion"], _normalise(x), y)
     per_block = ident["tokens"].mean((0, 2))  # [L]
     assert ident["per_time"].shape == (N_CLIPS, 3, NUM_FRAMES)
-    assert per_block[-1] == per_block.max() and per_block[-1] > 0.95, per_block
-    assert per_block[-1] - per_block[0] > 0.2, per_block
+    assert torch.all(per_block[1:] > per_block[:-1] + 0.03), per_block
+    assert per_block[0] < 0.7 and per_block[-1] > 0.82, per_block
 
 
 def test_no_cross_frame_attention_breaks_motion_not_the_static_control(models, data):
@@ -95,7 +97,8 @@ def test_eap_ig_circuit_recovers_the_motion_logit_difference_with_few_edges(mode
     """Must show (c): EAP-IG on the motion model, clean clips against the same clips played
     backwards (each direction becomes its opposite, every frame's content stays), the logit
     difference between the clean and the reversed direction: a circuit of a fifth of the
-    graph's edges, grown greedily from the logits, recovers most of it."""
+    graph's edges, grown greedily from the logits, recovers most of it, through one head per
+    block."""
     model = models["video_motion"]
     x, y = data["motion"]
     clean = _normalise(x[:48])
@@ -107,7 +110,9 @@ def test_eap_ig_circuit_recovers_the_motion_logit_difference_with_few_edges(mode
     faith = faithfulness(model, circuit, clean, reversed_, "logit_diff", **t)
     assert faith.clean > 1.0 and faith.corrupted < -1.0  # the reversed clips flip the model's answer
     assert circuit.n_edges == total // 5
-    assert faith.recovered > 0.7, faith
+    assert faith.recovered > 0.8, faith
+    heads = {name.split(".")[0] for edge in circuit.edge_names() for name in edge if name.startswith("L")}
+    assert heads == {"L0H0", "L1H0", "L2H0"}, heads  # one head per block carries the motion
     empty = faithfulness(model, prune(scores, budget=0), clean, reversed_, "logit_diff", **t)
     assert abs(empty.recovered) < 1e-4  # no edge: the corrupted run (the measure can fail)
 
