@@ -52,6 +52,29 @@ def make_timm(name: str, seed: int = 0, **extra) -> tuple[torch.nn.Module, int]:
     return randomize_(model.eval(), seed), size
 
 
+def timm_pair(arch: str, options: dict, size: tuple[int, int], edit=None) -> tuple:
+    """(timm model, HookedViT.from_timm of it, images [2, 3, *size]): timm's `arch` built from
+    `options` (edited by `edit` when given), every parameter randomised, in eval mode."""
+    import warnings
+
+    from hooked_vit import HookedViT
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        timm_model = timm.create_model(arch, pretrained=False, **options)
+    if edit is not None:
+        timm_model = edit(timm_model)
+    timm_model = randomize_(timm_model.eval(), seed=3)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
+    return timm_model, HookedViT.from_timm(timm_model), x
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the equivalence tests' relative error."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
 def images(size: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -91,6 +114,19 @@ class KeepPatches(torch.nn.Module):
         prefix, patches = x[:, : self.n_prefix], x[:, self.n_prefix:]
         kept = torch.cat([prefix, torch.gather(patches, 1, self.keep[..., None].expand(-1, -1, x.shape[-1]))], 1)
         return (kept, self.keep) if self.with_indices else kept
+
+
+def timm_on_kept_patches(timm_model: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor, n_prefix: int,
+                         with_indices: bool = False) -> torch.Tensor:
+    """timm's forward with its patch-dropout slot keeping the patches `keep` [b, k] (`KeepPatches`),
+    the slot restored afterwards."""
+    original = timm_model.patch_drop
+    timm_model.patch_drop = KeepPatches(keep, n_prefix, with_indices)
+    try:
+        with torch.no_grad():
+            return timm_model(x)
+    finally:
+        timm_model.patch_drop = original
 
 
 def keep_mask_of(keep: torch.Tensor, n_prefix: int, n_ctx: int) -> torch.Tensor:

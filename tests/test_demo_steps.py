@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from circuits.report import build_report
@@ -36,8 +38,6 @@ def test_demo_video_step_runs_the_shipped_video_models(tmp_path):
     cross-frame attention on it and on the static control; the report draws them; the motion
     model loses its accuracy without cross-frame attention, the control does not; the circuit
     recovers most of the motion logit difference."""
-    import pandas as pd
-
     torch.manual_seed(0)
     spec = parse_model_spec("embedded")
     model = load_model(spec)
@@ -47,8 +47,6 @@ def test_demo_video_step_runs_the_shipped_video_models(tmp_path):
     runs = sorted(str(p.parent.relative_to(tmp_path)) for p in Path(tmp_path).rglob("manifest.json"))
     assert runs == ["video/circuit/video_motion", "video/identify/video_motion",
                     *(f"video/perturb/{m}/{k}" for m in ("video_motion", "video_shape") for k in ("no_cross_frame", "none"))]
-    import json
-
     summary = json.loads((tmp_path / "video/circuit/video_motion/summary.json").read_text())
     assert summary["n_images"] == 32 and summary["n_edges_kept"] == 20 and summary["faithfulness"] > 0.6, summary
     acc = {}

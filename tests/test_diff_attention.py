@@ -11,7 +11,6 @@ explicit paths (and timm's own explicit path); the hooks carry what the model us
 from __future__ import annotations
 
 import functools
-import warnings
 
 import pytest
 import timm
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import DiffAttention
 from timm.models.vision_transformer import DiffParallelScalingBlock
 
-from helpers import KeepPatches, keep_mask_of, randomize_
+from helpers import keep_mask_of, rel_err, timm_on_kept_patches, timm_pair
 from hooked_vit import HookedViT
 from hooked_vit.attention import diff_lambda_init
 from hooked_vit.config import HookedViTConfig
@@ -61,20 +60,8 @@ def built(name: str):
     """(timm model, HookedViT, images), every parameter randomised; built once per module."""
     if name not in _BUILT:
         arch, extra, edit = VARIANTS[name]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            timm_model = timm.create_model(arch, pretrained=False, **{**SMALL, **extra})
-        if edit is not None:
-            timm_model = edit(timm_model)
-        timm_model = randomize_(timm_model.eval(), seed=3)
-        x = torch.randn(2, 3, *SMALL["img_size"], generator=torch.Generator().manual_seed(5))
-        _BUILT[name] = (timm_model, HookedViT.from_timm(timm_model), x)
+        _BUILT[name] = timm_pair(arch, {**SMALL, **extra}, SMALL["img_size"], edit)
     return _BUILT[name]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _timm_diff_modules(timm_model):
@@ -318,13 +305,7 @@ def test_token_removal_matches_timm_on_the_kept_tokens():
     keep_idx = torch.tensor([[0, 2, 3, 7, 11], [1, 4, 5, 6, 10]])
     keep = keep_mask_of(keep_idx, n_prefix, model.cfg.n_ctx)
 
-    original = timm_model.patch_drop
-    timm_model.patch_drop = KeepPatches(keep_idx, n_prefix)
-    try:
-        with torch.no_grad():
-            ref = timm_model(x)
-    finally:
-        timm_model.patch_drop = original
+    ref = timm_on_kept_patches(timm_model, x, keep_idx, n_prefix)
     with torch.no_grad():
         fused = model(x, keep_mask=keep)
         explicit = model.run_with_hooks(x, keep_mask=keep, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: t)])

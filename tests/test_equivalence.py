@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import images, make_timm
+from helpers import images, make_timm, rel_err
 from hooked_vit import HookedViT
 
 RTOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def timm_block_outputs(timm_model, x):

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers not installed: pip install 'hooked-vit[hf]'")
 import transformers as T
 
-from helpers import images, randomize_
+from helpers import images, randomize_, rel_err
 from hooked_vit import HookedViT
 from hooked_vit.errors import UserError
 from hooked_vit.vlm import hidden_state_hook
@@ -20,10 +20,6 @@ VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_att
               patch_size=8)
 TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=64)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def make_llava(layer=-2, strategy="default") -> torch.nn.Module:

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers not installed: pip install 'hooked-vit[hf]'")
 import transformers as T
 
-from helpers import images, randomize_
+from helpers import images, randomize_, rel_err
 from hooked_vit import HookedViT
 from hooked_vit.loading import UnsupportedModelError
 
@@ -31,10 +31,6 @@ HF_MODELS = {
     "CLIPVisionModel": ("CLIPVisionConfig", dict(intermediate_size=96)),
     "CLIPVisionModelWithProjection": ("CLIPVisionConfig", dict(intermediate_size=96, projection_dim=24)),
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def make_hf(kind: str) -> torch.nn.Module:

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers not installed: pip install 'hooked-vit[hf]'")
 import transformers as T
 
-from helpers import images, randomize_
+from helpers import images, randomize_, rel_err
 from hooked_vit import HookedViT
 from hooked_vit.errors import UnsupportedModelError
 
@@ -41,10 +41,6 @@ MODELS = {
     "aimv2-head": ("Aimv2VisionModel", "Aimv2VisionConfig", dict(use_head=True, qkv_bias=True, mlp_bias=True)),
     "aimv2-nohead": ("Aimv2VisionModel", "Aimv2VisionConfig", dict(use_head=False)),
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def make(key: str) -> torch.nn.Module:

@@ -9,17 +9,13 @@ import torch
 pytest.importorskip("transformers", reason="transformers not installed: pip install 'hooked-vit[hf]'")
 import transformers as T
 
-from helpers import images, randomize_
+from helpers import images, randomize_, rel_err
 from hooked_vit import HookedViT
 
 SMALL = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
              intermediate_size=96, attn_implementation="eager")
 KINDS = {"ViTMSNModel": "ViTMSNConfig", "ViTMSNForImageClassification": "ViTMSNConfig",
          "IJepaModel": "IJepaConfig", "IJepaForImageClassification": "IJepaConfig"}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

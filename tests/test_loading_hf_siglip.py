@@ -11,16 +11,12 @@ import pytest
 import torch
 import transformers
 
-from helpers import randomize_
+from helpers import randomize_, rel_err
 from hooked_vit import HookedViT
 from hooked_vit.naflex import from_spatial_shapes, pad_batch, patchify, resample_table
 
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
 EXPLICIT = [("blocks.0.attn.hook_pattern", lambda t, hook: t), ("blocks.1.attn.hook_pattern", lambda t, hook: t)]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def explicit(model):

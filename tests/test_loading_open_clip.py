@@ -7,7 +7,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip extra not installed: pip install 'hooked-vit[open_clip]'")
 
-from helpers import images, randomize_
+from helpers import images, randomize_, rel_err
 from hooked_vit import HookedViT
 from hooked_vit.loading import UnsupportedModelError
 
@@ -15,10 +15,6 @@ RTOL = 1e-5
 # Registered architectures with their towers shrunk so the test stays fast.
 SMALL_VISION = dict(image_size=32, layers=2, width=48, head_width=12, mlp_ratio=2.0)
 ARCHS = {"ViT-B-32": 8, "ViT-B-16-quickgelu": 8, "ViT-L-14": 8}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def make_clip(arch: str, ls_init_value=None):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import zoo
+from helpers import rel_err
 from hooked_vit import HookedViT
 from hooked_vit.errors import UserError
 from hooked_vit.naflex import NaFlexInputs, pad_batch, patchify
@@ -24,10 +25,6 @@ def two_aspect_ratios(seed: int = 2) -> tuple[list[torch.Tensor], NaFlexInputs]:
     gen = torch.Generator().manual_seed(seed)
     imgs = [torch.randn(3, 64, 48, generator=gen), torch.randn(3, 32, 80, generator=gen)]
     return imgs, pad_batch(imgs, (16, 16), max_patches=14)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.fixture(scope="module", params=NAMES)

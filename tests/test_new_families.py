@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zoo
-from helpers import KeepPatches, keep_mask_of
+from helpers import keep_mask_of, rel_err, timm_on_kept_patches
 from hooked_vit import HookedViT
 from hooked_vit.errors import UnsupportedModelError
 
@@ -34,10 +34,6 @@ def built(name: str):
         x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
         _CACHE[name] = timm_model, model, x
     return _CACHE[name]
-
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def test_families_have_their_options():
@@ -93,10 +89,10 @@ def test_fused_and_explicit_attention_match_timm(name):
     timm_model, model, x = built(name)
     with torch.no_grad():
         ref = timm_model(x)
-        assert rel(model(x), ref) < TOL
+        assert rel_err(model(x), ref) < TOL
         names = lambda n: n.endswith("hook_pattern")
         logits, cache = model.run_with_cache(x, names_filter=names)
-    assert rel(logits, ref) < TOL and len(cache.keys()) >= model.cfg.n_layers
+    assert rel_err(logits, ref) < TOL and len(cache.keys()) >= model.cfg.n_layers
 
 
 @pytest.mark.parametrize("name", (EVA02, DINOV3))
@@ -107,19 +103,14 @@ def test_token_removal_rope_positions_follow_kept_tokens(name):
     n_prefix, n_patches = model.cfg.n_prefix_tokens, model.cfg.n_patches
     keep_idx = torch.tensor([[0, 2, 3, 7, 11], [1, 4, 5, 6, 10]])
     keep_mask = keep_mask_of(keep_idx, n_prefix, n_prefix + n_patches)
-    timm_model.patch_drop = KeepPatches(keep_idx, n_prefix, with_indices=True)
-    try:
-        with torch.no_grad():
-            ref = timm_model(x)
-    finally:
-        timm_model.patch_drop = None
+    ref = timm_on_kept_patches(timm_model, x, keep_idx, n_prefix, with_indices=True)
     with torch.no_grad():
         ours = model(x, keep_mask=keep_mask)
         # The same tokens at the positions 0..k-1 (RoPE not following them) differ:
         resid = model.embed_images(x)[keep_mask].view(2, n_prefix + 5, -1)
         shifted = model(resid, start_at_layer=0, positions=torch.arange(n_prefix + 5).expand(2, -1))
-    assert rel(ours, ref) < TOL
-    assert rel(shifted, ref) > 1e-3
+    assert rel_err(ours, ref) < TOL
+    assert rel_err(shifted, ref) > 1e-3
 
 
 def test_map_logit_lens_is_the_head_on_the_token_alone():
@@ -132,7 +123,7 @@ def test_map_logit_lens_is_the_head_on_the_token_alone():
         token = model.ln_final(resid[:, 5:6])  # one-token sequence through the hooked head
         alone = model.head(model.attn_pool(token))
     assert lens.shape == (2, resid.shape[1], model.cfg.n_classes)
-    assert rel(lens[:, 5], alone) < TOL
+    assert rel_err(lens[:, 5], alone) < TOL
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -171,12 +162,12 @@ def test_decomposition_exact(name):
     dec = decompose(model, x)
     with torch.no_grad():
         pre_logits = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
-    assert rel(dec.representation[:, 0], pre_logits) < TOL
+    assert rel_err(dec.representation[:, 0], pre_logits) < TOL
     assert ((dec.total() - dec.representation).norm() / dec.representation.norm()) < TOL
     logit_terms, _ = dec.logit_terms(model)
-    assert rel(logit_terms.sum(1), dec.logits) < 1e-4
+    assert rel_err(logit_terms.sum(1), dec.logits) < 1e-4
     (chunk,) = token_terms(model, x, dec, layers=[1])  # [b, r, h, k, d] sums over k to the head terms
-    assert rel(chunk.terms.sum(3).transpose(1, 2), dec.terms[:, dec.index("head", 1)]) < TOL
+    assert rel_err(chunk.terms.sum(3).transpose(1, 2), dec.terms[:, dec.index("head", 1)]) < TOL
 
 
 def test_map_decomposition_flows_through_the_pooling_weights():
@@ -191,9 +182,9 @@ def test_map_decomposition_flows_through_the_pooling_weights():
         _, cache = model.run_with_cache(x, names_filter=lambda n: n.startswith("attn_pool.hook"))
     mlp = dec.index("attn_pool.mlp")
     assert dec.names[-3:] == ["ln_final.b", "attn_pool.b", "attn_pool.mlp"]
-    assert rel(dec.terms[:, mlp].sum(1)[:, 0], cache["attn_pool.hook_mlp_out"]) < TOL
+    assert rel_err(dec.terms[:, mlp].sum(1)[:, 0], cache["attn_pool.hook_mlp_out"]) < TOL
     rest = [i for i in range(len(dec.components)) if i not in mlp]
-    assert rel(dec.terms[:, rest].sum(1)[:, 0], cache["attn_pool.hook_attn_out"]) < TOL
+    assert rel_err(dec.terms[:, rest].sum(1)[:, 0], cache["attn_pool.hook_attn_out"]) < TOL
 
     def zero_head(z, hook):
         z[:, :, 2] = 0
@@ -210,7 +201,7 @@ def test_map_decomposition_flows_through_the_pooling_weights():
     # The pooling weights matter: uniform ones (a GAP-style reading) give another representation.
     uniform = decompose(model, x, fwd_hooks=[("attn_pool.hook_pattern", lambda p, hook: torch.full_like(
         p, 1 / p.shape[-1]))])
-    assert rel(uniform.representation, dec.representation) > 1e-3
+    assert rel_err(uniform.representation, dec.representation) > 1e-3
 
 
 @pytest.mark.parametrize("name", (SIGLIP, AIMV2))
@@ -243,7 +234,7 @@ def test_rmsnorm_decomposition_does_not_centre():
             wrong = centred.stream(cache["blocks.0.hook_resid_pre"]) + sum(
             centred.stream(cache[f"blocks.{l}.hook_mlp_out"]) for l in range(2))
     right = dec.terms[:, [0, *dec.index("mlp"), *dec.index("b_out")]].sum(1)
-    assert rel(wrong, right) > 1e-3
+    assert rel_err(wrong, right) > 1e-3
 
 
 def test_decomposition_refuses_attn_norm_with_reason():
@@ -271,7 +262,7 @@ def test_weight_processing_keeps_logits(name, center):
     processed = copy.deepcopy(model).process_weights_(fold_ln=True, center_writing_weights=center,
                                                       fold_layer_scale=True)
     with torch.no_grad():
-        assert rel(processed(x), model(x)) < 1e-4
+        assert rel_err(processed(x), model(x)) < 1e-4
 
 
 def test_centring_refused_for_rmsnorm():
@@ -324,10 +315,10 @@ def test_map_explanations_read_the_pooling_weights():
     with torch.no_grad():
         _, cache = model.run_with_cache(x, names_filter="attn_pool.hook_pattern")
     assert t.readout.shape == (2, model.cfg.n_ctx)
-    assert rel(t.readout, cache["attn_pool.hook_pattern"][:, :, 0].mean(1)) < TOL
+    assert rel_err(t.readout, cache["attn_pool.hook_pattern"][:, :, 0].mean(1)) < TOL
     last = t.patterns[-1].detach()
     uniform = torch.einsum("q,bhqk->bhk", readout_weights(model.cfg, model.cfg.n_ctx), last)
-    assert rel(t.read_row(last), uniform) > 1e-3
+    assert rel_err(t.read_row(last), uniform) > 1e-3
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -372,7 +363,7 @@ def test_sae_splices_with_error_term(name):
         ref = model(x)
         with spliced(model, sae, use_error=True):
             logits, cache = model.run_with_cache(x)
-    assert rel(logits, ref) < TOL
+    assert rel_err(logits, ref) < TOL
     assert cache[f"{hook}.hook_sae_acts_post"].shape == (2, model.cfg.n_ctx, 96)
 
 
@@ -403,24 +394,13 @@ def test_timm_state_dict_round_trip(name):
     fresh, _ = zoo.small_variant(name, seed=99)
     fresh.load_state_dict(model.to_timm_state_dict(like=fresh))  # strict
     with torch.no_grad():
-        assert rel(fresh(x), timm_model(x)) < 1e-6
+        assert rel_err(fresh(x), timm_model(x)) < 1e-6
 
 
 def test_timm_state_dict_without_layout_refused_for_eva():
     _, model, _ = built(EVA02)
     with pytest.raises(ValueError, match="like="):
         model.to_timm_state_dict()
-
-
-class _KeepTokens(torch.nn.Module):
-    """timm VisionTransformer's patch_drop slot keeping chosen patches (a tensor out)."""
-
-    def __init__(self, keep: torch.Tensor, n_prefix: int):
-        super().__init__()
-        self.inner = KeepPatches(keep, n_prefix, with_indices=True)
-
-    def forward(self, x):
-        return self.inner(x)[0]
 
 
 @pytest.mark.parametrize("name", (SIGLIP, AIMV2))
@@ -431,19 +411,12 @@ def test_token_removal_matches_timm_on_the_kept_tokens(name):
     timm_model, model, x = built(name)
     n_prefix, n_patches = model.cfg.n_prefix_tokens, model.cfg.n_patches
     keep_idx = torch.tensor([[0, 2, 3, 7, 11], [1, 4, 5, 6, 10]])
-    keep = torch.zeros(2, n_prefix + n_patches, dtype=torch.bool)
-    keep[:, :n_prefix] = True
-    keep.scatter_(1, keep_idx + n_prefix, True)
-    timm_model.patch_drop = _KeepTokens(keep_idx, n_prefix)
-    try:
-        with torch.no_grad():
-            ref = timm_model(x)
-    finally:
-        timm_model.patch_drop = torch.nn.Identity()
+    keep = keep_mask_of(keep_idx, n_prefix, n_prefix + n_patches)
+    ref = timm_on_kept_patches(timm_model, x, keep_idx, n_prefix)
     with torch.no_grad():
-        assert rel(model(x, keep_mask=keep), ref) < TOL
+        assert rel_err(model(x, keep_mask=keep), ref) < TOL
         ragged = keep.clone()
         ragged[1, n_prefix + 4] = False  # the second image keeps one token fewer
         both = model(x, keep_mask=ragged)
         alone = torch.cat([model(x[i:i + 1], keep_mask=ragged[i:i + 1]) for i in range(2)])
-    assert rel(both, alone) < TOL
+    assert rel_err(both, alone) < TOL

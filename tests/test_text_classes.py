@@ -8,16 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import images, randomize_
+from helpers import images, randomize_, rel_err
 from hooked_vit import HookedViT
 from hooked_vit.text_classes import install_text_classes, text_class_embeddings
 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,13 @@ decomposition exact where it applies.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import pytest
-import timm
 import torch
 from timm.models.vision_transformer import ParallelScalingBlock
 
 from circuits.decomposition.decompose import decompose
-from helpers import randomize_
+from helpers import rel_err, timm_pair
 from hooked_vit import HookedViT
 from hooked_vit.errors import UserError
 
@@ -53,17 +51,8 @@ def built(name: str):
     """(timm model, HookedViT, images) for a family, built once per module."""
     if name not in _BUILT:
         arch, extra, _ = FAMILIES[name]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            timm_model = randomize_(timm.create_model(arch, pretrained=False, **{**SMALL, **extra}).eval(), seed=3)
-        size = extra["img_size"]
-        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
-        _BUILT[name] = (timm_model, HookedViT.from_timm(timm_model), x)
+        _BUILT[name] = timm_pair(arch, {**SMALL, **extra}, extra["img_size"])
     return _BUILT[name]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

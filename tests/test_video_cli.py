@@ -167,7 +167,8 @@ def test_perturb_no_cross_frame_changes_the_ranks_of_a_video_run(tmp_path, capsy
      "token removal is not offered for video models yet"),
     (["perturb", "--data", "synthetic:test:4", "--kinds", "no_cross_frame"], "no_cross_frame needs a video model"),
     (["circuit", "--data", "synthetic:test:4", "--corruption", "reverse_frames"],
-     "--corruption reverse_frames acts on the frames of clips; embedded is an image model"),
+     "corruption 'reverse_frames' acts on the frames of clips [b, t, c, h, w] (video models); embedded is an "
+     "image model"),
 ])
 def test_what_does_not_run_on_video_is_refused_in_one_line(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers not installed: pip install 'hooked-vit[hf]'")
 import transformers as T
 
-from helpers import randomize_
+from helpers import randomize_, rel_err
 from hooked_vit import HookedViT, HookedViTConfig
 from hooked_vit.loading import UnsupportedModelError
 
@@ -38,10 +38,6 @@ VIDEO_MODELS = {
                           dict(patch_size=PATCH, num_labels=5, attention_type="joint_space_time")),
     "TimesformerModel": ("TimesformerModel", "TimesformerConfig", dict(patch_size=PATCH)),
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def make_hf(name: str, seed: int = 0) -> torch.nn.Module:

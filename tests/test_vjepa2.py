@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("transformers", reason="transformers not installed: pip install 'hooked-vit[hf]'")
 import transformers as T
 
-from helpers import randomize_
+from helpers import randomize_, rel_err
 from hooked_vit import HookedViT, HookedViTConfig
 from hooked_vit.errors import UserError
 
@@ -22,10 +22,6 @@ FRAMES, SIZE = 4, 32
 SMALL = dict(crop_size=SIZE, frames_per_clip=FRAMES, patch_size=8, tubelet_size=2, hidden_size=64, num_hidden_layers=2,
              num_attention_heads=4, pred_hidden_size=32, pred_num_hidden_layers=1, pred_num_attention_heads=2,
              num_pooler_layers=2, attn_implementation="eager")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def make_hf(kind: str = "VJEPA2ForVideoClassification", seed: int = 0, **extra) -> torch.nn.Module:

@@ -17,7 +17,7 @@ from typing import Optional
 import timm
 import torch
 
-from helpers import randomize_
+from helpers import randomize_, rel_err
 
 MODULES = ("vision_transformer", "eva", "naflexvit", "vision_transformer_relpos", "beit", "vision_transformer_hybrid", "deit")
 SMALL = dict(depth=2, embed_dim=64, num_heads=4, num_classes=10)
@@ -71,10 +71,6 @@ def small_variant(name: str, seed: int = 0) -> tuple[torch.nn.Module, tuple[int,
         size = (4 * ph, 3 * pw)  # not square: catches transposed grids
         model = _create(name, img_size=size)
     return randomize_(model.eval(), seed), size
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def check(name: str, module: str = "") -> ZooResult:

@@ -84,9 +84,15 @@ assert tuple(CORRUPTIONS) == CIRCUIT_CORRUPTIONS, "circuits.method_names must li
 
 def corrupt(images: Float[Tensor, "b c h w"], name: str, **kwargs) -> Tensor:
     """The corrupted images for `images` by corruption `name` (see the module docstring)."""
+    check_corruption(name, clips=images.ndim == 5, inputs=f"inputs of shape {tuple(images.shape)} are not clips")
+    return CORRUPTIONS[name](images, **kwargs)
+
+
+def check_corruption(name: str, clips: bool, inputs: str) -> None:
+    """Refuse an unknown corruption, or one of CLIP_CORRUPTIONS for inputs that are not clips
+    (`inputs` says why, e.g. the model is an image model), before any work is done."""
     if name not in CORRUPTIONS:
         raise UserError(f"unknown corruption {name!r}; choose from {sorted(CORRUPTIONS)}")
-    if name in CLIP_CORRUPTIONS and images.ndim != 5:
-        raise UserError(f"the {name!r} corruption acts on the frames of clips [b, t, c, h, w] (video models); "
-                         f"these inputs have shape {tuple(images.shape)}: use shuffle, blur, noise or mean")
-    return CORRUPTIONS[name](images, **kwargs)
+    if name in CLIP_CORRUPTIONS and not clips:
+        raise UserError(f"corruption {name!r} acts on the frames of clips [b, t, c, h, w] (video models); "
+                         f"{inputs}: use shuffle, blur, noise or mean")

@@ -24,10 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from circuits.circuit_discovery.attribution_patching import attribution_patch
-from circuits.circuit_discovery.corruptions import CORRUPTIONS, corrupt
+from circuits.circuit_discovery.corruptions import check_corruption, corrupt
 from circuits.circuit_discovery.eap import EdgeScores, edge_attribution, faithfulness, prune
 from circuits.circuit_discovery.graph import ViTGraph
-from circuits.method_names import CLIP_CORRUPTIONS
 from circuits.files import atomic_write_bytes
 from circuits.runs.context import start_run
 from circuits.runs.distributed import require_single_process
@@ -44,11 +43,7 @@ def circuit_run(model: HookedViT, dataset, out_dir, *, method: str = "eap", metr
     """Score, prune and evaluate a circuit over a dataset; returns the summary. greedy: grow the
     circuit from the logits (`prune(greedy=True)`) instead of keeping the top-|score| edges."""
     require_single_process("circuit")
-    if corruption not in CORRUPTIONS:
-        raise UserError(f"unknown corruption {corruption!r}; choose from {sorted(CORRUPTIONS)}")
-    if corruption in CLIP_CORRUPTIONS and not model.cfg.is_video:
-        raise UserError(f"--corruption {corruption} acts on the frames of clips; {model.cfg.model_name} is an image "
-                         "model: use shuffle, blur, noise or mean")
+    check_corruption(corruption, clips=model.cfg.is_video, inputs=f"{model.cfg.model_name} is an image model")
     ViTGraph.of(model)  # a model the graph refuses (divided space-time attention) is refused before the run starts
     run = start_run("circuit", model, dataset, out_dir, limit=limit, overwrite=overwrite, progress=progress,
                     method=method, metric=str(metric), corruption=corruption, budget=budget, ig_steps=ig_steps,
